@@ -1,0 +1,1 @@
+"""The hospital side of fedrelapse: data checks, features, DP training, the ClientApp."""

@@ -1,0 +1,95 @@
+"""The site's Flower ClientApp (Message API): train and evaluate handlers.
+
+The experiment plan arrives in the message; the site's own ``site.yaml`` (from the
+SuperNode's node config, or the simulation's site list) says where its data lives.
+Replies carry only a DP-trained update, aggregate metrics and the site's name or refusal.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import Refusal, Site
+from shared import protocol as P  # noqa: N812
+from shared.config import ExperimentConfig, SiteConfig, experiment_from_yaml_text, load_site
+from shared.errors import FedrelapseError
+from shared.params import from_record, to_record
+
+log = logging.getLogger("fedrelapse.clientapp")
+
+
+def site_config_path(context: Context, sim_sites: tuple[str, ...]) -> Path:
+    """This node's site.yaml: node config in deployment, the simulation's site list otherwise."""
+    if P.NC_SITE_CONFIG in context.node_config:
+        return Path(str(context.node_config[P.NC_SITE_CONFIG]))
+    if not sim_sites or "partition-id" not in context.node_config:
+        raise FileNotFoundError(
+            f"This SuperNode has no `{P.NC_SITE_CONFIG}` in its node config; start it with "
+            f"--node-config \"{P.NC_SITE_CONFIG}='/path/to/site.yaml'\"."
+        )
+    return Path(sim_sites[int(context.node_config["partition-id"]) % len(sim_sites)])
+
+
+@functools.lru_cache(maxsize=4)
+def _site(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
+    """One Site per (site, plan) per process: data and tensors are built once, not per round."""
+    return Site(site_cfg, exp)
+
+
+def _reply(msg: Message, site_name: str, *, metrics: dict[str, float] | None = None, arrays: dict | None = None, refusal: Refusal | None = None) -> Message:
+    content = RecordDict()
+    info = ConfigRecord({P.SITE_NAME: site_name})
+    if refusal is not None:
+        info[P.REFUSAL_CODE] = refusal.code
+        info[P.REFUSAL_REASON] = refusal.reason
+    content[P.SITE] = info
+    if arrays is not None:
+        content[P.ARRAYS] = to_record(arrays)
+    if metrics is not None:
+        content[P.METRICS] = MetricRecord(metrics)
+    return Message(content=content, reply_to=msg)
+
+
+def _setup(msg: Message, context: Context, sim_sites: tuple[str, ...]) -> tuple[SiteConfig, Site | Refusal]:
+    site_cfg = load_site(site_config_path(context, sim_sites))
+    cfg = msg.content[P.CONFIG]
+    try:
+        exp = experiment_from_yaml_text(str(cfg[P.PLAN_YAML]), source="training plan from the coordinator")
+        return site_cfg, _site(site_cfg, exp)
+    except FedrelapseError as exc:
+        return site_cfg, Refusal("invalid", f"Site {site_cfg.name}: {exc}")
+
+
+def build_client_app(sim_sites: tuple[str, ...] = ()) -> ClientApp:
+    """The ClientApp; ``sim_sites`` maps simulated partition ids to site.yaml paths."""
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        site_cfg, site = _setup(msg, context, sim_sites)
+        if isinstance(site, Refusal):
+            return _reply(msg, site_cfg.name, refusal=site)
+        cfg = msg.content[P.CONFIG]
+        arrays = from_record(msg.content[P.ARRAYS])
+        result = site.train(arrays, run_id=str(cfg[P.RUN_ID]), server_round=int(cfg[P.SERVER_ROUND]), total_rounds=int(cfg[P.TOTAL_ROUNDS]))
+        if isinstance(result, Refusal):
+            log.warning("site=%s refused round %s: %s", site_cfg.name, cfg[P.SERVER_ROUND], result.code)
+            return _reply(msg, site_cfg.name, refusal=result)
+        return _reply(msg, site_cfg.name, arrays=result.arrays, metrics=result.metrics)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        site_cfg, site = _setup(msg, context, sim_sites)
+        if isinstance(site, Refusal):
+            return _reply(msg, site_cfg.name, refusal=site)
+        return _reply(msg, site_cfg.name, metrics=site.evaluate(from_record(msg.content[P.ARRAYS])))
+
+    return client_app
+
+
+app = build_client_app()  # the Deployment Engine's entry point (site from node config)

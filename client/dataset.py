@@ -1,0 +1,88 @@
+"""A site's sessions as per-patient tensors, split by patient, with personal baselines.
+
+Each patient is their own baseline: besides site-standardised markers, the model sees each
+marker's deviation from the mean of the patient's first ``baseline_sessions`` sessions.
+Everything here stays at the site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from client.prepare import PreparedSession
+
+
+@dataclass(frozen=True)
+class PatientTensors:
+    """Sessions grouped by patient and padded to K sessions."""
+
+    mel: torch.Tensor  # (P, K, n_mels, F) float16
+    markers: torch.Tensor  # (P, K, 2 * N_ACOUSTIC) float32
+    labels: torch.Tensor  # (P, K) float32, 0 where unlabelled or padding
+    mask: torch.Tensor  # (P, K) bool, True for labelled sessions
+    patient_ids: tuple[str, ...]
+
+    @property
+    def n_patients(self) -> int:
+        return int(self.mel.shape[0])
+
+    @property
+    def n_sessions(self) -> int:
+        return int(self.mask.sum())
+
+    def subset(self, idx: torch.Tensor) -> PatientTensors:
+        return PatientTensors(
+            self.mel[idx], self.markers[idx], self.labels[idx], self.mask[idx], tuple(self.patient_ids[i] for i in idx.tolist())
+        )
+
+
+def split_patients(sessions: list[PreparedSession], *, eval_fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """(train, eval) patient ids: deterministic, by patient never by session, stratified on
+    whether the patient has any worsening session."""
+    ever: dict[str, bool] = defaultdict(bool)
+    for s in sessions:
+        ever[s.row.patient_id] |= s.row.label == 1
+    train, held = set(), set()
+    for group in (True, False):
+        ids = sorted((p for p, e in ever.items() if e is group), key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+        n_eval = int(round(eval_fraction * len(ids)))
+        held |= set(ids[:n_eval])
+        train |= set(ids[n_eval:])
+    return train, held
+
+
+def build_tensors(sessions: list[PreparedSession], *, baseline_sessions: int) -> PatientTensors:
+    """Group sessions by patient (chronologically) and add within-patient baseline deltas."""
+    by_patient: dict[str, list[PreparedSession]] = defaultdict(list)
+    for s in sessions:
+        by_patient[s.row.patient_id].append(s)
+    if not by_patient:
+        raise ValueError("No usable sessions to build tensors from.")
+    for lst in by_patient.values():
+        lst.sort(key=lambda s: s.row.recorded_at)
+    raw = np.stack([s.features.markers for s in sessions])  # (S, M)
+    mean, std = raw.mean(axis=0), raw.std(axis=0) + 1e-6
+    pids = sorted(by_patient)
+    k = max(len(v) for v in by_patient.values())
+    first = sessions[0].features.mel
+    mel = torch.zeros(len(pids), k, *first.shape, dtype=torch.float16)
+    markers = torch.zeros(len(pids), k, 2 * raw.shape[1])
+    labels = torch.zeros(len(pids), k)
+    mask = torch.zeros(len(pids), k, dtype=torch.bool)
+    for i, pid in enumerate(pids):
+        lst = by_patient[pid]
+        m = np.stack([s.features.markers for s in lst])  # (n, M)
+        base = m[:baseline_sessions].mean(axis=0)
+        feats = np.concatenate([(m - mean) / std, (m - base) / std], axis=1)  # (n, 2M)
+        markers[i, : len(lst)] = torch.from_numpy(np.clip(feats, -8, 8).astype(np.float32))
+        mel[i, : len(lst)] = torch.from_numpy(np.stack([s.features.mel for s in lst]))
+        for j, s in enumerate(lst):
+            if s.row.label is not None:
+                labels[i, j] = float(s.row.label)
+                mask[i, j] = True
+    return PatientTensors(mel, markers, labels, mask, tuple(pids))

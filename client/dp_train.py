@@ -1,0 +1,191 @@
+"""Local training with patient-level DP-SGD: per-patient gradients, Opacus clipping and noise.
+
+Opacus' own per-sample machinery works along dim 0 of each layer's input, so a model that
+folds (patients, sessions) into one batch would get per-*session* gradients. Here each
+patient's loss (averaged over at most ``max_sessions`` of their labelled sessions) is
+differentiated with ``torch.func.vmap(grad(...))`` over the patient dimension; the result is
+placed in ``p.grad_sample`` and Opacus' :class:`DPOptimizer` clips each patient's gradient
+to C, adds Gaussian noise σC and steps. Patients are Poisson-sampled at rate q
+(Abadi et al. 2016, Alg. 1), which is what the accountant assumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from client.dataset import PatientTensors
+
+
+@dataclass(frozen=True)
+class StepStats:
+    steps: int
+    mean_loss: float  # mean over steps of the sampled patients' mean loss
+    mean_batch: float  # mean sampled patients per step
+
+
+class CpuNoiseDPOptimizer(DPOptimizer):
+    """DPOptimizer whose noise is drawn on the CPU from a seeded generator.
+
+    The same seed then gives the same noise on CPU and GPU, so a site's result does not
+    depend on its hardware beyond floating-point rounding.
+    """
+
+    def add_noise(self) -> None:
+        if self.secure_mode:  # Opacus' hardened sampler; not reproducible by design
+            super().add_noise()
+            return
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = torch.normal(0.0, std, size=p.summed_grad.shape, generator=self.generator, device="cpu")
+            p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def patient_loss_fn(model: nn.Module):  # noqa: ANN201 - returns a torch.func-ready closure
+    """loss(params, buffers, mel (K, n_mels, F), markers (K, M), y (K), m (K)) for ONE patient."""
+
+    def loss(params: dict, buffers: dict, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (params, buffers), (mel, markers))  # (K,)
+        per_session = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        return (per_session * m).sum() / m.sum().clamp(min=1.0)
+
+    return loss
+
+
+def bound_sessions(mask: torch.Tensor, max_sessions: int, generator: torch.Generator) -> torch.Tensor:
+    """Keep at most ``max_sessions`` labelled sessions per patient, chosen at random."""
+    if mask.shape[1] <= max_sessions:
+        return mask
+    scores = torch.rand(mask.shape, generator=generator) + mask.float() * 2  # labelled first
+    keep = torch.zeros_like(mask)
+    keep.scatter_(1, scores.topk(max_sessions, dim=1).indices, True)
+    return keep & mask
+
+
+def poisson_sample(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of patients included in this step, each independently with prob q."""
+    return torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten()
+
+
+def make_optimizer(model: nn.Module, *, name: str, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"Unknown optimizer {name!r}; choose adam or sgd.")
+
+
+def train_dp(
+    model: nn.Module,
+    data: PatientTensors,
+    *,
+    steps: int,
+    sample_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    max_sessions: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    device: torch.device,
+    secure_mode: bool = False,
+) -> StepStats:
+    """Run ``steps`` patient-level DP-SGD steps in place on ``model``."""
+    expected = max(1, int(data.n_patients * sample_rate))
+    dp_opt = CpuNoiseDPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected,
+        generator=None if secure_mode else generator,
+        secure_mode=secure_mode,
+    )
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params_list = [p for p in model.parameters() if p.requires_grad]
+    per_patient_grad = vmap(grad(patient_loss_fn(model)), in_dims=(None, None, 0, 0, 0, 0))
+    losses, batches = [], []
+    model.train()
+    for _ in range(steps):
+        idx = poisson_sample(data.n_patients, sample_rate, generator)
+        batches.append(len(idx))
+        if len(idx) == 0:  # an empty Poisson batch still takes a (pure-noise) step
+            for p in params_list:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+        else:
+            mel, markers, y, m = _batch(data, idx, max_sessions, generator, device)
+            params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            buffers = dict(model.named_buffers())
+            grads = per_patient_grad(params, buffers, mel, markers, y, m)  # name -> (B, *shape)
+            for n, p in zip(names, params_list):
+                p.grad_sample = grads[n]
+            with torch.no_grad():
+                losses.append(float(_batch_loss(model, mel, markers, y, m)))
+        dp_opt.step()
+        dp_opt.zero_grad(set_to_none=True)
+    return StepStats(steps, sum(losses) / max(len(losses), 1), sum(batches) / max(len(batches), 1))
+
+
+def train_plain(
+    model: nn.Module,
+    data: PatientTensors,
+    *,
+    steps: int,
+    sample_rate: float,
+    max_sessions: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    device: torch.device,
+) -> StepStats:
+    """The same sampling and loss without clipping or noise (non-private baselines)."""
+    losses, batches = [], []
+    model.train()
+    for _ in range(steps):
+        idx = poisson_sample(data.n_patients, sample_rate, generator)
+        batches.append(len(idx))
+        if len(idx) == 0:
+            continue
+        mel, markers, y, m = _batch(data, idx, max_sessions, generator, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = _batch_loss(model, mel, markers, y, m)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    return StepStats(steps, sum(losses) / max(len(losses), 1), sum(batches) / max(len(batches), 1))
+
+
+def _batch(data: PatientTensors, idx: torch.Tensor, max_sessions: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+    m = bound_sessions(data.mask[idx], max_sessions, generator)
+    return (
+        data.mel[idx].to(device=device, dtype=torch.float32),  # (B, K, n_mels, F)
+        data.markers[idx].to(device),  # (B, K, M)
+        data.labels[idx].to(device),  # (B, K)
+        m.to(device=device, dtype=torch.float32),  # (B, K)
+    )
+
+
+def _batch_loss(model: nn.Module, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean over patients of each patient's mean session loss (the DP objective)."""
+    b, k = y.shape
+    logits = model(mel.flatten(0, 1), markers.flatten(0, 1)).view(b, k)
+    per = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    return ((per * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: PatientTensors, device: torch.device, chunk: int = 32) -> torch.Tensor:
+    """Session risk probabilities (P, K); padding entries are meaningless (use ``mask``)."""
+    model.eval()
+    out = []
+    for i in range(0, data.n_patients, chunk):
+        mel = data.mel[i : i + chunk].to(device=device, dtype=torch.float32)
+        mk = data.markers[i : i + chunk].to(device)
+        b, k = mk.shape[:2]
+        out.append(torch.sigmoid(model(mel.flatten(0, 1), mk.flatten(0, 1)).view(b, k)).cpu())
+    return torch.cat(out)

@@ -1,0 +1,218 @@
+"""Read and validate a site's data manifest (CSV or JSONL), one row per recording session.
+
+Validation never stops at the first problem: every row is checked, each problem is kept
+with its line number and field, and rows with errors are skipped while the rest are used.
+See ``docs/data-manifest.md`` for the schema.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.errors import DataError
+
+REQUIRED = ("patient_id", "session_id", "recorded_at", "audio_path", "language")
+OPTIONAL = ("transcript_path", "transcript", "label")
+_BCP47 = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the manifest or a file it names."""
+
+    line: int | None  # 1-based line in the manifest; None for whole-file problems
+    field: str
+    message: str
+    severity: str = "error"  # "error": row skipped; "warning": row kept
+
+    def render(self, manifest: Path) -> str:
+        where = f"{manifest.name}:{self.line}" if self.line else manifest.name
+        return f"{where} [{self.field}] {self.message}"
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """A validated manifest row; paths are absolute and inside the manifest's folder."""
+
+    line: int
+    patient_id: str
+    session_id: str
+    recorded_at: dt.datetime
+    audio_path: Path
+    language: str
+    label: int | None
+    transcript: str | None
+
+
+@dataclass
+class Manifest:
+    """The usable rows and every problem found (rows with errors are not in ``rows``)."""
+
+    path: Path
+    rows: list[SessionRow] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    total_rows: int = 0
+
+    @property
+    def skipped_rows(self) -> int:
+        return self.total_rows - len(self.rows)
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Parse and validate ``path``; raise :class:`DataError` only if nothing can be read."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"Manifest {p} does not exist or is not a file; check `manifest:` in site.yaml.")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"Manifest {p} is not UTF-8 (bad byte at line {line}); re-export it as UTF-8."
+        ) from exc
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
+        records, problems = _read_csv(text)
+    elif suffix in (".jsonl", ".ndjson"):
+        records, problems = _read_jsonl(text)
+    else:
+        raise DataError(f"Manifest {p} must end in .csv or .jsonl, not {p.suffix!r}.")
+    manifest = Manifest(path=p, problems=problems, total_rows=len(records))
+    base = p.resolve().parent
+    seen: dict[str, int] = {}
+    for line, rec in records:
+        row = _validate_row(line, rec, base, manifest.problems, seen)
+        if row is not None:
+            manifest.rows.append(row)
+    return manifest
+
+
+def _read_csv(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem]]:
+    reader = csv.DictReader(io.StringIO(text))
+    columns = reader.fieldnames or []
+    problems = _column_problems(columns)
+    if any(p.severity == "error" for p in problems):
+        return [], problems
+    records = []
+    for rec in reader:
+        records.append((reader.line_num, {k: (v or "").strip() for k, v in rec.items() if k is not None}))
+        if None in rec:
+            problems.append(Problem(reader.line_num, "row", "has more values than the header has columns; extra values ignored", "warning"))
+    return records, problems
+
+
+def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem]]:
+    records, problems, columns = [], [], set()
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(i, "row", f"is not valid JSON ({exc.msg}); row skipped"))
+            continue
+        if not isinstance(obj, dict):
+            problems.append(Problem(i, "row", "must be a JSON object; row skipped"))
+            continue
+        columns |= set(obj)
+        records.append((i, {k: "" if v is None else str(v).strip() for k, v in obj.items()}))
+    problems += [p for p in _column_problems(sorted(columns)) if p.severity == "warning"]
+    return records, problems
+
+
+def _column_problems(columns: list[str]) -> list[Problem]:
+    out = []
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing:
+        out.append(Problem(1, "header", f"missing required column(s) {', '.join(missing)}; add them (see docs/data-manifest.md)"))
+    unknown = [c for c in columns if c not in REQUIRED + OPTIONAL]
+    if unknown:
+        out.append(Problem(1, "header", f"unknown column(s) {', '.join(unknown)} are ignored", "warning"))
+    if "transcript_path" not in columns and "transcript" not in columns:
+        out.append(Problem(1, "header", "no transcript_path or transcript column; language markers will be unavailable", "warning"))
+    return out
+
+
+def _validate_row(line: int, rec: dict[str, str], base: Path, problems: list[Problem], seen: dict[str, int]) -> SessionRow | None:
+    errors: list[Problem] = []
+
+    def err(fieldname: str, message: str) -> None:
+        errors.append(Problem(line, fieldname, message))
+
+    for col in REQUIRED:
+        if not rec.get(col):
+            err(col, "is empty; row skipped")
+    if errors:
+        problems.extend(errors)
+        return None
+    sid = rec["session_id"]
+    if sid in seen:
+        err("session_id", f"{sid!r} duplicates line {seen[sid]}; row skipped")
+    else:
+        seen[sid] = line
+    try:
+        when = dt.datetime.fromisoformat(rec["recorded_at"].replace("Z", "+00:00"))
+    except ValueError:
+        err("recorded_at", f"{rec['recorded_at']!r} is not an ISO 8601 date-time (e.g. 2026-03-01T09:30); row skipped")
+        when = dt.datetime.min
+    if when.tzinfo is None and when != dt.datetime.min:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    audio = _inside(base, rec["audio_path"], "audio_path", line, errors)
+    if audio is not None and not audio.is_file():
+        err("audio_path", f"{rec['audio_path']!r} does not exist; row skipped")
+    if not _BCP47.match(rec["language"]):
+        err("language", f"{rec['language']!r} is not a BCP-47 tag such as 'nb' or 'en'; row skipped")
+    label: int | None = None
+    raw_label = rec.get("label", "")
+    if raw_label in ("1", "0", "1.0", "0.0"):
+        label = int(float(raw_label))
+    elif raw_label != "":
+        err("label", f"{raw_label!r} must be 1 (worsening window), 0 (stable) or empty (unlabelled); row skipped")
+    transcript = _transcript(rec, base, line, errors, problems)
+    if errors:
+        problems.extend(errors)
+        return None
+    assert audio is not None  # no errors implies the path resolved  # noqa: S101
+    return SessionRow(line, rec["patient_id"], sid, when, audio, rec["language"], label, transcript)
+
+
+def _inside(base: Path, rel: str, fieldname: str, line: int, errors: list[Problem]) -> Path | None:
+    """Resolve ``rel`` against the manifest folder, refusing paths that escape it."""
+    candidate = Path(rel)
+    resolved = (base / candidate).resolve()
+    if candidate.is_absolute() or not resolved.is_relative_to(base):
+        errors.append(Problem(line, fieldname, f"{rel!r} points outside the manifest's folder; refused (use a path relative to {base.name}/)"))
+        return None
+    return resolved
+
+
+def _transcript(rec: dict[str, str], base: Path, line: int, errors: list[Problem], problems: list[Problem]) -> str | None:
+    if rec.get("transcript"):
+        return rec["transcript"]
+    rel = rec.get("transcript_path", "")
+    if not rel:
+        problems.append(Problem(line, "transcript_path", "no transcript; language markers unavailable for this session", "warning"))
+        return None
+    path = _inside(base, rel, "transcript_path", line, errors)
+    if path is None:
+        return None
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        problems.append(Problem(line, "transcript_path", f"{rel!r} does not exist; session kept without language markers", "warning"))
+    except UnicodeDecodeError as exc:
+        problems.append(Problem(line, "transcript_path", f"{rel!r} is not UTF-8 (byte {exc.start}); session kept without language markers; re-save as UTF-8", "warning"))
+    return None
+
+
+def label_balance(rows: list[SessionRow]) -> Counter[str]:
+    """Counts of labels: '1', '0' and 'unlabelled'."""
+    return Counter("unlabelled" if r.label is None else str(r.label) for r in rows)

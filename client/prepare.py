@@ -1,0 +1,106 @@
+"""Turn a site's manifest into checked, feature-extracted sessions (the site data report).
+
+Every row is validated and every recording decoded; bad recordings are reported with their
+manifest line and skipped. Features go through the content-addressed cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from client.audio import AudioProblem, decode
+from client.features import FeatureCache, RecordingFeatures, extract
+from client.manifest import Manifest, Problem, SessionRow, label_balance, read_manifest
+from shared.config import FeatureConfig
+
+
+@dataclass(frozen=True)
+class PreparedSession:
+    row: SessionRow
+    features: RecordingFeatures
+    audio_sha256: str
+    original_rate: int
+
+
+@dataclass
+class SiteData:
+    """Usable sessions of one site plus everything the data report shows."""
+
+    manifest: Manifest
+    sessions: list[PreparedSession] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    cache_hits: int = 0
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the dataset for the privacy ledger: manifest bytes + audio hashes."""
+        h = hashlib.sha256(self.manifest.path.read_bytes())
+        for s in sorted(self.sessions, key=lambda s: s.row.session_id):
+            h.update(s.audio_sha256.encode())
+        return h.hexdigest()
+
+    def report(self) -> dict[str, object]:
+        """Aggregate counts for `site check` (never leaves the site as such)."""
+        rows = [s.row for s in self.sessions]
+        return {
+            "manifest": str(self.manifest.path),
+            "rows": self.manifest.total_rows,
+            "usable_sessions": len(self.sessions),
+            "skipped_rows": self.manifest.total_rows - len(self.sessions),
+            "patients": len({r.patient_id for r in rows}),
+            "hours_of_audio": round(sum(s.features.seconds for s in self.sessions) / 3600, 3),
+            "sample_rates": dict(sorted(Counter(s.original_rate for s in self.sessions).items())),
+            "languages": dict(sorted(Counter(r.language for r in rows).items())),
+            "labels": dict(sorted(label_balance(rows).items())),
+            "errors": sum(p.severity == "error" for p in self.problems),
+            "warnings": sum(p.severity == "warning" for p in self.problems),
+            "cache_hits": self.cache_hits,
+        }
+
+
+def prepare_site(
+    manifest_path: Path,
+    cfg: FeatureConfig,
+    cache_root: Path,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> SiteData:
+    """Validate the manifest, decode each recording and extract (or load) its features."""
+    manifest = read_manifest(manifest_path)
+    data = SiteData(manifest=manifest, problems=list(manifest.problems))
+    cache = FeatureCache(cache_root, cfg)
+    total = len(manifest.rows)
+    for i, row in enumerate(manifest.rows):
+        try:
+            digest = FeatureCache.audio_hash(row.audio_path)
+            feats = cache.get(digest)
+            if feats is None:
+                decoded = decode(row.audio_path, target_rate=cfg.sample_rate, min_seconds=cfg.min_seconds)
+                feats = extract(decoded, cfg)
+                cache.put(digest, feats)
+                rate = decoded.original_rate
+                for note in decoded.notes:
+                    data.problems.append(Problem(row.line, "audio_path", note, "warning"))
+            else:
+                data.cache_hits += 1
+                rate = _cached_rate(row.audio_path)
+        except AudioProblem as exc:
+            data.problems.append(Problem(row.line, "audio_path", f"{row.audio_path.name} {exc}; row skipped"))
+        except OSError as exc:
+            data.problems.append(Problem(row.line, "audio_path", f"{row.audio_path.name} cannot be read ({exc.strerror}); row skipped"))
+        else:
+            data.sessions.append(PreparedSession(row, feats, digest, rate))
+        if progress:
+            progress(i + 1, total)
+    data.problems.sort(key=lambda p: (p.line or 0, p.field))
+    return data
+
+
+def _cached_rate(path: Path) -> int:
+    import soundfile as sf
+
+    return int(sf.info(str(path)).samplerate)

@@ -1,0 +1,1 @@
+"""The coordinator side of fedrelapse: ServerApp, strategy, run folders, researcher CLI."""

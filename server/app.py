@@ -1,0 +1,38 @@
+"""The coordinator's Flower ServerApp (Message API).
+
+Run config (``pyproject.toml`` [tool.flwr.app.config], overridable with ``--run-config``):
+``experiment`` (path to the experiment YAML), ``out`` (run folder), ``run-id``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import run_federation
+from shared import protocol as P  # noqa: N812
+from shared.config import ExperimentConfig, load_experiment
+
+def new_run_id(name: str) -> str:
+    return f"{name}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+
+
+def build_server_app(exp: ExperimentConfig | None = None, out: Path | None = None, run_id: str = "") -> ServerApp:
+    """The ServerApp. Simulation passes the experiment directly; deployment reads run config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        rc = context.run_config
+        cfg = exp or load_experiment(Path(str(rc[P.RC_EXPERIMENT])))
+        folder = out or Path(str(rc[P.RC_OUT]))
+        rid = run_id or str(rc.get(P.RC_RUN_ID, "")) or new_run_id(cfg.name)
+        run_federation(grid, cfg, folder, rid)
+
+    return server_app
+
+
+app = build_server_app()  # the Deployment Engine's entry point

@@ -1,0 +1,151 @@
+"""The one `fedrelapse` command, grouped by role (see docs/runbooks).
+
+researcher: synth, simulate, bench · hospital IT: site check · DPO: (ledger in site state).
+User mistakes end with a one-paragraph message and the domain's exit code, not a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from shared.errors import FedrelapseError
+
+app = typer.Typer(help="fedrelapse: federated, differentially private speech relapse models.", no_args_is_help=True, add_completion=False)
+site_app = typer.Typer(help="Hospital IT: check data and run a site.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(fn: F) -> F:
+    """Turn FedrelapseError into a clear message and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedrelapseError as exc:
+            console.print(f"[bold red]error:[/bold red] {exc}")
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@friendly
+def synth(
+    config: Annotated[Path, typer.Option(help="Cohort YAML (configs/cohort.yaml).")],
+    out: Annotated[Path, typer.Option(help="Folder to write one sub-folder per hospital into.")],
+    seed: Annotated[int | None, typer.Option(help="Override the YAML's seed.")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+) -> None:
+    """Synthesise a multi-hospital speech cohort with espeak-ng (optional GPL extra)."""
+    from shared.synth.cohort import synthesize_cohort
+    from shared.synth.config import load_cohort
+
+    cohort = load_cohort(config)
+    try:
+        import espeakng_loader  # noqa: F401
+    except ImportError:
+        raise typer.BadParameter("`synth` needs the optional extra: pip install 'fedrelapse[synth]'.") from None
+    with _progress() as bar:
+        task = bar.add_task("synthesising patients", total=sum(h.n_patients for h in cohort.hospitals))
+        manifests = synthesize_cohort(cohort, out, seed=seed, workers=workers, progress=lambda d, t: bar.update(task, completed=d))
+    for name, path in manifests.items():
+        console.print(f"  {name}: {path}")
+
+
+@app.command()
+@friendly
+def simulate(
+    config: Annotated[Path, typer.Option(help="Experiment YAML (configs/experiment.yaml).")],
+    data: Annotated[Path, typer.Option(help="Cohort folder with one <hospital>/site.yaml each.")],
+    out: Annotated[Path, typer.Option(help="Run folder to create.")],
+    centralised: Annotated[bool, typer.Option("--centralised", help="Also train the pooled, non-private baseline and the one-feature baseline.")] = False,
+) -> None:
+    """Run the federation in Flower's Simulation Engine and print a summary."""
+    from server.app import new_run_id
+    from server.simulate import simulate as run_sim
+    from shared.config import load_experiment
+
+    exp = load_experiment(config)
+    summary = run_sim(exp, data, out, run_id=new_run_id(exp.name), console=console)
+    if centralised:
+        from server.baselines import run_baselines
+
+        base = run_baselines(exp, data)
+        summary["baselines"] = base
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, out)
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    table = Table(title=f"run {summary['run_id']}", show_header=True)
+    table.add_column("site")
+    table.add_column("ε spent (this run)", justify="right")
+    table.add_column("δ", justify="right")
+    table.add_column("σ", justify="right")
+    for site, e in sorted(summary["sites"].items()):
+        table.add_row(site, f"{e['epsilon']:.2f}", f"{e['delta']:.0e}", f"{e['noise_multiplier']:.2f}")
+    console.print(table)
+    auc = summary.get("final_federated_auroc")
+    console.print(f"status: {summary['status']} · rounds {summary['rounds_completed']}/{summary['rounds_planned']} · final federated AUROC {auc if auc is None else format(auc, '.3f')} · wall time {summary['wall_time_s']:.1f} s")
+    for key, value in summary.get("baselines", {}).items():
+        console.print(f"baseline {key}: {value}")
+    for r in summary.get("refusals", []):
+        console.print(f"[yellow]refusal: round {r['round']} site {r['site']}: {r['reason']}[/yellow]")
+    console.print(f"run folder: [bold]{out.resolve()}[/bold]")
+
+
+@site_app.command("check")
+@friendly
+def site_check(
+    manifest: Annotated[Path, typer.Option(help="The site's manifest (CSV or JSONL).")],
+    experiment: Annotated[Path | None, typer.Option(help="Experiment YAML whose feature settings to use.")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Where the feature cache lives (default: <manifest folder>/state).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Validate every row and recording, fill the feature cache, print the site data report."""
+    from client.prepare import prepare_site
+    from shared.config import FeatureConfig, load_experiment
+
+    features = load_experiment(experiment).features if experiment else FeatureConfig()
+    cache = (state_dir or manifest.resolve().parent / "state") / "features"
+    with _progress() as bar:
+        task = bar.add_task("checking recordings", total=None)
+        data = prepare_site(manifest, features, cache, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    report = data.report()
+    problems = [p.render(data.manifest.path) for p in data.problems]
+    if as_json:
+        print(json.dumps({**report, "problems": problems}, indent=2))
+    else:
+        table = Table(title="site data report", show_header=False)
+        for k, v in report.items():
+            table.add_row(k, str(v))
+        console.print(table)
+        for p, line in zip(data.problems, problems):
+            console.print(f"[{'red' if p.severity == 'error' else 'yellow'}]{p.severity}: {line}[/]")
+    if not data.sessions:
+        raise typer.Exit(3)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The federated round loop the ServerApp runs (Flower Message API, FedAvg by patients).
+
+We drive the strategy's configure/aggregate steps ourselves rather than ``Strategy.start``
+so that every round is checkpointed, printed and written to the run folder as it ends, and
+a round in which every site refused is reported as not updating the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+from rich.console import Console
+from rich.table import Table
+
+from server.run_folder import RoundRecord, RunFolder
+from server.strategy import PatientFedAvg
+from shared import metrics as M  # noqa: N812
+from shared import protocol as P  # noqa: N812
+from shared.config import ExperimentConfig
+from shared.models import build_model
+from shared.params import from_record, get_arrays, to_record
+
+log = logging.getLogger("fedrelapse.server")
+
+
+def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, console: Console | None = None) -> dict[str, Any]:
+    """Run all rounds; return the summary written to ``out/summary.json``."""
+    console = console or Console()
+    run = RunFolder(out, exp, run_id)
+    f = exp.federation
+    strategy = PatientFedAvg(
+        fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate, min_nodes=f.min_nodes, node_wait_timeout_s=f.node_wait_timeout_s
+    )
+    strategy.summary()
+    arrays = to_record(get_arrays(build_model(exp)))
+    plan = exp.to_yaml()
+    status = "completed"
+    for rnd in range(1, f.rounds + 1):
+        cfg = ConfigRecord({P.RUN_ID: run_id, P.TOTAL_ROUNDS: f.rounds, P.PLAN_YAML: plan})
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        updated = new_arrays is not None
+        if updated:
+            arrays = new_arrays
+        eval_cfg = ConfigRecord({P.RUN_ID: run_id, P.TOTAL_ROUNDS: f.rounds, P.PLAN_YAML: plan})
+        eval_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout=f.round_timeout_s)
+        eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
+        rec = run.record_round(
+            rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(from_record(arrays)), updated
+        )
+        console.print(round_table(rec, rnd == 1))
+        for site, entry in sorted(rec.sites.items()):
+            if "refused" in entry:
+                console.print(f"  [yellow]site {site} refused round {rnd}: {entry['refused']['reason']}[/yellow]")
+            if "error" in entry:
+                console.print(f"  [red]site {site} failed in round {rnd}: {entry['error']}[/red]")
+        if not updated:
+            status = "incomplete: a round had no usable update"
+            console.print(f"  [red]round {rnd}: no site sent a usable update; the global model was not updated.[/red]")
+    return run.finish(status=status)
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def round_table(rec: RoundRecord, header: bool) -> Table:
+    """One row of the per-round table (round, train loss, federated AUROC, ε per site)."""
+    sites = sorted(rec.sites)
+    table = Table(show_header=header, box=None, pad_edge=False)
+    table.add_column("round", justify="right", width=5)
+    table.add_column("train loss", justify="right", width=10)
+    table.add_column("fed AUROC", justify="right", width=9)
+    for s in sites:
+        table.add_column(f"ε {s}", justify="right", width=max(8, len(s) + 2))
+    eps = [_fmt(rec.sites[s].get(M.EPSILON_RUN), ".2f") if "refused" not in rec.sites[s] else "refused" for s in sites]
+    table.add_row(str(rec.round), _fmt(rec.train_loss), _fmt(rec.auroc), *eps)
+    return table

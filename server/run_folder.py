@@ -1,0 +1,166 @@
+"""A run folder: the config used, per-round metrics (JSON + plot), checkpoints, summary.
+
+Layout::
+
+    RUN/config.yaml            the experiment exactly as run
+    RUN/metrics.json           one object per round (aggregate and per-site figures)
+    RUN/metrics.png            loss, federated AUROC and per-site ε over rounds
+    RUN/checkpoints/round-NNN.safetensors   the global model after each round
+    RUN/summary.json           final AUROC, rounds, per-site ε and δ, wall time
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.strategy import RoundLog
+from shared import metrics as M  # noqa: N812
+from shared.config import ExperimentConfig
+from shared.params import save_checkpoint
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    train_loss: float | None
+    auroc: float | None
+    auprc: float | None
+    eval_loss: float | None
+    patients_trained: float
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    updated: bool = True
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, allow_nan=False, default=_nan_to_none)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    raise TypeError(f"Not JSON serialisable: {obj!r}")
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    return v
+
+
+class RunFolder:
+    def __init__(self, root: Path, exp: ExperimentConfig, run_id: str) -> None:
+        self.root = root
+        self.exp = exp
+        self.run_id = run_id
+        self.rounds: list[RoundRecord] = []
+        self.started = time.time()
+        (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (root / "config.yaml").write_text(exp.to_yaml(), encoding="utf-8")
+
+    def record_round(self, server_round: int, log: RoundLog, train_metrics: dict[str, float] | None, eval_metrics: dict[str, float] | None, arrays: dict[str, np.ndarray], updated: bool) -> RoundRecord:
+        sites: dict[str, dict[str, Any]] = {}
+        for r in log.train:
+            entry = sites.setdefault(r.site, {})
+            if r.refusal_code:
+                entry["refused"] = {"code": r.refusal_code, "reason": r.refusal_reason}
+            if r.error:
+                entry["error"] = r.error
+            for key in (M.EPSILON_RUN, M.EPSILON_TOTAL, M.DELTA, M.NOISE_MULTIPLIER, M.TRAIN_LOSS, M.NUM_PATIENTS):
+                if key in r.metrics:
+                    entry[key] = r.metrics[key]
+        for r in log.evaluate:
+            entry = sites.setdefault(r.site, {})
+            if r.metrics.get(M.SUPPRESSED) == 1.0:
+                entry["eval"] = "suppressed (fewer than k patients or one class)"
+            elif M.AUROC in r.metrics:
+                entry["eval_auroc"] = r.metrics[M.AUROC]
+        tm, em = train_metrics or {}, eval_metrics or {}
+        rec = RoundRecord(
+            round=server_round,
+            train_loss=tm.get(M.TRAIN_LOSS),
+            auroc=em.get(M.AUROC),
+            auprc=em.get(M.AUPRC),
+            eval_loss=em.get(M.EVAL_LOSS),
+            patients_trained=tm.get(M.NUM_PATIENTS, 0.0),
+            sites=sites,
+            updated=updated,
+        )
+        self.rounds.append(rec)
+        meta = {"run_id": self.run_id, "round": str(server_round), "experiment": self.exp.name}
+        save_checkpoint(self.root / "checkpoints" / f"round-{server_round:03d}.safetensors", arrays, meta)
+        write_json(self.root / "metrics.json", _clean([asdict(r) for r in self.rounds]))
+        return rec
+
+    def epsilon_by_site(self) -> dict[str, dict[str, float]]:
+        """Each site's latest reported (ε, δ) for this run, as the site's ledger stated it."""
+        out: dict[str, dict[str, float]] = {}
+        for rec in self.rounds:
+            for site, entry in rec.sites.items():
+                if M.EPSILON_RUN in entry:
+                    out[site] = {"epsilon": entry[M.EPSILON_RUN], "delta": entry[M.DELTA], "noise_multiplier": entry[M.NOISE_MULTIPLIER]}
+        return out
+
+    def finish(self, *, status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        last = next((r for r in reversed(self.rounds) if r.auroc is not None), None)
+        summary = {
+            "run_id": self.run_id,
+            "experiment": self.exp.name,
+            "status": status,
+            "rounds_completed": sum(r.updated for r in self.rounds),
+            "rounds_planned": self.exp.federation.rounds,
+            "final_federated_auroc": last.auroc if last else None,
+            "final_federated_auprc": last.auprc if last else None,
+            "privacy": {"enabled": self.exp.privacy.enabled, "target_epsilon": self.exp.privacy.target_epsilon, "target_delta": self.exp.privacy.target_delta},
+            "sites": self.epsilon_by_site(),
+            "refusals": [
+                {"round": r.round, "site": s, **e["refused"]} for r in self.rounds for s, e in r.sites.items() if "refused" in e
+            ],
+            "wall_time_s": round(time.time() - self.started, 2),
+            **(extra or {}),
+        }
+        summary = _clean(summary)
+        write_json(self.root / "summary.json", summary)
+        plot_metrics(self.root / "metrics.png", self.rounds)
+        return summary
+
+
+def plot_metrics(path: Path, rounds: list[RoundRecord]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    xs = [r.round for r in rounds]
+    axes[0].plot(xs, [np.nan if r.train_loss is None else r.train_loss for r in rounds], marker="o")
+    axes[0].set_title("train loss (patient-weighted)")
+    axes[1].plot(xs, [np.nan if r.auroc is None else r.auroc for r in rounds], marker="o", color="tab:green")
+    axes[1].set_title("federated AUROC (held-out patients)")
+    axes[1].set_ylim(0.4, 1.0)
+    sites = sorted({s for r in rounds for s in r.sites})
+    for s in sites:
+        axes[2].plot(xs, [r.sites.get(s, {}).get(M.EPSILON_RUN, np.nan) for r in rounds], marker="o", label=s)
+    axes[2].set_title("ε spent per site (this run)")
+    if sites:
+        axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,158 @@
+"""Typed, frozen experiment and site configuration, read once at the entry point.
+
+``configs/experiment.yaml`` (researcher) and ``configs/site.yaml`` (hospital IT and the
+site's DPO) are validated here into the dataclasses below; every field carries a ``doc``
+that the example YAML files repeat as comments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.errors import ConfigError
+from shared.schema import build, load_yaml, spec, to_plain
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureConfig:
+    """How a site turns one recording into model inputs (part of the cache key)."""
+
+    sample_rate: int = spec(16000, doc="Rate every recording is resampled to, Hz.", choices=(8000, 16000))
+    n_mels: int = spec(32, doc="Log-mel bands.", ge=8, le=128)
+    win_ms: float = spec(25.0, doc="Analysis window, milliseconds.", gt=5, le=100)
+    hop_ms: float = spec(20.0, doc="Hop between frames, milliseconds.", gt=5, le=100)
+    max_seconds: float = spec(12.0, doc="Recordings are cropped to this length for the log-mel input.", gt=1)
+    min_seconds: float = spec(1.0, doc="Shorter recordings are reported and skipped.", gt=0)
+    min_pause_ms: float = spec(150.0, doc="Silence shorter than this inside speech is not a pause.", gt=0)
+    baseline_sessions: int = spec(
+        3, doc="A patient's first N sessions form their personal baseline.", ge=1, le=20
+    )
+
+    def cache_key(self) -> str:
+        """A short hash of every setting that changes extracted features."""
+        blob = json.dumps(to_plain(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Which architecture to build from the registry in :mod:`shared.models`."""
+
+    name: str = spec("prosody_mel", doc="Architecture name in the model registry.")
+    hidden: int = spec(32, doc="Width of the fusion head's hidden layer.", ge=4, le=1024)
+    conv_channels: int = spec(16, doc="Channels of the log-mel convolution branch.", ge=4, le=256)
+    groups: int = spec(4, doc="GroupNorm groups (DP-safe: no statistics across patients).", ge=1)
+    dropout: float = spec(0.0, doc="Dropout in the fusion head.", ge=0.0, lt=1.0)
+
+    def validate(self, source: str) -> None:
+        if self.conv_channels % self.groups:
+            raise ConfigError(
+                f"{source}: `model.conv_channels` ({self.conv_channels}) must be divisible by "
+                f"`model.groups` ({self.groups})."
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """Patient-level DP-SGD settings; each site calibrates σ to meet them over the run."""
+
+    enabled: bool = spec(True, doc="Train with DP-SGD. false is for non-private baselines only.")
+    target_epsilon: float = spec(8.0, doc="ε each site may spend on this run.", gt=0, le=100)
+    target_delta: float = spec(1e-5, doc="δ of the (ε, δ) guarantee, per site.", gt=0, lt=1)
+    max_grad_norm: float = spec(1.0, doc="C: each patient's gradient is clipped to this L2 norm.", gt=0)
+    accountant: str = spec("rdp", doc="Opacus accountant.", choices=("rdp", "prv"))
+    secure_mode: bool = spec(False, doc="Cryptographically secure noise (slower; use in production).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """Local DP-SGD at a site, per round."""
+
+    local_steps: int = spec(10, doc="DP-SGD steps per site per round.", ge=1, le=10000)
+    batch_patients: int = spec(8, doc="Expected patients per step (Poisson rate q = this / N).", ge=1)
+    max_sessions_per_patient: int = spec(
+        12, doc="A patient's loss averages at most this many of their sessions per step.", ge=1
+    )
+    optimizer: str = spec("adam", doc="Local optimiser.", choices=("adam", "sgd"))
+    learning_rate: float = spec(0.01, doc="Local learning rate.", gt=0, le=10)
+    eval_fraction: float = spec(0.3, doc="Share of each site's patients held out for evaluation.", gt=0, lt=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationConfig:
+    """Rounds and sampling, read by the ServerApp."""
+
+    rounds: int = spec(5, doc="Federated rounds.", ge=1, le=10000)
+    fraction_train: float = spec(1.0, doc="Share of connected sites asked to train each round.", gt=0, le=1)
+    fraction_evaluate: float = spec(1.0, doc="Share of sites asked to evaluate each round.", ge=0, le=1)
+    min_nodes: int = spec(2, doc="Sites that must be connected before a round starts.", ge=1)
+    node_wait_timeout_s: float = spec(300.0, doc="Give up when min_nodes have not joined by then.", gt=0)
+    round_timeout_s: float = spec(1800.0, doc="A site that has not replied by then is left out.", gt=0)
+    min_patients_metric: int = spec(
+        5, doc="k: metrics over fewer evaluation patients are suppressed at the site.", ge=1
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """A whole federated experiment, as the researcher writes it."""
+
+    name: str = spec(doc="Experiment name, used in run ids and reports.")
+    seed: int = spec(0, doc="Seed for model initialisation, splits and sampling.")
+    federation: FederationConfig = spec(FederationConfig(), doc="Rounds and sampling.")
+    privacy: PrivacyConfig = spec(PrivacyConfig(), doc="Patient-level DP.")
+    training: TrainingConfig = spec(TrainingConfig(), doc="Local training.")
+    model: ModelSpec = spec(ModelSpec(), doc="Architecture.")
+    features: FeatureConfig = spec(FeatureConfig(), doc="Feature extraction.")
+
+    def validate(self, source: str) -> None:
+        if self.privacy.target_delta >= 1e-2:
+            raise ConfigError(f"{source}: `privacy.target_delta` {self.privacy.target_delta} is too large; use < 0.01.")
+
+    def with_privacy(self, **changes: Any) -> ExperimentConfig:
+        """A copy with some privacy fields changed (used for baselines and sweeps)."""
+        return replace(self, privacy=replace(self.privacy, **changes))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(to_plain(self), sort_keys=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteConfig:
+    """One hospital's site client, written by its IT team."""
+
+    name: str = spec(doc="Site name shown to the consortium (no patient information).")
+    manifest: Path = spec(doc="Data manifest (CSV or JSONL); relative paths are from this file.")
+    state_dir: Path = spec(Path("site-state"), doc="Feature cache and privacy ledger live here.")
+    device: str = spec("auto", doc="Where to train.", choices=("auto", "cpu", "cuda"))
+
+    def resolved(self, base: Path) -> SiteConfig:
+        """Paths made absolute against the folder of the YAML file."""
+        return replace(
+            self,
+            manifest=(base / self.manifest).resolve(),
+            state_dir=(base / self.state_dir).resolve(),
+        )
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate ``configs/experiment.yaml``-style files."""
+    return build(ExperimentConfig, load_yaml(path), source=str(path))
+
+
+def experiment_from_yaml_text(text: str, *, source: str) -> ExperimentConfig:
+    """Validate an experiment sent as YAML text (the ServerApp's run config carries it)."""
+    data = yaml.safe_load(text) or {}
+    return build(ExperimentConfig, data, source=source)
+
+
+def load_site(path: str | Path) -> SiteConfig:
+    """Read ``site.yaml``; relative paths resolve against the file's folder."""
+    p = Path(path)
+    return build(SiteConfig, load_yaml(p), source=str(p)).resolved(p.resolve().parent)

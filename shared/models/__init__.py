@@ -1,0 +1,37 @@
+"""The model registry: one place that turns a :class:`ModelSpec` into a module.
+
+Server and sites build the same architecture from the same config, so parameters travel
+as a flat, ordered list of arrays with no code attached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from shared.config import ExperimentConfig, ModelSpec
+from shared.errors import ConfigError
+from shared.markers import N_ACOUSTIC
+from shared.models.prosody_mel import ProsodyMelNet
+
+Builder = Callable[[ModelSpec, int, int], nn.Module]
+
+MODELS: dict[str, Builder] = {
+    "prosody_mel": lambda spec, n_mels, n_markers: ProsodyMelNet(spec, n_mels=n_mels, n_markers=n_markers),
+}
+
+N_MODEL_MARKERS = 2 * N_ACOUSTIC  # site-standardised markers + within-patient baseline deltas
+
+
+def build_model(cfg: ExperimentConfig) -> nn.Module:
+    """Build the experiment's model with a seeded initialisation (same on every side)."""
+    try:
+        builder = MODELS[cfg.model.name]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown model {cfg.model.name!r} in `model.name`; choose one of {', '.join(sorted(MODELS))}."
+        ) from None
+    torch.manual_seed(cfg.seed)
+    return builder(cfg.model, cfg.features.n_mels, N_MODEL_MARKERS)

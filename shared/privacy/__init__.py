@@ -1,0 +1,1 @@
+"""Privacy math (pure functions) and the privacy ledger format."""

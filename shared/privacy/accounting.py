@@ -1,0 +1,60 @@
+"""Pure privacy accounting over Opacus' accountants.
+
+A mechanism is a small frozen value; ε is a function of the sequence of mechanisms applied
+to one dataset. The Poisson-subsampled Gaussian mechanism of DP-SGD (Abadi et al. 2016,
+§3.1) is accounted with Rényi DP (Mironov 2017; Mironov, Talwar & Zhang 2019) or the PRV
+accountant (Gopi, Lee & Wutschitz 2021), both as implemented by Opacus.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class SubsampledGaussian:
+    """``steps`` DP-SGD steps with noise multiplier σ at Poisson sampling rate q."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def _check(accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"Unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}.")
+
+
+def epsilon(events: Iterable[SubsampledGaussian], *, delta: float, accountant: str = "rdp") -> float:
+    """ε at ``delta`` after all ``events`` (0.0 when there are none)."""
+    _check(accountant)
+    acc = create_accountant(accountant)
+    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0]
+    if not acc.history:
+        return 0.0
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+    """Smallest σ (to Opacus' tolerance) so ``steps`` steps at rate q spend ``target_epsilon``."""
+    _check(accountant)
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}.")
+    if sample_rate == 1.0:
+        warnings.warn("Sampling rate q = 1: no amplification by subsampling; the site has very few patients.", stacklevel=2)
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )

@@ -1,0 +1,36 @@
+"""Names of the records and keys in messages between the ServerApp and ClientApps.
+
+What a ClientApp may put in a reply is exactly: the ``arrays`` record (a DP-trained update),
+the ``metrics`` record (aggregate metrics, keys in :mod:`shared.metrics`) and the ``site``
+record (site name, and a refusal code/reason when it refuses). Tests inspect replies
+against :data:`ALLOWED_REPLY_RECORDS`.
+"""
+
+from __future__ import annotations
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+ALLOWED_REPLY_RECORDS = frozenset({ARRAYS, METRICS, SITE})
+
+# ConfigRecord keys the server sends.
+SERVER_ROUND = "server-round"
+TOTAL_ROUNDS = "total-rounds"
+RUN_ID = "run-id"
+PLAN_YAML = "plan-yaml"
+
+# ConfigRecord keys a site sends back in the SITE record.
+SITE_NAME = "name"
+REFUSAL_CODE = "refusal-code"
+REFUSAL_REASON = "refusal-reason"
+ALLOWED_SITE_KEYS = frozenset({SITE_NAME, REFUSAL_CODE, REFUSAL_REASON})
+
+# Run-config keys (pyproject [tool.flwr.app.config], overridable with --run-config).
+RC_EXPERIMENT = "experiment"
+RC_OUT = "out"
+RC_SIM_SITES = "sim-sites"
+RC_RUN_ID = "run-id"
+
+# Node-config key a SuperNode sets to its site.yaml (deployment).
+NC_SITE_CONFIG = "site-config"

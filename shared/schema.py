@@ -1,0 +1,168 @@
+"""Turn parsed YAML into frozen, typed dataclasses, with errors that name file, key and fix.
+
+Each config dataclass declares its fields with ordinary type hints; bounds and allowed
+values ride in ``field(metadata=...)`` via :func:`spec`. :func:`build` walks the hints, so a
+new field needs no parsing code. Nothing past the entry point reads raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from shared.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def spec(
+    default: Any = dataclasses.MISSING,
+    *,
+    doc: str,
+    choices: tuple[Any, ...] | None = None,
+    ge: float | None = None,
+    le: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field with a description and optional bounds or choices."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "le": le, "gt": gt, "lt": lt}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("Use a tuple or a frozen dataclass for defaults, never a mutable value.")
+    if dataclasses.is_dataclass(default):
+        factory = type(default)
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, raising :class:`ConfigError` that names the file on any problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"Config file {p} does not exist; check the path.") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file {p} is not UTF-8 text; re-save it as UTF-8.") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"Config file {p} is not valid YAML{where}: {exc}.") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {p} must hold a mapping of keys at the top level.")
+    return data
+
+
+def build(cls: type[T], data: Any, *, source: str, path: str = "") -> T:
+    """Validate ``data`` into dataclass ``cls``; ``source`` names the file for errors."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: `{path or '<top>'}` must be a mapping, got {_show(data)}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"`{path}`" if path else "the top level"
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(map(repr, unknown))} in {where}; "
+            f"allowed keys are {', '.join(sorted(fields))}."
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: required key `{key}` is missing ({f.metadata.get('doc', '')}).")
+            continue
+        value = _coerce(hints[name], data[name], source=source, key=key)
+        _check_bounds(f, value, source=source, key=key)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    post = getattr(obj, "validate", None)
+    if callable(post):
+        post(source)
+    return obj
+
+
+def to_plain(obj: Any) -> Any:
+    """The inverse of :func:`build`: plain dicts, lists and scalars, ready for YAML/JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(hint: Any, value: Any, *, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, source=source, key=key)
+        raise TypeError(f"Unsupported union {hint} for {key}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: `{key}` must be a list, got {_show(value)}.")
+        item = args[0]
+        return tuple(_coerce(item, v, source=source, key=f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, source=source, path=key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: `{key}` must be true or false, got {_show(value)}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: `{key}` must be an integer, got {_show(value)}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: `{key}` must be a number, got {_show(value)}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: `{key}` must be text, got {_show(value)}.")
+        return value
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: `{key}` must be a path (text), got {_show(value)}.")
+        return Path(value)
+    raise TypeError(f"Unsupported config type {hint} for {key}.")
+
+
+def _check_bounds(f: dataclasses.Field[Any], value: Any, *, source: str, key: str) -> None:
+    meta = f.metadata
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(
+            f"{source}: `{key}` is {value!r}; allowed values are {', '.join(map(repr, choices))}."
+        )
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    for name, op, ok in (
+        ("ge", ">=", lambda b: value >= b),
+        ("le", "<=", lambda b: value <= b),
+        ("gt", ">", lambda b: value > b),
+        ("lt", "<", lambda b: value < b),
+    ):
+        bound = meta.get(name)
+        if bound is not None and not ok(bound):
+            raise ConfigError(f"{source}: `{key}` is {value!r}; it must be {op} {bound}.")
