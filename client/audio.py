@@ -44,8 +44,10 @@ def decode(path: Path, *, target_rate: int, min_seconds: float) -> Decoded:
     notes: list[str] = []
     if data.shape[0] == 0:
         raise AudioProblem("is empty (0 samples)")
-    if info.frames > 0 and data.shape[0] < info.frames:
-        raise AudioProblem(f"is truncated: header says {info.frames} samples, only {data.shape[0]} present")
+    declared = _wav_declared_bytes(path)
+    present = data.shape[0] * data.shape[1] * _bytes_per_sample(info.subtype)
+    if declared is not None and present and present < declared:
+        raise AudioProblem(f"is truncated: its header declares {declared} bytes of audio, only {present} are present")
     if data.shape[1] > 1:
         notes.append(f"{data.shape[1]} channels mixed to mono")
     x = data.mean(axis=1)  # (n,)
@@ -67,3 +69,24 @@ def decode(path: Path, *, target_rate: int, min_seconds: float) -> Decoded:
         notes.append(f"resampled {rate} Hz -> {target_rate} Hz")
     return Decoded(x.astype(np.float32, copy=False), target_rate, rate, seconds, tuple(notes))
 
+
+
+def _bytes_per_sample(subtype: str) -> int:
+    return {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}.get(subtype, 0)
+
+
+def _wav_declared_bytes(path: Path) -> int | None:
+    """Size of the WAV 'data' chunk as its header declares it (libsndfile silently reads
+    what is present, so a truncated copy would otherwise pass). None for non-WAV files."""
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        while True:
+            chunk = fh.read(8)
+            if len(chunk) < 8:
+                return None
+            size = int.from_bytes(chunk[4:8], "little")
+            if chunk[:4] == b"data":
+                return size if size not in (0, 0xFFFFFFFF) else None  # streaming writers leave 0/-1
+            fh.seek(size + (size & 1), 1)

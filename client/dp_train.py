@@ -123,7 +123,7 @@ def train_dp(
             params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
             buffers = dict(model.named_buffers())
             grads = per_patient_grad(params, buffers, mel, markers, y, m)  # name -> (B, *shape)
-            for n, p in zip(names, params_list):
+            for n, p in zip(names, params_list, strict=True):
                 p.grad_sample = grads[n]
             with torch.no_grad():
                 losses.append(float(_batch_loss(model, mel, markers, y, m)))
@@ -156,7 +156,7 @@ def train_plain(
         loss = _batch_loss(model, mel, markers, y, m)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return StepStats(steps, sum(losses) / max(len(losses), 1), sum(batches) / max(len(batches), 1))
 
 

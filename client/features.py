@@ -133,7 +133,7 @@ def _close_gaps(mask: np.ndarray, *, max_gap: int) -> np.ndarray:
     padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
     edges = np.flatnonzero(np.diff(padded))
     starts, ends = edges[::2], edges[1::2]
-    for gap_start, gap_end in zip(ends[:-1], starts[1:]):
+    for gap_start, gap_end in zip(ends[:-1], starts[1:], strict=True):
         if gap_end - gap_start <= max_gap:
             out[gap_start:gap_end] = True
     return out

@@ -164,7 +164,7 @@ def _validate_row(line: int, rec: dict[str, str], base: Path, problems: list[Pro
         err("recorded_at", f"{rec['recorded_at']!r} is not an ISO 8601 date-time (e.g. 2026-03-01T09:30); row skipped")
         when = dt.datetime.min
     if when.tzinfo is None and when != dt.datetime.min:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     audio = _inside(base, rec["audio_path"], "audio_path", line, errors)
     if audio is not None and not audio.is_file():
         err("audio_path", f"{rec['audio_path']!r} does not exist; row skipped")

@@ -137,7 +137,7 @@ class Site:
                 version=ledger.FORMAT_VERSION, site=self.cfg.name, dataset=self.data.fingerprint, run_id=run_id, round=server_round,
                 plan_hash=plan_hash(exp), accountant=p.accountant, delta=p.target_delta, noise_multiplier=sigma, sample_rate=q,
                 steps=t.local_steps, max_grad_norm=p.max_grad_norm, epsilon_run=eps_run, epsilon_total=eps_total,
-                time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), prev_hash=ledger.head_hash(entries),
+                time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), prev_hash=ledger.head_hash(entries),
             )
             ledger.append(self.ledger_path, entry)  # durable before the update leaves
         log.info("site=%s run=%s round=%d trained: sigma=%.3f q=%.3f eps_run=%.3f", self.cfg.name, run_id, server_round, sigma, q, eps_run)

@@ -16,8 +16,9 @@ from server.federation import run_federation
 from shared import protocol as P  # noqa: N812
 from shared.config import ExperimentConfig, load_experiment
 
+
 def new_run_id(name: str) -> str:
-    return f"{name}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    return f"{name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
 
 
 def build_server_app(exp: ExperimentConfig | None = None, out: Path | None = None, run_id: str = "") -> ServerApp:

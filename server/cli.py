@@ -133,7 +133,7 @@ def site_check(
         for k, v in report.items():
             table.add_row(k, str(v))
         console.print(table)
-        for p, line in zip(data.problems, problems):
+        for p, line in zip(data.problems, problems, strict=True):
             console.print(f"[{'red' if p.severity == 'error' else 'yellow'}]{p.severity}: {line}[/]")
     if not data.sessions:
         raise typer.Exit(3)

@@ -33,7 +33,7 @@ from shared.synth.texts import topics
 MANIFEST_COLUMNS = ("patient_id", "session_id", "recorded_at", "audio_path", "transcript_path", "language", "label")
 TTS_RATE = 22050  # espeak-ng always synthesises at this rate
 _VOICE_VARIANTS = ("m1", "m2", "m3", "m4", "f1", "f2", "f3", "f4")
-_START = dt.datetime(2026, 1, 5, 9, 0, tzinfo=dt.timezone.utc)
+_START = dt.datetime(2026, 1, 5, 9, 0, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ def synthesize_cohort(
     manifests: dict[str, Path] = {}
     for h in cohort.hospitals:
         hdir = out / h.name
-        rows = [r for job, rs in zip(jobs, results) if job.hospital is h for r in rs]
+        rows = [r for job, rs in zip(jobs, results, strict=True) if job.hospital is h for r in rs]
         manifest = hdir / "manifest.csv"
         with manifest.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")

@@ -1,0 +1,139 @@
+"""Patient-level DP-SGD: one clipped gradient per patient, real noise, honest accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from client.dataset import PatientTensors
+from client.dp_train import CpuNoiseDPOptimizer, patient_loss_fn, train_dp
+from shared.config import ModelSpec
+from shared.models.prosody_mel import ProsodyMelNet
+from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon
+
+P, K, N_MELS, F, M = 6, 4, 8, 16, 20
+
+
+def make_data(seed: int = 0, patients: int = P) -> PatientTensors:
+    g = torch.Generator().manual_seed(seed)
+    return PatientTensors(
+        mel=torch.randn(patients, K, N_MELS, F, generator=g).half(),
+        markers=torch.randn(patients, K, M, generator=g),
+        labels=(torch.rand(patients, K, generator=g) > 0.5).float(),
+        mask=torch.ones(patients, K, dtype=torch.bool),
+        patient_ids=tuple(f"p{i}" for i in range(patients)),
+    )
+
+
+def make_model() -> ProsodyMelNet:
+    torch.manual_seed(0)
+    return ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2), n_mels=N_MELS, n_markers=M)
+
+
+def run(model: torch.nn.Module, data: PatientTensors, *, sigma: float, clip: float, seed: int = 1) -> dict[str, torch.Tensor]:
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_dp(model, data, steps=1, sample_rate=1.0, noise_multiplier=sigma, max_grad_norm=clip, max_sessions=K,
+             optimizer=opt, generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_grad_sample_has_one_row_per_patient_not_per_session() -> None:
+    model, data = make_model(), make_data()
+    seen: dict[str, int] = {}
+    original = CpuNoiseDPOptimizer.clip_and_accumulate
+
+    def spy(self: CpuNoiseDPOptimizer) -> None:
+        for p in self.params:
+            seen[str(tuple(p.shape))] = p.grad_sample.shape[0]
+        original(self)
+
+    CpuNoiseDPOptimizer.clip_and_accumulate = spy  # type: ignore[method-assign]
+    try:
+        run(model, data, sigma=0.0, clip=1.0)
+    finally:
+        CpuNoiseDPOptimizer.clip_and_accumulate = original  # type: ignore[method-assign]
+    assert set(seen.values()) == {P}  # 6 patients, not 6 x 4 = 24 sessions
+
+
+def test_each_patients_contribution_is_clipped_to_C() -> None:
+    """Adding one patient (with huge, adversarial labels) moves the summed update by <= C."""
+    clip = 0.5
+    base = make_data()
+    extra = make_data(seed=9, patients=1)
+    extra = PatientTensors(extra.mel * 50, extra.markers * 50, 1 - extra.labels, extra.mask, ("outlier",))
+    both = PatientTensors(*(torch.cat([a, b]) for a, b in zip((base.mel, base.markers, base.labels, base.mask), (extra.mel, extra.markers, extra.labels, extra.mask), strict=True)), base.patient_ids + ("outlier",))
+    start = {n: p.detach().clone() for n, p in make_model().named_parameters()}
+
+    # With q = 1 and sigma = 0, SGD(lr=1) moves params by -(sum of clipped grads) / expected batch.
+    without = run(make_model(), base, sigma=0.0, clip=clip)
+    with_p = run(make_model(), both, sigma=0.0, clip=clip)
+    sum_without = torch.cat([((start[n] - without[n]) * P).flatten() for n in start])
+    sum_with = torch.cat([((start[n] - with_p[n]) * (P + 1)).flatten() for n in start])
+    assert float((sum_with - sum_without).norm()) <= clip * (1 + 1e-4)
+    # ...and without clipping the same outlier would have moved it far more.
+    model = make_model()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    raw = torch.func.grad(patient_loss_fn(model))(params, dict(model.named_buffers()), extra.mel[0].float(), extra.markers[0], extra.labels[0], extra.mask[0].float())
+    assert float(torch.cat([g.flatten() for g in raw.values()]).norm()) > 5 * clip
+
+
+def test_clipping_is_per_patient_not_per_session() -> None:
+    """A patient with many sessions gets the same bound as a patient with one."""
+    data = make_data()
+    one_session = PatientTensors(data.mel, data.markers, data.labels, data.mask.clone(), data.patient_ids)
+    one_session.mask[:, 1:] = False
+    for d in (data, one_session):
+        model = make_model()
+        opt = CpuNoiseDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.1, expected_batch_size=P)
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        grads = torch.func.vmap(torch.func.grad(patient_loss_fn(model)), in_dims=(None, None, 0, 0, 0, 0))(
+            params, dict(model.named_buffers()), d.mel.float(), d.markers, d.labels, d.mask.float())
+        for n, p in model.named_parameters():
+            p.grad_sample = grads[n]
+        opt.clip_and_accumulate()
+        total = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+        assert float(total.norm()) <= P * 0.1 * (1 + 1e-4)
+
+
+def test_noise_is_really_added() -> None:
+    data = make_data()
+    quiet = run(make_model(), data, sigma=0.0, clip=1.0)
+    noisy = run(make_model(), data, sigma=1.0, clip=1.0)
+    diff = torch.cat([(quiet[n] - noisy[n]).flatten() for n in quiet])
+    # noise std per coordinate = sigma * C / B = 1/6; its norm over d params ~ sqrt(d)/6
+    d = diff.numel()
+    assert float(diff.norm()) == pytest.approx(d**0.5 / P, rel=0.2)
+
+
+def test_same_seed_same_update_different_seed_different_noise() -> None:
+    data = make_data()
+    a = run(make_model(), data, sigma=1.0, clip=1.0, seed=5)
+    b = run(make_model(), data, sigma=1.0, clip=1.0, seed=5)
+    c = run(make_model(), data, sigma=1.0, clip=1.0, seed=6)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_epsilon_grows_with_rounds_and_matches_opacus_own_accountant() -> None:
+    sigma, q, steps = 1.1, 0.2, 10
+    acc = RDPAccountant()
+    previous = 0.0
+    for rnd in range(1, 6):
+        for _ in range(steps):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+        ours = epsilon([SubsampledGaussian(sigma, q, steps)] * rnd, delta=1e-5)
+        assert ours > previous
+        assert ours == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+        previous = ours
+
+
+def test_calibrated_sigma_gives_the_target_epsilon_back() -> None:
+    for eps in (1.0, 3.0, 8.0):
+        sigma = calibrate_noise(target_epsilon=eps, target_delta=1e-5, sample_rate=0.15, steps=50)
+        assert epsilon([SubsampledGaussian(sigma, 0.15, 50)], delta=1e-5) == pytest.approx(eps, rel=0.02)
+
+
+def test_unknown_accountant_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="choose one of rdp, prv"):
+        epsilon([SubsampledGaussian(1.0, 0.1, 1)], delta=1e-5, accountant="gdp")

@@ -1,0 +1,141 @@
+"""Manifest and audio validation: every bad input is reported with its line and skipped."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from client.manifest import read_manifest
+from client.prepare import prepare_site
+from shared.config import FeatureConfig
+from shared.errors import DataError
+from tests.conftest import write_tone
+
+COLS = ["patient_id", "session_id", "recorded_at", "audio_path", "transcript_path", "language", "label"]
+
+
+def write_manifest(folder: Path, rows: list[dict[str, str]], columns: list[str] = COLS) -> Path:
+    path = folder / "manifest.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def row(sid: str, audio: str, transcript: str = "", label: str = "0", patient: str = "p1") -> dict[str, str]:
+    return {"patient_id": patient, "session_id": sid, "recorded_at": "2026-03-01T09:30", "audio_path": audio, "transcript_path": transcript, "language": "nb", "label": label}
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    (tmp_path / "audio").mkdir()
+    write_tone(tmp_path / "audio" / "good.wav")
+    (tmp_path / "good.txt").write_text("Det var en fin dag.\n", encoding="utf-8")
+    return tmp_path
+
+
+def problems_for(manifest: Path) -> tuple[int, list[str]]:
+    data = prepare_site(manifest, FeatureConfig(), manifest.parent / "state")
+    return len(data.sessions), [p.render(manifest) for p in data.problems if p.severity == "error"]
+
+
+def test_good_row_is_used_and_bad_rows_are_each_reported_with_their_line(site: Path) -> None:
+    a = site / "audio"
+    (a / "empty.wav").write_bytes(b"")
+    sf.write(a / "zero.wav", np.zeros(0, np.float32), 16000)
+    (a / "garbage.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    full = (a / "good.wav").read_bytes()
+    (a / "truncated.wav").write_bytes(full[: len(full) // 2])
+    sf.write(a / "silent.wav", np.zeros(48000, np.float32), 16000)
+    sf.write(a / "clipped.wav", np.sign(np.sin(np.arange(48000) / 5.0)).astype(np.float32), 16000)
+    write_tone(a / "short.wav", seconds=0.4)
+    m = write_manifest(site, [
+        row("s1", "audio/good.wav", "good.txt"),
+        row("s2", "audio/empty.wav"),
+        row("s3", "audio/zero.wav"),
+        row("s4", "audio/garbage.wav"),
+        row("s5", "audio/truncated.wav"),
+        row("s6", "audio/silent.wav"),
+        row("s7", "audio/clipped.wav"),
+        row("s8", "audio/short.wav"),
+        row("s1", "audio/good.wav"),  # duplicate session id
+        row("s10", "../outside.wav"),  # escapes the manifest folder
+        row("s11", "audio/missing.wav"),
+        row("s12", "audio/good.wav", label="maybe"),
+    ])
+    (site.parent / "outside.wav").write_bytes(full)
+
+    usable, errors = problems_for(m)
+
+    assert usable == 1
+    text = "\n".join(errors)
+    for line, words in [(3, "cannot be decoded"), (4, "empty"), (5, "cannot be decoded"), (6, "truncated"), (7, "silent"), (8, "clipped"), (9, "too short"), (10, "duplicates line 2"), (11, "outside the manifest"), (12, "does not exist"), (13, "must be 1")]:
+        assert any(e.startswith(f"manifest.csv:{line} ") and words in e for e in errors), (line, words, text)
+
+
+def test_other_sample_rate_is_resampled_and_reported(site: Path) -> None:
+    write_tone(site / "audio" / "r8k.wav", sr=8000)
+    m = write_manifest(site, [row("s1", "audio/r8k.wav", "good.txt")])
+    data = prepare_site(m, FeatureConfig(sample_rate=16000), site / "state")
+    assert len(data.sessions) == 1
+    assert data.report()["sample_rates"] == {8000: 1}
+    assert any("resampled 8000 Hz -> 16000 Hz" in p.message for p in data.problems)
+
+
+def test_missing_or_non_utf8_transcript_keeps_the_session_with_a_warning(site: Path) -> None:
+    (site / "latin1.txt").write_bytes("blåbær".encode("latin-1"))
+    m = write_manifest(site, [row("s1", "audio/good.wav", "nope.txt"), row("s2", "audio/good.wav", "latin1.txt")])
+    man = read_manifest(m)
+    assert [r.transcript for r in man.rows] == [None, None]
+    warnings = [p.render(m) for p in man.problems if p.severity == "warning"]
+    assert any("manifest.csv:2" in w and "does not exist" in w for w in warnings)
+    assert any("manifest.csv:3" in w and "not UTF-8" in w for w in warnings)
+
+
+def test_unknown_columns_are_reported_not_fatal(site: Path) -> None:
+    r = row("s1", "audio/good.wav", "good.txt") | {"diagnosis": "x"}
+    m = write_manifest(site, [r], COLS + ["diagnosis"])
+    man = read_manifest(m)
+    assert len(man.rows) == 1
+    assert any("unknown column(s) diagnosis" in p.message for p in man.problems)
+
+
+def test_missing_required_column_names_it(site: Path) -> None:
+    m = write_manifest(site, [{"patient_id": "p", "session_id": "s", "audio_path": "audio/good.wav"}], ["patient_id", "session_id", "audio_path"])
+    man = read_manifest(m)
+    assert not man.rows
+    assert any("recorded_at" in p.message and "language" in p.message for p in man.problems)
+
+
+def test_non_utf8_manifest_is_refused_naming_the_line(site: Path) -> None:
+    m = site / "manifest.csv"
+    m.write_bytes(",".join(COLS).encode() + b"\np\xe5,s1,2026-03-01,audio/good.wav,,nb,0\n")
+    with pytest.raises(DataError, match=r"not UTF-8 \(bad byte at line 2\)"):
+        read_manifest(m)
+
+
+def test_jsonl_manifest_with_a_broken_line_keeps_the_others(site: Path) -> None:
+    m = site / "manifest.jsonl"
+    m.write_text(
+        '{"patient_id": "p1", "session_id": "s1", "recorded_at": "2026-03-01T09:00", "audio_path": "audio/good.wav", "transcript": "Hei.", "language": "nb", "label": 1}\n'
+        "{not json\n",
+        encoding="utf-8",
+    )
+    man = read_manifest(m)
+    assert [r.session_id for r in man.rows] == ["s1"]
+    assert man.rows[0].label == 1 and man.rows[0].transcript == "Hei."
+    assert any(p.line == 2 and "not valid JSON" in p.message for p in man.problems)
+
+
+def test_feature_cache_is_content_addressed_and_reused(site: Path) -> None:
+    m = write_manifest(site, [row("s1", "audio/good.wav", "good.txt")])
+    first = prepare_site(m, FeatureConfig(), site / "state")
+    second = prepare_site(m, FeatureConfig(), site / "state")
+    other_cfg = prepare_site(m, FeatureConfig(n_mels=40), site / "state")
+    assert (first.cache_hits, second.cache_hits, other_cfg.cache_hits) == (0, 1, 0)
+    np.testing.assert_array_equal(first.sessions[0].features.mel, second.sessions[0].features.mel)

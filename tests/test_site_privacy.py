@@ -1,0 +1,148 @@
+"""Site-side privacy invariants: ledger before update, no double charge, caps, k-suppression,
+and replies that carry nothing patient-level."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from client.app import build_client_app
+from client.site import Refusal, Site, TrainResult
+from shared import metrics as M  # noqa: N812
+from shared import protocol as P  # noqa: N812
+from shared.config import load_site
+from shared.errors import PolicyError
+from shared.models import build_model
+from shared.params import get_arrays, to_record
+from shared.privacy import ledger
+from tests.conftest import tiny_experiment
+
+
+@pytest.fixture
+def site(tiny_cohort: Path, tmp_path: Path) -> Site:
+    cfg = load_site(tiny_cohort / "alpha" / "site.yaml")
+    return Site(replace(cfg, state_dir=tmp_path / "state"), tiny_experiment())
+
+
+def start_arrays() -> dict[str, np.ndarray]:
+    return dict(get_arrays(build_model(tiny_experiment())))
+
+
+def test_ledger_entry_is_written_before_the_update_is_returned(site: Site) -> None:
+    result = site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
+    assert isinstance(result, TrainResult)
+    entries = ledger.read_entries(site.ledger_path)
+    assert [(e.run_id, e.round) for e in entries] == [("r1", 1)]
+    assert entries[0].epsilon_run == pytest.approx(result.metrics[M.EPSILON_RUN])
+    assert entries[0].noise_multiplier > 0 and entries[0].sample_rate > 0
+
+
+def test_replayed_round_is_refused_and_not_charged_twice(site: Site) -> None:
+    site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
+    again = site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
+    assert isinstance(again, Refusal) and again.code == "replay"
+    assert len(ledger.read_entries(site.ledger_path)) == 1
+
+
+def test_round_beyond_the_runs_budget_is_refused_with_a_reason(site: Site) -> None:
+    for rnd in (1, 2):
+        assert isinstance(site.train(start_arrays(), run_id="r1", server_round=rnd, total_rounds=2), TrainResult)
+    over = site.train(start_arrays(), run_id="r1", server_round=3, total_rounds=2)
+    assert isinstance(over, Refusal) and over.code == "budget" and "ε=" in over.reason
+
+
+def test_epsilon_across_runs_accumulates_on_the_same_dataset(site: Site) -> None:
+    a = site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
+    b = site.train(start_arrays(), run_id="r2", server_round=1, total_rounds=2)
+    assert isinstance(a, TrainResult) and isinstance(b, TrainResult)
+    assert b.metrics[M.EPSILON_RUN] == pytest.approx(a.metrics[M.EPSILON_RUN])
+    assert b.metrics[M.EPSILON_TOTAL] > a.metrics[M.EPSILON_TOTAL]
+
+
+@pytest.mark.parametrize("tamper", ["edit", "delete", "reorder"])
+def test_tampered_ledger_is_detected(site: Site, tamper: str) -> None:
+    for rnd in (1, 2):
+        site.train(start_arrays(), run_id="r1", server_round=rnd, total_rounds=2)
+    lines = site.ledger_path.read_text().splitlines(keepends=True)
+    if tamper == "edit":
+        body = json.loads(lines[0])
+        body["noise_multiplier"] *= 2
+        lines[0] = json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
+    elif tamper == "delete":
+        lines = lines[1:]
+    else:
+        lines = lines[::-1]
+    site.ledger_path.write_text("".join(lines))
+    with pytest.raises(PolicyError):
+        ledger.read_entries(site.ledger_path)
+
+
+def test_a_half_written_last_line_is_ignored_not_miscounted(site: Site) -> None:
+    site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
+    with site.ledger_path.open("a") as fh:
+        fh.write('{"version": 1, "run_id": "r1", "rou')  # crash mid-write: no newline
+    assert len(ledger.read_entries(site.ledger_path)) == 1
+
+
+def test_evaluation_metrics_are_suppressed_below_k_patients(site: Site) -> None:
+    k_big = replace(site.exp, federation=replace(site.exp.federation, min_patients_metric=site.eval_set.n_patients + 1))
+    site.exp = k_big
+    out = site.evaluate(start_arrays())
+    assert out == {M.SUPPRESSED: 1.0, M.NUM_PATIENTS: 0.0}
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    """Flower stamps new messages with the running task's identity; give tests one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def _message(kind: str, plan: str, rnd: int = 1) -> Message:
+    content = RecordDict({
+        P.ARRAYS: to_record(start_arrays()),
+        P.CONFIG: ConfigRecord({P.RUN_ID: "r-msg", P.SERVER_ROUND: rnd, P.TOTAL_ROUNDS: 2, P.PLAN_YAML: plan}),
+    })
+    return Message(content=content, dst_node_id=1, message_type=kind)
+
+
+def test_clientapp_replies_carry_only_update_aggregates_and_site_name(tiny_cohort: Path, tmp_path: Path) -> None:
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\n")
+    app = build_client_app()
+    ctx = Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_yaml)}, state=RecordDict(), run_config={})
+    plan = tiny_experiment().to_yaml()
+    patient_ids = {line.split(",")[0] for line in (tiny_cohort / "alpha" / "manifest.csv").read_text().splitlines()[1:]}
+    allowed_metrics = {M.NUM_PATIENTS, M.TRAIN_LOSS, M.EVAL_LOSS, M.AUROC, M.AUPRC, M.EPSILON_RUN, M.EPSILON_TOTAL, M.DELTA, M.NOISE_MULTIPLIER, M.SUPPRESSED}
+    model_keys = set(start_arrays())
+    for kind in ("train", "evaluate"):
+        reply = app(_message(kind, plan), ctx)
+        c = reply.content
+        assert set(c.keys()) <= P.ALLOWED_REPLY_RECORDS
+        assert set(c[P.SITE].keys()) <= P.ALLOWED_SITE_KEYS
+        assert set(c[P.METRICS].keys()) <= allowed_metrics
+        if kind == "train":
+            assert set(c[P.ARRAYS].keys()) == model_keys  # model parameters only, same shapes as sent
+        else:
+            assert P.ARRAYS not in c
+        blob = repr({k: dict(v) for k, v in c.config_records.items()})
+        assert not any(pid in blob for pid in patient_ids)
+        assert str(tiny_cohort) not in blob
+
+
+def test_clientapp_refuses_an_invalid_plan_with_a_structured_reason(tiny_cohort: Path, tmp_path: Path) -> None:
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\n")
+    ctx = Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_yaml)}, state=RecordDict(), run_config={})
+    bad = tiny_experiment().to_yaml().replace("accountant: rdp", "accountant: none")
+    reply = build_client_app()(_message("train", bad), ctx)
+    info = reply.content[P.SITE]
+    assert info[P.REFUSAL_CODE] == "invalid"
+    assert "privacy.accountant" in str(info[P.REFUSAL_REASON]) and "'rdp', 'prv'" in str(info[P.REFUSAL_REASON])
+    assert P.ARRAYS not in reply.content
