@@ -1,0 +1,132 @@
+"""Flower's Deployment Engine on one host: a SuperLink, one SuperNode per site, `flwr run`.
+
+Used by `fedrelapse run --local` and by the integration test. The ServerApp and ClientApp are
+the installed `server`/`client` packages; the submitted app bundle (deploy/flower-app)
+carries only configuration. Insecure transport here is for 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared import protocol as P  # noqa: N812
+from shared.errors import FederationError
+
+APP_DIR = Path(__file__).resolve().parents[1] / "deploy" / "flower-app"
+FEDERATION = "fedrelapse-local"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """A console script from this interpreter's environment (SuperLink spawns them by name)."""
+    here = Path(sys.executable).parent / name
+    found = here if here.exists() else shutil.which(name)
+    if not found:
+        raise FederationError(f"`{name}` is not installed in this environment; run deploy/setup.sh.")
+    return str(found)
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FederationError(f"{what} exited with code {proc.returncode}; see {log}.")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):  # noqa: S310 - loopback only
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise FederationError(f"{what} did not become healthy within {timeout_s:.0f} s; see {log}.")
+
+
+@dataclass
+class LocalConsortium:
+    """Start/stop a SuperLink and SuperNodes as processes on 127.0.0.1."""
+
+    workdir: Path
+    site_configs: list[Path]
+    startup_timeout_s: float = 60.0
+    superlink_port: int = 0
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def _env(self, home: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(FLWR_HOME=str(self.workdir / home), FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def _spawn(self, args: list[str], home: str, log_name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.workdir / "logs" / log_name
+        fh = open(log, "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=self._env(home), start_new_session=True)
+        self.procs.append(proc)
+        return proc, log
+
+    def start(self) -> None:
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.superlink_port = self.superlink_port or free_port()
+        link, log = self._spawn(
+            [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
+             "--isolation", "subprocess", "--disable-runtime-dependency-installation"],
+            "home-superlink", "superlink.log",
+        )
+        _wait_healthy(self.superlink_port, link, "flower-superlink", log, self.startup_timeout_s)
+        for i, cfg in enumerate(self.site_configs):
+            port = free_port()
+            node, log = self._spawn(
+                [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
+                 "--isolation", "subprocess", "--node-config", f"{P.NC_SITE_CONFIG}=\"{cfg.resolve()}\""],
+                f"home-supernode-{i}", f"supernode-{i}.log",
+            )
+            _wait_healthy(port, node, f"flower-supernode for {cfg}", log, self.startup_timeout_s)
+        home = self.workdir / "home-cli"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n'
+        )
+
+    def submit(self, experiment: Path, out: Path, *, run_id: str = "", timeout_s: float = 600.0) -> subprocess.CompletedProcess[str]:
+        """`flwr run` the app bundle and stream until the ServerApp finishes."""
+        rc = f'{P.RC_EXPERIMENT}="{experiment.resolve()}" {P.RC_OUT}="{out.resolve()}" {P.RC_RUN_ID}="{run_id}"'
+        return subprocess.run(
+            [_bin("flwr"), "run", str(APP_DIR), FEDERATION, "--stream", "--run-config", rc],
+            env=self._env("home-cli"), capture_output=True, text=True, timeout=timeout_s, check=False,
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> LocalConsortium:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
