@@ -30,7 +30,7 @@ class Problem:
     line: int | None  # 1-based line in the manifest; None for whole-file problems
     field: str
     message: str
-    severity: str = "error"  # "error": row skipped; "warning": row kept
+    severity: str = "error"  # "error": row skipped; "warning": row kept; "info": fixed (e.g. resampled)
 
     def render(self, manifest: Path) -> str:
         where = f"{manifest.name}:{self.line}" if self.line else manifest.name
@@ -69,7 +69,7 @@ def read_manifest(path: str | Path) -> Manifest:
     """Parse and validate ``path``; raise :class:`DataError` only if nothing can be read."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"Manifest {p} does not exist or is not a file; check `manifest:` in site.yaml.")
+        raise DataError(f"Manifest {p} does not exist or is not a file; check the path (`manifest:` in site.yaml).")
     raw = p.read_bytes()
     try:
         text = raw.decode("utf-8-sig")

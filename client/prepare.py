@@ -58,6 +58,7 @@ class SiteData:
             "labels": dict(sorted(label_balance(rows).items())),
             "errors": sum(p.severity == "error" for p in self.problems),
             "warnings": sum(p.severity == "warning" for p in self.problems),
+            "notes": sum(p.severity == "info" for p in self.problems),
             "cache_hits": self.cache_hits,
         }
 
@@ -84,7 +85,8 @@ def prepare_site(
                 cache.put(digest, feats)
                 rate = decoded.original_rate
                 for note in decoded.notes:
-                    data.problems.append(Problem(row.line, "audio_path", note, "warning"))
+                    severity = "info" if note.startswith(("resampled", "2 channels")) else "warning"
+                    data.problems.append(Problem(row.line, "audio_path", note, severity))
             else:
                 data.cache_hits += 1
                 rate = _cached_rate(row.audio_path)

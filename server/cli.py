@@ -35,7 +35,7 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FedrelapseError as exc:
-            console.print(f"[bold red]error:[/bold red] {exc}")
+            console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -107,6 +107,43 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     console.print(f"run folder: [bold]{out.resolve()}[/bold]")
 
 
+bench_app = typer.Typer(help="Researcher: benchmarks (ratios in one run; results for BENCHMARKS.md).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("dp-step")
+@friendly
+def bench_dp_step(
+    config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats (CI smoke).")] = False,
+) -> None:
+    """Time per patient-level DP-SGD step / time per non-private step."""
+    from server.bench import dp_step_ratio, machine
+    from shared.config import load_experiment
+
+    result = {"machine": machine(), **dp_step_ratio(load_experiment(config), device=device, repeats=2 if quick else 5, steps=3 if quick else 10)}
+    print(json.dumps(result, indent=2))
+
+
+@bench_app.command("utility")
+@friendly
+def bench_utility(
+    data: Annotated[Path, typer.Option(help="Cohort folder (from `fedrelapse synth`).")],
+    out: Annotated[Path, typer.Option(help="Folder for the benchmark's runs and results.json.")],
+    config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
+) -> None:
+    """FL+DP vs FL without DP vs centralised non-private vs one-feature AUROC."""
+    from server.bench import machine, sigma_table, utility
+    from shared.config import load_experiment
+
+    exp = load_experiment(config)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": machine(), **utility(exp, data, out), "sigma_for_target": sigma_table(exp)}
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
 @site_app.command("check")
 @friendly
 def site_check(
@@ -114,6 +151,7 @@ def site_check(
     experiment: Annotated[Path | None, typer.Option(help="Experiment YAML whose feature settings to use.")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Where the feature cache lives (default: <manifest folder>/state).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also list informational notes.")] = False,
 ) -> None:
     """Validate every row and recording, fill the feature cache, print the site data report."""
     from client.prepare import prepare_site
@@ -133,8 +171,13 @@ def site_check(
         for k, v in report.items():
             table.add_row(k, str(v))
         console.print(table)
-        for p, line in zip(data.problems, problems, strict=True):
-            console.print(f"[{'red' if p.severity == 'error' else 'yellow'}]{p.severity}: {line}[/]")
+        colour = {"error": "red", "warning": "yellow", "info": "dim"}
+        shown = [(p, line) for p, line in zip(data.problems, problems, strict=True) if verbose or p.severity != "info"]
+        for p, line in shown:
+            console.print(f"[{colour[p.severity]}]{p.severity}: {line}[/]")
+        hidden = len(problems) - len(shown)
+        if hidden:
+            console.print(f"[dim]{hidden} informational note(s) (e.g. resampling) hidden; --verbose shows them.[/dim]")
     if not data.sessions:
         raise typer.Exit(3)
 

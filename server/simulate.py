@@ -64,7 +64,7 @@ def simulate(exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, conso
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False, "_temp_dir": str(ray_tmp)},
     }
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # run_simulation's deprecation banner is noise here
     run_simulation(
         server_app=build_server_app(exp, out, run_id),
         client_app=build_client_app(tuple(str(p.resolve()) for p in paths)),

@@ -99,6 +99,7 @@ class PatientFedAvg(FedAvg):
         )
         self.node_wait_timeout_s = node_wait_timeout_s
         self.log: dict[int, RoundLog] = {}
+        self._sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> node ids asked
 
     def summary(self) -> None:
         super().summary()
@@ -106,17 +107,30 @@ class PatientFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout_s)
-        return super().configure_train(server_round, arrays, config, grid)
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent[(server_round, "train")] = [m.metadata.dst_node_id for m in msgs]
+        return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
             return []
         wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout_s)
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        msgs = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._sent[(server_round, "evaluate")] = [m.metadata.dst_node_id for m in msgs]
+        return msgs
+
+    def _with_silent_nodes(self, server_round: int, phase: str, replies: list[Message]) -> list[SiteReport]:
+        """Site reports plus one per asked node that never replied (Flower just omits them)."""
+        reports = site_reports(replies)
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in self._sent.get((server_round, phase), []):
+            if node not in answered:
+                reports.append(SiteReport(site=f"node-{node}", error="no reply within `federation.round_timeout_s`"))
+        return reports
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        reports = site_reports(replies)
+        reports = self._with_silent_nodes(server_round, "train", replies)
         self.log.setdefault(server_round, RoundLog()).train = reports
         updates = [m.content for m in replies if not m.has_error() and P.ARRAYS in m.content.array_records and P.METRICS in m.content.metric_records]
         if not updates:
@@ -129,7 +143,7 @@ class PatientFedAvg(FedAvg):
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        reports = site_reports(replies)
+        reports = self._with_silent_nodes(server_round, "evaluate", list(replies))
         self.log.setdefault(server_round, RoundLog()).evaluate = reports
         usable = [r for r in reports if r.metrics.get(M.SUPPRESSED, 1.0) == 0.0]
         if not usable:

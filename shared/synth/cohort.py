@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import multiprocessing
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -218,7 +219,9 @@ def synthesize_cohort(
         jobs += [PatientJob(cohort, h, hi, p, p in relapsers, seed, hdir) for p in range(h.n_patients)]
     results: list[list[dict[str, str]]] = []
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # spawn, not fork: a forked child of a process that already ran torch's OpenMP
+        # thread pool deadlocks on its first parallel op (libgomp is not fork-safe).
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for i, rows in enumerate(pool.map(_patient_sessions, jobs, chunksize=2)):
                 results.append(rows)
                 if progress:

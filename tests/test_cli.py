@@ -1,0 +1,41 @@
+"""The `fedrelapse` CLI: user mistakes end in a clear message and an exit code, not a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from server.cli import app
+
+runner = CliRunner()
+
+
+def test_site_check_prints_the_report_as_json(tiny_cohort: Path) -> None:
+    result = runner.invoke(app, ["site", "check", "--manifest", str(tiny_cohort / "beta" / "manifest.csv"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["patients"] == 8 and report["usable_sessions"] == report["rows"] == 56
+    assert report["sample_rates"] == {"8000": 56}
+    assert set(report["labels"]) == {"0", "1"}
+
+
+def test_missing_manifest_is_a_data_error_with_exit_code_3(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["site", "check", "--manifest", str(tmp_path / "none.csv")])
+    assert result.exit_code == 3
+    assert "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_bad_experiment_is_a_config_error_with_exit_code_2(tmp_path: Path) -> None:
+    bad = tmp_path / "exp.yaml"
+    bad.write_text("name: x\nprivacy: {accountant: gdp}\n")
+    result = runner.invoke(app, ["simulate", "--config", str(bad), "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "allowed values are 'rdp', 'prv'" in result.output
+
+
+def test_simulate_without_sites_says_how_to_make_them(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["simulate", "--config", "configs/experiment.yaml", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "fedrelapse synth" in result.output

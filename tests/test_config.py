@@ -1,0 +1,62 @@
+"""Config errors name the file, the key and the allowed values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import load_experiment, load_site
+from shared.errors import ConfigError
+from shared.synth.config import load_cohort
+from tests.conftest import ROOT
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_validate() -> None:
+    exp = load_experiment(ROOT / "configs" / "experiment.yaml")
+    assert exp.privacy.target_epsilon == 8.0 and exp.federation.rounds >= 1
+    assert len(load_cohort(ROOT / "configs" / "cohort.yaml").hospitals) == 3
+    site = load_site(ROOT / "configs" / "site.yaml")
+    assert site.manifest.is_absolute()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: x\nprivacy: {accountant: gdp}\n", r"exp.yaml: `privacy.accountant` is 'gdp'; allowed values are 'rdp', 'prv'"),
+        ("name: x\nprivacy: {target_epsilon: -1}\n", r"`privacy.target_epsilon` is -1.0; it must be > 0"),
+        ("name: x\nfederation: {rounds: three}\n", r"`federation.rounds` must be an integer, got 'three'"),
+        ("name: x\ntraining: {lr: 0.1}\n", r"unknown key\(s\) 'lr' in `training`; allowed keys are .*learning_rate"),
+        ("seed: 1\n", r"required key `name` is missing"),
+        ("name: x\nmodel: {name: transformer9000}\n", None),
+        ("name: x\nmodel: {conv_channels: 10, groups: 4}\n", r"`model.conv_channels` \(10\) must be divisible by `model.groups` \(4\)"),
+        ("name: [x\n", r"exp.yaml is not valid YAML at line 2, column 1"),
+    ],
+)
+def test_bad_experiment_yaml_is_a_clear_config_error(tmp_path: Path, text: str, message: str | None) -> None:
+    path = write(tmp_path, text)
+    if message is None:  # unknown model: caught when the model is built, naming the choices
+        from shared.models import build_model
+
+        with pytest.raises(ConfigError, match=r"Unknown model 'transformer9000' in `model.name`; choose one of prosody_mel"):
+            build_model(load_experiment(path))
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(path)
+
+
+def test_missing_config_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+def test_configs_are_frozen() -> None:
+    exp = load_experiment(ROOT / "configs" / "experiment.yaml")
+    with pytest.raises(AttributeError):
+        exp.privacy.target_epsilon = 100  # type: ignore[misc]
