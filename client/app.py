@@ -15,9 +15,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import Refusal, Site
+from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared.config import ExperimentConfig, SiteConfig, experiment_from_yaml_text, load_site
-from shared.errors import FedrelapseError
+from shared.errors import FedrelapseError, PolicyError
 from shared.params import from_record, to_record
 
 log = logging.getLogger("fedrelapse.clientapp")
@@ -41,9 +42,11 @@ def _site(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
     return Site(site_cfg, exp)
 
 
-def _reply(msg: Message, site_name: str, *, metrics: dict[str, float] | None = None, arrays: dict | None = None, refusal: Refusal | None = None) -> Message:
+def _reply(msg: Message, site_name: str, *, metrics: dict[str, float] | None = None, arrays: dict | None = None, refusal: Refusal | None = None, ledger_head: str = "") -> Message:
     content = RecordDict()
     info = ConfigRecord({P.SITE_NAME: site_name})
+    if ledger_head:
+        info[P.LEDGER_HEAD] = ledger_head
     if refusal is not None:
         info[P.REFUSAL_CODE] = refusal.code
         info[P.REFUSAL_REASON] = refusal.reason
@@ -76,11 +79,14 @@ def build_client_app(sim_sites: tuple[str, ...] = ()) -> ClientApp:
             return _reply(msg, site_cfg.name, refusal=site)
         cfg = msg.content[P.CONFIG]
         arrays = from_record(msg.content[P.ARRAYS])
-        result = site.train(arrays, run_id=str(cfg[P.RUN_ID]), server_round=int(cfg[P.SERVER_ROUND]), total_rounds=int(cfg[P.TOTAL_ROUNDS]))
+        try:
+            result = site.train(arrays, run_id=str(cfg[P.RUN_ID]), server_round=int(cfg[P.SERVER_ROUND]), total_rounds=int(cfg[P.TOTAL_ROUNDS]))
+        except PolicyError as exc:  # e.g. a ledger that fails its integrity check
+            result = Refusal("ledger", str(exc))
         if isinstance(result, Refusal):
             log.warning("site=%s refused round %s: %s", site_cfg.name, cfg[P.SERVER_ROUND], result.code)
             return _reply(msg, site_cfg.name, refusal=result)
-        return _reply(msg, site_cfg.name, arrays=result.arrays, metrics=result.metrics)
+        return _reply(msg, site_cfg.name, arrays=result.arrays, metrics=result.metrics, ledger_head=result.ledger_head)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -88,6 +94,21 @@ def build_client_app(sim_sites: tuple[str, ...] = ()) -> ClientApp:
         if isinstance(site, Refusal):
             return _reply(msg, site_cfg.name, refusal=site)
         return _reply(msg, site_cfg.name, metrics=site.evaluate(from_record(msg.content[P.ARRAYS])))
+
+    @client_app.query()
+    def plan(msg: Message, context: Context) -> Message:
+        """Pre-flight: what the run would cost here, and whether the site would refuse it."""
+        site_cfg, site = _setup(msg, context, sim_sites)
+        if isinstance(site, Refusal):
+            return _reply(msg, site_cfg.name, refusal=site)
+        cfg = msg.content[P.CONFIG]
+        try:
+            out = site.plan(run_id=str(cfg[P.RUN_ID]), total_rounds=int(cfg[P.TOTAL_ROUNDS]))
+        except PolicyError as exc:
+            return _reply(msg, site_cfg.name, refusal=Refusal("ledger", str(exc)))
+        metrics = {M.EPSILON_RUN: float(out["epsilon_run"]), M.EPSILON_REMAINING: float(out["epsilon_remaining"]), M.NOISE_MULTIPLIER: float(out["noise_multiplier"]), M.DELTA: float(out["delta"])}
+        refusal = Refusal(str(out["code"]), str(out["reason"])) if out["code"] != "ok" else None
+        return _reply(msg, site_cfg.name, metrics=metrics, refusal=refusal)
 
     return client_app
 

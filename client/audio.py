@@ -31,7 +31,7 @@ class Decoded:
     sample_rate: int
     original_rate: int
     seconds: float
-    notes: tuple[str, ...]
+    notes: tuple[tuple[str, str], ...]  # (severity, text): "info" = fixed, "warning" = kept but odd
 
 
 def decode(path: Path, *, target_rate: int, min_seconds: float) -> Decoded:
@@ -41,7 +41,7 @@ def decode(path: Path, *, target_rate: int, min_seconds: float) -> Decoded:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:
         raise AudioProblem(f"cannot be decoded ({exc}); re-export it as WAV or FLAC") from exc
-    notes: list[str] = []
+    notes: list[tuple[str, str]] = []
     if data.shape[0] == 0:
         raise AudioProblem("is empty (0 samples)")
     declared = _wav_declared_bytes(path)
@@ -49,7 +49,7 @@ def decode(path: Path, *, target_rate: int, min_seconds: float) -> Decoded:
     if declared is not None and present and present < declared:
         raise AudioProblem(f"is truncated: its header declares {declared} bytes of audio, only {present} are present")
     if data.shape[1] > 1:
-        notes.append(f"{data.shape[1]} channels mixed to mono")
+        notes.append(("info", f"{data.shape[1]} channels mixed to mono"))
     x = data.mean(axis=1)  # (n,)
     seconds = x.shape[0] / rate
     if seconds < min_seconds:
@@ -63,10 +63,10 @@ def decode(path: Path, *, target_rate: int, min_seconds: float) -> Decoded:
     if clipped >= CLIP_REFUSE:
         raise AudioProblem(f"is clipped: {clipped:.1%} of samples at full scale; record at a lower gain")
     if clipped >= CLIP_WARN:
-        notes.append(f"mildly clipped ({clipped:.2%} of samples at full scale)")
+        notes.append(("warning", f"mildly clipped ({clipped:.2%} of samples at full scale)"))
     if rate != target_rate:
         x = resample(x, rate, target_rate)
-        notes.append(f"resampled {rate} Hz -> {target_rate} Hz")
+        notes.append(("info", f"resampled {rate} Hz -> {target_rate} Hz"))
     return Decoded(x.astype(np.float32, copy=False), target_rate, rate, seconds, tuple(notes))
 
 

@@ -28,6 +28,8 @@ class RecordingFeatures:
     mel: np.ndarray  # (n_mels, n_frames) float16, per-band mean removed, fixed n_frames
     markers: np.ndarray  # (N_ACOUSTIC,) float32, see shared.markers.ACOUSTIC_MARKERS
     seconds: float
+    original_rate: int = 0
+    notes: tuple[tuple[str, str], ...] = ()  # decoder notes, replayed on cache hits
 
 
 def n_frames(cfg: FeatureConfig) -> int:
@@ -48,7 +50,7 @@ def extract(decoded: Decoded, cfg: FeatureConfig) -> RecordingFeatures:
     fixed = torch.zeros(cfg.n_mels, n_frames(cfg))
     k = min(fixed.shape[1], logmel.shape[1])
     fixed[:, :k] = logmel[:, :k] / 4.0
-    return RecordingFeatures(fixed.numpy().astype(np.float16), prosodic_markers(x, sr, cfg), decoded.seconds)
+    return RecordingFeatures(fixed.numpy().astype(np.float16), prosodic_markers(x, sr, cfg), decoded.seconds, decoded.original_rate, decoded.notes)
 
 
 def prosodic_markers(x: torch.Tensor, sr: int, cfg: FeatureConfig) -> np.ndarray:
@@ -163,7 +165,8 @@ class FeatureCache:
             return None
         try:
             with np.load(p) as z:
-                return RecordingFeatures(z["mel"], z["markers"], float(z["seconds"]))
+                notes = tuple(tuple(n.split("\t", 1)) for n in z["notes"].tolist())
+                return RecordingFeatures(z["mel"], z["markers"], float(z["seconds"]), int(z["rate"]), notes)  # type: ignore[arg-type]
         except (OSError, ValueError, KeyError):
             return None  # a damaged entry is recomputed, never trusted
 
@@ -172,5 +175,5 @@ class FeatureCache:
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, mel=feats.mel, markers=feats.markers, seconds=np.float32(feats.seconds))
+            np.savez(fh, mel=feats.mel, markers=feats.markers, seconds=np.float32(feats.seconds), rate=np.int32(feats.original_rate), notes=np.array(["\t".join(n) for n in feats.notes], dtype=str))
         os.replace(tmp, p)  # atomic: readers see the old file or the whole new one

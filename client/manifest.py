@@ -85,7 +85,8 @@ def read_manifest(path: str | Path) -> Manifest:
         records, problems = _read_jsonl(text)
     else:
         raise DataError(f"Manifest {p} must end in .csv or .jsonl, not {p.suffix!r}.")
-    manifest = Manifest(path=p, problems=problems, total_rows=len(records))
+    broken = sum(1 for pr in problems if pr.field == "row" and pr.severity == "error")
+    manifest = Manifest(path=p, problems=problems, total_rows=len(records) + broken)
     base = p.resolve().parent
     seen: dict[str, int] = {}
     for line, rec in records:

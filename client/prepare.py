@@ -83,13 +83,11 @@ def prepare_site(
                 decoded = decode(row.audio_path, target_rate=cfg.sample_rate, min_seconds=cfg.min_seconds)
                 feats = extract(decoded, cfg)
                 cache.put(digest, feats)
-                rate = decoded.original_rate
-                for note in decoded.notes:
-                    severity = "info" if note.startswith(("resampled", "2 channels")) else "warning"
-                    data.problems.append(Problem(row.line, "audio_path", note, severity))
             else:
                 data.cache_hits += 1
-                rate = _cached_rate(row.audio_path)
+            rate = feats.original_rate
+            for severity, note in feats.notes:
+                data.problems.append(Problem(row.line, "audio_path", note, severity))
         except AudioProblem as exc:
             data.problems.append(Problem(row.line, "audio_path", f"{row.audio_path.name} {exc}; row skipped"))
         except OSError as exc:
@@ -101,8 +99,3 @@ def prepare_site(
     data.problems.sort(key=lambda p: (p.line or 0, p.field))
     return data
 
-
-def _cached_rate(path: Path) -> int:
-    import soundfile as sf
-
-    return int(sf.info(str(path)).samplerate)

@@ -13,16 +13,19 @@ import hashlib
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from client.dataset import PatientTensors, build_tensors, split_patients
 from client.dp_train import make_optimizer, predict, train_dp, train_plain
 from client.prepare import SiteData, prepare_site
 from shared import metrics as M  # noqa: N812
+from shared import signing
 from shared.config import ExperimentConfig, FeatureConfig, SiteConfig
 from shared.errors import DataError
 from shared.models import build_model
@@ -45,6 +48,7 @@ class Refusal:
 class TrainResult:
     arrays: dict[str, np.ndarray]
     metrics: dict[str, float]
+    ledger_head: str = ""
 
 
 @functools.lru_cache(maxsize=8)
@@ -90,25 +94,80 @@ class Site:
         self.train_set: PatientTensors = tensors.subset(pick(train_ids))
         self.eval_set: PatientTensors = tensors.subset(pick(eval_ids))
         self.device = resolve_device(site.device)
-        self.ledger_path = site.state_dir / "ledger" / f"{self.data.fingerprint[:16]}.jsonl"
+        # One ledger per site, not per manifest version: adding a patient or fixing a row
+        # changes the fingerprint, and a fresh budget per version would under-count.
+        self.ledger_path = ledger_path(site.state_dir)
 
     @property
     def sample_rate(self) -> float:
         return min(1.0, self.exp.training.batch_patients / max(self.train_set.n_patients, 1))
 
+    @property
+    def delta(self) -> float:
+        """δ this site accounts at: the stricter of its policy and the plan."""
+        return min(self.cfg.policy.delta, self.exp.privacy.target_delta)
+
+    @property
+    def k(self) -> int:
+        """Smallest group a metric may describe: the stricter of policy and plan."""
+        return max(self.cfg.policy.min_patients_metric, self.exp.federation.min_patients_metric)
+
     def noise_multiplier(self, total_rounds: int) -> float:
-        """σ that makes the whole run meet the experiment's (ε, δ) at this site."""
+        """σ that makes the whole run meet the plan's ε (within the site's per-run cap) at δ."""
         p = self.exp.privacy
         steps = total_rounds * self.exp.training.local_steps
-        return calibrate_noise(
-            target_epsilon=p.target_epsilon, target_delta=p.target_delta, sample_rate=self.sample_rate, steps=steps, accountant=p.accountant
-        )
+        target = min(p.target_epsilon, self.cfg.policy.epsilon_cap_run)
+        return calibrate_noise(target_epsilon=target, target_delta=self.delta, sample_rate=self.sample_rate, steps=steps, accountant=p.accountant)
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The site's ledger key (created on first use; its public half is for the DPO)."""
+        priv, pub = site_key_paths(self.cfg.state_dir)
+        if not priv.exists():
+            log.info("site=%s creating ledger signing key %s", self.cfg.name, priv)
+            return signing.generate(priv, pub)
+        return signing.load_private(priv)
+
+    def plan(self, *, run_id: str, total_rounds: int) -> dict[str, float | str]:
+        """What this run would cost here, checked against the policy before anything runs."""
+        p = self.exp.privacy
+        if not p.enabled:
+            return {"code": "no-dp", "reason": f"Site {self.cfg.name} trains only with DP; the plan has privacy.enabled = false."}
+        sigma = self.noise_multiplier(total_rounds)
+        event = SubsampledGaussian(sigma, self.sample_rate, total_rounds * self.exp.training.local_steps)
+        with ledger.locked(self.ledger_path):
+            entries = ledger.read_entries(self.ledger_path, self._public_key())
+        cap_total, cap_run = ledger.current_caps(entries, cap_total=self.cfg.policy.epsilon_cap_total, cap_run=self.cfg.policy.epsilon_cap_run)
+        spent = epsilon([e.mechanism for e in entries if e.kind == "round"], delta=self.delta, accountant=p.accountant)
+        eps_run = epsilon([event], delta=self.delta, accountant=p.accountant)
+        after = epsilon([*(e.mechanism for e in entries if e.kind == "round" and e.run_id != run_id), event], delta=self.delta, accountant=p.accountant)
+        out: dict[str, float | str] = {
+            "noise_multiplier": sigma, "epsilon_run": eps_run, "epsilon_spent": spent, "epsilon_after": after,
+            "epsilon_remaining": max(0.0, cap_total - spent), "delta": self.delta, "code": "ok", "reason": "",
+        }
+        refusal = self._check(sigma=sigma, eps_run=eps_run, eps_total=after, cap_total=cap_total, cap_run=cap_run, what="this run")
+        if refusal:
+            out.update(code=refusal.code, reason=refusal.reason)
+        return out
+
+    def _check(self, *, sigma: float, eps_run: float, eps_total: float, cap_total: float, cap_run: float, what: str) -> Refusal | None:
+        pol, name = self.cfg.policy, self.cfg.name
+        if sigma < pol.min_noise_multiplier:
+            return Refusal("min-sigma", f"Site {name}: {what} needs σ={sigma:.3f}, below the site minimum {pol.min_noise_multiplier}; ask for fewer rounds or steps, or a smaller ε.")
+        if eps_run > min(self.exp.privacy.target_epsilon, cap_run) * 1.001:
+            return Refusal("budget", f"Site {name}: {what} would bring this run to ε={eps_run:.2f} > {min(self.exp.privacy.target_epsilon, cap_run):g} (per-run cap) at δ={self.delta:g}; refused.")
+        if eps_total > cap_total * 1.001:
+            return Refusal("budget", f"Site {name}: {what} would bring this dataset to ε={eps_total:.2f} over all runs, above the all-time cap {cap_total:g} at δ={self.delta:g}; refused.")
+        return None
+
+    def _public_key(self) -> Ed25519PublicKey | None:
+        pub = site_key_paths(self.cfg.state_dir)[1]
+        return signing.load_public(pub) if pub.exists() else None
 
     def train(self, arrays: dict[str, np.ndarray], *, run_id: str, server_round: int, total_rounds: int) -> TrainResult | Refusal:
-        """One round of local training; with DP on, the ledger entry is fsync'd first."""
+        """One round of local training; with DP on, the signed ledger entry is fsync'd first."""
         exp, t = self.exp, self.exp.training
-        if self.train_set.n_patients < exp.federation.min_patients_metric:
-            return Refusal("no-data", f"Site {self.cfg.name} has {self.train_set.n_patients} training patients, fewer than k={exp.federation.min_patients_metric}.")
+        if self.train_set.n_patients < self.k:
+            return Refusal("no-data", f"Site {self.cfg.name} has {self.train_set.n_patients} training patients, fewer than k={self.k}.")
         model = build_model(exp).to(self.device)
         set_arrays(model, arrays)
         gen = torch.Generator().manual_seed(_round_seed(_site_secret(self.cfg.state_dir), run_id, server_round))
@@ -118,39 +177,44 @@ class Site:
             stats = train_plain(model, self.train_set, steps=t.local_steps, sample_rate=q, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device)
             metrics = {M.NUM_PATIENTS: float(self.train_set.n_patients), M.TRAIN_LOSS: stats.mean_loss, M.EPSILON_RUN: float("inf"), M.EPSILON_TOTAL: float("inf"), M.DELTA: 0.0, M.NOISE_MULTIPLIER: 0.0}
             return TrainResult(get_arrays(model), metrics)
+        p = exp.privacy
         sigma = self.noise_multiplier(total_rounds)
         event = SubsampledGaussian(sigma, q, t.local_steps)
+        key = self.signing_key()
         with ledger.locked(self.ledger_path):
-            entries = ledger.read_entries(self.ledger_path)
-            if any(e.run_id == run_id and e.round == server_round for e in entries):
+            entries = ledger.read_entries(self.ledger_path, key.public_key())
+            if any(e.kind == "round" and e.run_id == run_id and e.round == server_round for e in entries):
                 return Refusal("replay", f"Site {self.cfg.name} already accounted round {server_round} of run {run_id}; it is not trained or charged twice.")
-            p = exp.privacy
-            eps_run = epsilon([*(e.mechanism for e in entries if e.run_id == run_id), event], delta=p.target_delta, accountant=p.accountant)
-            if eps_run > p.target_epsilon * 1.001:
-                return Refusal("budget", f"Site {self.cfg.name}: round {server_round} would bring this run to ε={eps_run:.2f} > {p.target_epsilon} at δ={p.target_delta}; refused.")
-            eps_total = epsilon([*(e.mechanism for e in entries), event], delta=p.target_delta, accountant=p.accountant)
+            rounds = [e for e in entries if e.kind == "round"]
+            eps_run = epsilon([*(e.mechanism for e in rounds if e.run_id == run_id), event], delta=self.delta, accountant=p.accountant)
+            eps_total = epsilon([*(e.mechanism for e in rounds), event], delta=self.delta, accountant=p.accountant)
+            cap_total, cap_run = ledger.current_caps(entries, cap_total=self.cfg.policy.epsilon_cap_total, cap_run=self.cfg.policy.epsilon_cap_run)
+            refusal = self._check(sigma=sigma, eps_run=eps_run, eps_total=eps_total, cap_total=cap_total, cap_run=cap_run, what=f"round {server_round}")
+            if refusal:
+                return refusal
+            started = time.perf_counter()
             stats = train_dp(
                 model, self.train_set, steps=t.local_steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                 max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device, secure_mode=p.secure_mode,
             )
             entry = ledger.LedgerEntry(
-                version=ledger.FORMAT_VERSION, site=self.cfg.name, dataset=self.data.fingerprint, run_id=run_id, round=server_round,
-                plan_hash=plan_hash(exp), accountant=p.accountant, delta=p.target_delta, noise_multiplier=sigma, sample_rate=q,
+                site=self.cfg.name, dataset=self.data.fingerprint, run_id=run_id, round=server_round,
+                plan_hash=plan_hash(exp), accountant=p.accountant, delta=self.delta, noise_multiplier=sigma, sample_rate=q,
                 steps=t.local_steps, max_grad_norm=p.max_grad_norm, epsilon_run=eps_run, epsilon_total=eps_total,
-                time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), prev_hash=ledger.head_hash(entries),
+                time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), wall_time_s=round(time.perf_counter() - started, 3),
+                key_id=signing.fingerprint(key.public_key()), prev_hash=ledger.head_hash(entries),
             )
-            ledger.append(self.ledger_path, entry)  # durable before the update leaves
+            ledger.append(self.ledger_path, entry, key)  # durable before the update leaves
         log.info("site=%s run=%s round=%d trained: sigma=%.3f q=%.3f eps_run=%.3f", self.cfg.name, run_id, server_round, sigma, q, eps_run)
         metrics = {
             M.NUM_PATIENTS: float(self.train_set.n_patients), M.TRAIN_LOSS: stats.mean_loss, M.EPSILON_RUN: eps_run,
-            M.EPSILON_TOTAL: eps_total, M.DELTA: p.target_delta, M.NOISE_MULTIPLIER: sigma,
+            M.EPSILON_TOTAL: eps_total, M.DELTA: self.delta, M.NOISE_MULTIPLIER: sigma,
         }
-        return TrainResult(get_arrays(model), metrics)
+        return TrainResult(get_arrays(model), metrics, entry.hash)
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         """Aggregate metrics on held-out patients; suppressed below k patients."""
-        k = self.exp.federation.min_patients_metric
-        if self.eval_set.n_patients < k:
+        if self.eval_set.n_patients < self.k:
             return {M.SUPPRESSED: 1.0, M.NUM_PATIENTS: 0.0}
         model = build_model(self.exp).to(self.device)
         set_arrays(model, arrays)
@@ -162,6 +226,15 @@ class Site:
         if not np.isfinite(auc):  # one class only: AUROC undefined, say so rather than invent one
             return {M.SUPPRESSED: 1.0, M.NUM_PATIENTS: 0.0}
         return {M.SUPPRESSED: 0.0, M.NUM_PATIENTS: float(self.eval_set.n_patients), M.EVAL_LOSS: loss, M.AUROC: auc, M.AUPRC: M.average_precision(y, s)}
+
+
+def ledger_path(state_dir: Path) -> Path:
+    return state_dir / "ledger" / "privacy-ledger.jsonl"
+
+
+def site_key_paths(state_dir: Path) -> tuple[Path, Path]:
+    """(private, public) PEM paths of the site's ledger signing key."""
+    return state_dir / "keys" / "ledger-ed25519.pem", state_dir / "keys" / "ledger-ed25519.pub.pem"
 
 
 def _site_secret(state_dir: Path) -> bytes:

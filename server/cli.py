@@ -15,15 +15,17 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from shared.errors import FedrelapseError
 
 app = typer.Typer(help="fedrelapse: federated, differentially private speech relapse models.", no_args_is_help=True, add_completion=False)
-site_app = typer.Typer(help="Hospital IT: check data and run a site.", no_args_is_help=True)
+site_app = typer.Typer(help="Hospital IT and DPO: check data, keys, privacy budget.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
 console = Console()
+err_console = Console(stderr=True)  # progress bars: stdout stays clean for --json
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -89,6 +91,38 @@ def simulate(
     print_summary(summary, out)
 
 
+@app.command()
+@friendly
+def plan(
+    config: Annotated[Path, typer.Option(help="Experiment YAML.")],
+    data: Annotated[Path, typer.Option(help="Cohort folder with <hospital>/site.yaml (simulated consortium).")],
+) -> None:
+    """Before a run: the ε each site would spend, its remaining budget, and any refusal.
+
+    A deployed coordinator asks the same question of every connected site before round 1
+    (pre-flight) and does not start a run that a site would refuse.
+    """
+    from client.site import Site
+    from server.simulate import discover_sites
+    from shared.config import load_experiment, load_site
+
+    exp = load_experiment(config)
+    table = Table(title=f"plan: {exp.federation.rounds} rounds x {exp.training.local_steps} steps, target ε={exp.privacy.target_epsilon:g}")
+    for col in ("site", "training patients", "q", "σ", "ε this run", "ε spent so far", "all-time left", "verdict"):
+        table.add_column(col, justify="left" if col in ("site", "verdict") else "right")
+    refused = False
+    for path in discover_sites(data):
+        site = Site(load_site(path), exp)
+        p = site.plan(run_id="plan-preview", total_rounds=exp.federation.rounds)
+        ok = p["code"] == "ok"
+        refused |= not ok
+        table.add_row(site.cfg.name, str(site.train_set.n_patients), f"{site.sample_rate:.3f}", f"{float(p.get('noise_multiplier', 0)):.3f}", f"{float(p.get('epsilon_run', 0)):.2f}",
+                      f"{float(p.get('epsilon_spent', 0)):.2f}", f"{float(p.get('epsilon_remaining', 0)):.2f}", "ok" if ok else f"refuse: {p['reason']}")
+    console.print(table)
+    if refused:
+        raise typer.Exit(4)
+
+
 def print_summary(summary: dict[str, Any], out: Path) -> None:
     table = Table(title=f"run {summary['run_id']}", show_header=True)
     table.add_column("site")
@@ -96,7 +130,9 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     table.add_column("δ", justify="right")
     table.add_column("σ", justify="right")
     for site, e in sorted(summary["sites"].items()):
-        table.add_row(site, f"{e['epsilon']:.2f}", f"{e['delta']:.0e}", f"{e['noise_multiplier']:.2f}")
+        eps = "∞ (no DP)" if e.get("epsilon") is None else f"{e['epsilon']:.2f}"
+        delta = "-" if not e.get("delta") else f"{e['delta']:.0e}"
+        table.add_row(site, eps, delta, f"{e.get('noise_multiplier') or 0:.2f}")
     console.print(table)
     auc = summary.get("final_federated_auroc")
     console.print(f"status: {summary['status']} · rounds {summary['rounds_completed']}/{summary['rounds_planned']} · final federated AUROC {auc if auc is None else format(auc, '.3f')} · wall time {summary['wall_time_s']:.1f} s")
@@ -144,6 +180,54 @@ def bench_utility(
     print(json.dumps(result, indent=2))
 
 
+@site_app.command("init")
+@friendly
+def site_init(site: Annotated[Path, typer.Option(help="The site's site.yaml.")]) -> None:
+    """Create the site's state folder and its ledger signing key; print the public key path."""
+    from client.site import site_key_paths
+    from shared import signing
+    from shared.config import load_site
+
+    cfg = load_site(site)
+    priv, pub = site_key_paths(cfg.state_dir)
+    if priv.exists():
+        console.print(f"ledger key already exists: {priv}")
+    else:
+        signing.generate(priv, pub)
+        console.print(f"created ledger signing key {priv} (0600; never copy it off this host)")
+    console.print(f"give this public key to your DPO for `fedrelapse audit verify`: [bold]{pub}[/bold] (id {signing.fingerprint(signing.load_public(pub))})")
+
+
+@site_app.command("budget")
+@friendly
+def site_budget(
+    site: Annotated[Path, typer.Option(help="The site's site.yaml.")],
+    set_total_cap: Annotated[float | None, typer.Option(help="DPO: new all-time ε cap (logged, signed, in the ledger).")] = None,
+    set_run_cap: Annotated[float | None, typer.Option(help="DPO: new per-run ε cap (logged, signed, in the ledger).")] = None,
+    reason: Annotated[str, typer.Option(help="Who changes the cap and why (required with --set-*).")] = "",
+) -> None:
+    """DPO: privacy budget spent and remaining per run; raise or lower the caps."""
+    from client.budget import budget_status, change_caps
+    from shared.config import load_site
+
+    cfg = load_site(site)
+    if set_total_cap is not None or set_run_cap is not None:
+        if not reason.strip():
+            raise typer.BadParameter("Say who changes the cap and why with --reason; it is recorded in the ledger.")
+        change_caps(cfg, cap_total=set_total_cap, cap_run=set_run_cap, note=reason)
+        console.print("cap change recorded in the ledger (signed).")
+    status = budget_status(cfg)
+    table = Table(title=f"privacy budget of site {cfg.name} (δ={status['delta']:g})")
+    table.add_column("run")
+    table.add_column("rounds", justify="right")
+    table.add_column("ε (run)", justify="right")
+    for run in status["runs"]:
+        table.add_row(run["run_id"], str(run["rounds"]), f"{run['epsilon']:.3f}")
+    console.print(table)
+    console.print(f"all runs: ε spent {status['epsilon_spent']:.3f} of cap {status['cap_total']:g} (remaining {status['epsilon_remaining']:.3f}); per-run cap {status['cap_run']:g}")
+    console.print(f"ledger: {status['ledger']} · {status['entries']} entries · head {status['head'][:16]}")
+
+
 @site_app.command("check")
 @friendly
 def site_check(
@@ -174,7 +258,7 @@ def site_check(
         colour = {"error": "red", "warning": "yellow", "info": "dim"}
         shown = [(p, line) for p, line in zip(data.problems, problems, strict=True) if verbose or p.severity != "info"]
         for p, line in shown:
-            console.print(f"[{colour[p.severity]}]{p.severity}: {line}[/]")
+            console.print(f"[{colour[p.severity]}]{p.severity}: {escape(line)}[/]")
         hidden = len(problems) - len(shown)
         if hidden:
             console.print(f"[dim]{hidden} informational note(s) (e.g. resampling) hidden; --verbose shows them.[/dim]")
@@ -182,8 +266,53 @@ def site_check(
         raise typer.Exit(3)
 
 
+audit_app = typer.Typer(help="DPO: verify ledgers offline, independently of the site's software.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+@friendly
+def audit_verify(
+    ledgers: Annotated[list[Path], typer.Argument(help="Ledger JSONL file(s).")],
+    public_key: Annotated[Path | None, typer.Option(help="The site's ledger public key (PEM).")] = None,
+    tolerance: Annotated[float, typer.Option(help="Allowed relative gap between recorded and independent ε.")] = 0.02,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Check chain, signatures, order and ε (recomputed with dp-accounting RDP and PLD).
+
+    Exit code 0: every ledger verified; 1: a problem was found (each is listed).
+    """
+    from shared import signing
+    from shared.privacy.audit import verify_ledger
+
+    key = signing.load_public(public_key) if public_key else None
+    failed = False
+    results = []
+    for path in ledgers:
+        if not path.is_file():
+            raise typer.BadParameter(f"{path} does not exist.")
+        report = verify_ledger(path, key, tolerance=tolerance)
+        failed |= not report.ok
+        last = report.checks[-1] if report.checks else None
+        results.append({
+            "ledger": str(path), "ok": report.ok, "entries": len(report.entries),
+            "issues": [{"line": i.line, "problem": i.message} for i in report.issues],
+            "epsilon_recorded": last.recorded_total if last else 0.0, "epsilon_rdp_independent": last.rdp if last else 0.0, "epsilon_pld_independent": last.pld if last else 0.0,
+        })
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            mark = "[green]verified[/green]" if r["ok"] else "[red]PROBLEMS FOUND[/red]"
+            console.print(f"{r['ledger']}: {mark} · {r['entries']} entries · ε recorded {r['epsilon_recorded']:.4f}, independent RDP {r['epsilon_rdp_independent']:.4f}, PLD {r['epsilon_pld_independent']:.4f}")
+            for i in r["issues"]:
+                console.print(f"  [red]line {i['line']}: {escape(i['problem'])}[/red]")
+    if failed:
+        raise typer.Exit(1)
+
+
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console)
 
 
 def main() -> None:

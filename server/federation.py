@@ -11,13 +11,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.table import Table
 
 from server.run_folder import RoundRecord, RunFolder
-from server.strategy import PatientFedAvg
+from server.strategy import PatientFedAvg, SiteReport, site_reports, wait_for_nodes
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared.config import ExperimentConfig
@@ -39,6 +39,13 @@ def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, co
     arrays = to_record(get_arrays(build_model(exp)))
     plan = exp.to_yaml()
     status = "completed"
+    if exp.privacy.enabled:
+        refusals = preflight(grid, strategy, exp, run_id, plan, console)
+        if refusals:
+            console.print("[red]The run was not started: these sites would refuse it (their privacy policy decides, not the coordinator):[/red]")
+            for r in refusals:
+                console.print(f"  [red]{r.site}: {r.refusal_reason or r.error}[/red]")
+            return run.finish(status="refused before start", extra={"preflight_refusals": [{"site": r.site, "code": r.refusal_code, "reason": r.refusal_reason or r.error} for r in refusals]})
     for rnd in range(1, f.rounds + 1):
         cfg = ConfigRecord({P.RUN_ID: run_id, P.TOTAL_ROUNDS: f.rounds, P.PLAN_YAML: plan})
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
@@ -62,6 +69,21 @@ def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, co
             status = "incomplete: a round had no usable update"
             console.print(f"  [red]round {rnd}: no site sent a usable update; the global model was not updated.[/red]")
     return run.finish(status=status)
+
+
+def preflight(grid: Grid, strategy: PatientFedAvg, exp: ExperimentConfig, run_id: str, plan: str, console: Console) -> list[SiteReport]:
+    """Ask every connected site what the run would cost it; return the sites that would refuse."""
+    nodes = wait_for_nodes(grid, exp.federation.min_nodes, exp.federation.node_wait_timeout_s)
+    cfg = ConfigRecord({P.RUN_ID: run_id, P.TOTAL_ROUNDS: exp.federation.rounds, P.PLAN_YAML: plan})
+    msgs = [Message(content=RecordDict({P.CONFIG: cfg}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=exp.federation.round_timeout_s))
+    reports = site_reports(replies)
+    answered = {m.metadata.src_node_id for m in replies}
+    reports += [SiteReport(site=f"node-{n}", error="no reply to the pre-flight plan query") for n in nodes if n not in answered]
+    for r in reports:
+        if r.metrics:
+            console.print(f"  plan: site {r.site} would spend ε={r.metrics.get(M.EPSILON_RUN, 0):.2f} (σ={r.metrics.get(M.NOISE_MULTIPLIER, 0):.2f}), all-time budget left {r.metrics.get(M.EPSILON_REMAINING, 0):.2f}")
+    return [r for r in reports if r.refusal_code or r.error]
 
 
 def _fmt(v: float | None, spec: str = ".3f") -> str:

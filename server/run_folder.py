@@ -80,6 +80,8 @@ class RunFolder:
                 entry["refused"] = {"code": r.refusal_code, "reason": r.refusal_reason}
             if r.error:
                 entry["error"] = r.error
+            if r.ledger_head:
+                entry["ledger_head"] = r.ledger_head
             for key in (M.EPSILON_RUN, M.EPSILON_TOTAL, M.DELTA, M.NOISE_MULTIPLIER, M.TRAIN_LOSS, M.NUM_PATIENTS):
                 if key in r.metrics:
                     entry[key] = r.metrics[key]
@@ -113,6 +115,8 @@ class RunFolder:
             for site, entry in rec.sites.items():
                 if M.EPSILON_RUN in entry:
                     out[site] = {"epsilon": entry[M.EPSILON_RUN], "delta": entry[M.DELTA], "noise_multiplier": entry[M.NOISE_MULTIPLIER]}
+                    if "ledger_head" in entry:
+                        out[site]["ledger_head"] = entry["ledger_head"]
         return out
 
     def finish(self, *, status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class SiteReport:
     refusal_code: str | None = None
     refusal_reason: str | None = None
     error: str | None = None
+    ledger_head: str | None = None  # hash of the site's newest ledger entry (for the DPO to compare)
 
 
 @dataclass
@@ -67,6 +68,8 @@ def site_reports(replies: Iterable[Message]) -> list[SiteReport]:
             continue
         info = msg.content.config_records.get(P.SITE, ConfigRecord())
         report = SiteReport(site=str(info.get(P.SITE_NAME, f"node-{msg.metadata.src_node_id}")))
+        if P.LEDGER_HEAD in info:
+            report.ledger_head = str(info[P.LEDGER_HEAD])
         if P.REFUSAL_CODE in info:
             report.refusal_code = str(info[P.REFUSAL_CODE])
             report.refusal_reason = str(info.get(P.REFUSAL_REASON, ""))

@@ -18,6 +18,8 @@ import yaml
 from shared.errors import ConfigError
 from shared.schema import build, load_yaml, spec, to_plain
 
+FEATURE_FORMAT = 2  # bump when extraction code changes what a config produces
+
 
 @dataclass(frozen=True, kw_only=True)
 class FeatureConfig:
@@ -36,7 +38,7 @@ class FeatureConfig:
 
     def cache_key(self) -> str:
         """A short hash of every setting that changes extracted features."""
-        blob = json.dumps(to_plain(self), sort_keys=True).encode()
+        blob = json.dumps({"format": FEATURE_FORMAT, **to_plain(self)}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -124,6 +126,19 @@ class ExperimentConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SitePolicy:
+    """The site's privacy policy, owned by its data protection officer. The coordinator
+    cannot override it: a round that would break it is refused at the site."""
+
+    unit: str = spec("patient", doc="Privacy unit. Only patient-level DP is supported.", choices=("patient",))
+    delta: float = spec(1e-5, doc="δ at which this site accounts ε (the stricter of this and the plan's).", gt=0, lt=0.01)
+    epsilon_cap_total: float = spec(30.0, doc="All-time ε cap per dataset, over every run.", gt=0)
+    epsilon_cap_run: float = spec(10.0, doc="ε cap for any single run.", gt=0)
+    min_noise_multiplier: float = spec(0.5, doc="Smallest σ the site accepts for a DP-SGD step.", ge=0)
+    min_patients_metric: int = spec(5, doc="k: no metric over fewer patients leaves the site.", ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SiteConfig:
     """One hospital's site client, written by its IT team."""
 
@@ -131,6 +146,7 @@ class SiteConfig:
     manifest: Path = spec(doc="Data manifest (CSV or JSONL); relative paths are from this file.")
     state_dir: Path = spec(Path("site-state"), doc="Feature cache and privacy ledger live here.")
     device: str = spec("auto", doc="Where to train.", choices=("auto", "cpu", "cuda"))
+    policy: SitePolicy = spec(SitePolicy(), doc="The DPO's privacy policy for this site.")
 
     def resolved(self, base: Path) -> SiteConfig:
         """Paths made absolute against the folder of the YAML file."""

@@ -15,6 +15,7 @@ EPSILON_TOTAL = "epsilon-total"
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
 SUPPRESSED = "suppressed"
+EPSILON_REMAINING = "epsilon-remaining"  # plan replies: the site's remaining all-time budget
 
 
 def auroc(y: np.ndarray, score: np.ndarray) -> float:

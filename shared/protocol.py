@@ -24,7 +24,8 @@ PLAN_YAML = "plan-yaml"
 SITE_NAME = "name"
 REFUSAL_CODE = "refusal-code"
 REFUSAL_REASON = "refusal-reason"
-ALLOWED_SITE_KEYS = frozenset({SITE_NAME, REFUSAL_CODE, REFUSAL_REASON})
+LEDGER_HEAD = "ledger-head"  # hash of the newest ledger entry: lets a DPO detect a truncated ledger
+ALLOWED_SITE_KEYS = frozenset({SITE_NAME, REFUSAL_CODE, REFUSAL_REASON, LEDGER_HEAD})
 
 # Run-config keys (pyproject [tool.flwr.app.config], overridable with --run-config).
 RC_EXPERIMENT = "experiment"

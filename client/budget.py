@@ -1,0 +1,50 @@
+"""The DPO's view of a site's privacy budget, and signed cap changes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from client.site import ledger_path, site_key_paths
+from shared import signing
+from shared.config import SiteConfig
+from shared.errors import PolicyError
+from shared.privacy import ledger
+from shared.privacy.accounting import epsilon
+
+
+def budget_status(cfg: SiteConfig) -> dict[str, Any]:
+    """Spent and remaining ε per run and overall, at the policy's δ, from the verified ledger."""
+    path = ledger_path(cfg.state_dir)
+    pub = site_key_paths(cfg.state_dir)[1]
+    entries = ledger.read_entries(path, signing.load_public(pub) if pub.exists() else None)
+    delta = cfg.policy.delta
+    rounds = [e for e in entries if e.kind == "round"]
+    cap_total, cap_run = ledger.current_caps(entries, cap_total=cfg.policy.epsilon_cap_total, cap_run=cfg.policy.epsilon_cap_run)
+    runs = []
+    for run_id in dict.fromkeys(e.run_id for e in rounds):
+        mine = [e for e in rounds if e.run_id == run_id]
+        runs.append({"run_id": run_id, "rounds": len(mine), "epsilon": epsilon([e.mechanism for e in mine], delta=delta, accountant=mine[-1].accountant)})
+    spent = epsilon([e.mechanism for e in rounds], delta=delta) if rounds else 0.0
+    return {
+        "ledger": str(path), "entries": len(entries), "head": ledger.head_hash(entries), "delta": delta, "runs": runs,
+        "epsilon_spent": spent, "cap_total": cap_total, "cap_run": cap_run, "epsilon_remaining": max(0.0, cap_total - spent),
+    }
+
+
+def change_caps(cfg: SiteConfig, *, cap_total: float | None, cap_run: float | None, note: str) -> None:
+    """Append a signed policy entry that raises or lowers the caps from now on."""
+    for name, value in (("total", cap_total), ("run", cap_run)):
+        if value is not None and value <= 0:
+            raise PolicyError(f"The {name} cap must be positive, got {value}.")
+    priv, pub = site_key_paths(cfg.state_dir)
+    key = signing.load_private(priv) if priv.exists() else signing.generate(priv, pub)
+    path = ledger_path(cfg.state_dir)
+    with ledger.locked(path):
+        entries = ledger.read_entries(path, key.public_key())
+        entry = ledger.LedgerEntry(
+            kind="policy", site=cfg.name, dataset="", delta=cfg.policy.delta, cap_total=cap_total, cap_run=cap_run, note=note,
+            time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), key_id=signing.fingerprint(key.public_key()),
+            prev_hash=ledger.head_hash(entries),
+        )
+        ledger.append(path, entry, key)

@@ -1,0 +1,97 @@
+"""Offline verification of a site ledger, for the data protection officer.
+
+Checks the hash chain, every signature against the site's public key, entry order and times,
+and recomputes ε from the recorded mechanisms with two accountants that share no code with
+the site's: Google's ``dp-accounting`` RDP (Mironov 2017) and PLD (Doroshenko et al. 2022).
+The site's recorded ε must match the independent RDP figure within ``tolerance`` and may never
+be below the tighter PLD figure (a recorded ε below PLD would be an under-count).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from shared.privacy.ledger import Issue, LedgerEntry, parse
+
+logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting logs every non-converging order
+
+
+def independent_epsilon(mechanisms: list[tuple[float, float, int]], delta: float) -> tuple[float, float]:
+    """(RDP, PLD) ε of composed Poisson-subsampled Gaussian steps, via dp-accounting."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    events = [dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps) for sigma, q, steps in mechanisms if steps > 0]
+    if not events:
+        return 0.0, 0.0
+    composed = dp_event.ComposedDpEvent(events)
+    rdp = rdp_privacy_accountant.RdpAccountant()
+    rdp.compose(composed)
+    pld = pld_privacy_accountant.PLDAccountant()
+    pld.compose(composed)
+    return float(rdp.get_epsilon(delta)), float(pld.get_epsilon(delta))
+
+
+@dataclass
+class EntryCheck:
+    line: int
+    run_id: str
+    round: int
+    recorded_total: float
+    rdp: float
+    pld: float
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    entries: list[LedgerEntry] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+    checks: list[EntryCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+
+def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance: float = 0.02) -> VerifyReport:
+    """Every integrity, order and accounting problem in the ledger at ``path``."""
+    entries, issues = parse(path, public_key)
+    report = VerifyReport(path, entries, list(issues))
+    if public_key is None:
+        report.issues.append(Issue(0, "no public key given: signatures were not checked"))
+    last_time: dt.datetime | None = None
+    seen: set[tuple[str, int]] = set()
+    last_round: dict[str, int] = {}
+    mechanisms: list[tuple[float, float, int]] = []
+    for line, e in enumerate(entries, start=1):
+        try:
+            when = dt.datetime.fromisoformat(e.time)
+        except ValueError:
+            report.issues.append(Issue(line, f"time {e.time!r} is not ISO 8601"))
+            continue
+        if last_time and when < last_time:
+            report.issues.append(Issue(line, f"time {e.time} is earlier than the entry before it"))
+        last_time = when
+        if e.kind != "round":
+            continue
+        if (e.run_id, e.round) in seen:
+            report.issues.append(Issue(line, f"round {e.round} of run {e.run_id} is accounted twice"))
+        if e.round <= last_round.get(e.run_id, 0):
+            report.issues.append(Issue(line, f"round {e.round} of run {e.run_id} comes after round {last_round[e.run_id]}"))
+        seen.add((e.run_id, e.round))
+        last_round[e.run_id] = max(e.round, last_round.get(e.run_id, 0))
+        mechanisms.append((e.noise_multiplier, e.sample_rate, e.steps))
+        rdp, pld = independent_epsilon(mechanisms, e.delta)
+        report.checks.append(EntryCheck(line, e.run_id, e.round, e.epsilon_total, rdp, pld))
+        if abs(e.epsilon_total - rdp) > tolerance * max(rdp, 1e-9):
+            report.issues.append(Issue(line, f"recorded ε={e.epsilon_total:.4f} differs from the independent RDP ε={rdp:.4f} by more than {tolerance:.0%}"))
+        if e.epsilon_total < pld * (1 - 1e-3):
+            report.issues.append(Issue(line, f"recorded ε={e.epsilon_total:.4f} is below the PLD lower figure {pld:.4f}: an under-count"))
+    return report

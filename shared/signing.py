@@ -1,0 +1,75 @@
+"""Ed25519 signing keys for sites (ledger entries) and the coordinator (models, later).
+
+Keys are PEM files; private keys are written 0600 and never leave their host. The public
+half is what a DPO or the consortium needs to verify signatures offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shared.errors import CryptoError
+
+
+def generate(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
+    """Create a key pair; refuse to overwrite an existing private key."""
+    if private_path.exists():
+        raise CryptoError(f"{private_path} already exists; refusing to overwrite a signing key (rotate it explicitly).")
+    key = Ed25519PrivateKey.generate()
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key
+
+
+def load_private(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise CryptoError(f"Signing key {path} does not exist; run `fedrelapse site init` first.") from None
+    except ValueError as exc:
+        raise CryptoError(f"{path} is not a PEM private key ({exc}).") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise CryptoError(f"{path} is not an Ed25519 key.")
+    return key
+
+
+def load_public(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise CryptoError(f"Public key {path} does not exist; ask the site for its ledger public key.") from None
+    except ValueError as exc:
+        raise CryptoError(f"{path} is not a PEM public key ({exc}).") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise CryptoError(f"{path} is not an Ed25519 public key.")
+    return key
+
+
+def sign(key: Ed25519PrivateKey, message: bytes) -> str:
+    return base64.b64encode(key.sign(message)).decode()
+
+
+def verify(key: Ed25519PublicKey, message: bytes, signature: str) -> bool:
+    try:
+        key.verify(base64.b64decode(signature), message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def fingerprint(key: Ed25519PublicKey) -> str:
+    """Short hex id of a public key, for logs and reports."""
+    import hashlib
+
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]

@@ -1,0 +1,143 @@
+"""Budgets sites enforce and DPOs audit: policy caps, signed ledgers, independent verification."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from client.budget import budget_status, change_caps
+from client.site import Refusal, Site, TrainResult, site_key_paths
+from server.cli import app
+from shared import signing
+from shared.config import SitePolicy, load_site
+from shared.models import build_model
+from shared.params import get_arrays
+from shared.privacy import ledger
+from shared.privacy.accounting import SubsampledGaussian, epsilon
+from shared.privacy.audit import independent_epsilon, verify_ledger
+from tests.conftest import tiny_experiment
+
+runner = CliRunner()
+
+
+def make_site(tiny_cohort: Path, tmp_path: Path, **policy: float) -> Site:
+    cfg = load_site(tiny_cohort / "alpha" / "site.yaml")
+    return Site(replace(cfg, state_dir=tmp_path / "state", policy=replace(SitePolicy(), **policy)), tiny_experiment())
+
+
+def arrays() -> dict[str, np.ndarray]:
+    return dict(get_arrays(build_model(tiny_experiment())))
+
+
+def train_rounds(site: Site, run_id: str, rounds: int) -> list[TrainResult | Refusal]:
+    return [site.train(arrays(), run_id=run_id, server_round=r, total_rounds=rounds) for r in range(1, rounds + 1)]
+
+
+@pytest.fixture
+def trained(tiny_cohort: Path, tmp_path: Path) -> Site:
+    site = make_site(tiny_cohort, tmp_path)
+    train_rounds(site, "run-a", 2)
+    return site
+
+
+def test_all_time_cap_refuses_a_run_that_would_cross_it(tiny_cohort: Path, tmp_path: Path) -> None:
+    site = make_site(tiny_cohort, tmp_path, epsilon_cap_total=9.0)
+    assert all(isinstance(r, TrainResult) for r in train_rounds(site, "run-a", 2))  # ε = 8
+    second = site.train(arrays(), run_id="run-b", server_round=1, total_rounds=2)
+    assert isinstance(second, Refusal) and second.code == "budget" and "all-time cap 9" in second.reason
+    planned = site.plan(run_id="run-c", total_rounds=2)
+    assert planned["code"] == "budget" and planned["epsilon_remaining"] == pytest.approx(9.0 - planned["epsilon_spent"])
+
+
+def test_minimum_sigma_in_policy_refuses_weak_noise(tiny_cohort: Path, tmp_path: Path) -> None:
+    site = make_site(tiny_cohort, tmp_path, min_noise_multiplier=50.0)
+    result = site.train(arrays(), run_id="r", server_round=1, total_rounds=2)
+    assert isinstance(result, Refusal) and result.code == "min-sigma"
+    assert not site.ledger_path.exists() or not ledger.read_entries(site.ledger_path)
+
+
+def test_dpo_cap_change_is_a_signed_ledger_entry_that_takes_effect(trained: Site) -> None:
+    change_caps(trained.cfg, cap_total=1.0, cap_run=None, note="DPO Kari N.: pause after audit")
+    status = budget_status(trained.cfg)
+    assert status["cap_total"] == 1.0 and status["epsilon_remaining"] == 0.0
+    entries = ledger.read_entries(trained.ledger_path, signing.load_public(site_key_paths(trained.cfg.state_dir)[1]))
+    assert entries[-1].kind == "policy" and "pause after audit" in entries[-1].note
+    refused = trained.train(arrays(), run_id="run-b", server_round=1, total_rounds=2)
+    assert isinstance(refused, Refusal) and refused.code == "budget"
+
+
+def test_budget_reports_spend_per_run(trained: Site) -> None:
+    status = budget_status(trained.cfg)
+    assert [r["run_id"] for r in status["runs"]] == ["run-a"] and status["runs"][0]["rounds"] == 2
+    assert status["epsilon_spent"] == pytest.approx(8.0, rel=0.01)
+
+
+def test_clean_ledger_verifies_and_epsilon_matches_an_independent_accountant(trained: Site) -> None:
+    report = verify_ledger(trained.ledger_path, signing.load_public(site_key_paths(trained.cfg.state_dir)[1]))
+    assert report.ok, report.issues
+    assert len(report.checks) == 2
+    last = report.checks[-1]
+    assert last.rdp == pytest.approx(last.recorded_total, rel=0.02)
+    assert last.pld <= last.recorded_total * 1.001
+
+
+@pytest.mark.parametrize("tamper", ["edit", "delete-first", "reorder", "insert", "forge"])
+def test_every_kind_of_tampering_is_detected_by_audit_verify(trained: Site, tamper: str, tmp_path: Path) -> None:
+    lines = trained.ledger_path.read_text().splitlines(keepends=True)
+    if tamper == "edit":  # lower σ's record to hide spending; hash left as it was
+        body = json.loads(lines[0])
+        body["epsilon_total"] = 0.1
+        lines[0] = json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
+    elif tamper == "delete-first":
+        lines = lines[1:]
+    elif tamper == "reorder":
+        lines = lines[::-1]
+    elif tamper == "insert":
+        lines = [lines[0], lines[0], *lines[1:]]
+    else:  # an attacker without the site key rewrites an entry and re-hashes it with their own key
+        mallory = signing.generate(tmp_path / "m.pem", tmp_path / "m.pub")
+        entry = ledger.LedgerEntry(**{k: v for k, v in json.loads(lines[1]).items() if k not in ("hash", "signature")} | {"noise_multiplier": 99.0})
+        lines[1] = entry.to_line(mallory)
+    trained.ledger_path.write_text("".join(lines))
+    pub = site_key_paths(trained.cfg.state_dir)[1]
+    result = runner.invoke(app, ["audit", "verify", str(trained.ledger_path), "--public-key", str(pub)])
+    assert result.exit_code == 1, result.output
+    assert "PROBLEMS FOUND" in result.output
+
+
+def test_audit_verify_exits_zero_on_a_clean_ledger(trained: Site) -> None:
+    pub = site_key_paths(trained.cfg.state_dir)[1]
+    result = runner.invoke(app, ["audit", "verify", str(trained.ledger_path), "--public-key", str(pub), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out[0]["ok"] and out[0]["entries"] == 2
+
+
+def test_append_after_a_crashed_partial_write_keeps_the_ledger_readable(trained: Site) -> None:
+    with trained.ledger_path.open("a") as fh:
+        fh.write('{"kind": "round", "run_id": "run-a", "rou')  # crash mid-write: no newline
+    assert isinstance(trained.train(arrays(), run_id="run-z", server_round=1, total_rounds=2), TrainResult)
+    entries = ledger.read_entries(trained.ledger_path)
+    assert [(e.run_id, e.round) for e in entries] == [("run-a", 1), ("run-a", 2), ("run-z", 1)]
+
+
+def test_a_broken_ledger_stops_training_until_checked(trained: Site) -> None:
+    lines = trained.ledger_path.read_text().splitlines(keepends=True)
+    trained.ledger_path.write_text("".join(lines[1:]))
+    with pytest.raises(Exception, match="hash chain is broken"):
+        trained.train(arrays(), run_id="run-b", server_round=1, total_rounds=2)
+
+
+def test_independent_accountants_agree_with_opacus_on_a_grid() -> None:
+    for sigma in (0.8, 1.2, 2.0):
+        for q in (0.05, 0.2):
+            for steps in (10, 100):
+                ours = epsilon([SubsampledGaussian(sigma, q, steps)], delta=1e-5)
+                rdp, pld = independent_epsilon([(sigma, q, steps)], 1e-5)
+                assert rdp == pytest.approx(ours, rel=0.02), (sigma, q, steps)
+                assert pld <= ours * 1.001
