@@ -112,11 +112,11 @@ class Site:
         """Smallest group a metric may describe: the stricter of policy and plan."""
         return max(self.cfg.policy.min_patients_metric, self.exp.federation.min_patients_metric)
 
-    def noise_multiplier(self, total_rounds: int) -> float:
-        """σ that makes the whole run meet the plan's ε (within the site's per-run cap) at δ."""
+    def noise_multiplier(self, total_rounds: int, cap_run: float | None = None) -> float:
+        """σ that makes the whole run meet the plan's ε (within the per-run cap in force) at δ."""
         p = self.exp.privacy
         steps = total_rounds * self.exp.training.local_steps
-        target = min(p.target_epsilon, self.cfg.policy.epsilon_cap_run)
+        target = min(p.target_epsilon, self.cfg.policy.epsilon_cap_run if cap_run is None else cap_run)
         return calibrate_noise(target_epsilon=target, target_delta=self.delta, sample_rate=self.sample_rate, steps=steps, accountant=p.accountant)
 
     def signing_key(self) -> Ed25519PrivateKey:
@@ -130,13 +130,13 @@ class Site:
     def plan(self, *, run_id: str, total_rounds: int) -> dict[str, float | str]:
         """What this run would cost here, checked against the policy before anything runs."""
         p = self.exp.privacy
-        if not p.enabled:
+        if not p.enabled and not self.cfg.policy.allow_non_private:
             return {"code": "no-dp", "reason": f"Site {self.cfg.name} trains only with DP; the plan has privacy.enabled = false."}
-        sigma = self.noise_multiplier(total_rounds)
-        event = SubsampledGaussian(sigma, self.sample_rate, total_rounds * self.exp.training.local_steps)
         with ledger.locked(self.ledger_path):
             entries = ledger.read_entries(self.ledger_path, self._public_key())
         cap_total, cap_run = ledger.current_caps(entries, cap_total=self.cfg.policy.epsilon_cap_total, cap_run=self.cfg.policy.epsilon_cap_run)
+        sigma = self.noise_multiplier(total_rounds, cap_run)
+        event = SubsampledGaussian(sigma, self.sample_rate, total_rounds * self.exp.training.local_steps)
         spent = epsilon([e.mechanism for e in entries if e.kind == "round"], delta=self.delta, accountant=p.accountant)
         eps_run = epsilon([event], delta=self.delta, accountant=p.accountant)
         after = epsilon([*(e.mechanism for e in entries if e.kind == "round" and e.run_id != run_id), event], delta=self.delta, accountant=p.accountant)
@@ -174,21 +174,23 @@ class Site:
         opt = make_optimizer(model, name=t.optimizer, lr=t.learning_rate)
         q = self.sample_rate
         if not exp.privacy.enabled:
+            if not self.cfg.policy.allow_non_private:
+                return Refusal("no-dp", f"Site {self.cfg.name} trains only with DP (its policy has allow_non_private: false); the plan has privacy.enabled = false.")
             stats = train_plain(model, self.train_set, steps=t.local_steps, sample_rate=q, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device)
             metrics = {M.NUM_PATIENTS: float(self.train_set.n_patients), M.TRAIN_LOSS: stats.mean_loss, M.EPSILON_RUN: float("inf"), M.EPSILON_TOTAL: float("inf"), M.DELTA: 0.0, M.NOISE_MULTIPLIER: 0.0}
             return TrainResult(get_arrays(model), metrics)
         p = exp.privacy
-        sigma = self.noise_multiplier(total_rounds)
-        event = SubsampledGaussian(sigma, q, t.local_steps)
         key = self.signing_key()
         with ledger.locked(self.ledger_path):
             entries = ledger.read_entries(self.ledger_path, key.public_key())
+            cap_total, cap_run = ledger.current_caps(entries, cap_total=self.cfg.policy.epsilon_cap_total, cap_run=self.cfg.policy.epsilon_cap_run)
+            sigma = self.noise_multiplier(total_rounds, cap_run)
+            event = SubsampledGaussian(sigma, q, t.local_steps)
             if any(e.kind == "round" and e.run_id == run_id and e.round == server_round for e in entries):
                 return Refusal("replay", f"Site {self.cfg.name} already accounted round {server_round} of run {run_id}; it is not trained or charged twice.")
             rounds = [e for e in entries if e.kind == "round"]
             eps_run = epsilon([*(e.mechanism for e in rounds if e.run_id == run_id), event], delta=self.delta, accountant=p.accountant)
             eps_total = epsilon([*(e.mechanism for e in rounds), event], delta=self.delta, accountant=p.accountant)
-            cap_total, cap_run = ledger.current_caps(entries, cap_total=self.cfg.policy.epsilon_cap_total, cap_run=self.cfg.policy.epsilon_cap_run)
             refusal = self._check(sigma=sigma, eps_run=eps_run, eps_total=eps_total, cap_total=cap_total, cap_run=cap_run, what=f"round {server_round}")
             if refusal:
                 return refusal

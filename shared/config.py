@@ -136,6 +136,7 @@ class SitePolicy:
     epsilon_cap_run: float = spec(10.0, doc="ε cap for any single run.", gt=0)
     min_noise_multiplier: float = spec(0.5, doc="Smallest σ the site accepts for a DP-SGD step.", ge=0)
     min_patients_metric: int = spec(5, doc="k: no metric over fewer patients leaves the site.", ge=1)
+    allow_non_private: bool = spec(False, doc="Accept plans without DP. Only for synthetic benchmark data, never for patients.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -141,3 +141,19 @@ def test_independent_accountants_agree_with_opacus_on_a_grid() -> None:
                 rdp, pld = independent_epsilon([(sigma, q, steps)], 1e-5)
                 assert rdp == pytest.approx(ours, rel=0.02), (sigma, q, steps)
                 assert pld <= ours * 1.001
+
+
+def test_a_plan_without_dp_is_refused_unless_the_policy_allows_it(tiny_cohort: Path, tmp_path: Path) -> None:
+    site = make_site(tiny_cohort, tmp_path)
+    site.exp = tiny_experiment().with_privacy(enabled=False)
+    result = site.train(arrays(), run_id="r", server_round=1, total_rounds=2)
+    assert isinstance(result, Refusal) and result.code == "no-dp"
+    assert site.plan(run_id="r", total_rounds=2)["code"] == "no-dp"
+
+
+def test_lowering_the_run_cap_in_the_ledger_raises_the_noise(trained: Site) -> None:
+    before = trained.plan(run_id="next", total_rounds=2)["noise_multiplier"]
+    change_caps(trained.cfg, cap_total=None, cap_run=2.0, note="DPO: tighter per-run cap")
+    after = trained.plan(run_id="next", total_rounds=2)
+    assert after["noise_multiplier"] > before and after["code"] == "ok"
+    assert after["epsilon_run"] == pytest.approx(2.0, rel=0.02)

@@ -90,8 +90,9 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
         mechanisms.append((e.noise_multiplier, e.sample_rate, e.steps))
         rdp, pld = independent_epsilon(mechanisms, e.delta)
         report.checks.append(EntryCheck(line, e.run_id, e.round, e.epsilon_total, rdp, pld))
-        if abs(e.epsilon_total - rdp) > tolerance * max(rdp, 1e-9):
-            report.issues.append(Issue(line, f"recorded ε={e.epsilon_total:.4f} differs from the independent RDP ε={rdp:.4f} by more than {tolerance:.0%}"))
+        reference, name = (pld, "PLD") if e.accountant == "prv" else (rdp, "RDP")  # PRV and PLD are both near-exact
+        if abs(e.epsilon_total - reference) > tolerance * max(reference, 1e-9):
+            report.issues.append(Issue(line, f"recorded ε={e.epsilon_total:.4f} ({e.accountant}) differs from the independent {name} ε={reference:.4f} by more than {tolerance:.0%}"))
         if e.epsilon_total < pld * (1 - 1e-3):
             report.issues.append(Issue(line, f"recorded ε={e.epsilon_total:.4f} is below the PLD lower figure {pld:.4f}: an under-count"))
     return report
