@@ -266,7 +266,7 @@ def site_check(
         raise typer.Exit(3)
 
 
-audit_app = typer.Typer(help="DPO: verify ledgers offline, independently of the site's software.", no_args_is_help=True)
+audit_app = typer.Typer(help="DPO: verify ledgers offline, independently of the site's software; attack a simulated site.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 
 
@@ -308,6 +308,96 @@ def audit_verify(
             for i in r["issues"]:
                 console.print(f"  [red]line {i['line']}: {escape(i['problem'])}[/red]")
     if failed:
+        raise typer.Exit(1)
+
+
+@audit_app.command("attack")
+@friendly
+def audit_attack(
+    site: Annotated[Path, typer.Option(help="site.yaml of a simulated site or a copy you may attack (synthetic data).")],
+    config: Annotated[Path, typer.Option(help="Experiment YAML (model, training, δ, accountant).")],
+    epsilons: Annotated[str, typer.Option(help="Comma-separated target ε values for the DP settings.")] = "1,3,8",
+    steps: Annotated[int | None, typer.Option(help="Training steps per setting (default: rounds x local_steps of the plan).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, sampling and noise (same seed, same result).")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """Empirical privacy audit: membership inference against models trained at one site.
+
+    Trains a non-private model and one DP model per target ε from scratch on the site's
+    training patients, attacks each with a loss-threshold membership-inference attack
+    (training vs held-out patients) and prints the accounted ε next to the attack AUC,
+    TPR at FPR ≤ 0.1 and an empirical ε lower bound (Clopper-Pearson, 95%).
+
+    This is an audit on a simulated site or a copy: it trains at the site but never
+    writes to the site's privacy ledger, so it spends no recorded budget and its output
+    is not DP-protected. Do not run it on production patient data.
+    """
+    from client.attack import membership_audit
+    from client.site import Site
+    from shared.config import load_experiment, load_site
+    from shared.errors import ConfigError
+
+    try:
+        targets = tuple(float(e) for e in epsilons.split(",") if e.strip())
+    except ValueError:
+        raise ConfigError(f"--epsilons must be comma-separated numbers such as 1,3,8; got {epsilons!r}.") from None
+    exp = load_experiment(config)
+    s = Site(load_site(site), exp)
+    n_steps = steps if steps is not None else exp.federation.rounds * exp.training.local_steps
+    with err_console.status(f"site {s.cfg.name}: training {1 + len(targets)} models x {n_steps} steps and attacking each"):
+        result = membership_audit(s, epsilons=targets, steps=n_steps, seed=seed)
+    table = Table(title=f"membership audit of site {result['site']}: {result['members']} members vs {result['non_members']} non-members, {n_steps} steps, δ={result['delta']:g}")
+    for col in ("setting", "σ", "accounted ε", "attack AUC", "TPR@FPR≤0.1", "empirical ε lower bound"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for r in result["settings"]:
+        acc = "∞ (no DP)" if r["epsilon_accounted"] is None else f"{r['epsilon_accounted']:.2f}"
+        table.add_row(r["setting"], f"{r['noise_multiplier']:.3f}", acc, f"{r['attack_auc']:.3f}", f"{r['tpr_at_fpr']:.3f}", f"{r['epsilon_lower_bound']:.3f}")
+    console.print(table)
+    console.print(f"with {result['members']} + {result['non_members']} patients even a perfect attack proves at most ε ≥ {result['epsilon_lower_bound_max']:.2f}; "
+                  "a small lower bound here does not show the model is private. No ledger entry was written.")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"results: [bold]{out}[/bold]")
+
+
+@audit_app.command("report")
+@friendly
+def audit_report(
+    ledgers: Annotated[list[Path], typer.Argument(help="Ledger JSONL file(s).")],
+    out: Annotated[Path, typer.Option(help="The HTML report to write (one self-contained file).")],
+    pdf: Annotated[Path | None, typer.Option(help="Also write the report as a PDF here.")] = None,
+    public_key: Annotated[Path | None, typer.Option(help="The site's ledger public key (PEM); without it signatures are not checked.")] = None,
+    site: Annotated[Path | None, typer.Option(help="The site's site.yaml, to read the policy's caps.")] = None,
+    title: Annotated[str, typer.Option(help="Title of the report.")] = "Privacy audit report",
+) -> None:
+    """A report for the DPO: verification, ε over time, runs, mechanisms, cap changes, what remains.
+
+    Exit code 0: every ledger verified, signatures included; 1: a problem, or no public key.
+    The report is written in every case and says which.
+    """
+    from shared.config import load_site
+    from shared.privacy.report import VERIFIED, build_report, fmt_eps, render_html, render_pdf
+
+    for path in ledgers:
+        if not path.is_file():
+            raise typer.BadParameter(f"{path} does not exist.")
+    policy = load_site(site).policy if site else None
+    data = build_report(ledgers, public_key=public_key, policy=policy, title=title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(data), encoding="utf-8")
+    if pdf:
+        render_pdf(data, pdf)
+    for led in data.ledgers:
+        colour = "green" if led.status == VERIFIED else "red" if led.issues else "yellow"
+        console.print(f"{escape(str(led.path))}: [{colour}]{led.status}[/{colour}] · {led.entries} entries · ε spent {fmt_eps(led.epsilon_spent)}"
+                      f" · remaining {fmt_eps(led.epsilon_remaining)}")
+        for i in led.issues:
+            console.print(f"  [red]line {i.line}: {escape(i.message)}[/red]")
+        for note in led.notes:
+            console.print(f"  [yellow]please look at: {escape(note)}[/yellow]")
+    console.print(f"report: [bold]{escape(str(out))}[/bold]" + (f" and [bold]{escape(str(pdf))}[/bold]" if pdf else ""))
+    if not data.ok:
         raise typer.Exit(1)
 
 

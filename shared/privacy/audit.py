@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared.privacy.ledger import Issue, LedgerEntry, parse
+from shared.privacy.ledger import Issue, LedgerEntry, parse_numbered
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting logs every non-converging order
 
@@ -62,15 +62,15 @@ class VerifyReport:
 
 def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance: float = 0.02) -> VerifyReport:
     """Every integrity, order and accounting problem in the ledger at ``path``."""
-    entries, issues = parse(path, public_key)
-    report = VerifyReport(path, entries, list(issues))
+    numbered, issues = parse_numbered(path, public_key)
+    report = VerifyReport(path, [e for _, e in numbered], list(issues))
     if public_key is None:
         report.issues.append(Issue(0, "no public key given: signatures were not checked"))
     last_time: dt.datetime | None = None
     seen: set[tuple[str, int]] = set()
     last_round: dict[str, int] = {}
-    mechanisms: list[tuple[float, float, int]] = []
-    for line, e in enumerate(entries, start=1):
+    steps_by_mechanism: dict[tuple[float, float], int] = {}  # (σ, q) -> steps: composition is exact when merged
+    for line, e in numbered:
         try:
             when = dt.datetime.fromisoformat(e.time)
         except ValueError:
@@ -83,12 +83,15 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
             continue
         if (e.run_id, e.round) in seen:
             report.issues.append(Issue(line, f"round {e.round} of run {e.run_id} is accounted twice"))
-        if e.round <= last_round.get(e.run_id, 0):
+        if e.round < 1:
+            report.issues.append(Issue(line, f"round number {e.round} of run {e.run_id} is not positive"))
+        elif e.round <= last_round.get(e.run_id, 0):
             report.issues.append(Issue(line, f"round {e.round} of run {e.run_id} comes after round {last_round[e.run_id]}"))
         seen.add((e.run_id, e.round))
         last_round[e.run_id] = max(e.round, last_round.get(e.run_id, 0))
-        mechanisms.append((e.noise_multiplier, e.sample_rate, e.steps))
-        rdp, pld = independent_epsilon(mechanisms, e.delta)
+        key = (e.noise_multiplier, e.sample_rate)
+        steps_by_mechanism[key] = steps_by_mechanism.get(key, 0) + e.steps
+        rdp, pld = independent_epsilon([(s, q, n) for (s, q), n in steps_by_mechanism.items()], e.delta)
         report.checks.append(EntryCheck(line, e.run_id, e.round, e.epsilon_total, rdp, pld))
         reference, name = (pld, "PLD") if e.accountant == "prv" else (rdp, "RDP")  # PRV and PLD are both near-exact
         if abs(e.epsilon_total - reference) > tolerance * max(reference, 1e-9):

@@ -86,14 +86,20 @@ class Issue:
 
 
 def parse(path: Path, public_key: Ed25519PublicKey | None = None) -> tuple[list[LedgerEntry], list[Issue]]:
-    """Every complete entry and every integrity problem (chain, hash, signature, format).
+    """Every complete entry and every integrity problem (chain, hash, signature, format)."""
+    numbered, issues = parse_numbered(path, public_key)
+    return [e for _, e in numbered], issues
+
+
+def parse_numbered(path: Path, public_key: Ed25519PublicKey | None = None) -> tuple[list[tuple[int, LedgerEntry]], list[Issue]]:
+    """Like :func:`parse`, with each entry's line number in the file.
 
     Parsing continues past a problem so an auditor sees all of them; the chain is checked
     against each entry's *stored* hash so one bad entry does not hide the next.
     """
     if not path.exists():
         return [], []
-    entries: list[LedgerEntry] = []
+    entries: list[tuple[int, LedgerEntry]] = []
     issues: list[Issue] = []
     prev = GENESIS
     lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # the tail after the last newline is an unfinished write
@@ -114,7 +120,7 @@ def parse(path: Path, public_key: Ed25519PublicKey | None = None) -> tuple[list[
         if public_key is not None and not verify(public_key, stored.encode(), signature):
             issues.append(Issue(no, "the signature does not verify with the site's public key"))
         prev = stored
-        entries.append(entry)
+        entries.append((no, entry))
     return entries, issues
 
 
