@@ -162,6 +162,19 @@ def bench_dp_step(
     print(json.dumps(result, indent=2))
 
 
+@bench_app.command("ledger")
+@friendly
+def bench_ledger(
+    entries: Annotated[int, typer.Option(help="Entries to append, then verify.")] = 10000,
+    workdir: Annotated[Path, typer.Option(help="Scratch folder.")] = Path("/tmp/fedrelapse-bench-ledger"),
+) -> None:
+    """Signed, fsync'd ledger appends per second and full verification per second."""
+    from server.bench import ledger_throughput, machine
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"machine": machine(), **ledger_throughput(workdir, entries)}, indent=2))
+
+
 @bench_app.command("utility")
 @friendly
 def bench_utility(

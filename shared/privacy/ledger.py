@@ -156,9 +156,10 @@ def append(path: Path, entry: LedgerEntry, key: Ed25519PrivateKey) -> None:
     the new entry; its update never left the site, so nothing is under-counted.
     """
     if path.exists() and path.stat().st_size:
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):
-            with open(path, "r+b") as fh:
+        with open(path, "r+b") as fh:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":  # rare: only after a crash, so reading the file is fine
+                data = path.read_bytes()
                 fh.truncate(data.rfind(b"\n") + 1)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(entry.to_line(key))
