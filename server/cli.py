@@ -414,6 +414,45 @@ def audit_report(
         raise typer.Exit(1)
 
 
+keys_app = typer.Typer(help="Coordinator admin: consortium CA, TLS certificate, model-signing and site node keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("ca")
+@friendly
+def keys_ca(keys: Annotated[Path, typer.Option(help="Keys folder.")] = Path("keys")) -> None:
+    """Create the consortium CA (keep ca.key offline; give ca.pem to every site)."""
+    from server.keys import make_ca
+
+    console.print(f"CA certificate: {make_ca(keys)}  → copy to every site (root certificate)")
+    console.print(f"CA private key: {keys / 'ca' / 'ca.key'}  → keep offline")
+
+
+@keys_app.command("server")
+@friendly
+def keys_server(
+    keys: Annotated[Path, typer.Option(help="Keys folder.")] = Path("keys"),
+    host: Annotated[list[str] | None, typer.Option(help="DNS name or IP the sites connect to (repeatable).")] = None,
+) -> None:
+    """Coordinator TLS certificate (signed by the CA) and the model-signing key."""
+    from server.keys import make_server
+
+    cert = make_server(keys, hosts=tuple(host or ["localhost", "127.0.0.1"]))
+    console.print(f"TLS certificate: {cert} and key {keys / 'server' / 'server.key'}  → stay on the coordinator")
+    console.print(f"model-signing public key: {keys / 'server' / 'model-signing.pub.pem'}  → copy to every site")
+
+
+@keys_app.command("site")
+@friendly
+def keys_site(name: Annotated[str, typer.Argument(help="Site name.")], keys: Annotated[Path, typer.Option(help="Keys folder.")] = Path("keys")) -> None:
+    """A site's SuperNode key pair for node authentication (private key goes to that site only)."""
+    from server.keys import make_site
+
+    priv, pub = make_site(keys, name)
+    console.print(f"node private key: {priv}  → give to site {name} only (its IT installs it, 0600)")
+    console.print(f"node public key: {pub}  → register at the coordinator")
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console)
 

@@ -1,0 +1,124 @@
+"""Consortium key and certificate tooling (Python `cryptography`, no openssl shell-outs).
+
+Layout under a keys folder (coordinator side)::
+
+    ca/ca.key, ca/ca.pem                 consortium CA (keep ca.key offline)
+    server/server.key, server/server.pem coordinator TLS certificate, signed by the CA
+    server/model-signing.key/.pub.pem    Ed25519 key signing each global model
+    sites/<name>/node.key, node.pub      a site's SuperNode key pair (NIST P-256, for node auth)
+
+Private keys are written 0600 with O_EXCL (never overwritten silently).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared import signing
+from shared.errors import CryptoError
+
+VALID_DAYS = 825
+
+
+def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise CryptoError(f"{path} already exists; refusing to overwrite a private key (rotate it explicitly).") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise CryptoError(f"{path} does not exist; create the CA first with `fedrelapse keys ca`.") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CryptoError(f"{path} is not an EC private key.")
+    return key
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedrelapse consortium"), x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def make_ca(keys: Path, *, name: str = "fedrelapse consortium CA") -> Path:
+    """Create the consortium CA; return the path of its certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write_private(keys / "ca" / "ca.key", key)
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name)).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    out = keys / "ca" / "ca.pem"
+    out.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return out
+
+
+def make_server(keys: Path, *, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Path:
+    """Coordinator TLS certificate for ``hosts`` (DNS names or IPs), signed by the CA; plus the
+    coordinator's Ed25519 model-signing key. Returns the certificate path."""
+    ca_key = _load_key(keys / "ca" / "ca.key")
+    ca_cert = x509.load_pem_x509_certificate((keys / "ca" / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write_private(keys / "server" / "server.key", key)
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out = keys / "server" / "server.pem"
+    out.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    signing_key = keys / "server" / "model-signing.key"
+    if not signing_key.exists():
+        signing.generate(signing_key, keys / "server" / "model-signing.pub.pem")
+    return out
+
+
+def make_site(keys: Path, name: str) -> tuple[Path, Path]:
+    """A site's SuperNode key pair (NIST P-256, as Flower's node authentication expects)."""
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise CryptoError(f"Site name {name!r} may hold only letters, digits, '-' and '_'.")
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv = keys / "sites" / name / "node.key"
+    _write_private(priv, key)
+    pub = keys / "sites" / name / "node.pub"
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return priv, pub
+
+
+def verify_chain(ca_pem: Path, cert_pem: Path) -> bool:
+    """True when ``cert_pem`` is signed by the CA in ``ca_pem`` and is currently valid."""
+    ca = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+    cert = x509.load_pem_x509_certificate(cert_pem.read_bytes())
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, Exception):  # cryptography raises InvalidSignature or ValueError
+        return False
+    now = dt.datetime.now(dt.UTC)
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
