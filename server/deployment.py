@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -40,13 +41,16 @@ def _bin(name: str) -> str:
     return str(found)
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout_s: float) -> None:
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout_s: float, ca: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
+    url, ctx = f"http://127.0.0.1:{port}/health", None
+    if ca is not None:
+        url, ctx = f"https://127.0.0.1:{port}/health", ssl.create_default_context(cafile=str(ca))
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise FederationError(f"{what} exited with code {proc.returncode}; see {log}.")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):  # noqa: S310 - loopback only
+            with urllib.request.urlopen(url, timeout=1, context=ctx):  # noqa: S310 - loopback only
                 return
         except OSError:
             time.sleep(0.2)
@@ -61,6 +65,7 @@ class LocalConsortium:
     site_configs: list[Path]
     startup_timeout_s: float = 60.0
     superlink_port: int = 0
+    keys: Path | None = None  # a `fedrelapse keys` folder: TLS on every link; None = insecure loopback
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def _env(self, home: str) -> dict[str, str]:
@@ -80,24 +85,43 @@ class LocalConsortium:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.superlink_port = self.superlink_port or free_port()
         link, log = self._spawn(
-            [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
+            [_bin("flower-superlink"), *self._server_tls(), "--host", "127.0.0.1", "--port", str(self.superlink_port),
              "--isolation", "subprocess", "--disable-runtime-dependency-installation"],
             "home-superlink", "superlink.log",
         )
-        _wait_healthy(self.superlink_port, link, "flower-superlink", log, self.startup_timeout_s)
+        _wait_healthy(self.superlink_port, link, "flower-superlink", log, self.startup_timeout_s, self.ca)
         for i, cfg in enumerate(self.site_configs):
-            port = free_port()
-            node, log = self._spawn(
-                [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
-                 "--isolation", "subprocess", "--node-config", f"{P.NC_SITE_CONFIG}=\"{cfg.resolve()}\""],
-                f"home-supernode-{i}", f"supernode-{i}.log",
-            )
-            _wait_healthy(port, node, f"flower-supernode for {cfg}", log, self.startup_timeout_s)
+            self.start_supernode(cfg, f"supernode-{i}")
         home = self.workdir / "home-cli"
         home.mkdir(parents=True, exist_ok=True)
+        transport = f'root-certificates = "{self.ca}"\n' if self.ca else "insecure = true\n"
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.superlink_port}"\n{transport}'
         )
+
+    @property
+    def ca(self) -> Path | None:
+        return (self.keys / "ca" / "ca.pem").resolve() if self.keys else None
+
+    def _server_tls(self) -> list[str]:
+        if not self.keys:
+            return ["--insecure"]
+        k = self.keys.resolve()
+        return ["--ssl-ca-certfile", str(k / "ca" / "ca.pem"), "--ssl-certfile", str(k / "server" / "server.pem"), "--ssl-keyfile", str(k / "server" / "server.key")]
+
+    def start_supernode(self, cfg: Path, name: str, *, insecure: bool | None = None, wait: bool = True) -> tuple[subprocess.Popen[bytes], Path]:
+        """One site's SuperNode; ``insecure=True`` forces plaintext (to test that it is refused)."""
+        plain = (self.ca is None) if insecure is None else insecure
+        transport = ["--insecure"] if plain else ["--root-certificates", str(self.ca)]
+        port = free_port()
+        node, log = self._spawn(
+            [_bin("flower-supernode"), *transport, "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
+             "--isolation", "subprocess", "--node-config", f"{P.NC_SITE_CONFIG}=\"{cfg.resolve()}\""],
+            f"home-{name}", f"{name}.log",
+        )
+        if wait:
+            _wait_healthy(port, node, f"flower-supernode for {cfg}", log, self.startup_timeout_s)
+        return node, log
 
     def submit(self, experiment: Path, out: Path, *, run_id: str = "", timeout_s: float = 600.0) -> subprocess.CompletedProcess[str]:
         """`flwr run` the app bundle and stream until the ServerApp finishes."""
