@@ -414,6 +414,57 @@ def audit_report(
         raise typer.Exit(1)
 
 
+server_app = typer.Typer(help="Coordinator admin: run the SuperLink.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+@friendly
+def server_start(
+    keys: Annotated[Path | None, typer.Option(help="Keys folder from `fedrelapse keys` (TLS).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="The SuperLink's one port (Fleet, Control, Runtime).")] = 9092,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS: only for a loopback test.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command instead of running it.")] = False,
+) -> None:
+    """Run the coordinator's SuperLink (TLS; runtime dependency installation off)."""
+    import os
+
+    from server.deployment import superlink_argv
+
+    if keys is None and not insecure:
+        raise typer.BadParameter("Give --keys (TLS) or, for a loopback test only, --insecure.")
+    argv = superlink_argv(keys=None if insecure else keys, host=host, port=port)
+    if dry_run:
+        print(" ".join(argv))
+        return
+    os.execv(argv[0], argv)
+
+
+@site_app.command("start")
+@friendly
+def site_start(
+    site: Annotated[Path, typer.Option(help="The site's site.yaml.")],
+    superlink: Annotated[str, typer.Option(help="Coordinator address HOST:PORT.")],
+    ca: Annotated[Path | None, typer.Option(help="The consortium CA certificate (ca.pem).")] = None,
+    port: Annotated[int, typer.Option(help="Local port of the SuperNode's ClientApp API.")] = 9094,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS: only for a loopback test.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command instead of running it.")] = False,
+) -> None:
+    """Run this site's SuperNode with the installed ClientApp (TLS to the coordinator)."""
+    import os
+
+    from server.deployment import supernode_argv
+
+    if ca is None and not insecure:
+        raise typer.BadParameter("Give --ca (the consortium ca.pem) or, for a loopback test only, --insecure.")
+    argv = supernode_argv(site_yaml=site, superlink=superlink, ca=None if insecure else ca, port=port)
+    if dry_run:
+        print(" ".join(argv))
+        return
+    os.execv(argv[0], argv)
+
+
 keys_app = typer.Typer(help="Coordinator admin: consortium CA, TLS certificate, model-signing and site node keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 

@@ -154,3 +154,27 @@ class LocalConsortium:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def superlink_argv(*, keys: Path | None, host: str, port: int) -> list[str]:
+    """The coordinator's SuperLink command line: TLS with the consortium certificate unless
+    ``keys`` is None (loopback testing only), and no run-time package installation."""
+    tls = ["--insecure"]
+    if keys is not None:
+        k = keys.resolve()
+        for f in (k / "ca" / "ca.pem", k / "server" / "server.pem", k / "server" / "server.key"):
+            if not f.is_file():
+                raise FederationError(f"{f} is missing; create it with `fedrelapse keys ca` and `fedrelapse keys server`.")
+        tls = ["--ssl-ca-certfile", str(k / "ca" / "ca.pem"), "--ssl-certfile", str(k / "server" / "server.pem"), "--ssl-keyfile", str(k / "server" / "server.key")]
+    return [_bin("flower-superlink"), *tls, "--host", host, "--port", str(port), "--isolation", "subprocess", "--disable-runtime-dependency-installation"]
+
+
+def supernode_argv(*, site_yaml: Path, superlink: str, ca: Path | None, port: int) -> list[str]:
+    """A site's SuperNode command line: trusts only the consortium CA, runs the installed ClientApp."""
+    if ca is not None and not ca.is_file():
+        raise FederationError(f"CA certificate {ca} is missing; ask the coordinator admin for ca.pem.")
+    if not site_yaml.is_file():
+        raise FederationError(f"{site_yaml} does not exist; write the site's site.yaml first (docs/runbook-hospital-it.md).")
+    transport = ["--insecure"] if ca is None else ["--root-certificates", str(ca.resolve())]
+    return [_bin("flower-supernode"), *transport, "--superlink", superlink, "--port", str(port), "--isolation", "subprocess",
+            "--node-config", f"{P.NC_SITE_CONFIG}=\"{site_yaml.resolve()}\""]

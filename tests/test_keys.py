@@ -46,3 +46,18 @@ def test_keys_cli_creates_the_layout_and_explains_where_files_go(tmp_path: Path)
     assert (tmp_path / "sites" / "bergen" / "node.key").exists()
     again = runner.invoke(app, ["keys", "ca", "--keys", str(tmp_path)])
     assert again.exit_code == 5 and "refusing to overwrite" in again.output
+
+
+def test_server_and_site_start_commands_use_tls_and_the_installed_apps(tmp_path: Path) -> None:
+    make_ca(tmp_path)
+    make_server(tmp_path)
+    site = tmp_path / "site.yaml"
+    site.write_text("name: oslo\nmanifest: m.csv\n")
+    server = runner.invoke(app, ["server", "start", "--keys", str(tmp_path), "--dry-run"])
+    assert server.exit_code == 0, server.output
+    assert "--ssl-certfile" in server.output and "--insecure" not in server.output and "--disable-runtime-dependency-installation" in server.output
+    node = runner.invoke(app, ["site", "start", "--site", str(site), "--superlink", "coord:9092", "--ca", str(tmp_path / "ca" / "ca.pem"), "--dry-run"])
+    assert node.exit_code == 0, node.output
+    assert "--root-certificates" in node.output and "site-config=" in node.output and "--insecure" not in node.output
+    refused = runner.invoke(app, ["site", "start", "--site", str(site), "--superlink", "coord:9092"])
+    assert refused.exit_code != 0 and "--ca" in refused.output
