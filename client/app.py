@@ -17,8 +17,10 @@ from flwr.clientapp import ClientApp
 from client.site import Refusal, Site
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
+from shared import signing
 from shared.config import ExperimentConfig, SiteConfig, experiment_from_yaml_text, load_site
 from shared.errors import FedrelapseError, PolicyError
+from shared.model_signing import verify_model
 from shared.params import from_record, to_record
 
 log = logging.getLogger("fedrelapse.clientapp")
@@ -63,9 +65,33 @@ def _setup(msg: Message, context: Context, sim_sites: tuple[str, ...]) -> tuple[
     cfg = msg.content[P.CONFIG]
     try:
         exp = experiment_from_yaml_text(str(cfg[P.PLAN_YAML]), source="training plan from the coordinator")
-        return site_cfg, _site(site_cfg, exp)
+        site = _site(site_cfg, exp)
     except FedrelapseError as exc:
         return site_cfg, Refusal("invalid", f"Site {site_cfg.name}: {exc}")
+    if P.ARRAYS in msg.content.array_records:
+        refusal = check_model_signature(site_cfg, msg, exp.plan_hash())
+        if refusal:
+            return site_cfg, refusal
+    return site_cfg, site
+
+
+def check_model_signature(site_cfg: SiteConfig, msg: Message, plan_hash: str) -> Refusal | None:
+    """With a coordinator key configured, refuse an unsigned or altered global model."""
+    if site_cfg.coordinator_public_key is None:
+        log.warning("site=%s has no coordinator_public_key: global models are not verified", site_cfg.name)
+        return None
+    try:
+        key = signing.load_public(site_cfg.coordinator_public_key)
+    except FedrelapseError as exc:
+        return Refusal("signature", f"Site {site_cfg.name}: {exc}")
+    cfg = msg.content[P.CONFIG]
+    signature = str(cfg.get(P.MODEL_SIGNATURE, ""))
+    if not signature:
+        return Refusal("signature", f"Site {site_cfg.name} refuses an unsigned global model.")
+    ok = verify_model(key, dict(from_record(msg.content[P.ARRAYS])), signature, run_id=str(cfg[P.RUN_ID]), server_round=int(cfg[P.SERVER_ROUND]), plan_hash=plan_hash)
+    if not ok:
+        return Refusal("signature", f"Site {site_cfg.name}: the global model's signature does not verify (altered model, wrong round/run/plan, or wrong coordinator key); refused.")
+    return None
 
 
 def build_client_app(sim_sites: tuple[str, ...] = ()) -> ClientApp:

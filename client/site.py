@@ -76,7 +76,7 @@ def resolve_device(choice: str) -> torch.device:
 
 def plan_hash(exp: ExperimentConfig) -> str:
     """Content hash of the training plan (model, training and privacy settings)."""
-    return hashlib.sha256(exp.to_yaml().encode()).hexdigest()
+    return exp.plan_hash()
 
 
 class Site:

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.federation import run_federation
 from shared import protocol as P  # noqa: N812
+from shared import signing
 from shared.config import ExperimentConfig, load_experiment
 
 
@@ -21,7 +22,7 @@ def new_run_id(name: str) -> str:
     return f"{name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
 
 
-def build_server_app(exp: ExperimentConfig | None = None, out: Path | None = None, run_id: str = "") -> ServerApp:
+def build_server_app(exp: ExperimentConfig | None = None, out: Path | None = None, run_id: str = "", signing_key: Path | None = None) -> ServerApp:
     """The ServerApp. Simulation passes the experiment directly; deployment reads run config."""
     server_app = ServerApp()
 
@@ -31,7 +32,8 @@ def build_server_app(exp: ExperimentConfig | None = None, out: Path | None = Non
         cfg = exp or load_experiment(Path(str(rc[P.RC_EXPERIMENT])))
         folder = out or Path(str(rc[P.RC_OUT]))
         rid = run_id or str(rc.get(P.RC_RUN_ID, "")) or new_run_id(cfg.name)
-        run_federation(grid, cfg, folder, rid)
+        key_path = signing_key or (Path(str(rc[P.RC_SIGNING_KEY])) if rc.get(P.RC_SIGNING_KEY) else None)
+        run_federation(grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None)
 
     return server_app
 

@@ -125,7 +125,9 @@ class LocalConsortium:
 
     def submit(self, experiment: Path, out: Path, *, run_id: str = "", timeout_s: float = 600.0) -> subprocess.CompletedProcess[str]:
         """`flwr run` the app bundle and stream until the ServerApp finishes."""
-        rc = f'{P.RC_EXPERIMENT}="{experiment.resolve()}" {P.RC_OUT}="{out.resolve()}" {P.RC_RUN_ID}="{run_id}"'
+        key = (self.keys / "server" / "model-signing.key").resolve() if self.keys else None
+        signing_key = str(key) if key and key.exists() else ""
+        rc = f'{P.RC_EXPERIMENT}="{experiment.resolve()}" {P.RC_OUT}="{out.resolve()}" {P.RC_RUN_ID}="{run_id}" {P.RC_SIGNING_KEY}="{signing_key}"'
         return subprocess.run(
             [_bin("flwr"), "run", str(APP_DIR), FEDERATION, "--stream", "--run-config", rc],
             env=self._env("home-cli"), capture_output=True, text=True, timeout=timeout_s, check=False,

@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.table import Table
@@ -21,14 +22,19 @@ from server.strategy import PatientFedAvg, SiteReport, site_reports, wait_for_no
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared.config import ExperimentConfig
+from shared.model_signing import sign_model
 from shared.models import build_model
 from shared.params import from_record, get_arrays, to_record
 
 log = logging.getLogger("fedrelapse.server")
 
 
-def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, console: Console | None = None) -> dict[str, Any]:
-    """Run all rounds; return the summary written to ``out/summary.json``."""
+def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, console: Console | None = None, signing_key: Ed25519PrivateKey | None = None) -> dict[str, Any]:
+    """Run all rounds; return the summary written to ``out/summary.json``.
+
+    With ``signing_key``, every global model sent is signed (sites with the coordinator's
+    public key refuse anything unsigned or altered).
+    """
     console = console or Console()
     run = RunFolder(out, exp, run_id)
     f = exp.federation
@@ -46,14 +52,22 @@ def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, co
             for r in refusals:
                 console.print(f"  [red]{r.site}: {r.refusal_reason or r.error}[/red]")
             return run.finish(status="refused before start", extra={"preflight_refusals": [{"site": r.site, "code": r.refusal_code, "reason": r.refusal_reason or r.error} for r in refusals]})
-    for rnd in range(1, f.rounds + 1):
+    phash = exp.plan_hash()
+
+    def config(rnd: int, record: ArrayRecord) -> ConfigRecord:
         cfg = ConfigRecord({P.RUN_ID: run_id, P.TOTAL_ROUNDS: f.rounds, P.PLAN_YAML: plan})
+        if signing_key is not None:
+            cfg[P.MODEL_SIGNATURE] = sign_model(signing_key, dict(from_record(record)), run_id=run_id, server_round=rnd, plan_hash=phash)
+        return cfg
+
+    for rnd in range(1, f.rounds + 1):
+        cfg = config(rnd, arrays)
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         updated = new_arrays is not None
         if updated:
             arrays = new_arrays
-        eval_cfg = ConfigRecord({P.RUN_ID: run_id, P.TOTAL_ROUNDS: f.rounds, P.PLAN_YAML: plan})
+        eval_cfg = config(rnd, arrays)
         eval_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout=f.round_timeout_s)
         eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
         rec = run.record_round(

@@ -30,6 +30,17 @@ def discover_sites(data: Path) -> list[Path]:
     return found
 
 
+def consortium_signing_key(data: Path) -> Path:
+    """The simulated coordinator's model-signing key (``data/consortium/``), made on first use.
+    Synthetic sites' site.yaml point their ``coordinator_public_key`` at its public half."""
+    from shared import signing
+
+    key = data / "consortium" / "model-signing.key"
+    if not key.exists():
+        signing.generate(key, data / "consortium" / "model-signing.pub.pem")
+    return key
+
+
 def prepare_sites(sites: list[SiteConfig], exp: ExperimentConfig, console: Console) -> list[dict[str, Any]]:
     """Check each site's data and fill its feature cache, with a progress bar."""
     from client.prepare import prepare_site
@@ -56,6 +67,7 @@ def simulate(exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, conso
     if len(sites) < exp.federation.min_nodes:
         raise ConfigError(f"{data} has {len(sites)} site(s) but `federation.min_nodes` is {exp.federation.min_nodes}.")
     prepare_sites(sites, exp, console)
+    signing_key = consortium_signing_key(data)
     out.mkdir(parents=True, exist_ok=True)
     cpus = cpus or max(1, min(len(sites), os.cpu_count() or 1))
     ray_tmp = Path(os.environ.get("FEDRELAPSE_RAY_TMP", "/tmp/fedrelapse-ray"))
@@ -66,7 +78,7 @@ def simulate(exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, conso
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # run_simulation's deprecation banner is noise here
     run_simulation(
-        server_app=build_server_app(exp, out, run_id),
+        server_app=build_server_app(exp, out, run_id, signing_key),
         client_app=build_client_app(tuple(str(p.resolve()) for p in paths)),
         num_supernodes=len(sites),
         backend_name="ray",

@@ -124,6 +124,14 @@ class ExperimentConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(to_plain(self), sort_keys=False)
 
+    def plan_hash(self) -> str:
+        """Content hash of the training plan (model, training, privacy and feature settings).
+
+        Canonical: values are re-validated first, so 60 and 60.0 in a float field hash alike.
+        """
+        canonical = build(ExperimentConfig, to_plain(self), source="plan")
+        return hashlib.sha256(json.dumps(to_plain(canonical), sort_keys=True).encode()).hexdigest()
+
 
 @dataclass(frozen=True, kw_only=True)
 class SitePolicy:
@@ -148,6 +156,7 @@ class SiteConfig:
     state_dir: Path = spec(Path("site-state"), doc="Feature cache and privacy ledger live here.")
     device: str = spec("auto", doc="Where to train.", choices=("auto", "cpu", "cuda"))
     policy: SitePolicy = spec(SitePolicy(), doc="The DPO's privacy policy for this site.")
+    coordinator_public_key: Path | None = spec(None, doc="The coordinator's model-signing public key; when set, unsigned or altered models are refused.")
 
     def resolved(self, base: Path) -> SiteConfig:
         """Paths made absolute against the folder of the YAML file."""
@@ -155,6 +164,7 @@ class SiteConfig:
             self,
             manifest=(base / self.manifest).resolve(),
             state_dir=(base / self.state_dir).resolve(),
+            coordinator_public_key=(base / self.coordinator_public_key).resolve() if self.coordinator_public_key else None,
         )
 
 

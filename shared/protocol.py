@@ -19,6 +19,7 @@ SERVER_ROUND = "server-round"
 TOTAL_ROUNDS = "total-rounds"
 RUN_ID = "run-id"
 PLAN_YAML = "plan-yaml"
+MODEL_SIGNATURE = "model-signature"  # Ed25519 over model digest, run id, round and plan hash
 
 # ConfigRecord keys a site sends back in the SITE record.
 SITE_NAME = "name"
@@ -32,6 +33,7 @@ RC_EXPERIMENT = "experiment"
 RC_OUT = "out"
 RC_SIM_SITES = "sim-sites"
 RC_RUN_ID = "run-id"
+RC_SIGNING_KEY = "signing-key"  # coordinator's model-signing private key (path on the coordinator)
 
 # Node-config key a SuperNode sets to its site.yaml (deployment).
 NC_SITE_CONFIG = "site-config"

@@ -24,7 +24,8 @@ def test_deployment_engine_runs_the_same_apps_end_to_end_over_tls(tiny_cohort: P
     sites = []
     for name in ("alpha", "beta", "gamma"):  # each site keeps its own state dir, as hospitals do
         cfg = tmp_path / f"{name}.yaml"
-        cfg.write_text(f"name: {name}\nmanifest: {tiny_cohort / name / 'manifest.csv'}\nstate_dir: {tmp_path / name}\n")
+        cfg.write_text(f"name: {name}\nmanifest: {tiny_cohort / name / 'manifest.csv'}\nstate_dir: {tmp_path / name}\n"
+                       f"coordinator_public_key: {keys / 'server' / 'model-signing.pub.pem'}\n")  # sites verify every global model
         sites.append(cfg)
     out = tmp_path / "run"
     logs = tmp_path / "flower" / "logs"

@@ -146,3 +146,40 @@ def test_clientapp_refuses_an_invalid_plan_with_a_structured_reason(tiny_cohort:
     assert info[P.REFUSAL_CODE] == "invalid"
     assert "privacy.accountant" in str(info[P.REFUSAL_REASON]) and "'rdp', 'prv'" in str(info[P.REFUSAL_REASON])
     assert P.ARRAYS not in reply.content
+
+
+def _signed_setup(tiny_cohort: Path, tmp_path: Path) -> tuple[object, Context, str, object]:
+    from shared import signing
+
+    key = signing.generate(tmp_path / "coord.key", tmp_path / "coord.pub.pem")
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\ncoordinator_public_key: coord.pub.pem\n")
+    ctx = Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_yaml)}, state=RecordDict(), run_config={})
+    return build_client_app(), ctx, tiny_experiment().to_yaml(), key
+
+
+@pytest.mark.parametrize("case", ["valid", "unsigned", "altered", "other-round", "other-key"])
+def test_site_verifies_the_coordinators_signature_before_training(tiny_cohort: Path, tmp_path: Path, case: str) -> None:
+    from shared import signing
+    from shared.model_signing import sign_model
+
+    app, ctx, plan, key = _signed_setup(tiny_cohort, tmp_path)
+    msg = _message("train", plan)
+    phash = tiny_experiment().plan_hash()
+    signer = signing.generate(tmp_path / "mallory.key", tmp_path / "mallory.pub") if case == "other-key" else key
+    rnd = 2 if case == "other-round" else 1
+    if case != "unsigned":
+        msg.content[P.CONFIG][P.MODEL_SIGNATURE] = sign_model(signer, start_arrays(), run_id="r-msg", server_round=rnd, plan_hash=phash)
+    if case == "altered":
+        arrays = start_arrays()
+        first = next(iter(arrays))
+        arrays[first] = arrays[first] + 0.01
+        msg.content[P.ARRAYS] = to_record(arrays)
+    reply = app(msg, ctx)
+    info = reply.content[P.SITE]
+    if case == "valid":
+        assert P.REFUSAL_CODE not in info and P.ARRAYS in reply.content
+    else:
+        assert info[P.REFUSAL_CODE] == "signature", case
+        assert P.ARRAYS not in reply.content
+        assert not (tmp_path / "state" / "ledger" / "privacy-ledger.jsonl").exists()  # nothing trained, nothing charged

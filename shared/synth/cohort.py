@@ -247,7 +247,10 @@ def synthesize_cohort(
         (hdir / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         # Synthetic data: the site accepts non-private plans so benchmarks can compare FL with
         # and without DP. A hospital's site.yaml keeps allow_non_private: false (the default).
-        site = {"name": h.name, "manifest": "manifest.csv", "state_dir": "state", "device": "auto", "policy": {"allow_non_private": True}}
+        site = {
+            "name": h.name, "manifest": "manifest.csv", "state_dir": "state", "device": "auto", "policy": {"allow_non_private": True},
+            "coordinator_public_key": "../consortium/model-signing.pub.pem",  # made by the (simulated) coordinator
+        }
         (hdir / "site.yaml").write_text(yaml.safe_dump(site, sort_keys=False), encoding="utf-8")
         manifests[h.name] = manifest
     return manifests
