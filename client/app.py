@@ -14,6 +14,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.approval import is_approved
 from client.site import Refusal, Site
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
@@ -68,6 +69,8 @@ def _setup(msg: Message, context: Context, sim_sites: tuple[str, ...]) -> tuple[
         site = _site(site_cfg, exp)
     except FedrelapseError as exc:
         return site_cfg, Refusal("invalid", f"Site {site_cfg.name}: {exc}")
+    if site_cfg.require_approved_plans and not is_approved(site_cfg, exp):
+        return site_cfg, Refusal("unapproved-plan", f"Site {site_cfg.name} has not approved plan {exp.plan_hash()[:16]} ({exp.name}); its IT must run `fedrelapse site approve` first.")
     if P.ARRAYS in msg.content.array_records:
         refusal = check_model_signature(site_cfg, msg, exp.plan_hash())
         if refusal:

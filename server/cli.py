@@ -211,6 +211,28 @@ def site_init(site: Annotated[Path, typer.Option(help="The site's site.yaml.")])
     console.print(f"give this public key to your DPO for `fedrelapse audit verify`: [bold]{pub}[/bold] (id {signing.fingerprint(signing.load_public(pub))})")
 
 
+@site_app.command("approve")
+@friendly
+def site_approve(
+    site: Annotated[Path, typer.Option(help="The site's site.yaml.")],
+    plan: Annotated[Path, typer.Option(help="The experiment (plan) YAML the coordinator will run.")],
+    approved_by: Annotated[str, typer.Option(help="Who approves (recorded).")],
+    yes: Annotated[bool, typer.Option("--yes", help="Approve without the interactive question.")] = False,
+) -> None:
+    """Hospital IT: read a plan's summary and approve its content hash for this site."""
+    from client.approval import approve, summary
+    from shared.config import load_experiment, load_site
+
+    cfg, exp = load_site(site), load_experiment(plan)
+    table = Table(title=f"training plan for site {cfg.name}", show_header=False)
+    for key, value in summary(exp):
+        table.add_row(key, value)
+    console.print(table)
+    if not yes and not typer.confirm("Approve this plan for this site?", default=False):
+        raise typer.Exit(1)
+    console.print(f"approved plan {approve(cfg, exp, approved_by=approved_by)} (recorded in {cfg.state_dir / 'approved-plans.json'})")
+
+
 @site_app.command("budget")
 @friendly
 def site_budget(

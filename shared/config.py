@@ -156,6 +156,7 @@ class SiteConfig:
     state_dir: Path = spec(Path("site-state"), doc="Feature cache and privacy ledger live here.")
     device: str = spec("auto", doc="Where to train.", choices=("auto", "cpu", "cuda"))
     policy: SitePolicy = spec(SitePolicy(), doc="The DPO's privacy policy for this site.")
+    require_approved_plans: bool = spec(False, doc="Train only plans approved with `fedrelapse site approve` (recommended for patient data).")
     coordinator_public_key: Path | None = spec(None, doc="The coordinator's model-signing public key; when set, unsigned or altered models are refused.")
 
     def resolved(self, base: Path) -> SiteConfig:

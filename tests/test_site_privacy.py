@@ -183,3 +183,25 @@ def test_site_verifies_the_coordinators_signature_before_training(tiny_cohort: P
         assert info[P.REFUSAL_CODE] == "signature", case
         assert P.ARRAYS not in reply.content
         assert not (tmp_path / "state" / "ledger" / "privacy-ledger.jsonl").exists()  # nothing trained, nothing charged
+
+
+def test_site_trains_only_approved_plans_when_its_policy_requires_it(tiny_cohort: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app as cli
+
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\nrequire_approved_plans: true\n")
+    ctx = Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_yaml)}, state=RecordDict(), run_config={})
+    plan = tiny_experiment().to_yaml()
+    refused = build_client_app()(_message("train", plan), ctx)
+    assert refused.content[P.SITE][P.REFUSAL_CODE] == "unapproved-plan"
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(plan)
+    result = CliRunner().invoke(cli, ["site", "approve", "--site", str(site_yaml), "--plan", str(plan_file), "--approved-by", "IT Ola", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "patient-level DP" in result.output
+    accepted = build_client_app()(_message("train", plan), ctx)
+    assert P.REFUSAL_CODE not in accepted.content[P.SITE] and P.ARRAYS in accepted.content
+    other = plan.replace("learning_rate: 0.01", "learning_rate: 0.5")  # any change is a new plan
+    assert build_client_app()(_message("train", other, rnd=2), ctx).content[P.SITE][P.REFUSAL_CODE] == "unapproved-plan"

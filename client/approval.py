@@ -1,0 +1,59 @@
+"""Approved training plans: hospital IT approves a plan's content hash after reading it.
+
+A plan is the whole experiment (model architecture, training, privacy and feature
+settings). With ``require_approved_plans: true`` in site.yaml, the site trains only plans
+whose hash is in ``<state_dir>/approved-plans.json``; the code it runs is always its own
+installed version (the app bundle carries none).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from shared.config import ExperimentConfig, SiteConfig
+
+
+def approvals_path(cfg: SiteConfig) -> Path:
+    return cfg.state_dir / "approved-plans.json"
+
+
+def load_approvals(cfg: SiteConfig) -> dict[str, Any]:
+    path = approvals_path(cfg)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def is_approved(cfg: SiteConfig, exp: ExperimentConfig) -> bool:
+    return exp.plan_hash() in load_approvals(cfg)
+
+
+def summary(exp: ExperimentConfig) -> list[tuple[str, str]]:
+    """What hospital IT reads before approving (plain lines, no jargon beyond the names)."""
+    p, t, f = exp.privacy, exp.training, exp.federation
+    return [
+        ("plan hash", exp.plan_hash()),
+        ("experiment", exp.name),
+        ("model", f"{exp.model.name} (hidden {exp.model.hidden}, conv channels {exp.model.conv_channels})"),
+        ("rounds x local steps", f"{f.rounds} x {t.local_steps}"),
+        ("privacy", f"patient-level DP, ε ≤ {p.target_epsilon:g} at δ = {p.target_delta:g} for the whole run, clip C = {p.max_grad_norm:g}" if p.enabled else "NO differential privacy"),
+        ("metrics", f"aggregates over at least {f.min_patients_metric} patients"),
+        ("features", f"{exp.features.n_mels} log-mel bands at {exp.features.sample_rate} Hz, {exp.features.max_seconds:g} s per recording"),
+    ]
+
+
+def approve(cfg: SiteConfig, exp: ExperimentConfig, *, approved_by: str) -> str:
+    """Record the plan's hash as approved (atomic write); return the hash."""
+    approvals = load_approvals(cfg)
+    digest = exp.plan_hash()
+    approvals[digest] = {"experiment": exp.name, "approved_by": approved_by, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    path = approvals_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(approvals, fh, indent=2)
+    os.replace(tmp, path)
+    return digest
