@@ -405,6 +405,7 @@ def audit_report(
     public_key: Annotated[Path | None, typer.Option(help="The site's ledger public key (PEM); without it signatures are not checked.")] = None,
     site: Annotated[Path | None, typer.Option(help="The site's site.yaml, to read the policy's caps.")] = None,
     title: Annotated[str, typer.Option(help="Title of the report.")] = "Privacy audit report",
+    attack: Annotated[list[Path] | None, typer.Option(help="Results JSON of `fedrelapse audit attack` to include (repeatable).")] = None,
 ) -> None:
     """A report for the DPO: verification, ε over time, runs, mechanisms, cap changes, what remains.
 
@@ -418,7 +419,13 @@ def audit_report(
         if not path.is_file():
             raise typer.BadParameter(f"{path} does not exist.")
     policy = load_site(site).policy if site else None
-    data = build_report(ledgers, public_key=public_key, policy=policy, title=title)
+    attacks = []
+    for path in attack or []:
+        try:
+            attacks.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise typer.BadParameter(f"{path} is not a readable `audit attack` results file ({exc}).") from None
+    data = build_report(ledgers, public_key=public_key, policy=policy, title=title, attacks=attacks)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(data), encoding="utf-8")
     if pdf:

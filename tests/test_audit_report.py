@@ -183,3 +183,14 @@ def test_html_report_renders_in_a_headless_browser(report: ReportData, tmp_path:
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={png}", "--window-size=1200,4000",
                     page.as_uri()], check=True, capture_output=True, timeout=120)
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20_000
+
+
+def test_report_includes_empirical_attack_results(tmp_path: Path) -> None:
+    from shared.privacy.report import ReportData, render_html
+
+    attack = {"site": "oslo", "members": 42, "non_members": 18, "steps": 300, "fpr_target": 0.1, "epsilon_lower_bound_max": 2.51,
+              "settings": [{"setting": "non-private", "epsilon_accounted": None, "attack_auc": 0.915, "tpr_at_fpr": 0.405, "epsilon_lower_bound": 2.2},
+                           {"setting": "dp-eps1", "epsilon_accounted": 0.995, "attack_auc": 0.52, "tpr_at_fpr": 0.143, "epsilon_lower_bound": 0.0}]}
+    data = ReportData(title="t", generated="2026-11-25T00:00:00+00:00", public_key=None, key_fingerprint="", policy=None, attacks=[attack])
+    page = render_html(data)
+    assert "Empirical privacy audit" in page and "0.915" in page and "dp-eps1" in page and "ε ≥ 2.51" in page

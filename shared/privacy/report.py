@@ -19,6 +19,7 @@ import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -150,6 +151,7 @@ class ReportData:
     key_fingerprint: str
     policy: SitePolicy | None
     ledgers: list[LedgerSummary] = field(default_factory=list)
+    attacks: list[dict[str, Any]] = field(default_factory=list)  # `fedrelapse audit attack` results
 
     @property
     def ok(self) -> bool:
@@ -162,7 +164,7 @@ class ReportData:
         return PROBLEMS if PROBLEMS in states else UNSIGNED if UNSIGNED in states else VERIFIED
 
 
-def build_report(ledgers: list[Path], *, public_key: Path | None, policy: SitePolicy | None, title: str) -> ReportData:
+def build_report(ledgers: list[Path], *, public_key: Path | None, policy: SitePolicy | None, title: str, attacks: list[dict[str, Any]] | None = None) -> ReportData:
     """Verify every ledger and gather what the report shows. Reads files; writes nothing."""
     key = signing.load_public(public_key) if public_key is not None else None
     data = ReportData(
@@ -171,6 +173,7 @@ def build_report(ledgers: list[Path], *, public_key: Path | None, policy: SitePo
     )
     for path in ledgers:
         data.ledgers.append(_summarise(Path(path), key, policy))
+    data.attacks = list(attacks or [])
     return data
 
 
@@ -640,6 +643,19 @@ def render_html(data: ReportData) -> str:
              _e(_fmt_cap(led.cap_run))] for led in data.ledgers]
     parts.append("<section id='summary'><h2>Summary</h2>" + _table(
         ["site", "ledger", "status", "runs", "rounds", "ε spent", "δ", "all-time cap", "remaining", "per-run cap"], rows, {3, 4, 5, 6, 7, 8, 9}) + "</section>")
+    if data.attacks:
+        parts.append("<section id='attack'><h2>Empirical privacy audit (membership inference)</h2>"
+                     "<p>A simulated attacker tried to tell, from the trained model alone, which patients were in the training data. "
+                     "An attack AUC near 0.5 means it could not; the empirical lower bound is the ε the attack <em>proves</em> at 95% confidence "
+                     "and must stay below the accounted ε. With few patients the bound is weak: a small value does not prove privacy on its own.</p>")
+        for att in data.attacks:
+            rows_a = [[_e(r["setting"]), _e(fmt_eps(r.get("epsilon_accounted") if r.get("epsilon_accounted") is not None else float("inf"))),
+                       _e(f"{r['attack_auc']:.3f}"), _e(f"{r['tpr_at_fpr']:.3f}"), _e(f"{r['epsilon_lower_bound']:.2f}")] for r in att.get("settings", [])]
+            best = float(att.get("epsilon_lower_bound_max", 0.0))
+            parts.append(f"<h3>Site {_e(att.get('site', '?'))}: {_e(att.get('members', '?'))} member and {_e(att.get('non_members', '?'))} held-out patients, "
+                         f"{_e(att.get('steps', '?'))} steps (the largest bound these counts allow: ε ≥ {best:.2f})</h3>")
+            parts.append(_table(["training", "accounted ε", "attack AUC", f"TPR at FPR ≤ {att.get('fpr_target', 0.1)}", "empirical ε lower bound"], rows_a, {1, 2, 3, 4}))
+        parts.append("</section>")
     parts.append("<section id='meaning'><h2>What the numbers mean, in plain language</h2><div class='plain'>")
     parts += [f"<p><strong>{_e(h)}</strong> {_e(t)}</p>" for h, t in MEANING]
     parts.append("</div><h3>At this site</h3>")
@@ -766,6 +782,11 @@ def render_pdf(data: ReportData, path: Path) -> None:
         t.table(["site", "status", "runs", "rounds", "ε spent", "δ", "all-time cap", "remaining", "per-run cap"],
                 [[led.site, led.status, str(len(led.runs)), str(len(led.rounds)), fmt_eps(led.epsilon_spent), _delta(led.delta), _fmt_cap(led.cap_total),
                   fmt_eps(led.epsilon_remaining), _fmt_cap(led.cap_run)] for led in data.ledgers])
+        for att in data.attacks:
+            t.heading(f"Empirical privacy audit: site {att.get('site', '?')} ({att.get('steps', '?')} steps)")
+            t.table(["training", "accounted ε", "attack AUC", "TPR@FPR≤0.1", "ε lower bound"],
+                    [[r["setting"], fmt_eps(r["epsilon_accounted"] if r.get("epsilon_accounted") is not None else float("inf")), f"{r['attack_auc']:.3f}",
+                      f"{r['tpr_at_fpr']:.3f}", f"{r['epsilon_lower_bound']:.2f}"] for r in att.get("settings", [])])
         t.heading("What the numbers mean, in plain language")
         for h, text in MEANING:
             t.line(h, weight="bold")
