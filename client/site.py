@@ -199,6 +199,9 @@ class Site:
                 model, self.train_set, steps=t.local_steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                 max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device, secure_mode=p.secure_mode,
             )
+            update = get_arrays(model)
+            if not all(np.isfinite(v).all() for v in update.values()):  # checked before anything leaves
+                return Refusal("diverged", f"Site {self.cfg.name}: local training in round {server_round} produced NaN/Inf parameters; no update is sent (lower the learning rate).")
             entry = ledger.LedgerEntry(
                 site=self.cfg.name, dataset=self.data.fingerprint, run_id=run_id, round=server_round,
                 plan_hash=plan_hash(exp), accountant=p.accountant, delta=self.delta, noise_multiplier=sigma, sample_rate=q,
@@ -212,7 +215,7 @@ class Site:
             M.NUM_PATIENTS: float(self.train_set.n_patients), M.TRAIN_LOSS: stats.mean_loss, M.EPSILON_RUN: eps_run,
             M.EPSILON_TOTAL: eps_total, M.DELTA: self.delta, M.NOISE_MULTIPLIER: sigma,
         }
-        return TrainResult(get_arrays(model), metrics, entry.hash)
+        return TrainResult(update, metrics, entry.hash)
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         """Aggregate metrics on held-out patients; suppressed below k patients."""

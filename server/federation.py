@@ -42,7 +42,9 @@ def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, co
         fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate, min_nodes=f.min_nodes, node_wait_timeout_s=f.node_wait_timeout_s
     )
     strategy.summary()
-    arrays = to_record(get_arrays(build_model(exp)))
+    initial = get_arrays(build_model(exp))
+    strategy.expected = {k: tuple(v.shape) for k, v in initial.items()}
+    arrays = to_record(initial)
     plan = exp.to_yaml()
     status = "completed"
     if exp.privacy.enabled:

@@ -104,6 +104,30 @@ class PatientFedAvg(FedAvg):
         self.log: dict[int, RoundLog] = {}
         self._sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> node ids asked
 
+    expected: dict[str, tuple[int, ...]] | None = None  # parameter name -> shape of the global model
+    max_abs_value: float = 1e4
+
+    def check_update(self, arrays: ArrayRecord, metrics: MetricRecord) -> str | None:
+        """Why an update cannot be averaged (names, shapes, NaN/Inf, range, weight), or None."""
+        import numpy as np
+
+        values = {k: v.numpy() for k, v in arrays.items()}
+        if self.expected is not None:
+            if list(values) != list(self.expected):
+                return "parameter names differ from the global model's"
+            for k, v in values.items():
+                if tuple(v.shape) != self.expected[k]:
+                    return f"parameter {k!r} has shape {tuple(v.shape)}, expected {self.expected[k]}"
+        for k, v in values.items():
+            if not np.isfinite(v).all():
+                return f"parameter {k!r} holds NaN or infinite values"
+            if v.size and float(np.abs(v).max()) > self.max_abs_value:
+                return f"parameter {k!r} exceeds the allowed range ±{self.max_abs_value:g}"
+        weight = metrics.get(M.NUM_PATIENTS)
+        if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
+            return f"weight {M.NUM_PATIENTS} is {weight!r}; it must be a positive number"
+        return None
+
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t\t└── Node wait timeout: %.0f s (refusals are reported per site)", self.node_wait_timeout_s)
@@ -135,7 +159,20 @@ class PatientFedAvg(FedAvg):
         replies = list(replies)
         reports = self._with_silent_nodes(server_round, "train", replies)
         self.log.setdefault(server_round, RoundLog()).train = reports
-        updates = [m.content for m in replies if not m.has_error() and P.ARRAYS in m.content.array_records and P.METRICS in m.content.metric_records]
+        by_site = {r.site: r for r in reports}
+        updates = []
+        for m in replies:
+            if m.has_error() or P.ARRAYS not in m.content.array_records or P.METRICS not in m.content.metric_records:
+                continue
+            name = str(m.content.config_records.get(P.SITE, ConfigRecord()).get(P.SITE_NAME, f"node-{m.metadata.src_node_id}"))
+            problem = self.check_update(m.content[P.ARRAYS], m.content[P.METRICS])
+            if problem:
+                log(INFO, "round %d: rejected the update of site %s: %s", server_round, name, problem)
+                if name in by_site:
+                    by_site[name].error = f"update rejected by the coordinator: {problem}"
+                    by_site[name].metrics = {}
+                continue
+            updates.append(m.content)
         if not updates:
             return None, None
         arrays = aggregate_arrayrecords(updates, self.weighted_by_key)

@@ -205,3 +205,12 @@ def test_site_trains_only_approved_plans_when_its_policy_requires_it(tiny_cohort
     assert P.REFUSAL_CODE not in accepted.content[P.SITE] and P.ARRAYS in accepted.content
     other = plan.replace("learning_rate: 0.01", "learning_rate: 0.5")  # any change is a new plan
     assert build_client_app()(_message("train", other, rnd=2), ctx).content[P.SITE][P.REFUSAL_CODE] == "unapproved-plan"
+
+
+def test_a_diverged_local_model_is_not_sent(site: Site) -> None:
+    site.exp = replace(site.exp, training=replace(site.exp.training, learning_rate=10.0, optimizer="sgd"))
+    bad = start_arrays()
+    first = next(iter(bad))
+    bad[first] = bad[first] * 1e30  # overflow to inf in the first step
+    result = site.train(bad, run_id="r-div", server_round=1, total_rounds=2)
+    assert isinstance(result, Refusal) and result.code == "diverged"
