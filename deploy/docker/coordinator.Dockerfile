@@ -1,0 +1,22 @@
+# fedrelapse coordinator: SuperLink + ServerApp (TLS). Build from the repository root:
+#   docker build -f deploy/docker/coordinator.Dockerfile -t fedrelapse-coordinator .
+FROM python:3.11.7-slim-bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 FLWR_TELEMETRY_ENABLED=0
+RUN useradd --create-home --uid 10001 fedrelapse
+WORKDIR /opt/fedrelapse
+COPY deploy/requirements.lock deploy/requirements.lock
+RUN grep -v '^espeakng-loader==' deploy/requirements.lock > /tmp/req.txt \
+ && pip install --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple -r /tmp/req.txt
+COPY pyproject.toml README.md ./
+COPY server server
+COPY client client
+COPY shared shared
+COPY configs configs
+COPY deploy deploy
+RUN pip install --no-deps . && python deploy/torchaudio_compat.py
+USER fedrelapse
+# Keys (from `fedrelapse keys ca` / `keys server`) are mounted read-only at /keys.
+EXPOSE 9092
+HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
+  CMD python -c "import ssl,urllib.request; urllib.request.urlopen('https://localhost:9092/health', context=ssl.create_default_context(cafile='/keys/ca/ca.pem'), timeout=4)"
+ENTRYPOINT ["fedrelapse", "server", "start", "--keys", "/keys", "--host", "0.0.0.0", "--port", "9092"]
