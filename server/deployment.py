@@ -66,6 +66,7 @@ class LocalConsortium:
     startup_timeout_s: float = 60.0
     superlink_port: int = 0
     keys: Path | None = None  # a `fedrelapse keys` folder: TLS on every link; None = insecure loopback
+    node_auth: bool = False  # with keys: only SuperNodes whose public key was registered may join
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def _env(self, home: str) -> dict[str, str]:
@@ -90,14 +91,34 @@ class LocalConsortium:
             "home-superlink", "superlink.log",
         )
         _wait_healthy(self.superlink_port, link, "flower-superlink", log, self.startup_timeout_s, self.ca)
-        for i, cfg in enumerate(self.site_configs):
-            self.start_supernode(cfg, f"supernode-{i}")
         home = self.workdir / "home-cli"
         home.mkdir(parents=True, exist_ok=True)
         transport = f'root-certificates = "{self.ca}"\n' if self.ca else "insecure = true\n"
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.superlink_port}"\n{transport}'
         )
+        for i, cfg in enumerate(self.site_configs):
+            key = None
+            if self.node_auth:
+                key = self.site_node_key(cfg)
+                self.register(key.with_suffix(".pub"))
+            self.start_supernode(cfg, f"supernode-{i}", auth_key=key)
+
+    def site_node_key(self, cfg: Path) -> Path:
+        """The site's node private key under keys/sites/<name>/ (made if missing)."""
+        from server.keys import make_site
+        from shared.config import load_site
+
+        assert self.keys is not None  # noqa: S101 - node_auth requires keys (checked by the caller)
+        name = load_site(cfg).name
+        key = self.keys / "sites" / name / "node.key"
+        return key if key.exists() else make_site(self.keys, name)[0]
+
+    def register(self, public_key: Path) -> None:
+        """Register a site's node public key with the SuperLink (`flwr supernode register`)."""
+        proc = subprocess.run([_bin("flwr"), "supernode", "register", str(public_key), FEDERATION], env=self._env("home-cli"), capture_output=True, text=True, timeout=60, check=False)
+        if proc.returncode != 0:
+            raise FederationError(f"Registering {public_key} failed: {proc.stdout[-500:]}{proc.stderr[-500:]}")
 
     @property
     def ca(self) -> Path | None:
@@ -107,12 +128,15 @@ class LocalConsortium:
         if not self.keys:
             return ["--insecure"]
         k = self.keys.resolve()
-        return ["--ssl-ca-certfile", str(k / "ca" / "ca.pem"), "--ssl-certfile", str(k / "server" / "server.pem"), "--ssl-keyfile", str(k / "server" / "server.key")]
+        auth = ["--enable-supernode-auth"] if self.node_auth else []
+        return ["--ssl-ca-certfile", str(k / "ca" / "ca.pem"), "--ssl-certfile", str(k / "server" / "server.pem"), "--ssl-keyfile", str(k / "server" / "server.key"), *auth]
 
-    def start_supernode(self, cfg: Path, name: str, *, insecure: bool | None = None, wait: bool = True) -> tuple[subprocess.Popen[bytes], Path]:
+    def start_supernode(self, cfg: Path, name: str, *, insecure: bool | None = None, wait: bool = True, auth_key: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
         """One site's SuperNode; ``insecure=True`` forces plaintext (to test that it is refused)."""
         plain = (self.ca is None) if insecure is None else insecure
         transport = ["--insecure"] if plain else ["--root-certificates", str(self.ca)]
+        if auth_key is not None:
+            transport += ["--auth-supernode-private-key", str(auth_key.resolve())]
         port = free_port()
         node, log = self._spawn(
             [_bin("flower-supernode"), *transport, "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),

@@ -28,14 +28,14 @@ from shared.errors import CryptoError
 VALID_DAYS = 825
 
 
-def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def _write_private(path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise CryptoError(f"{path} already exists; refusing to overwrite a private key (rotate it explicitly).") from None
     with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        fh.write(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
 
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -106,7 +106,7 @@ def make_site(keys: Path, name: str) -> tuple[Path, Path]:
         raise CryptoError(f"Site name {name!r} may hold only letters, digits, '-' and '_'.")
     key = ec.generate_private_key(ec.SECP256R1())
     priv = keys / "sites" / name / "node.key"
-    _write_private(priv, key)
+    _write_private(priv, key, serialization.PrivateFormat.OpenSSH)  # the format flower-supernode reads
     pub = keys / "sites" / name / "node.pub"
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return priv, pub

@@ -1,5 +1,6 @@
 """The same ServerApp/ClientApp on Flower's Deployment Engine: a real flower-superlink and one
-flower-supernode per hospital as processes on 127.0.0.1, over TLS with the consortium CA."""
+flower-supernode per hospital as processes on 127.0.0.1, over TLS with the consortium CA and
+SuperNode authentication (only registered node keys may join)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from server.deployment import LocalConsortium
-from server.keys import make_ca, make_server
+from server.keys import make_ca, make_server, make_site
 from shared.schema import to_plain
 from tests.conftest import tiny_experiment
 
@@ -30,11 +31,15 @@ def test_deployment_engine_runs_the_same_apps_end_to_end_over_tls(tiny_cohort: P
     out = tmp_path / "run"
     logs = tmp_path / "flower" / "logs"
 
-    with LocalConsortium(tmp_path / "flower", sites, keys=keys) as consortium:
+    intruder_key, _ = make_site(keys, "intruder")  # a valid key the coordinator never registered
+
+    with LocalConsortium(tmp_path / "flower", sites, keys=keys, node_auth=True) as consortium:
         plain, plain_log = consortium.start_supernode(sites[0], "plaintext-intruder", insecure=True, wait=False)
+        unknown, unknown_log = consortium.start_supernode(sites[0], "unregistered-intruder", wait=False, auth_key=intruder_key)
         proc = consortium.submit(exp_path, out, run_id="deploy-test", timeout_s=400)
         time.sleep(1)
         intruder_alive = plain.poll() is None
+        unknown_alive = unknown.poll() is None
 
     all_logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(logs.glob("*.log")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + all_logs
@@ -46,5 +51,8 @@ def test_deployment_engine_runs_the_same_apps_end_to_end_over_tls(tiny_cohort: P
         assert len((tmp_path / name / "ledger" / "privacy-ledger.jsonl").read_text().splitlines()) == 2
     superlink_log = (logs / "superlink.log").read_text(errors="replace")
     assert "https://127.0.0.1" in superlink_log
-    assert superlink_log.count("register-node HTTP/1.1\" 200") == 3  # the 3 TLS sites, not the plaintext one
-    assert intruder_alive and "Connection attempt failed" in plain_log.read_text(errors="replace")
+    assert intruder_alive and "Connection attempt failed" in plain_log.read_text(errors="replace")  # no TLS: refused
+    unknown_text = unknown_log.read_text(errors="replace")
+    assert all("SuperNode ID:" in (logs / f"supernode-{i}.log").read_text(errors="replace") for i in range(3))  # registered sites admitted
+    assert "SuperNode ID:" not in unknown_text, unknown_text[-2000:]  # unregistered key: never admitted
+    assert unknown_alive or "Exit Code" in unknown_text, unknown_text[-2000:]
