@@ -6,6 +6,7 @@ manifest line and skipped. Features go through the content-addressed cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from collections.abc import Callable
@@ -35,9 +36,12 @@ class SiteData:
     problems: list[Problem] = field(default_factory=list)
     cache_hits: int = 0
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """Identifies the dataset for the privacy ledger: manifest bytes + audio hashes."""
+        """Identifies the dataset for the privacy ledger: manifest bytes + audio hashes.
+
+        Computed once, after preparation, so every round's ledger entry names the data that
+        was actually loaded (not a manifest edited on disk since) without re-reading it."""
         h = hashlib.sha256(self.manifest.path.read_bytes())
         for s in sorted(self.sessions, key=lambda s: s.row.session_id):
             h.update(s.audio_sha256.encode())

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -109,8 +110,6 @@ class PatientFedAvg(FedAvg):
 
     def check_update(self, arrays: ArrayRecord, metrics: MetricRecord) -> str | None:
         """Why an update cannot be averaged (names, shapes, NaN/Inf, range, weight), or None."""
-        import numpy as np
-
         values = {k: v.numpy() for k, v in arrays.items()}
         if self.expected is not None:
             if list(values) != list(self.expected):

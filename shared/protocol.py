@@ -31,7 +31,6 @@ ALLOWED_SITE_KEYS = frozenset({SITE_NAME, REFUSAL_CODE, REFUSAL_REASON, LEDGER_H
 # Run-config keys (pyproject [tool.flwr.app.config], overridable with --run-config).
 RC_EXPERIMENT = "experiment"
 RC_OUT = "out"
-RC_SIM_SITES = "sim-sites"
 RC_RUN_ID = "run-id"
 RC_SIGNING_KEY = "signing-key"  # coordinator's model-signing private key (path on the coordinator)
 
