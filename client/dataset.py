@@ -8,6 +8,7 @@ Everything here stays at the site.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ class PatientTensors:
     """Sessions grouped by patient and padded to K sessions."""
 
     mel: torch.Tensor  # (P, K, n_mels, F) float16
-    markers: torch.Tensor  # (P, K, 2 * N_ACOUSTIC) float32
+    markers: torch.Tensor  # (P, K, N_MODEL_MARKERS) float32: site z-scores, then within-patient deltas
     labels: torch.Tensor  # (P, K) float32, 0 where unlabelled or padding
     mask: torch.Tensor  # (P, K) bool, True for labelled sessions
     patient_ids: tuple[str, ...]
@@ -65,8 +66,10 @@ def build_tensors(sessions: list[PreparedSession], *, baseline_sessions: int) ->
         raise ValueError("No usable sessions to build tensors from.")
     for lst in by_patient.values():
         lst.sort(key=lambda s: s.row.recorded_at)
-    raw = np.stack([s.features.markers for s in sessions])  # (S, M)
-    mean, std = raw.mean(axis=0), raw.std(axis=0) + 1e-6
+    raw = np.stack([s.markers for s in sessions])  # (S, M), NaN where a marker is unavailable
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (no transcripts) stay NaN -> 0 below
+        mean, std = np.nanmean(raw, axis=0), np.nanstd(raw, axis=0) + 1e-6
     pids = sorted(by_patient)
     k = max(len(v) for v in by_patient.values())
     first = sessions[0].features.mel
@@ -76,10 +79,13 @@ def build_tensors(sessions: list[PreparedSession], *, baseline_sessions: int) ->
     mask = torch.zeros(len(pids), k, dtype=torch.bool)
     for i, pid in enumerate(pids):
         lst = by_patient[pid]
-        m = np.stack([s.features.markers for s in lst])  # (n, M)
-        base = m[:baseline_sessions].mean(axis=0)
+        m = np.stack([s.markers for s in lst])  # (n, M)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a marker missing in every baseline session
+            base = np.nanmean(m[:baseline_sessions], axis=0)  # (M,)
         feats = np.concatenate([(m - mean) / std, (m - base) / std], axis=1)  # (n, 2M)
-        markers[i, : len(lst)] = torch.from_numpy(np.clip(feats, -8, 8).astype(np.float32))
+        # A missing marker (no transcript) is imputed as "typical": 0 after standardising.
+        markers[i, : len(lst)] = torch.from_numpy(np.clip(np.nan_to_num(feats, nan=0.0), -8, 8).astype(np.float32))
         mel[i, : len(lst)] = torch.from_numpy(np.stack([s.features.mel for s in lst]))
         for j, s in enumerate(lst):
             if s.row.label is not None:

@@ -47,6 +47,25 @@ class CpuNoiseDPOptimizer(DPOptimizer):
             p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
             _mark_as_processed(p.summed_grad)
 
+    prox_mu: float = 0.0
+    prox_ref: list[torch.Tensor] | None = None
+
+    def scale_grad(self) -> None:
+        """Opacus' averaging, then FedProx's μ(w - w_global): added after the noise because it
+        depends on no patient's data, so it changes nothing in the privacy accounting."""
+        super().scale_grad()
+        add_prox(self.params, self.prox_ref, self.prox_mu)
+
+
+def add_prox(params: list[torch.Tensor], ref: list[torch.Tensor] | None, mu: float) -> None:
+    """In place: grad += μ (w - w_ref) for every parameter (FedProx, Li et al. 2020)."""
+    if ref is None or mu == 0.0:
+        return
+    with torch.no_grad():
+        for p, r in zip(params, ref, strict=True):
+            if p.grad is not None:
+                p.grad.add_(p.detach() - r, alpha=mu)
+
 
 def patient_loss_fn(model: nn.Module):  # noqa: ANN201 - returns a torch.func-ready closure
     """loss(params, buffers, mel (K, n_mels, F), markers (K, M), y (K), m (K)) for ONE patient."""
@@ -96,8 +115,9 @@ def train_dp(
     generator: torch.Generator,
     device: torch.device,
     secure_mode: bool = False,
+    prox_mu: float = 0.0,
 ) -> StepStats:
-    """Run ``steps`` patient-level DP-SGD steps in place on ``model``."""
+    """Run ``steps`` patient-level DP-SGD steps in place on ``model`` (FedProx with ``prox_mu`` > 0)."""
     expected = max(1, int(data.n_patients * sample_rate))
     dp_opt = CpuNoiseDPOptimizer(
         optimizer,
@@ -107,6 +127,8 @@ def train_dp(
         generator=None if secure_mode else generator,
         secure_mode=secure_mode,
     )
+    if prox_mu > 0:
+        dp_opt.prox_mu, dp_opt.prox_ref = prox_mu, [p.detach().clone() for p in dp_opt.params]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params_list = [p for p in model.parameters() if p.requires_grad]
     per_patient_grad = vmap(grad(patient_loss_fn(model)), in_dims=(None, None, 0, 0, 0, 0))
@@ -142,8 +164,11 @@ def train_plain(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     device: torch.device,
+    prox_mu: float = 0.0,
 ) -> StepStats:
     """The same sampling and loss without clipping or noise (non-private baselines)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = [p.detach().clone() for p in params] if prox_mu > 0 else None
     losses, batches = [], []
     model.train()
     for _ in range(steps):
@@ -155,6 +180,7 @@ def train_plain(
         optimizer.zero_grad(set_to_none=True)
         loss = _batch_loss(model, mel, markers, y, m)
         loss.backward()
+        add_prox(params, ref, prox_mu)
         optimizer.step()
         losses.append(float(loss.detach()))
     return StepStats(steps, sum(losses) / max(len(losses), 1), sum(batches) / max(len(batches), 1))

@@ -19,7 +19,7 @@ from pathlib import Path
 from shared.errors import DataError
 
 REQUIRED = ("patient_id", "session_id", "recorded_at", "audio_path", "language")
-OPTIONAL = ("transcript_path", "transcript", "label")
+OPTIONAL = ("transcript_path", "transcript", "label", "relapse_onset")
 _BCP47 = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
 
 
@@ -49,6 +49,7 @@ class SessionRow:
     language: str
     label: int | None
     transcript: str | None
+    relapse_onset: bool = False  # the clinically recorded start of an acute relapse (evaluation only)
 
 
 @dataclass
@@ -177,12 +178,15 @@ def _validate_row(line: int, rec: dict[str, str], base: Path, problems: list[Pro
         label = int(float(raw_label))
     elif raw_label != "":
         err("label", f"{raw_label!r} must be 1 (worsening window), 0 (stable) or empty (unlabelled); row skipped")
+    onset_raw = rec.get("relapse_onset", "") or ""
+    if onset_raw not in ("", "0", "1"):
+        err("relapse_onset", f"{onset_raw!r} must be 1 (this session is the recorded start of a relapse), 0 or empty; row skipped")
     transcript = _transcript(rec, base, line, errors, problems)
     if errors:
         problems.extend(errors)
         return None
     assert audio is not None  # no errors implies the path resolved  # noqa: S101
-    return SessionRow(line, rec["patient_id"], sid, when, audio, rec["language"], label, transcript)
+    return SessionRow(line, rec["patient_id"], sid, when, audio, rec["language"], label, transcript, onset_raw == "1")
 
 
 def _inside(base: Path, rel: str, fieldname: str, line: int, errors: list[Problem]) -> Path | None:

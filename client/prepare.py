@@ -10,13 +10,17 @@ import functools
 import hashlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from client.audio import AudioProblem, decode
 from client.features import FeatureCache, RecordingFeatures, extract
+from client.language import language_markers
 from client.manifest import Manifest, Problem, SessionRow, label_balance, read_manifest
-from shared.config import FeatureConfig
+from shared.config import FeatureConfig, LanguageConfig
+from shared.markers import ACOUSTIC_MARKERS, N_LANGUAGE
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,12 @@ class PreparedSession:
     features: RecordingFeatures
     audio_sha256: str
     original_rate: int
+    text_markers: np.ndarray = field(default_factory=lambda: np.full(N_LANGUAGE, np.nan, np.float32))  # (N_LANGUAGE,), NaN if no transcript
+
+    @property
+    def markers(self) -> np.ndarray:
+        """Acoustic then language markers, (N_SESSION,) float32 (see shared.markers)."""
+        return np.concatenate([self.features.markers, self.text_markers]).astype(np.float32)
 
 
 @dataclass
@@ -35,6 +45,7 @@ class SiteData:
     sessions: list[PreparedSession] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     cache_hits: int = 0
+    text_cache_hits: int = 0
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -64,6 +75,7 @@ class SiteData:
             "warnings": sum(p.severity == "warning" for p in self.problems),
             "notes": sum(p.severity == "info" for p in self.problems),
             "cache_hits": self.cache_hits,
+            "sessions_with_language_markers": sum(bool(np.isfinite(s.text_markers).any()) for s in self.sessions),
         }
 
 
@@ -72,9 +84,11 @@ def prepare_site(
     cfg: FeatureConfig,
     cache_root: Path,
     *,
+    language: LanguageConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SiteData:
-    """Validate the manifest, decode each recording and extract (or load) its features."""
+    """Validate the manifest, decode each recording and extract (or load) its features;
+    with ``language``, add each session's transcript markers (batched, cached)."""
     manifest = read_manifest(manifest_path)
     data = SiteData(manifest=manifest, problems=list(manifest.problems))
     cache = FeatureCache(cache_root, cfg)
@@ -100,6 +114,19 @@ def prepare_site(
             data.sessions.append(PreparedSession(row, feats, digest, rate))
         if progress:
             progress(i + 1, total)
+    if language is not None and data.sessions:
+        add_language_markers(data, language, cache_root)
     data.problems.sort(key=lambda p: (p.line or 0, p.field))
     return data
+
+
+_DURATION, _SPEECH_RATIO = ACOUSTIC_MARKERS.index("duration_s"), ACOUSTIC_MARKERS.index("speech_ratio")
+
+
+def add_language_markers(data: SiteData, cfg: LanguageConfig, cache_root: Path) -> None:
+    """Fill each session's ``text_markers`` from its transcript (NaN where there is none)."""
+    voiced = [float(s.features.markers[_DURATION] * s.features.markers[_SPEECH_RATIO]) for s in data.sessions]
+    values, hits = language_markers([s.row.transcript for s in data.sessions], [s.row.language for s in data.sessions], voiced, cfg, cache_root=cache_root)
+    data.sessions = [replace(s, text_markers=v) for s, v in zip(data.sessions, values, strict=True)]
+    data.text_cache_hits = hits
 

@@ -26,7 +26,7 @@ from client.dp_train import make_optimizer, predict, train_dp, train_plain
 from client.prepare import SiteData, prepare_site
 from shared import metrics as M  # noqa: N812
 from shared import signing
-from shared.config import ExperimentConfig, FeatureConfig, SiteConfig
+from shared.config import ExperimentConfig, FeatureConfig, LanguageConfig, SiteConfig
 from shared.errors import DataError
 from shared.models import build_model
 from shared.params import get_arrays, set_arrays
@@ -52,18 +52,18 @@ class TrainResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _load(manifest: Path, mtime_ns: int, cfg: FeatureConfig, cache_root: Path) -> SiteData:
+def _load(manifest: Path, mtime_ns: int, cfg: FeatureConfig, language: LanguageConfig | None, cache_root: Path) -> SiteData:
     """Site data, memoised per process for an unchanged manifest (rounds reuse it)."""
     del mtime_ns  # part of the cache key only
-    return prepare_site(manifest, cfg, cache_root)
+    return prepare_site(manifest, cfg, cache_root, language=language)
 
 
-def load_site_data(site: SiteConfig, cfg: FeatureConfig) -> SiteData:
+def load_site_data(site: SiteConfig, cfg: FeatureConfig, language: LanguageConfig | None = None) -> SiteData:
     try:
         mtime = site.manifest.stat().st_mtime_ns
     except FileNotFoundError:
         raise DataError(f"Site {site.name}: manifest {site.manifest} does not exist; check site.yaml.") from None
-    return _load(site.manifest, mtime, cfg, site.state_dir / "features")
+    return _load(site.manifest, mtime, cfg, language, site.state_dir / "features")
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -85,7 +85,7 @@ class Site:
     def __init__(self, site: SiteConfig, exp: ExperimentConfig) -> None:
         self.cfg = site
         self.exp = exp
-        self.data = load_site_data(site, exp.features)
+        self.data = load_site_data(site, exp.features, exp.language)
         if not self.data.sessions:
             raise DataError(f"Site {site.name}: no usable session in {site.manifest}; run `fedrelapse site check`.")
         train_ids, eval_ids = split_patients(self.data.sessions, eval_fraction=exp.training.eval_fraction, seed=exp.seed)
@@ -176,7 +176,7 @@ class Site:
         if not exp.privacy.enabled:
             if not self.cfg.policy.allow_non_private:
                 return Refusal("no-dp", f"Site {self.cfg.name} trains only with DP (its policy has allow_non_private: false); the plan has privacy.enabled = false.")
-            stats = train_plain(model, self.train_set, steps=t.local_steps, sample_rate=q, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device)
+            stats = train_plain(model, self.train_set, steps=t.local_steps, sample_rate=q, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device, prox_mu=t.prox_mu)
             metrics = {M.NUM_PATIENTS: float(self.train_set.n_patients), M.TRAIN_LOSS: stats.mean_loss, M.EPSILON_RUN: float("inf"), M.EPSILON_TOTAL: float("inf"), M.DELTA: 0.0, M.NOISE_MULTIPLIER: 0.0}
             return TrainResult(get_arrays(model), metrics)
         p = exp.privacy
@@ -197,7 +197,7 @@ class Site:
             started = time.perf_counter()
             stats = train_dp(
                 model, self.train_set, steps=t.local_steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
-                max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device, secure_mode=p.secure_mode,
+                max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device, secure_mode=p.secure_mode, prox_mu=t.prox_mu,
             )
             update = get_arrays(model)
             if not all(np.isfinite(v).all() for v in update.values()):  # checked before anything leaves

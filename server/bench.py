@@ -18,7 +18,7 @@ import torch
 from client.dataset import PatientTensors
 from client.dp_train import make_optimizer, train_dp, train_plain
 from shared.config import ExperimentConfig
-from shared.markers import N_ACOUSTIC
+from shared.markers import N_MODEL_MARKERS
 from shared.models import build_model
 from shared.privacy.accounting import calibrate_noise
 
@@ -45,7 +45,7 @@ def synthetic_batch(exp: ExperimentConfig, patients: int, sessions: int, seed: i
     f = exp.features
     return PatientTensors(
         mel=torch.randn(patients, sessions, f.n_mels, n_frames(f), generator=g).half(),  # (P, K, n_mels, F)
-        markers=torch.randn(patients, sessions, 2 * N_ACOUSTIC, generator=g),  # (P, K, 2M)
+        markers=torch.randn(patients, sessions, N_MODEL_MARKERS, generator=g),  # (P, K, N_MODEL_MARKERS)
         labels=(torch.rand(patients, sessions, generator=g) > 0.8).float(),
         mask=torch.ones(patients, sessions, dtype=torch.bool),
         patient_ids=tuple(f"p{i}" for i in range(patients)),

@@ -193,6 +193,64 @@ def bench_utility(
     print(json.dumps(result, indent=2))
 
 
+@app.command()
+@friendly
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Synthetic cohort folder (from `fedrelapse synth`).")],
+    out: Annotated[Path, typer.Option(help="Folder for evaluation.json, evaluation.md and plots.")],
+    config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller grid (ε 8 and ∞; local, FedAvg, centralised; 3 rounds) for smoke tests.")] = False,
+) -> None:
+    """The evaluation protocol: local-only, FedAvg, FedProx, FedAdam and centralised at
+    ε ∈ {1, 3, 8, ∞}, plus ablations; AUROC/AUPRC with patient-bootstrap CIs, calibration,
+    early-warning lead time and false alarms. Synthetic cohorts only (it sees every site)."""
+    from server.evaluate import run_evaluation
+    from shared.config import load_experiment
+
+    exp = load_experiment(config)
+    report = run_evaluation(exp, data, out, quick=quick, progress=lambda line: err_console.print(f"  {line}"))
+    console.print((out / "evaluation.md").read_text(encoding="utf-8"))
+    console.print(f"{len(report['results'])} settings; results in [bold]{out}[/bold]")
+
+
+@site_app.command("timeline")
+@friendly
+def site_timeline(
+    site: Annotated[Path, typer.Option(help="The site's site.yaml.")],
+    patient: Annotated[str, typer.Option("--patient", help="Patient id as in the manifest.")],
+    model: Annotated[Path, typer.Option(help="A global model checkpoint (RUN/checkpoints/round-NNN.safetensors).")],
+    config: Annotated[Path, typer.Option(help="The experiment YAML the model was trained with.")] = Path("configs/experiment.yaml"),
+    out: Annotated[Path | None, typer.Option(help="Output path without suffix (default: <state_dir>/timelines/<patient>).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Alert threshold; default: chosen on this site's training patients to meet alerts.max_false_alarms_per_month.")] = None,
+) -> None:
+    """Clinician view of one patient's risk, alerts and markers over time (HTML + PNG), at the site only."""
+    from client.early_warning import choose_threshold
+    from client.site import Site
+    from client.timeline import patient_timeline, render_timeline, site_timelines
+    from shared.config import load_experiment, load_site
+    from shared.errors import DataError
+    from shared.models import build_model
+    from shared.params import load_checkpoint, set_arrays
+
+    exp, cfg = load_experiment(config), load_site(site)
+    net = build_model(exp)
+    try:
+        set_arrays(net, load_checkpoint(model))
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{model} is not a checkpoint of the model {config} describes ({exc}); pass the run's own experiment YAML.") from None
+    s = Site(cfg, exp)
+    try:
+        tl, sessions = patient_timeline(s, net, patient)
+    except KeyError as exc:
+        raise DataError(str(exc.args[0])) from None
+    a, n0 = exp.alerts, exp.features.baseline_sessions
+    if threshold is None:
+        threshold = choose_threshold(site_timelines(s, net, which="train"), baseline_n=n0, slack=a.slack, lookback_days=a.lookback_days, grace_days=a.grace_days, max_false_alarms_per_month=a.max_false_alarms_per_month).threshold
+    target = out or cfg.state_dir / "timelines" / patient
+    png, page = render_timeline(tl, sessions, threshold=threshold, alert_cfg=a, baseline_n=n0, out=target, site_name=cfg.name)
+    console.print(f"wrote {page} and {png} (personal data: keep them at the site)")
+
+
 @site_app.command("init")
 @friendly
 def site_init(site: Annotated[Path, typer.Option(help="The site's site.yaml.")]) -> None:
@@ -274,13 +332,14 @@ def site_check(
 ) -> None:
     """Validate every row and recording, fill the feature cache, print the site data report."""
     from client.prepare import prepare_site
-    from shared.config import FeatureConfig, load_experiment
+    from shared.config import FeatureConfig, LanguageConfig, load_experiment
 
-    features = load_experiment(experiment).features if experiment else FeatureConfig()
+    exp = load_experiment(experiment) if experiment else None
+    features, language = (exp.features, exp.language) if exp else (FeatureConfig(), LanguageConfig())
     cache = (state_dir or manifest.resolve().parent / "state") / "features"
     with _progress() as bar:
         task = bar.add_task("checking recordings", total=None)
-        data = prepare_site(manifest, features, cache, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        data = prepare_site(manifest, features, cache, language=language, progress=lambda d, t: bar.update(task, completed=d, total=t))
     report = data.report()
     problems = [p.render(data.manifest.path) for p in data.problems]
     if as_json:

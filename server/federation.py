@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from rich.table import Table
 
+from server.aggregation import make_server_optimizer, server_step
 from server.run_folder import RoundRecord, RunFolder
 from server.strategy import PatientFedAvg, SiteReport, site_reports, wait_for_nodes
 from shared import metrics as M  # noqa: N812
@@ -62,13 +63,14 @@ def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, co
             cfg[P.MODEL_SIGNATURE] = sign_model(signing_key, dict(from_record(record)), run_id=run_id, server_round=rnd, plan_hash=phash)
         return cfg
 
+    server_opt = make_server_optimizer(f.server_optimizer, lr=f.server_learning_rate)  # FedAdam; None = FedAvg
     for rnd in range(1, f.rounds + 1):
         cfg = config(rnd, arrays)
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         updated = new_arrays is not None
         if updated:
-            arrays = new_arrays
+            arrays = to_record(server_step(server_opt, dict(from_record(arrays)), dict(from_record(new_arrays)))) if server_opt else new_arrays
         eval_cfg = config(rnd, arrays)
         eval_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout=f.round_timeout_s)
         eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)

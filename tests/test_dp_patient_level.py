@@ -9,10 +9,11 @@ from opacus.accountants import RDPAccountant
 from client.dataset import PatientTensors
 from client.dp_train import CpuNoiseDPOptimizer, patient_loss_fn, train_dp
 from shared.config import ModelSpec
+from shared.markers import N_MODEL_MARKERS
 from shared.models.prosody_mel import ProsodyMelNet
 from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon
 
-P, K, N_MELS, F, M = 6, 4, 8, 16, 20
+P, K, N_MELS, F, M = 6, 4, 8, 16, N_MODEL_MARKERS
 
 
 def make_data(seed: int = 0, patients: int = P) -> PatientTensors:

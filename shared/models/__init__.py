@@ -13,16 +13,17 @@ from torch import nn
 
 from shared.config import ExperimentConfig, ModelSpec
 from shared.errors import ConfigError
-from shared.markers import N_ACOUSTIC
+from shared.markers import N_MODEL_MARKERS
 from shared.models.prosody_mel import ProsodyMelNet
 
 Builder = Callable[[ModelSpec, int, int], nn.Module]
 
 MODELS: dict[str, Builder] = {
-    "prosody_mel": lambda spec, n_mels, n_markers: ProsodyMelNet(spec, n_mels=n_mels, n_markers=n_markers),
+    "speech_language": lambda spec, n_mels, n_markers: ProsodyMelNet(spec, n_mels=n_mels, n_markers=n_markers),
+    "prosody_mel": lambda spec, n_mels, n_markers: ProsodyMelNet(spec, n_mels=n_mels, n_markers=n_markers),  # earlier name
 }
 
-N_MODEL_MARKERS = 2 * N_ACOUSTIC  # site-standardised markers + within-patient baseline deltas
+__all__ = ["MODELS", "N_MODEL_MARKERS", "build_model"]
 
 
 def build_model(cfg: ExperimentConfig) -> nn.Module:

@@ -1,7 +1,10 @@
-"""Log-mel + prosodic-marker relapse model: a small conv branch and a fusion head.
+"""Speech-language relapse model: a log-mel conv branch, a marker input and a fusion head.
 
-Reads top to bottom: the conv branch, the head, the model. GroupNorm, never BatchNorm:
-batch statistics would mix patients and break per-patient DP.
+Reads top to bottom: the conv branch, the model. The marker input holds acoustic and
+language markers (site z-scores and within-patient deltas, see :mod:`shared.markers`);
+``spec.branches`` and ``spec.personal_baseline`` pick which of them (and whether the log-mel
+branch) the model uses, for ablations. GroupNorm, never BatchNorm: batch statistics would
+mix patients and break per-patient DP.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import torch
 from torch import nn
 
 from shared.config import ModelSpec
+from shared.markers import marker_columns
 
 
 class MelBranch(nn.Module):
@@ -33,18 +37,26 @@ class MelBranch(nn.Module):
 
 
 class ProsodyMelNet(nn.Module):
-    """Session risk logit from a log-mel image and a marker vector."""
+    """Session risk logit from a log-mel image and the marker vector."""
 
     def __init__(self, spec: ModelSpec, *, n_mels: int, n_markers: int) -> None:
         super().__init__()
-        self.mel = MelBranch(n_mels, spec.conv_channels, spec.groups)
+        cols = marker_columns(branches=spec.branches, personal_baseline=spec.personal_baseline)
+        if max(cols) >= n_markers:
+            raise ValueError(f"Marker column {max(cols)} is outside the {n_markers}-marker input.")
+        self.register_buffer("cols", torch.tensor(cols, dtype=torch.long), persistent=False)
+        self.mel = MelBranch(n_mels, spec.conv_channels, spec.groups) if spec.branches != "language" else None
+        width = (self.mel.out_dim if self.mel is not None else 0) + len(cols)
         self.head = nn.Sequential(
-            nn.Linear(self.mel.out_dim + n_markers, spec.hidden),
+            nn.Linear(width, spec.hidden),
             nn.ReLU(),
             nn.Dropout(spec.dropout),
             nn.Linear(spec.hidden, 1),
         )
 
     def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
-        # mel: (N, n_mels, F), markers: (N, n_markers) -> logits (N,)
-        return self.head(torch.cat([self.mel(mel), markers], dim=-1)).squeeze(-1)
+        # mel: (N, n_mels, F), markers: (N, N_MODEL_MARKERS) -> logits (N,)
+        x = markers.index_select(-1, self.cols)  # (N, len(cols))
+        if self.mel is not None:
+            x = torch.cat([self.mel(mel), x], dim=-1)  # (N, 2C + len(cols))
+        return self.head(x).squeeze(-1)

@@ -8,11 +8,14 @@ accountant (Gopi, Lee & Wutschitz 2021), both as implemented by Opacus.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from opacus.accountants import create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -38,15 +41,28 @@ def _check(accountant: str) -> None:
 def epsilon(events: Iterable[SubsampledGaussian], *, delta: float, accountant: str = "rdp") -> float:
     """ε at ``delta`` after all ``events`` (0.0 when there are none)."""
     _check(accountant)
-    acc = create_accountant(accountant)
-    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0]
-    if not acc.history:
+    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0]
+    if not history:
         return 0.0
     if accountant == "rdp":
-        return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ALPHAS)))
+        # What Opacus' RDPAccountant computes (RDP adds up over composed mechanisms), with
+        # each mechanism's RDP curve memoised: a ledger re-accounts the same rounds often.
+        total = np.sum([_rdp_curve(*h) for h in history], axis=0)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ALPHAS), rdp=total, delta=delta)
+        return float(eps)
+    acc = create_accountant(accountant)
+    acc.history = history
     return float(acc.get_epsilon(delta=delta))
 
 
+@functools.lru_cache(maxsize=65536)
+def _rdp_curve(noise_multiplier: float, sample_rate: float, steps: int) -> np.ndarray:
+    curve = np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=list(RDP_ALPHAS)))
+    curve.flags.writeable = False
+    return curve
+
+
+@functools.lru_cache(maxsize=1024)
 def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
     """Smallest σ (to Opacus' tolerance) so ``steps`` steps at rate q spend ``target_epsilon``."""
     _check(accountant)

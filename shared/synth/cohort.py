@@ -31,7 +31,7 @@ from shared.resample import resample
 from shared.synth.config import CohortConfig, HospitalSpec
 from shared.synth.texts import topics
 
-MANIFEST_COLUMNS = ("patient_id", "session_id", "recorded_at", "audio_path", "transcript_path", "language", "label")
+MANIFEST_COLUMNS = ("patient_id", "session_id", "recorded_at", "audio_path", "transcript_path", "language", "label", "relapse_onset")
 TTS_RATE = 22050  # espeak-ng always synthesises at this rate
 _VOICE_VARIANTS = ("m1", "m2", "m3", "m4", "f1", "f2", "f3", "f4")
 _START = dt.datetime(2026, 1, 5, 9, 0, tzinfo=dt.UTC)
@@ -128,6 +128,8 @@ def _patient_sessions(job: PatientJob) -> list[dict[str, str]]:
                 "transcript_path": f"transcripts/{sid}.txt",
                 "language": h.language,
                 "label": str(lab[s]),
+                # the clinically recorded start of the acute relapse (after the prodrome)
+                "relapse_onset": "1" if onset is not None and s == onset + tr.prodromal_sessions else "",
                 "_severity": f"{sev[s]:.3f}",
                 "_onset": "" if onset is None else str(onset),
             }

@@ -1,0 +1,67 @@
+"""The evaluation protocol on the tiny cohort, collapse detection, and the clinician timeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from server.cli import app
+from server.evaluate import Harness, Setting, bootstrap_ci, run_evaluation
+from shared import metrics as M  # noqa: N812
+from shared.models import build_model
+from shared.params import get_arrays, save_checkpoint
+from tests.conftest import tiny_experiment
+
+runner = CliRunner()
+
+
+def test_protocol_reports_every_measure_on_the_same_splits(tiny_cohort: Path, tmp_path: Path) -> None:
+    settings = [Setting("fedavg", 8.0), Setting("local", float("inf"), "acoustic", False)]
+    report = run_evaluation(tiny_experiment(), tiny_cohort, tmp_path, settings=settings)
+    assert [r["setting"] for r in report["results"]] == ["fedavg/eps=8", "local/eps=inf/acoustic-nobaseline"]
+    for r in report["results"]:
+        lo, hi = r["auroc_ci"]
+        assert 0 <= lo <= hi <= 1 and set(r["auroc_per_site"]) == {"alpha", "beta", "gamma"}
+        assert {"median_lead_days", "false_alarms_per_patient_month", "warned", "relapses"} <= set(r["early_warning"])
+        assert r["early_warning"]["relapses"] > 0  # every site holds out relapsing patients (stratified split)
+        assert 0 <= r["ece"] <= 1 and 0 <= r["brier"] <= 1
+    assert json.loads((tmp_path / "evaluation.json").read_text())["sites"]["alpha"] == {"train_patients": 6, "eval_patients": 4}  # 30% of 5 + 5, rounded per stratum
+    assert "fedavg/eps=8" in (tmp_path / "evaluation.md").read_text() and (tmp_path / "auroc_by_epsilon.png").stat().st_size > 0
+
+
+def test_a_model_that_predicts_one_class_is_reported_as_collapsed(tiny_cohort: Path, tmp_path: Path) -> None:
+    exp = tiny_experiment()
+    harness = Harness(exp, tiny_cohort, tmp_path, bootstrap=20)
+    model = build_model(exp)
+    with torch.no_grad():
+        for p in model.head[-1].parameters():
+            p.zero_()  # every session gets risk 0.5: what heavy DP noise can do
+    measured = harness.measure({s.cfg.name: model for s in harness.sites})
+    assert measured["collapsed"] and measured["auroc"] == 0.5 and measured["macro_f1"] <= 0.5
+
+
+def test_bootstrap_resamples_patients_not_sessions() -> None:
+    import numpy as np
+
+    y = np.array([0, 0, 1, 1, 0, 1])
+    p = np.array([0.1, 0.2, 0.9, 0.8, 0.3, 0.7])
+    groups = np.array([0, 0, 1, 1, 2, 2])
+    lo, hi = bootstrap_ci(M.auroc, y, p, groups, reps=200)
+    assert lo <= M.auroc(y, p) <= hi
+    assert bootstrap_ci(M.auroc, y, p, groups, reps=0) is None
+
+
+def test_site_timeline_renders_one_patient_at_the_site(tiny_cohort: Path, tmp_path: Path) -> None:
+    exp = tiny_experiment()
+    (tmp_path / "exp.yaml").write_text(exp.to_yaml())
+    save_checkpoint(tmp_path / "model.safetensors", get_arrays(build_model(exp)), {})
+    args = ["site", "timeline", "--site", str(tiny_cohort / "gamma" / "site.yaml"), "--model", str(tmp_path / "model.safetensors"), "--config", str(tmp_path / "exp.yaml")]
+    res = runner.invoke(app, [*args, "--patient", "gamma-p0001", "--out", str(tmp_path / "tl")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "tl.html").read_text()
+    assert "gamma-p0001" in page and "Decision support only" in page and (tmp_path / "tl.png").stat().st_size > 1000
+    res = runner.invoke(app, [*args, "--patient", "nobody", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 3 and "nobody" in res.output
