@@ -35,6 +35,7 @@ from flwr.clientapp.client_app import LoadClientAppError
 from shared.errors import PolicyError
 
 PINNED_CLIENTAPP = "client.app:app"
+PINNED_MARK = "fedrelapse pinned ClientApp"  # printed by every task this launcher runs
 LAUNCHER = "flwr-clientapp"  # the name flower-superexec spawns (flwr.supercore.constant.TASK_TYPE_TO_COMMAND)
 # What a configuration-only bundle may hold: its pyproject.toml, Flower's hash list, and text.
 _ALLOWED_NAMES = frozenset({"pyproject.toml", ".info/CONTENT", "LICENSE"})
@@ -94,6 +95,7 @@ def _checked_install(fab_file: Path | bytes, install_dir: Path | None = None, sk
     """Stands in for flwr.cli.install.install_from_fab: check, never extract."""
     del install_dir, skip_prompt
     check_bundle(fab_file if isinstance(fab_file, bytes) else fab_file.read_bytes())
+    print(f"{PINNED_MARK}: the app bundle is configuration only; running the installed {PINNED_CLIENTAPP}", file=sys.stderr, flush=True)
     return Path(os.devnull)
 
 

@@ -516,9 +516,14 @@ def server_register_site(
     keys: Annotated[Path, typer.Option(help="Keys folder.")] = Path("keys"),
     superlink: Annotated[str, typer.Option(help="The running SuperLink's HOST:PORT as seen from here.")] = "127.0.0.1:9092",
 ) -> None:
-    """Admit a site: register its node public key with the running SuperLink."""
-    node_id = _registry(keys, superlink).register(_site_pub(keys, name))
-    console.print(f"site {name}: key registered as node {node_id}; the site may now join.")
+    """Admit a site: register its node public key with the running SuperLink (idempotent)."""
+    pub = _site_pub(keys, name)
+    registry = _registry(keys, superlink)
+    known = registry.find(pub)
+    if known:
+        console.print(f"site {name}: key {pub} is already registered (node {', '.join(map(str, known))}); nothing to do.")
+        return
+    console.print(f"site {name}: key registered as node {registry.register(pub)}; the site may now join.")
 
 
 @server_app.command("revoke-site")

@@ -100,7 +100,8 @@ def test_revoked_key_cannot_join_rotated_key_can_and_a_bundle_with_code_never_ru
     assert revoked_alive or "Exit Code" in revoked_text, revoked_text[-2000:]
     output = proc.stdout + proc.stderr
     assert not marker.exists(), "the site ran code shipped in the researcher's bundle"
-    assert "REPLY" in output, output[-3000:]  # the researcher hears back from the site, no timeout
+    assert output.count("REPLY ") == 1, output[-3000:]  # the researcher hears back from the site, no timeout ...
+    assert f"REPLY {old_node_id} " not in output  # ... and the revoked node is given no work
     assert "installed, pinned ClientApp" in output and "researcher_client.py" in output, output[-3000:]
     assert "CONTENT" not in output
     site_log = renewed_log.read_text(errors="replace")
