@@ -6,10 +6,11 @@ User mistakes end with a one-paragraph message and the domain's exit code, not a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -488,8 +489,10 @@ def server_start(
     os.execv(argv[0], argv)
 
 
-def _registry(keys: Path, superlink: str) -> NodeRegistry:
-    """The node registry of the SuperLink at ``superlink``, reached over TLS with the consortium CA."""
+@contextlib.contextmanager
+def _registry(keys: Path, superlink: str) -> Iterator[NodeRegistry]:
+    """The node registry of the SuperLink at ``superlink``, reached over TLS with the consortium
+    CA through a throw-away Flower configuration (the admin's ~/.flwr is left alone)."""
     import tempfile
 
     from server.node_registry import NodeRegistry, write_connection
@@ -497,9 +500,9 @@ def _registry(keys: Path, superlink: str) -> NodeRegistry:
     ca = keys / "ca" / "ca.pem"
     if not ca.is_file():
         raise typer.BadParameter(f"{ca} does not exist; give the keys folder made by `fedrelapse keys ca`.")
-    home = Path(tempfile.mkdtemp(prefix="fedrelapse-flwr-home-"))
-    write_connection(home, address=superlink, ca=ca)
-    return NodeRegistry(home)
+    with tempfile.TemporaryDirectory(prefix="fedrelapse-flwr-home-") as home:
+        write_connection(Path(home), address=superlink, ca=ca)
+        yield NodeRegistry(Path(home))
 
 
 def _site_pub(keys: Path, name: str) -> Path:
@@ -518,12 +521,12 @@ def server_register_site(
 ) -> None:
     """Admit a site: register its node public key with the running SuperLink (idempotent)."""
     pub = _site_pub(keys, name)
-    registry = _registry(keys, superlink)
-    known = registry.find(pub)
-    if known:
-        console.print(f"site {name}: key {pub} is already registered (node {', '.join(map(str, known))}); nothing to do.")
-        return
-    console.print(f"site {name}: key registered as node {registry.register(pub)}; the site may now join.")
+    with _registry(keys, superlink) as registry:
+        known = registry.find(pub)
+        if known:
+            console.print(f"site {name}: key {pub} is already registered (node {', '.join(map(str, known))}); nothing to do.")
+            return
+        console.print(f"site {name}: key registered as node {registry.register(pub)}; the site may now join.")
 
 
 @server_app.command("revoke-site")
@@ -536,7 +539,8 @@ def server_revoke_site(
 ) -> None:
     """Revoke a site: unregister the node holding its key; that key can no longer join."""
     pub = public_key or _site_pub(keys, name)
-    ids = _registry(keys, superlink).revoke(pub)
+    with _registry(keys, superlink) as registry:
+        ids = registry.revoke(pub)
     console.print(f"site {name}: key {pub} revoked (node {', '.join(map(str, ids))} unregistered); it can no longer join.")
 
 
@@ -630,9 +634,9 @@ def keys_site(
         console.print(f"next, at the coordinator: fedrelapse server register-site {name} --keys {keys}, then "
                       f"fedrelapse server revoke-site {name} --keys {keys} --public-key {retired}", soft_wrap=True)
         return
-    registry = _registry(keys, superlink)
-    console.print(f"new key registered as node {registry.register(pub)}")
-    revoked = registry.revoke(retired)
+    with _registry(keys, superlink) as registry:
+        console.print(f"new key registered as node {registry.register(pub)}")
+        revoked = registry.revoke(retired)
     console.print(f"old key revoked (node {', '.join(map(str, revoked))} unregistered): the site rejoins once it restarts with the new key.")
 
 

@@ -84,6 +84,11 @@ def test_revoked_key_cannot_join_rotated_key_can_and_a_bundle_with_code_never_ru
         assert consortium.registry.find(retired_pub) == [] and len(consortium.registry.find(old_pub)) == 1
         status = {n.node_id: n.status for n in consortium.registry.nodes()}
         assert status[old_node_id] == "unregistered"
+        link = ["--keys", str(keys), "--superlink", f"127.0.0.1:{consortium.superlink_port}"]
+        again = CliRunner().invoke(app, ["server", "register-site", "alpha", *link], terminal_width=300)
+        assert again.exit_code == 0 and "already registered" in again.output, again.output  # idempotent
+        twice = CliRunner().invoke(app, ["server", "revoke-site", "alpha", *link, "--public-key", str(retired_pub)], terminal_width=300)
+        assert twice.exit_code != 0 and "nothing was revoked" in twice.output, twice.output  # never a silent no-op
 
         retired_key = retired_pub.with_name(retired_pub.name.replace("node.pub", "node.key"))
         revoked, revoked_log = consortium.start_supernode(site, "revoked-key", wait=False, auth_key=retired_key)
