@@ -6,12 +6,13 @@ User mistakes end with a one-paragraph message and the domain's exit code, not a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,6 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from shared.errors import FedrelapseError
+
+if TYPE_CHECKING:
+    from server.node_registry import NodeRegistry
 
 app = typer.Typer(help="fedrelapse: federated, differentially private speech relapse models.", no_args_is_help=True, add_completion=False)
 site_app = typer.Typer(help="Hospital IT and DPO: check data, keys, privacy budget.", no_args_is_help=True)
@@ -512,21 +516,91 @@ def server_start(
     keys: Annotated[Path | None, typer.Option(help="Keys folder from `fedrelapse keys` (TLS).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="The SuperLink's one port (Fleet, Control, Runtime).")] = 9092,
-    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS: only for a loopback test.")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS: only for a loopback test (needs --no-node-auth).")] = False,
+    no_node_auth: Annotated[bool, typer.Option("--no-node-auth", help="Admit any SuperNode, registered or not: only for a loopback test.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command instead of running it.")] = False,
 ) -> None:
-    """Run the coordinator's SuperLink (TLS; runtime dependency installation off)."""
+    """Run the coordinator's SuperLink: TLS and SuperNode authentication (only registered site
+    keys may join); runtime dependency installation off."""
     import os
 
     from server.deployment import superlink_argv
 
     if keys is None and not insecure:
-        raise typer.BadParameter("Give --keys (TLS) or, for a loopback test only, --insecure.")
-    argv = superlink_argv(keys=None if insecure else keys, host=host, port=port)
+        raise typer.BadParameter("Give --keys (TLS) or, for a loopback test only, --insecure --no-node-auth.")
+    if insecure and not no_node_auth:
+        raise typer.BadParameter("SuperNode authentication needs TLS; with --insecure (loopback test only) add --no-node-auth.")
+    argv = superlink_argv(keys=None if insecure else keys, host=host, port=port, node_auth=not no_node_auth)
     if dry_run:
         print(" ".join(argv))
+    if no_node_auth:
+        err_console.print("[yellow]warning: SuperNode authentication is OFF: any node that trusts the CA may join. Use this for a loopback test only.[/yellow]")
+    else:
+        k = keys or Path("keys")
+        err_console.print(
+            "SuperNode authentication is on: only registered site keys may join. Once the SuperLink is up, register each site's public key:\n"
+            f"  fedrelapse server register-site NAME --keys {k} --superlink 127.0.0.1:{port}\n"
+            f"and revoke a site with `fedrelapse server revoke-site NAME --keys {k} --superlink 127.0.0.1:{port}` (docs/runbook-hospital-it.md).",
+            soft_wrap=True,
+        )
+    if dry_run:
         return
     os.execv(argv[0], argv)
+
+
+@contextlib.contextmanager
+def _registry(keys: Path, superlink: str) -> Iterator[NodeRegistry]:
+    """The node registry of the SuperLink at ``superlink``, reached over TLS with the consortium
+    CA through a throw-away Flower configuration (the admin's ~/.flwr is left alone)."""
+    import tempfile
+
+    from server.node_registry import NodeRegistry, write_connection
+
+    ca = keys / "ca" / "ca.pem"
+    if not ca.is_file():
+        raise typer.BadParameter(f"{ca} does not exist; give the keys folder made by `fedrelapse keys ca`.")
+    with tempfile.TemporaryDirectory(prefix="fedrelapse-flwr-home-") as home:
+        write_connection(Path(home), address=superlink, ca=ca)
+        yield NodeRegistry(Path(home))
+
+
+def _site_pub(keys: Path, name: str) -> Path:
+    pub = keys / "sites" / name / "node.pub"
+    if not pub.is_file():
+        raise typer.BadParameter(f"{pub} does not exist; create the site's key with `fedrelapse keys site {name} --keys {keys}`.")
+    return pub
+
+
+@server_app.command("register-site")
+@friendly
+def server_register_site(
+    name: Annotated[str, typer.Argument(help="Site name (its key is keys/sites/NAME/node.pub).")],
+    keys: Annotated[Path, typer.Option(help="Keys folder.")] = Path("keys"),
+    superlink: Annotated[str, typer.Option(help="The running SuperLink's HOST:PORT as seen from here.")] = "127.0.0.1:9092",
+) -> None:
+    """Admit a site: register its node public key with the running SuperLink (idempotent)."""
+    pub = _site_pub(keys, name)
+    with _registry(keys, superlink) as registry:
+        known = registry.find(pub)
+        if known:
+            console.print(f"site {name}: key {pub} is already registered (node {', '.join(map(str, known))}); nothing to do.")
+            return
+        console.print(f"site {name}: key registered as node {registry.register(pub)}; the site may now join.")
+
+
+@server_app.command("revoke-site")
+@friendly
+def server_revoke_site(
+    name: Annotated[str, typer.Argument(help="Site name.")],
+    keys: Annotated[Path, typer.Option(help="Keys folder.")] = Path("keys"),
+    superlink: Annotated[str, typer.Option(help="The running SuperLink's HOST:PORT as seen from here.")] = "127.0.0.1:9092",
+    public_key: Annotated[Path | None, typer.Option(help="Revoke this public key instead of keys/sites/NAME/node.pub (e.g. a node.pub.retired-* one).")] = None,
+) -> None:
+    """Revoke a site: unregister the node holding its key; that key can no longer join."""
+    pub = public_key or _site_pub(keys, name)
+    with _registry(keys, superlink) as registry:
+        ids = registry.revoke(pub)
+    console.print(f"site {name}: key {pub} revoked (node {', '.join(map(str, ids))} unregistered); it can no longer join.")
 
 
 @site_app.command("start")
@@ -535,22 +609,35 @@ def site_start(
     site: Annotated[Path, typer.Option(help="The site's site.yaml.")],
     superlink: Annotated[str, typer.Option(help="Coordinator address HOST:PORT.")],
     ca: Annotated[Path | None, typer.Option(help="The consortium CA certificate (ca.pem).")] = None,
+    node_key: Annotated[Path | None, typer.Option(help="This site's node private key (node.key from the coordinator admin, 0600).")] = None,
     port: Annotated[int, typer.Option(help="Local port of the SuperNode's ClientApp API.")] = 9094,
-    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS: only for a loopback test.")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS and no node key: only for a loopback test.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command instead of running it.")] = False,
 ) -> None:
-    """Run this site's SuperNode with the installed ClientApp (TLS to the coordinator)."""
+    """Run this site's SuperNode (TLS, node key) with the pinned, installed ClientApp.
+
+    The SuperNode's ClientApp process is client/pinned_app.py: it never installs or imports
+    code from a submitted app bundle, and refuses a bundle that carries any.
+    """
     import os
 
+    from client.pinned_app import LAUNCHER, launcher_env, write_launcher
     from server.deployment import supernode_argv
+    from shared.config import load_site
 
     if ca is None and not insecure:
         raise typer.BadParameter("Give --ca (the consortium ca.pem) or, for a loopback test only, --insecure.")
-    argv = supernode_argv(site_yaml=site, superlink=superlink, ca=None if insecure else ca, port=port)
+    if node_key is None and not insecure:
+        raise typer.BadParameter("Give --node-key (this site's node.key); the coordinator admits only registered site keys.")
+    argv = supernode_argv(site_yaml=site, superlink=superlink, ca=None if insecure else ca, port=port, node_key=None if insecure else node_key)
+    bin_dir = load_site(site).state_dir / "bin"
+    launcher = write_launcher(bin_dir)
+    env = launcher_env(bin_dir)
     if dry_run:
         print(" ".join(argv))
+        print(f"{LAUNCHER}: {launcher}")
         return
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, env)
 
 
 keys_app = typer.Typer(help="Coordinator admin: consortium CA, TLS certificate, model-signing and site node keys.", no_args_is_help=True)
@@ -583,13 +670,33 @@ def keys_server(
 
 @keys_app.command("site")
 @friendly
-def keys_site(name: Annotated[str, typer.Argument(help="Site name.")], keys: Annotated[Path, typer.Option(help="Keys folder.")] = Path("keys")) -> None:
+def keys_site(
+    name: Annotated[str, typer.Argument(help="Site name.")],
+    keys: Annotated[Path, typer.Option(help="Keys folder.")] = Path("keys"),
+    rotate: Annotated[bool, typer.Option("--rotate", help="Replace the site's key pair; the old one is kept as node.*.retired-<UTC>.")] = False,
+    superlink: Annotated[str | None, typer.Option(help="With --rotate: also register the new key and revoke the old one at this running SuperLink (HOST:PORT).")] = None,
+) -> None:
     """A site's SuperNode key pair for node authentication (private key goes to that site only)."""
-    from server.keys import make_site
+    from server.keys import make_site, rotate_site
 
-    priv, pub = make_site(keys, name)
-    console.print(f"node private key: {priv}  → give to site {name} only (its IT installs it, 0600)")
-    console.print(f"node public key: {pub}  → register at the coordinator")
+    if superlink and not rotate:
+        raise typer.BadParameter("--superlink goes with --rotate; to admit a new site run `fedrelapse server register-site NAME`.")
+    if not rotate:
+        priv, pub = make_site(keys, name)
+        console.print(f"node private key: {priv}  → give to site {name} only (its IT installs it, 0600)")
+        console.print(f"node public key: {pub}  → register at the coordinator: fedrelapse server register-site {name} --keys {keys}")
+        return
+    retired, pub = rotate_site(keys, name)
+    console.print(f"retired key pair: {retired.with_name(retired.name.replace('node.pub', 'node.key'))} and {retired}")
+    console.print(f"new node private key: {pub.with_name('node.key')}  → give to site {name} only (replace its node.key, restart its SuperNode)")
+    if superlink is None:
+        console.print(f"next, at the coordinator: fedrelapse server register-site {name} --keys {keys}, then "
+                      f"fedrelapse server revoke-site {name} --keys {keys} --public-key {retired}", soft_wrap=True)
+        return
+    with _registry(keys, superlink) as registry:
+        console.print(f"new key registered as node {registry.register(pub)}")
+        revoked = registry.revoke(retired)
+    console.print(f"old key revoked (node {', '.join(map(str, revoked))} unregistered): the site rejoins once it restarts with the new key.")
 
 
 def _progress() -> Progress:

@@ -1,8 +1,10 @@
 """Flower's Deployment Engine on one host: a SuperLink, one SuperNode per site, `flwr run`.
 
-Used by `fedrelapse run --local` and by the integration test. The ServerApp and ClientApp are
+Used by `fedrelapse run --local` and by the integration tests. The ServerApp and ClientApp are
 the installed `server`/`client` packages; the submitted app bundle (deploy/flower-app)
-carries only configuration. Insecure transport here is for 127.0.0.1 only.
+carries only configuration, and every SuperNode runs the pinned `flwr-clientapp` of
+client/pinned_app.py, which refuses a bundle that carries code. Insecure transport here is
+for 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.pinned_app import launcher_env, write_launcher
+from server.node_registry import NodeRegistry, write_connection
 from shared import protocol as P  # noqa: N812
 from shared.errors import FederationError
 
@@ -75,10 +79,13 @@ class LocalConsortium:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
 
-    def _spawn(self, args: list[str], home: str, log_name: str) -> tuple[subprocess.Popen[bytes], Path]:
+    def _spawn(self, args: list[str], home: str, log_name: str, *, pinned: bool = False) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.workdir / "logs" / log_name
+        env = self._env(home)
+        if pinned:  # the SuperNode's flower-superexec finds the pinned flwr-clientapp first
+            env = launcher_env(self.workdir / "pinned-bin", env)
         fh = open(log, "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=self._env(home), start_new_session=True)
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs.append(proc)
         return proc, log
 
@@ -91,12 +98,8 @@ class LocalConsortium:
             "home-superlink", "superlink.log",
         )
         _wait_healthy(self.superlink_port, link, "flower-superlink", log, self.startup_timeout_s, self.ca)
-        home = self.workdir / "home-cli"
-        home.mkdir(parents=True, exist_ok=True)
-        transport = f'root-certificates = "{self.ca}"\n' if self.ca else "insecure = true\n"
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.superlink_port}"\n{transport}'
-        )
+        write_connection(self.workdir / "home-cli", address=f"127.0.0.1:{self.superlink_port}", ca=self.ca, name=FEDERATION)
+        write_launcher(self.workdir / "pinned-bin")
         for i, cfg in enumerate(self.site_configs):
             key = None
             if self.node_auth:
@@ -114,11 +117,14 @@ class LocalConsortium:
         key = self.keys / "sites" / name / "node.key"
         return key if key.exists() else make_site(self.keys, name)[0]
 
-    def register(self, public_key: Path) -> None:
-        """Register a site's node public key with the SuperLink (`flwr supernode register`)."""
-        proc = subprocess.run([_bin("flwr"), "supernode", "register", str(public_key), FEDERATION], env=self._env("home-cli"), capture_output=True, text=True, timeout=60, check=False)
-        if proc.returncode != 0:
-            raise FederationError(f"Registering {public_key} failed: {proc.stdout[-500:]}{proc.stderr[-500:]}")
+    @property
+    def registry(self) -> NodeRegistry:
+        """The SuperLink's node registry (register, find by key, revoke)."""
+        return NodeRegistry(self.workdir / "home-cli", FEDERATION)
+
+    def register(self, public_key: Path) -> int:
+        """Register a site's node public key with the SuperLink; return its node id."""
+        return self.registry.register(public_key)
 
     @property
     def ca(self) -> Path | None:
@@ -132,7 +138,8 @@ class LocalConsortium:
         return ["--ssl-ca-certfile", str(k / "ca" / "ca.pem"), "--ssl-certfile", str(k / "server" / "server.pem"), "--ssl-keyfile", str(k / "server" / "server.key"), *auth]
 
     def start_supernode(self, cfg: Path, name: str, *, insecure: bool | None = None, wait: bool = True, auth_key: Path | None = None) -> tuple[subprocess.Popen[bytes], Path]:
-        """One site's SuperNode; ``insecure=True`` forces plaintext (to test that it is refused)."""
+        """One site's SuperNode running the pinned ClientApp; ``insecure=True`` forces plaintext
+        (to test that it is refused)."""
         plain = (self.ca is None) if insecure is None else insecure
         transport = ["--insecure"] if plain else ["--root-certificates", str(self.ca)]
         if auth_key is not None:
@@ -141,19 +148,19 @@ class LocalConsortium:
         node, log = self._spawn(
             [_bin("flower-supernode"), *transport, "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
              "--isolation", "subprocess", "--node-config", f"{P.NC_SITE_CONFIG}=\"{cfg.resolve()}\""],
-            f"home-{name}", f"{name}.log",
+            f"home-{name}", f"{name}.log", pinned=True,
         )
         if wait:
             _wait_healthy(port, node, f"flower-supernode for {cfg}", log, self.startup_timeout_s)
         return node, log
 
-    def submit(self, experiment: Path, out: Path, *, run_id: str = "", timeout_s: float = 600.0) -> subprocess.CompletedProcess[str]:
+    def submit(self, experiment: Path, out: Path, *, run_id: str = "", timeout_s: float = 600.0, app_dir: Path = APP_DIR) -> subprocess.CompletedProcess[str]:
         """`flwr run` the app bundle and stream until the ServerApp finishes."""
         key = (self.keys / "server" / "model-signing.key").resolve() if self.keys else None
         signing_key = str(key) if key and key.exists() else ""
         rc = f'{P.RC_EXPERIMENT}="{experiment.resolve()}" {P.RC_OUT}="{out.resolve()}" {P.RC_RUN_ID}="{run_id}" {P.RC_SIGNING_KEY}="{signing_key}"'
         return subprocess.run(
-            [_bin("flwr"), "run", str(APP_DIR), FEDERATION, "--stream", "--run-config", rc],
+            [_bin("flwr"), "run", str(app_dir), FEDERATION, "--stream", "--run-config", rc],
             env=self._env("home-cli"), capture_output=True, text=True, timeout=timeout_s, check=False,
         )
 
@@ -182,9 +189,12 @@ class LocalConsortium:
         self.stop()
 
 
-def superlink_argv(*, keys: Path | None, host: str, port: int) -> list[str]:
-    """The coordinator's SuperLink command line: TLS with the consortium certificate unless
-    ``keys`` is None (loopback testing only), and no run-time package installation."""
+def superlink_argv(*, keys: Path | None, host: str, port: int, node_auth: bool = True) -> list[str]:
+    """The coordinator's SuperLink command line: TLS with the consortium certificate and
+    SuperNode authentication (only registered site keys join) unless ``keys`` is None
+    (loopback testing only), and no run-time package installation."""
+    if node_auth and keys is None:
+        raise FederationError("SuperNode authentication needs TLS: give the keys folder, or turn node authentication off for a loopback test.")
     tls = ["--insecure"]
     if keys is not None:
         k = keys.resolve()
@@ -192,15 +202,22 @@ def superlink_argv(*, keys: Path | None, host: str, port: int) -> list[str]:
             if not f.is_file():
                 raise FederationError(f"{f} is missing; create it with `fedrelapse keys ca` and `fedrelapse keys server`.")
         tls = ["--ssl-ca-certfile", str(k / "ca" / "ca.pem"), "--ssl-certfile", str(k / "server" / "server.pem"), "--ssl-keyfile", str(k / "server" / "server.key")]
+        tls += ["--enable-supernode-auth"] if node_auth else []
     return [_bin("flower-superlink"), *tls, "--host", host, "--port", str(port), "--isolation", "subprocess", "--disable-runtime-dependency-installation"]
 
 
-def supernode_argv(*, site_yaml: Path, superlink: str, ca: Path | None, port: int) -> list[str]:
-    """A site's SuperNode command line: trusts only the consortium CA, runs the installed ClientApp."""
+def supernode_argv(*, site_yaml: Path, superlink: str, ca: Path | None, port: int, node_key: Path | None = None) -> list[str]:
+    """A site's SuperNode command line: trusts only the consortium CA, proves itself with its
+    node key, and runs the installed ClientApp (start it with :func:`client.pinned_app.launcher_env`)."""
     if ca is not None and not ca.is_file():
         raise FederationError(f"CA certificate {ca} is missing; ask the coordinator admin for ca.pem.")
     if not site_yaml.is_file():
         raise FederationError(f"{site_yaml} does not exist; write the site's site.yaml first (docs/runbook-hospital-it.md).")
+    if node_key is not None and not node_key.is_file():
+        raise FederationError(f"Node key {node_key} is missing; ask the coordinator admin for this site's node.key (`fedrelapse keys site NAME`).")
+    if node_key is not None and ca is None:
+        raise FederationError("A node key needs TLS (Flower refuses SuperNode authentication over plaintext); give the consortium ca.pem.")
     transport = ["--insecure"] if ca is None else ["--root-certificates", str(ca.resolve())]
+    transport += ["--auth-supernode-private-key", str(node_key.resolve())] if node_key is not None else []
     return [_bin("flower-supernode"), *transport, "--superlink", superlink, "--port", str(port), "--isolation", "subprocess",
             "--node-config", f"{P.NC_SITE_CONFIG}=\"{site_yaml.resolve()}\""]

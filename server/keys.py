@@ -6,8 +6,10 @@ Layout under a keys folder (coordinator side)::
     server/server.key, server/server.pem coordinator TLS certificate, signed by the CA
     server/model-signing.key/.pub.pem    Ed25519 key signing each global model
     sites/<name>/node.key, node.pub      a site's SuperNode key pair (NIST P-256, for node auth)
+    sites/<name>/node.key.retired-<UTC>  a rotated-out pair, kept (0600) until it is revoked
 
-Private keys are written 0600 with O_EXCL (never overwritten silently).
+Private keys are written 0600 with O_EXCL (never overwritten silently); rotation renames the
+old pair aside before writing the new one.
 """
 
 from __future__ import annotations
@@ -100,16 +102,42 @@ def make_server(keys: Path, *, hosts: tuple[str, ...] = ("localhost", "127.0.0.1
     return out
 
 
-def make_site(keys: Path, name: str) -> tuple[Path, Path]:
-    """A site's SuperNode key pair (NIST P-256, as Flower's node authentication expects)."""
+def _site_folder(keys: Path, name: str) -> Path:
     if not name.replace("-", "").replace("_", "").isalnum():
         raise CryptoError(f"Site name {name!r} may hold only letters, digits, '-' and '_'.")
+    return keys / "sites" / name
+
+
+def make_site(keys: Path, name: str) -> tuple[Path, Path]:
+    """A site's SuperNode key pair (NIST P-256, as Flower's node authentication expects)."""
+    folder = _site_folder(keys, name)
     key = ec.generate_private_key(ec.SECP256R1())
-    priv = keys / "sites" / name / "node.key"
+    priv = folder / "node.key"
     _write_private(priv, key, serialization.PrivateFormat.OpenSSH)  # the format flower-supernode reads
-    pub = keys / "sites" / name / "node.pub"
+    pub = folder / "node.pub"
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return priv, pub
+
+
+def rotate_site(keys: Path, name: str, *, now: dt.datetime | None = None) -> tuple[Path, Path]:
+    """Retire a site's node key pair (renamed ``*.retired-<UTC time>``) and write a new one.
+
+    Returns the retired public key (to revoke at the SuperLink) and the new public key (to
+    register). Nothing is overwritten: a retired name that already exists is an error.
+    """
+    folder = _site_folder(keys, name)
+    priv, pub = folder / "node.key", folder / "node.pub"
+    if not priv.is_file() or not pub.is_file():
+        raise CryptoError(f"{folder} holds no node.key/node.pub to rotate; create the site's key with `fedrelapse keys site {name}`.")
+    stamp = (now or dt.datetime.now(dt.UTC)).strftime("%Y%m%dT%H%M%SZ")
+    old_priv, old_pub = folder / f"node.key.retired-{stamp}", folder / f"node.pub.retired-{stamp}"
+    for path in (old_priv, old_pub):
+        if path.exists():
+            raise CryptoError(f"{path} already exists; wait a second and rotate again (a retired key is never overwritten).")
+    priv.rename(old_priv)
+    pub.rename(old_pub)
+    make_site(keys, name)
+    return old_pub, pub
 
 
 def verify_chain(ca_pem: Path, cert_pem: Path) -> bool:

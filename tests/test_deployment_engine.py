@@ -1,6 +1,7 @@
 """The same ServerApp/ClientApp on Flower's Deployment Engine: a real flower-superlink and one
 flower-supernode per hospital as processes on 127.0.0.1, over TLS with the consortium CA and
-SuperNode authentication (only registered node keys may join)."""
+SuperNode authentication (only registered node keys may join), each site running its pinned
+ClientApp launcher (client/pinned_app.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from client.pinned_app import PINNED_MARK
 from server.deployment import LocalConsortium
 from server.keys import make_ca, make_server, make_site
 from shared.schema import to_plain
@@ -54,5 +56,6 @@ def test_deployment_engine_runs_the_same_apps_end_to_end_over_tls(tiny_cohort: P
     assert intruder_alive and "Connection attempt failed" in plain_log.read_text(errors="replace")  # no TLS: refused
     unknown_text = unknown_log.read_text(errors="replace")
     assert all("SuperNode ID:" in (logs / f"supernode-{i}.log").read_text(errors="replace") for i in range(3))  # registered sites admitted
+    assert all(PINNED_MARK in (logs / f"supernode-{i}.log").read_text(errors="replace") for i in range(3))  # each ran the pinned ClientApp
     assert "SuperNode ID:" not in unknown_text, unknown_text[-2000:]  # unregistered key: never admitted
     assert unknown_alive or "Exit Code" in unknown_text, unknown_text[-2000:]

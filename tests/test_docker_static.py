@@ -20,16 +20,39 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+SITES = {"oslo", "bergen", "london"}
+
+
 def test_compose_parses_and_every_build_names_an_existing_dockerfile() -> None:
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    assert set(compose["services"]) == {"coordinator", "oslo", "bergen", "london"}
+    assert set(compose["services"]) == {"coordinator", "register-sites"} | SITES
     for name, svc in compose["services"].items():
         context = (DOCKER / svc["build"]["context"]).resolve()
         assert context == ROOT, name
         assert (context / svc["build"]["dockerfile"]).is_file(), name
-        if name != "coordinator":
+        if name in SITES:
             assert "coordinator" in svc["depends_on"]
             assert any(v.endswith(":/consortium/ca.pem:ro") for v in svc["volumes"])
+
+
+def test_each_site_gets_only_its_own_node_key_and_starts_after_its_key_is_registered() -> None:
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    for name in SITES:
+        svc = compose["services"][name]
+        keys = [v for v in svc["volumes"] if v.startswith("./keys")]
+        assert sorted(keys) == sorted(["./keys/ca/ca.pem:/consortium/ca.pem:ro", f"./keys/sites/{name}/node.key:/consortium/node.key:ro"]), name
+        assert svc["depends_on"]["register-sites"] == {"condition": "service_completed_successfully"}
+    register = compose["services"]["register-sites"]
+    script = register["entrypoint"][-1]
+    assert script.startswith("for s in ") and set(script.split(";")[0].split()[3:]) == SITES
+    help_text = CliRunner().invoke(app, ["server", "register-site", "--help"], terminal_width=200).output
+    assert "fedrelapse server register-site $$s --keys /keys --superlink coordinator:9092" in script
+    assert "--keys" in help_text and "--superlink" in help_text
+    assert register["depends_on"]["coordinator"] == {"condition": "service_healthy"} and register["restart"] == "no"
+    coordinator = json.loads(next(v for k, v in instructions(DOCKER / "coordinator.Dockerfile") if k == "ENTRYPOINT"))
+    assert "--no-node-auth" not in coordinator and "--insecure" not in coordinator  # node auth stays on
+    site = json.loads(next(v for k, v in instructions(DOCKER / "site.Dockerfile") if k == "ENTRYPOINT"))
+    assert site[site.index("--node-key") + 1] == "/consortium/node.key" and site[site.index("--ca") + 1] == "/consortium/ca.pem"
 
 
 def test_images_are_pinned_non_root_with_health_checks_and_copy_existing_paths() -> None:

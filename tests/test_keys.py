@@ -48,16 +48,69 @@ def test_keys_cli_creates_the_layout_and_explains_where_files_go(tmp_path: Path)
     assert again.exit_code == 5 and "refusing to overwrite" in again.output
 
 
-def test_server_and_site_start_commands_use_tls_and_the_installed_apps(tmp_path: Path) -> None:
+def test_rotation_keeps_the_old_pair_aside_and_writes_a_new_one(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from server.keys import rotate_site
+    from shared.errors import CryptoError
+
+    priv, pub = make_site(tmp_path, "oslo")
+    old_priv_bytes, old_pub_bytes = priv.read_bytes(), pub.read_bytes()
+    when = dt.datetime(2026, 11, 26, 1, 2, 3, tzinfo=dt.UTC)
+    retired, new_pub = rotate_site(tmp_path, "oslo", now=when)
+    assert retired.name == "node.pub.retired-20261126T010203Z" and retired.read_bytes() == old_pub_bytes
+    retired_priv = retired.with_name("node.key.retired-20261126T010203Z")
+    assert retired_priv.read_bytes() == old_priv_bytes and stat.S_IMODE(retired_priv.stat().st_mode) == 0o600
+    assert new_pub == pub and pub.read_bytes() != old_pub_bytes and stat.S_IMODE(priv.stat().st_mode) == 0o600
+    with pytest.raises(CryptoError, match="never overwritten"):  # same second: the retired pair is not clobbered
+        rotate_site(tmp_path, "oslo", now=when)
+    assert retired.read_bytes() == old_pub_bytes and pub.read_bytes() != old_pub_bytes
+    with pytest.raises(CryptoError, match="keys site bergen"):
+        rotate_site(tmp_path, "bergen")
+
+
+def test_keys_site_rotate_cli_says_what_to_register_and_revoke(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["keys", "site", "oslo", "--keys", str(tmp_path)]).exit_code == 0
+    result = runner.invoke(app, ["keys", "site", "oslo", "--keys", str(tmp_path), "--rotate"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "server register-site oslo" in result.output and "server revoke-site oslo" in result.output and "node.pub.retired-" in result.output
+    assert len(list((tmp_path / "sites" / "oslo").glob("node.*.retired-*"))) == 2
+    misuse = runner.invoke(app, ["keys", "site", "bergen", "--keys", str(tmp_path), "--superlink", "x:1"])
+    assert misuse.exit_code != 0 and "--rotate" in misuse.output
+
+
+def test_server_start_turns_supernode_authentication_on_and_says_what_to_do_next(tmp_path: Path) -> None:
     make_ca(tmp_path)
     make_server(tmp_path)
-    site = tmp_path / "site.yaml"
-    site.write_text("name: oslo\nmanifest: m.csv\n")
-    server = runner.invoke(app, ["server", "start", "--keys", str(tmp_path), "--dry-run"])
+    server = runner.invoke(app, ["server", "start", "--keys", str(tmp_path), "--dry-run"], terminal_width=300)
     assert server.exit_code == 0, server.output
-    assert "--ssl-certfile" in server.output and "--insecure" not in server.output and "--disable-runtime-dependency-installation" in server.output
-    node = runner.invoke(app, ["site", "start", "--site", str(site), "--superlink", "coord:9092", "--ca", str(tmp_path / "ca" / "ca.pem"), "--dry-run"])
+    argv = server.stdout.splitlines()[0].split()
+    assert argv[0].endswith("flower-superlink") and "--enable-supernode-auth" in argv and "--ssl-certfile" in argv
+    assert "--insecure" not in argv and "--disable-runtime-dependency-installation" in argv
+    assert "fedrelapse server register-site NAME" in server.output  # the operator's next step
+    off = runner.invoke(app, ["server", "start", "--keys", str(tmp_path), "--no-node-auth", "--dry-run"], terminal_width=300)
+    assert off.exit_code == 0 and "--enable-supernode-auth" not in off.stdout.splitlines()[0] and "authentication is OFF" in off.output
+    plain = runner.invoke(app, ["server", "start", "--insecure", "--dry-run"])
+    assert plain.exit_code != 0 and "--no-node-auth" in plain.output  # node auth cannot silently drop with TLS
+    loopback = runner.invoke(app, ["server", "start", "--insecure", "--no-node-auth", "--dry-run"])
+    assert loopback.exit_code == 0 and "--insecure" in loopback.stdout.splitlines()[0]
+
+
+def test_site_start_uses_tls_its_node_key_and_the_pinned_clientapp(tmp_path: Path) -> None:
+    make_ca(tmp_path)
+    make_server(tmp_path)
+    priv, _ = make_site(tmp_path, "oslo")
+    site = tmp_path / "site.yaml"
+    site.write_text(f"name: oslo\nmanifest: m.csv\nstate_dir: {tmp_path / 'state'}\n")
+    node = runner.invoke(app, ["site", "start", "--site", str(site), "--superlink", "coord:9092", "--ca", str(tmp_path / "ca" / "ca.pem"),
+                               "--node-key", str(priv), "--dry-run"], terminal_width=300)
     assert node.exit_code == 0, node.output
-    assert "--root-certificates" in node.output and "site-config=" in node.output and "--insecure" not in node.output
+    argv = node.stdout.splitlines()[0].split()
+    assert argv[argv.index("--root-certificates") + 1] == str((tmp_path / "ca" / "ca.pem").resolve())
+    assert argv[argv.index("--auth-supernode-private-key") + 1] == str(priv.resolve())
+    assert "--insecure" not in argv and any(a.startswith("site-config=") for a in argv)
+    assert (tmp_path / "state" / "bin" / "flwr-clientapp").is_file() and "flwr-clientapp:" in node.stdout
+    no_key = runner.invoke(app, ["site", "start", "--site", str(site), "--superlink", "coord:9092", "--ca", str(tmp_path / "ca" / "ca.pem")])
+    assert no_key.exit_code != 0 and "--node-key" in no_key.output
     refused = runner.invoke(app, ["site", "start", "--site", str(site), "--superlink", "coord:9092"])
     assert refused.exit_code != 0 and "--ca" in refused.output

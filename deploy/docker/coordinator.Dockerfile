@@ -15,7 +15,9 @@ COPY configs configs
 COPY deploy deploy
 RUN pip install --no-deps . && python deploy/torchaudio_compat.py
 USER fedrelapse
-# Keys (from `fedrelapse keys ca` / `keys server`) are mounted read-only at /keys.
+# Keys (from `fedrelapse keys ca` / `keys server` / `keys site`) are mounted read-only at /keys.
+# SuperNode authentication is on (the default of `server start`): register each site's key with
+# `fedrelapse server register-site NAME --keys /keys --superlink localhost:9092` (compose: register-sites).
 EXPOSE 9092
 HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
   CMD python -c "import ssl,urllib.request; urllib.request.urlopen('https://localhost:9092/health', context=ssl.create_default_context(cafile='/keys/ca/ca.pem'), timeout=4)"

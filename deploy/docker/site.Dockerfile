@@ -17,9 +17,10 @@ COPY configs configs
 COPY deploy deploy
 RUN pip install --no-deps . && python deploy/torchaudio_compat.py
 USER fedrelapse
-# Mounted: /site/site.yaml (+ manifest and recordings, read-only), /site/state (ledger, keys, cache; read-write), /consortium/ca.pem.
+# Mounted: /site/site.yaml (+ manifest and recordings, read-only), /site/state (ledger, keys, cache,
+# the pinned flwr-clientapp launcher; read-write), /consortium/ca.pem and this site's /consortium/node.key (read-only).
 EXPOSE 9094
 HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9094/health', timeout=4)"
-ENTRYPOINT ["fedrelapse", "site", "start", "--site", "/site/site.yaml", "--ca", "/consortium/ca.pem", "--port", "9094"]
+ENTRYPOINT ["fedrelapse", "site", "start", "--site", "/site/site.yaml", "--ca", "/consortium/ca.pem", "--node-key", "/consortium/node.key", "--port", "9094"]
 CMD ["--superlink", "coordinator:9092"]

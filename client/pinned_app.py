@@ -1,0 +1,138 @@
+"""The site's `flwr-clientapp`: runs only the installed ClientApp, never code from an app bundle.
+
+Stock Flower 1.42 (`flwr-clientapp`, spawned by name by the SuperNode's `flower-superexec`)
+extracts the submitted app bundle (FAB), puts it first on ``sys.path`` and imports whatever
+``[tool.flwr.app.components] clientapp`` names, so whoever can submit a run could execute
+arbitrary code at every hospital. Flower's own remedy (``--trusted-entities``) only accepts
+bundles verified by the Flower Hub (``valid_license``), which an offline consortium cannot use.
+
+This module is Flower's ClientApp process with two steps replaced:
+
+* installing the bundle -> :func:`check_bundle`: the bundle is read, never extracted; it must
+  carry configuration only (no Python or other code) and name ``client.app:app``;
+* loading the ClientApp -> the pinned, installed :data:`PINNED_CLIENTAPP`.
+
+A refused bundle ends the task with an error reply that names the reason, so the researcher
+sees a per-site refusal rather than a timeout. :func:`write_launcher` writes the executable
+named ``flwr-clientapp`` that `fedrelapse site start` puts first on the SuperNode's ``PATH``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import stat
+import sys
+import tomllib
+import zipfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from flwr.clientapp import ClientApp
+from flwr.clientapp.client_app import LoadClientAppError
+
+from shared.errors import PolicyError
+
+PINNED_CLIENTAPP = "client.app:app"
+PINNED_MARK = "fedrelapse pinned ClientApp"  # printed by every task this launcher runs
+LAUNCHER = "flwr-clientapp"  # the name flower-superexec spawns (flwr.supercore.constant.TASK_TYPE_TO_COMMAND)
+# What a configuration-only bundle may hold: its pyproject.toml, Flower's hash list, and text.
+_ALLOWED_NAMES = frozenset({"pyproject.toml", ".info/CONTENT", "LICENSE"})
+_ALLOWED_SUFFIXES = frozenset({".md"})
+
+
+class BundleRefused(PolicyError):
+    """The submitted app bundle carries code or asks for a ClientApp other than the pinned one.
+
+    Not a LoadClientAppError on purpose: Flower replaces that error's text with a generic one,
+    and the researcher must read why the site refused.
+    """
+
+
+def check_bundle(fab: bytes) -> dict[str, object]:
+    """Refuse a bundle unless it is configuration only and names the pinned ClientApp.
+
+    Returns the bundle's parsed ``pyproject.toml``. Nothing is extracted or imported.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(fab))
+    except zipfile.BadZipFile:
+        raise BundleRefused("The app bundle is not a zip archive; this site refuses it.") from None
+    with archive:
+        names = [n for n in archive.namelist() if not n.endswith("/")]
+        extra = sorted(n for n in names if n not in _ALLOWED_NAMES and PurePosixPath(n).suffix not in _ALLOWED_SUFFIXES)
+        if extra:
+            raise BundleRefused(
+                f"The app bundle carries files this site will not accept ({', '.join(extra[:5])}); sites run only their "
+                f"installed, pinned ClientApp, so a bundle may hold pyproject.toml and documentation only."
+            )
+        if "pyproject.toml" not in names:
+            raise BundleRefused("The app bundle has no pyproject.toml; this site refuses it.")
+        try:
+            config = tomllib.loads(archive.read("pyproject.toml").decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise BundleRefused(f"The app bundle's pyproject.toml does not parse ({exc}); this site refuses it.") from None
+    component = config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
+    if component != PINNED_CLIENTAPP:
+        raise BundleRefused(
+            f"The app bundle asks for ClientApp {component!r}; this site runs only its installed {PINNED_CLIENTAPP!r}. "
+            f"Submit the consortium's deploy/flower-app bundle (code changes are installed by each hospital's IT, not shipped)."
+        )
+    return config
+
+
+def load_pinned() -> ClientApp:
+    """The installed ClientApp (imported from site-packages, never from a bundle directory)."""
+    module, _, attr = PINNED_CLIENTAPP.partition(":")
+    app = getattr(importlib.import_module(module), attr)
+    if not isinstance(app, ClientApp):
+        raise LoadClientAppError(f"{PINNED_CLIENTAPP} is not a flwr ClientApp; reinstall fedrelapse at this site.")
+    return app
+
+
+def _checked_install(fab_file: Path | bytes, install_dir: Path | None = None, skip_prompt: bool = False) -> Path:
+    """Stands in for flwr.cli.install.install_from_fab: check, never extract."""
+    del install_dir, skip_prompt
+    check_bundle(fab_file if isinstance(fab_file, bytes) else fab_file.read_bytes())
+    print(f"{PINNED_MARK}: the app bundle is configuration only; running the installed {PINNED_CLIENTAPP}", file=sys.stderr, flush=True)
+    return Path(os.devnull)
+
+
+def _pinned_loader(default_app_ref: str, app_path: str | None, multi_app: bool) -> Callable[[str, str, str], ClientApp]:
+    """Stands in for flwr.clientapp.utils.get_load_client_app_fn: ignores the bundle's reference."""
+    del default_app_ref, app_path, multi_app
+    return lambda fab_id, fab_version, fab_hash: load_pinned()
+
+
+def main() -> None:
+    """Entry point of the ``flwr-clientapp`` launcher: Flower's ClientApp process, pinned."""
+    from flwr.supernode.cli import flwr_clientapp
+
+    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    runtime.install_from_fab = _checked_install  # type: ignore[assignment]
+    runtime.get_load_client_app_fn = _pinned_loader  # type: ignore[assignment]
+    flwr_clientapp()
+
+
+def write_launcher(bin_dir: Path) -> Path:
+    """Write ``bin_dir/flwr-clientapp`` (0755) that runs :func:`main` with this interpreter.
+
+    Put ``bin_dir`` first on the SuperNode's ``PATH`` (see :func:`launcher_env`).
+    """
+    if len(sys.executable) > 120:
+        raise OSError(f"The Python interpreter path {sys.executable} is too long for a #! line; install fedrelapse under a shorter path.")
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / LAUNCHER
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"#!{sys.executable}\n# Written by fedrelapse: the site's pinned ClientApp (client/pinned_app.py).\nfrom client.pinned_app import main\n\nmain()\n")
+    tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    tmp.replace(path)
+    return path
+
+
+def launcher_env(bin_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The SuperNode's environment: the pinned launcher first on ``PATH``, then this interpreter's scripts."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join([str(bin_dir.resolve()), str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env

@@ -1,0 +1,98 @@
+"""A site runs only its installed ClientApp: a submitted app bundle that carries code is refused
+and its code never runs (while stock Flower 1.42 would import and run it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+
+from client.pinned_app import LAUNCHER, BundleRefused, _checked_install, _pinned_loader, check_bundle, launcher_env, write_launcher
+from server.deployment import APP_DIR
+
+EVIL_MODULE = """from pathlib import Path
+Path({marker!r}).write_text("researcher code ran at the site")
+from flwr.clientapp import ClientApp
+app = ClientApp()
+"""
+
+
+def researcher_bundle(tmp_path: Path, marker: Path, *, clientapp: str = "evil:app", module: str = "evil.py") -> bytes:
+    """The consortium's pyproject.toml, but pointing at (or shadowing) a ClientApp the researcher ships."""
+    app = tmp_path / "researcher-app"
+    app.mkdir()
+    text = (APP_DIR / "pyproject.toml").read_text().replace('clientapp = "client.app:app"', f'clientapp = "{clientapp}"')
+    (app / "pyproject.toml").write_text(text)
+    (app / module).parent.mkdir(parents=True, exist_ok=True)
+    (app / module).write_text(EVIL_MODULE.format(marker=str(marker)))
+    return build_fab_from_disk(app)
+
+
+def test_the_consortium_bundle_is_configuration_only_and_accepted() -> None:
+    config = check_bundle(build_fab_from_disk(APP_DIR))
+    assert config["tool"]["flwr"]["app"]["components"]["clientapp"] == "client.app:app"  # type: ignore[index]
+
+
+def test_stock_flower_would_run_the_researchers_code_but_the_pinned_app_never_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.cli.install import install_from_fab
+    from flwr.clientapp.utils import get_load_client_app_fn
+
+    marker = tmp_path / "marker"
+    fab = researcher_bundle(tmp_path, marker)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # Flower's loader prepends the bundle folder
+    # Stock Flower (what `flwr-clientapp` does): install the bundle, import what it names.
+    installed = install_from_fab(fab, skip_prompt=True)
+    import hashlib
+
+    fab_hash = hashlib.sha256(fab).hexdigest()
+    get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)("fedrelapse/fedrelapse-app", "0.1.0", fab_hash)
+    sys.modules.pop("evil", None)
+    assert marker.read_text() == "researcher code ran at the site"  # the threat is real
+    marker.unlink()
+    shutil.rmtree(installed)
+
+    # The site's pinned flwr-clientapp: the same two steps refuse the bundle and run nothing from it.
+    with pytest.raises(BundleRefused, match=r"evil\.py.*installed, pinned ClientApp"):
+        _checked_install(fab, skip_prompt=True)
+    app = _pinned_loader("", None, True)("fedrelapse/fedrelapse-app", "0.1.0", fab_hash)
+    assert type(app).__module__.startswith("flwr") and sys.modules["client.app"].app is app
+    assert not marker.exists()
+    assert not (tmp_path / "flwr-home" / "apps").exists() or not any((tmp_path / "flwr-home" / "apps").rglob("evil.py"))
+
+
+@pytest.mark.parametrize(
+    ("clientapp", "module", "reason"),
+    [
+        ("client.app:app", "client/app.py", r"client/app\.py"),  # shadows the installed package
+        ("client.app:app", "data/setup.yaml", r"data/setup\.yaml"),  # anything but pyproject.toml and docs
+    ],
+)
+def test_a_bundle_that_names_the_pinned_app_but_ships_files_is_refused(tmp_path: Path, clientapp: str, module: str, reason: str) -> None:
+    with pytest.raises(BundleRefused, match=reason):
+        check_bundle(researcher_bundle(tmp_path, tmp_path / "marker", clientapp=clientapp, module=module))
+
+
+def test_a_bundle_naming_another_component_is_refused_with_a_sentence(tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text((APP_DIR / "pyproject.toml").read_text().replace('"client.app:app"', '"client.other:app"'))
+    with pytest.raises(BundleRefused, match=r"asks for ClientApp 'client\.other:app'.*runs only its installed 'client\.app:app'"):
+        check_bundle(build_fab_from_disk(app))
+    with pytest.raises(BundleRefused, match="not a zip archive"):
+        check_bundle(b"not a zip")
+
+
+def test_the_launcher_comes_first_on_the_supernodes_path_and_runs_this_interpreter(tmp_path: Path) -> None:
+    launcher = write_launcher(tmp_path / "bin")
+    assert launcher.name == LAUNCHER
+    assert launcher.read_text().startswith(f"#!{sys.executable}\n") and "from client.pinned_app import main" in launcher.read_text()
+    assert stat.S_IMODE(launcher.stat().st_mode) & stat.S_IXUSR
+    env = launcher_env(tmp_path / "bin", {"PATH": os.defpath})
+    assert shutil.which(LAUNCHER, path=env["PATH"]) == str(launcher.resolve())
+    assert write_launcher(tmp_path / "bin") == launcher  # rewriting is idempotent
