@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import site as site_module
 from client.approval import is_approved
 from client.site import Refusal, Site
 from shared import metrics as M  # noqa: N812
@@ -21,8 +26,10 @@ from shared import protocol as P  # noqa: N812
 from shared import signing
 from shared.config import ExperimentConfig, SiteConfig, experiment_from_yaml_text, load_site
 from shared.errors import FedrelapseError, PolicyError
+from shared.faults import FaultPlan, InjectedCrash
 from shared.model_signing import verify_model
-from shared.params import from_record, to_record
+from shared.models import build_model
+from shared.params import from_record, set_arrays, to_record
 
 log = logging.getLogger("fedrelapse.clientapp")
 
@@ -61,24 +68,85 @@ def _reply(msg: Message, site_name: str, *, metrics: dict[str, float] | None = N
     return Message(content=content, reply_to=msg)
 
 
-def _setup(msg: Message, context: Context, sim_sites: tuple[str, ...]) -> tuple[SiteConfig, Site | Refusal]:
-    site_cfg = load_site(site_config_path(context, sim_sites))
-    cfg = msg.content[P.CONFIG]
+@dataclass(frozen=True)
+class Request:
+    """What the coordinator asked, read and type-checked once per message."""
+
+    run_id: str
+    server_round: int  # 0 for the pre-flight query, which belongs to no round
+    total_rounds: int
+    plan_yaml: str
+    arrays: OrderedDict[str, np.ndarray]  # the global model (empty for the pre-flight query)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_request(msg: Message, site_name: str, *, needs_round: bool) -> Request | Refusal:
+    """The message's config and model, or a ``malformed`` refusal naming what is wrong.
+
+    A message that lacks a record or carries a value of the wrong type is answered with a
+    structured refusal the researcher sees per site, never with a traceback.
+    """
+
+    def bad(what: str) -> Refusal:
+        return Refusal("malformed", f"Site {site_name} cannot use the coordinator's message: {what}; nothing was trained or charged.")
+
+    cfg = msg.content.config_records.get(P.CONFIG)
+    if cfg is None:
+        return bad(f"it has no {P.CONFIG!r} config record")
+    for key in (P.RUN_ID, P.PLAN_YAML):
+        if not isinstance(cfg.get(key), str) or not cfg[key]:
+            return bad(f"{P.CONFIG}[{key!r}] must be a non-empty string, got {type(cfg.get(key)).__name__}")
+    total = cfg.get(P.TOTAL_ROUNDS)
+    if not _is_int(total) or total < 1:
+        return bad(f"{P.CONFIG}[{P.TOTAL_ROUNDS!r}] must be a whole number >= 1, got {total!r}")
+    rnd = cfg.get(P.SERVER_ROUND) if needs_round else 0
+    if needs_round and (not _is_int(rnd) or not 1 <= rnd <= total):
+        return bad(f"{P.CONFIG}[{P.SERVER_ROUND!r}] must be a whole number from 1 to {total}, got {rnd!r}")
+    arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+    if needs_round:
+        record = msg.content.array_records.get(P.ARRAYS)
+        if record is None:
+            return bad(f"it has no {P.ARRAYS!r} array record (the global model)")
+        try:
+            arrays = from_record(record)
+        except (TypeError, ValueError) as exc:
+            return bad(f"its {P.ARRAYS!r} record cannot be read as arrays ({exc})")
+    return Request(run_id=str(cfg[P.RUN_ID]), server_round=int(rnd), total_rounds=int(total), plan_yaml=str(cfg[P.PLAN_YAML]), arrays=arrays)
+
+
+def model_problem(site_name: str, exp: ExperimentConfig, arrays: dict[str, np.ndarray]) -> Refusal | None:
+    """Refuse a global model that does not fit the plan's architecture or holds NaN/Inf."""
     try:
-        exp = experiment_from_yaml_text(str(cfg[P.PLAN_YAML]), source="training plan from the coordinator")
+        set_arrays(build_model(exp), arrays)
+    except ValueError as exc:
+        return Refusal("invalid-model", f"Site {site_name} cannot load the global model: {exc} Nothing was trained or charged.")
+    return None
+
+
+def _setup(msg: Message, context: Context, sim_sites: tuple[str, ...], *, needs_round: bool) -> tuple[SiteConfig, Refusal | tuple[Request, Site]]:
+    """This node's site config, and either a refusal or the checked request and its Site."""
+    site_cfg = load_site(site_config_path(context, sim_sites))
+    req = read_request(msg, site_cfg.name, needs_round=needs_round)
+    if isinstance(req, Refusal):
+        return site_cfg, req
+    try:
+        exp = experiment_from_yaml_text(req.plan_yaml, source="training plan from the coordinator")
         site = _site(site_cfg, exp)
     except FedrelapseError as exc:
         return site_cfg, Refusal("invalid", f"Site {site_cfg.name}: {exc}")
     if site_cfg.require_approved_plans and not is_approved(site_cfg, exp):
         return site_cfg, Refusal("unapproved-plan", f"Site {site_cfg.name} has not approved plan {exp.plan_hash()[:16]} ({exp.name}); its IT must run `fedrelapse site approve` first.")
-    if P.ARRAYS in msg.content.array_records:
-        refusal = check_model_signature(site_cfg, msg, exp.plan_hash())
+    if needs_round:
+        refusal = check_model_signature(site_cfg, msg, req, exp.plan_hash()) or model_problem(site_cfg.name, exp, req.arrays)
         if refusal:
             return site_cfg, refusal
-    return site_cfg, site
+    return site_cfg, (req, site)
 
 
-def check_model_signature(site_cfg: SiteConfig, msg: Message, plan_hash: str) -> Refusal | None:
+def check_model_signature(site_cfg: SiteConfig, msg: Message, req: Request, plan_hash: str) -> Refusal | None:
     """With a coordinator key configured, refuse an unsigned or altered global model."""
     if site_cfg.coordinator_public_key is None:
         log.warning("site=%s has no coordinator_public_key: global models are not verified", site_cfg.name)
@@ -87,52 +155,71 @@ def check_model_signature(site_cfg: SiteConfig, msg: Message, plan_hash: str) ->
         key = signing.load_public(site_cfg.coordinator_public_key)
     except FedrelapseError as exc:
         return Refusal("signature", f"Site {site_cfg.name}: {exc}")
-    cfg = msg.content[P.CONFIG]
-    signature = str(cfg.get(P.MODEL_SIGNATURE, ""))
-    if not signature:
+    signature = msg.content[P.CONFIG].get(P.MODEL_SIGNATURE, "")
+    if not isinstance(signature, str) or not signature:
         return Refusal("signature", f"Site {site_cfg.name} refuses an unsigned global model.")
-    ok = verify_model(key, dict(from_record(msg.content[P.ARRAYS])), signature, run_id=str(cfg[P.RUN_ID]), server_round=int(cfg[P.SERVER_ROUND]), plan_hash=plan_hash)
+    ok = verify_model(key, dict(req.arrays), signature, run_id=req.run_id, server_round=req.server_round, plan_hash=plan_hash)
     if not ok:
         return Refusal("signature", f"Site {site_cfg.name}: the global model's signature does not verify (altered model, wrong round/run/plan, or wrong coordinator key); refused.")
     return None
 
 
-def build_client_app(sim_sites: tuple[str, ...] = ()) -> ClientApp:
-    """The ClientApp; ``sim_sites`` maps simulated partition ids to site.yaml paths."""
+def restart_process_state() -> None:
+    """Forget what this process holds in memory (loaded data, Site objects), as a restart does.
+
+    The ledger, keys and feature cache are on disk and survive, exactly as after a real restart.
+    """
+    _site.cache_clear()
+    site_module._load.cache_clear()
+
+
+def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None = None) -> ClientApp:
+    """The ClientApp; ``sim_sites`` maps simulated partition ids to site.yaml paths.
+
+    ``faults`` is for tests in the Simulation Engine only (see :mod:`shared.faults`).
+    """
     client_app = ClientApp()
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        site_cfg, site = _setup(msg, context, sim_sites)
-        if isinstance(site, Refusal):
-            return _reply(msg, site_cfg.name, refusal=site)
-        cfg = msg.content[P.CONFIG]
-        arrays = from_record(msg.content[P.ARRAYS])
+        site_cfg, setup = _setup(msg, context, sim_sites, needs_round=True)
+        if isinstance(setup, Refusal):
+            return _reply(msg, site_cfg.name, refusal=setup)
+        req, site = setup
+        if faults is not None:
+            faults.before_training(site_cfg.name, req.server_round)
         try:
-            result = site.train(arrays, run_id=str(cfg[P.RUN_ID]), server_round=int(cfg[P.SERVER_ROUND]), total_rounds=int(cfg[P.TOTAL_ROUNDS]))
+            result = site.train(req.arrays, run_id=req.run_id, server_round=req.server_round, total_rounds=req.total_rounds)
         except PolicyError as exc:  # e.g. a ledger that fails its integrity check
             result = Refusal("ledger", str(exc))
+        if faults is not None:
+            try:
+                faults.after_training(site_cfg.name, req.server_round)
+            except InjectedCrash:
+                restart_process_state()
+                raise
         if isinstance(result, Refusal):
-            log.warning("site=%s refused round %s: %s", site_cfg.name, cfg[P.SERVER_ROUND], result.code)
+            log.warning("site=%s refused round %s: %s", site_cfg.name, req.server_round, result.code)
             return _reply(msg, site_cfg.name, refusal=result)
         return _reply(msg, site_cfg.name, arrays=result.arrays, metrics=result.metrics, ledger_head=result.ledger_head)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        site_cfg, site = _setup(msg, context, sim_sites)
-        if isinstance(site, Refusal):
-            return _reply(msg, site_cfg.name, refusal=site)
-        return _reply(msg, site_cfg.name, metrics=site.evaluate(from_record(msg.content[P.ARRAYS])))
+        site_cfg, setup = _setup(msg, context, sim_sites, needs_round=True)
+        if isinstance(setup, Refusal):
+            return _reply(msg, site_cfg.name, refusal=setup)
+        req, site = setup
+        return _reply(msg, site_cfg.name, metrics=site.evaluate(req.arrays))
 
     @client_app.query()
     def plan(msg: Message, context: Context) -> Message:
         """Pre-flight: what the run would cost here, and whether the site would refuse it."""
-        site_cfg, site = _setup(msg, context, sim_sites)
-        if isinstance(site, Refusal):
-            return _reply(msg, site_cfg.name, refusal=site)
-        cfg = msg.content[P.CONFIG]
+        site_cfg, setup = _setup(msg, context, sim_sites, needs_round=False)
+        if isinstance(setup, Refusal):
+            return _reply(msg, site_cfg.name, refusal=setup)
+        req, site = setup
         try:
-            out = site.plan(run_id=str(cfg[P.RUN_ID]), total_rounds=int(cfg[P.TOTAL_ROUNDS]))
+            out = site.plan(run_id=req.run_id, total_rounds=req.total_rounds)
         except PolicyError as exc:
             return _reply(msg, site_cfg.name, refusal=Refusal("ledger", str(exc)))
         metrics = {M.EPSILON_RUN: float(out["epsilon_run"]), M.EPSILON_REMAINING: float(out["epsilon_remaining"]), M.NOISE_MULTIPLIER: float(out["noise_multiplier"]), M.DELTA: float(out["delta"])}

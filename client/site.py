@@ -183,11 +183,11 @@ class Site:
         key = self.signing_key()
         with ledger.locked(self.ledger_path):
             entries = ledger.read_entries(self.ledger_path, key.public_key())
+            if any(e.kind == "round" and e.run_id == run_id and e.round == server_round for e in entries):  # before the costly σ search
+                return Refusal("replay", f"Site {self.cfg.name} already accounted round {server_round} of run {run_id}; it is not trained or charged twice.")
             cap_total, cap_run = ledger.current_caps(entries, cap_total=self.cfg.policy.epsilon_cap_total, cap_run=self.cfg.policy.epsilon_cap_run)
             sigma = self.noise_multiplier(total_rounds, cap_run)
             event = SubsampledGaussian(sigma, q, t.local_steps)
-            if any(e.kind == "round" and e.run_id == run_id and e.round == server_round for e in entries):
-                return Refusal("replay", f"Site {self.cfg.name} already accounted round {server_round} of run {run_id}; it is not trained or charged twice.")
             rounds = [e for e in entries if e.kind == "round"]
             eps_run = epsilon([*(e.mechanism for e in rounds if e.run_id == run_id), event], delta=self.delta, accountant=p.accountant)
             eps_total = epsilon([*(e.mechanism for e in rounds), event], delta=self.delta, accountant=p.accountant)

@@ -13,17 +13,26 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import run_federation
+from server.resume import ResumePoint
 from shared import protocol as P  # noqa: N812
 from shared import signing
 from shared.config import ExperimentConfig, load_experiment
+from shared.faults import FaultPlan
 
 
 def new_run_id(name: str) -> str:
     return f"{name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
 
 
-def build_server_app(exp: ExperimentConfig | None = None, out: Path | None = None, run_id: str = "", signing_key: Path | None = None) -> ServerApp:
-    """The ServerApp. Simulation passes the experiment directly; deployment reads run config."""
+def build_server_app(
+    exp: ExperimentConfig | None = None, out: Path | None = None, run_id: str = "", signing_key: Path | None = None,
+    *, resume: ResumePoint | None = None, faults: FaultPlan | None = None,
+) -> ServerApp:
+    """The ServerApp. Simulation passes the experiment directly; deployment reads run config.
+
+    ``resume`` continues a run (checked by :func:`server.resume.load_resume_point`);
+    ``faults`` is for fault-injection tests in the Simulation Engine only.
+    """
     server_app = ServerApp()
 
     @server_app.main()
@@ -33,7 +42,10 @@ def build_server_app(exp: ExperimentConfig | None = None, out: Path | None = Non
         folder = out or Path(str(rc[P.RC_OUT]))
         rid = run_id or str(rc.get(P.RC_RUN_ID, "")) or new_run_id(cfg.name)
         key_path = signing_key or (Path(str(rc[P.RC_SIGNING_KEY])) if rc.get(P.RC_SIGNING_KEY) else None)
-        run_federation(grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None)
+        run_federation(
+            grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None,
+            resume=resume, after_round=faults.after_round if faults else None,
+        )
 
     return server_app
 

@@ -95,6 +95,32 @@ def simulate(
     print_summary(summary, out)
 
 
+@app.command("run")
+@friendly
+def run_cmd(
+    resume: Annotated[Path, typer.Option("--resume", help="Run folder of a run that stopped (coordinator crash) to continue.")],
+    config: Annotated[Path | None, typer.Option(help="Experiment YAML; if given, it must be the plan the run started with.")] = None,
+) -> None:
+    """Continue a run after a coordinator crash, from its last verified checkpoint (same run id).
+
+    The checkpoint's digest and the coordinator's signature are checked and the plan must be
+    unchanged. Sites refuse to train or be charged again for a round they already accounted,
+    so no privacy budget is spent twice. A finished run is reported and left as it is.
+    Works for runs made by `fedrelapse simulate`.
+    """
+    from server.resume import finished_summary, read_run
+    from server.simulate import resume_simulation
+
+    done = finished_summary(resume)
+    if done is not None:
+        run_id, _ = read_run(resume)
+        console.print(f"run {run_id} has already finished (status: {done.get('status')}); nothing to resume, nothing was changed.")
+        print_summary(done, resume)
+        return
+    summary = resume_simulation(resume, config=config, console=console)
+    print_summary(summary, resume)
+
+
 @app.command()
 @friendly
 def plan(

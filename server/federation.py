@@ -8,6 +8,7 @@ a round in which every site refused is reported as not updating the model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from server.aggregation import make_server_optimizer, server_step
+from server.resume import ResumePoint
 from server.run_folder import RoundRecord, RunFolder
 from server.strategy import PatientFedAvg, SiteReport, site_reports, wait_for_nodes
 from shared import metrics as M  # noqa: N812
@@ -30,22 +32,31 @@ from shared.params import from_record, get_arrays, to_record
 log = logging.getLogger("fedrelapse.server")
 
 
-def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, console: Console | None = None, signing_key: Ed25519PrivateKey | None = None) -> dict[str, Any]:
+def run_federation(
+    grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, console: Console | None = None, signing_key: Ed25519PrivateKey | None = None,
+    *, resume: ResumePoint | None = None, after_round: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Run all rounds; return the summary written to ``out/summary.json``.
 
     With ``signing_key``, every global model sent is signed (sites with the coordinator's
-    public key refuse anything unsigned or altered).
+    public key refuse anything unsigned or altered) and so is every checkpoint. With
+    ``resume`` (see :mod:`server.resume`), the run continues from its last recorded round.
+    ``after_round`` is called once each round is recorded (fault-injection tests).
     """
     console = console or Console()
-    run = RunFolder(out, exp, run_id)
+    run = RunFolder(out, exp, run_id, signing_key=signing_key, previous=resume.rounds if resume else ())
     f = exp.federation
     strategy = PatientFedAvg(
-        fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate, min_nodes=f.min_nodes, node_wait_timeout_s=f.node_wait_timeout_s
+        fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate, min_nodes=f.min_nodes, node_wait_timeout_s=f.node_wait_timeout_s,
+        round_timeout_s=f.round_timeout_s,
     )
     strategy.summary()
     initial = get_arrays(build_model(exp))
     strategy.expected = {k: tuple(v.shape) for k, v in initial.items()}
-    arrays = to_record(initial)
+    arrays = to_record(resume.arrays if resume else initial)
+    first_round = resume.next_round if resume else 1
+    if resume:
+        console.print(f"resuming run {run_id} at round {first_round} of {f.rounds} from its verified checkpoint; sites refuse to be charged again for any round they already accounted.")
     plan = exp.to_yaml()
     status = "completed"
     if exp.privacy.enabled:
@@ -63,8 +74,9 @@ def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, co
             cfg[P.MODEL_SIGNATURE] = sign_model(signing_key, dict(from_record(record)), run_id=run_id, server_round=rnd, plan_hash=phash)
         return cfg
 
-    server_opt = make_server_optimizer(f.server_optimizer, lr=f.server_learning_rate)  # FedAdam; None = FedAvg
-    for rnd in range(1, f.rounds + 1):
+    # FedAdam; None = FedAvg. A resumed run restarts the server moments from zero.
+    server_opt = make_server_optimizer(f.server_optimizer, lr=f.server_learning_rate)
+    for rnd in range(first_round, f.rounds + 1):
         cfg = config(rnd, arrays)
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
@@ -86,7 +98,11 @@ def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, co
         if not updated:
             status = "incomplete: a round had no usable update"
             console.print(f"  [red]round {rnd}: no site sent a usable update; the global model was not updated.[/red]")
-    return run.finish(status=status)
+        if after_round is not None:
+            after_round(rnd)
+    if any(not r.updated for r in run.rounds):
+        status = "incomplete: a round had no usable update"
+    return run.finish(status=status, extra={"resumed_at_round": first_round} if resume else None)
 
 
 def preflight(grid: Grid, strategy: PatientFedAvg, exp: ExperimentConfig, run_id: str, plan: str, console: Console) -> list[SiteReport]:
@@ -94,10 +110,12 @@ def preflight(grid: Grid, strategy: PatientFedAvg, exp: ExperimentConfig, run_id
     nodes = wait_for_nodes(grid, exp.federation.min_nodes, exp.federation.node_wait_timeout_s)
     cfg = ConfigRecord({P.RUN_ID: run_id, P.TOTAL_ROUNDS: exp.federation.rounds, P.PLAN_YAML: plan})
     msgs = [Message(content=RecordDict({P.CONFIG: cfg}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-    replies = list(grid.send_and_receive(msgs, timeout=exp.federation.round_timeout_s))
-    reports = site_reports(replies)
+    # The first message a freshly started site client handles (it loads its data first): it
+    # gets the joining allowance when that is longer than a round's.
+    replies = list(grid.send_and_receive(msgs, timeout=max(exp.federation.round_timeout_s, exp.federation.node_wait_timeout_s)))
+    reports = site_reports(replies, strategy.site_names)
     answered = {m.metadata.src_node_id for m in replies}
-    reports += [SiteReport(site=f"node-{n}", error="no reply to the pre-flight plan query") for n in nodes if n not in answered]
+    reports += [SiteReport(site=f"node-{n}", node=n, error="no reply to the pre-flight plan query") for n in nodes if n not in answered]
     for r in reports:
         if r.metrics:
             console.print(f"  plan: site {r.site} would spend ε={r.metrics.get(M.EPSILON_RUN, 0):.2f} (σ={r.metrics.get(M.NOISE_MULTIPLIER, 0):.2f}), all-time budget left {r.metrics.get(M.EPSILON_REMAINING, 0):.2f}")

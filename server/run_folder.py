@@ -3,9 +3,11 @@
 Layout::
 
     RUN/config.yaml            the experiment exactly as run
+    RUN/run.json               run id and plan hash (what `fedrelapse run --resume` checks)
     RUN/metrics.json           one object per round (aggregate and per-site figures)
     RUN/metrics.png            loss, federated AUROC and per-site ε over rounds
-    RUN/checkpoints/round-NNN.safetensors   the global model after each round
+    RUN/checkpoints/round-NNN.safetensors   the global model after each round, with its
+                               digest and the coordinator's signature in the file's metadata
     RUN/summary.json           final AUROC, rounds, per-site ε and δ, wall time
 """
 
@@ -15,16 +17,21 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server.strategy import RoundLog
 from shared import metrics as M  # noqa: N812
 from shared.config import ExperimentConfig
+from shared.model_signing import model_digest, sign_checkpoint
 from shared.params import save_checkpoint
+
+RUN_INFO = "run.json"
 
 
 @dataclass
@@ -62,15 +69,25 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def checkpoint_path(root: Path, server_round: int) -> Path:
+    return root / "checkpoints" / f"round-{server_round:03d}.safetensors"
+
+
 class RunFolder:
-    def __init__(self, root: Path, exp: ExperimentConfig, run_id: str) -> None:
+    """The run folder being written; ``previous`` holds the rounds of a resumed run."""
+
+    def __init__(self, root: Path, exp: ExperimentConfig, run_id: str, *, signing_key: Ed25519PrivateKey | None = None, previous: Sequence[RoundRecord] = ()) -> None:
         self.root = root
         self.exp = exp
         self.run_id = run_id
-        self.rounds: list[RoundRecord] = []
+        self.signing_key = signing_key
+        self.plan_hash = exp.plan_hash()
+        self.rounds: list[RoundRecord] = list(previous)
         self.started = time.time()
         (root / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (root / "config.yaml").write_text(exp.to_yaml(), encoding="utf-8")
+        if not previous:  # a resumed run keeps the files it was started with (checked unchanged)
+            (root / "config.yaml").write_text(exp.to_yaml(), encoding="utf-8")
+            write_json(root / RUN_INFO, {"run_id": run_id, "experiment": exp.name, "plan_hash": self.plan_hash, "signed_checkpoints": signing_key is not None})
 
     def record_round(self, server_round: int, log: RoundLog, train_metrics: dict[str, float] | None, eval_metrics: dict[str, float] | None, arrays: dict[str, np.ndarray], updated: bool) -> RoundRecord:
         sites: dict[str, dict[str, Any]] = {}
@@ -103,8 +120,10 @@ class RunFolder:
             updated=updated,
         )
         self.rounds.append(rec)
-        meta = {"run_id": self.run_id, "round": str(server_round), "experiment": self.exp.name}
-        save_checkpoint(self.root / "checkpoints" / f"round-{server_round:03d}.safetensors", arrays, meta)
+        meta = {"run_id": self.run_id, "round": str(server_round), "experiment": self.exp.name, "plan_hash": self.plan_hash, "digest": model_digest(arrays)}
+        if self.signing_key is not None:
+            meta["signature"] = sign_checkpoint(self.signing_key, arrays, run_id=self.run_id, server_round=server_round, plan_hash=self.plan_hash)
+        save_checkpoint(checkpoint_path(self.root, server_round), arrays, meta)
         write_json(self.root / "metrics.json", _clean([asdict(r) for r in self.rounds]))
         return rec
 

@@ -16,8 +16,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shared.config import ExperimentConfig, SiteConfig, load_site
+from server.resume import ResumePoint, finished_summary, load_resume_point, read_run
+from shared.config import ExperimentConfig, SiteConfig, load_experiment, load_site
 from shared.errors import ConfigError, FederationError
+from shared.faults import FaultPlan
+
+SIM_INFO = "simulation.json"  # where the cohort is, so `fedrelapse run --resume` can find it
 
 
 def discover_sites(data: Path) -> list[Path]:
@@ -54,8 +58,15 @@ def prepare_sites(sites: list[SiteConfig], exp: ExperimentConfig, console: Conso
     return reports
 
 
-def simulate(exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, console: Console | None = None, cpus: int | None = None) -> dict[str, Any]:
-    """Prepare the sites, run the federation, return ``summary.json``'s content."""
+def simulate(
+    exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, console: Console | None = None, cpus: int | None = None,
+    resume: ResumePoint | None = None, faults: FaultPlan | None = None,
+) -> dict[str, Any]:
+    """Prepare the sites, run the federation, return ``summary.json``'s content.
+
+    ``resume``: continue the run in ``out`` (use :func:`resume_simulation`). ``faults``: inject
+    site and coordinator faults (tests only; see :mod:`shared.faults`).
+    """
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
@@ -69,6 +80,8 @@ def simulate(exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, conso
     prepare_sites(sites, exp, console)
     signing_key = consortium_signing_key(data)
     out.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        (out / SIM_INFO).write_text(json.dumps({"engine": "simulation", "data": str(data.resolve())}, indent=2) + "\n", encoding="utf-8")
     cpus = cpus or max(1, min(len(sites), os.cpu_count() or 1))
     ray_tmp = Path(os.environ.get("FEDRELAPSE_RAY_TMP", "/tmp/fedrelapse-ray"))
     backend_config = {
@@ -78,8 +91,8 @@ def simulate(exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, conso
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # run_simulation's deprecation banner is noise here
     run_simulation(
-        server_app=build_server_app(exp, out, run_id, signing_key),
-        client_app=build_client_app(tuple(str(p.resolve()) for p in paths)),
+        server_app=build_server_app(exp, out, run_id, signing_key, resume=resume, faults=faults),
+        client_app=build_client_app(tuple(str(p.resolve()) for p in paths), faults),
         num_supernodes=len(sites),
         backend_name="ray",
         backend_config=backend_config,  # type: ignore[arg-type]
@@ -88,3 +101,28 @@ def simulate(exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, conso
     if not summary_path.exists():
         raise FederationError(f"The simulation ended without writing {summary_path}; see the log above for the failing round.")
     return json.loads(summary_path.read_text())
+
+
+def resume_simulation(run: Path, *, config: Path | None = None, console: Console | None = None, cpus: int | None = None, faults: FaultPlan | None = None) -> dict[str, Any]:
+    """Continue a simulated run that stopped before its summary was written (same run id).
+
+    ``config``, when given, must be the plan the run started with. The checkpoint is checked
+    with the simulated coordinator's signing key (``<data>/consortium``) before any round runs.
+    """
+    from shared import signing
+
+    read_run(run)  # a run folder at all, with an unedited config.yaml
+    info_path = run / SIM_INFO
+    if not info_path.is_file():
+        raise ConfigError(f"{run} has no {SIM_INFO}: it was not started by `fedrelapse simulate` (or predates resume support); it cannot be resumed here.")
+    if finished_summary(run) is not None:
+        raise FederationError(f"The run in {run} has already finished (summary.json exists); there is nothing to resume.")
+    try:
+        data = Path(json.loads(info_path.read_text(encoding="utf-8"))["data"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{info_path} is not readable ({exc}); the run cannot be resumed.") from None
+    key = data / "consortium" / "model-signing.key"
+    if not key.is_file():
+        raise ConfigError(f"The simulated coordinator's signing key {key} is gone; the checkpoints of {run} cannot be verified, so the run is not resumed.")
+    point = load_resume_point(run, exp=load_experiment(config) if config else None, public_key=signing.load_private(key).public_key())
+    return simulate(point.exp, data, run, run_id=point.run_id, console=console, cpus=cpus, resume=point, faults=faults)

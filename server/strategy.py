@@ -7,6 +7,7 @@ averaged across sites: each site's own figure is kept as it reported it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class SiteReport:
     refusal_reason: str | None = None
     error: str | None = None
     ledger_head: str | None = None  # hash of the site's newest ledger entry (for the DPO to compare)
+    node: int = 0  # Flower node id the reply came from (0: not known)
 
 
 @dataclass
@@ -60,24 +62,86 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, poll_s: float = 0
         time.sleep(poll_s)
 
 
-def site_reports(replies: Iterable[Message]) -> list[SiteReport]:
-    """One SiteReport per reply: metrics, refusal or transport error."""
-    out = []
-    for msg in replies:
-        if msg.has_error():
-            out.append(SiteReport(site=f"node-{msg.metadata.src_node_id}", error=str(msg.error.reason)))
-            continue
-        info = msg.content.config_records.get(P.SITE, ConfigRecord())
-        report = SiteReport(site=str(info.get(P.SITE_NAME, f"node-{msg.metadata.src_node_id}")))
-        if P.LEDGER_HEAD in info:
-            report.ledger_head = str(info[P.LEDGER_HEAD])
-        if P.REFUSAL_CODE in info:
-            report.refusal_code = str(info[P.REFUSAL_CODE])
-            report.refusal_reason = str(info.get(P.REFUSAL_REASON, ""))
-        if P.METRICS in msg.content.metric_records:
-            report.metrics = {k: float(v) for k, v in msg.content[P.METRICS].items()}  # type: ignore[arg-type]
-        out.append(report)
-    return sorted(out, key=lambda r: r.site)
+def short_reason(reason: str, limit: int = 200) -> str:
+    """The last line of a transport error (Flower sends whole tracebacks), without colour codes.
+
+    Only this line is kept in the run folder: a site's traceback names its files and code.
+    """
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", reason).splitlines() if line.strip()]
+    last = lines[-1].removesuffix("'>").strip() if lines else "no reason given"
+    return last if len(last) <= limit else last[: limit - 1] + "…"
+
+
+REPLY_RECORD_TYPES = {P.ARRAYS: ArrayRecord, P.METRICS: MetricRecord, P.SITE: ConfigRecord}
+
+
+def reply_problem(msg: Message, needs: tuple[str, ...] = ()) -> str | None:
+    """Why a reply's content cannot be used (records missing, extra or of the wrong type), or None.
+
+    ``needs``: records a reply must carry unless it is a refusal (``arrays`` and ``metrics``
+    for training, ``metrics`` for evaluation).
+    """
+    content = msg.content
+    extra = sorted(set(content.keys()) - P.ALLOWED_REPLY_RECORDS)
+    if extra:
+        return f"unexpected record(s) {extra}; a site may send only {sorted(P.ALLOWED_REPLY_RECORDS)}"
+    for name, kind in REPLY_RECORD_TYPES.items():
+        if name in content and not isinstance(content[name], kind):
+            return f"record {name!r} is a {type(content[name]).__name__}, expected a {kind.__name__}"
+    info = content.config_records.get(P.SITE)
+    if info is None:
+        return f"no {P.SITE!r} record naming the site"
+    bad_keys = sorted(set(info.keys()) - P.ALLOWED_SITE_KEYS)
+    if bad_keys:
+        return f"unexpected key(s) {bad_keys} in the {P.SITE!r} record"
+    if any(not isinstance(v, str) for v in info.values()):
+        return f"the {P.SITE!r} record must hold strings only"
+    metrics = content.metric_records.get(P.METRICS)
+    if metrics is not None:
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return f"metric {key!r} is a {type(value).__name__}, expected one number"
+            if value != value:  # NaN (∞ is allowed: ε of a non-private run)
+                return f"metric {key!r} is NaN"
+    if P.REFUSAL_CODE not in info:
+        missing = [n for n in needs if n not in content]
+        if missing:
+            return f"neither a refusal nor the record(s) {missing}"
+    return None
+
+
+def site_report(msg: Message, names: dict[int, str], needs: tuple[str, ...] = ()) -> SiteReport:
+    """What one reply says: metrics, refusal, malformed content or transport error.
+
+    ``names`` maps node ids to the site names they gave in earlier replies; it is updated
+    here, so a site that crashes or stalls later is still named rather than shown as a node id.
+    """
+    node = msg.metadata.src_node_id
+    if msg.has_error():
+        return SiteReport(site=names.get(node, f"node-{node}"), error=f"the site's client failed (crashed or lost): {short_reason(str(msg.error.reason))}", node=node)
+    info = msg.content.config_records.get(P.SITE, ConfigRecord())
+    claimed = info.get(P.SITE_NAME)
+    if isinstance(claimed, str) and claimed:
+        names[node] = claimed
+    report = SiteReport(site=claimed if isinstance(claimed, str) and claimed else names.get(node, f"node-{node}"), node=node)
+    problem = reply_problem(msg, needs)
+    if problem:
+        report.error = f"malformed reply rejected by the coordinator: {problem}"
+        return report
+    if P.LEDGER_HEAD in info:
+        report.ledger_head = str(info[P.LEDGER_HEAD])
+    if P.REFUSAL_CODE in info:
+        report.refusal_code = str(info[P.REFUSAL_CODE])
+        report.refusal_reason = str(info.get(P.REFUSAL_REASON, ""))
+    if P.METRICS in msg.content.metric_records:
+        report.metrics = {k: float(v) for k, v in msg.content[P.METRICS].items()}  # type: ignore[arg-type]
+    return report
+
+
+def site_reports(replies: Iterable[Message], names: dict[int, str] | None = None, *, needs: tuple[str, ...] = ()) -> list[SiteReport]:
+    """One :func:`site_report` per reply, sorted by site."""
+    names = {} if names is None else names
+    return sorted((site_report(m, names, needs) for m in replies), key=lambda r: r.site)
 
 
 def weighted_mean(reports: list[SiteReport], key: str) -> float | None:
@@ -90,7 +154,7 @@ def weighted_mean(reports: list[SiteReport], key: str) -> float | None:
 class PatientFedAvg(FedAvg):
     """FedAvg weighted by each site's number of training patients."""
 
-    def __init__(self, *, fraction_train: float, fraction_evaluate: float, min_nodes: int, node_wait_timeout_s: float) -> None:
+    def __init__(self, *, fraction_train: float, fraction_evaluate: float, min_nodes: int, node_wait_timeout_s: float, round_timeout_s: float = 1800.0) -> None:
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -102,6 +166,8 @@ class PatientFedAvg(FedAvg):
             configrecord_key=P.CONFIG,
         )
         self.node_wait_timeout_s = node_wait_timeout_s
+        self.round_timeout_s = round_timeout_s
+        self.site_names: dict[int, str] = {}  # node id -> site name, learnt from every reply
         self.log: dict[int, RoundLog] = {}
         self._sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> node ids asked
 
@@ -110,7 +176,10 @@ class PatientFedAvg(FedAvg):
 
     def check_update(self, arrays: ArrayRecord, metrics: MetricRecord) -> str | None:
         """Why an update cannot be averaged (names, shapes, NaN/Inf, range, weight), or None."""
-        values = {k: v.numpy() for k, v in arrays.items()}
+        try:
+            values = {k: v.numpy() for k, v in arrays.items()}
+        except (TypeError, ValueError) as exc:
+            return f"the arrays cannot be decoded ({exc})"
         if self.expected is not None:
             if list(values) != list(self.expected):
                 return "parameter names differ from the global model's"
@@ -118,12 +187,14 @@ class PatientFedAvg(FedAvg):
                 if tuple(v.shape) != self.expected[k]:
                     return f"parameter {k!r} has shape {tuple(v.shape)}, expected {self.expected[k]}"
         for k, v in values.items():
+            if not np.issubdtype(v.dtype, np.floating):
+                return f"parameter {k!r} has dtype {v.dtype}, expected floating point"
             if not np.isfinite(v).all():
                 return f"parameter {k!r} holds NaN or infinite values"
             if v.size and float(np.abs(v).max()) > self.max_abs_value:
                 return f"parameter {k!r} exceeds the allowed range ±{self.max_abs_value:g}"
         weight = metrics.get(M.NUM_PATIENTS)
-        if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not np.isfinite(weight) or weight <= 0:
             return f"weight {M.NUM_PATIENTS} is {weight!r}; it must be a positive number"
         return None
 
@@ -145,46 +216,46 @@ class PatientFedAvg(FedAvg):
         self._sent[(server_round, "evaluate")] = [m.metadata.dst_node_id for m in msgs]
         return msgs
 
-    def _with_silent_nodes(self, server_round: int, phase: str, replies: list[Message]) -> list[SiteReport]:
-        """Site reports plus one per asked node that never replied (Flower just omits them)."""
-        reports = site_reports(replies)
+    def _silent(self, server_round: int, phase: str, replies: list[Message]) -> list[SiteReport]:
+        """One report per asked node that never replied (Flower just omits them)."""
         answered = {m.metadata.src_node_id for m in replies}
-        for node in self._sent.get((server_round, phase), []):
-            if node not in answered:
-                reports.append(SiteReport(site=f"node-{node}", error="no reply within `federation.round_timeout_s`"))
-        return reports
+        return [
+            SiteReport(site=self.site_names.get(node, f"node-{node}"), node=node,
+                       error=f"no reply within `federation.round_timeout_s` ({self.round_timeout_s:g} s); left out of this round")
+            for node in self._sent.get((server_round, phase), []) if node not in answered
+        ]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        reports = self._with_silent_nodes(server_round, "train", replies)
+        pairs = [(m, site_report(m, self.site_names, (P.ARRAYS, P.METRICS))) for m in replies]
+        reports = sorted([r for _, r in pairs] + self._silent(server_round, "train", replies), key=lambda r: r.site)
         self.log.setdefault(server_round, RoundLog()).train = reports
-        by_site = {r.site: r for r in reports}
         updates = []
-        for m in replies:
-            if m.has_error() or P.ARRAYS not in m.content.array_records or P.METRICS not in m.content.metric_records:
+        for m, report in pairs:
+            if report.error or report.refusal_code:
                 continue
-            name = str(m.content.config_records.get(P.SITE, ConfigRecord()).get(P.SITE_NAME, f"node-{m.metadata.src_node_id}"))
             problem = self.check_update(m.content[P.ARRAYS], m.content[P.METRICS])
             if problem:
-                log(INFO, "round %d: rejected the update of site %s: %s", server_round, name, problem)
-                if name in by_site:
-                    by_site[name].error = f"update rejected by the coordinator: {problem}"
-                    by_site[name].metrics = {}
+                log(INFO, "round %d: rejected the update of site %s: %s", server_round, report.site, problem)
+                report.error = f"update rejected by the coordinator: {problem}"
+                report.metrics = {}
                 continue
             updates.append(m.content)
         if not updates:
             return None, None
         arrays = aggregate_arrayrecords(updates, self.weighted_by_key)
-        loss = weighted_mean(reports, M.TRAIN_LOSS)
-        metrics = MetricRecord({M.NUM_PATIENTS: sum(r.metrics.get(M.NUM_PATIENTS, 0.0) for r in reports if r.refusal_code is None)})
+        usable = [r for r in reports if r.error is None and r.refusal_code is None]
+        loss = weighted_mean(usable, M.TRAIN_LOSS)
+        metrics = MetricRecord({M.NUM_PATIENTS: sum(r.metrics.get(M.NUM_PATIENTS, 0.0) for r in usable)})
         if loss is not None:
             metrics[M.TRAIN_LOSS] = loss
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        reports = self._with_silent_nodes(server_round, "evaluate", list(replies))
+        replies = list(replies)
+        reports = sorted(site_reports(replies, self.site_names, needs=(P.METRICS,)) + self._silent(server_round, "evaluate", replies), key=lambda r: r.site)
         self.log.setdefault(server_round, RoundLog()).evaluate = reports
-        usable = [r for r in reports if r.metrics.get(M.SUPPRESSED, 1.0) == 0.0]
+        usable = [r for r in reports if r.metrics.get(M.SUPPRESSED, 1.0) == 0.0 and r.metrics.get(M.NUM_PATIENTS, 0.0) > 0]
         if not usable:
             return None
         out = MetricRecord({M.NUM_PATIENTS: sum(r.metrics[M.NUM_PATIENTS] for r in usable)})

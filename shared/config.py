@@ -211,7 +211,10 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
 
 def experiment_from_yaml_text(text: str, *, source: str) -> ExperimentConfig:
     """Validate an experiment sent as YAML text (the ServerApp's run config carries it)."""
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML ({exc}).") from None
     return build(ExperimentConfig, data, source=source)
 
 

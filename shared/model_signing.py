@@ -1,4 +1,5 @@
-"""Signed global models: the coordinator signs each model it sends; sites verify first.
+"""Signed global models: the coordinator signs each model it sends (sites verify first) and
+each round's checkpoint (a resumed run verifies it before continuing).
 
 The signature covers the SHA-256 of every parameter (name, dtype, shape, bytes, in order),
 the run id, the round and the plan hash, so a model cannot be altered, replayed into another
@@ -34,3 +35,18 @@ def sign_model(key: Ed25519PrivateKey, arrays: dict[str, np.ndarray], *, run_id:
 
 def verify_model(key: Ed25519PublicKey, arrays: dict[str, np.ndarray], signature: str, *, run_id: str, server_round: int, plan_hash: str) -> bool:
     return signing.verify(key, _message(arrays, run_id=run_id, server_round=server_round, plan_hash=plan_hash), signature)
+
+
+def _checkpoint_message(digest: str, *, run_id: str, server_round: int, plan_hash: str) -> bytes:
+    # A different prefix from _message: a checkpoint's signature can never pass as the
+    # signature of a model sent to sites, nor the other way round.
+    return f"fedrelapse-checkpoint|{digest}|{run_id}|{server_round}|{plan_hash}".encode()
+
+
+def sign_checkpoint(key: Ed25519PrivateKey, arrays: dict[str, np.ndarray], *, run_id: str, server_round: int, plan_hash: str) -> str:
+    """Signature over the global model after ``server_round``, kept in the checkpoint file."""
+    return signing.sign(key, _checkpoint_message(model_digest(arrays), run_id=run_id, server_round=server_round, plan_hash=plan_hash))
+
+
+def verify_checkpoint(key: Ed25519PublicKey, arrays: dict[str, np.ndarray], signature: str, *, run_id: str, server_round: int, plan_hash: str) -> bool:
+    return signing.verify(key, _checkpoint_message(model_digest(arrays), run_id=run_id, server_round=server_round, plan_hash=plan_hash), signature)

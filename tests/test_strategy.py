@@ -58,3 +58,61 @@ def test_a_non_positive_weight_is_rejected() -> None:
     arrays, _ = s.aggregate_train(1, [reply("zero", np.array([2.0, 2.0]), 0)])
     assert arrays is None
     assert "must be a positive number" in s.log[1].train[0].error
+
+
+def bare(site: str | None, **records: object) -> Message:
+    content = RecordDict({k: v for k, v in records.items()})  # type: ignore[misc]
+    if site is not None:
+        content[P.SITE] = ConfigRecord({P.SITE_NAME: site})
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+def malformed(case: str) -> Message:
+    w = to_record({"w": np.ones(2, np.float32)})
+    n = MetricRecord({M.NUM_PATIENTS: 10.0})
+    return {
+        "no-arrays": lambda: bare("evil", **{P.METRICS: n}),
+        "metrics-wrong-type": lambda: bare("evil", **{P.ARRAYS: w, P.METRICS: ConfigRecord({M.NUM_PATIENTS: 10.0})}),
+        "metric-is-a-list": lambda: bare("evil", **{P.ARRAYS: w, P.METRICS: MetricRecord({M.NUM_PATIENTS: [1.0, 2.0]})}),
+        "extra-record": lambda: bare("evil", **{P.ARRAYS: w, P.METRICS: n, "features": ConfigRecord({"x": 1})}),
+        "integer-weights": lambda: bare("evil", **{P.ARRAYS: to_record({"w": np.ones(2, np.int32)}), P.METRICS: n}),
+    }[case]()
+
+
+@pytest.mark.parametrize(("case", "why"), [
+    ("no-arrays", "neither a refusal nor the record(s) ['arrays']"),
+    ("metrics-wrong-type", "record 'metrics' is a ConfigRecord"),
+    ("metric-is-a-list", "metric 'num-patients' is a list"),
+    ("extra-record", "unexpected record(s) ['features']"),
+    ("integer-weights", "dtype int32"),
+])
+def test_malformed_replies_are_rejected_with_the_site_named(case: str, why: str) -> None:
+    s = strategy()
+    arrays, _ = s.aggregate_train(1, [reply("good", np.array([2.0, 2.0]), 10), malformed(case)])
+    np.testing.assert_allclose(from_record(arrays)["w"], [2.0, 2.0])
+    evil = next(r for r in s.log[1].train if r.site == "evil")
+    assert evil.error and why in evil.error and not evil.metrics
+
+
+def test_a_reply_without_a_site_record_is_rejected_and_named_by_node() -> None:
+    s = strategy()
+    arrays, _ = s.aggregate_train(1, [bare(None, **{P.ARRAYS: to_record({"w": np.ones(2, np.float32)}), P.METRICS: MetricRecord({M.NUM_PATIENTS: 1.0})})])
+    assert arrays is None
+    assert s.log[1].train[0].site.startswith("node-") and "no 'site' record" in s.log[1].train[0].error
+
+
+def test_a_crashed_or_silent_site_is_named_from_its_earlier_replies() -> None:
+    from flwr.app import Error
+
+    s = strategy()
+    first = reply("alpha", np.array([1.0, 1.0]), 10)
+    first.metadata.__dict__["_src_node_id"] = 7
+    s.aggregate_train(1, [first])
+    crashed = Message(Error(code=0, reason="\x1b[36mray::Actor\x1b[39m\n  File x.py\nClientAppException occurred. Message: boom'>"), reply_to=first)
+    crashed.metadata.__dict__["_src_node_id"] = 7
+    s.aggregate_train(2, [crashed])
+    report = s.log[2].train[0]
+    assert report.site == "alpha" and report.error.endswith("Message: boom") and "File x.py" not in report.error
+    s._sent[(3, "train")] = [7]
+    s.aggregate_train(3, [])
+    assert s.log[3].train[0].site == "alpha" and "no reply within `federation.round_timeout_s`" in s.log[3].train[0].error

@@ -1,0 +1,137 @@
+"""Resume a run after a coordinator crash, from the last recorded round's signed checkpoint.
+
+Before anything is sent to a site, the run folder is checked: ``config.yaml`` still has the
+plan hash the run was started with (``run.json``), a plan given on the command line is the
+same plan, and the checkpoint of the last round in ``metrics.json`` carries this run's id,
+that round and that plan hash, its weights match the stored digest and the coordinator's
+signature verifies. Any mismatch refuses the resume with a sentence saying what and where.
+
+Privacy does not depend on the coordinator getting this right: each site's ledger holds one
+signed entry per (run, round) and a site refuses (``replay``) to train or be charged for a
+round it has already accounted, so a resumed run never spends a site's budget twice. If the
+coordinator crashed in the middle of round k+1, the sites that had trained in it refuse it
+on resume and the round is reported without their update.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from safetensors import SafetensorError, safe_open
+
+from server.run_folder import RUN_INFO, RoundRecord, checkpoint_path
+from shared.config import ExperimentConfig, load_experiment
+from shared.errors import ConfigError, CryptoError, FederationError
+from shared.model_signing import model_digest, verify_checkpoint
+from shared.models import build_model
+from shared.params import get_arrays
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run continues: same run id and plan, the next round and its model."""
+
+    run_id: str
+    exp: ExperimentConfig
+    next_round: int  # first round still to run (rounds + 1 when only the summary is missing)
+    arrays: OrderedDict[str, np.ndarray]  # the global model after round next_round - 1
+    rounds: tuple[RoundRecord, ...]  # rounds already recorded in metrics.json
+
+
+def read_run(run: Path) -> tuple[str, ExperimentConfig]:
+    """The run id and experiment of a run folder; refuse one whose config.yaml was edited."""
+    info_path, config_path = run / RUN_INFO, run / "config.yaml"
+    if not info_path.is_file() or not config_path.is_file():
+        raise ConfigError(f"{run} is not a run folder that can be resumed (no {RUN_INFO} or config.yaml); give the folder a run was started in.")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        run_id, started_hash = str(info["run_id"]), str(info["plan_hash"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{info_path} is not a readable run description ({exc}); the run cannot be resumed.") from None
+    exp = load_experiment(config_path)
+    if exp.plan_hash() != started_hash:
+        raise ConfigError(
+            f"{config_path} was changed after run {run_id} started (plan hash {exp.plan_hash()[:16]}, started with {started_hash[:16]}); "
+            "a run resumes only with the plan it started with. Restore the file, or start a new run."
+        )
+    return run_id, exp
+
+
+def finished_summary(run: Path) -> dict[str, Any] | None:
+    """The run's summary.json if the run has finished (then there is nothing to resume)."""
+    path = run / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); it was written atomically, so it was edited by hand.") from None
+
+
+def recorded_rounds(run: Path, planned: int) -> tuple[RoundRecord, ...]:
+    """The rounds in metrics.json, checked to be 1..k with k <= the planned rounds."""
+    path = run / "metrics.json"
+    if not path.is_file():
+        return ()
+    try:
+        rounds = tuple(RoundRecord(**r) for r in json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a metrics file this version wrote ({exc}); the run cannot be resumed.") from None
+    numbers = [r.round for r in rounds]
+    if numbers != list(range(1, len(numbers) + 1)) or len(numbers) > planned:
+        raise ConfigError(f"{path} lists rounds {numbers}; expected 1..k with k <= {planned}. It was edited; the run cannot be resumed.")
+    return rounds
+
+
+def load_checkpoint_checked(run: Path, *, run_id: str, server_round: int, exp: ExperimentConfig, public_key: Ed25519PublicKey | None) -> OrderedDict[str, np.ndarray]:
+    """The global model after ``server_round``, only if intact, signed and of this run and plan."""
+    path = checkpoint_path(run, server_round)
+    if not path.is_file():
+        raise CryptoError(f"{path} is missing: round {server_round} is recorded in metrics.json but its checkpoint is not; the run cannot be resumed.")
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            meta = fh.metadata() or {}
+            loaded = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise CryptoError(f"{path} cannot be read as a checkpoint ({exc}); it is damaged or was altered.") from None
+    expected = get_arrays(build_model(exp))
+    if set(loaded) != set(expected) or any(loaded[k].shape != v.shape or loaded[k].dtype != v.dtype for k, v in expected.items()):
+        raise CryptoError(f"{path} does not hold the parameters of the plan's model (names, shapes or dtypes differ); it was altered or belongs to another plan.")
+    arrays = OrderedDict((k, loaded[k]) for k in expected)  # the model's order, which the digest covers
+    plan_hash = exp.plan_hash()
+    for key, want in (("run_id", run_id), ("round", str(server_round)), ("plan_hash", plan_hash)):
+        if meta.get(key) != want:
+            raise CryptoError(f"{path} records {key}={meta.get(key)!r}, expected {want!r}; it belongs to another run, round or plan.")
+    if meta.get("digest") != model_digest(arrays):
+        raise CryptoError(f"{path}: the weights do not match the digest stored with them; the checkpoint was altered or damaged.")
+    if public_key is None:
+        if "signature" in meta:
+            raise CryptoError(f"{path} is signed; give the coordinator's model-signing key so the signature can be checked before resuming.")
+        return arrays
+    if not verify_checkpoint(public_key, arrays, meta.get("signature", ""), run_id=run_id, server_round=server_round, plan_hash=plan_hash):
+        raise CryptoError(f"{path}: the coordinator's signature does not verify (unsigned, altered, or signed with another key); the run is not resumed from it.")
+    return arrays
+
+
+def load_resume_point(run: Path, *, exp: ExperimentConfig | None = None, public_key: Ed25519PublicKey | None = None) -> ResumePoint:
+    """Everything a resumed run needs, after every check in the module docstring."""
+    run_id, stored = read_run(run)
+    if exp is not None and exp.plan_hash() != stored.plan_hash():
+        raise ConfigError(
+            f"The experiment given ({exp.name}, plan hash {exp.plan_hash()[:16]}) is not the plan run {run_id} started with "
+            f"({stored.plan_hash()[:16]}, {run / 'config.yaml'}); a run resumes only with its own plan. Start a new run for a new plan."
+        )
+    if finished_summary(run) is not None:
+        raise FederationError(f"Run {run_id} in {run} has already finished (summary.json exists); there is nothing to resume.")
+    rounds = recorded_rounds(run, stored.federation.rounds)
+    if rounds:
+        arrays = load_checkpoint_checked(run, run_id=run_id, server_round=len(rounds), exp=stored, public_key=public_key)
+    else:  # crashed before round 1 was recorded: the plan's seeded initial model
+        arrays = get_arrays(build_model(stored))
+    return ResumePoint(run_id=run_id, exp=stored, next_round=len(rounds) + 1, arrays=arrays, rounds=rounds)

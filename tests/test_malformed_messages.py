@@ -1,0 +1,79 @@
+"""A malformed message from the coordinator gets a structured refusal from the site, not a
+traceback, and nothing is trained or charged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.app import build_client_app
+from shared import protocol as P  # noqa: N812
+from shared.models import build_model
+from shared.params import get_arrays, to_record
+from tests.conftest import tiny_experiment
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def context(tiny_cohort: Path, tmp_path: Path) -> Context:
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\n")
+    return Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_yaml)}, state=RecordDict(), run_config={})
+
+
+def message(case: str) -> Message:
+    arrays = dict(get_arrays(build_model(tiny_experiment())))
+    cfg = ConfigRecord({P.RUN_ID: "r-bad", P.SERVER_ROUND: 1, P.TOTAL_ROUNDS: 2, P.PLAN_YAML: tiny_experiment().to_yaml()})
+    content = RecordDict({P.ARRAYS: to_record(arrays), P.CONFIG: cfg})
+    if case == "no-config":
+        del content[P.CONFIG]
+    elif case == "config-as-metrics":
+        content[P.CONFIG] = MetricRecord({"server-round": 1})
+    elif case == "round-is-text":
+        cfg[P.SERVER_ROUND] = "one"
+    elif case == "round-beyond-total":
+        cfg[P.SERVER_ROUND] = 3
+    elif case == "no-plan":
+        del cfg[P.PLAN_YAML]
+    elif case == "plan-not-yaml":
+        cfg[P.PLAN_YAML] = "name: [unclosed"
+    elif case == "no-model":
+        del content[P.ARRAYS]
+    elif case == "wrong-shape":
+        first = next(iter(arrays))
+        arrays[first] = np.zeros((3, 3), np.float32)
+        content[P.ARRAYS] = to_record(arrays)
+    elif case == "nan-model":
+        first = next(iter(arrays))
+        arrays[first] = np.full_like(arrays[first], np.nan)
+        content[P.ARRAYS] = to_record(arrays)
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+@pytest.mark.parametrize(("case", "code", "why"), [
+    ("no-config", "malformed", "no 'config' config record"),
+    ("config-as-metrics", "malformed", "no 'config' config record"),
+    ("round-is-text", "malformed", "'server-round'] must be a whole number from 1 to 2, got 'one'"),
+    ("round-beyond-total", "malformed", "from 1 to 2, got 3"),
+    ("no-plan", "malformed", "'plan-yaml'] must be a non-empty string"),
+    ("plan-not-yaml", "invalid", "is not valid YAML"),
+    ("no-model", "malformed", "no 'arrays' array record"),
+    ("wrong-shape", "invalid-model", "the model expects"),
+    ("nan-model", "invalid-model", "NaN or infinite"),
+])
+def test_a_malformed_request_is_refused_with_a_reason_and_nothing_is_charged(tiny_cohort: Path, tmp_path: Path, case: str, code: str, why: str) -> None:
+    reply = build_client_app()(message(case), context(tiny_cohort, tmp_path))
+    info = reply.content[P.SITE]
+    assert info[P.SITE_NAME] == "alpha"
+    assert info[P.REFUSAL_CODE] == code, info[P.REFUSAL_REASON]
+    assert why in str(info[P.REFUSAL_REASON])
+    assert P.ARRAYS not in reply.content
+    assert not (tmp_path / "state" / "ledger" / "privacy-ledger.jsonl").exists()

@@ -1,0 +1,139 @@
+"""A run resumes only from an intact, signed checkpoint of the same run and plan (no simulation)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from typer.testing import CliRunner
+
+from server.resume import load_resume_point
+from server.run_folder import RunFolder, checkpoint_path
+from server.simulate import SIM_INFO
+from server.strategy import RoundLog
+from shared import signing
+from shared.config import load_experiment
+from shared.errors import ConfigError, CryptoError, FederationError
+from shared.model_signing import model_digest
+from shared.models import build_model
+from shared.params import get_arrays
+from tests.conftest import tiny_experiment
+
+
+def crashed_run(tmp_path: Path, rounds_done: int = 2) -> tuple[Path, Ed25519PrivateKey]:
+    """A run folder as a coordinator leaves it when it dies after ``rounds_done`` rounds."""
+    data = tmp_path / "data"
+    key = signing.generate(data / "consortium" / "model-signing.key", data / "consortium" / "model-signing.pub.pem")
+    exp = replace(tiny_experiment(), federation=replace(tiny_experiment().federation, rounds=3))
+    run = tmp_path / "run"
+    folder = RunFolder(run, exp, "run-x", signing_key=key)
+    (run / SIM_INFO).write_text(json.dumps({"engine": "simulation", "data": str(data)}))
+    arrays = dict(get_arrays(build_model(exp)))
+    for rnd in range(1, rounds_done + 1):
+        arrays = {k: v + 0.01 * rnd for k, v in arrays.items()}
+        folder.record_round(rnd, RoundLog(), {}, {}, arrays, True)
+    return run, key
+
+
+def rewrite_checkpoint(path: Path, change: dict[str, str] | None = None, bump: bool = False) -> None:
+    with safe_open(str(path), framework="np") as fh:
+        meta = dict(fh.metadata())
+        arrays = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    if bump:
+        first = sorted(arrays)[0]
+        arrays[first] = arrays[first] + np.float32(1e-3)
+    meta.update(change or {})
+    save_file(arrays, str(path), metadata=meta)
+
+
+def test_an_intact_checkpoint_resumes_at_the_next_round_with_its_weights(tmp_path: Path) -> None:
+    run, key = crashed_run(tmp_path)
+    point = load_resume_point(run, public_key=key.public_key())
+    assert (point.run_id, point.next_round, [r.round for r in point.rounds]) == ("run-x", 3, [1, 2])
+    assert list(point.arrays) == list(get_arrays(build_model(point.exp)))  # the model's parameter order
+    with safe_open(str(checkpoint_path(run, 2)), framework="np") as fh:
+        assert model_digest(point.arrays) == fh.metadata()["digest"]
+
+
+def test_a_run_that_crashed_before_round_one_restarts_from_the_initial_model(tmp_path: Path) -> None:
+    run, key = crashed_run(tmp_path, rounds_done=0)
+    point = load_resume_point(run, public_key=key.public_key())
+    assert point.next_round == 1 and point.rounds == ()
+
+
+@pytest.mark.parametrize(("tamper", "why"), [
+    ("weights", "do not match the digest"),
+    ("weights-and-digest", "signature does not verify"),
+    ("other-round", "round="),
+    ("garbage", "cannot be read"),
+    ("missing", "is missing"),
+])
+def test_a_tampered_checkpoint_is_refused(tmp_path: Path, tamper: str, why: str) -> None:
+    run, key = crashed_run(tmp_path)
+    path = checkpoint_path(run, 2)
+    if tamper == "weights":
+        rewrite_checkpoint(path, bump=True)
+    elif tamper == "weights-and-digest":  # an attacker who recomputes the digest still cannot sign
+        rewrite_checkpoint(path, bump=True)
+        with safe_open(str(path), framework="np") as fh:
+            arrays = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        ordered = {k: arrays[k] for k in get_arrays(build_model(load_experiment(run / "config.yaml")))}
+        rewrite_checkpoint(path, change={"digest": model_digest(ordered)})
+    elif tamper == "other-round":  # round 1's checkpoint renamed into round 2's place
+        checkpoint_path(run, 1).replace(path)
+    elif tamper == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    elif tamper == "missing":
+        path.unlink()
+    with pytest.raises(CryptoError, match=why):
+        load_resume_point(run, public_key=key.public_key())
+
+
+def test_a_checkpoint_signed_by_another_key_is_refused(tmp_path: Path) -> None:
+    run, _ = crashed_run(tmp_path)
+    mallory = signing.generate(tmp_path / "m.key", tmp_path / "m.pub")
+    with pytest.raises(CryptoError, match="signature does not verify"):
+        load_resume_point(run, public_key=mallory.public_key())
+
+
+def test_a_changed_plan_is_refused(tmp_path: Path) -> None:
+    run, key = crashed_run(tmp_path)
+    config = run / "config.yaml"
+    other = replace(tiny_experiment(), training=replace(tiny_experiment().training, learning_rate=0.5))
+    with pytest.raises(ConfigError, match="not the plan run run-x started with"):
+        load_resume_point(run, exp=other, public_key=key.public_key())
+    config.write_text(config.read_text().replace("learning_rate: 0.01", "learning_rate: 0.5"))
+    with pytest.raises(ConfigError, match="was changed after run run-x started"):
+        load_resume_point(run, public_key=key.public_key())
+
+
+def test_a_finished_run_is_not_resumed(tmp_path: Path) -> None:
+    run, key = crashed_run(tmp_path)
+    (run / "summary.json").write_text(json.dumps({"run_id": "run-x", "status": "completed"}))
+    with pytest.raises(FederationError, match="already finished"):
+        load_resume_point(run, public_key=key.public_key())
+
+
+def test_cli_refuses_a_tampered_checkpoint_with_the_crypto_exit_code(tmp_path: Path) -> None:
+    from server.cli import app
+
+    run, _ = crashed_run(tmp_path)
+    rewrite_checkpoint(checkpoint_path(run, 2), bump=True)
+    result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+    assert result.exit_code == CryptoError.exit_code, result.output
+    assert "do not match the digest" in " ".join(result.output.split())
+    assert not (run / "summary.json").exists()
+
+
+def test_cli_needs_a_run_folder(tmp_path: Path) -> None:
+    from server.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path)])
+    assert result.exit_code == ConfigError.exit_code
+    assert "not a run folder" in " ".join(result.output.split())
