@@ -198,6 +198,7 @@ class Site:
             stats = train_dp(
                 model, self.train_set, steps=t.local_steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                 max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device, secure_mode=p.secure_mode,
+                grads=t.per_patient_grads,
             )
             update = get_arrays(model)
             if not all(np.isfinite(v).all() for v in update.values()):  # checked before anything leaves

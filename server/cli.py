@@ -152,13 +152,17 @@ app.add_typer(bench_app, name="bench")
 def bench_dp_step(
     config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).", min=0)] = 0,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats (CI smoke).")] = False,
 ) -> None:
-    """Time per patient-level DP-SGD step / time per non-private step."""
-    from server.bench import dp_step_ratio, machine
+    """Time per patient-level DP-SGD step / non-private step, per gradient strategy, and where a DP step's time goes."""
+    from server.bench import dp_step_profile, dp_step_ratio, machine, set_threads
     from shared.config import load_experiment
 
-    result = {"machine": machine(), **dp_step_ratio(load_experiment(config), device=device, repeats=2 if quick else 5, steps=3 if quick else 10)}
+    set_threads(threads)
+    exp = load_experiment(config)
+    result = {"machine": machine(), **dp_step_ratio(exp, device=device, repeats=2 if quick else 5, steps=3 if quick else 10),
+              "profile": dp_step_profile(exp, device=device, repeats=3 if quick else 20)}
     print(json.dumps(result, indent=2))
 
 
