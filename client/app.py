@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import resource
+import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -97,6 +99,12 @@ def check_model_signature(site_cfg: SiteConfig, msg: Message, plan_hash: str) ->
     return None
 
 
+def _cost(started: float) -> dict[str, float]:
+    """This reply's compute seconds and the serving process's peak RSS (no patient information)."""
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {M.COMPUTE_SECONDS: round(time.perf_counter() - started, 4), M.PEAK_RSS_MB: round(peak_kib / 1024, 1)}
+
+
 def build_client_app(sim_sites: tuple[str, ...] = ()) -> ClientApp:
     """The ClientApp; ``sim_sites`` maps simulated partition ids to site.yaml paths."""
     client_app = ClientApp()
@@ -108,6 +116,7 @@ def build_client_app(sim_sites: tuple[str, ...] = ()) -> ClientApp:
             return _reply(msg, site_cfg.name, refusal=site)
         cfg = msg.content[P.CONFIG]
         arrays = from_record(msg.content[P.ARRAYS])
+        started = time.perf_counter()
         try:
             result = site.train(arrays, run_id=str(cfg[P.RUN_ID]), server_round=int(cfg[P.SERVER_ROUND]), total_rounds=int(cfg[P.TOTAL_ROUNDS]))
         except PolicyError as exc:  # e.g. a ledger that fails its integrity check
@@ -115,14 +124,15 @@ def build_client_app(sim_sites: tuple[str, ...] = ()) -> ClientApp:
         if isinstance(result, Refusal):
             log.warning("site=%s refused round %s: %s", site_cfg.name, cfg[P.SERVER_ROUND], result.code)
             return _reply(msg, site_cfg.name, refusal=result)
-        return _reply(msg, site_cfg.name, arrays=result.arrays, metrics=result.metrics, ledger_head=result.ledger_head)
+        return _reply(msg, site_cfg.name, arrays=result.arrays, metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         site_cfg, site = _setup(msg, context, sim_sites)
         if isinstance(site, Refusal):
             return _reply(msg, site_cfg.name, refusal=site)
-        return _reply(msg, site_cfg.name, metrics=site.evaluate(from_record(msg.content[P.ARRAYS])))
+        started = time.perf_counter()
+        return _reply(msg, site_cfg.name, metrics={**site.evaluate(from_record(msg.content[P.ARRAYS])), **_cost(started)})
 
     @client_app.query()
     def plan(msg: Message, context: Context) -> Message:

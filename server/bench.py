@@ -73,12 +73,14 @@ def synthetic_batch(exp: ExperimentConfig, patients: int, sessions: int, seed: i
     )
 
 
-def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 5, steps: int = 10, strategies: tuple[str, ...] = GRAD_STRATEGIES, ghost_reference: bool = True) -> dict[str, Any]:
+def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 5, steps: int = 10, strategies: tuple[str, ...] = GRAD_STRATEGIES, ghost_reference: bool = True,
+                  autocast: torch.dtype | None = None) -> dict[str, Any]:
     """Seconds per local step, patient-level DP-SGD (each strategy) vs plain SGD, same model, data and sampling.
 
     The modes run interleaved, in a rotating order, inside every repeat, so machine load hits
     them alike; the first repeat only warms up. Wall time and process CPU time are both
-    reported: on a shared machine the CPU-time ratio is the steadier one. ``ghost_reference`` adds Opacus' ghost
+    reported: on a shared machine the CPU-time ratio is the steadier one. ``autocast`` (e.g.
+    ``torch.bfloat16``) runs every mode under mixed precision. ``ghost_reference`` adds Opacus' ghost
     clipping with the *session* as the unit (not patient-level, so not selectable) for scale.
     """
     dev = torch.device(device)
@@ -95,13 +97,8 @@ def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 
             gen = torch.Generator().manual_seed(r)
             _sync(dev)
             start, cpu_start = time.perf_counter(), time.process_time()
-            if mode == "plain":
-                train_plain(model, data, steps=steps, sample_rate=q, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=dev)
-            elif mode == "ghost-per-session":
-                _ghost_per_session(model, data, steps=steps, sample_rate=q, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=dev)
-            else:
-                train_dp(model, data, steps=steps, sample_rate=q, noise_multiplier=1.0, max_grad_norm=1.0, max_sessions=t.max_sessions_per_patient,
-                         optimizer=opt, generator=gen, device=dev, grads=mode.removeprefix("dp-"))
+            with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+                _run_mode(mode, model, data, q=q, steps=steps, max_sessions=t.max_sessions_per_patient, opt=opt, gen=gen, dev=dev)
             _sync(dev)
             if r:
                 timings[mode].append((time.perf_counter() - start) / steps)
@@ -112,10 +109,20 @@ def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 
     rows = {mode: {"step_s": round(v, 5), "ratio_to_plain": round(v / plain, 3), "cpu_step_s": round(cpu[mode], 5), "cpu_ratio_to_plain": round(cpu[mode] / cpu["plain"], 3)}
             for mode, v in med.items()}
     best = min(strategies, key=lambda s: med[f"dp-{s}"])
-    return {"device": device, "plain_step_s": round(plain, 5), "modes": rows, "fastest_patient_level": best, "default": t.per_patient_grads,
+    return {"device": device, "autocast": str(autocast).removeprefix("torch.") if autocast else None, "plain_step_s": round(plain, 5), "modes": rows, "fastest_patient_level": best, "default": t.per_patient_grads,
             "dp_step_s": rows[f"dp-{t.per_patient_grads}"]["step_s"] if t.per_patient_grads in strategies else None,
             "ratio": rows[f"dp-{t.per_patient_grads}"]["ratio_to_plain"] if t.per_patient_grads in strategies else None,
             "batch_patients": t.batch_patients, "sessions": t.max_sessions_per_patient, "repeats": repeats, "steps": steps}
+
+
+def _run_mode(mode: str, model: torch.nn.Module, data: PatientTensors, *, q: float, steps: int, max_sessions: int, opt: torch.optim.Optimizer, gen: torch.Generator, dev: torch.device) -> None:
+    if mode == "plain":
+        train_plain(model, data, steps=steps, sample_rate=q, max_sessions=max_sessions, optimizer=opt, generator=gen, device=dev)
+    elif mode == "ghost-per-session":
+        _ghost_per_session(model, data, steps=steps, sample_rate=q, max_sessions=max_sessions, optimizer=opt, generator=gen, device=dev)
+    else:
+        train_dp(model, data, steps=steps, sample_rate=q, noise_multiplier=1.0, max_grad_norm=1.0, max_sessions=max_sessions,
+                 optimizer=opt, generator=gen, device=dev, grads=mode.removeprefix("dp-"))
 
 
 def dp_step_profile(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 20) -> dict[str, Any]:
