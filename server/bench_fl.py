@@ -112,7 +112,7 @@ def update_size(exp: ExperimentConfig, data: Path, *, rounds: int, bits: tuple[i
             candidates[f"int{b}"] = {k: arrays[k] + sum(w * quantise(d[k], bits=b, clip=clip, rng=rng) for w, d in deltas) / total for k in arrays}
         row: dict[str, Any] = {"round": rnd}
         for name, cand in candidates.items():
-            row[name] = _weighted_auroc([s.evaluate(cand) for s in sites])
+            row[name] = _pooled_auroc(nodp, sites, cand)
         history.append(row)
         arrays = candidates["float32"]
     last = history[-1]
@@ -133,14 +133,27 @@ def update_size(exp: ExperimentConfig, data: Path, *, rounds: int, bits: tuple[i
         "auroc_loss_vs_float32_last_round": {k: round(last["float32"] - v, 4) for k, v in last.items() if k.startswith("int") and v is not None and last["float32"] is not None},
         "rounds": rounds,
         "privacy": "off (quantisation effect isolated from DP noise)",
+        "auroc": "pooled over all sites' held-out sessions",
     }
 
 
-def _weighted_auroc(evals: list[dict[str, float]]) -> float | None:
-    rows = [(e["num-patients"], e["auroc"]) for e in evals if e.get("suppressed", 1.0) == 0.0 and "auroc" in e]
-    if not rows:
-        return None
-    return round(sum(w * a for w, a in rows) / sum(w for w, _ in rows), 4)
+def _pooled_auroc(exp: ExperimentConfig, sites: list[Any], arrays: dict[str, np.ndarray]) -> float | None:
+    """AUROC over every site's held-out sessions pooled (a benchmark on synthetic data, in one
+    process; real sites only ever report their own aggregate over at least k patients)."""
+    from client.dp_train import predict
+    from shared import metrics as M  # noqa: N812
+    from shared.models import build_model
+    from shared.params import set_arrays
+
+    model = build_model(exp)
+    set_arrays(model, arrays)
+    ys, ss = [], []
+    for site in sites:
+        probs = predict(model, site.eval_set, site.device)  # (P, K)
+        ys.append(site.eval_set.labels[site.eval_set.mask].numpy())
+        ss.append(probs[site.eval_set.mask].numpy())
+    auc = M.auroc(np.concatenate(ys), np.concatenate(ss))
+    return round(float(auc), 4) if np.isfinite(auc) else None
 
 
 # --- simulated consortia: round overhead, scale, memory -----------------------------------

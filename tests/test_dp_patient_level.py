@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
+from opacus.accountants import RDPAccountant, create_accountant
 
 from client.dataset import PatientTensors
 from client.dp_train import CpuNoiseDPOptimizer, patient_loss_fn, train_dp
 from client.patient_grads import GRAD_STRATEGIES, make_patient_grads
 from shared.config import ModelSpec, TrainingConfig
 from shared.models.prosody_mel import ProsodyMelNet
-from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon
+from shared.privacy.accounting import RDP_ALPHAS, SubsampledGaussian, _calibrate, calibrate_noise, epsilon
 
 P, K, N_MELS, F, M = 6, 4, 8, 16, 20
 
@@ -177,6 +177,24 @@ def test_epsilon_grows_with_rounds_and_matches_opacus_own_accountant() -> None:
         assert ours > previous
         assert ours == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
         previous = ours
+
+
+def test_merging_repeated_mechanisms_leaves_epsilon_unchanged() -> None:
+    """A ledger of many rounds is composed as few events, with exactly Opacus' result."""
+    rounds = [SubsampledGaussian(1.1, 0.2, 10)] * 30 + [SubsampledGaussian(0.9, 0.1, 5)] * 7 + [SubsampledGaussian(1.1, 0.2, 0)]
+    for accountant in ("rdp", "prv"):
+        acc = create_accountant(accountant)
+        acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in rounds if e.steps]  # unmerged: 37 entries
+        expected = acc.get_epsilon(delta=1e-5, **({"alphas": list(RDP_ALPHAS)} if accountant == "rdp" else {}))
+        assert epsilon(rounds, delta=1e-5, accountant=accountant) == pytest.approx(expected, rel=1e-6)
+
+
+def test_noise_calibration_is_computed_once_per_question() -> None:
+    _calibrate.cache_clear()
+    first = calibrate_noise(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.125, steps=30)
+    again = calibrate_noise(target_epsilon=4, target_delta=1e-5, sample_rate=0.125, steps=30)  # int ε: same question
+    assert first == again and _calibrate.cache_info().hits == 1
+    assert calibrate_noise(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.125, steps=31) > first
 
 
 def test_calibrated_sigma_gives_the_target_epsilon_back() -> None:
