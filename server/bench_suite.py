@@ -39,11 +39,13 @@ def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool,
     sites = sim_sites or ((3, 6) if quick else (3, 10))
     rounds = 2 if quick else 3
     parts: list[tuple[str, Callable[[], Any]]] = [
-        ("dp_step", lambda: dp_step_ratio(exp, repeats=2 if quick else 5, steps=3 if quick else 10)),
-        ("dp_step_profile", lambda: dp_step_profile(exp, repeats=3 if quick else 20)),
+        # --quick times the step on the quick experiment's small inputs: a smoke of the path, not the figure
+        ("dp_step", lambda: dp_step_ratio(run_exp, repeats=2 if quick else 5, steps=3 if quick else 10)),
+        ("dp_step_profile", lambda: dp_step_profile(run_exp, repeats=3 if quick else 20)),
         ("feature_cache", lambda: feature_cache(run_exp, data, out / "feature-cache-scratch")),
         ("update_size", lambda: update_size(run_exp, data, rounds=rounds)),
-        *((f"rounds_{n}_sites", lambda n=n: simulated_rounds(run_exp, data, out / "sim", n_sites=n, rounds=rounds)) for n in sites),
+        # one Ray actor: sites run one after another, so wall / Σ site compute is the pure overhead
+        *((f"rounds_{n}_sites", lambda n=n: simulated_rounds(run_exp, data, out / "sim", n_sites=n, rounds=rounds, cpus=1)) for n in sites),
     ]
     for name, fn in parts:
         say(f"bench {name} …")

@@ -196,6 +196,7 @@ def bench_scale(
     config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
     sites: Annotated[str, typer.Option(help="Comma-separated consortium sizes.")] = "10,30,100",
     rounds: Annotated[int, typer.Option(help="Rounds per run (the first includes start-up).", min=2)] = 3,
+    quick: Annotated[bool, typer.Option("--quick", help="Experiment scaled to the quick cohort of `bench all --quick` (4-s inputs, 3 local steps).")] = False,
 ) -> None:
     """Time per round and peak memory vs number of simulated sites."""
     from server.bench_suite import scale
@@ -206,7 +207,10 @@ def bench_scale(
         sizes = tuple(int(x) for x in sites.split(","))
     except ValueError:
         raise ConfigError(f"--sites must be comma-separated whole numbers such as 10,30,100, not {sites!r}.") from None
-    print(json.dumps(scale(load_experiment(config), data, out, sites=sizes, rounds=rounds, say=lambda m: err_console.print(m)), indent=2))
+    from server.bench_fl import quick_experiment
+
+    exp = quick_experiment(load_experiment(config)) if quick else load_experiment(config)
+    print(json.dumps(scale(exp, data, out, sites=sizes, rounds=rounds, say=lambda m: err_console.print(m)), indent=2))
 
 
 @bench_app.command("gpu")
