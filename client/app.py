@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import resource
 import time
 from pathlib import Path
@@ -41,7 +42,28 @@ def site_config_path(context: Context, sim_sites: tuple[str, ...]) -> Path:
     return Path(sim_sites[int(context.node_config["partition-id"]) % len(sim_sites)])
 
 
-@functools.lru_cache(maxsize=4)
+SITE_CACHE_ENV = "FEDRELAPSE_SITE_CACHE"
+
+
+def site_cache_size() -> int:
+    """How many (site, plan) pairs one process keeps loaded: 4, or ``$FEDRELAPSE_SITE_CACHE``.
+
+    A SuperNode serves one site, so 4 covers a few plans. A simulation actor serves many
+    sites in turn; with fewer slots than sites the LRU evicts every site before its next
+    round and each round reloads all data (3.4× round overhead at 10 sites), so
+    :func:`server.simulate.simulate` sets it to the number of sites.
+    """
+    raw = os.environ.get(SITE_CACHE_ENV, "4")
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"${SITE_CACHE_ENV} is {raw!r}; set it to a whole number of sites of at least 1 (or unset it for 4).")
+    return size
+
+
+@functools.lru_cache(maxsize=site_cache_size())
 def _site(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
     """One Site per (site, plan) per process: data and tensors are built once, not per round."""
     return Site(site_cfg, exp)

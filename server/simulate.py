@@ -95,6 +95,8 @@ def simulate(exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, conso
     signing_key = consortium_signing_key(data)
     out.mkdir(parents=True, exist_ok=True)
     backend_config = ray_backend_config(n_sites=len(sites), cpus=cpus, ray_address=ray_address, gpus_per_site=gpus_per_site)
+    # every actor keeps all the sites it serves loaded (inherited by the local Ray's workers)
+    os.environ["FEDRELAPSE_SITE_CACHE"] = str(max(4, len(sites)))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # run_simulation's deprecation banner is noise here
     run_simulation(

@@ -87,3 +87,16 @@ def test_quick_bench_suite_runs_end_to_end(tiny_cohort: Path, tmp_path: Path) ->
     sim = parts["rounds_3_sites"]
     assert len(sim["per_round"]) == 2 and all(r["sites_replied"] == 3 and r["sites_compute_s"] > 0 for r in sim["per_round"])
     assert sim["peak_rss_site_process_mib"] > 0 and sim["peak_rss_all_processes_mib"] > 0
+
+
+def test_site_cache_size_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.app import SITE_CACHE_ENV, site_cache_size
+
+    monkeypatch.delenv(SITE_CACHE_ENV, raising=False)
+    assert site_cache_size() == 4
+    monkeypatch.setenv(SITE_CACHE_ENV, "100")
+    assert site_cache_size() == 100
+    for bad in ("0", "many"):
+        monkeypatch.setenv(SITE_CACHE_ENV, bad)
+        with pytest.raises(ValueError, match="FEDRELAPSE_SITE_CACHE"):
+            site_cache_size()
