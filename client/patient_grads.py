@@ -14,8 +14,9 @@ one gradient per *patient*, so each strategy returns, for a batch of B patients,
   summing a patient's K rows gives exactly that patient's gradient. Conv1d rows come from
   :func:`conv1d_grad_sample` (one batched matmul per kernel tap) instead of Opacus' ``im2col``
   sampler, which took ~40 % of the DP step on CPU.
-  The per-session rows and the hooks cost more than vmap here (1.9× vs 1.25× a plain step
-  on 2 CPU cores); kept for layers torch.func cannot vmap and as a cross-check.
+  The per-session rows and the hooks cost more than vmap here (about 1.7× vs 1.25× a plain
+  step on one CPU thread, BENCHMARKS.md); kept for layers torch.func cannot vmap and as a
+  cross-check.
 
 Ghost clipping (Opacus' ``GradSampleModuleFastGradientClipping``) is not offered: its norms
 are per batch row, i.e. per session here, and a per-patient norm needs the cross terms

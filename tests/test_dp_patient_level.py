@@ -181,10 +181,10 @@ def test_epsilon_grows_with_rounds_and_matches_opacus_own_accountant() -> None:
 
 def test_merging_repeated_mechanisms_leaves_epsilon_unchanged() -> None:
     """A ledger of many rounds is composed as few events, with exactly Opacus' result."""
-    rounds = [SubsampledGaussian(1.1, 0.2, 10)] * 30 + [SubsampledGaussian(0.9, 0.1, 5)] * 7 + [SubsampledGaussian(1.1, 0.2, 0)]
+    rounds = [SubsampledGaussian(1.1, 0.2, 10)] * 6 + [SubsampledGaussian(0.9, 0.1, 5)] * 3 + [SubsampledGaussian(1.1, 0.2, 0)]
     for accountant in ("rdp", "prv"):
         acc = create_accountant(accountant)
-        acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in rounds if e.steps]  # unmerged: 37 entries
+        acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in rounds if e.steps]  # unmerged: 9 entries
         expected = acc.get_epsilon(delta=1e-5, **({"alphas": list(RDP_ALPHAS)} if accountant == "rdp" else {}))
         assert epsilon(rounds, delta=1e-5, accountant=accountant) == pytest.approx(expected, rel=1e-6)
 
