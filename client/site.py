@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from client.dataset import PatientTensors, build_tensors, split_patients
 from client.dp_train import make_optimizer, predict, train_dp, train_plain
 from client.prepare import SiteData, prepare_site
+from client.sigma_cache import calibrated_sigma
 from shared import metrics as M  # noqa: N812
 from shared import signing
 from shared.config import ExperimentConfig, FeatureConfig, SiteConfig
@@ -31,7 +32,7 @@ from shared.errors import DataError
 from shared.models import build_model
 from shared.params import get_arrays, set_arrays
 from shared.privacy import ledger
-from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon
+from shared.privacy.accounting import SubsampledGaussian, epsilon
 
 log = logging.getLogger("fedrelapse.site")
 
@@ -117,7 +118,7 @@ class Site:
         p = self.exp.privacy
         steps = total_rounds * self.exp.training.local_steps
         target = min(p.target_epsilon, self.cfg.policy.epsilon_cap_run if cap_run is None else cap_run)
-        return calibrate_noise(target_epsilon=target, target_delta=self.delta, sample_rate=self.sample_rate, steps=steps, accountant=p.accountant)
+        return calibrated_sigma(self.cfg.state_dir, target_epsilon=target, target_delta=self.delta, sample_rate=self.sample_rate, steps=steps, accountant=p.accountant)
 
     def signing_key(self) -> Ed25519PrivateKey:
         """The site's ledger key (created on first use; its public half is for the DPO)."""
