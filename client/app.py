@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import resource
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +49,28 @@ def site_config_path(context: Context, sim_sites: tuple[str, ...]) -> Path:
     return Path(sim_sites[int(context.node_config["partition-id"]) % len(sim_sites)])
 
 
-@functools.lru_cache(maxsize=4)
+SITE_CACHE_ENV = "FEDRELAPSE_SITE_CACHE"
+
+
+def site_cache_size() -> int:
+    """How many (site, plan) pairs one process keeps loaded: 4, or ``$FEDRELAPSE_SITE_CACHE``.
+
+    A SuperNode serves one site, so 4 covers a few plans. A simulation actor serves many
+    sites in turn; with fewer slots than sites the LRU evicts every site before its next
+    round and each round reloads all data (3.4× round overhead at 10 sites), so
+    :func:`server.simulate.simulate` sets it to the number of sites.
+    """
+    raw = os.environ.get(SITE_CACHE_ENV, "4")
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"${SITE_CACHE_ENV} is {raw!r}; set it to a whole number of sites of at least 1 (or unset it for 4).")
+    return size
+
+
+@functools.lru_cache(maxsize=site_cache_size())
 def _site(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
     """One Site per (site, plan) per process: data and tensors are built once, not per round."""
     return Site(site_cfg, exp)
@@ -173,6 +197,12 @@ def restart_process_state() -> None:
     site_module._load.cache_clear()
 
 
+def _cost(started: float) -> dict[str, float]:
+    """This reply's compute seconds and the serving process's peak RSS (no patient information)."""
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {M.COMPUTE_SECONDS: round(time.perf_counter() - started, 4), M.PEAK_RSS_MB: round(peak_kib / 1024, 1)}
+
+
 def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None = None) -> ClientApp:
     """The ClientApp; ``sim_sites`` maps simulated partition ids to site.yaml paths.
 
@@ -188,6 +218,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         req, site = setup
         if faults is not None:
             faults.before_training(site_cfg.name, req.server_round)
+        started = time.perf_counter()
         try:
             result = site.train(req.arrays, run_id=req.run_id, server_round=req.server_round, total_rounds=req.total_rounds)
         except PolicyError as exc:  # e.g. a ledger that fails its integrity check
@@ -201,7 +232,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         if isinstance(result, Refusal):
             log.warning("site=%s refused round %s: %s", site_cfg.name, req.server_round, result.code)
             return _reply(msg, site_cfg.name, refusal=result)
-        return _reply(msg, site_cfg.name, arrays=result.arrays, metrics=result.metrics, ledger_head=result.ledger_head)
+        return _reply(msg, site_cfg.name, arrays=result.arrays, metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -209,7 +240,8 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         if isinstance(setup, Refusal):
             return _reply(msg, site_cfg.name, refusal=setup)
         req, site = setup
-        return _reply(msg, site_cfg.name, metrics=site.evaluate(req.arrays))
+        started = time.perf_counter()
+        return _reply(msg, site_cfg.name, metrics={**site.evaluate(req.arrays), **_cost(started)})
 
     @client_app.query()
     def plan(msg: Message, context: Context) -> Message:

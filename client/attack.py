@@ -108,7 +108,8 @@ def membership_audit(site: Site, *, epsilons: tuple[float, ...], steps: int, see
             sigma = _calibrate(target, delta, rate, steps, p.accountant)
             eps_acc = epsilon([SubsampledGaussian(sigma, rate, steps)], delta=delta, accountant=p.accountant)
             stats = train_dp(model, members, steps=steps, sample_rate=rate, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
-                             max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=site.device, secure_mode=False)
+                             max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=site.device, secure_mode=False,
+                             grads=t.per_patient_grads)
         loss_in, loss_out = patient_losses(model, members, site.device), patient_losses(model, non_members, site.device)
         out["settings"].append({
             "setting": name, "target_epsilon": target, "noise_multiplier": sigma, "sample_rate": rate,

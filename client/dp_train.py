@@ -1,11 +1,10 @@
 """Local training with patient-level DP-SGD: per-patient gradients, Opacus clipping and noise.
 
-Opacus' own per-sample machinery works along dim 0 of each layer's input, so a model that
-folds (patients, sessions) into one batch would get per-*session* gradients. Here each
-patient's loss (averaged over at most ``max_sessions`` of their labelled sessions) is
-differentiated with ``torch.func.vmap(grad(...))`` over the patient dimension; the result is
-placed in ``p.grad_sample`` and Opacus' :class:`DPOptimizer` clips each patient's gradient
-to C, adds Gaussian noise σC and steps. Patients are Poisson-sampled at rate q
+Each patient's loss is averaged over at most ``max_sessions`` of their labelled sessions and
+differentiated per patient by one of the strategies in :mod:`client.patient_grads` (Opacus
+per-session hooks summed per patient, or ``torch.func.vmap``); the result is placed in
+``p.grad_sample`` and Opacus' :class:`DPOptimizer` clips each patient's gradient to C, adds
+Gaussian noise σC and steps. Patients are Poisson-sampled at rate q
 (Abadi et al. 2016, Alg. 1), which is what the accountant assumes.
 """
 
@@ -17,9 +16,11 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from client.dataset import PatientTensors
+from client.patient_grads import DEFAULT_GRADS, make_patient_grads, patient_loss_fn
+
+__all__ = ["CpuNoiseDPOptimizer", "StepStats", "make_optimizer", "patient_loss_fn", "predict", "train_dp", "train_plain"]
 
 
 @dataclass(frozen=True)
@@ -67,17 +68,6 @@ def add_prox(params: list[torch.Tensor], ref: list[torch.Tensor] | None, mu: flo
                 p.grad.add_(p.detach() - r, alpha=mu)
 
 
-def patient_loss_fn(model: nn.Module):  # noqa: ANN201 - returns a torch.func-ready closure
-    """loss(params, buffers, mel (K, n_mels, F), markers (K, M), y (K), m (K)) for ONE patient."""
-
-    def loss(params: dict, buffers: dict, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (params, buffers), (mel, markers))  # (K,)
-        per_session = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
-        return (per_session * m).sum() / m.sum().clamp(min=1.0)
-
-    return loss
-
-
 def bound_sessions(mask: torch.Tensor, max_sessions: int, generator: torch.Generator) -> torch.Tensor:
     """Keep at most ``max_sessions`` labelled sessions per patient, chosen at random."""
     if mask.shape[1] <= max_sessions:
@@ -116,8 +106,13 @@ def train_dp(
     device: torch.device,
     secure_mode: bool = False,
     prox_mu: float = 0.0,
+    grads: str = DEFAULT_GRADS,
 ) -> StepStats:
-    """Run ``steps`` patient-level DP-SGD steps in place on ``model`` (FedProx with ``prox_mu`` > 0)."""
+    """Run ``steps`` patient-level DP-SGD steps in place on ``model`` (FedProx with ``prox_mu`` > 0).
+
+    ``grads`` picks the per-patient gradient strategy (:data:`client.patient_grads.GRAD_STRATEGIES`);
+    all give the same gradients up to float rounding.
+    """
     expected = max(1, int(data.n_patients * sample_rate))
     dp_opt = CpuNoiseDPOptimizer(
         optimizer,
@@ -129,28 +124,27 @@ def train_dp(
     )
     if prox_mu > 0:
         dp_opt.prox_mu, dp_opt.prox_ref = prox_mu, [p.detach().clone() for p in dp_opt.params]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params_list = [p for p in model.parameters() if p.requires_grad]
-    per_patient_grad = vmap(grad(patient_loss_fn(model)), in_dims=(None, None, 0, 0, 0, 0))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    per_patient = make_patient_grads(model, strategy=grads)
     losses, batches = [], []
     model.train()
-    for _ in range(steps):
-        idx = poisson_sample(data.n_patients, sample_rate, generator)
-        batches.append(len(idx))
-        if len(idx) == 0:  # an empty Poisson batch still takes a (pure-noise) step
-            for p in params_list:
-                p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
-        else:
-            mel, markers, y, m = _batch(data, idx, max_sessions, generator, device)
-            params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            buffers = dict(model.named_buffers())
-            grads = per_patient_grad(params, buffers, mel, markers, y, m)  # name -> (B, *shape)
-            for n, p in zip(names, params_list, strict=True):
-                p.grad_sample = grads[n]
-            with torch.no_grad():
-                losses.append(float(_batch_loss(model, mel, markers, y, m)))
-        dp_opt.step()
-        dp_opt.zero_grad(set_to_none=True)
+    try:
+        for _ in range(steps):
+            idx = poisson_sample(data.n_patients, sample_rate, generator)
+            batches.append(len(idx))
+            if len(idx) == 0:  # an empty Poisson batch still takes a (pure-noise) step
+                for _, p in named:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+            else:
+                mel, markers, y, m = _batch(data, idx, max_sessions, generator, device)
+                per_grads, patient_loss = per_patient(mel, markers, y, m)  # name -> (B, *shape); (B,)
+                for n, p in named:
+                    p.grad_sample = per_grads[n]
+                losses.append(float(patient_loss.mean()))
+            dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)
+    finally:
+        per_patient.close()
     return StepStats(steps, sum(losses) / max(len(losses), 1), sum(batches) / max(len(batches), 1))
 
 

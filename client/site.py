@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from client.dataset import PatientTensors, build_tensors, split_patients
 from client.dp_train import make_optimizer, predict, train_dp, train_plain
 from client.prepare import SiteData, prepare_site
+from client.sigma_cache import calibrated_sigma
 from shared import metrics as M  # noqa: N812
 from shared import signing
 from shared.config import ExperimentConfig, FeatureConfig, LanguageConfig, SiteConfig
@@ -31,7 +32,7 @@ from shared.errors import DataError
 from shared.models import build_model
 from shared.params import get_arrays, set_arrays
 from shared.privacy import ledger
-from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon
+from shared.privacy.accounting import SubsampledGaussian, epsilon
 
 log = logging.getLogger("fedrelapse.site")
 
@@ -117,7 +118,7 @@ class Site:
         p = self.exp.privacy
         steps = total_rounds * self.exp.training.local_steps
         target = min(p.target_epsilon, self.cfg.policy.epsilon_cap_run if cap_run is None else cap_run)
-        return calibrate_noise(target_epsilon=target, target_delta=self.delta, sample_rate=self.sample_rate, steps=steps, accountant=p.accountant)
+        return calibrated_sigma(self.cfg.state_dir, target_epsilon=target, target_delta=self.delta, sample_rate=self.sample_rate, steps=steps, accountant=p.accountant)
 
     def signing_key(self) -> Ed25519PrivateKey:
         """The site's ledger key (created on first use; its public half is for the DPO)."""
@@ -198,6 +199,7 @@ class Site:
             stats = train_dp(
                 model, self.train_set, steps=t.local_steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                 max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device, secure_mode=p.secure_mode, prox_mu=t.prox_mu,
+                grads=t.per_patient_grads,
             )
             update = get_arrays(model)
             if not all(np.isfinite(v).all() for v in update.values()):  # checked before anything leaves

@@ -6,9 +6,11 @@ machine named, because absolute seconds on shared CI machines mean little.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import torch
 
 from client.dataset import PatientTensors
 from client.dp_train import make_optimizer, train_dp, train_plain
+from client.patient_grads import GRAD_STRATEGIES
 from shared.config import ExperimentConfig
 from shared.markers import N_MODEL_MARKERS
 from shared.models import build_model
@@ -32,10 +35,28 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    out = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": _memory_gib(), "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def set_threads(threads: int) -> None:
+    """Pin torch's CPU threads for a benchmark (0 keeps torch's default)."""
+    if threads < 0:
+        raise ValueError(f"--threads must be 0 (torch's default) or a positive count, not {threads}.")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def synthetic_batch(exp: ExperimentConfig, patients: int, sessions: int, seed: int = 0) -> PatientTensors:
@@ -52,29 +73,155 @@ def synthetic_batch(exp: ExperimentConfig, patients: int, sessions: int, seed: i
     )
 
 
-def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 5, steps: int = 10) -> dict[str, Any]:
-    """Seconds per local step, patient-level DP-SGD vs plain SGD, same model, data and sampling."""
+def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 5, steps: int = 10, strategies: tuple[str, ...] = GRAD_STRATEGIES, ghost_reference: bool = True,
+                  autocast: torch.dtype | None = None) -> dict[str, Any]:
+    """Seconds per local step, patient-level DP-SGD (each strategy) vs plain SGD, same model, data and sampling.
+
+    The modes run interleaved, in a rotating order, inside every repeat, so machine load hits
+    them alike; the first repeat only warms up. Wall time and process CPU time are both
+    reported: on a shared machine the CPU-time ratio is the steadier one. ``autocast`` (e.g.
+    ``torch.bfloat16``) runs every mode under mixed precision. ``ghost_reference`` adds Opacus' ghost
+    clipping with the *session* as the unit (not patient-level, so not selectable) for scale.
+    """
     dev = torch.device(device)
     t = exp.training
     data = synthetic_batch(exp, patients=max(4 * t.batch_patients, 32), sessions=t.max_sessions_per_patient)
     q = t.batch_patients / data.n_patients
-    timings: dict[str, list[float]] = {"dp": [], "plain": []}
+    modes = ["plain", *(f"dp-{s}" for s in strategies), *(["ghost-per-session"] if ghost_reference else [])]
+    timings: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
     for r in range(repeats + 1):  # first pass warms up allocators and kernels, not counted
-        for mode in ("plain", "dp"):
+        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
             model = build_model(exp).to(dev)
             opt = make_optimizer(model, name=t.optimizer, lr=t.learning_rate)
             gen = torch.Generator().manual_seed(r)
-            start = time.perf_counter()
-            if mode == "dp":
-                train_dp(model, data, steps=steps, sample_rate=q, noise_multiplier=1.0, max_grad_norm=1.0, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=dev)
-            else:
-                train_plain(model, data, steps=steps, sample_rate=q, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=dev)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(dev)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+                _run_mode(mode, model, data, q=q, steps=steps, max_sessions=t.max_sessions_per_patient, opt=opt, gen=gen, dev=dev)
+            _sync(dev)
             if r:
                 timings[mode].append((time.perf_counter() - start) / steps)
-    dp, plain = statistics.median(timings["dp"]), statistics.median(timings["plain"])
-    return {"device": device, "dp_step_s": round(dp, 5), "plain_step_s": round(plain, 5), "ratio": round(dp / plain, 3), "batch_patients": t.batch_patients, "sessions": t.max_sessions_per_patient}
+                cpu_times[mode].append((time.process_time() - cpu_start) / steps)
+    med = {mode: statistics.median(v) for mode, v in timings.items()}
+    cpu = {mode: statistics.median(v) for mode, v in cpu_times.items()}
+    plain = med["plain"]
+    rows = {mode: {"step_s": round(v, 5), "ratio_to_plain": round(v / plain, 3), "cpu_step_s": round(cpu[mode], 5), "cpu_ratio_to_plain": round(cpu[mode] / cpu["plain"], 3)}
+            for mode, v in med.items()}
+    best = min(strategies, key=lambda s: med[f"dp-{s}"])
+    return {"device": device, "autocast": str(autocast).removeprefix("torch.") if autocast else None, "plain_step_s": round(plain, 5), "modes": rows, "fastest_patient_level": best, "default": t.per_patient_grads,
+            "dp_step_s": rows[f"dp-{t.per_patient_grads}"]["step_s"] if t.per_patient_grads in strategies else None,
+            "ratio": rows[f"dp-{t.per_patient_grads}"]["ratio_to_plain"] if t.per_patient_grads in strategies else None,
+            "batch_patients": t.batch_patients, "sessions": t.max_sessions_per_patient, "repeats": repeats, "steps": steps}
+
+
+def _run_mode(mode: str, model: torch.nn.Module, data: PatientTensors, *, q: float, steps: int, max_sessions: int, opt: torch.optim.Optimizer, gen: torch.Generator, dev: torch.device) -> None:
+    if mode == "plain":
+        train_plain(model, data, steps=steps, sample_rate=q, max_sessions=max_sessions, optimizer=opt, generator=gen, device=dev)
+    elif mode == "ghost-per-session":
+        _ghost_per_session(model, data, steps=steps, sample_rate=q, max_sessions=max_sessions, optimizer=opt, generator=gen, device=dev)
+    else:
+        train_dp(model, data, steps=steps, sample_rate=q, noise_multiplier=1.0, max_grad_norm=1.0, max_sessions=max_sessions,
+                 optimizer=opt, generator=gen, device=dev, grads=mode.removeprefix("dp-"))
+
+
+def dp_step_profile(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 20) -> dict[str, Any]:
+    """Where a DP step's time goes, on one fixed batch of ``batch_patients`` patients (ms, median)."""
+    from client.dp_train import CpuNoiseDPOptimizer, _batch, _batch_loss
+    from client.patient_grads import make_patient_grads
+
+    dev = torch.device(device)
+    t = exp.training
+    data = synthetic_batch(exp, patients=t.batch_patients, sessions=t.max_sessions_per_patient)
+    gen = torch.Generator().manual_seed(0)
+    mel, markers, y, m = _batch(data, torch.arange(data.n_patients), t.max_sessions_per_patient, gen, dev)
+    model = build_model(exp).to(dev)
+    opt = make_optimizer(model, name=t.optimizer, lr=t.learning_rate)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def fwd_bwd() -> None:
+        opt.zero_grad(set_to_none=True)
+        _batch_loss(model, mel, markers, y, m).backward()
+
+    def optimizer_update() -> None:
+        opt.step()
+
+    parts: dict[str, Any] = {"plain forward+backward": fwd_bwd, "optimizer update (same in both)": optimizer_update}
+    out: dict[str, float] = {}
+    for name, fn in parts.items():
+        out[name] = _median_ms(fn, repeats, dev)
+    for strategy in GRAD_STRATEGIES:
+        per_patient = make_patient_grads(model, strategy=strategy)
+        out[f"per-patient grads: {strategy}"] = _median_ms(lambda pp=per_patient: pp(mel, markers, y, m), repeats, dev)
+        grads, _ = per_patient(mel, markers, y, m)
+        per_patient.close()
+    dp_opt = CpuNoiseDPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=t.batch_patients, generator=gen)
+
+    def clip() -> None:
+        for n, p in named:
+            p.grad_sample = grads[n].clone()
+        dp_opt.clip_and_accumulate()
+        for _, p in named:
+            p.grad_sample = None
+            p.summed_grad = None
+
+    def noise() -> None:
+        for _, p in named:
+            p.summed_grad = torch.zeros_like(p)
+        dp_opt.add_noise()
+        for _, p in named:
+            p.summed_grad = None
+
+    out["clip and sum per patient"] = _median_ms(clip, repeats, dev)
+    out["Gaussian noise (seeded CPU generator)"] = _median_ms(noise, repeats, dev)
+    return {"device": device, "batch_patients": t.batch_patients, "sessions": t.max_sessions_per_patient, "ms": {k: round(v, 3) for k, v in out.items()},
+            "parameters": sum(p.numel() for _, p in named)}
+
+
+def _median_ms(fn: Any, repeats: int, dev: torch.device) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        start = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _ghost_per_session(model: torch.nn.Module, data: PatientTensors, *, steps: int, sample_rate: float, max_sessions: int, optimizer: torch.optim.Optimizer,
+                       generator: torch.Generator, device: torch.device) -> None:
+    """Opacus ghost clipping with the SESSION as the unit: a timing reference only, never for training."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    from client.dp_train import _batch, poisson_sample
+
+    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=True)
+    opt = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=None, loss_reduction="sum")
+    try:
+        for _ in range(steps):
+            idx = poisson_sample(data.n_patients, sample_rate, generator)
+            if len(idx) == 0:
+                continue
+            mel, markers, y, m = _batch(data, idx, max_sessions, generator, device)
+            logits = gsm(mel.flatten(0, 1), markers.flatten(0, 1))  # (B*K,)
+            per = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.flatten(), reduction="none")
+            weight = (m / m.sum(1, keepdim=True).clamp(min=1.0)).flatten()  # (B*K,)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                DPTensorFastGradientClipping(gsm, opt, per * weight, "sum").backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        gsm.cleanup()
 
 
 def utility(exp: ExperimentConfig, data: Path, out: Path) -> dict[str, Any]:

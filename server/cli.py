@@ -78,6 +78,8 @@ def simulate(
     data: Annotated[Path, typer.Option(help="Cohort folder with one <hospital>/site.yaml each.")],
     out: Annotated[Path, typer.Option(help="Run folder to create.")],
     centralised: Annotated[bool, typer.Option("--centralised", help="Also train the pooled, non-private baseline and the one-feature baseline.")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Join an existing Ray cluster (auto, or ray://head:10001; RAY_ADDRESS works too) instead of starting one here.")] = None,
+    gpus_per_site: Annotated[float, typer.Option(help="Share of a GPU each simulated site gets (0.25: four sites per GPU).", min=0.0, max=1.0)] = 0.0,
 ) -> None:
     """Run the federation in Flower's Simulation Engine and print a summary."""
     from server.app import new_run_id
@@ -85,7 +87,7 @@ def simulate(
     from shared.config import load_experiment
 
     exp = load_experiment(config)
-    summary = run_sim(exp, data, out, run_id=new_run_id(exp.name), console=console)
+    summary = run_sim(exp, data, out, run_id=new_run_id(exp.name), console=console, ray_address=ray_address, gpus_per_site=gpus_per_site)
     if centralised:
         from server.baselines import run_baselines
 
@@ -182,13 +184,82 @@ app.add_typer(bench_app, name="bench")
 def bench_dp_step(
     config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).", min=0)] = 0,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats (CI smoke).")] = False,
 ) -> None:
-    """Time per patient-level DP-SGD step / time per non-private step."""
-    from server.bench import dp_step_ratio, machine
+    """Time per patient-level DP-SGD step / non-private step, per gradient strategy, and where a DP step's time goes."""
+    from server.bench import dp_step_profile, dp_step_ratio, machine, set_threads
     from shared.config import load_experiment
 
-    result = {"machine": machine(), **dp_step_ratio(load_experiment(config), device=device, repeats=2 if quick else 5, steps=3 if quick else 10)}
+    set_threads(threads)
+    exp = load_experiment(config)
+    result = {"machine": machine(), **dp_step_ratio(exp, device=device, repeats=2 if quick else 5, steps=3 if quick else 10),
+              "profile": dp_step_profile(exp, device=device, repeats=3 if quick else 20)}
+    print(json.dumps(result, indent=2))
+
+
+@bench_app.command("all")
+@friendly
+def bench_all(
+    out: Annotated[Path, typer.Option(help="Folder for results.json and the benchmark's runs.")],
+    data: Annotated[Path | None, typer.Option(help="Cohort folder (from `fedrelapse synth`); --quick makes a tiny one when omitted.")] = None,
+    config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny cohort, fewer repeats and rounds (CI smoke, a few minutes).")] = False,
+) -> None:
+    """Every benchmark in one run: DP step, feature cache, update size, round overhead (results.json)."""
+    from server.bench_suite import run_all
+    from shared.config import load_experiment
+
+    result = run_all(load_experiment(config), out, data=data, quick=quick, say=lambda m: err_console.print(m))
+    print(json.dumps(result, indent=2))
+    failed = [k for k, v in result["parts"].items() if "error" in v]
+    if failed:
+        err_console.print(f"[red]benchmark parts failed: {', '.join(failed)} (their errors are in {out / 'results.json'})[/red]")
+        raise typer.Exit(1)
+
+
+@bench_app.command("scale")
+@friendly
+def bench_scale(
+    data: Annotated[Path, typer.Option(help="Cohort folder; its hospitals are re-used round-robin.")],
+    out: Annotated[Path, typer.Option(help="Folder for scale.json and the runs.")],
+    config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
+    sites: Annotated[str, typer.Option(help="Comma-separated consortium sizes.")] = "10,30,100",
+    rounds: Annotated[int, typer.Option(help="Rounds per run (the first includes start-up).", min=2)] = 3,
+    quick: Annotated[bool, typer.Option("--quick", help="Experiment scaled to the quick cohort of `bench all --quick` (4-s inputs, 3 local steps).")] = False,
+) -> None:
+    """Time per round and peak memory vs number of simulated sites."""
+    from server.bench_suite import scale
+    from shared.config import load_experiment
+    from shared.errors import ConfigError
+
+    try:
+        sizes = tuple(int(x) for x in sites.split(","))
+    except ValueError:
+        raise ConfigError(f"--sites must be comma-separated whole numbers such as 10,30,100, not {sites!r}.") from None
+    from server.bench_fl import quick_experiment
+
+    exp = quick_experiment(load_experiment(config)) if quick else load_experiment(config)
+    print(json.dumps(scale(exp, data, out, sites=sizes, rounds=rounds, say=lambda m: err_console.print(m)), indent=2))
+
+
+@bench_app.command("gpu")
+@friendly
+def bench_gpu(
+    out: Annotated[Path, typer.Option(help="Folder for gpu.json.")] = Path("/tmp/fedrelapse-bench-gpu"),
+    data: Annotated[Path | None, typer.Option(help="Cohort folder: also run a simulated round with sites sharing the GPU.")] = None,
+    config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats.")] = False,
+) -> None:
+    """GPU: DP vs non-DP step throughput, bf16 mixed precision, sites sharing the GPU in a simulated round."""
+    from server.bench_gpu import gpu_bench
+    from shared.config import load_experiment
+
+    out.mkdir(parents=True, exist_ok=True)
+    result = gpu_bench(load_experiment(config), data=data, out=out, quick=quick)
+    (out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    if result["gpu"] is None:
+        err_console.print(f"[yellow]{result['message']}[/yellow]")
     print(json.dumps(result, indent=2))
 
 

@@ -8,6 +8,7 @@ a round in which every site refused is reported as not updating the model.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ def run_federation(
     # FedAdam; None = FedAvg. A resumed run restarts the server moments from zero.
     server_opt = make_server_optimizer(f.server_optimizer, lr=f.server_learning_rate)
     for rnd in range(first_round, f.rounds + 1):
+        started = time.perf_counter()
         cfg = config(rnd, arrays)
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
@@ -87,7 +89,8 @@ def run_federation(
         eval_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout=f.round_timeout_s)
         eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
         rec = run.record_round(
-            rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(from_record(arrays)), updated
+            rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(from_record(arrays)), updated,
+            wall_s=round(time.perf_counter() - started, 4),
         )
         console.print(round_table(rec, rnd == 1))
         for site, entry in sorted(rec.sites.items()):

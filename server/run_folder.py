@@ -44,6 +44,7 @@ class RoundRecord:
     patients_trained: float
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     updated: bool = True
+    wall_s: float | None = None  # coordinator's wall time for the round (train + evaluate)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -89,7 +90,7 @@ class RunFolder:
             (root / "config.yaml").write_text(exp.to_yaml(), encoding="utf-8")
             write_json(root / RUN_INFO, {"run_id": run_id, "experiment": exp.name, "plan_hash": self.plan_hash, "signed_checkpoints": signing_key is not None})
 
-    def record_round(self, server_round: int, log: RoundLog, train_metrics: dict[str, float] | None, eval_metrics: dict[str, float] | None, arrays: dict[str, np.ndarray], updated: bool) -> RoundRecord:
+    def record_round(self, server_round: int, log: RoundLog, train_metrics: dict[str, float] | None, eval_metrics: dict[str, float] | None, arrays: dict[str, np.ndarray], updated: bool, *, wall_s: float | None = None) -> RoundRecord:
         sites: dict[str, dict[str, Any]] = {}
         for r in log.train:
             entry = sites.setdefault(r.site, {})
@@ -99,15 +100,19 @@ class RunFolder:
                 entry["error"] = r.error
             if r.ledger_head:
                 entry["ledger_head"] = r.ledger_head
-            for key in (M.EPSILON_RUN, M.EPSILON_TOTAL, M.DELTA, M.NOISE_MULTIPLIER, M.TRAIN_LOSS, M.NUM_PATIENTS):
+            for key in (M.EPSILON_RUN, M.EPSILON_TOTAL, M.DELTA, M.NOISE_MULTIPLIER, M.TRAIN_LOSS, M.NUM_PATIENTS, M.PEAK_RSS_MB):
                 if key in r.metrics:
                     entry[key] = r.metrics[key]
+            if M.COMPUTE_SECONDS in r.metrics:
+                entry["train_compute_s"] = r.metrics[M.COMPUTE_SECONDS]
         for r in log.evaluate:
             entry = sites.setdefault(r.site, {})
             if r.metrics.get(M.SUPPRESSED) == 1.0:
                 entry["eval"] = "suppressed (fewer than k patients or one class)"
             elif M.AUROC in r.metrics:
                 entry["eval_auroc"] = r.metrics[M.AUROC]
+            if M.COMPUTE_SECONDS in r.metrics:
+                entry["eval_compute_s"] = r.metrics[M.COMPUTE_SECONDS]
         tm, em = train_metrics or {}, eval_metrics or {}
         rec = RoundRecord(
             round=server_round,
@@ -118,6 +123,7 @@ class RunFolder:
             patients_trained=tm.get(M.NUM_PATIENTS, 0.0),
             sites=sites,
             updated=updated,
+            wall_s=wall_s,
         )
         self.rounds.append(rec)
         meta = {"run_id": self.run_id, "round": str(server_round), "experiment": self.exp.name, "plan_hash": self.plan_hash, "digest": model_digest(arrays)}

@@ -58,14 +58,39 @@ def prepare_sites(sites: list[SiteConfig], exp: ExperimentConfig, console: Conso
     return reports
 
 
+def ray_backend_config(*, n_sites: int, cpus: int | None = None, ray_address: str | None = None, gpus_per_site: float = 0.0) -> dict[str, Any]:
+    """Flower's Ray backend config: a local Ray instance, or an existing cluster at ``ray_address``.
+
+    With an address (``auto`` or ``ray://head:10001``; also taken from ``RAY_ADDRESS``),
+    Flower's ``ray.init(**init_args)`` joins that cluster and its resources decide how many
+    sites run at once; otherwise a private instance with ``cpus`` CPUs (default: one per site,
+    at most this machine's cores) is started. ``gpus_per_site`` lets sites share GPUs
+    (0.25: four sites per GPU).
+    """
+    if not 0.0 <= gpus_per_site <= 1.0:
+        raise ConfigError(f"gpus_per_site is {gpus_per_site}; use a share of one GPU between 0 and 1 (0.25 puts four sites on a GPU).")
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    resources = {"num_cpus": 1, "num_gpus": gpus_per_site}
+    if address:
+        return {"client_resources": resources, "init_args": {"address": address, "logging_level": "ERROR", "log_to_driver": False}}
+    n_cpus = cpus or max(1, min(n_sites, os.cpu_count() or 1))
+    ray_tmp = Path(os.environ.get("FEDRELAPSE_RAY_TMP", "/tmp/fedrelapse-ray"))
+    n_gpus = 1 if gpus_per_site > 0 else 0
+    return {
+        "client_resources": resources,
+        "init_args": {"num_cpus": n_cpus, "num_gpus": n_gpus, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False, "_temp_dir": str(ray_tmp)},
+    }
+
+
 def simulate(
     exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, console: Console | None = None, cpus: int | None = None,
-    resume: ResumePoint | None = None, faults: FaultPlan | None = None,
+    resume: ResumePoint | None = None, faults: FaultPlan | None = None, ray_address: str | None = None, gpus_per_site: float = 0.0,
 ) -> dict[str, Any]:
     """Prepare the sites, run the federation, return ``summary.json``'s content.
 
     ``resume``: continue the run in ``out`` (use :func:`resume_simulation`). ``faults``: inject
-    site and coordinator faults (tests only; see :mod:`shared.faults`).
+    site and coordinator faults (tests only; see :mod:`shared.faults`). ``ray_address``: run
+    on an existing Ray cluster (see :func:`ray_backend_config`).
     """
     from flwr.simulation import run_simulation
 
@@ -82,12 +107,9 @@ def simulate(
     out.mkdir(parents=True, exist_ok=True)
     if resume is None:
         (out / SIM_INFO).write_text(json.dumps({"engine": "simulation", "data": str(data.resolve())}, indent=2) + "\n", encoding="utf-8")
-    cpus = cpus or max(1, min(len(sites), os.cpu_count() or 1))
-    ray_tmp = Path(os.environ.get("FEDRELAPSE_RAY_TMP", "/tmp/fedrelapse-ray"))
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False, "_temp_dir": str(ray_tmp)},
-    }
+    backend_config = ray_backend_config(n_sites=len(sites), cpus=cpus, ray_address=ray_address, gpus_per_site=gpus_per_site)
+    # every actor keeps all the sites it serves loaded (inherited by the local Ray's workers)
+    os.environ["FEDRELAPSE_SITE_CACHE"] = str(max(4, len(sites)))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # run_simulation's deprecation banner is noise here
     run_simulation(

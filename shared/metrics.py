@@ -17,6 +17,8 @@ DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
 SUPPRESSED = "suppressed"
 EPSILON_REMAINING = "epsilon-remaining"  # plan replies: the site's remaining all-time budget
+COMPUTE_SECONDS = "compute-seconds"  # wall time of the site's own train/evaluate work in this reply
+PEAK_RSS_MB = "peak-rss-mb"  # peak resident memory of the process serving the site so far
 
 
 def auroc(y: np.ndarray, score: np.ndarray) -> float:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
+from opacus.accountants import RDPAccountant, create_accountant
 
 from client.dataset import PatientTensors
 from client.dp_train import CpuNoiseDPOptimizer, patient_loss_fn, train_dp
-from shared.config import ModelSpec
+from client.patient_grads import GRAD_STRATEGIES, make_patient_grads
+from shared.config import ModelSpec, TrainingConfig
 from shared.markers import N_MODEL_MARKERS
 from shared.models.prosody_mel import ProsodyMelNet
-from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon
+from shared.privacy.accounting import RDP_ALPHAS, SubsampledGaussian, _calibrate, calibrate_noise, epsilon
 
 P, K, N_MELS, F, M = 6, 4, 8, 16, N_MODEL_MARKERS
 
@@ -32,14 +33,18 @@ def make_model() -> ProsodyMelNet:
     return ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2), n_mels=N_MELS, n_markers=M)
 
 
-def run(model: torch.nn.Module, data: PatientTensors, *, sigma: float, clip: float, seed: int = 1) -> dict[str, torch.Tensor]:
+def run(model: torch.nn.Module, data: PatientTensors, *, sigma: float, clip: float, seed: int = 1, grads: str = "functorch") -> dict[str, torch.Tensor]:
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     train_dp(model, data, steps=1, sample_rate=1.0, noise_multiplier=sigma, max_grad_norm=clip, max_sessions=K,
-             optimizer=opt, generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"))
+             optimizer=opt, generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"), grads=grads)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_grad_sample_has_one_row_per_patient_not_per_session() -> None:
+by_strategy = pytest.mark.parametrize("grads", GRAD_STRATEGIES)
+
+
+@by_strategy
+def test_grad_sample_has_one_row_per_patient_not_per_session(grads: str) -> None:
     model, data = make_model(), make_data()
     seen: dict[str, int] = {}
     original = CpuNoiseDPOptimizer.clip_and_accumulate
@@ -51,13 +56,14 @@ def test_grad_sample_has_one_row_per_patient_not_per_session() -> None:
 
     CpuNoiseDPOptimizer.clip_and_accumulate = spy  # type: ignore[method-assign]
     try:
-        run(model, data, sigma=0.0, clip=1.0)
+        run(model, data, sigma=0.0, clip=1.0, grads=grads)
     finally:
         CpuNoiseDPOptimizer.clip_and_accumulate = original  # type: ignore[method-assign]
     assert set(seen.values()) == {P}  # 6 patients, not 6 x 4 = 24 sessions
 
 
-def test_each_patients_contribution_is_clipped_to_C() -> None:
+@by_strategy
+def test_each_patients_contribution_is_clipped_to_C(grads: str) -> None:
     """Adding one patient (with huge, adversarial labels) moves the summed update by <= C."""
     clip = 0.5
     base = make_data()
@@ -67,8 +73,8 @@ def test_each_patients_contribution_is_clipped_to_C() -> None:
     start = {n: p.detach().clone() for n, p in make_model().named_parameters()}
 
     # With q = 1 and sigma = 0, SGD(lr=1) moves params by -(sum of clipped grads) / expected batch.
-    without = run(make_model(), base, sigma=0.0, clip=clip)
-    with_p = run(make_model(), both, sigma=0.0, clip=clip)
+    without = run(make_model(), base, sigma=0.0, clip=clip, grads=grads)
+    with_p = run(make_model(), both, sigma=0.0, clip=clip, grads=grads)
     sum_without = torch.cat([((start[n] - without[n]) * P).flatten() for n in start])
     sum_with = torch.cat([((start[n] - with_p[n]) * (P + 1)).flatten() for n in start])
     assert float((sum_with - sum_without).norm()) <= clip * (1 + 1e-4)
@@ -79,7 +85,8 @@ def test_each_patients_contribution_is_clipped_to_C() -> None:
     assert float(torch.cat([g.flatten() for g in raw.values()]).norm()) > 5 * clip
 
 
-def test_clipping_is_per_patient_not_per_session() -> None:
+@by_strategy
+def test_clipping_is_per_patient_not_per_session(grads: str) -> None:
     """A patient with many sessions gets the same bound as a patient with one."""
     data = make_data()
     one_session = PatientTensors(data.mel, data.markers, data.labels, data.mask.clone(), data.patient_ids)
@@ -87,33 +94,77 @@ def test_clipping_is_per_patient_not_per_session() -> None:
     for d in (data, one_session):
         model = make_model()
         opt = CpuNoiseDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.1, expected_batch_size=P)
-        params = {n: p.detach() for n, p in model.named_parameters()}
-        grads = torch.func.vmap(torch.func.grad(patient_loss_fn(model)), in_dims=(None, None, 0, 0, 0, 0))(
-            params, dict(model.named_buffers()), d.mel.float(), d.markers, d.labels, d.mask.float())
+        per_patient = make_patient_grads(model, strategy=grads)
+        per_grads, _ = per_patient(d.mel.float(), d.markers, d.labels, d.mask.float())
+        assert all(g.shape[0] == P for g in per_grads.values())
         for n, p in model.named_parameters():
-            p.grad_sample = grads[n]
+            p.grad_sample = per_grads[n]
         opt.clip_and_accumulate()
+        per_patient.close()
         total = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
         assert float(total.norm()) <= P * 0.1 * (1 + 1e-4)
 
 
-def test_noise_is_really_added() -> None:
+@by_strategy
+def test_noise_is_really_added(grads: str) -> None:
     data = make_data()
-    quiet = run(make_model(), data, sigma=0.0, clip=1.0)
-    noisy = run(make_model(), data, sigma=1.0, clip=1.0)
+    quiet = run(make_model(), data, sigma=0.0, clip=1.0, grads=grads)
+    noisy = run(make_model(), data, sigma=1.0, clip=1.0, grads=grads)
     diff = torch.cat([(quiet[n] - noisy[n]).flatten() for n in quiet])
     # noise std per coordinate = sigma * C / B = 1/6; its norm over d params ~ sqrt(d)/6
     d = diff.numel()
     assert float(diff.norm()) == pytest.approx(d**0.5 / P, rel=0.2)
 
 
-def test_same_seed_same_update_different_seed_different_noise() -> None:
+@by_strategy
+def test_same_seed_same_update_different_seed_different_noise(grads: str) -> None:
     data = make_data()
-    a = run(make_model(), data, sigma=1.0, clip=1.0, seed=5)
-    b = run(make_model(), data, sigma=1.0, clip=1.0, seed=5)
-    c = run(make_model(), data, sigma=1.0, clip=1.0, seed=6)
+    a = run(make_model(), data, sigma=1.0, clip=1.0, seed=5, grads=grads)
+    b = run(make_model(), data, sigma=1.0, clip=1.0, seed=5, grads=grads)
+    c = run(make_model(), data, sigma=1.0, clip=1.0, seed=6, grads=grads)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_every_strategy_gives_the_same_per_patient_gradients_and_losses() -> None:
+    """Hooks (per-session rows summed per patient) == vmap over patients == one patient at a time."""
+    data = make_data()
+    data.mask[0, 2:] = False  # a patient with fewer labelled sessions weighs them more
+    mel, markers, y, m = data.mel.float(), data.markers, data.labels, data.mask.float()
+    results = {}
+    for name in GRAD_STRATEGIES:
+        model = make_model()
+        per_patient = make_patient_grads(model, strategy=name)
+        results[name] = per_patient(mel, markers, y, m)
+        per_patient.close()
+    model = make_model()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    for i in range(P):  # reference: plain autograd, one patient alone
+        ref = torch.func.grad(patient_loss_fn(model))(params, dict(model.named_buffers()), mel[i], markers[i], y[i], m[i])
+        for name, (g, _) in results.items():
+            for n in ref:
+                torch.testing.assert_close(g[n][i], ref[n], rtol=1e-4, atol=1e-6, msg=f"{name}: {n} patient {i}")
+    torch.testing.assert_close(results["hooks"][1], results["functorch"][1])
+
+
+def test_hooks_are_removed_after_training() -> None:
+    model, data = make_model(), make_data()
+    run(model, data, sigma=1.0, clip=1.0, grads="hooks")
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+    # the plain model still trains with ordinary autograd afterwards
+    model(data.mel[0].float(), data.markers[0]).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_config_offers_exactly_the_implemented_strategies() -> None:
+    from dataclasses import fields
+
+    meta = next(f for f in fields(TrainingConfig) if f.name == "per_patient_grads").metadata
+    assert tuple(meta["choices"]) == GRAD_STRATEGIES
+    assert TrainingConfig().per_patient_grads == "functorch"
+    with pytest.raises(ValueError, match="choose one of functorch, hooks"):
+        make_patient_grads(make_model(), strategy="ghost")
 
 
 def test_epsilon_grows_with_rounds_and_matches_opacus_own_accountant() -> None:
@@ -127,6 +178,24 @@ def test_epsilon_grows_with_rounds_and_matches_opacus_own_accountant() -> None:
         assert ours > previous
         assert ours == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
         previous = ours
+
+
+def test_merging_repeated_mechanisms_leaves_epsilon_unchanged() -> None:
+    """A ledger of many rounds is composed as few events, with exactly Opacus' result."""
+    rounds = [SubsampledGaussian(1.1, 0.2, 10)] * 6 + [SubsampledGaussian(0.9, 0.1, 5)] * 3 + [SubsampledGaussian(1.1, 0.2, 0)]
+    for accountant in ("rdp", "prv"):
+        acc = create_accountant(accountant)
+        acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in rounds if e.steps]  # unmerged: 9 entries
+        expected = acc.get_epsilon(delta=1e-5, **({"alphas": list(RDP_ALPHAS)} if accountant == "rdp" else {}))
+        assert epsilon(rounds, delta=1e-5, accountant=accountant) == pytest.approx(expected, rel=1e-6)
+
+
+def test_noise_calibration_is_computed_once_per_question() -> None:
+    _calibrate.cache_clear()
+    first = calibrate_noise(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.125, steps=30)
+    again = calibrate_noise(target_epsilon=4, target_delta=1e-5, sample_rate=0.125, steps=30)  # int ε: same question
+    assert first == again and _calibrate.cache_info().hits == 1
+    assert calibrate_noise(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.125, steps=31) > first
 
 
 def test_calibrated_sigma_gives_the_target_epsilon_back() -> None:

@@ -1,0 +1,147 @@
+"""Per-patient gradients for patient-level DP-SGD: two interchangeable strategies.
+
+A patient's loss is the mean of their (at most K) labelled sessions' losses, and DP-SGD needs
+one gradient per *patient*, so each strategy returns, for a batch of B patients,
+``grads[name]`` of shape (B, *param.shape) and the B patient losses. Opacus'
+:class:`DPOptimizer` then clips each row to C and adds noise.
+
+* ``functorch`` (default: fastest on this model, ``fedrelapse bench dp-step``):
+  ``torch.func.vmap(grad_and_value(loss))`` over the patient dimension; the patient losses
+  come with the gradients (no second forward pass for logging).
+* ``hooks``: Opacus' :class:`GradSampleModule` forward and
+  backward hooks give per-*session* gradients (B·K rows) of the sum over patients of their
+  loss in one ordinary forward/backward pass. A session belongs to exactly one patient, so
+  summing a patient's K rows gives exactly that patient's gradient. Conv1d rows come from
+  :func:`conv1d_grad_sample` (one batched matmul per kernel tap) instead of Opacus' ``im2col``
+  sampler, which took ~40 % of the DP step on CPU.
+  The per-session rows and the hooks cost more than vmap here (about 1.7× vs 1.25× a plain
+  step on one CPU thread, BENCHMARKS.md); kept for layers torch.func cannot vmap and as a
+  cross-check.
+
+Ghost clipping (Opacus' ``GradSampleModuleFastGradientClipping``) is not offered: its norms
+are per batch row, i.e. per session here, and a per-patient norm needs the cross terms
+between a patient's sessions; it also needs a second backward pass. ``fedrelapse bench
+dp-step`` times Opacus' per-session ghost clipping on the same batch for reference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+GRAD_STRATEGIES = ("functorch", "hooks")
+DEFAULT_GRADS = "functorch"
+
+
+class PatientGrads(Protocol):
+    def __call__(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """mel (B, K, n_mels, F), markers (B, K, M), y (B, K), m (B, K) -> ({name: (B, *shape)}, losses (B,))."""
+        ...
+
+    def close(self) -> None:
+        """Leave the model exactly as it was (no hooks, no per-sample attributes)."""
+        ...
+
+
+def patient_loss_fn(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """loss(params, buffers, mel (K, n_mels, F), markers (K, M), y (K), m (K)) for ONE patient."""
+
+    def loss(params: dict, buffers: dict, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (params, buffers), (mel, markers))  # (K,)
+        per_session = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        return (per_session * m).sum() / m.sum().clamp(min=1.0)
+
+    return loss
+
+
+def patient_losses(logits: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(B, K) logits, labels, mask -> (B,) each patient's mean loss over their labelled sessions."""
+    per = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")  # (B, K)
+    return (per * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def conv1d_grad_sample(layer: nn.Conv1d, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-row Conv1d gradients without im2col: one batched matmul per kernel tap.
+
+    dW[n, o, c, j] = sum_l g[n, o, l] · x_pad[n, c, l·s + j·d]; shapes: x (N, C, L_in), g (N, O, L_out).
+    Each tap's strided slice is made contiguous first (a strided bmm operand is ~8× slower on
+    CPU). Layers this does not cover (groups, string padding, other padding modes) use Opacus'
+    sampler.
+    """
+    if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        return compute_conv_grad_sample(layer, activations, backprops)
+    x = activations[0].to(backprops.dtype)  # (N, C, L_in)
+    (pad,), (stride,), (dil,), (k,) = layer.padding, layer.stride, layer.dilation, layer.kernel_size
+    x = nn.functional.pad(x, (pad, pad))  # (N, C, L_in + 2·pad)
+    span = stride * (backprops.shape[-1] - 1) + 1
+    taps = [torch.bmm(backprops, x[..., j * dil : j * dil + span : stride].contiguous().transpose(1, 2)) for j in range(k)]  # k × (N, O, C)
+    out = {layer.weight: torch.stack(taps, dim=-1)}  # (N, O, C, k)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.sum(-1)  # (N, O)
+    return out
+
+
+class _SessionGradSampleModule(GradSampleModule):
+    """Opacus' GradSampleModule with the faster Conv1d sampler (this class only; Opacus' registry is untouched)."""
+
+    GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv1d: conv1d_grad_sample}
+
+
+class FunctorchGrads:
+    """``vmap(grad_and_value)`` over patients; the loss comes with the gradient."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.fn = vmap(grad_and_value(patient_loss_fn(model)), in_dims=(None, None, 0, 0, 0, 0))
+
+    def __call__(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        params = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        grads, losses = self.fn(params, dict(self.model.named_buffers()), mel, markers, y, m)
+        return grads, losses.detach()
+
+    def close(self) -> None:
+        return None
+
+
+class HookGrads:
+    """Opacus per-sample hooks on the flattened sessions, summed per patient."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # loss_reduction="sum": row i's grad_sample is d(sum of patient losses)/dθ from session i alone.
+        self.gsm = _SessionGradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+
+    def __call__(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        b, k = y.shape
+        for _, p in self.named:
+            p.grad_sample = None
+        logits = self.gsm(mel.flatten(0, 1), markers.flatten(0, 1)).view(b, k)  # (B, K)
+        losses = patient_losses(logits, y, m)  # (B,)
+        with warnings.catch_warnings():  # the first layer's input needs no grad; torch says so each step
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses.sum().backward()
+        grads = {n: p.grad_sample.view(b, k, *p.shape).sum(1) for n, p in self.named}  # (B, *shape)
+        for _, p in self.named:
+            p.grad_sample = None
+            p.grad = None  # the ordinary summed gradient is not used
+        return grads, losses.detach()
+
+    def close(self) -> None:
+        self.gsm.cleanup()  # removes the hooks and every per-sample attribute Opacus added
+
+
+def make_patient_grads(model: nn.Module, *, strategy: str) -> PatientGrads:
+    if strategy == "hooks":
+        return HookGrads(model)
+    if strategy == "functorch":
+        return FunctorchGrads(model)
+    raise ValueError(f"Unknown per-patient gradient strategy {strategy!r}; choose one of {', '.join(GRAD_STRATEGIES)}.")

@@ -1,0 +1,49 @@
+"""σ calibrations kept in the site's state folder, so a fresh process does not redo them.
+
+On the Deployment Engine every message runs in a new ClientApp process, so the in-process
+memo of :func:`shared.privacy.accounting.calibrate_noise` never helps there, and the
+bisection (~20 RDP evaluations) was most of a site's round. A stored σ is never trusted
+blindly: before use it is re-checked with one ε evaluation, and a σ that would spend more
+than the target (a damaged or edited file) is discarded and recalibrated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon
+
+FILE = "sigma-cache.json"
+
+
+def calibrated_sigma(state_dir: Path, *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Smallest σ for ``steps`` steps at rate q to spend ``target_epsilon`` (cached on disk, verified)."""
+    key = json.dumps([float(target_epsilon), float(target_delta), float(sample_rate), int(steps), accountant])
+    path = state_dir / FILE
+    stored = _read(path)
+    sigma = stored.get(key)
+    if isinstance(sigma, float) and sigma > 0:
+        spent = epsilon([SubsampledGaussian(sigma, sample_rate, steps)], delta=target_delta, accountant=accountant)
+        if spent <= target_epsilon:
+            return sigma
+    sigma = calibrate_noise(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
+    stored[key] = sigma
+    _write(path, stored)
+    return sigma
+
+
+def _read(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, data: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    tmp.replace(path)  # atomic: concurrent processes of one site never see half a file

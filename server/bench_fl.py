@@ -1,0 +1,334 @@
+"""Federation-level benchmarks: update size, round overhead, scale, feature cache, memory.
+
+Like :mod:`server.bench`, these return ratios measured side by side in one run and are never
+timed tests. Simulated consortia larger than the cohort re-use its hospitals' manifests
+round-robin; every simulated site keeps its own state (ledger, secret), and links the
+source hospital's feature cache so features are extracted once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from shared.config import ExperimentConfig, load_site
+
+FLOAT_BYTES = 4
+# A pretrained speech encoder a site would otherwise fine-tune and send, for scale only:
+# wav2vec 2.0 / HuBERT base have about 94-95 million parameters (Baevski et al. 2020, Table 1).
+PRETRAINED_ENCODER_PARAMS = 94_000_000
+
+
+def quick_cohort_config() -> Any:
+    """3 small hospitals with short sessions: the `--quick` bench cohort (about a minute to make)."""
+    from shared.synth.config import HospitalSpec, Trajectory, load_cohort
+
+    base = load_cohort(Path(__file__).resolve().parents[1] / "configs" / "cohort.yaml")
+    hospitals = (
+        HospitalSpec(name="alpha", language="nb", sample_rate=16000, noise_snr_db=30, n_patients=10, relapse_prevalence=0.5),
+        HospitalSpec(name="beta", language="nb", sample_rate=8000, noise_snr_db=20, n_patients=8, relapse_prevalence=0.5),
+        HospitalSpec(name="gamma", language="en", sample_rate=22050, noise_snr_db=25, n_patients=8, relapse_prevalence=0.5),
+    )
+    traj = Trajectory(sessions_per_patient=7, days_between_sessions=7, stable_sessions_min=3, prodromal_sessions=1, relapse_sessions=2, recovery_sessions=1)
+    return replace(base, session_seconds=4.0, hospitals=hospitals, trajectory=traj)
+
+
+def quick_experiment(exp: ExperimentConfig) -> ExperimentConfig:
+    """The experiment scaled to the quick cohort (2 rounds, 3 local steps, 4-second inputs)."""
+    return replace(
+        exp,
+        federation=replace(exp.federation, rounds=2, min_patients_metric=2, node_wait_timeout_s=120),
+        training=replace(exp.training, local_steps=3, batch_patients=3),
+        features=replace(exp.features, max_seconds=4.0, baseline_sessions=2),
+    )
+
+
+# --- update size -------------------------------------------------------------------------
+
+
+def quantise(update: np.ndarray, *, bits: int, clip: float, rng: np.random.Generator) -> np.ndarray:
+    """Fixed-point encoding as secure aggregation needs: clip to ±clip, stochastic rounding to
+    ``bits``-bit unsigned integers (unbiased), returned already decoded to float32."""
+    levels = 2**bits - 1
+    x = (np.clip(update, -clip, clip) + clip) / (2 * clip) * levels  # [0, levels]
+    low = np.floor(x)
+    q = low + (rng.random(x.shape) < (x - low))  # stochastic rounding: E[q] = x
+    return (q / levels * 2 * clip - clip).astype(np.float32)
+
+
+def update_size(exp: ExperimentConfig, data: Path, *, rounds: int, bits: tuple[int, ...] = (32, 16, 8)) -> dict[str, Any]:
+    """Bytes per site per round, and the AUROC cost of quantised updates.
+
+    Sites train without DP (synthetic sites allow it) so the only difference between the
+    float and the quantised global model is the quantisation: each round every aggregate is
+    formed from the *same* site updates and evaluated by the sites; the float one goes on.
+    The clip range is public and data-independent: 2 × learning rate × local steps
+    (Adam moves a coordinate by about the learning rate per step).
+    """
+    from client.site import Site
+    from server.simulate import discover_sites, prepare_sites
+    from shared.models import build_model
+    from shared.params import get_arrays, to_record
+
+    nodp = replace(exp, privacy=replace(exp.privacy, enabled=False))
+    cfgs = [load_site(p) for p in discover_sites(data)]
+    from rich.console import Console
+
+    prepare_sites(cfgs, nodp, Console(quiet=True))
+    sites = [Site(c, nodp) for c in cfgs]
+    model = build_model(nodp)
+    arrays = get_arrays(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    head = {n for n in trainable if n.startswith("head.")}
+    n_all = sum(v.size for v in arrays.values())
+    n_head = sum(arrays[n].size for n in head)
+    wire = sum(len(a.data) for a in to_record(arrays).values())  # Flower Array payload bytes
+    clip = 2 * nodp.training.learning_rate * nodp.training.local_steps
+    rng = np.random.default_rng(0)
+    history: list[dict[str, Any]] = []
+    clipped = 0
+    for rnd in range(1, rounds + 1):
+        results = [s.train(arrays, run_id="bench-update-size", server_round=rnd, total_rounds=rounds) for s in sites]
+        updates = [(float(r.metrics["num-patients"]), r.arrays) for r in results if hasattr(r, "arrays")]
+        if len(updates) != len(sites):
+            raise RuntimeError("A site refused the update-size benchmark's non-private plan; use a synthetic cohort (its sites allow it).")
+        total = sum(w for w, _ in updates)
+        deltas = [(w, {k: a[k] - arrays[k] for k in arrays}) for w, a in updates]
+        clipped += sum(int((np.abs(d[k]) > clip).sum()) for _, d in deltas for k in d)
+        candidates = {"float32": {k: arrays[k] + sum(w * d[k] for w, d in deltas) / total for k in arrays}}
+        for b in bits:
+            candidates[f"int{b}"] = {k: arrays[k] + sum(w * quantise(d[k], bits=b, clip=clip, rng=rng) for w, d in deltas) / total for k in arrays}
+        row: dict[str, Any] = {"round": rnd}
+        for name, cand in candidates.items():
+            row[name] = _pooled_auroc(nodp, sites, cand)
+        history.append(row)
+        arrays = candidates["float32"]
+    last = history[-1]
+    return {
+        "parameters": {"all": int(n_all), "trainable": int(sum(arrays[n].size for n in trainable)), "head": int(n_head)},
+        "bytes_per_site_per_round": {
+            "full_model_float32": int(n_all * FLOAT_BYTES),
+            "full_model_flower_payload": int(wire),
+            "head_only_float32": int(n_head * FLOAT_BYTES),
+            **{f"full_model_int{b}": int(n_all * b // 8) for b in bits},
+            **{f"head_only_int{b}": int(n_head * b // 8) for b in bits},
+            "pretrained_encoder_float32_reference": PRETRAINED_ENCODER_PARAMS * FLOAT_BYTES,
+        },
+        "encoder_over_full_int16": round(PRETRAINED_ENCODER_PARAMS * FLOAT_BYTES / (n_all * 2), 1),
+        "quantisation_clip": clip,
+        "clipped_coordinates_share": round(clipped / (n_all * len(sites) * rounds), 6),
+        "auroc_by_round": history,
+        "auroc_loss_vs_float32_last_round": {k: round(last["float32"] - v, 4) for k, v in last.items() if k.startswith("int") and v is not None and last["float32"] is not None},
+        "rounds": rounds,
+        "privacy": "off (quantisation effect isolated from DP noise)",
+        "auroc": "pooled over all sites' held-out sessions",
+    }
+
+
+def _pooled_auroc(exp: ExperimentConfig, sites: list[Any], arrays: dict[str, np.ndarray]) -> float | None:
+    """AUROC over every site's held-out sessions pooled (a benchmark on synthetic data, in one
+    process; real sites only ever report their own aggregate over at least k patients)."""
+    from client.dp_train import predict
+    from shared import metrics as M  # noqa: N812
+    from shared.models import build_model
+    from shared.params import set_arrays
+
+    model = build_model(exp)
+    set_arrays(model, arrays)
+    ys, ss = [], []
+    for site in sites:
+        probs = predict(model, site.eval_set, site.device)  # (P, K)
+        ys.append(site.eval_set.labels[site.eval_set.mask].numpy())
+        ss.append(probs[site.eval_set.mask].numpy())
+    auc = M.auroc(np.concatenate(ys), np.concatenate(ss))
+    return round(float(auc), 4) if np.isfinite(auc) else None
+
+
+# --- simulated consortia: round overhead, scale, memory -----------------------------------
+
+
+def make_consortium(src: Path, out: Path, n_sites: int, *, device: str = "cpu") -> Path:
+    """``n_sites`` simulated hospitals under ``out`` re-using ``src``'s hospitals round-robin.
+
+    Each has its own state folder (ledger, round secret); its feature cache is a link to
+    the source hospital's, filled once.
+    """
+    from server.simulate import discover_sites
+
+    sources = [(p, load_site(p)) for p in discover_sites(src)]
+    if out.exists():
+        shutil.rmtree(out)
+    for i in range(n_sites):
+        path, cfg = sources[i % len(sources)]
+        hdir = out / f"site{i:03d}"
+        (hdir / "state").mkdir(parents=True)
+        (cfg.state_dir / "features").mkdir(parents=True, exist_ok=True)
+        (hdir / "state" / "features").symlink_to(cfg.state_dir / "features", target_is_directory=True)
+        site = {"name": f"{cfg.name}-{i:03d}", "manifest": str(cfg.manifest), "state_dir": "state", "device": device, "policy": {"allow_non_private": True},
+                "coordinator_public_key": "../consortium/model-signing.pub.pem"}
+        (hdir / "site.yaml").write_text(yaml.safe_dump(site, sort_keys=False), encoding="utf-8")
+    return out
+
+
+@contextmanager
+def peak_tree_rss() -> Iterator[dict[str, float]]:
+    """Peak summed RSS (MiB) of this process and all its descendants (Ray's too), sampled every 0.2 s."""
+    box = {"peak_mib": 0.0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            box["peak_mib"] = max(box["peak_mib"], _tree_rss_mib(os.getpid()))
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield box
+    finally:
+        stop.set()
+        thread.join()
+        box["peak_mib"] = round(box["peak_mib"], 1)
+
+
+def _tree_rss_mib(root: int) -> float:
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            rss[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total / 2**20
+
+
+def simulated_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: int, rounds: int, cpus: int | None = None, gpus_per_site: float = 0.0) -> dict[str, Any]:
+    """One simulated run with ``n_sites`` sites: per-round wall time vs the sites' own compute."""
+    from rich.console import Console
+
+    from server.simulate import simulate
+
+    cons = make_consortium(data, out / f"sites-{n_sites}", n_sites, device="auto" if gpus_per_site else "cpu")
+    run_exp = replace(exp, federation=replace(exp.federation, rounds=rounds, min_nodes=n_sites))
+    run_dir = out / f"run-{n_sites}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    started = time.perf_counter()
+    with peak_tree_rss() as mem:
+        simulate(run_exp, cons, run_dir, run_id=f"bench-{n_sites}-{int(time.time())}", console=Console(quiet=True), cpus=cpus, gpus_per_site=gpus_per_site)
+    total_s = time.perf_counter() - started
+    return {"sites": n_sites, "rounds": rounds, "actors": cpus or max(1, min(n_sites, os.cpu_count() or 1)),
+            **_round_figures(run_dir), "run_total_s": round(total_s, 1), "peak_rss_all_processes_mib": mem["peak_mib"]}
+
+
+def _round_figures(run_dir: Path) -> dict[str, Any]:
+    """Per-round wall time vs the sites' reported compute, from a run folder's metrics.json."""
+    records = json.loads((run_dir / "metrics.json").read_text())
+    per_round = []
+    for rec in records:
+        sites = rec["sites"].values()
+        each = [s.get("train_compute_s", 0.0) + s.get("eval_compute_s", 0.0) for s in sites]
+        compute = sum(each)
+        per_round.append({"round": rec["round"], "wall_s": rec["wall_s"], "sites_compute_s": round(compute, 3),
+                          "ratio": round(rec["wall_s"] / compute, 3) if compute else None,
+                          "ratio_to_slowest_site": round(rec["wall_s"] / max(each), 3) if each and max(each) else None,
+                          "sites_replied": sum("train_compute_s" in s for s in sites)})
+    later = per_round[1:] or per_round
+    steady = [r["ratio"] for r in later if r["ratio"]]
+    slowest = [r["ratio_to_slowest_site"] for r in later if r["ratio_to_slowest_site"]]
+    rss = [s.get("peak-rss-mb") for rec in records for s in rec["sites"].values() if s.get("peak-rss-mb")]
+    return {
+        "per_round": per_round,
+        "round_overhead_ratio_after_round_1": round(statistics.median(steady), 3) if steady else None,
+        "wall_over_slowest_site_after_round_1": round(statistics.median(slowest), 3) if slowest else None,
+        "wall_per_round_after_round_1_s": round(statistics.median([r["wall_s"] for r in later]), 3),
+        "peak_rss_site_process_mib": max(rss) if rss else None,
+    }
+
+
+def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: int, rounds: int) -> dict[str, Any]:
+    """The same measurement on the Deployment Engine: a SuperLink and one SuperNode process per
+    site on 127.0.0.1, TLS and node authentication on, sites verifying signed models.
+
+    Sites run in parallel here (one process each), so besides wall ÷ Σ compute the figure
+    wall ÷ the slowest site's compute is given (1.00 = no overhead beyond the slowest site).
+    """
+    from server.deployment import LocalConsortium
+    from server.keys import make_ca, make_server
+    from shared.schema import to_plain
+
+    cons = make_consortium(data, out / f"deploy-sites-{n_sites}", n_sites)
+    keys = out / f"deploy-keys-{n_sites}"
+    shutil.rmtree(keys, ignore_errors=True)
+    make_ca(keys)
+    make_server(keys)
+    site_yamls = sorted(cons.glob("*/site.yaml"))
+    for path in site_yamls:
+        cfg = yaml.safe_load(path.read_text())
+        cfg["coordinator_public_key"] = str((keys / "server" / "model-signing.pub.pem").resolve())
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run_exp = replace(exp, federation=replace(exp.federation, rounds=rounds, min_nodes=n_sites))
+    exp_path = out / f"deploy-{n_sites}.yaml"
+    exp_path.write_text(yaml.safe_dump(to_plain(run_exp)))
+    run_dir = out / f"deploy-run-{n_sites}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    started = time.perf_counter()
+    with peak_tree_rss() as mem, LocalConsortium(out / f"deploy-flower-{n_sites}", site_yamls, keys=keys, node_auth=True) as consortium:
+        proc = consortium.submit(exp_path, run_dir, run_id=f"bench-deploy-{n_sites}-{int(time.time())}", timeout_s=1200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"The Deployment Engine run failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
+    return {"sites": n_sites, "rounds": rounds, "engine": "deployment (TLS, node auth, signed models)", **_round_figures(run_dir),
+            "run_total_s": round(time.perf_counter() - started, 1), "peak_rss_all_processes_mib": mem["peak_mib"]}
+
+
+# --- feature cache ---------------------------------------------------------------------------
+
+
+def feature_cache(exp: ExperimentConfig, data: Path, scratch: Path) -> dict[str, Any]:
+    """Data time with a cold feature cache (extraction) vs a warm one (what rounds after the first see)."""
+    from client.prepare import prepare_site
+    from server.simulate import discover_sites
+
+    cfgs = [load_site(p) for p in discover_sites(data)]
+    out: dict[str, Any] = {"sites": []}
+    cold_cpu = cold_wall = warm_wall = hours = 0.0
+    for cfg in cfgs:
+        cache = scratch / cfg.name
+        shutil.rmtree(cache, ignore_errors=True)
+        t0, c0 = time.perf_counter(), time.process_time()
+        site_data = prepare_site(cfg.manifest, exp.features, cache)
+        t1, c1 = time.perf_counter(), time.process_time()
+        prepare_site(cfg.manifest, exp.features, cache)
+        t2 = time.perf_counter()
+        h = float(site_data.report()["hours_of_audio"])  # type: ignore[arg-type]
+        out["sites"].append({"site": cfg.name, "hours_of_audio": h, "cold_s": round(t1 - t0, 2), "warm_s": round(t2 - t1, 3)})
+        cold_wall, cold_cpu, warm_wall, hours = cold_wall + t1 - t0, cold_cpu + c1 - c0, warm_wall + t2 - t1, hours + h
+    shutil.rmtree(scratch, ignore_errors=True)
+    out.update({
+        "warm_over_cold": round(warm_wall / cold_wall, 4),
+        "hours_of_audio": round(hours, 3),
+        "hours_per_cpu_minute": round(hours / (cold_cpu / 60), 2),
+        "hours_per_wall_minute": round(hours / (cold_wall / 60), 2),
+        "note": "one process, extraction single-threaded per site; frozen pretrained encoders: none in this model yet",
+    })
+    return out

@@ -1,0 +1,75 @@
+"""`fedrelapse bench all`: every benchmark in one run, written to ``results.json``.
+
+``quick`` (CI smoke, about 3-4 minutes on 2 cores) uses a tiny synthetic cohort made on the
+spot, 2 rounds and 3/6 simulated sites; the full suite (under 10 minutes on 2 cores once
+the default cohort exists) uses the default cohort, 3 rounds and 3/10 sites. Scale runs
+(30, 100 sites) are separate: `fedrelapse bench scale`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shared.config import ExperimentConfig
+from shared.errors import ConfigError
+
+
+def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool, sim_sites: tuple[int, ...] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the suite; each part's result (or its error) lands in ``out/results.json`` as it finishes."""
+    from server.bench import dp_step_profile, dp_step_ratio, machine
+    from server.bench_fl import feature_cache, quick_cohort_config, quick_experiment, simulated_rounds, update_size
+
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine(), "quick": quick, "parts": {}}
+    started = time.perf_counter()
+    if data is None:
+        if not quick:
+            raise ConfigError("The full suite needs --data (a cohort from `fedrelapse synth --config configs/cohort.yaml`); --quick makes its own tiny cohort.")
+        from shared.synth.cohort import synthesize_cohort
+
+        data = out / "cohort"
+        if not (data / "alpha" / "site.yaml").exists():
+            say("making the quick cohort (tiny synthetic hospitals)")
+            synthesize_cohort(quick_cohort_config(), data, seed=3, workers=1)
+    run_exp = quick_experiment(exp) if quick else exp
+    sites = sim_sites or ((3, 6) if quick else (3, 10))
+    rounds = 2 if quick else 3
+    parts: list[tuple[str, Callable[[], Any]]] = [
+        # --quick times the step on the quick experiment's small inputs: a smoke of the path, not the figure
+        ("dp_step", lambda: dp_step_ratio(run_exp, repeats=2 if quick else 5, steps=3 if quick else 10)),
+        ("dp_step_profile", lambda: dp_step_profile(run_exp, repeats=3 if quick else 20)),
+        ("feature_cache", lambda: feature_cache(run_exp, data, out / "feature-cache-scratch")),
+        ("update_size", lambda: update_size(run_exp, data, rounds=rounds)),
+        # one Ray actor: sites run one after another, so wall / Σ site compute is the pure overhead
+        *((f"rounds_{n}_sites", lambda n=n: simulated_rounds(run_exp, data, out / "sim", n_sites=n, rounds=rounds, cpus=1)) for n in sites),
+    ]
+    for name, fn in parts:
+        say(f"bench {name} …")
+        t0 = time.perf_counter()
+        try:
+            results["parts"][name] = {**fn(), "bench_seconds": round(time.perf_counter() - t0, 1)}
+        except Exception as exc:  # noqa: BLE001 - one failing part must not hide the others' figures
+            results["parts"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+        results["total_seconds"] = round(time.perf_counter() - started, 1)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def scale(exp: ExperimentConfig, data: Path, out: Path, *, sites: tuple[int, ...], rounds: int, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time per round and peak memory for growing simulated consortia, with the per-site cost."""
+    from server.bench import machine
+    from server.bench_fl import simulated_rounds
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in sites:
+        say(f"scale: {n} sites …")
+        r = simulated_rounds(exp, data, out / "sim", n_sites=n, rounds=rounds)
+        rows.append({k: r[k] for k in ("sites", "actors", "wall_per_round_after_round_1_s", "round_overhead_ratio_after_round_1", "peak_rss_all_processes_mib", "peak_rss_site_process_mib", "run_total_s")}
+                    | {"wall_per_round_per_site_s": round(r["wall_per_round_after_round_1_s"] / n, 4)})
+        (out / "scale.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    return {"machine": machine(), "rows": rows}

@@ -1,0 +1,102 @@
+"""The benchmark suite's code paths (never its timings): quick suite, GPU absence, Ray cluster config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from typer.testing import CliRunner
+
+from client.patient_grads import conv1d_grad_sample
+from server.bench_fl import quantise
+from server.simulate import ray_backend_config
+from shared.errors import ConfigError
+from tests.conftest import tiny_experiment
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation", "kernel"), [(2, 2, 1, 5), (1, 0, 1, 3), (3, 1, 2, 4), (1, 2, 1, 1)])
+def test_fast_conv1d_grad_sample_equals_opacus(stride: int, padding: int, dilation: int, kernel: int) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Conv1d(6, 5, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(7, 6, 40)  # (N, C, L)
+    g = torch.randn_like(layer(x))  # (N, O, L_out)
+    ours, ref = conv1d_grad_sample(layer, [x], g), compute_conv_grad_sample(layer, [x], g)
+    for p in (layer.weight, layer.bias):
+        torch.testing.assert_close(ours[p], ref[p], rtol=1e-4, atol=1e-5)
+
+
+def test_quantisation_is_bounded_and_unbiased() -> None:
+    rng = np.random.default_rng(1)
+    x = np.linspace(-0.3, 0.3, 1001).astype(np.float32)
+    for bits in (8, 16):
+        step = 2 * 0.2 / (2**bits - 1)
+        q = quantise(x, bits=bits, clip=0.2, rng=rng)
+        assert np.all(np.abs(q - np.clip(x, -0.2, 0.2)) <= step + 1e-6)  # within one level of the clipped value
+    mean = np.mean([quantise(np.full(1, 0.0123, np.float32), bits=4, clip=0.2, rng=rng) for _ in range(20000)])
+    assert mean == pytest.approx(0.0123, abs=2e-3)  # coarse 4-bit levels, yet unbiased on average
+
+
+def test_ray_backend_joins_an_existing_cluster_when_given_an_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = ray_backend_config(n_sites=10, cpus=None)
+    assert "address" not in local["init_args"] and local["init_args"]["num_cpus"] >= 1
+    cluster = ray_backend_config(n_sites=100, ray_address="ray://head:10001")
+    assert cluster["init_args"]["address"] == "ray://head:10001"
+    assert "num_cpus" not in cluster["init_args"]  # the cluster's own resources decide
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert ray_backend_config(n_sites=3)["init_args"]["address"] == "auto"
+    shared_gpu = ray_backend_config(n_sites=4, ray_address=None, gpus_per_site=0.25)
+    assert shared_gpu["client_resources"]["num_gpus"] == 0.25
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        ray_backend_config(n_sites=3, gpus_per_site=2.0)
+
+
+def test_gpu_bench_says_plainly_that_no_gpu_is_present(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from server.cli import app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(app, ["bench", "gpu", "--out", str(tmp_path), "--quick"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "gpu.json").read_text())
+    assert written["gpu"] is None and "No CUDA GPU is visible" in written["message"]
+    assert "No CUDA GPU is visible" in result.output
+
+
+def test_quick_bench_suite_runs_end_to_end(tiny_cohort: Path, tmp_path: Path) -> None:
+    from server.bench_suite import run_all
+
+    data = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, data, ignore=shutil.ignore_patterns("state"))
+    out = tmp_path / "bench"
+    results = run_all(tiny_experiment(), out, data=data, quick=True, sim_sites=(3,), say=lambda _: None)
+    parts = results["parts"]
+    assert not [k for k, v in parts.items() if "error" in v], {k: v["error"] for k, v in parts.items() if "error" in v}
+    assert json.loads((out / "results.json").read_text())["parts"].keys() == parts.keys()
+    dp = parts["dp_step"]["modes"]
+    assert {"plain", "dp-functorch", "dp-hooks", "ghost-per-session"} <= dp.keys() and all(m["step_s"] > 0 for m in dp.values())
+    size = parts["update_size"]["bytes_per_site_per_round"]
+    assert size["head_only_float32"] < size["full_model_float32"] and size["full_model_int16"] * 2 == size["full_model_float32"]
+    assert parts["update_size"]["auroc_by_round"][-1]["float32"] is not None
+    cache = parts["feature_cache"]
+    assert 0 < cache["warm_over_cold"] < 1 and cache["hours_per_cpu_minute"] > 0
+    sim = parts["rounds_3_sites"]
+    assert len(sim["per_round"]) == 2 and all(r["sites_replied"] == 3 and r["sites_compute_s"] > 0 for r in sim["per_round"])
+    assert sim["peak_rss_site_process_mib"] > 0 and sim["peak_rss_all_processes_mib"] > 0
+
+
+def test_site_cache_size_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.app import SITE_CACHE_ENV, site_cache_size
+
+    monkeypatch.delenv(SITE_CACHE_ENV, raising=False)
+    assert site_cache_size() == 4
+    monkeypatch.setenv(SITE_CACHE_ENV, "100")
+    assert site_cache_size() == 100
+    for bad in ("0", "many"):
+        monkeypatch.setenv(SITE_CACHE_ENV, bad)
+        with pytest.raises(ValueError, match="FEDRELAPSE_SITE_CACHE"):
+            site_cache_size()

@@ -1,0 +1,36 @@
+"""σ calibrations cached in the site's state folder: reused by a fresh process, never trusted blindly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import client.sigma_cache as sc
+from shared.privacy.accounting import SubsampledGaussian, _calibrate, epsilon
+
+ASK = {"target_epsilon": 3.0, "target_delta": 1e-5, "sample_rate": 0.2, "steps": 20, "accountant": "rdp"}
+
+
+def test_a_fresh_process_reuses_the_stored_sigma(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = sc.calibrated_sigma(tmp_path, **ASK)
+    assert epsilon([SubsampledGaussian(first, 0.2, 20)], delta=1e-5) <= 3.0
+    _calibrate.cache_clear()  # as in a new ClientApp process
+    monkeypatch.setattr(sc, "calibrate_noise", lambda **_: pytest.fail("recalibrated although a valid σ was stored"))
+    assert sc.calibrated_sigma(tmp_path, **ASK) == first
+
+
+def test_an_edited_sigma_that_would_overspend_is_discarded(tmp_path: Path) -> None:
+    honest = sc.calibrated_sigma(tmp_path, **ASK)
+    path = tmp_path / sc.FILE
+    stored = json.loads(path.read_text())
+    stored = {k: 0.3 for k in stored}  # far too little noise for ε = 3
+    path.write_text(json.dumps(stored))
+    assert sc.calibrated_sigma(tmp_path, **ASK) == pytest.approx(honest)
+    assert json.loads(path.read_text()) != stored  # repaired on disk
+
+
+def test_a_damaged_cache_file_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / sc.FILE).write_text("{not json")
+    assert sc.calibrated_sigma(tmp_path, **ASK) > 0
