@@ -280,7 +280,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         sites = ", ".join(f"{k} {v:.3f}" for k, v in r["auroc_per_site"].items())
         lines.append(
             f"| {r['setting']} | {r['auroc']:.3f} {ci(r['auroc_ci'])} | {r['auprc']:.3f} {ci(r['auprc_ci'])} | {sites} | {r['balanced_accuracy']:.3f} | {r['macro_f1']:.3f} | {r['ece']:.3f} "
-            f"| {ew['median_lead_days'] if ew['median_lead_days'] is not None else '-'} | {ew['warned']}/{ew['relapses']} | {ew['false_alarms_per_patient_month']:.2f} | {'yes' if r['collapsed'] else 'no'} |"
+            f"| {format(ew['median_lead_days'], '.1f') if ew['median_lead_days'] is not None else '-'} | {ew['warned']}/{ew['relapses']} | {ew['false_alarms_per_patient_month']:.2f} | {'yes' if r['collapsed'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 
