@@ -7,6 +7,7 @@ Run config (``pyproject.toml`` [tool.flwr.app.config], overridable with ``--run-
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context
@@ -22,8 +23,13 @@ def new_run_id(name: str) -> str:
     return f"{name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
 
 
-def build_server_app(exp: ExperimentConfig | None = None, out: Path | None = None, run_id: str = "", signing_key: Path | None = None) -> ServerApp:
-    """The ServerApp. Simulation passes the experiment directly; deployment reads run config."""
+def build_server_app(
+    exp: ExperimentConfig | None = None, out: Path | None = None, run_id: str = "", signing_key: Path | None = None, *, wrap_grid: Callable[[Grid], Grid] | None = None
+) -> ServerApp:
+    """The ServerApp. Simulation passes the experiment directly; deployment reads run config.
+
+    ``wrap_grid`` (simulation only) wraps the Grid: benchmarks count bytes through it.
+    """
     server_app = ServerApp()
 
     @server_app.main()
@@ -33,7 +39,7 @@ def build_server_app(exp: ExperimentConfig | None = None, out: Path | None = Non
         folder = out or Path(str(rc[P.RC_OUT]))
         rid = run_id or str(rc.get(P.RC_RUN_ID, "")) or new_run_id(cfg.name)
         key_path = signing_key or (Path(str(rc[P.RC_SIGNING_KEY])) if rc.get(P.RC_SIGNING_KEY) else None)
-        run_federation(grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None)
+        run_federation(wrap_grid(grid) if wrap_grid else grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None)
 
     return server_app
 

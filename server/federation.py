@@ -15,9 +15,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from server.run_folder import RoundRecord, RunFolder
+from server.secure_round import secure_train_round
 from server.strategy import PatientFedAvg, SiteReport, site_reports, wait_for_nodes
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
@@ -62,10 +64,18 @@ def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, co
             cfg[P.MODEL_SIGNATURE] = sign_model(signing_key, dict(from_record(record)), run_id=run_id, server_round=rnd, plan_hash=phash)
         return cfg
 
+    sa = f.secure_aggregation
+    if sa.enabled:
+        console.print(f"Secure aggregation (SecAgg+) on: the coordinator sees only the weighted sum; {sa.num_shares} shares, threshold {sa.reconstruction_threshold}.")
     for rnd in range(1, f.rounds + 1):
         cfg = config(rnd, arrays)
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        halted: str | None = None
+        if sa.enabled:
+            result = secure_train_round(grid, strategy=strategy, sa=sa, server_round=rnd, arrays=arrays, config=cfg)
+            new_arrays, train_metrics, halted = result.arrays, result.metrics, result.halted
+        else:
+            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         updated = new_arrays is not None
         if updated:
             arrays = new_arrays
@@ -73,7 +83,7 @@ def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, co
         eval_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout=f.round_timeout_s)
         eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
         rec = run.record_round(
-            rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(from_record(arrays)), updated
+            rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(from_record(arrays)), updated, note=halted or ""
         )
         console.print(round_table(rec, rnd == 1))
         for site, entry in sorted(rec.sites.items()):
@@ -81,7 +91,11 @@ def run_federation(grid: Grid, exp: ExperimentConfig, out: Path, run_id: str, co
                 console.print(f"  [yellow]site {site} refused round {rnd}: {entry['refused']['reason']}[/yellow]")
             if "error" in entry:
                 console.print(f"  [red]site {site} failed in round {rnd}: {entry['error']}[/red]")
-        if not updated:
+        if halted:
+            status = "incomplete: a round had no usable update"
+            log.error("run=%s round=%d: %s", run_id, rnd, halted)
+            console.print(f"  [bold red]round {rnd} FAILED: {escape(halted)} The global model was NOT updated; the next round starts from round {rnd - 1}'s model.[/bold red]")
+        elif not updated:
             status = "incomplete: a round had no usable update"
             console.print(f"  [red]round {rnd}: no site sent a usable update; the global model was not updated.[/red]")
     return run.finish(status=status)

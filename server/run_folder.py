@@ -37,6 +37,7 @@ class RoundRecord:
     patients_trained: float
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     updated: bool = True
+    note: str = ""  # why the model was not updated (e.g. a halted secure-aggregation round)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -72,7 +73,7 @@ class RunFolder:
         (root / "checkpoints").mkdir(parents=True, exist_ok=True)
         (root / "config.yaml").write_text(exp.to_yaml(), encoding="utf-8")
 
-    def record_round(self, server_round: int, log: RoundLog, train_metrics: dict[str, float] | None, eval_metrics: dict[str, float] | None, arrays: dict[str, np.ndarray], updated: bool) -> RoundRecord:
+    def record_round(self, server_round: int, log: RoundLog, train_metrics: dict[str, float] | None, eval_metrics: dict[str, float] | None, arrays: dict[str, np.ndarray], updated: bool, note: str = "") -> RoundRecord:
         sites: dict[str, dict[str, Any]] = {}
         for r in log.train:
             entry = sites.setdefault(r.site, {})
@@ -101,6 +102,7 @@ class RunFolder:
             patients_trained=tm.get(M.NUM_PATIENTS, 0.0),
             sites=sites,
             updated=updated,
+            note=note,
         )
         self.rounds.append(rec)
         meta = {"run_id": self.run_id, "round": str(server_round), "experiment": self.exp.name}
@@ -134,6 +136,7 @@ class RunFolder:
             "refusals": [
                 {"round": r.round, "site": s, **e["refused"]} for r in self.rounds for s, e in r.sites.items() if "refused" in e
             ],
+            "rounds_not_updated": [{"round": r.round, "reason": r.note or "no site sent a usable update"} for r in self.rounds if not r.updated],
             "wall_time_s": round(time.time() - self.started, 2),
             **(extra or {}),
         }

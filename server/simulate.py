@@ -10,14 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shared.config import ExperimentConfig, SiteConfig, load_site
 from shared.errors import ConfigError, FederationError
+
+if TYPE_CHECKING:
+    from flwr.clientapp.typing import Mod
+    from flwr.serverapp import Grid
 
 
 def discover_sites(data: Path) -> list[Path]:
@@ -54,8 +59,15 @@ def prepare_sites(sites: list[SiteConfig], exp: ExperimentConfig, console: Conso
     return reports
 
 
-def simulate(exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, console: Console | None = None, cpus: int | None = None) -> dict[str, Any]:
-    """Prepare the sites, run the federation, return ``summary.json``'s content."""
+def simulate(
+    exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, console: Console | None = None, cpus: int | None = None,
+    wrap_grid: Callable[[Grid], Grid] | None = None, client_mods: tuple[Mod, ...] = (),
+) -> dict[str, Any]:
+    """Prepare the sites, run the federation, return ``summary.json``'s content.
+
+    ``wrap_grid`` wraps the coordinator's Grid (benchmarks count bytes, tests record every
+    reply); ``client_mods`` run inside the sites' SecAgg+ mod (tests inject faults there).
+    """
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
@@ -78,8 +90,8 @@ def simulate(exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, conso
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # run_simulation's deprecation banner is noise here
     run_simulation(
-        server_app=build_server_app(exp, out, run_id, signing_key),
-        client_app=build_client_app(tuple(str(p.resolve()) for p in paths)),
+        server_app=build_server_app(exp, out, run_id, signing_key, wrap_grid=wrap_grid),
+        client_app=build_client_app(tuple(str(p.resolve()) for p in paths), client_mods),
         num_supernodes=len(sites),
         backend_name="ray",
         backend_config=backend_config,  # type: ignore[arg-type]
