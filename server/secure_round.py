@@ -41,6 +41,7 @@ from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared import secure_records
 from shared.config import SecureAggregationConfig
+from shared.errors import ConfigError
 
 MODULUS_RANGE = 2**32  # SecAgg+ mask modulus (Flower's default; must exceed sites × quantization_range)
 FITRES_METRICS = "fitres.metrics"
@@ -100,24 +101,29 @@ class _Tap:
         return getattr(self._grid, name)
 
 
-def _reports(replies: list[Message], asked: list[int]) -> list[SiteReport]:
-    """One report per site asked: its fitres.metrics, its error, or that it dropped out."""
+def _reports(replies: list[Message], asked: list[int], names: dict[int, str]) -> list[SiteReport]:
+    """One report per site asked: its fitres.metrics, its error, or that it dropped out.
+
+    ``names`` (node id -> site name, from earlier replies) is updated, and names the sites
+    that drop out; a site never heard from is ``node-<id>``.
+    """
     out, answered = [], set()
     for msg in replies:
         node = msg.metadata.src_node_id
         answered.add(node)
         if msg.has_error():
-            out.append(SiteReport(site=f"node-{node}", error=f"dropped out of secure aggregation: {msg.error.reason}"))
+            out.append(SiteReport(site=names.get(node, f"node-{node}"), error=f"dropped out of secure aggregation: {msg.error.reason}"))
             continue
         site, metrics = secure_records.decode(msg.content.config_records[FITRES_METRICS])
-        report = SiteReport(site=site.get(P.SITE_NAME, f"node-{node}"), metrics=metrics, ledger_head=site.get(P.LEDGER_HEAD))
+        names[node] = site.get(P.SITE_NAME, f"node-{node}")
+        report = SiteReport(site=names[node], metrics=metrics, ledger_head=site.get(P.LEDGER_HEAD))
         if P.REFUSAL_CODE in site:
             report.refusal_code, report.refusal_reason = site[P.REFUSAL_CODE], site.get(P.REFUSAL_REASON, "")
             report.metrics = {}
         out.append(report)
     for node in asked:
         if node not in answered:
-            out.append(SiteReport(site=f"node-{node}", error="no masked update (dropped out of secure aggregation before the masked-vector stage ended)"))
+            out.append(SiteReport(site=names.get(node, f"node-{node}"), error="no masked update (dropped out of secure aggregation before the masked-vector stage ended)"))
     return sorted(out, key=lambda r: r.site)
 
 
@@ -131,7 +137,7 @@ def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggrega
         round_log.train = [SiteReport(site=f"node-{n}", error="not trained: too few sites for secure aggregation") for n in nodes]
         return SecureRoundResult(None, None, halted=f"only {len(nodes)} site(s) were sampled; SecAgg+ needs at least {needed} (`federation.secure_aggregation.reconstruction_threshold`).")
     if (len(nodes) + 1) * sa.quantization_range >= MODULUS_RANGE:
-        raise ValueError(
+        raise ConfigError(
             f"{len(nodes)} sites × `federation.secure_aggregation.quantization_range` {sa.quantization_range} would overflow "
             f"the SecAgg+ modulus 2**32; lower quantization_range below {MODULUS_RANGE // (len(nodes) + 1)}."
         )
@@ -148,7 +154,7 @@ def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggrega
     )
     tap = _Tap(grid)
     workflow(tap, context)  # type: ignore[arg-type]
-    reports = _reports(tap.masked_replies, nodes)
+    reports = _reports(tap.masked_replies, nodes, strategy.node_names)
     round_log.train = reports
     contributed = [r for r in reports if r.refusal_code is None and r.error is None and r.metrics.get(M.NUM_PATIENTS, 0) > 0]
     if not collector.aggregated or collector.aggregate is None:

@@ -286,6 +286,7 @@ def test_dropout_survivors_aggregate_then_halt_below_threshold_then_recovery(fiv
     rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [r["updated"] for r in rounds] == [True, False, True]
     assert "secure aggregation halted" in rounds[1]["note"]
+    assert all("dropped out" in rounds[1]["sites"][s]["error"] for s in ("alpha", "beta", "delta"))  # named from round 1
     ckpt2 = checkpoint(tmp_path / "run", 2)
     assert all(np.array_equal(a, b) for a, b in zip(ckpt1, ckpt2, strict=True))
     assert summary["rounds_completed"] == 2 and summary["status"].startswith("incomplete")
@@ -301,3 +302,59 @@ def test_dropout_survivors_aggregate_then_halt_below_threshold_then_recovery(fiv
     assert max(float(np.abs(c - e).max()) for c, e in zip(ckpt3, weighted_average(r3), strict=True)) <= tol3
     unweighted = [np.mean([arrs[i] for _, arrs in r3.values()], axis=0) for i in range(len(ckpt3))]
     assert max(float(np.abs(c - u).max()) for c, u in zip(ckpt3, unweighted, strict=True)) > 10 * tol3
+
+
+# --- in-process (no Ray): weighting, and the site's own policy ------------------------------
+
+
+def test_in_process_secure_round_equals_plain_round_with_unequal_weights() -> None:
+    """The benchmark's loopback sites train deterministically per site, so the same round
+    aggregated plainly and with SecAgg+ must agree within quantisation error."""
+    from flwr.app import ConfigRecord
+
+    from server.bench import LoopbackGrid, bench_client_app, get_arrays_of
+    from server.secure_round import secure_train_round
+    from server.strategy import PatientFedAvg
+    from shared.params import from_record, to_record
+
+    sa = SecureAggregationConfig(enabled=True, num_shares=3, reconstruction_threshold=2, max_weight=50.0)
+    exp = tiny_experiment()
+    exp = replace(exp, federation=replace(exp.federation, min_nodes=4, secure_aggregation=sa), training=replace(exp.training, local_steps=1))
+    weights = [5, 12, 30, 49]
+    grid = LoopbackGrid(bench_client_app(exp, weights=weights), len(weights))
+    arrays = to_record(get_arrays_of(exp))
+    cfg = ConfigRecord({P.RUN_ID: "loopback", P.TOTAL_ROUNDS: 1})
+    plain, _ = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5).aggregate_train(
+        1, grid.send_and_receive(PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5).configure_train(1, arrays, cfg, grid))
+    )
+    result = secure_train_round(grid, strategy=PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5), sa=sa, server_round=1, arrays=arrays, config=cfg)
+    assert plain is not None and result.arrays is not None and result.halted is None
+    tol = quantisation_tolerance(sa, 4, sum(weights))
+    for (name, p), (name2, s) in zip(from_record(plain).items(), from_record(result.arrays).items(), strict=True):
+        assert name == name2
+        assert float(np.abs(p - s).max()) <= tol, name
+    assert result.metrics is not None and result.metrics["num-patients"] == sum(weights)
+
+
+def test_site_requiring_secure_aggregation_refuses_a_plain_plan(tiny_cohort: Path, tmp_path: Path) -> None:
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+
+    from client.app import _setup_from
+    from client.site import Refusal
+
+    site_dir = tmp_path / "alpha"
+    shutil.copytree(tiny_cohort / "alpha", site_dir, ignore=shutil.ignore_patterns("ledger", "keys", "noise-seed.key"))
+    cfg = yaml.safe_load((site_dir / "site.yaml").read_text())
+    cfg["policy"]["require_secure_aggregation"] = True
+    cfg.pop("coordinator_public_key", None)
+    (site_dir / "site.yaml").write_text(yaml.safe_dump(cfg))
+    context = Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_dir / "site.yaml")}, state=RecordDict(), run_config={})
+    plain_plan = ConfigRecord({P.PLAN_YAML: tiny_experiment().to_yaml(), P.RUN_ID: "r", P.TOTAL_ROUNDS: 1})
+    _, query = _setup_from(plain_plan, None, context, (), kind=MessageType.QUERY, secure=False)
+    _, train = _setup_from(plain_plan, None, context, (), kind=MessageType.TRAIN, secure=False)
+    assert isinstance(query, Refusal) and query.code == "no-secagg" and "require_secure_aggregation" in query.reason
+    assert isinstance(train, Refusal) and train.code == "no-secagg"
+    secure_plan = ConfigRecord({P.PLAN_YAML: secure_experiment(SA, rounds=1, min_nodes=3).to_yaml(), P.RUN_ID: "r", P.TOTAL_ROUNDS: 1})
+    _, ok = _setup_from(secure_plan, None, context, (), kind=MessageType.QUERY, secure=False)
+    _, ok_train = _setup_from(secure_plan, None, context, (), kind=MessageType.TRAIN, secure=True)
+    assert not isinstance(ok, Refusal) and not isinstance(ok_train, Refusal)
