@@ -33,7 +33,6 @@ from shared.models import build_model
 from shared.params import from_record, to_record
 
 log = logging.getLogger("fedrelapse.clientapp")
-FITRES_METRICS = "fitres.metrics"
 
 
 def site_config_path(context: Context, sim_sites: tuple[str, ...]) -> Path:
@@ -130,7 +129,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
 def _fitres(msg: Message, arrays: list[np.ndarray], weight: int, report: ConfigRecord) -> Message:
     """Legacy fitres reply: the mod weights ``arrays`` by ``weight`` and masks them."""
     content = compat.fitres_to_recorddict(FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(arrays), num_examples=weight, metrics={}), keep_input=True)
-    content.config_records[FITRES_METRICS] = report
+    content.config_records[P.LEGACY_FITRES_METRICS] = report
     return Message(content=content, reply_to=msg)
 
 

@@ -147,12 +147,13 @@ class LoopbackGrid:
     slowest site of every exchange. Message sizes are their protobuf wire sizes.
     """
 
-    def __init__(self, client_app: Any, n_sites: int) -> None:
+    def __init__(self, client_app: Any, n_sites: int, train_clock: dict[str, float] | None = None) -> None:
         from flwr.app import Context, RecordDict
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process gets from the SuperLink
         self.app = client_app
+        self.train_clock = train_clock if train_clock is not None else {"last": 0.0}  # the sites' handler writes its training time here
         self.nodes = list(range(1001, 1001 + n_sites))
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": i}, state=RecordDict(), run_config={}) for i, n in enumerate(self.nodes)}
         self.reset()
@@ -160,6 +161,8 @@ class LoopbackGrid:
     def reset(self) -> None:
         self.site_s = 0.0  # summed site time
         self.parallel_s = 0.0  # Σ over exchanges of the slowest site
+        self.parallel_train_s = 0.0  # Σ over exchanges of the slowest site's local training
+        self.parallel_other_s = 0.0  # Σ over exchanges of the slowest site's time outside training
         self.bytes_up = 0  # site -> coordinator
         self.bytes_down = 0  # coordinator -> site
 
@@ -169,23 +172,28 @@ class LoopbackGrid:
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
         from flwr.common.serde import message_from_proto, message_to_proto
 
-        replies, slowest = [], 0.0
+        replies, slowest, slowest_train, slowest_other = [], 0.0, 0.0, 0.0
         for msg in messages:
             wire = message_to_proto(msg)  # each site gets its own decoded copy, as over the network
             self.bytes_down += wire.ByteSize()
+            self.train_clock["last"] = 0.0
             start = time.perf_counter()
             reply = self.app(message_from_proto(wire), self.contexts[msg.metadata.dst_node_id])
             took = time.perf_counter() - start
             self.site_s += took
             slowest = max(slowest, took)
+            slowest_train = max(slowest_train, self.train_clock["last"])
+            slowest_other = max(slowest_other, took - self.train_clock["last"])
             wire = message_to_proto(reply)
             self.bytes_up += wire.ByteSize()
             replies.append(message_from_proto(wire))
         self.parallel_s += slowest
+        self.parallel_train_s += slowest_train
+        self.parallel_other_s += slowest_other
         return replies
 
 
-def bench_client_app(exp: ExperimentConfig, *, weights: list[int], seed: int = 0) -> Any:
+def bench_client_app(exp: ExperimentConfig, *, weights: list[int], seed: int = 0, train_clock: dict[str, float] | None = None) -> Any:
     """Sites that DP-train the real model on synthetic patients and answer like our sites.
 
     The same code path as client/app.py from the update on: plain rounds reply with the
@@ -207,12 +215,16 @@ def bench_client_app(exp: ExperimentConfig, *, weights: list[int], seed: int = 0
     names = list(build_model(exp).state_dict())
     app = ClientApp(mods=[secure_aggregation_mod])
 
+    clock = train_clock if train_clock is not None else {}
+
     def local_train(arrays: dict[str, Any], site: int) -> dict[str, Any]:
+        start = time.perf_counter()
         model = build_model(exp)
         set_arrays(model, arrays)
         opt = make_optimizer(model, name=t.optimizer, lr=t.learning_rate)
         train_dp(model, data, steps=t.local_steps, sample_rate=t.batch_patients / data.n_patients, noise_multiplier=1.0, max_grad_norm=1.0,
                  max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=torch.Generator().manual_seed(site), device=torch.device("cpu"))
+        clock["last"] = time.perf_counter() - start
         return get_arrays(model)
 
     @app.train()
@@ -248,11 +260,14 @@ def secagg_overhead(exp: ExperimentConfig, *, sites: tuple[int, ...] = (3, 10, 3
         sa = SecureAggregationConfig(enabled=True, num_shares=shares, reconstruction_threshold=shares // 2 + 1, max_weight=100.0)
         e = replace(exp, federation=replace(exp.federation, min_nodes=n, secure_aggregation=sa))
         weights = [10 + (7 * i) % 40 for i in range(n)]
-        grid = LoopbackGrid(bench_client_app(e, weights=weights), n)
+        clock: dict[str, float] = {"last": 0.0}
+        grid = LoopbackGrid(bench_client_app(e, weights=weights, train_clock=clock), n, clock)
         arrays = to_record(get_arrays_of(e))
         cfg = ConfigRecord({P.RUN_ID: "bench", P.TOTAL_ROUNDS: rounds})
         times: dict[str, list[float]] = {"plain": [], "secagg": []}
         walls: dict[str, list[float]] = {"plain": [], "secagg": []}
+        other: dict[str, list[float]] = {"plain": [], "secagg": []}  # round time outside local training
+        train: list[float] = []  # slowest site's local training per round, both modes
         up: dict[str, int] = {"plain": 0, "secagg": 0}
         down: dict[str, int] = {"plain": 0, "secagg": 0}
         for rnd in range(rounds + 1):  # round 0 warms up, not counted
@@ -270,19 +285,26 @@ def secagg_overhead(exp: ExperimentConfig, *, sites: tuple[int, ...] = (3, 10, 3
                 if rnd:
                     times[mode].append(wall - grid.site_s + grid.parallel_s)
                     walls[mode].append(wall)
+                    other[mode].append(wall - grid.site_s + grid.parallel_other_s)
+                    train.append(grid.parallel_train_s)
                     up[mode] += grid.bytes_up
                     down[mode] += grid.bytes_down
         plain, secure = statistics.median(times["plain"]), statistics.median(times["secagg"])
+        t_train, o_plain, o_secure = statistics.median(train), statistics.median(other["plain"]), statistics.median(other["secagg"])
         rows.append({
             "sites": n, "num_shares": shares, "threshold": sa.reconstruction_threshold,
             "plain_round_s": round(plain, 4), "secagg_round_s": round(secure, 4), "ratio": round(secure / plain, 3),
+            "local_training_s": round(t_train, 4), "plain_outside_training_s": round(o_plain, 4), "secagg_outside_training_s": round(o_secure, 4),
+            "ratio_same_training": round((t_train + o_secure) / (t_train + o_plain), 3),
             "plain_sequential_s": round(statistics.median(walls["plain"]), 3), "secagg_sequential_s": round(statistics.median(walls["secagg"]), 3),
             "bytes_sent_per_site_plain": up["plain"] // (rounds * n), "bytes_sent_per_site_secagg": up["secagg"] // (rounds * n),
             "bytes_received_per_site_plain": down["plain"] // (rounds * n), "bytes_received_per_site_secagg": down["secagg"] // (rounds * n),
         })
     params = sum(int(v.size) for v in get_arrays_of(exp).values())
     return {"model_parameters": params, "local_steps": exp.training.local_steps, "rounds_timed": rounds, "results": rows,
-            "note": "round time = coordinator time + slowest site per exchange (sites in parallel, no network latency); *_sequential_s: all sites on this machine one after another"}
+            "note": ("round time = coordinator time + slowest site per exchange (sites in parallel, no network latency); *_sequential_s: all sites "
+                     "on this machine one after another; ratio_same_training: both modes given the median slowest-site training time, so load "
+                     "noise in local training cancels and only the aggregation protocol differs")}
 
 
 def get_arrays_of(exp: ExperimentConfig) -> dict[str, Any]:

@@ -44,8 +44,6 @@ from shared.config import SecureAggregationConfig
 from shared.errors import ConfigError
 
 MODULUS_RANGE = 2**32  # SecAgg+ mask modulus (Flower's default; must exceed sites × quantization_range)
-FITRES_METRICS = "fitres.metrics"
-
 
 @dataclass(frozen=True)
 class SecureRoundResult:
@@ -93,7 +91,7 @@ class _Tap:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        if any(not m.has_error() and FITRES_METRICS in m.content.config_records for m in replies):
+        if any(not m.has_error() and P.LEGACY_FITRES_METRICS in m.content.config_records for m in replies):
             self.masked_replies = replies
         return replies
 
@@ -114,7 +112,7 @@ def _reports(replies: list[Message], asked: list[int], names: dict[int, str]) ->
         if msg.has_error():
             out.append(SiteReport(site=names.get(node, f"node-{node}"), error=f"dropped out of secure aggregation: {msg.error.reason}"))
             continue
-        site, metrics = secure_records.decode(msg.content.config_records[FITRES_METRICS])
+        site, metrics = secure_records.decode(msg.content.config_records[P.LEGACY_FITRES_METRICS])
         names[node] = site.get(P.SITE_NAME, f"node-{node}")
         report = SiteReport(site=names[node], metrics=metrics, ledger_head=site.get(P.LEDGER_HEAD))
         if P.REFUSAL_CODE in site:

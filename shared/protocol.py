@@ -44,4 +44,5 @@ NC_SITE_CONFIG = "site-config"
 # ``fitres.metrics``; the arrays are cleared by the mod and replaced by the masked vector.
 LEGACY_FITINS_ARRAYS = "fitins.parameters"
 LEGACY_FITINS_CONFIG = "fitins.config"
+LEGACY_FITRES_METRICS = "fitres.metrics"  # the site's report (shared.secure_records), sent in the clear
 METRIC_PREFIX = "metric."  # fitres.metrics key prefix of a shared.metrics value
