@@ -193,7 +193,7 @@ class LoopbackGrid:
         return replies
 
 
-def bench_client_app(exp: ExperimentConfig, *, weights: list[int], seed: int = 0, train_clock: dict[str, float] | None = None) -> Any:
+def bench_client_app(exp: ExperimentConfig, *, weights: list[int], seed: int = 0, train_clock: dict[str, float] | None = None, inner_mods: tuple[Any, ...] = ()) -> Any:
     """Sites that DP-train the real model on synthetic patients and answer like our sites.
 
     The same code path as client/app.py from the update on: plain rounds reply with the
@@ -213,7 +213,7 @@ def bench_client_app(exp: ExperimentConfig, *, weights: list[int], seed: int = 0
     t = exp.training
     data = synthetic_batch(exp, patients=max(2 * t.batch_patients, 16), sessions=min(t.max_sessions_per_patient, 6), seed=seed)
     names = list(build_model(exp).state_dict())
-    app = ClientApp(mods=[secure_aggregation_mod])
+    app = ClientApp(mods=[secure_aggregation_mod, *inner_mods])
 
     clock = train_clock if train_clock is not None else {}
 

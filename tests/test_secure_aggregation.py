@@ -358,3 +358,42 @@ def test_site_requiring_secure_aggregation_refuses_a_plain_plan(tiny_cohort: Pat
     _, ok = _setup_from(secure_plan, None, context, (), kind=MessageType.QUERY, secure=False)
     _, ok_train = _setup_from(secure_plan, None, context, (), kind=MessageType.TRAIN, secure=True)
     assert not isinstance(ok, Refusal) and not isinstance(ok_train, Refusal)
+
+
+def test_refusing_site_takes_part_with_weight_zero_and_its_reason_arrives() -> None:
+    from flwr.app import ConfigRecord
+
+    from client.app import _fitres
+    from server.bench import LoopbackGrid, bench_client_app, get_arrays_of
+    from server.secure_round import secure_train_round
+    from server.strategy import PatientFedAvg
+    from shared import secure_records
+    from shared.params import from_record, to_record
+
+    def refuse_site0(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if ctxt.node_config["partition-id"] == 0 and P.LEGACY_FITINS_ARRAYS in msg.content.array_records:
+            incoming = parameters_to_ndarrays(compat.arrayrecord_to_parameters(msg.content.array_records[P.LEGACY_FITINS_ARRAYS], keep_input=True))
+            return _fitres(msg, [np.zeros_like(a) for a in incoming], 0, secure_records.encode(site_name="site0", metrics=None, refusal_code="budget", refusal_reason="Site site0: over its cap."))
+        return call_next(msg, ctxt)
+
+    sa = SecureAggregationConfig(enabled=True, num_shares=3, reconstruction_threshold=2, max_weight=50.0)
+    exp = tiny_experiment()
+    exp = replace(exp, federation=replace(exp.federation, min_nodes=4, secure_aggregation=sa), training=replace(exp.training, local_steps=1))
+    weights = [40, 12, 30, 49]
+    grid = LoopbackGrid(bench_client_app(exp, weights=weights, inner_mods=(refuse_site0,)), len(weights))
+    arrays = to_record(get_arrays_of(exp))
+    cfg = ConfigRecord({P.RUN_ID: "loopback", P.TOTAL_ROUNDS: 1})
+    new = lambda: PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5)  # noqa: E731
+    plain = {int(m.metadata.src_node_id) - 1001: from_record(m.content[P.ARRAYS]) for m in grid.send_and_receive(new().configure_train(1, arrays, cfg, grid))}
+    strategy = new()
+    result = secure_train_round(grid, strategy=strategy, sa=sa, server_round=1, arrays=arrays, config=cfg)
+    assert result.arrays is not None and result.metrics is not None
+    survivors = (1, 2, 3)
+    total = sum(weights[i] for i in survivors)
+    tol = quantisation_tolerance(sa, 4, total)
+    for name, value in from_record(result.arrays).items():
+        expected = sum(weights[i] * plain[i][name].astype(np.float64) for i in survivors) / total
+        assert float(np.abs(value - expected).max()) <= tol, name
+    assert result.metrics["num-patients"] == total
+    refused = [r for r in strategy.log[1].train if r.refusal_code]
+    assert [(r.site, r.refusal_code, r.refusal_reason) for r in refused] == [("site0", "budget", "Site site0: over its cap.")]
