@@ -13,21 +13,26 @@ import os
 import resource
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from client import site as site_module
 from client.approval import is_approved
 from client.site import Refusal, Site
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
-from shared import signing
-from shared.config import ExperimentConfig, SiteConfig, experiment_from_yaml_text, load_site
+from shared import secure_records, signing
+from shared.config import ExperimentConfig, SecureAggregationConfig, SiteConfig, experiment_from_yaml_text, load_site
 from shared.errors import FedrelapseError, PolicyError
 from shared.faults import FaultPlan, InjectedCrash
 from shared.model_signing import verify_model
@@ -113,31 +118,36 @@ def read_request(msg: Message, site_name: str, *, needs_round: bool) -> Request 
     A message that lacks a record or carries a value of the wrong type is answered with a
     structured refusal the researcher sees per site, never with a traceback.
     """
-
-    def bad(what: str) -> Refusal:
-        return Refusal("malformed", f"Site {site_name} cannot use the coordinator's message: {what}; nothing was trained or charged.")
-
     cfg = msg.content.config_records.get(P.CONFIG)
     if cfg is None:
-        return bad(f"it has no {P.CONFIG!r} config record")
-    for key in (P.RUN_ID, P.PLAN_YAML):
-        if not isinstance(cfg.get(key), str) or not cfg[key]:
-            return bad(f"{P.CONFIG}[{key!r}] must be a non-empty string, got {type(cfg.get(key)).__name__}")
-    total = cfg.get(P.TOTAL_ROUNDS)
-    if not _is_int(total) or total < 1:
-        return bad(f"{P.CONFIG}[{P.TOTAL_ROUNDS!r}] must be a whole number >= 1, got {total!r}")
-    rnd = cfg.get(P.SERVER_ROUND) if needs_round else 0
-    if needs_round and (not _is_int(rnd) or not 1 <= rnd <= total):
-        return bad(f"{P.CONFIG}[{P.SERVER_ROUND!r}] must be a whole number from 1 to {total}, got {rnd!r}")
+        return _malformed(site_name, f"it has no {P.CONFIG!r} config record")
     arrays: OrderedDict[str, np.ndarray] = OrderedDict()
     if needs_round:
         record = msg.content.array_records.get(P.ARRAYS)
         if record is None:
-            return bad(f"it has no {P.ARRAYS!r} array record (the global model)")
+            return _malformed(site_name, f"it has no {P.ARRAYS!r} array record (the global model)")
         try:
             arrays = from_record(record)
         except (TypeError, ValueError) as exc:
-            return bad(f"its {P.ARRAYS!r} record cannot be read as arrays ({exc})")
+            return _malformed(site_name, f"its {P.ARRAYS!r} record cannot be read as arrays ({exc})")
+    return request_from(cfg, arrays, site_name, needs_round=needs_round)
+
+
+def _malformed(site_name: str, what: str) -> Refusal:
+    return Refusal("malformed", f"Site {site_name} cannot use the coordinator's message: {what}; nothing was trained or charged.")
+
+
+def request_from(cfg: ConfigRecord, arrays: OrderedDict[str, np.ndarray], site_name: str, *, needs_round: bool) -> Request | Refusal:
+    """Type-check a config record (plain or SecAgg+ message) into a :class:`Request`."""
+    for key in (P.RUN_ID, P.PLAN_YAML):
+        if not isinstance(cfg.get(key), str) or not cfg[key]:
+            return _malformed(site_name, f"{P.CONFIG}[{key!r}] must be a non-empty string, got {type(cfg.get(key)).__name__}")
+    total = cfg.get(P.TOTAL_ROUNDS)
+    if not _is_int(total) or total < 1:
+        return _malformed(site_name, f"{P.CONFIG}[{P.TOTAL_ROUNDS!r}] must be a whole number >= 1, got {total!r}")
+    rnd = cfg.get(P.SERVER_ROUND) if needs_round else 0
+    if needs_round and (not _is_int(rnd) or not 1 <= rnd <= total):
+        return _malformed(site_name, f"{P.CONFIG}[{P.SERVER_ROUND!r}] must be a whole number from 1 to {total}, got {rnd!r}")
     return Request(run_id=str(cfg[P.RUN_ID]), server_round=int(rnd), total_rounds=int(total), plan_yaml=str(cfg[P.PLAN_YAML]), arrays=arrays)
 
 
@@ -156,21 +166,39 @@ def _setup(msg: Message, context: Context, sim_sites: tuple[str, ...], *, needs_
     req = read_request(msg, site_cfg.name, needs_round=needs_round)
     if isinstance(req, Refusal):
         return site_cfg, req
+    cfg = msg.content.config_records[P.CONFIG]
+    return site_cfg, _check(site_cfg, cfg, req, kind=msg.metadata.message_type, secure=False, needs_round=needs_round)
+
+
+def _plan(site_cfg: SiteConfig, req: Request) -> tuple[ExperimentConfig, Site] | Refusal:
     try:
         exp = experiment_from_yaml_text(req.plan_yaml, source="training plan from the coordinator")
-        site = _site(site_cfg, exp)
+        return exp, _site(site_cfg, exp)
     except FedrelapseError as exc:
-        return site_cfg, Refusal("invalid", f"Site {site_cfg.name}: {exc}")
+        return Refusal("invalid", f"Site {site_cfg.name}: {exc}")
+
+
+def _check(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, secure: bool, needs_round: bool) -> Refusal | tuple[Request, Site]:
+    """The site's own checks of a plan and model, the same for plain and SecAgg+ messages."""
+    planned = _plan(site_cfg, req)
+    if isinstance(planned, Refusal):
+        return planned
+    exp, site = planned
     if site_cfg.require_approved_plans and not is_approved(site_cfg, exp):
-        return site_cfg, Refusal("unapproved-plan", f"Site {site_cfg.name} has not approved plan {exp.plan_hash()[:16]} ({exp.name}); its IT must run `fedrelapse site approve` first.")
+        return Refusal("unapproved-plan", f"Site {site_cfg.name} has not approved plan {exp.plan_hash()[:16]} ({exp.name}); its IT must run `fedrelapse site approve` first.")
+    if site_cfg.policy.require_secure_aggregation:
+        if kind == MessageType.QUERY and not exp.federation.secure_aggregation.enabled:
+            return Refusal("no-secagg", f"Site {site_cfg.name} sends updates only under secure aggregation (policy require_secure_aggregation); the plan has federation.secure_aggregation.enabled = false.")
+        if kind == MessageType.TRAIN and not secure:
+            return Refusal("no-secagg", f"Site {site_cfg.name} sends updates only under secure aggregation (policy require_secure_aggregation); this round was not a SecAgg+ round.")
     if needs_round:
-        refusal = check_model_signature(site_cfg, msg, req, exp.plan_hash()) or model_problem(site_cfg.name, exp, req.arrays)
+        refusal = check_model_signature(site_cfg, cfg, req, exp.plan_hash()) or model_problem(site_cfg.name, exp, req.arrays)
         if refusal:
-            return site_cfg, refusal
-    return site_cfg, (req, site)
+            return refusal
+    return req, site
 
 
-def check_model_signature(site_cfg: SiteConfig, msg: Message, req: Request, plan_hash: str) -> Refusal | None:
+def check_model_signature(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, plan_hash: str) -> Refusal | None:
     """With a coordinator key configured, refuse an unsigned or altered global model."""
     if site_cfg.coordinator_public_key is None:
         log.warning("site=%s has no coordinator_public_key: global models are not verified", site_cfg.name)
@@ -179,7 +207,7 @@ def check_model_signature(site_cfg: SiteConfig, msg: Message, req: Request, plan
         key = signing.load_public(site_cfg.coordinator_public_key)
     except FedrelapseError as exc:
         return Refusal("signature", f"Site {site_cfg.name}: {exc}")
-    signature = msg.content[P.CONFIG].get(P.MODEL_SIGNATURE, "")
+    signature = cfg.get(P.MODEL_SIGNATURE, "")
     if not isinstance(signature, str) or not signature:
         return Refusal("signature", f"Site {site_cfg.name} refuses an unsigned global model.")
     ok = verify_model(key, dict(req.arrays), signature, run_id=req.run_id, server_round=req.server_round, plan_hash=plan_hash)
@@ -203,15 +231,103 @@ def _cost(started: float) -> dict[str, float]:
     return {M.COMPUTE_SECONDS: round(time.perf_counter() - started, 4), M.PEAK_RSS_MB: round(peak_kib / 1024, 1)}
 
 
-def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None = None) -> ClientApp:
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Route SecAgg+ train messages through Flower's secaggplus_mod; pass the rest through.
+
+    Every message carrying the SecAgg+ record goes through the mod, which replaces the
+    update by its masked vector before the reply leaves; so the train handler's SecAgg+
+    path (which answers in the legacy ``fitres`` form) can never send an unmasked update.
+    """
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _fitres(msg: Message, arrays: list[np.ndarray], weight: int, report: ConfigRecord) -> Message:
+    """Legacy fitres reply: the mod weights ``arrays`` by ``weight`` and masks them."""
+    content = compat.fitres_to_recorddict(FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(arrays), num_examples=weight, metrics={}), keep_input=True)
+    content.config_records[P.LEGACY_FITRES_METRICS] = report
+    return Message(content=content, reply_to=msg)
+
+
+def check_secure_update(update: list[np.ndarray], incoming: list[np.ndarray], weight: float, sa: SecureAggregationConfig) -> str | None:
+    """Why an update may not be masked and sent (checked here: the coordinator sees only the sum)."""
+    if len(update) != len(incoming):
+        return f"the update has {len(update)} arrays, the global model {len(incoming)}"
+    for i, (u, g) in enumerate(zip(update, incoming, strict=True)):
+        if u.shape != g.shape:
+            return f"array {i} has shape {u.shape}, the global model's is {g.shape}"
+        if not np.isfinite(u).all():
+            return f"array {i} holds NaN or infinite values"
+        if u.size and float(np.abs(u).max()) > sa.clipping_range:
+            return f"array {i} exceeds ±{sa.clipping_range:g} (`federation.secure_aggregation.clipping_range`); it would be clipped in the secure sum"
+    if weight > sa.max_weight:
+        return f"its weight ({weight:g} training patients) exceeds `federation.secure_aggregation.max_weight` ({sa.max_weight:g})"
+    return None
+
+
+def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], faults: FaultPlan | None) -> Message:
+    """A SecAgg+ train round: DP-train, check the update here, hand it to the mod to mask.
+
+    DP noise is added during local training (train_dp), before the mod masks the result.
+    A refusing site still takes part in the protocol with weight 0 and a zero vector, so
+    the other sites' round completes and the refusal reaches the researcher.
+    """
+    cfg = msg.content.config_records[P.LEGACY_FITINS_CONFIG]
+    incoming = parameters_to_ndarrays(compat.arrayrecord_to_parameters(msg.content.array_records[P.LEGACY_FITINS_ARRAYS], keep_input=True))
+    zeros = [np.zeros_like(a) for a in incoming]
+    site_cfg = load_site(site_config_path(context, sim_sites))
+
+    def refuse(refusal: Refusal) -> Message:
+        log.warning("site=%s refused secure round %s: %s", site_cfg.name, cfg.get(P.SERVER_ROUND), refusal.code)
+        return _fitres(msg, zeros, 0, secure_records.encode(site_name=site_cfg.name, metrics=None, refusal_code=refusal.code, refusal_reason=refusal.reason))
+
+    req = request_from(cfg, OrderedDict(), site_cfg.name, needs_round=True)
+    if isinstance(req, Refusal):
+        return refuse(req)
+    planned = _plan(site_cfg, req)
+    if isinstance(planned, Refusal):
+        return refuse(planned)
+    names = list(build_model(planned[0]).state_dict())
+    if len(names) != len(incoming):
+        return refuse(Refusal("invalid-model", f"Site {site_cfg.name}: the global model has {len(incoming)} arrays, the plan's model {len(names)}."))
+    checked = _check(site_cfg, cfg, replace(req, arrays=OrderedDict(zip(names, incoming, strict=True))), kind=MessageType.TRAIN, secure=True, needs_round=True)
+    if isinstance(checked, Refusal):
+        return refuse(checked)
+    req, site = checked
+    if faults is not None:
+        faults.before_training(site_cfg.name, req.server_round)
+    started = time.perf_counter()
+    try:
+        result = site.train(req.arrays, run_id=req.run_id, server_round=req.server_round, total_rounds=req.total_rounds)
+    except PolicyError as exc:
+        result = Refusal("ledger", str(exc))
+    if isinstance(result, Refusal):
+        return refuse(result)
+    update = [result.arrays[n] for n in names]  # global model order
+    weight = result.metrics[M.NUM_PATIENTS]
+    problem = check_secure_update(update, incoming, weight, site.exp.federation.secure_aggregation)
+    if problem:
+        return refuse(Refusal("update-check", f"Site {site_cfg.name}: round {req.server_round}'s update was not sent: {problem}."))
+    report = secure_records.encode(site_name=site_cfg.name, metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head)
+    return _fitres(msg, update, int(weight), report)
+
+
+def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None = None, inner_mods: tuple[Mod, ...] = ()) -> ClientApp:
     """The ClientApp; ``sim_sites`` maps simulated partition ids to site.yaml paths.
 
     ``faults`` is for tests in the Simulation Engine only (see :mod:`shared.faults`).
+    ``inner_mods`` run inside the SecAgg+ mod, on the handler's side (tests use one to
+    inject a site crash in the masked-vector stage; production passes none).
     """
-    client_app = ClientApp()
+    client_app = ClientApp(mods=[secure_aggregation_mod, *inner_mods])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
+        if P.LEGACY_FITINS_ARRAYS in msg.content.array_records:
+            if RECORD_KEY_CONFIGS not in msg.content.config_records:  # not routed through secaggplus_mod
+                raise ValueError("A legacy train message outside SecAgg+ is refused: the update would leave the site unmasked.")
+            return _secure_train(msg, context, sim_sites, faults)
         site_cfg, setup = _setup(msg, context, sim_sites, needs_round=True)
         if isinstance(setup, Refusal):
             return _reply(msg, site_cfg.name, refusal=setup)

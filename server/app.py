@@ -7,6 +7,7 @@ Run config (``pyproject.toml`` [tool.flwr.app.config], overridable with ``--run-
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context
@@ -26,12 +27,13 @@ def new_run_id(name: str) -> str:
 
 def build_server_app(
     exp: ExperimentConfig | None = None, out: Path | None = None, run_id: str = "", signing_key: Path | None = None,
-    *, resume: ResumePoint | None = None, faults: FaultPlan | None = None,
+    *, resume: ResumePoint | None = None, faults: FaultPlan | None = None, wrap_grid: Callable[[Grid], Grid] | None = None,
 ) -> ServerApp:
     """The ServerApp. Simulation passes the experiment directly; deployment reads run config.
 
     ``resume`` continues a run (checked by :func:`server.resume.load_resume_point`);
-    ``faults`` is for fault-injection tests in the Simulation Engine only.
+    ``faults`` is for fault-injection tests in the Simulation Engine only; ``wrap_grid``
+    (simulation only) wraps the Grid: benchmarks count bytes through it.
     """
     server_app = ServerApp()
 
@@ -43,7 +45,7 @@ def build_server_app(
         rid = run_id or str(rc.get(P.RC_RUN_ID, "")) or new_run_id(cfg.name)
         key_path = signing_key or (Path(str(rc[P.RC_SIGNING_KEY])) if rc.get(P.RC_SIGNING_KEY) else None)
         run_federation(
-            grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None,
+            wrap_grid(grid) if wrap_grid else grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None,
             resume=resume, after_round=faults.after_round if faults else None,
         )
 

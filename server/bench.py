@@ -284,3 +284,177 @@ def ledger_throughput(workdir: Path, entries: int) -> dict[str, Any]:
     verify_s = time.perf_counter() - start
     integrity = [i for i in report.issues if "ε" not in i.message]  # bench entries carry ε = 0 on purpose
     return {"entries": entries, "append_per_s": round(entries / append_s, 1), "verify_per_s": round(entries / verify_s, 1), "integrity_issues": len(integrity), "append_includes_fsync": True}
+
+
+class LoopbackGrid:
+    """An in-process Grid: each site is a ClientApp called directly with its own Context.
+
+    Sites run one after the other here, but each call is timed, so a round's time with
+    sites in parallel (one machine per hospital) is modelled as: coordinator time + the
+    slowest site of every exchange. Message sizes are their protobuf wire sizes.
+    """
+
+    def __init__(self, client_app: Any, n_sites: int, train_clock: dict[str, float] | None = None) -> None:
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process gets from the SuperLink
+        self.app = client_app
+        self.train_clock = train_clock if train_clock is not None else {"last": 0.0}  # the sites' handler writes its training time here
+        self.nodes = list(range(1001, 1001 + n_sites))
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": i}, state=RecordDict(), run_config={}) for i, n in enumerate(self.nodes)}
+        self.reset()
+
+    def reset(self) -> None:
+        self.site_s = 0.0  # summed site time
+        self.parallel_s = 0.0  # Σ over exchanges of the slowest site
+        self.parallel_train_s = 0.0  # Σ over exchanges of the slowest site's local training
+        self.parallel_other_s = 0.0  # Σ over exchanges of the slowest site's time outside training
+        self.bytes_up = 0  # site -> coordinator
+        self.bytes_down = 0  # coordinator -> site
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        from flwr.common.serde import message_from_proto, message_to_proto
+
+        replies, slowest, slowest_train, slowest_other = [], 0.0, 0.0, 0.0
+        for msg in messages:
+            wire = message_to_proto(msg)  # each site gets its own decoded copy, as over the network
+            self.bytes_down += wire.ByteSize()
+            self.train_clock["last"] = 0.0
+            start = time.perf_counter()
+            reply = self.app(message_from_proto(wire), self.contexts[msg.metadata.dst_node_id])
+            took = time.perf_counter() - start
+            self.site_s += took
+            slowest = max(slowest, took)
+            slowest_train = max(slowest_train, self.train_clock["last"])
+            slowest_other = max(slowest_other, took - self.train_clock["last"])
+            wire = message_to_proto(reply)
+            self.bytes_up += wire.ByteSize()
+            replies.append(message_from_proto(wire))
+        self.parallel_s += slowest
+        self.parallel_train_s += slowest_train
+        self.parallel_other_s += slowest_other
+        return replies
+
+
+def bench_client_app(exp: ExperimentConfig, *, weights: list[int], seed: int = 0, train_clock: dict[str, float] | None = None, inner_mods: tuple[Any, ...] = ()) -> Any:
+    """Sites that DP-train the real model on synthetic patients and answer like our sites.
+
+    The same code path as client/app.py from the update on: plain rounds reply with the
+    Message-API records, SecAgg+ rounds with fitres records through secaggplus_mod.
+    """
+    from flwr.app import Message
+    from flwr.clientapp import ClientApp
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from client.app import _fitres, _reply, check_secure_update, secure_aggregation_mod
+    from shared import metrics as M  # noqa: N812
+    from shared import protocol as P  # noqa: N812
+    from shared import secure_records
+    from shared.params import from_record, get_arrays, set_arrays
+
+    t = exp.training
+    data = synthetic_batch(exp, patients=max(2 * t.batch_patients, 16), sessions=min(t.max_sessions_per_patient, 6), seed=seed)
+    names = list(build_model(exp).state_dict())
+    app = ClientApp(mods=[secure_aggregation_mod, *inner_mods])
+
+    clock = train_clock if train_clock is not None else {}
+
+    def local_train(arrays: dict[str, Any], site: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        model = build_model(exp)
+        set_arrays(model, arrays)
+        opt = make_optimizer(model, name=t.optimizer, lr=t.learning_rate)
+        train_dp(model, data, steps=t.local_steps, sample_rate=t.batch_patients / data.n_patients, noise_multiplier=1.0, max_grad_norm=1.0,
+                 max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=torch.Generator().manual_seed(site), device=torch.device("cpu"))
+        clock["last"] = time.perf_counter() - start
+        return get_arrays(model)
+
+    @app.train()
+    def train(msg: Message, context: Any) -> Message:
+        site = int(context.node_config["partition-id"])
+        metrics = {M.NUM_PATIENTS: float(weights[site]), M.TRAIN_LOSS: 0.5}
+        if P.LEGACY_FITINS_ARRAYS in msg.content.array_records:
+            incoming = parameters_to_ndarrays(compat.arrayrecord_to_parameters(msg.content.array_records[P.LEGACY_FITINS_ARRAYS], keep_input=True))
+            update = local_train(dict(zip(names, incoming, strict=True)), site)
+            values = [update[n] for n in names]
+            problem = check_secure_update(values, incoming, float(weights[site]), exp.federation.secure_aggregation)
+            if problem:
+                raise ValueError(problem)
+            return _fitres(msg, values, weights[site], secure_records.encode(site_name=f"site{site}", metrics=metrics))
+        return _reply(msg, f"site{site}", arrays=local_train(from_record(msg.content[P.ARRAYS]), site), metrics=metrics)
+
+    return app
+
+
+def secagg_overhead(exp: ExperimentConfig, *, sites: tuple[int, ...] = (3, 10, 30), rounds: int = 3) -> dict[str, Any]:
+    """Training-round time and bytes per site, SecAgg+ vs plain, same sites and model, side by side."""
+    from flwr.app import ConfigRecord
+
+    from server.secure_round import secure_train_round
+    from server.strategy import PatientFedAvg
+    from shared import protocol as P  # noqa: N812
+    from shared.config import SecureAggregationConfig
+    from shared.params import to_record
+
+    rows = []
+    for n in sites:
+        shares = n if n <= 5 else (5 if n <= 10 else 7)  # odd; grows slowly with n as SecAgg+ intends
+        sa = SecureAggregationConfig(enabled=True, num_shares=shares, reconstruction_threshold=shares // 2 + 1, max_weight=100.0)
+        e = replace(exp, federation=replace(exp.federation, min_nodes=n, secure_aggregation=sa))
+        weights = [10 + (7 * i) % 40 for i in range(n)]
+        clock: dict[str, float] = {"last": 0.0}
+        grid = LoopbackGrid(bench_client_app(e, weights=weights, train_clock=clock), n, clock)
+        arrays = to_record(get_arrays_of(e))
+        cfg = ConfigRecord({P.RUN_ID: "bench", P.TOTAL_ROUNDS: rounds})
+        times: dict[str, list[float]] = {"plain": [], "secagg": []}
+        walls: dict[str, list[float]] = {"plain": [], "secagg": []}
+        other: dict[str, list[float]] = {"plain": [], "secagg": []}  # round time outside local training
+        train: list[float] = []  # slowest site's local training per round, both modes
+        up: dict[str, int] = {"plain": 0, "secagg": 0}
+        down: dict[str, int] = {"plain": 0, "secagg": 0}
+        for rnd in range(rounds + 1):  # round 0 warms up, not counted
+            for mode in ("plain", "secagg"):
+                strategy = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=n, node_wait_timeout_s=5)
+                grid.reset()
+                start = time.perf_counter()
+                if mode == "plain":
+                    new, _ = strategy.aggregate_train(rnd + 1, grid.send_and_receive(strategy.configure_train(rnd + 1, arrays, cfg, grid)))
+                else:
+                    new = secure_train_round(grid, strategy=strategy, sa=sa, server_round=rnd + 1, arrays=arrays, config=cfg).arrays  # type: ignore[arg-type]
+                wall = time.perf_counter() - start
+                if new is None:
+                    raise RuntimeError(f"bench: the {mode} round with {n} sites produced no aggregate")
+                if rnd:
+                    times[mode].append(wall - grid.site_s + grid.parallel_s)
+                    walls[mode].append(wall)
+                    other[mode].append(wall - grid.site_s + grid.parallel_other_s)
+                    train.append(grid.parallel_train_s)
+                    up[mode] += grid.bytes_up
+                    down[mode] += grid.bytes_down
+        plain, secure = statistics.median(times["plain"]), statistics.median(times["secagg"])
+        t_train, o_plain, o_secure = statistics.median(train), statistics.median(other["plain"]), statistics.median(other["secagg"])
+        rows.append({
+            "sites": n, "num_shares": shares, "threshold": sa.reconstruction_threshold,
+            "plain_round_s": round(plain, 4), "secagg_round_s": round(secure, 4), "ratio": round(secure / plain, 3),
+            "local_training_s": round(t_train, 4), "plain_outside_training_s": round(o_plain, 4), "secagg_outside_training_s": round(o_secure, 4),
+            "ratio_same_training": round((t_train + o_secure) / (t_train + o_plain), 3),
+            "plain_sequential_s": round(statistics.median(walls["plain"]), 3), "secagg_sequential_s": round(statistics.median(walls["secagg"]), 3),
+            "bytes_sent_per_site_plain": up["plain"] // (rounds * n), "bytes_sent_per_site_secagg": up["secagg"] // (rounds * n),
+            "bytes_received_per_site_plain": down["plain"] // (rounds * n), "bytes_received_per_site_secagg": down["secagg"] // (rounds * n),
+        })
+    params = sum(int(v.size) for v in get_arrays_of(exp).values())
+    return {"model_parameters": params, "local_steps": exp.training.local_steps, "rounds_timed": rounds, "results": rows,
+            "note": ("round time = coordinator time + slowest site per exchange (sites in parallel, no network latency); *_sequential_s: all sites "
+                     "on this machine one after another; ratio_same_training: both modes given the median slowest-site training time, so load "
+                     "noise in local training cancels and only the aggregation protocol differs")}
+
+
+def get_arrays_of(exp: ExperimentConfig) -> dict[str, Any]:
+    from shared.params import get_arrays
+
+    return get_arrays(build_model(exp))

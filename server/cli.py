@@ -263,6 +263,37 @@ def bench_gpu(
     print(json.dumps(result, indent=2))
 
 
+@bench_app.command("secagg")
+@friendly
+def bench_secagg(
+    config: Annotated[Path, typer.Option(help="Experiment YAML (model and local training).")] = Path("configs/experiment.yaml"),
+    sites: Annotated[str, typer.Option(help="Comma-separated numbers of simulated sites.")] = "3,10,30",
+    rounds: Annotated[int, typer.Option(help="Timed training rounds per setting (after one warm-up round).")] = 3,
+    quick: Annotated[bool, typer.Option("--quick", help="3 and 10 sites, 1 timed round, 2 local steps (CI smoke).")] = False,
+) -> None:
+    """Training-round time and bytes per site with SecAgg+ vs plain aggregation, side by side."""
+    import logging
+    from dataclasses import replace
+
+    from server.bench import machine, secagg_overhead
+    from shared.config import load_experiment
+    from shared.errors import ConfigError
+
+    exp = load_experiment(config)
+    try:
+        counts = tuple(int(x) for x in sites.split(","))
+    except ValueError:
+        raise ConfigError(f"--sites must be comma-separated whole numbers such as 3,10,30; got {sites!r}.") from None
+    if any(n < 2 for n in counts):
+        raise ConfigError(f"--sites: SecAgg+ needs at least 2 sites per setting; got {sites!r}.")
+    if quick:
+        counts, rounds, exp = tuple(n for n in counts if n <= 10) or (3,), 1, replace(exp, training=replace(exp.training, local_steps=2))
+    import flwr.server.workflow  # noqa: F401  (sets Flower's logger to DEBUG on import; quiet it after)
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    print(json.dumps({"machine": machine(), **secagg_overhead(exp, sites=counts, rounds=rounds)}, indent=2))
+
+
 @bench_app.command("ledger")
 @friendly
 def bench_ledger(

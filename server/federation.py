@@ -17,11 +17,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from server.aggregation import make_server_optimizer, server_step
 from server.resume import ResumePoint
 from server.run_folder import RoundRecord, RunFolder
+from server.secure_round import secure_train_round
 from server.strategy import PatientFedAvg, SiteReport, site_reports, wait_for_nodes
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
@@ -75,13 +77,21 @@ def run_federation(
             cfg[P.MODEL_SIGNATURE] = sign_model(signing_key, dict(from_record(record)), run_id=run_id, server_round=rnd, plan_hash=phash)
         return cfg
 
+    sa = f.secure_aggregation
+    if sa.enabled:
+        console.print(f"Secure aggregation (SecAgg+) on: the coordinator sees only the weighted sum; {sa.num_shares} shares, threshold {sa.reconstruction_threshold}.")
     # FedAdam; None = FedAvg. A resumed run restarts the server moments from zero.
     server_opt = make_server_optimizer(f.server_optimizer, lr=f.server_learning_rate)
     for rnd in range(first_round, f.rounds + 1):
         started = time.perf_counter()
         cfg = config(rnd, arrays)
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        halted: str | None = None
+        if sa.enabled:
+            result = secure_train_round(grid, strategy=strategy, sa=sa, server_round=rnd, arrays=arrays, config=cfg)
+            new_arrays, train_metrics, halted = result.arrays, result.metrics, result.halted
+        else:
+            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         updated = new_arrays is not None
         if updated:
             arrays = to_record(server_step(server_opt, dict(from_record(arrays)), dict(from_record(new_arrays)))) if server_opt else new_arrays
@@ -89,7 +99,7 @@ def run_federation(
         eval_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout=f.round_timeout_s)
         eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
         rec = run.record_round(
-            rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(from_record(arrays)), updated,
+            rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(from_record(arrays)), updated, note=halted or "",
             wall_s=round(time.perf_counter() - started, 4),
         )
         console.print(round_table(rec, rnd == 1))
@@ -98,7 +108,11 @@ def run_federation(
                 console.print(f"  [yellow]site {site} refused round {rnd}: {entry['refused']['reason']}[/yellow]")
             if "error" in entry:
                 console.print(f"  [red]site {site} failed in round {rnd}: {entry['error']}[/red]")
-        if not updated:
+        if halted:
+            status = "incomplete: a round had no usable update"
+            log.error("run=%s round=%d: %s", run_id, rnd, halted)
+            console.print(f"  [bold red]round {rnd} FAILED: {escape(halted)} The global model was NOT updated; the next round starts from round {rnd - 1}'s model.[/bold red]")
+        elif not updated:
             status = "incomplete: a round had no usable update"
             console.print(f"  [red]round {rnd}: no site sent a usable update; the global model was not updated.[/red]")
         if after_round is not None:

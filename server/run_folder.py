@@ -45,6 +45,7 @@ class RoundRecord:
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     updated: bool = True
     wall_s: float | None = None  # coordinator's wall time for the round (train + evaluate)
+    note: str = ""  # why the model was not updated (e.g. a halted secure-aggregation round)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -90,7 +91,7 @@ class RunFolder:
             (root / "config.yaml").write_text(exp.to_yaml(), encoding="utf-8")
             write_json(root / RUN_INFO, {"run_id": run_id, "experiment": exp.name, "plan_hash": self.plan_hash, "signed_checkpoints": signing_key is not None})
 
-    def record_round(self, server_round: int, log: RoundLog, train_metrics: dict[str, float] | None, eval_metrics: dict[str, float] | None, arrays: dict[str, np.ndarray], updated: bool, *, wall_s: float | None = None) -> RoundRecord:
+    def record_round(self, server_round: int, log: RoundLog, train_metrics: dict[str, float] | None, eval_metrics: dict[str, float] | None, arrays: dict[str, np.ndarray], updated: bool, note: str = "", *, wall_s: float | None = None) -> RoundRecord:
         sites: dict[str, dict[str, Any]] = {}
         for r in log.train:
             entry = sites.setdefault(r.site, {})
@@ -124,6 +125,7 @@ class RunFolder:
             sites=sites,
             updated=updated,
             wall_s=wall_s,
+            note=note,
         )
         self.rounds.append(rec)
         meta = {"run_id": self.run_id, "round": str(server_round), "experiment": self.exp.name, "plan_hash": self.plan_hash, "digest": model_digest(arrays)}
@@ -159,6 +161,7 @@ class RunFolder:
             "refusals": [
                 {"round": r.round, "site": s, **e["refused"]} for r in self.rounds for s, e in r.sites.items() if "refused" in e
             ],
+            "rounds_not_updated": [{"round": r.round, "reason": r.note or "no site sent a usable update"} for r in self.rounds if not r.updated],
             "wall_time_s": round(time.time() - self.started, 2),
             **(extra or {}),
         }

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,6 +23,10 @@ from shared.errors import ConfigError, FederationError
 from shared.faults import FaultPlan
 
 SIM_INFO = "simulation.json"  # where the cohort is, so `fedrelapse run --resume` can find it
+
+if TYPE_CHECKING:
+    from flwr.clientapp.typing import Mod
+    from flwr.serverapp import Grid
 
 
 def discover_sites(data: Path) -> list[Path]:
@@ -85,12 +90,15 @@ def ray_backend_config(*, n_sites: int, cpus: int | None = None, ray_address: st
 def simulate(
     exp: ExperimentConfig, data: Path, out: Path, *, run_id: str, console: Console | None = None, cpus: int | None = None,
     resume: ResumePoint | None = None, faults: FaultPlan | None = None, ray_address: str | None = None, gpus_per_site: float = 0.0,
+    wrap_grid: Callable[[Grid], Grid] | None = None, client_mods: tuple[Mod, ...] = (),
 ) -> dict[str, Any]:
     """Prepare the sites, run the federation, return ``summary.json``'s content.
 
     ``resume``: continue the run in ``out`` (use :func:`resume_simulation`). ``faults``: inject
     site and coordinator faults (tests only; see :mod:`shared.faults`). ``ray_address``: run
-    on an existing Ray cluster (see :func:`ray_backend_config`).
+    on an existing Ray cluster (see :func:`ray_backend_config`). ``wrap_grid`` wraps the
+    coordinator's Grid (benchmarks count bytes, tests record every reply); ``client_mods``
+    run inside the sites' SecAgg+ mod (tests inject faults there).
     """
     from flwr.simulation import run_simulation
 
@@ -113,8 +121,8 @@ def simulate(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # run_simulation's deprecation banner is noise here
     run_simulation(
-        server_app=build_server_app(exp, out, run_id, signing_key, resume=resume, faults=faults),
-        client_app=build_client_app(tuple(str(p.resolve()) for p in paths), faults),
+        server_app=build_server_app(exp, out, run_id, signing_key, resume=resume, faults=faults, wrap_grid=wrap_grid),
+        client_app=build_client_app(tuple(str(p.resolve()) for p in paths), faults, client_mods),
         num_supernodes=len(sites),
         backend_name="ray",
         backend_config=backend_config,  # type: ignore[arg-type]

@@ -170,6 +170,7 @@ class PatientFedAvg(FedAvg):
         self.site_names: dict[int, str] = {}  # node id -> site name, learnt from every reply
         self.log: dict[int, RoundLog] = {}
         self._sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> node ids asked
+        self.node_names: dict[int, str] = {}  # node id -> site name, learnt from replies (names sites that later drop out)
 
     expected: dict[str, tuple[int, ...]] | None = None  # parameter name -> shape of the global model
     max_abs_value: float = 1e4

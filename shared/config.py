@@ -111,6 +111,49 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SecureAggregationConfig:
+    """Flower's SecAgg+ (Bell et al., CCS 2020): the coordinator only ever holds the sum.
+
+    Each site quantises its weighted update, adds pairwise and private masks and sends the
+    masked vector; the masks cancel in the sum or are removed with secret shares held by
+    the site's neighbours, so the coordinator can unmask only the aggregate.
+    """
+
+    enabled: bool = spec(False, doc="Aggregate training updates with SecAgg+ (the coordinator sees only the weighted sum).")
+    num_shares: int = spec(
+        3, doc="Neighbours each site's mask secrets are shared with (itself included); must be odd.", ge=3, le=1001
+    )
+    reconstruction_threshold: int = spec(
+        2, doc="t: shares needed to unmask; fewer surviving neighbours halt the round, t colluding parties could unmask one site.", ge=2
+    )
+    max_weight: float = spec(
+        1000.0, doc="Largest training-patient count any site weights its update by; a larger site refuses the round.", gt=0
+    )
+    clipping_range: float = spec(
+        8.0, doc="Every parameter a site sends must lie within ±this; a site whose update does not refuses the round.", gt=0, le=1e4
+    )
+    quantization_range: int = spec(
+        4194304, doc="Integer levels a weighted parameter is quantised to (2**22); more levels, less rounding error.", ge=256, le=2**26
+    )
+    stage_timeout_s: float = spec(
+        600.0, doc="Longest wait for the sites' replies in each of the four SecAgg+ stages; a site that misses it is a dropout.", gt=0
+    )
+
+    def validate(self, source: str) -> None:
+        if self.num_shares % 2 == 0:
+            raise ConfigError(
+                f"{source}: `federation.secure_aggregation.num_shares` is {self.num_shares}, an even number; "
+                f"SecAgg+ needs an odd number (Flower widens an even value only after sending it to the sites, "
+                f"whose clients then all crash). Use {self.num_shares - 1} or {self.num_shares + 1}."
+            )
+        if self.reconstruction_threshold >= self.num_shares:
+            raise ConfigError(
+                f"{source}: `federation.secure_aggregation.reconstruction_threshold` ({self.reconstruction_threshold}) "
+                f"must be smaller than `num_shares` ({self.num_shares}), or no site may ever drop out."
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class FederationConfig:
     """Rounds and sampling, read by the ServerApp."""
 
@@ -125,6 +168,17 @@ class FederationConfig:
     )
     server_optimizer: str = spec("none", doc="Server step on the averaged update: none (FedAvg/FedProx) or adam (FedAdam, Reddi et al. 2021).", choices=("none", "adam"))
     server_learning_rate: float = spec(0.05, doc="FedAdam server learning rate η.", gt=0, le=10)
+
+    secure_aggregation: SecureAggregationConfig = spec(SecureAggregationConfig(), doc="SecAgg+: the coordinator sees only the sum of the sites' updates.")
+
+    def validate(self, source: str) -> None:
+        sa = self.secure_aggregation
+        if sa.enabled and self.min_nodes < sa.reconstruction_threshold:
+            raise ConfigError(
+                f"{source}: `federation.min_nodes` ({self.min_nodes}) is below "
+                f"`federation.secure_aggregation.reconstruction_threshold` ({sa.reconstruction_threshold}); "
+                f"every secure round would halt. Raise min_nodes or lower the threshold."
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,6 +237,7 @@ class SitePolicy:
     min_noise_multiplier: float = spec(0.5, doc="Smallest σ the site accepts for a DP-SGD step.", ge=0)
     min_patients_metric: int = spec(5, doc="k: no metric over fewer patients leaves the site.", ge=1)
     allow_non_private: bool = spec(False, doc="Accept plans without DP. Only for synthetic benchmark data, never for patients.")
+    require_secure_aggregation: bool = spec(False, doc="Train only in SecAgg+ rounds, so no update leaves the site unmasked.")
 
 
 @dataclass(frozen=True, kw_only=True)

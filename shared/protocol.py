@@ -36,3 +36,13 @@ RC_SIGNING_KEY = "signing-key"  # coordinator's model-signing private key (path 
 
 # Node-config key a SuperNode sets to its site.yaml (deployment).
 NC_SITE_CONFIG = "site-config"
+
+# SecAgg+ rounds use Flower's legacy records (the secaggplus mod reads and rewrites them):
+# the ServerApp sends ``fitins.parameters`` (arrays in the global model's order, unnamed)
+# and ``fitins.config`` (the CONFIG keys above); the site answers with ``fitres.*``. Its
+# site record (name, refusal, ledger head) and its aggregate metrics ride in
+# ``fitres.metrics``; the arrays are cleared by the mod and replaced by the masked vector.
+LEGACY_FITINS_ARRAYS = "fitins.parameters"
+LEGACY_FITINS_CONFIG = "fitins.config"
+LEGACY_FITRES_METRICS = "fitres.metrics"  # the site's report (shared.secure_records), sent in the clear
+METRIC_PREFIX = "metric."  # fitres.metrics key prefix of a shared.metrics value

@@ -1,0 +1,36 @@
+"""The site's report inside a SecAgg+ reply (Flower's legacy ``fitres.metrics`` record).
+
+In a SecAgg+ round the secaggplus mod turns the ClientApp's ``fitres`` reply into a masked
+vector; only ``fitres.metrics`` (a ConfigRecord) and ``fitres.num_examples`` reach the
+coordinator as sent. The site's name, refusal, ledger head and aggregate metrics ride in
+``fitres.metrics``: the same information a plain round's ``site`` and ``metrics`` records
+carry, never more.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord
+
+from shared import protocol as P  # noqa: N812
+
+_SITE_KEYS = (P.SITE_NAME, P.REFUSAL_CODE, P.REFUSAL_REASON, P.LEDGER_HEAD)
+
+
+def encode(*, site_name: str, metrics: dict[str, float] | None, refusal_code: str = "", refusal_reason: str = "", ledger_head: str = "") -> ConfigRecord:
+    """``fitres.metrics`` content: site keys as text, aggregate metrics as ``metric.<key>`` floats."""
+    out = ConfigRecord({P.SITE_NAME: site_name})
+    if refusal_code:
+        out[P.REFUSAL_CODE] = refusal_code
+        out[P.REFUSAL_REASON] = refusal_reason
+    if ledger_head:
+        out[P.LEDGER_HEAD] = ledger_head
+    for key, value in (metrics or {}).items():
+        out[P.METRIC_PREFIX + key] = float(value)
+    return out
+
+
+def decode(record: ConfigRecord) -> tuple[dict[str, str], dict[str, float]]:
+    """(site keys, metrics) from a ``fitres.metrics`` record; unknown keys are dropped."""
+    site = {k: str(record[k]) for k in _SITE_KEYS if k in record}
+    metrics = {k[len(P.METRIC_PREFIX):]: float(v) for k, v in record.items() if k.startswith(P.METRIC_PREFIX) and isinstance(v, (int, float))}  # type: ignore[arg-type]
+    return site, metrics

@@ -1,0 +1,407 @@
+"""SecAgg+ rounds: the coordinator holds only the weighted sum; dropouts and halts are handled.
+
+Two real simulations (Flower Simulation Engine, tiny cohort): 3 sites × 2 rounds with every
+reply the ServerApp side receives recorded, and 5 sites × 3 rounds with sites crashing in
+the masked-vector stage (one in round 1: survivors' aggregate; three in round 2: below the
+threshold, the round halts and fails loudly; round 3 runs normally).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from rich.console import Console
+from safetensors.numpy import load_file
+
+from client.app import site_config_path
+from server.simulate import simulate
+from shared import protocol as P  # noqa: N812
+from shared.config import ExperimentConfig, SecureAggregationConfig
+from shared.errors import ConfigError
+from shared.models import build_model
+from shared.schema import build
+from tests.conftest import tiny_experiment
+
+SA = SecureAggregationConfig(enabled=True, num_shares=3, reconstruction_threshold=2, max_weight=20.0, clipping_range=8.0)
+
+
+def secure_experiment(sa: SecureAggregationConfig, *, rounds: int, min_nodes: int) -> ExperimentConfig:
+    exp = tiny_experiment()
+    return replace(exp, federation=replace(exp.federation, rounds=rounds, min_nodes=min_nodes, secure_aggregation=sa))
+
+
+def quantisation_tolerance(sa: SecureAggregationConfig, n_sites: int, total_weight: float) -> float:
+    """Worst-case error of the unmasked average: n stochastic roundings of one level each,
+    divided by the summed weight ratio, plus float32 rounding of the result."""
+    level = 2 * sa.clipping_range / sa.quantization_range
+    return n_sites * level * sa.max_weight / total_weight + 1e-6
+
+
+class RecordingGrid:
+    """Wraps the ServerApp's Grid and keeps every reply message handed to server-side code."""
+
+    def __init__(self, grid: Any, store: list[Message]) -> None:
+        self._grid, self.store = grid, store
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.store.extend(replies)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def _site_and_round(msg: Message, ctxt: Context, sim_sites: tuple[str, ...]) -> tuple[str, int]:
+    site = yaml.safe_load(site_config_path(ctxt, sim_sites).read_text())["name"]
+    return site, int(msg.content.config_records[P.LEGACY_FITINS_CONFIG][P.SERVER_ROUND])  # type: ignore[arg-type]
+
+
+class RecordUpdate:
+    """Inner mod (site side, before masking): saves the update and weight the site hands to SecAgg+."""
+
+    def __init__(self, folder: Path, sim_sites: tuple[str, ...]) -> None:
+        self.folder, self.sim_sites = folder, sim_sites
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        out = call_next(msg, ctxt)
+        if P.LEGACY_FITINS_ARRAYS in msg.content.array_records:
+            site, rnd = _site_and_round(msg, ctxt, self.sim_sites)
+            fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
+            arrays = parameters_to_ndarrays(fitres.parameters)
+            np.savez(self.folder / f"{site}-r{rnd}.npz", *arrays, weight=np.array(fitres.num_examples))
+        return out
+
+
+class CrashAt:
+    """Inner mod: the named sites crash in the masked-vector stage of the given rounds."""
+
+    def __init__(self, crashes: dict[int, set[str]], sim_sites: tuple[str, ...]) -> None:
+        self.crashes, self.sim_sites = crashes, sim_sites
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if P.LEGACY_FITINS_ARRAYS in msg.content.array_records:
+            site, rnd = _site_and_round(msg, ctxt, self.sim_sites)
+            if site in self.crashes.get(rnd, set()):
+                raise RuntimeError(f"injected crash of site {site} in round {rnd}")
+        return call_next(msg, ctxt)
+
+
+def checkpoint(run: Path, rnd: int) -> list[np.ndarray]:
+    """The global model after round ``rnd``, in the model's parameter order (the wire order)."""
+    stored = load_file(str(run / "checkpoints" / f"round-{rnd:03d}.safetensors"))
+    return [stored[name] for name in build_model(tiny_experiment()).state_dict()]
+
+
+def load_updates(folder: Path, rnd: int) -> dict[str, tuple[float, list[np.ndarray]]]:
+    out = {}
+    for f in sorted(folder.glob(f"*-r{rnd}.npz")):
+        z = np.load(f)
+        out[f.name.rsplit("-r", 1)[0]] = (float(z["weight"]), [z[f"arr_{i}"] for i in range(len(z.files) - 1)])
+    return out
+
+
+def weighted_average(updates: dict[str, tuple[float, list[np.ndarray]]]) -> list[np.ndarray]:
+    total = sum(w for w, _ in updates.values())
+    return [sum(w * arrs[i].astype(np.float64) for w, arrs in updates.values()) / total for i in range(len(next(iter(updates.values()))[1]))]
+
+
+def received_arrays(replies: list[Message]) -> list[np.ndarray]:
+    """Every numeric array in the replies: array records and ndarray bytes inside config records."""
+    found: list[np.ndarray] = []
+    for msg in replies:
+        if msg.has_error():
+            continue
+        for record in msg.content.array_records.values():
+            found += [a.numpy() for a in record.values()]
+        for record in msg.content.config_records.values():
+            for value in record.values():
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, bytes):
+                        try:
+                            found.append(bytes_to_ndarray(item))
+                        except Exception:  # keys, ciphertexts: not arrays  # noqa: BLE001
+                            continue
+    return found
+
+
+def leaks(received: list[np.ndarray], updates: dict[str, tuple[float, list[np.ndarray]]], sa: SecureAggregationConfig, tol: float) -> list[str]:
+    """Which site arrays appear in ``received``: as sent, or as the mod's quantised form decoded."""
+    hits = []
+    level = 2 * sa.clipping_range / sa.quantization_range
+    for site, (weight, arrays) in updates.items():
+        scale = round(weight / sa.max_weight * sa.quantization_range) / sa.quantization_range
+        for i, u in enumerate(arrays):
+            if u.size < 2:
+                continue
+            for a in received:
+                if a.size != u.size:
+                    continue
+                flat, target = a.reshape(-1).astype(np.float64), u.reshape(-1).astype(np.float64)
+                decoded = (flat * level - sa.clipping_range) / scale if scale else flat
+                if np.allclose(flat, target, atol=tol, rtol=0) or np.allclose(decoded, target, atol=tol * 10, rtol=0):
+                    hits.append(f"{site} array {i}")
+    return hits
+
+
+# --- config ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shares", [4, 6, 10])
+def test_even_num_shares_is_rejected_with_the_field_and_a_fix(shares: int) -> None:
+    with pytest.raises(ConfigError) as err:
+        build(ExperimentConfig, {"name": "x", "federation": {"secure_aggregation": {"enabled": True, "num_shares": shares}}}, source="exp.yaml")
+    msg = str(err.value)
+    assert "exp.yaml" in msg and "federation.secure_aggregation.num_shares" in msg and "odd" in msg
+    assert f"Use {shares - 1} or {shares + 1}" in msg
+
+
+def test_threshold_must_be_below_num_shares_and_within_min_nodes() -> None:
+    with pytest.raises(ConfigError, match="reconstruction_threshold"):
+        build(ExperimentConfig, {"name": "x", "federation": {"secure_aggregation": {"num_shares": 3, "reconstruction_threshold": 3}}}, source="exp.yaml")
+    with pytest.raises(ConfigError, match="min_nodes"):
+        build(ExperimentConfig, {"name": "x", "federation": {"min_nodes": 2, "secure_aggregation": {"enabled": True, "num_shares": 5, "reconstruction_threshold": 3}}}, source="exp.yaml")
+    ok = build(ExperimentConfig, {"name": "x", "federation": {"min_nodes": 5, "secure_aggregation": {"enabled": True, "num_shares": 5, "reconstruction_threshold": 3}}}, source="exp.yaml")
+    assert ok.federation.secure_aggregation.num_shares == 5
+
+
+def test_leak_check_finds_an_update_sent_in_the_clear() -> None:
+    """The privacy check below can fail: a plain update, or its quantised form, is found."""
+    rng = np.random.default_rng(0)
+    update = [rng.normal(size=(4, 5)).astype(np.float32)]
+    updates = {"alpha": (7.0, update)}
+    assert leaks([update[0].copy()], updates, SA, 1e-5) == ["alpha array 0"]
+    scale = round(7 / SA.max_weight * SA.quantization_range) / SA.quantization_range
+    quantised = np.round((update[0] * scale + SA.clipping_range) * SA.quantization_range / (2 * SA.clipping_range))
+    assert leaks([quantised], updates, SA, 1e-5) == ["alpha array 0"]
+    assert leaks([rng.integers(0, 2**32, size=(4, 5))], updates, SA, 1e-5) == []
+
+
+# --- 3 sites, 2 rounds: the coordinator never sees a single site's update ----------------
+
+
+@pytest.fixture(scope="module")
+def secure_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("secure-run")
+    updates = tmp_path_factory.mktemp("site-updates")
+    sim_sites = tuple(str(p.resolve()) for p in sorted(tiny_cohort.glob("*/site.yaml")))
+    replies: list[Message] = []
+    summary = simulate(
+        secure_experiment(SA, rounds=2, min_nodes=3), tiny_cohort, out, run_id="secagg-test", console=Console(quiet=True), cpus=2,
+        wrap_grid=lambda g: RecordingGrid(g, replies), client_mods=(RecordUpdate(updates, sim_sites),),
+    )
+    return {"out": out, "summary": summary, "replies": replies, "updates": updates}
+
+
+def test_secure_sum_equals_the_patient_weighted_average_within_quantisation_error(secure_run: dict[str, Any]) -> None:
+    summary, out = secure_run["summary"], secure_run["out"]
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    for rnd in (1, 2):
+        updates = load_updates(secure_run["updates"], rnd)
+        assert set(updates) == {"alpha", "beta", "gamma"}
+        expected = weighted_average(updates)
+        ckpt = checkpoint(out, rnd)
+        tol = quantisation_tolerance(SA, 3, sum(w for w, _ in updates.values()))
+        assert len(ckpt) == len(expected)
+        worst = max(float(np.abs(c - e).max()) for c, e in zip(ckpt, expected, strict=True))
+        assert worst <= tol, f"round {rnd}: secure average differs from the plain weighted average by {worst:.2e} > {tol:.2e}"
+
+
+def test_no_array_the_coordinator_receives_is_a_single_sites_update(secure_run: dict[str, Any]) -> None:
+    replies: list[Message] = secure_run["replies"]
+    assert replies
+    for msg in replies:  # the mod cleared the update before the reply left the site
+        for record in msg.content.array_records.values() if not msg.has_error() else []:
+            assert len(record) == 0
+    received = received_arrays(replies)
+    assert any(a.dtype.kind in "iu" and a.size > 100 for a in received)  # the masked vectors were inspected
+    for rnd in (1, 2):
+        updates = load_updates(secure_run["updates"], rnd)
+        tol = quantisation_tolerance(SA, 3, sum(w for w, _ in updates.values()))
+        assert leaks(received, updates, SA, tol) == []
+
+
+def test_signing_dp_ledger_and_evaluation_still_work_under_secure_aggregation(secure_run: dict[str, Any]) -> None:
+    summary, out = secure_run["summary"], secure_run["out"]
+    assert summary["refusals"] == []  # every site verified the signed model
+    assert set(summary["sites"]) == {"alpha", "beta", "gamma"}
+    for site in summary["sites"].values():
+        assert 0 < site["epsilon"] <= tiny_experiment().privacy.target_epsilon * 1.001
+        assert site["ledger_head"]
+    rounds = json.loads((out / "metrics.json").read_text())
+    assert all(r["updated"] for r in rounds)
+    assert any(r["auroc"] is not None or any("eval" in s or "eval_auroc" in s for s in r["sites"].values()) for r in rounds)
+
+
+# --- 5 sites, 3 rounds: dropout, halt, recovery ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def five_sites(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five hospitals: the tiny cohort's three plus copies of alpha and beta under new names."""
+    root = tmp_path_factory.mktemp("five")
+    fresh = shutil.ignore_patterns("ledger", "keys", "noise-seed.key", "approved-plans.json")  # feature caches are reused, privacy state is not
+    for name in ("alpha", "beta", "gamma"):
+        shutil.copytree(tiny_cohort / name, root / name, ignore=fresh)
+    for src, name in (("alpha", "delta"), ("beta", "epsilon")):
+        shutil.copytree(tiny_cohort / src, root / name, ignore=fresh)
+        cfg = yaml.safe_load((root / name / "site.yaml").read_text())
+        (root / name / "site.yaml").write_text(yaml.safe_dump({**cfg, "name": name}))
+    # delta lists every alpha patient twice (under new ids): about twice alpha's weight.
+    manifest = root / "delta" / "manifest.csv"
+    header, *rows = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([header, *rows, *(",".join(["dup-" + r.split(",")[0], "dup-" + r.split(",")[1], *r.split(",")[2:]]) for r in rows)]) + "\n")
+    return root
+
+
+def test_dropout_survivors_aggregate_then_halt_below_threshold_then_recovery(five_sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sa = replace(SA, num_shares=5, reconstruction_threshold=3)
+    sim_sites = tuple(str(p.resolve()) for p in sorted(five_sites.glob("*/site.yaml")))
+    crashes = {1: {"gamma"}, 2: {"alpha", "beta", "delta"}}
+    updates = tmp_path / "updates"
+    updates.mkdir()
+    summary = simulate(
+        secure_experiment(sa, rounds=3, min_nodes=5), five_sites, tmp_path / "run", run_id="secagg-dropout", console=Console(quiet=True), cpus=2,
+        client_mods=(RecordUpdate(updates, sim_sites), CrashAt(crashes, sim_sites)),
+    )
+    # Round 1: gamma crashed after training; the aggregate is the four survivors' weighted average.
+    r1 = load_updates(updates, 1)
+    assert set(r1) == {"alpha", "beta", "delta", "epsilon"}
+    ckpt1 = checkpoint(tmp_path / "run", 1)
+    tol = quantisation_tolerance(sa, 4, sum(w for w, _ in r1.values()))
+    assert max(float(np.abs(c - e).max()) for c, e in zip(ckpt1, weighted_average(r1), strict=True)) <= tol
+    # Round 2: two survivors < threshold 3: halted, failed loudly, model not updated.
+    rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["updated"] for r in rounds] == [True, False, True]
+    assert "secure aggregation halted" in rounds[1]["note"]
+    assert all("dropped out" in rounds[1]["sites"][s]["error"] for s in ("alpha", "beta", "delta"))  # named from round 1
+    ckpt2 = checkpoint(tmp_path / "run", 2)
+    assert all(np.array_equal(a, b) for a, b in zip(ckpt1, ckpt2, strict=True))
+    assert summary["rounds_completed"] == 2 and summary["status"].startswith("incomplete")
+    assert [r["round"] for r in summary["rounds_not_updated"]] == [2]
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "round 2 FAILED: secure aggregation halted" in printed and "NOT updated" in printed
+    # Round 3: everyone back; all five contribute.
+    r3 = load_updates(updates, 3)
+    assert len(r3) == 5
+    assert r3["delta"][0] > 1.5 * r3["alpha"][0]  # unequal weights, so weighting is really tested
+    ckpt3 = checkpoint(tmp_path / "run", 3)
+    tol3 = quantisation_tolerance(sa, 5, sum(w for w, _ in r3.values()))
+    assert max(float(np.abs(c - e).max()) for c, e in zip(ckpt3, weighted_average(r3), strict=True)) <= tol3
+    unweighted = [np.mean([arrs[i] for _, arrs in r3.values()], axis=0) for i in range(len(ckpt3))]
+    assert max(float(np.abs(c - u).max()) for c, u in zip(ckpt3, unweighted, strict=True)) > 10 * tol3
+
+
+# --- in-process (no Ray): weighting, and the site's own policy ------------------------------
+
+
+def test_in_process_secure_round_equals_plain_round_with_unequal_weights() -> None:
+    """The benchmark's loopback sites train deterministically per site, so the same round
+    aggregated plainly and with SecAgg+ must agree within quantisation error."""
+    from flwr.app import ConfigRecord
+
+    from server.bench import LoopbackGrid, bench_client_app, get_arrays_of
+    from server.secure_round import secure_train_round
+    from server.strategy import PatientFedAvg
+    from shared.params import from_record, to_record
+
+    sa = SecureAggregationConfig(enabled=True, num_shares=3, reconstruction_threshold=2, max_weight=50.0)
+    exp = tiny_experiment()
+    exp = replace(exp, federation=replace(exp.federation, min_nodes=4, secure_aggregation=sa), training=replace(exp.training, local_steps=1))
+    weights = [5, 12, 30, 49]
+    grid = LoopbackGrid(bench_client_app(exp, weights=weights), len(weights))
+    arrays = to_record(get_arrays_of(exp))
+    cfg = ConfigRecord({P.RUN_ID: "loopback", P.TOTAL_ROUNDS: 1})
+    plain, _ = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5).aggregate_train(
+        1, grid.send_and_receive(PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5).configure_train(1, arrays, cfg, grid))
+    )
+    result = secure_train_round(grid, strategy=PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5), sa=sa, server_round=1, arrays=arrays, config=cfg)
+    assert plain is not None and result.arrays is not None and result.halted is None
+    tol = quantisation_tolerance(sa, 4, sum(weights))
+    for (name, p), (name2, s) in zip(from_record(plain).items(), from_record(result.arrays).items(), strict=True):
+        assert name == name2
+        assert float(np.abs(p - s).max()) <= tol, name
+    assert result.metrics is not None and result.metrics["num-patients"] == sum(weights)
+
+
+def test_site_requiring_secure_aggregation_refuses_a_plain_plan(tiny_cohort: Path, tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    from flwr.app import ConfigRecord, MessageType
+
+    from client.app import _check, request_from
+    from client.site import Refusal
+    from shared.config import load_site
+
+    site_dir = tmp_path / "alpha"
+    shutil.copytree(tiny_cohort / "alpha", site_dir, ignore=shutil.ignore_patterns("ledger", "keys", "noise-seed.key"))
+    cfg = yaml.safe_load((site_dir / "site.yaml").read_text())
+    cfg["policy"]["require_secure_aggregation"] = True
+    cfg.pop("coordinator_public_key", None)
+    (site_dir / "site.yaml").write_text(yaml.safe_dump(cfg))
+    site_cfg = load_site(site_dir / "site.yaml")
+
+    def _setup_from(cfg: ConfigRecord, kind: str, *, secure: bool) -> tuple[None, object]:
+        req = request_from(cfg, OrderedDict(), site_cfg.name, needs_round=False)
+        return None, _check(site_cfg, cfg, req, kind=kind, secure=secure, needs_round=False)
+
+    plain_plan = ConfigRecord({P.PLAN_YAML: tiny_experiment().to_yaml(), P.RUN_ID: "r", P.TOTAL_ROUNDS: 1})
+    _, query = _setup_from(plain_plan, MessageType.QUERY, secure=False)
+    _, train = _setup_from(plain_plan, MessageType.TRAIN, secure=False)
+    assert isinstance(query, Refusal) and query.code == "no-secagg" and "require_secure_aggregation" in query.reason
+    assert isinstance(train, Refusal) and train.code == "no-secagg"
+    secure_plan = ConfigRecord({P.PLAN_YAML: secure_experiment(SA, rounds=1, min_nodes=3).to_yaml(), P.RUN_ID: "r", P.TOTAL_ROUNDS: 1})
+    _, ok = _setup_from(secure_plan, MessageType.QUERY, secure=False)
+    _, ok_train = _setup_from(secure_plan, MessageType.TRAIN, secure=True)
+    assert not isinstance(ok, Refusal) and not isinstance(ok_train, Refusal)
+
+
+def test_refusing_site_takes_part_with_weight_zero_and_its_reason_arrives() -> None:
+    from flwr.app import ConfigRecord
+
+    from client.app import _fitres
+    from server.bench import LoopbackGrid, bench_client_app, get_arrays_of
+    from server.secure_round import secure_train_round
+    from server.strategy import PatientFedAvg
+    from shared import secure_records
+    from shared.params import from_record, to_record
+
+    def refuse_site0(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if ctxt.node_config["partition-id"] == 0 and P.LEGACY_FITINS_ARRAYS in msg.content.array_records:
+            incoming = parameters_to_ndarrays(compat.arrayrecord_to_parameters(msg.content.array_records[P.LEGACY_FITINS_ARRAYS], keep_input=True))
+            return _fitres(msg, [np.zeros_like(a) for a in incoming], 0, secure_records.encode(site_name="site0", metrics=None, refusal_code="budget", refusal_reason="Site site0: over its cap."))
+        return call_next(msg, ctxt)
+
+    sa = SecureAggregationConfig(enabled=True, num_shares=3, reconstruction_threshold=2, max_weight=50.0)
+    exp = tiny_experiment()
+    exp = replace(exp, federation=replace(exp.federation, min_nodes=4, secure_aggregation=sa), training=replace(exp.training, local_steps=1))
+    weights = [40, 12, 30, 49]
+    grid = LoopbackGrid(bench_client_app(exp, weights=weights, inner_mods=(refuse_site0,)), len(weights))
+    arrays = to_record(get_arrays_of(exp))
+    cfg = ConfigRecord({P.RUN_ID: "loopback", P.TOTAL_ROUNDS: 1})
+    new = lambda: PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5)  # noqa: E731
+    plain = {int(m.metadata.src_node_id) - 1001: from_record(m.content[P.ARRAYS]) for m in grid.send_and_receive(new().configure_train(1, arrays, cfg, grid))}
+    strategy = new()
+    result = secure_train_round(grid, strategy=strategy, sa=sa, server_round=1, arrays=arrays, config=cfg)
+    assert result.arrays is not None and result.metrics is not None
+    survivors = (1, 2, 3)
+    total = sum(weights[i] for i in survivors)
+    tol = quantisation_tolerance(sa, 4, total)
+    for name, value in from_record(result.arrays).items():
+        expected = sum(weights[i] * plain[i][name].astype(np.float64) for i in survivors) / total
+        assert float(np.abs(value - expected).max()) <= tol, name
+    assert result.metrics["num-patients"] == total
+    refused = [r for r in strategy.log[1].train if r.refusal_code]
+    assert [(r.site, r.refusal_code, r.refusal_reason) for r in refused] == [("site0", "budget", "Site site0: over its cap.")]
