@@ -28,32 +28,30 @@ class Timeline:
     onset_day: float | None  # recorded start of the acute relapse; None if the patient did not relapse
 
 
-def cusum(risk: np.ndarray, *, baseline_n: int, slack: float) -> np.ndarray:
-    """One-sided CUSUM S_t = max(0, S_{t-1} + r_t - μ0 - k) with μ0 the mean of the first
-    ``baseline_n`` risks; zero over the baseline sessions. Shape (n,)."""
-    s = np.zeros(risk.shape[0])
+def _cusum(risk: np.ndarray, *, baseline_n: int, slack: float, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(statistic (n,), alert (n,) bool); the statistic restarts from 0 after each alert."""
+    stat, fired = np.zeros(risk.shape[0]), np.zeros(risk.shape[0], dtype=bool)
     if risk.shape[0] <= baseline_n:
-        return s
+        return stat, fired
     mu0 = float(risk[:baseline_n].mean())
     acc = 0.0
     for t in range(baseline_n, risk.shape[0]):
         acc = max(0.0, acc + float(risk[t]) - mu0 - slack)
-        s[t] = acc
-    return s
+        stat[t] = acc
+        if acc >= threshold:
+            fired[t], acc = True, 0.0
+    return stat, fired
+
+
+def cusum(risk: np.ndarray, *, baseline_n: int, slack: float) -> np.ndarray:
+    """One-sided CUSUM S_t = max(0, S_{t-1} + r_t - μ0 - k) with μ0 the mean of the first
+    ``baseline_n`` risks; zero over the baseline sessions. Shape (n,)."""
+    return _cusum(risk, baseline_n=baseline_n, slack=slack, threshold=np.inf)[0]
 
 
 def alerts(risk: np.ndarray, *, baseline_n: int, slack: float, threshold: float) -> np.ndarray:
     """Sessions (bool, (n,)) at which an alert fires; the statistic restarts after each alert."""
-    out = np.zeros(risk.shape[0], dtype=bool)
-    if risk.shape[0] <= baseline_n:
-        return out
-    mu0 = float(risk[:baseline_n].mean())
-    acc = 0.0
-    for t in range(baseline_n, risk.shape[0]):
-        acc = max(0.0, acc + float(risk[t]) - mu0 - slack)
-        if acc >= threshold:
-            out[t], acc = True, 0.0
-    return out
+    return _cusum(risk, baseline_n=baseline_n, slack=slack, threshold=threshold)[1]
 
 
 @dataclass(frozen=True)
