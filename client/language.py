@@ -119,7 +119,9 @@ class TransformerEncoder:
     def _load(self) -> tuple[object, object]:
         if self._loaded is None:
             from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as hf_logging
 
+            hf_logging.disable_progress_bar()  # no "Loading weights" bars in site logs and the quickstart
             tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
             model = AutoModel.from_pretrained(self.path, local_files_only=True).eval()
             self._loaded = (tokenizer, model)
