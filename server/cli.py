@@ -471,7 +471,7 @@ def site_check(
     cache = (state_dir or manifest.resolve().parent / "state") / "features"
     with _progress() as bar:
         task = bar.add_task("checking recordings", total=None)
-        data = prepare_site(manifest, features, cache, language=language, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        data = prepare_site(manifest, features, cache, language=language, speech=exp.speech if exp else None, progress=lambda d, t: bar.update(task, completed=d, total=t))
     report = data.report()
     problems = [p.render(data.manifest.path) for p in data.problems]
     if as_json:
