@@ -129,3 +129,28 @@ def test_dp_round_with_encoder_sends_adapter_and_head_only(tiny_cohort: Path, tm
     plain = get_arrays(build_model(tiny_experiment()))
     extra = sum(v.size for v in update.values()) - sum(v.size for v in plain.values())
     assert extra == HIDDEN * 4 + 4 + 4 * exp.model.hidden  # adapter weight + bias, and the head's 4 extra inputs
+
+
+def test_bench_encoder_helpers_build_offline_and_check_folders(tmp_path: Path) -> None:
+    from server.bench_fl import encoder_parameters, make_random_speech_encoder, with_speech_encoder
+
+    path = make_random_speech_encoder(tmp_path / "tiny", size="tiny")
+    exp = with_speech_encoder(tiny_experiment(), path)
+    assert exp.speech.enabled and exp.speech.embedding_dim == HIDDEN and encoder_parameters(path) > 0
+    with pytest.raises(ConfigError, match="choose one of base, tiny"):
+        make_random_speech_encoder(tmp_path / "x", size="large")
+    with pytest.raises(ConfigError, match="no config.json"):
+        with_speech_encoder(tiny_experiment(), tmp_path)
+
+
+@pytest.mark.slow
+def test_site_memory_bench_runs_the_encoder_in_a_fresh_process(tiny_cohort: Path, tmp_path: Path, encoder_dir: Path) -> None:
+    from server.bench_fl import site_round_memory
+
+    exp = replace(tiny_experiment(), language=LanguageConfig(encoder="lsa"), speech=speech_cfg(encoder_dir))
+    data = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, data)
+    out = site_round_memory(exp, data, tmp_path / "scratch")
+    for name in ("default_model", "with_speech_encoder"):
+        assert out[name]["refusal"] is None and out[name]["peak_rss_mib"] > 50
+    assert out["with_speech_encoder"]["update_bytes"] > out["default_model"]["update_bytes"]  # the adapter, not the encoder
