@@ -416,7 +416,7 @@ def site_round_memory(exp: ExperimentConfig, data: Path, scratch: Path) -> dict[
     """Peak RSS of a fresh site process that loads its data and trains one DP round, for the
     first hospital of ``data``: without and (when the plan has one) with the speech encoder.
 
-    Each measurement is its own Python process (``ru_maxrss`` is per process); the site's
+    Each measurement is its own Python process (its own RSS high-water mark); the site's
     state folder is a scratch copy whose ``features`` links the hospital's feature and
     transcript caches but not its speech embeddings: the figure is a site's first round with
     the encoder (loaded and run on every recording, the worst case), not feature extraction's."""
@@ -448,8 +448,6 @@ def site_round_memory(exp: ExperimentConfig, data: Path, scratch: Path) -> dict[
 
 def _site_round_child() -> None:
     """Child of :func:`site_round_memory`: argv = plan YAML, site YAML, scratch state folder."""
-    import resource
-
     from client.site import Site
     from shared.config import load_experiment
     from shared.models import build_model
@@ -461,10 +459,19 @@ def _site_round_child() -> None:
     site = Site(cfg, exp)
     if exp.speech.enabled and site.data.speech_cache_hits:
         raise RuntimeError("the speech embeddings were cached; the memory figure must include running the encoder")
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded = _peak_rss_mib()
     t1 = time.perf_counter()
     result = site.train(get_arrays(build_model(exp)), run_id="bench-memory", server_round=1, total_rounds=1)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mib()
     print(json.dumps({"peak_rss_mib": round(peak, 1), "peak_rss_after_load_mib": round(loaded, 1), "load_s": round(t1 - t0, 2),
                       "round_s": round(time.perf_counter() - t1, 2), "refusal": getattr(result, "code", None),
                       "update_bytes": int(sum(v.nbytes for v in getattr(result, "arrays", {}).values()))}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's RSS high-water mark (VmHWM). Not ``ru_maxrss``: Linux carries that over
+    exec from the parent, so a child started by a large bench process would report the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line; the memory benchmark needs Linux.")
