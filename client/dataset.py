@@ -23,7 +23,7 @@ class PatientTensors:
     """Sessions grouped by patient and padded to K sessions."""
 
     mel: torch.Tensor  # (P, K, n_mels, F) float16
-    markers: torch.Tensor  # (P, K, N_MODEL_MARKERS) float32: site z-scores, then within-patient deltas
+    markers: torch.Tensor  # (P, K, N_MODEL_MARKERS [+ D]) float32: site z-scores, within-patient deltas, then (speech encoder on) D site-standardised embedding dims
     labels: torch.Tensor  # (P, K) float32, 0 where unlabelled or padding
     mask: torch.Tensor  # (P, K) bool, True for labelled sessions
     patient_ids: tuple[str, ...]
@@ -58,7 +58,10 @@ def split_patients(sessions: list[PreparedSession], *, eval_fraction: float, see
 
 
 def build_tensors(sessions: list[PreparedSession], *, baseline_sessions: int) -> PatientTensors:
-    """Group sessions by patient (chronologically) and add within-patient baseline deltas."""
+    """Group sessions by patient (chronologically) and add within-patient baseline deltas.
+
+    Sessions with a speech embedding (all or none) get its D dimensions, standardised over
+    the site, appended after the marker columns."""
     by_patient: dict[str, list[PreparedSession]] = defaultdict(list)
     for s in sessions:
         by_patient[s.row.patient_id].append(s)
@@ -70,11 +73,18 @@ def build_tensors(sessions: list[PreparedSession], *, baseline_sessions: int) ->
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (no transcripts) stay NaN -> 0 below
         mean, std = np.nanmean(raw, axis=0), np.nanstd(raw, axis=0) + 1e-6
+    with_emb = [s.speech_embedding is not None for s in sessions]
+    if any(with_emb) and not all(with_emb):
+        raise ValueError("Either every session or none has a speech embedding; prepare the site again with one speech config.")
+    emb_dim = 0
+    if all(with_emb):
+        emb = np.stack([s.speech_embedding for s in sessions])  # type: ignore[misc]  # (S, D)
+        emb_mean, emb_std, emb_dim = emb.mean(axis=0), emb.std(axis=0) + 1e-6, emb.shape[1]
     pids = sorted(by_patient)
     k = max(len(v) for v in by_patient.values())
     first = sessions[0].features.mel
     mel = torch.zeros(len(pids), k, *first.shape, dtype=torch.float16)
-    markers = torch.zeros(len(pids), k, 2 * raw.shape[1])
+    markers = torch.zeros(len(pids), k, 2 * raw.shape[1] + emb_dim)
     labels = torch.zeros(len(pids), k)
     mask = torch.zeros(len(pids), k, dtype=torch.bool)
     for i, pid in enumerate(pids):
@@ -84,6 +94,9 @@ def build_tensors(sessions: list[PreparedSession], *, baseline_sessions: int) ->
             warnings.simplefilter("ignore", RuntimeWarning)  # a marker missing in every baseline session
             base = np.nanmean(m[:baseline_sessions], axis=0)  # (M,)
         feats = np.concatenate([(m - mean) / std, (m - base) / std], axis=1)  # (n, 2M)
+        if emb_dim:
+            e = (np.stack([s.speech_embedding for s in lst]) - emb_mean) / emb_std  # type: ignore[misc]  # (n, D)
+            feats = np.concatenate([feats, e], axis=1)  # (n, 2M + D)
         # A missing marker (no transcript) is imputed as "typical": 0 after standardising.
         markers[i, : len(lst)] = torch.from_numpy(np.clip(np.nan_to_num(feats, nan=0.0), -8, 8).astype(np.float32))
         mel[i, : len(lst)] = torch.from_numpy(np.stack([s.features.mel for s in lst]))

@@ -19,7 +19,8 @@ from client.audio import AudioProblem, decode
 from client.features import FeatureCache, RecordingFeatures, extract
 from client.language import language_markers
 from client.manifest import Manifest, Problem, SessionRow, label_balance, read_manifest
-from shared.config import FeatureConfig, LanguageConfig
+from client.speech import SAMPLE_RATE, speech_embeddings
+from shared.config import FeatureConfig, LanguageConfig, SpeechConfig
 from shared.markers import ACOUSTIC_MARKERS, N_LANGUAGE
 
 
@@ -30,6 +31,7 @@ class PreparedSession:
     audio_sha256: str
     original_rate: int
     text_markers: np.ndarray = field(default_factory=lambda: np.full(N_LANGUAGE, np.nan, np.float32))  # (N_LANGUAGE,), NaN if no transcript
+    speech_embedding: np.ndarray | None = None  # (speech.embedding_dim,) from the frozen speech encoder, None when it is off
 
     @property
     def markers(self) -> np.ndarray:
@@ -46,6 +48,7 @@ class SiteData:
     problems: list[Problem] = field(default_factory=list)
     cache_hits: int = 0
     text_cache_hits: int = 0
+    speech_cache_hits: int = 0
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -76,6 +79,7 @@ class SiteData:
             "notes": sum(p.severity == "info" for p in self.problems),
             "cache_hits": self.cache_hits,
             "sessions_with_language_markers": sum(bool(np.isfinite(s.text_markers).any()) for s in self.sessions),
+            "sessions_with_speech_embeddings": sum(s.speech_embedding is not None for s in self.sessions),
         }
 
 
@@ -85,10 +89,12 @@ def prepare_site(
     cache_root: Path,
     *,
     language: LanguageConfig | None = None,
+    speech: SpeechConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SiteData:
     """Validate the manifest, decode each recording and extract (or load) its features;
-    with ``language``, add each session's transcript markers (batched, cached)."""
+    with ``language``, add each session's transcript markers (batched, cached); with an enabled
+    ``speech``, each recording's frozen-encoder embedding (cached; decoded again only on a miss)."""
     manifest = read_manifest(manifest_path)
     data = SiteData(manifest=manifest, problems=list(manifest.problems))
     cache = FeatureCache(cache_root, cfg)
@@ -116,6 +122,8 @@ def prepare_site(
             progress(i + 1, total)
     if language is not None and data.sessions:
         add_language_markers(data, language, cache_root)
+    if speech is not None and speech.enabled and data.sessions:
+        add_speech_embeddings(data, speech, cache_root, min_seconds=cfg.min_seconds)
     data.problems.sort(key=lambda p: (p.line or 0, p.field))
     return data
 
@@ -130,3 +138,16 @@ def add_language_markers(data: SiteData, cfg: LanguageConfig, cache_root: Path) 
     data.sessions = [replace(s, text_markers=v) for s, v in zip(data.sessions, values, strict=True)]
     data.text_cache_hits = hits
 
+
+
+def add_speech_embeddings(data: SiteData, cfg: SpeechConfig, cache_root: Path, *, min_seconds: float) -> None:
+    """Fill each session's ``speech_embedding`` from the frozen speech encoder (16 kHz audio)."""
+    rows = [s.row for s in data.sessions]
+    values, hits = speech_embeddings(
+        [s.audio_sha256 for s in data.sessions],
+        lambda i: decode(rows[i].audio_path, target_rate=SAMPLE_RATE, min_seconds=min_seconds).samples,
+        cfg,
+        cache_root=cache_root,
+    )
+    data.sessions = [replace(s, speech_embedding=v) for s, v in zip(data.sessions, values, strict=True)]
+    data.speech_cache_hits = hits

@@ -27,7 +27,7 @@ from client.prepare import SiteData, prepare_site
 from client.sigma_cache import calibrated_sigma
 from shared import metrics as M  # noqa: N812
 from shared import signing
-from shared.config import ExperimentConfig, FeatureConfig, LanguageConfig, SiteConfig
+from shared.config import ExperimentConfig, FeatureConfig, LanguageConfig, SiteConfig, SpeechConfig
 from shared.errors import DataError
 from shared.models import build_model
 from shared.params import get_arrays, set_arrays
@@ -53,18 +53,18 @@ class TrainResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _load(manifest: Path, mtime_ns: int, cfg: FeatureConfig, language: LanguageConfig | None, cache_root: Path) -> SiteData:
+def _load(manifest: Path, mtime_ns: int, cfg: FeatureConfig, language: LanguageConfig | None, speech: SpeechConfig | None, cache_root: Path) -> SiteData:
     """Site data, memoised per process for an unchanged manifest (rounds reuse it)."""
     del mtime_ns  # part of the cache key only
-    return prepare_site(manifest, cfg, cache_root, language=language)
+    return prepare_site(manifest, cfg, cache_root, language=language, speech=speech)
 
 
-def load_site_data(site: SiteConfig, cfg: FeatureConfig, language: LanguageConfig | None = None) -> SiteData:
+def load_site_data(site: SiteConfig, cfg: FeatureConfig, language: LanguageConfig | None = None, speech: SpeechConfig | None = None) -> SiteData:
     try:
         mtime = site.manifest.stat().st_mtime_ns
     except FileNotFoundError:
         raise DataError(f"Site {site.name}: manifest {site.manifest} does not exist; check site.yaml.") from None
-    return _load(site.manifest, mtime, cfg, language, site.state_dir / "features")
+    return _load(site.manifest, mtime, cfg, language, speech if speech is not None and speech.enabled else None, site.state_dir / "features")
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -86,7 +86,7 @@ class Site:
     def __init__(self, site: SiteConfig, exp: ExperimentConfig) -> None:
         self.cfg = site
         self.exp = exp
-        self.data = load_site_data(site, exp.features, exp.language)
+        self.data = load_site_data(site, exp.features, exp.language, exp.speech)
         if not self.data.sessions:
             raise DataError(f"Site {site.name}: no usable session in {site.manifest}; run `fedrelapse site check`.")
         train_ids, eval_ids = split_patients(self.data.sessions, eval_fraction=exp.training.eval_fraction, seed=exp.seed)

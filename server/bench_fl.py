@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ import numpy as np
 import yaml
 
 from shared.config import ExperimentConfig, load_site
+from shared.errors import ConfigError
 
 FLOAT_BYTES = 4
 # A pretrained speech encoder a site would otherwise fine-tune and send, for scale only:
@@ -92,8 +95,10 @@ def update_size(exp: ExperimentConfig, data: Path, *, rounds: int, bits: tuple[i
     arrays = get_arrays(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     head = {n for n in trainable if n.startswith("head.")}
+    adapter = {n for n in trainable if n.startswith("adapter.")}
     n_all = sum(v.size for v in arrays.values())
     n_head = sum(arrays[n].size for n in head)
+    n_adapter = sum(arrays[n].size for n in adapter)
     wire = sum(len(a.data) for a in to_record(arrays).values())  # Flower Array payload bytes
     clip = 2 * nodp.training.learning_rate * nodp.training.local_steps
     rng = np.random.default_rng(0)
@@ -116,8 +121,19 @@ def update_size(exp: ExperimentConfig, data: Path, *, rounds: int, bits: tuple[i
         history.append(row)
         arrays = candidates["float32"]
     last = history[-1]
+    speech: dict[str, Any] = {}
+    if exp.speech.enabled:  # the site's frozen encoder, counted from its folder: what fine-tuning it would send
+        n_enc = encoder_parameters(Path(exp.speech.model_path))
+        speech = {"speech_encoder": {
+            "encoder_parameters": n_enc, "encoder_float32_bytes": n_enc * FLOAT_BYTES,
+            "adapter_parameters": int(n_adapter), "head_and_adapter_float32_bytes": int((n_head + n_adapter) * FLOAT_BYTES),
+            "encoder_over_full_model_float32": round(n_enc / n_all, 1),
+            "encoder_over_head_and_adapter_float32": round(n_enc / (n_head + n_adapter), 1),
+            "update_holds_encoder_weights": False,
+        }}
     return {
-        "parameters": {"all": int(n_all), "trainable": int(sum(arrays[n].size for n in trainable)), "head": int(n_head)},
+        **speech,
+        "parameters": {"all": int(n_all), "trainable": int(sum(arrays[n].size for n in trainable)), "head": int(n_head), "adapter": int(n_adapter)},
         "bytes_per_site_per_round": {
             "full_model_float32": int(n_all * FLOAT_BYTES),
             "full_model_flower_payload": int(wire),
@@ -312,6 +328,7 @@ def feature_cache(exp: ExperimentConfig, data: Path, scratch: Path) -> dict[str,
     cfgs = [load_site(p) for p in discover_sites(data)]
     out: dict[str, Any] = {"sites": []}
     cold_cpu = cold_wall = warm_wall = hours = 0.0
+    speech_cpu = speech_cold = speech_warm = 0.0
     for cfg in cfgs:
         cache = scratch / cfg.name
         shutil.rmtree(cache, ignore_errors=True)
@@ -323,12 +340,138 @@ def feature_cache(exp: ExperimentConfig, data: Path, scratch: Path) -> dict[str,
         h = float(site_data.report()["hours_of_audio"])  # type: ignore[arg-type]
         out["sites"].append({"site": cfg.name, "hours_of_audio": h, "cold_s": round(t1 - t0, 2), "warm_s": round(t2 - t1, 3)})
         cold_wall, cold_cpu, warm_wall, hours = cold_wall + t1 - t0, cold_cpu + c1 - c0, warm_wall + t2 - t1, hours + h
+        if exp.speech.enabled:  # the encoder's embeddings on top of the (now warm) features, cold then warm
+            t3, c3 = time.perf_counter(), time.process_time()
+            prepare_site(cfg.manifest, exp.features, cache, speech=exp.speech)
+            t4, c4 = time.perf_counter(), time.process_time()
+            prepare_site(cfg.manifest, exp.features, cache, speech=exp.speech)
+            t5 = time.perf_counter()
+            speech_cpu, speech_cold, speech_warm = speech_cpu + c4 - c3, speech_cold + t4 - t3, speech_warm + t5 - t4
     shutil.rmtree(scratch, ignore_errors=True)
+    if exp.speech.enabled:
+        out["speech_encoder"] = {
+            "encoder": Path(exp.speech.model_path).name, "encoder_parameters": encoder_parameters(Path(exp.speech.model_path)),
+            "max_seconds": exp.speech.max_seconds, "threads": _threads(),
+            "encoder_only_hours_per_cpu_minute": round(hours / (speech_cpu / 60), 3),
+            "hours_per_cpu_minute_with_encoder": round(hours / ((cold_cpu + speech_cpu) / 60), 3),
+            "hours_per_wall_minute_with_encoder": round(hours / ((cold_wall + speech_cold) / 60), 3),
+            "warm_over_cold_with_encoder": round((warm_wall + speech_warm) / (cold_wall + speech_cold), 4),
+        }
     out.update({
         "warm_over_cold": round(warm_wall / cold_wall, 4),
         "hours_of_audio": round(hours, 3),
         "hours_per_cpu_minute": round(hours / (cold_cpu / 60), 2),
         "hours_per_wall_minute": round(hours / (cold_wall / 60), 2),
-        "note": "one process, extraction single-threaded per site; frozen pretrained encoders: none in this model yet",
+        "note": "one process; without the speech encoder (features + transcripts off here), then with it when one is given",
     })
     return out
+
+
+# --- the optional frozen speech encoder: construction, size, memory ---------------------------
+
+
+def make_random_speech_encoder(out: Path, *, size: str) -> Path:
+    """A randomly initialised wav2vec2 saved with save_pretrained, built offline from config:
+    ``base`` is wav2vec2-base-sized (``Wav2Vec2Config()`` defaults, ~94 M parameters), ``tiny``
+    the tests' 1-layer, hidden-16 encoder. Random weights time and size like trained ones."""
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    configs = {
+        "base": Wav2Vec2Config(),
+        "tiny": Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(16, 16),
+                               conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
+    }
+    if size not in configs:
+        raise ConfigError(f"Unknown encoder size {size!r}; choose one of {', '.join(configs)}.")
+    torch.manual_seed(0)
+    Wav2Vec2Model(configs[size]).save_pretrained(out)
+    return out
+
+
+def with_speech_encoder(exp: ExperimentConfig, path: Path) -> ExperimentConfig:
+    """The experiment with the frozen speech encoder in ``path`` on (its hidden size declared)."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"--speech-encoder {path} is not a transformers model folder (no config.json); make one with `fedrelapse bench speech-encoder`.")
+    hidden = json.loads(config.read_text()).get("hidden_size")
+    if not isinstance(hidden, int):
+        raise ConfigError(f"{config} has no whole-number hidden_size; is it a wav2vec2/HuBERT-style encoder?")
+    return replace(exp, speech=replace(exp.speech, encoder="transformer", model_path=str(path.resolve()), embedding_dim=hidden))
+
+
+def encoder_parameters(path: Path) -> int:
+    from transformers import AutoModel
+
+    return int(sum(p.numel() for p in AutoModel.from_pretrained(path, local_files_only=True).parameters()))
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def site_round_memory(exp: ExperimentConfig, data: Path, scratch: Path) -> dict[str, Any]:
+    """Peak RSS of a fresh site process that loads its data and trains one DP round, for the
+    first hospital of ``data``: without and (when the plan has one) with the speech encoder.
+
+    Each measurement is its own Python process (its own RSS high-water mark); the site's
+    state folder is a scratch copy whose ``features`` links the hospital's feature and
+    transcript caches but not its speech embeddings: the figure is a site's first round with
+    the encoder (loaded and run on every recording, the worst case), not feature extraction's."""
+    from server.simulate import discover_sites
+
+    cfg = load_site(discover_sites(data)[0])
+    plans = {"default_model": replace(exp, speech=replace(exp.speech, encoder="none"))}
+    if exp.speech.enabled:
+        plans["with_speech_encoder"] = exp
+    out: dict[str, Any] = {"site": cfg.name, "rounds": 1, "privacy": "on (functorch per-patient gradients)"}
+    for name, plan in plans.items():
+        state = scratch / name
+        shutil.rmtree(state, ignore_errors=True)
+        state.mkdir(parents=True)
+        (state / "features").mkdir()
+        for entry in sorted((cfg.state_dir / "features").glob("*")):  # warm features and transcripts; speech embeddings cold
+            if not entry.name.startswith("speech-"):
+                (state / "features" / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+        (state / "plan.yaml").write_text(plan.to_yaml())
+        code = "from server.bench_fl import _site_round_child; _site_round_child()"
+        done = subprocess.run([sys.executable, "-c", code, str(state / "plan.yaml"), str(cfg.manifest.parent / "site.yaml"), str(state)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"the site process for {name} failed: {done.stderr.strip()[-800:]}")
+        out[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def _site_round_child() -> None:
+    """Child of :func:`site_round_memory`: argv = plan YAML, site YAML, scratch state folder."""
+    from client.site import Site
+    from shared.config import load_experiment
+    from shared.models import build_model
+    from shared.params import get_arrays
+
+    exp = load_experiment(sys.argv[1])
+    cfg = replace(load_site(sys.argv[2]), state_dir=Path(sys.argv[3]))
+    t0 = time.perf_counter()
+    site = Site(cfg, exp)
+    if exp.speech.enabled and site.data.speech_cache_hits:
+        raise RuntimeError("the speech embeddings were cached; the memory figure must include running the encoder")
+    loaded = _peak_rss_mib()
+    t1 = time.perf_counter()
+    result = site.train(get_arrays(build_model(exp)), run_id="bench-memory", server_round=1, total_rounds=1)
+    peak = _peak_rss_mib()
+    print(json.dumps({"peak_rss_mib": round(peak, 1), "peak_rss_after_load_mib": round(loaded, 1), "load_s": round(t1 - t0, 2),
+                      "round_s": round(time.perf_counter() - t1, 2), "refusal": getattr(result, "code", None),
+                      "update_bytes": int(sum(v.nbytes for v in getattr(result, "arrays", {}).values()))}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's RSS high-water mark (VmHWM). Not ``ru_maxrss``: Linux carries that over
+    exec from the parent, so a child started by a large bench process would report the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line; the memory benchmark needs Linux.")

@@ -18,10 +18,12 @@ from shared.config import ExperimentConfig
 from shared.errors import ConfigError
 
 
-def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool, sim_sites: tuple[int, ...] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the suite; each part's result (or its error) lands in ``out/results.json`` as it finishes."""
+def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool, sim_sites: tuple[int, ...] | None = None, only: tuple[str, ...] = (), say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the suite (or the parts named in ``only``); each part's result (or its error) lands
+    in ``out/results.json`` as it finishes. With ``exp.speech`` on, feature cache, update size
+    and site memory also measure the frozen speech encoder."""
     from server.bench import dp_step_profile, dp_step_ratio, machine
-    from server.bench_fl import feature_cache, quick_cohort_config, quick_experiment, simulated_rounds, update_size
+    from server.bench_fl import feature_cache, quick_cohort_config, quick_experiment, simulated_rounds, site_round_memory, update_size
 
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine(), "quick": quick, "parts": {}}
@@ -44,10 +46,16 @@ def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool,
         ("dp_step_profile", lambda: dp_step_profile(run_exp, repeats=3 if quick else 20)),
         ("feature_cache", lambda: feature_cache(run_exp, data, out / "feature-cache-scratch")),
         ("update_size", lambda: update_size(run_exp, data, rounds=rounds)),
+        ("site_memory", lambda: site_round_memory(run_exp, data, out / "site-memory-scratch")),
         # one Ray actor: sites run one after another, so wall / Σ site compute is the pure overhead
         *((f"rounds_{n}_sites", lambda n=n: simulated_rounds(run_exp, data, out / "sim", n_sites=n, rounds=rounds, cpus=1)) for n in sites),
     ]
+    unknown = set(only) - {name for name, _ in parts}
+    if unknown:
+        raise ConfigError(f"Unknown benchmark part(s) {', '.join(sorted(unknown))}; choose from {', '.join(name for name, _ in parts)}.")
     for name, fn in parts:
+        if only and name not in only:
+            continue
         say(f"bench {name} …")
         t0 = time.perf_counter()
         try:

@@ -205,17 +205,37 @@ def bench_all(
     data: Annotated[Path | None, typer.Option(help="Cohort folder (from `fedrelapse synth`); --quick makes a tiny one when omitted.")] = None,
     config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
     quick: Annotated[bool, typer.Option("--quick", help="Tiny cohort, fewer repeats and rounds (CI smoke, a few minutes).")] = False,
+    speech_encoder: Annotated[Path | None, typer.Option(help="Local wav2vec2/HuBERT-style folder: feature cache, update size and site memory also measure it (see `bench speech-encoder`).")] = None,
+    parts: Annotated[str, typer.Option(help="Comma-separated parts to run (default: all), e.g. feature_cache,update_size,site_memory.")] = "",
 ) -> None:
-    """Every benchmark in one run: DP step, feature cache, update size, round overhead (results.json)."""
+    """Every benchmark in one run: DP step, feature cache, update size, site memory, round overhead (results.json)."""
+    from server.bench_fl import with_speech_encoder
     from server.bench_suite import run_all
     from shared.config import load_experiment
 
-    result = run_all(load_experiment(config), out, data=data, quick=quick, say=lambda m: err_console.print(m))
+    exp = load_experiment(config)
+    if speech_encoder is not None:
+        exp = with_speech_encoder(exp, speech_encoder)
+    only = tuple(p.strip() for p in parts.split(",") if p.strip())
+    result = run_all(exp, out, data=data, quick=quick, only=only, say=lambda m: err_console.print(m))
     print(json.dumps(result, indent=2))
     failed = [k for k, v in result["parts"].items() if "error" in v]
     if failed:
         err_console.print(f"[red]benchmark parts failed: {', '.join(failed)} (their errors are in {out / 'results.json'})[/red]")
         raise typer.Exit(1)
+
+
+@bench_app.command("speech-encoder")
+@friendly
+def bench_speech_encoder(
+    out: Annotated[Path, typer.Option(help="Folder to write the encoder to (save_pretrained).")],
+    size: Annotated[str, typer.Option(help="base (wav2vec2-base-sized, ~94 M parameters) or tiny (the tests' hidden-16 encoder).")] = "base",
+) -> None:
+    """Write a randomly initialised wav2vec2 encoder, built offline, for `bench all --speech-encoder` (timing and memory only)."""
+    from server.bench_fl import encoder_parameters, make_random_speech_encoder
+
+    path = make_random_speech_encoder(out, size=size)
+    print(json.dumps({"path": str(path), "size": size, "parameters": encoder_parameters(path)}))
 
 
 @bench_app.command("scale")
@@ -471,7 +491,7 @@ def site_check(
     cache = (state_dir or manifest.resolve().parent / "state") / "features"
     with _progress() as bar:
         task = bar.add_task("checking recordings", total=None)
-        data = prepare_site(manifest, features, cache, language=language, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        data = prepare_site(manifest, features, cache, language=language, speech=exp.speech if exp else None, progress=lambda d, t: bar.update(task, completed=d, total=t))
     report = data.report()
     problems = [p.render(data.manifest.path) for p in data.problems]
     if as_json:

@@ -58,7 +58,7 @@ def prepare_sites(sites: list[SiteConfig], exp: ExperimentConfig, console: Conso
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as bar:
         for site in sites:
             task = bar.add_task(f"site {site.name}: checking data, extracting features", total=None)
-            data = prepare_site(site.manifest, exp.features, site.state_dir / "features", language=exp.language, progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
+            data = prepare_site(site.manifest, exp.features, site.state_dir / "features", language=exp.language, speech=exp.speech, progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
             reports.append({"site": site.name, **data.report()})
     return reports
 

@@ -61,6 +61,24 @@ class LanguageConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SpeechConfig:
+    """An optional frozen pretrained speech encoder (wav2vec2/HuBERT style) run at each site.
+
+    Its mean-pooled embedding of each recording feeds a DP-trained low-rank adapter in the
+    model; the encoder's own weights stay at the site and never travel."""
+
+    encoder: str = spec("none", doc="Speech encoder: none (default) or a frozen local transformers model (wav2vec2/HuBERT style).", choices=("none", "transformer"))
+    model_path: str = spec("", doc="Local folder of the speech encoder, saved with save_pretrained. Never downloaded; required when encoder is transformer.")
+    embedding_dim: int = spec(768, doc="The encoder's hidden size (768 for wav2vec2-base). Declared, because the coordinator builds the model without the encoder; a site whose encoder differs refuses.", ge=1, le=4096)
+    adapter_dim: int = spec(8, doc="Width of the DP-trained low-rank adapter from the embedding into the fusion head.", ge=1, le=256)
+    max_seconds: float = spec(30.0, doc="Recordings are cropped to this length before the encoder (its cost grows with length).", gt=1, le=600)
+
+    @property
+    def enabled(self) -> bool:
+        return self.encoder != "none"
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """Which architecture to build from the registry in :mod:`shared.models`."""
 
@@ -203,11 +221,14 @@ class ExperimentConfig:
     model: ModelSpec = spec(ModelSpec(), doc="Architecture.")
     features: FeatureConfig = spec(FeatureConfig(), doc="Feature extraction.")
     language: LanguageConfig = spec(LanguageConfig(), doc="Language markers from transcripts.")
+    speech: SpeechConfig = spec(SpeechConfig(), doc="Optional frozen pretrained speech encoder with a DP-trained adapter.")
     alerts: AlertConfig = spec(AlertConfig(), doc="Early-warning alert policy (evaluation and site timelines).")
 
     def validate(self, source: str) -> None:
         if self.privacy.target_delta >= 1e-2:
             raise ConfigError(f"{source}: `privacy.target_delta` {self.privacy.target_delta} is too large; use < 0.01.")
+        if self.speech.enabled and not self.speech.model_path:
+            raise ConfigError(f"{source}: `speech.encoder` is transformer but `speech.model_path` is empty; give the local folder of the encoder (it is never downloaded), or set `speech.encoder: none`.")
 
     def with_privacy(self, **changes: Any) -> ExperimentConfig:
         """A copy with some privacy fields changed (used for baselines and sweeps)."""

@@ -84,6 +84,8 @@ def test_quick_bench_suite_runs_end_to_end(tiny_cohort: Path, tmp_path: Path) ->
     assert parts["update_size"]["auroc_by_round"][-1]["float32"] is not None
     cache = parts["feature_cache"]
     assert 0 < cache["warm_over_cold"] < 1 and cache["hours_per_cpu_minute"] > 0
+    memory = parts["site_memory"]["default_model"]
+    assert memory["refusal"] is None and memory["peak_rss_mib"] >= memory["peak_rss_after_load_mib"] > 0
     sim = parts["rounds_3_sites"]
     assert len(sim["per_round"]) == 2 and all(r["sites_replied"] == 3 and r["sites_compute_s"] > 0 for r in sim["per_round"])
     assert sim["peak_rss_site_process_mib"] > 0 and sim["peak_rss_all_processes_mib"] > 0
