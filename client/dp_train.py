@@ -19,6 +19,7 @@ from torch import nn
 
 from client.dataset import PatientTensors
 from client.patient_grads import DEFAULT_GRADS, make_patient_grads, patient_loss_fn
+from client.predict import predict
 
 __all__ = ["CpuNoiseDPOptimizer", "StepStats", "make_optimizer", "patient_loss_fn", "predict", "train_dp", "train_plain"]
 
@@ -196,16 +197,3 @@ def _batch_loss(model: nn.Module, mel: torch.Tensor, markers: torch.Tensor, y: t
     logits = model(mel.flatten(0, 1), markers.flatten(0, 1)).view(b, k)
     per = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
     return ((per * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()
-
-
-@torch.no_grad()
-def predict(model: nn.Module, data: PatientTensors, device: torch.device, chunk: int = 32) -> torch.Tensor:
-    """Session risk probabilities (P, K); padding entries are meaningless (use ``mask``)."""
-    model.eval()
-    out = []
-    for i in range(0, data.n_patients, chunk):
-        mel = data.mel[i : i + chunk].to(device=device, dtype=torch.float32)
-        mk = data.markers[i : i + chunk].to(device)
-        b, k = mk.shape[:2]
-        out.append(torch.sigmoid(model(mel.flatten(0, 1), mk.flatten(0, 1)).view(b, k)).cpu())
-    return torch.cat(out)

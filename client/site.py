@@ -22,7 +22,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from client.dataset import PatientTensors, build_tensors, split_patients
-from client.dp_train import make_optimizer, predict, train_dp, train_plain
+from client.predict import predict
 from client.prepare import SiteData, prepare_site
 from client.sigma_cache import calibrated_sigma
 from shared import metrics as M  # noqa: N812
@@ -166,6 +166,8 @@ class Site:
 
     def train(self, arrays: dict[str, np.ndarray], *, run_id: str, server_round: int, total_rounds: int) -> TrainResult | Refusal:
         """One round of local training; with DP on, the signed ledger entry is fsync'd first."""
+        from client.dp_train import make_optimizer, train_dp, train_plain  # Opacus: only a training process imports it
+
         exp, t = self.exp, self.exp.training
         if self.train_set.n_patients < self.k:
             return Refusal("no-data", f"Site {self.cfg.name} has {self.train_set.n_patients} training patients, fewer than k={self.k}.")

@@ -1,7 +1,10 @@
 """The coordinator's Flower ServerApp (Message API).
 
 Run config (``pyproject.toml`` [tool.flwr.app.config], overridable with ``--run-config``):
-``experiment`` (path to the experiment YAML), ``out`` (run folder), ``run-id``.
+``experiment`` (path to the experiment YAML), ``out`` (run folder), ``run-id``,
+``signing-key`` (the coordinator's model-signing private key) and ``resume`` (the run folder
+of a deployed run that stopped: the run continues there with its own run id and plan, from
+its last recorded round's verified checkpoint; see :mod:`server.resume`).
 """
 
 from __future__ import annotations
@@ -14,11 +17,31 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import run_federation
-from server.resume import ResumePoint
+from server.resume import ResumePoint, load_resume_point
+from server.run_folder import write_json
 from shared import protocol as P  # noqa: N812
 from shared import signing
 from shared.config import ExperimentConfig, load_experiment
+from shared.errors import ConfigError
 from shared.faults import FaultPlan
+
+DEPLOY_INFO = "deployment.json"  # in a deployed run's folder: what `fedrelapse run --resume` submits again
+
+
+def resume_from_run_config(folder: str, *, out: str, run_id: str, experiment: str, key_path: Path | None) -> ResumePoint:
+    """The checked resume point of a deployed run named by the ``resume`` run-config key.
+
+    ``out``, ``run-id`` and ``experiment``, when given too, must name that same run and plan;
+    the checkpoint is verified with the public half of ``key_path`` (the coordinator's key).
+    """
+    run = Path(folder)
+    if out and Path(out).resolve() != run.resolve():
+        raise ConfigError(f"Run config asks to resume {run} but to write to {out}; a resumed run continues in its own folder. Leave `out` empty or give the same folder.")
+    public_key = signing.load_private(key_path).public_key() if key_path else None
+    point = load_resume_point(run, exp=load_experiment(Path(experiment)) if experiment else None, public_key=public_key)
+    if run_id and run_id != point.run_id:
+        raise ConfigError(f"Run config asks to resume {run} (run {point.run_id}) under run id {run_id!r}; a resumed run keeps its run id. Leave `run-id` empty.")
+    return point
 
 
 def new_run_id(name: str) -> str:
@@ -40,13 +63,23 @@ def build_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         rc = context.run_config
-        cfg = exp or load_experiment(Path(str(rc[P.RC_EXPERIMENT])))
-        folder = out or Path(str(rc[P.RC_OUT]))
-        rid = run_id or str(rc.get(P.RC_RUN_ID, "")) or new_run_id(cfg.name)
         key_path = signing_key or (Path(str(rc[P.RC_SIGNING_KEY])) if rc.get(P.RC_SIGNING_KEY) else None)
+        point, resume_dir = resume, str(rc.get(P.RC_RESUME, "")) if exp is None else ""
+        if resume_dir:  # a deployed run continues: checked before any site is contacted
+            point = resume_from_run_config(
+                resume_dir, out=str(rc.get(P.RC_OUT, "")), run_id=str(rc.get(P.RC_RUN_ID, "")), experiment=str(rc.get(P.RC_EXPERIMENT, "")), key_path=key_path,
+            )
+            cfg, folder, rid = point.exp, Path(resume_dir), point.run_id
+        else:
+            cfg = exp or load_experiment(Path(str(rc[P.RC_EXPERIMENT])))
+            folder = out or Path(str(rc[P.RC_OUT]))
+            rid = run_id or str(rc.get(P.RC_RUN_ID, "")) or new_run_id(cfg.name)
+        if exp is None:  # deployed: record how to submit this run again if the coordinator stops
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / DEPLOY_INFO, {"engine": "deployment", "run_id": rid, "signing_key": str(key_path.resolve()) if key_path else ""})
         run_federation(
             wrap_grid(grid) if wrap_grid else grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None,
-            resume=resume, after_round=faults.after_round if faults else None,
+            resume=point, after_round=faults.after_round if faults else None,
         )
 
     return server_app

@@ -102,14 +102,19 @@ def simulate(
 def run_cmd(
     resume: Annotated[Path, typer.Option("--resume", help="Run folder of a run that stopped (coordinator crash) to continue.")],
     config: Annotated[Path | None, typer.Option(help="Experiment YAML; if given, it must be the plan the run started with.")] = None,
+    superlink: Annotated[str | None, typer.Option(help="Deployed runs: the SuperLink's HOST:PORT (its Control API) to submit the resumed run to.")] = None,
+    keys: Annotated[Path | None, typer.Option(help="Deployed runs: the `fedrelapse keys` folder (its ca/ca.pem reaches the SuperLink over TLS).")] = None,
+    timeout_s: Annotated[float, typer.Option(help="Deployed runs: give up waiting for the resumed run after this many seconds.")] = 24 * 3600.0,
 ) -> None:
     """Continue a run after a coordinator crash, from its last verified checkpoint (same run id).
 
     The checkpoint's digest and the coordinator's signature are checked and the plan must be
     unchanged. Sites refuse to train or be charged again for a round they already accounted,
     so no privacy budget is spent twice. A finished run is reported and left as it is.
-    Works for runs made by `fedrelapse simulate`.
+    Works for runs made by `fedrelapse simulate` and for deployed runs (the run folder has
+    deployment.json; give --superlink and --keys: the run is submitted again with `flwr run`).
     """
+    from server.app import DEPLOY_INFO
     from server.resume import finished_summary, read_run
     from server.simulate import resume_simulation
 
@@ -119,8 +124,54 @@ def run_cmd(
         console.print(f"run {run_id} has already finished (status: {done.get('status')}); nothing to resume, nothing was changed.")
         print_summary(done, resume)
         return
-    summary = resume_simulation(resume, config=config, console=console)
+    if (resume / DEPLOY_INFO).is_file():
+        summary = _resume_deployed(resume, config=config, superlink=superlink, keys=keys, timeout_s=timeout_s)
+    else:
+        if superlink or keys:
+            raise typer.BadParameter(f"{resume} has no {DEPLOY_INFO}: it is not a deployed run, so --superlink/--keys do not apply.")
+        summary = resume_simulation(resume, config=config, console=console)
     print_summary(summary, resume)
+
+
+def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, keys: Path | None, timeout_s: float) -> dict[str, Any]:
+    """Check the run folder here, then `flwr run` the app bundle with ``resume=RUN`` at ``superlink``."""
+    import os
+    import subprocess
+    import tempfile
+
+    from server.app import DEPLOY_INFO
+    from server.deployment import APP_DIR, flwr_run_argv
+    from server.node_registry import write_connection
+    from server.resume import finished_summary, load_resume_point
+    from shared import protocol as P  # noqa: N812
+    from shared import signing
+    from shared.config import load_experiment
+    from shared.errors import ConfigError, FederationError
+
+    if not superlink or keys is None:
+        raise typer.BadParameter(f"{run} is a deployed run: give --superlink HOST:PORT (the running SuperLink) and --keys (the consortium keys folder) to resume it.")
+    ca = keys / "ca" / "ca.pem"
+    if not ca.is_file():
+        raise typer.BadParameter(f"{ca} does not exist; give the keys folder made by `fedrelapse keys ca`.")
+    try:
+        key_text = str(json.loads((run / DEPLOY_INFO).read_text(encoding="utf-8"))["signing_key"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{run / DEPLOY_INFO} is not readable ({exc}); the run cannot be resumed.") from None
+    key = Path(key_text) if key_text else None
+    if key is not None and not key.is_file():
+        raise ConfigError(f"The coordinator's signing key {key} (named in {run / DEPLOY_INFO}) is gone; the run's checkpoints cannot be verified, so it is not resumed.")
+    # every check before any site is contacted; the ServerApp repeats them where it runs
+    load_resume_point(run, exp=load_experiment(config) if config else None, public_key=signing.load_private(key).public_key() if key else None)
+    values = {P.RC_EXPERIMENT: config, P.RC_OUT: None, P.RC_RUN_ID: "", P.RC_SIGNING_KEY: key, P.RC_RESUME: run}
+    with tempfile.TemporaryDirectory(prefix="fedrelapse-flwr-home-") as home:  # the researcher's ~/.flwr is left alone
+        write_connection(Path(home), address=superlink, ca=ca, name="coordinator")
+        env = {**os.environ, "FLWR_HOME": home, "FLWR_TELEMETRY_ENABLED": "0"}
+        proc = subprocess.run(flwr_run_argv(APP_DIR, "coordinator", values), env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    summary = finished_summary(run)
+    if proc.returncode != 0 or summary is None:
+        tail = (proc.stdout + proc.stderr)[-2000:]
+        raise FederationError(f"The resumed run in {run} did not finish (flwr run exited {proc.returncode}); its last output:\n{tail}")
+    return summary
 
 
 @app.command()

@@ -154,15 +154,19 @@ class LocalConsortium:
             _wait_healthy(port, node, f"flower-supernode for {cfg}", log, self.startup_timeout_s)
         return node, log
 
-    def submit(self, experiment: Path, out: Path, *, run_id: str = "", timeout_s: float = 600.0, app_dir: Path = APP_DIR) -> subprocess.CompletedProcess[str]:
-        """`flwr run` the app bundle and stream until the ServerApp finishes."""
+    def submit_command(self, experiment: Path | None, out: Path | None, *, run_id: str = "", resume: Path | None = None, app_dir: Path = APP_DIR) -> tuple[list[str], dict[str, str]]:
+        """The `flwr run` command line and environment that submit a run (or resume one) here."""
         key = (self.keys / "server" / "model-signing.key").resolve() if self.keys else None
-        signing_key = str(key) if key and key.exists() else ""
-        rc = f'{P.RC_EXPERIMENT}="{experiment.resolve()}" {P.RC_OUT}="{out.resolve()}" {P.RC_RUN_ID}="{run_id}" {P.RC_SIGNING_KEY}="{signing_key}"'
-        return subprocess.run(
-            [_bin("flwr"), "run", str(app_dir), FEDERATION, "--stream", "--run-config", rc],
-            env=self._env("home-cli"), capture_output=True, text=True, timeout=timeout_s, check=False,
-        )
+        values = {P.RC_EXPERIMENT: experiment, P.RC_OUT: out, P.RC_RUN_ID: run_id, P.RC_SIGNING_KEY: key if key and key.exists() else None, P.RC_RESUME: resume}
+        return flwr_run_argv(app_dir, FEDERATION, values), self._env("home-cli")
+
+    def submit(
+        self, experiment: Path | None, out: Path | None, *, run_id: str = "", resume: Path | None = None, timeout_s: float = 600.0, app_dir: Path = APP_DIR,
+    ) -> subprocess.CompletedProcess[str]:
+        """`flwr run` the app bundle and stream until the ServerApp finishes; with ``resume``
+        (a run folder) the ServerApp continues that run instead (experiment and out may be None)."""
+        argv, env = self.submit_command(experiment, out, run_id=run_id, resume=resume, app_dir=app_dir)
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -187,6 +191,22 @@ class LocalConsortium:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def run_config_arg(values: dict[str, str | Path | None]) -> str:
+    """``--run-config`` text for ``values`` (paths made absolute; None and "" give an empty value)."""
+    parts = []
+    for key, value in values.items():
+        text = "" if value is None else str(value.resolve()) if isinstance(value, Path) else value
+        if '"' in text or "\n" in text:
+            raise FederationError(f"Run-config value for {key!r} contains a quote or a line break ({text!r}); rename the file or folder.")
+        parts.append(f'{key}="{text}"')
+    return " ".join(parts)
+
+
+def flwr_run_argv(app_dir: Path, federation: str, values: dict[str, str | Path | None]) -> list[str]:
+    """`flwr run APP FEDERATION --stream --run-config ...`: submit and stream until the run ends."""
+    return [_bin("flwr"), "run", str(app_dir), federation, "--stream", "--run-config", run_config_arg(values)]
 
 
 def superlink_argv(*, keys: Path | None, host: str, port: int, node_auth: bool = True) -> list[str]:

@@ -33,6 +33,7 @@ RC_EXPERIMENT = "experiment"
 RC_OUT = "out"
 RC_RUN_ID = "run-id"
 RC_SIGNING_KEY = "signing-key"  # coordinator's model-signing private key (path on the coordinator)
+RC_RESUME = "resume"  # run folder of a deployed run to continue (path on the coordinator); empty: a new run
 
 # Node-config key a SuperNode sets to its site.yaml (deployment).
 NC_SITE_CONFIG = "site-config"

@@ -1,24 +1,63 @@
 """The same ServerApp/ClientApp on Flower's Deployment Engine: a real flower-superlink and one
 flower-supernode per hospital as processes on 127.0.0.1, over TLS with the consortium CA and
 SuperNode authentication (only registered node keys may join), each site running its pinned
-ClientApp launcher (client/pinned_app.py)."""
+ClientApp launcher (client/pinned_app.py). The coordinator's ServerApp is killed once round 1 is
+recorded and the run is resumed with `fedrelapse run --resume` (same run id): each site's ledger
+then holds exactly one entry per round."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import yaml
+from typer.testing import CliRunner
 
 from client.pinned_app import PINNED_MARK
+from server.cli import app
 from server.deployment import LocalConsortium
 from server.keys import make_ca, make_server, make_site
 from shared.schema import to_plain
 from tests.conftest import tiny_experiment
 
 
-def test_deployment_engine_runs_the_same_apps_end_to_end_over_tls(tiny_cohort: Path, tmp_path: Path) -> None:
+def descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (Linux /proc): the SuperLink's ServerApp runs there."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def kill_serverapp_after_round_1(consortium: LocalConsortium, submitted: subprocess.Popen[str], out: Path, timeout_s: float = 300.0) -> None:
+    """Wait until round 1 is in metrics.json, then SIGKILL the ServerApp: a coordinator crash."""
+    deadline = time.monotonic() + timeout_s
+    metrics = out / "metrics.json"
+    while not (metrics.is_file() and json.loads(metrics.read_text())):
+        assert submitted.poll() is None and time.monotonic() < deadline, "the run ended or stalled before round 1 was recorded"
+        time.sleep(0.1)
+    serverapps = [p for p in descendants(consortium.procs[0].pid) if b"flwr-serverapp" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert serverapps, "no flwr-serverapp process under the SuperLink"
+    for pid in serverapps:
+        os.kill(pid, signal.SIGKILL)
+    submitted.terminate()  # the researcher's `flwr run --stream` goes too
+    submitted.wait(timeout=30)
+
+
+def test_deployment_engine_runs_the_same_apps_end_to_end_over_tls_and_resumes_after_a_coordinator_crash(tiny_cohort: Path, tmp_path: Path) -> None:
     exp_path = tmp_path / "experiment.yaml"
     exp_path.write_text(yaml.safe_dump(to_plain(tiny_experiment())))
     keys = tmp_path / "keys"
@@ -38,19 +77,28 @@ def test_deployment_engine_runs_the_same_apps_end_to_end_over_tls(tiny_cohort: P
     with LocalConsortium(tmp_path / "flower", sites, keys=keys, node_auth=True) as consortium:
         plain, plain_log = consortium.start_supernode(sites[0], "plaintext-intruder", insecure=True, wait=False)
         unknown, unknown_log = consortium.start_supernode(sites[0], "unregistered-intruder", wait=False, auth_key=intruder_key)
-        proc = consortium.submit(exp_path, out, run_id="deploy-test", timeout_s=400)
-        time.sleep(1)
+        argv, env = consortium.submit_command(exp_path, out, run_id="deploy-test")
+        submitted = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        kill_serverapp_after_round_1(consortium, submitted, out)
+        crashed_without_summary = not (out / "summary.json").exists()
         intruder_alive = plain.poll() is None
         unknown_alive = unknown.poll() is None
+        resumed = CliRunner().invoke(app, ["run", "--resume", str(out), "--superlink", f"127.0.0.1:{consortium.superlink_port}", "--keys", str(keys), "--timeout-s", "400"])
 
     all_logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(logs.glob("*.log")))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + all_logs
+    assert crashed_without_summary
+    assert resumed.exit_code == 0, resumed.output[-3000:] + all_logs
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert summary["run_id"] == "deploy-test" and summary["resumed_at_round"] == 2 and summary["rounds_planned"] == 2
+    rounds = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2]
+    # a site that had already trained round 2 for the killed ServerApp refuses it as a replay, uncharged
+    assert all(e.get("refused", {}).get("code", "replay") == "replay" for e in rounds[1]["sites"].values()), rounds[1]["sites"]
     assert set(summary["sites"]) == {"alpha", "beta", "gamma"}
     assert all(s["epsilon"] > 0 and len(s["ledger_head"]) == 64 for s in summary["sites"].values())
-    for name in ("alpha", "beta", "gamma"):  # each site accounted both rounds in its own signed ledger
-        assert len((tmp_path / name / "ledger" / "privacy-ledger.jsonl").read_text().splitlines()) == 2
+    for name in ("alpha", "beta", "gamma"):  # each site accounted each round exactly once in its own signed ledger
+        entries = [json.loads(line) for line in (tmp_path / name / "ledger" / "privacy-ledger.jsonl").read_text().splitlines()]
+        assert sorted((e["run_id"], e["round"]) for e in entries) == [("deploy-test", 1), ("deploy-test", 2)], entries
     superlink_log = (logs / "superlink.log").read_text(errors="replace")
     assert "https://127.0.0.1" in superlink_log
     assert intruder_alive and "Connection attempt failed" in plain_log.read_text(errors="replace")  # no TLS: refused

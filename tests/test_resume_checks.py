@@ -13,6 +13,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
+from server.app import DEPLOY_INFO, resume_from_run_config
+from server.cli import app
 from server.resume import load_resume_point
 from server.run_folder import RunFolder, checkpoint_path
 from server.simulate import SIM_INFO
@@ -137,3 +139,43 @@ def test_cli_needs_a_run_folder(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path)])
     assert result.exit_code == ConfigError.exit_code
     assert "not a run folder" in " ".join(result.output.split())
+
+
+def deployed(run: Path, key_path: Path) -> None:
+    """Make ``run`` look like a deployed run folder (what the ServerApp writes in deployment)."""
+    (run / SIM_INFO).unlink()
+    (run / DEPLOY_INFO).write_text(json.dumps({"engine": "deployment", "run_id": "run-x", "signing_key": str(key_path)}))
+
+
+def test_the_resume_run_config_key_continues_the_run_in_its_folder_with_its_id(tmp_path: Path) -> None:
+    run, _ = crashed_run(tmp_path)
+    key_path = tmp_path / "data" / "consortium" / "model-signing.key"
+    point = resume_from_run_config(str(run), out="", run_id="", experiment="", key_path=key_path)
+    assert (point.run_id, point.next_round) == ("run-x", 3)
+
+
+@pytest.mark.parametrize(("override", "why"), [({"out": "elsewhere"}, "continues in its own folder"), ({"run_id": "new-id"}, "keeps its run id")])
+def test_the_resume_run_config_key_refuses_another_folder_or_run_id(tmp_path: Path, override: dict[str, str], why: str) -> None:
+    run, _ = crashed_run(tmp_path)
+    args = {"out": "", "run_id": "", "experiment": "", "key_path": tmp_path / "data" / "consortium" / "model-signing.key"} | override
+    with pytest.raises(ConfigError, match=why):
+        resume_from_run_config(str(run), **args)
+
+
+def test_resuming_a_signed_deployed_run_without_the_coordinator_key_is_refused(tmp_path: Path) -> None:
+    run, _ = crashed_run(tmp_path)
+    with pytest.raises(CryptoError, match="is signed"):
+        resume_from_run_config(str(run), out="", run_id="", experiment="", key_path=None)
+
+
+def test_the_cli_asks_for_the_superlink_to_resume_a_deployed_run_and_checks_before_submitting(tmp_path: Path) -> None:
+    run, _ = crashed_run(tmp_path)
+    key_path = tmp_path / "data" / "consortium" / "model-signing.key"
+    deployed(run, key_path)
+    no_link = CliRunner().invoke(app, ["run", "--resume", str(run)])
+    assert no_link.exit_code != 0 and "--superlink" in " ".join(no_link.output.split())
+    (tmp_path / "keys" / "ca").mkdir(parents=True)
+    (tmp_path / "keys" / "ca" / "ca.pem").write_text("not used: the checks fail first")
+    rewrite_checkpoint(checkpoint_path(run, 2), bump=True)  # altered weights: refused here, before any `flwr run`
+    altered = CliRunner().invoke(app, ["run", "--resume", str(run), "--superlink", "127.0.0.1:1", "--keys", str(tmp_path / "keys")])
+    assert altered.exit_code == CryptoError.exit_code and "do not match the digest" in " ".join(altered.output.split())

@@ -14,9 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from opacus.accountants import create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
 # Rényi orders: Opacus' defaults stop at 63, where the optimum sits for small ε (Opacus then
@@ -53,6 +50,10 @@ def epsilon(events: Iterable[SubsampledGaussian], *, delta: float, accountant: s
     history = [(sigma, q, steps) for (sigma, q), steps in merged.items()]
     if not history:
         return 0.0
+    # Opacus is imported when first needed: a site's evaluate-only process never pays its ~2 s import.
+    from opacus.accountants import create_accountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     if accountant == "rdp":
         # What Opacus' RDPAccountant computes (RDP adds up over composed mechanisms), with
         # each mechanism's RDP curve memoised: a ledger re-accounts the same rounds often.
@@ -66,6 +67,8 @@ def epsilon(events: Iterable[SubsampledGaussian], *, delta: float, accountant: s
 
 @functools.lru_cache(maxsize=65536)
 def _rdp_curve(noise_multiplier: float, sample_rate: float, steps: int) -> np.ndarray:
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     curve = np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=list(RDP_ALPHAS)))
     curve.flags.writeable = False
     return curve
@@ -87,6 +90,8 @@ def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: 
 
 @functools.lru_cache(maxsize=1024)
 def _calibrate(target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,
