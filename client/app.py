@@ -76,13 +76,13 @@ def site_cache_size() -> int:
     return size
 
 
-@functools.lru_cache(maxsize=site_cache_size())
 def _import_training() -> None:
     """Import the DP training code (and Opacus) before a train handler starts its compute
     clock: a site process imports it only when it trains, and start-up is overhead, not compute."""
     importlib.import_module("client.dp_train")
 
 
+@functools.lru_cache(maxsize=site_cache_size())
 def _site(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
     """One Site per (site, plan) per process: data and tensors are built once, not per round."""
     return Site(site_cfg, exp)
