@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from client.vector_cache import VectorCache
 from shared.config import LanguageConfig
 from shared.errors import ConfigError
 from shared.markers import LANGUAGE_MARKERS, N_LANGUAGE
@@ -190,32 +189,16 @@ def _cached_transformer(path: str, max_tokens: int) -> TransformerEncoder:
     return _ENCODERS[key]
 
 
-class MarkerCache:
+class MarkerCache(VectorCache):
     """``<root>/text-<encoder identity hash>/<sha[:2]>/<sha>.npy`` keyed by transcript + language + voiced time."""
 
     def __init__(self, root: Path, identity: str, cfg: LanguageConfig) -> None:
         tag = hashlib.sha256(json.dumps([MARKER_FORMAT, identity, cfg.near_duplicate]).encode()).hexdigest()[:16]
-        self.dir = root / f"text-{tag}"
+        super().__init__(root / f"text-{tag}", (N_LANGUAGE,))  # NaN entries are valid: missing markers
 
     @staticmethod
     def key(text: str, language: str, voiced_seconds: float) -> str:
         return hashlib.sha256(f"{language}\0{voiced_seconds:.3f}\0{text}".encode()).hexdigest()
-
-    def get(self, key: str) -> np.ndarray | None:
-        p = self.dir / key[:2] / f"{key}.npy"
-        try:
-            v = np.load(p)
-        except (OSError, ValueError):
-            return None
-        return v if v.shape == (N_LANGUAGE,) else None
-
-    def put(self, key: str, value: np.ndarray) -> None:
-        p = self.dir / key[:2] / f"{key}.npy"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, value)
-        os.replace(tmp, p)
 
 
 def language_markers(

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from client.vector_cache import VectorCache
 from shared.config import SpeechConfig
 from shared.errors import ConfigError
 
@@ -84,27 +83,12 @@ def make_encoder(cfg: SpeechConfig) -> SpeechEncoder | None:
     return _ENCODERS[key]
 
 
-class EmbeddingCache:
+class EmbeddingCache(VectorCache):
     """``<root>/speech-<encoder identity hash>/<sha[:2]>/<audio sha256>.npy``, written atomically."""
 
     def __init__(self, root: Path, identity: str, dim: int) -> None:
         tag = hashlib.sha256(json.dumps([EMBEDDING_FORMAT, identity]).encode()).hexdigest()[:16]
-        self.dir, self.dim = root / f"speech-{tag}", dim
-
-    def get(self, audio_sha256: str) -> np.ndarray | None:
-        try:
-            v = np.load(self.dir / audio_sha256[:2] / f"{audio_sha256}.npy")
-        except (OSError, ValueError):
-            return None
-        return v if v.shape == (self.dim,) and np.isfinite(v).all() else None
-
-    def put(self, audio_sha256: str, value: np.ndarray) -> None:
-        p = self.dir / audio_sha256[:2] / f"{audio_sha256}.npy"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, value)
-        os.replace(tmp, p)
+        super().__init__(root / f"speech-{tag}", (dim,), finite=True)
 
 
 def speech_embeddings(
