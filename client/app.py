@@ -29,7 +29,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client import site as site_module
 from client.approval import is_approved
-from client.site import Refusal, Site
+from client.site import Refusal, Site, TrainResult
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared import secure_records, signing
@@ -273,6 +273,18 @@ def check_secure_update(update: list[np.ndarray], incoming: list[np.ndarray], we
     return None
 
 
+def _train(site_name: str, site: Site, req: Request, faults: FaultPlan | None) -> tuple[TrainResult | Refusal, float]:
+    """One round of local training for a plain or SecAgg+ message; (result, compute start)."""
+    if faults is not None:
+        faults.before_training(site_name, req.server_round)
+    _import_training()
+    started = time.perf_counter()
+    try:
+        return site.train(req.arrays, run_id=req.run_id, server_round=req.server_round, total_rounds=req.total_rounds), started
+    except PolicyError as exc:  # e.g. a ledger that fails its integrity check
+        return Refusal("ledger", str(exc)), started
+
+
 def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], faults: FaultPlan | None) -> Message:
     """A SecAgg+ train round: DP-train, check the update here, hand it to the mod to mask.
 
@@ -302,14 +314,7 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     if isinstance(checked, Refusal):
         return refuse(checked)
     req, site = checked
-    if faults is not None:
-        faults.before_training(site_cfg.name, req.server_round)
-    _import_training()
-    started = time.perf_counter()
-    try:
-        result = site.train(req.arrays, run_id=req.run_id, server_round=req.server_round, total_rounds=req.total_rounds)
-    except PolicyError as exc:
-        result = Refusal("ledger", str(exc))
+    result, started = _train(site_cfg.name, site, req, faults)
     if isinstance(result, Refusal):
         return refuse(result)
     update = [result.arrays[n] for n in names]  # global model order
@@ -340,14 +345,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         if isinstance(setup, Refusal):
             return _reply(msg, site_cfg.name, refusal=setup)
         req, site = setup
-        if faults is not None:
-            faults.before_training(site_cfg.name, req.server_round)
-        _import_training()
-        started = time.perf_counter()
-        try:
-            result = site.train(req.arrays, run_id=req.run_id, server_round=req.server_round, total_rounds=req.total_rounds)
-        except PolicyError as exc:  # e.g. a ledger that fails its integrity check
-            result = Refusal("ledger", str(exc))
+        result, started = _train(site_cfg.name, site, req, faults)
         if faults is not None:
             try:
                 faults.after_training(site_cfg.name, req.server_round)
