@@ -22,7 +22,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.errors import CryptoError, FederationError
+from shared.errors import FederationError
+from shared.signing import read_key
 
 CONNECTION = "fedrelapse"
 _REVOKED = frozenset({"unregistered", "deleted"})
@@ -48,14 +49,12 @@ def write_connection(home: Path, *, address: str, ca: Path | None, name: str = C
 
 def public_key_pem(public_key: Path) -> bytes:
     """A site's OpenSSH node.pub as the PEM bytes the SuperLink stores."""
-    try:
-        key = serialization.load_ssh_public_key(public_key.read_bytes())
-    except FileNotFoundError:
-        raise CryptoError(f"{public_key} does not exist; create the site's key with `fedrelapse keys site NAME`.") from None
-    except ValueError as exc:
-        raise CryptoError(f"{public_key} is not an OpenSSH public key ({exc}).") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise CryptoError(f"{public_key} is not a NIST EC key; Flower node authentication needs one (`fedrelapse keys site`).")
+    key = read_key(
+        public_key, serialization.load_ssh_public_key, ec.EllipticCurvePublicKey,
+        missing=f"{public_key} does not exist; create the site's key with `fedrelapse keys site NAME`.",
+        malformed=f"{public_key} is not an OpenSSH public key",
+        wrong_type=f"{public_key} is not a NIST EC key; Flower node authentication needs one (`fedrelapse keys site`).",
+    )
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 

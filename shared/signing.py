@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -31,28 +33,33 @@ def generate(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_private(path: Path) -> Ed25519PrivateKey:
+def read_key(path: Path, load: Callable[[bytes], object], expected: type, *, missing: str, malformed: str, wrong_type: str) -> Any:
+    """A key file parsed by ``load``, or a CryptoError saying what is wrong and what to do."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = load(path.read_bytes())
     except FileNotFoundError:
-        raise CryptoError(f"Signing key {path} does not exist; run `fedrelapse site init` first.") from None
+        raise CryptoError(missing) from None
     except ValueError as exc:
-        raise CryptoError(f"{path} is not a PEM private key ({exc}).") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise CryptoError(f"{path} is not an Ed25519 key.")
+        raise CryptoError(f"{malformed} ({exc}).") from exc
+    if not isinstance(key, expected):
+        raise CryptoError(wrong_type)
     return key
+
+
+def load_private(path: Path) -> Ed25519PrivateKey:
+    return read_key(
+        path, lambda b: serialization.load_pem_private_key(b, password=None), Ed25519PrivateKey,
+        missing=f"Signing key {path} does not exist; run `fedrelapse site init` first.",
+        malformed=f"{path} is not a PEM private key", wrong_type=f"{path} is not an Ed25519 key.",
+    )
 
 
 def load_public(path: Path) -> Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise CryptoError(f"Public key {path} does not exist; ask the site for its ledger public key.") from None
-    except ValueError as exc:
-        raise CryptoError(f"{path} is not a PEM public key ({exc}).") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise CryptoError(f"{path} is not an Ed25519 public key.")
-    return key
+    return read_key(
+        path, serialization.load_pem_public_key, Ed25519PublicKey,
+        missing=f"Public key {path} does not exist; ask the site for its ledger public key.",
+        malformed=f"{path} is not a PEM public key", wrong_type=f"{path} is not an Ed25519 public key.",
+    )
 
 
 def sign(key: Ed25519PrivateKey, message: bytes) -> str:
