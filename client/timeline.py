@@ -35,10 +35,12 @@ def sessions_by_patient(sessions: list[PreparedSession]) -> dict[str, list[Prepa
     return dict(out)
 
 
-def site_timelines(site: Site, model: torch.nn.Module, *, which: str = "eval") -> list[Timeline]:
-    """Timelines of the site's held-out (``eval``) or training (``train``) patients."""
+def site_timelines(site: Site, model: torch.nn.Module, *, which: str = "eval", probs: torch.Tensor | None = None) -> list[Timeline]:
+    """Timelines of the site's held-out (``eval``) or training (``train``) patients; pass
+    ``probs`` (P, K) when the caller has already predicted that split."""
     data = {"eval": site.eval_set, "train": site.train_set}[which]
-    probs = predict(model, data, site.device)  # (P, K)
+    if probs is None:
+        probs = predict(model, data, site.device)  # (P, K)
     by_patient = sessions_by_patient(site.data.sessions)
     out = []
     for i, pid in enumerate(data.patient_ids):

@@ -164,8 +164,8 @@ class Harness:
             train_y.append(tr.labels[tr.mask].numpy())
             train_p.append(pt[tr.mask].numpy())
             per_site[site.cfg.name] = round(M.auroc(y, p), 4)
-            val_tl += site_timelines(site, model, which="train")
-            eval_tl += site_timelines(site, model, which="eval")
+            val_tl += site_timelines(site, model, which="train", probs=pt)
+            eval_tl += site_timelines(site, model, which="eval", probs=pe)
         y, p, g = np.concatenate(ys), np.concatenate(ps), np.concatenate(groups)
         cut = youden_threshold(np.concatenate(train_y), np.concatenate(train_p))
         pred = p >= cut
