@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,21 +13,17 @@ import pytest
 import soundfile as sf
 
 from shared.config import ExperimentConfig, FederationConfig, TrainingConfig, load_experiment
-from shared.synth.config import CohortConfig, HospitalSpec, Trajectory, load_cohort
+from shared.synth.config import CohortConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_cohort_config() -> CohortConfig:
-    """3 hospitals, few short sessions: seconds to synthesise, same code path as the demo."""
-    base = load_cohort(ROOT / "configs" / "cohort.yaml")
-    hospitals = (
-        HospitalSpec(name="alpha", language="nb", sample_rate=16000, noise_snr_db=30, n_patients=10, relapse_prevalence=0.5),
-        HospitalSpec(name="beta", language="nb", sample_rate=8000, noise_snr_db=20, n_patients=8, relapse_prevalence=0.5),
-        HospitalSpec(name="gamma", language="en", sample_rate=22050, noise_snr_db=25, n_patients=8, relapse_prevalence=0.5),
-    )
-    traj = Trajectory(sessions_per_patient=7, days_between_sessions=7, stable_sessions_min=3, prodromal_sessions=1, relapse_sessions=2, recovery_sessions=1)
-    return replace(base, session_seconds=4.0, hospitals=hospitals, trajectory=traj)
+    """3 hospitals, few short sessions: seconds to synthesise, same code path as the demo
+    (the cohort `fedrelapse bench all --quick` makes, so tests and the CI smoke bench agree)."""
+    from server.bench_fl import quick_cohort_config
+
+    return quick_cohort_config()
 
 
 def tiny_experiment() -> ExperimentConfig:
@@ -47,6 +46,23 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def small_site(tiny_cohort: Path, folder: Path, n_rows: int = 14, edit: Callable[[list[dict[str, str]]], None] | None = None) -> Path:
+    """A copy of the first ``n_rows`` sessions of site alpha (two patients: short extraction),
+    rows optionally changed by ``edit``; returns the new manifest."""
+    src = tiny_cohort / "alpha" / "manifest.csv"
+    rows = list(csv.DictReader(src.open()))[:n_rows]
+    if edit is not None:
+        edit(rows)
+    m = folder / "manifest.csv"
+    with m.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    for sub in ("audio", "transcripts"):
+        shutil.copytree(tiny_cohort / "alpha" / sub, folder / sub)
+    return m
+
+
 def write_tone(path: Path, *, sr: int = 16000, seconds: float = 3.0, amp: float = 0.3, silent_gaps: bool = True) -> Path:
     """A voiced-like test signal: 150 Hz harmonic tone bursts separated by pauses."""
     t = np.arange(int(sr * seconds)) / sr
@@ -58,4 +74,4 @@ def write_tone(path: Path, *, sr: int = 16000, seconds: float = 3.0, amp: float 
     return path
 
 
-__all__ = ["ROOT", "tiny_cohort_config", "tiny_experiment", "write_tone", "FederationConfig", "TrainingConfig"]
+__all__ = ["ROOT", "small_site", "tiny_cohort_config", "tiny_experiment", "write_tone", "FederationConfig", "TrainingConfig"]

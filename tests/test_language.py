@@ -15,6 +15,7 @@ from shared.config import ExperimentConfig, LanguageConfig, ModelSpec
 from shared.errors import ConfigError
 from shared.markers import LANGUAGE_MARKERS, MODEL_MARKERS, N_LANGUAGE, N_MODEL_MARKERS, SESSION_MARKERS, marker_columns
 from shared.models import build_model
+from tests.conftest import small_site
 
 COHERENT = "I like to cook pasta with tomatoes.\nYesterday I bought bread and cheese at the market.\nMy favourite meal is fish with potatoes.\nI try to eat breakfast before I leave the house."
 DRIFTING = "I like to cook pasta with tomatoes.\nThe new computer system at work is slow.\nBirds come every morning to eat from the feeder.\nLast summer we took the train to the mountains."
@@ -118,25 +119,16 @@ def test_ablations_read_only_their_inputs(branches: str, baseline: bool, uses_me
 
 def test_missing_transcripts_become_typical_not_extreme(tiny_cohort: Path, tmp_path: Path) -> None:
     """Sessions without a transcript get language inputs of 0 (the site mean) and finite tensors."""
-    import csv
-    import shutil
-
     from client.dataset import build_tensors
     from client.prepare import prepare_site
     from shared.config import FeatureConfig
 
-    src = tiny_cohort / "alpha" / "manifest.csv"
-    rows = list(csv.DictReader(src.open()))[:14]  # two patients keep extraction short
-    for r in rows[::2]:
-        r["transcript_path"] = ""
-    m = tmp_path / "manifest.csv"
-    with m.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    for sub in ("audio", "transcripts"):
-        shutil.copytree(tiny_cohort / "alpha" / sub, tmp_path / sub)
+    def drop_every_other_transcript(rows: list[dict[str, str]]) -> None:
+        for r in rows[::2]:
+            r["transcript_path"] = ""
+
+    m = small_site(tiny_cohort, tmp_path, edit=drop_every_other_transcript)
     data = prepare_site(m, FeatureConfig(max_seconds=4.0), tmp_path / "state", language=replace(LanguageConfig(), encoder="lsa"))
-    assert data.report()["sessions_with_language_markers"] == len(rows) - len(rows[::2])
+    assert data.report()["sessions_with_language_markers"] == 7  # 14 sessions, every other transcript dropped
     t = build_tensors(data.sessions, baseline_sessions=2)
     assert torch.isfinite(t.markers).all()

@@ -3,7 +3,6 @@ the site checks, and a DP-trained adapter that is the only part of it that trave
 
 from __future__ import annotations
 
-import csv
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from shared.errors import ConfigError
 from shared.markers import N_MODEL_MARKERS
 from shared.models import build_model
 from shared.params import get_arrays
-from tests.conftest import tiny_experiment
+from tests.conftest import small_site, tiny_experiment
 
 HIDDEN = 16
 
@@ -44,20 +43,6 @@ def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def speech_cfg(path: Path, **changes: object) -> SpeechConfig:
     return replace(SpeechConfig(encoder="transformer", model_path=str(path), embedding_dim=HIDDEN, adapter_dim=4), **changes)
-
-
-def small_site(tiny_cohort: Path, folder: Path, n_rows: int = 14) -> Path:
-    """The first two patients of site alpha (keeps extraction short)."""
-    src = tiny_cohort / "alpha" / "manifest.csv"
-    rows = list(csv.DictReader(src.open()))[:n_rows]
-    m = folder / "manifest.csv"
-    with m.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    for sub in ("audio", "transcripts"):
-        shutil.copytree(tiny_cohort / "alpha" / sub, folder / sub)
-    return m
 
 
 def test_embeddings_are_computed_once_then_cached(tiny_cohort: Path, tmp_path: Path, encoder_dir: Path) -> None:
