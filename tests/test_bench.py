@@ -78,7 +78,8 @@ def test_quick_bench_suite_runs_end_to_end(tiny_cohort: Path, tmp_path: Path) ->
     assert not [k for k, v in parts.items() if "error" in v], {k: v["error"] for k, v in parts.items() if "error" in v}
     assert json.loads((out / "results.json").read_text())["parts"].keys() == parts.keys()
     dp = parts["dp_step"]["modes"]
-    assert {"plain", "dp-functorch", "dp-hooks", "ghost-per-session"} <= dp.keys() and all(m["step_s"] > 0 for m in dp.values())
+    assert {"plain", "dp-functorch", "dp-hooks"} <= dp.keys() and all(m["step_s"] > 0 for m in dp.values())
+    assert "ghost-per-session" not in dp  # the slow reference lives in `bench dp-step` only
     size = parts["update_size"]["bytes_per_site_per_round"]
     assert size["head_only_float32"] < size["full_model_float32"] and size["full_model_int16"] * 2 == size["full_model_float32"]
     assert parts["update_size"]["auroc_by_round"][-1]["float32"] is not None
@@ -102,3 +103,27 @@ def test_site_cache_size_comes_from_the_environment(monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv(SITE_CACHE_ENV, bad)
         with pytest.raises(ValueError, match="FEDRELAPSE_SITE_CACHE"):
             site_cache_size()
+
+
+def test_feature_sample_is_a_valid_manifest_spread_over_the_site(tiny_cohort: Path, tmp_path: Path) -> None:
+    from client.manifest import read_manifest
+    from server.bench_fl import sample_manifest
+
+    source = read_manifest(tiny_cohort / "alpha" / "manifest.csv")
+    sample = read_manifest(sample_manifest(source.path, tmp_path / "alpha", sessions=5))
+    assert len(sample.rows) == 5 and not [p for p in sample.problems if p.severity == "error"]
+    assert {r.session_id for r in sample.rows} <= {r.session_id for r in source.rows}
+    assert len({r.patient_id for r in sample.rows}) > 1  # spread over the file, not the first patient's sessions
+    assert all(r.audio_path.is_relative_to(tmp_path / "alpha") and r.audio_path.read_bytes() for r in sample.rows)
+    with pytest.raises(ConfigError, match="no sessions"):
+        empty = tmp_path / "empty" / "manifest.csv"
+        empty.parent.mkdir()
+        empty.write_text(source.path.read_text().splitlines()[0] + "\n")
+        sample_manifest(empty, tmp_path / "e", sessions=3)
+
+
+def test_dp_step_bench_times_opacus_ghost_clipping_as_a_reference() -> None:
+    from server.bench import dp_step_ratio
+
+    r = dp_step_ratio(tiny_experiment(), repeats=1, steps=1, strategies=("functorch",), ghost_reference=True)
+    assert set(r["modes"]) == {"plain", "dp-functorch", "ghost-per-session"} and all(m["step_s"] > 0 for m in r["modes"].values())
