@@ -80,7 +80,8 @@ def send_frame(sock: socket.socket, payload: dict[str, object], fds: list[int] |
     blob = _FRAME.pack(len(data)) + data
     if fds:
         sent = socket.send_fds(sock, [blob], fds)
-        sock.sendall(blob[sent:])
+        if sent < len(blob):  # nothing more to send is not a send: the peer may already be done
+            sock.sendall(blob[sent:])
     else:
         sock.sendall(blob)
 

@@ -145,6 +145,7 @@ def test_a_worker_that_dies_after_pulling_the_task_gets_an_error_reply_not_a_han
     argv = ["--token", "t", "--parent-pid", str(os.getpid())]
     code, got = delegate(argv, str(worker_dir))
     server.close()
+    assert (code, got) == (None, header), capsys.readouterr().err
     execs: list[list[str]] = []
     monkeypatch.setattr(site_launcher, "delegate", lambda *a, **k: (None, got))
     monkeypatch.setattr(os, "execv", lambda exe, args: execs.append(args) or sys.exit(0))  # exec never returns
@@ -153,7 +154,6 @@ def test_a_worker_that_dies_after_pulling_the_task_gets_an_error_reply_not_a_han
         site_launcher.main(str(worker_dir))
     reply = site_worker.lost_reply(got)
 
-    assert code is None and got == header
     assert "after it pulled the task; answering this task with an error" in capsys.readouterr().err
     assert execs == [[sys.executable, "-c", "from client.site_worker import report_lost; report_lost()", header, *argv]]
     assert reply.has_error() and "site worker process ended" in reply.error.reason
