@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -190,3 +192,41 @@ def test_the_worker_mode_launcher_imports_neither_flower_nor_torch(tmp_path: Pat
 
     assert text.startswith(f"#!{sys.executable} -IS\n") and repr(str((tmp_path / "w").resolve())) in text
     assert out.stdout.strip() == "['client', 'client.site_launcher']"
+
+
+@pytest.mark.slow
+def test_secure_aggregation_stages_keep_their_state_across_messages_served_by_one_worker(tiny_cohort: Path, tmp_path: Path) -> None:
+    """SecAgg+ keeps each site's per-run secrets in ``context.state`` between its stages (one
+    message each); in worker mode that context is Flower's own object, pulled and pushed per task."""
+    from dataclasses import replace
+
+    import yaml
+
+    from server.deployment import LocalConsortium
+    from shared.config import SecureAggregationConfig
+    from shared.schema import to_plain
+    from tests.conftest import tiny_experiment
+
+    exp = tiny_experiment()
+    sa = SecureAggregationConfig(enabled=True, num_shares=3, reconstruction_threshold=2, max_weight=20.0, clipping_range=8.0)
+    exp = replace(exp, federation=replace(exp.federation, rounds=2, min_nodes=3, secure_aggregation=sa))
+    exp_path = tmp_path / "experiment.yaml"
+    exp_path.write_text(yaml.safe_dump(to_plain(exp)))
+    sites = []
+    for name in ("alpha", "beta", "gamma"):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(f"name: {name}\nmanifest: {tiny_cohort / name / 'manifest.csv'}\nstate_dir: {tmp_path / name}\n")
+        sites.append(cfg)
+    out, logs = tmp_path / "run", tmp_path / "flower" / "logs"
+
+    with LocalConsortium(tmp_path / "flower", sites) as consortium:
+        done = consortium.submit(exp_path, out, run_id="secagg-worker", timeout_s=400)
+
+    all_logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(logs.glob("*.log")))
+    assert done.returncode == 0, done.stderr[-2000:] + all_logs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2, summary
+    assert set(summary["sites"]) == {"alpha", "beta", "gamma"} and all(s["epsilon"] > 0 for s in summary["sites"].values())
+    for i in range(3):  # the pre-flight plan, 4 SecAgg+ stages per training round and the evaluations: one process
+        served = re.findall(r"fedrelapse site worker pid (\d+): task (\d+) done", (logs / f"supernode-{i}.log").read_text(errors="replace"))
+        assert len(served) >= 1 + 2 * 4 and len({pid for pid, _ in served}) == 1, served
