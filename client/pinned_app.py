@@ -14,7 +14,9 @@ This module is Flower's ClientApp process with two steps replaced:
 
 A refused bundle ends the task with an error reply that names the reason, so the researcher
 sees a per-site refusal rather than a timeout. :func:`write_launcher` writes the executable
-named ``flwr-clientapp`` that `fedrelapse site start` puts first on the SuperNode's ``PATH``.
+named ``flwr-clientapp`` that `fedrelapse site start` puts first on the SuperNode's ``PATH``;
+in site-worker mode (the default) that launcher is client/site_launcher.py, which hands each
+task to the long-lived client/site_worker.py, and this module's :func:`main` is its fallback.
 """
 
 from __future__ import annotations
