@@ -14,7 +14,9 @@ This module is Flower's ClientApp process with two steps replaced:
 
 A refused bundle ends the task with an error reply that names the reason, so the researcher
 sees a per-site refusal rather than a timeout. :func:`write_launcher` writes the executable
-named ``flwr-clientapp`` that `fedrelapse site start` puts first on the SuperNode's ``PATH``.
+named ``flwr-clientapp`` that `fedrelapse site start` puts first on the SuperNode's ``PATH``;
+in site-worker mode (the default) that launcher is client/site_launcher.py, which hands each
+task to the long-lived client/site_worker.py, and this module's :func:`main` is its fallback.
 """
 
 from __future__ import annotations
@@ -115,9 +117,16 @@ def main() -> None:
     flwr_clientapp()
 
 
-def write_launcher(bin_dir: Path) -> Path:
-    """Write ``bin_dir/flwr-clientapp`` (0755) that runs :func:`main` with this interpreter.
+CLIENTAPP_MODES = ("worker", "per-message")  # `fedrelapse site start --clientapp`
 
+
+def write_launcher(bin_dir: Path, *, worker_dir: Path | None = None) -> Path:
+    """Write ``bin_dir/flwr-clientapp`` (0755) with this interpreter.
+
+    Without ``worker_dir`` it runs :func:`main`: every message is a fresh ClientApp process.
+    With it, it is the small launcher of client/site_launcher.py (``python -I -S``, standard
+    library only), which hands each task to the site worker (client/site_worker.py) through
+    a socket in ``worker_dir`` and falls back to :func:`main` when no worker answers.
     Put ``bin_dir`` first on the SuperNode's ``PATH`` (see :func:`launcher_env`).
     """
     if len(sys.executable) > 120:
@@ -125,7 +134,14 @@ def write_launcher(bin_dir: Path) -> Path:
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / LAUNCHER
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"#!{sys.executable}\n# Written by fedrelapse: the site's pinned ClientApp (client/pinned_app.py).\nfrom client.pinned_app import main\n\nmain()\n")
+    if worker_dir is None:
+        tmp.write_text(f"#!{sys.executable}\n# Written by fedrelapse: the site's pinned ClientApp (client/pinned_app.py).\nfrom client.pinned_app import main\n\nmain()\n")
+    else:
+        root = str(Path(__file__).resolve().parents[1])  # where this fedrelapse is installed: the launcher imports it from there only
+        tmp.write_text(
+            f"#!{sys.executable} -IS\n# Written by fedrelapse: hands each ClientApp task to the site worker (client/site_launcher.py).\n"
+            f"import sys\n\nsys.path.insert(0, {root!r})\nfrom client.site_launcher import main\n\nmain({str(worker_dir.resolve())!r})\n"
+        )
     tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     tmp.replace(path)
     return path

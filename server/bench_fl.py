@@ -282,19 +282,22 @@ def _round_figures(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: int, rounds: int) -> dict[str, Any]:
+def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: int, rounds: int, site_worker: bool = True) -> dict[str, Any]:
     """The same measurement on the Deployment Engine: a SuperLink and one SuperNode process per
     site on 127.0.0.1, TLS and node authentication on, sites verifying signed models.
 
     Sites run in parallel here (one process each), so besides wall ÷ Σ compute the figure
     wall ÷ the slowest site's compute is given (1.00 = no overhead beyond the slowest site).
+    ``site_worker``: each SuperNode's tasks run in one long-lived site worker (client/site_worker.py);
+    False: a fresh ClientApp process per message (Flower's default).
     """
     from server.deployment import LocalConsortium
     from server.keys import make_ca, make_server
     from shared.schema import to_plain
 
-    cons = make_consortium(data, out / f"deploy-sites-{n_sites}", n_sites)
-    keys = out / f"deploy-keys-{n_sites}"
+    mode = "worker" if site_worker else "per-message"
+    cons = make_consortium(data, out / f"deploy-sites-{n_sites}-{mode}", n_sites)
+    keys = out / f"deploy-keys-{n_sites}-{mode}"
     shutil.rmtree(keys, ignore_errors=True)
     make_ca(keys)
     make_server(keys)
@@ -304,16 +307,16 @@ def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: 
         cfg["coordinator_public_key"] = str((keys / "server" / "model-signing.pub.pem").resolve())
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_exp = replace(exp, federation=replace(exp.federation, rounds=rounds, min_nodes=n_sites))
-    exp_path = out / f"deploy-{n_sites}.yaml"
+    exp_path = out / f"deploy-{n_sites}-{mode}.yaml"
     exp_path.write_text(yaml.safe_dump(to_plain(run_exp)))
-    run_dir = out / f"deploy-run-{n_sites}"
+    run_dir = out / f"deploy-run-{n_sites}-{mode}"
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()
-    with peak_tree_rss() as mem, LocalConsortium(out / f"deploy-flower-{n_sites}", site_yamls, keys=keys, node_auth=True) as consortium:
-        proc = consortium.submit(exp_path, run_dir, run_id=f"bench-deploy-{n_sites}-{int(time.time())}", timeout_s=1200)
+    with peak_tree_rss() as mem, LocalConsortium(out / f"deploy-flower-{n_sites}-{mode}", site_yamls, keys=keys, node_auth=True, site_worker=site_worker) as consortium:
+        proc = consortium.submit(exp_path, run_dir, run_id=f"bench-deploy-{n_sites}-{mode}-{int(time.time())}", timeout_s=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"The Deployment Engine run failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
-    return {"sites": n_sites, "rounds": rounds, "engine": "deployment (TLS, node auth, signed models)", **_round_figures(run_dir),
+    return {"sites": n_sites, "rounds": rounds, "engine": "deployment (TLS, node auth, signed models)", "clientapp": mode, **_round_figures(run_dir),
             "run_total_s": round(time.perf_counter() - started, 1), "peak_rss_all_processes_mib": mem["peak_mib"]}
 
 

@@ -365,6 +365,45 @@ def bench_secagg(
     print(json.dumps({"machine": machine(), **secagg_overhead(exp, sites=counts, rounds=rounds)}, indent=2))
 
 
+@bench_app.command("deployment")
+@friendly
+def bench_deployment(
+    data: Annotated[Path, typer.Option(help="Cohort folder; its hospitals are re-used round-robin (read only: the bench writes under --out).")],
+    out: Annotated[Path, typer.Option(help="Folder for deployment.json and the consortia.")],
+    config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
+    sites: Annotated[str, typer.Option(help="Comma-separated consortium sizes, e.g. 3,10.")] = "3",
+    rounds: Annotated[int, typer.Option(help="Rounds per run (the first includes start-up and is left out of the ratios).", min=2)] = 3,
+) -> None:
+    """Deployment Engine round overhead (TLS, node auth): a fresh ClientApp process per message vs the site worker, back to back."""
+    import os
+
+    from server.bench import machine
+    from server.bench_fl import deployment_rounds
+    from shared.config import load_experiment
+    from shared.errors import ConfigError
+
+    try:
+        sizes = tuple(int(x) for x in sites.split(","))
+    except ValueError:
+        raise ConfigError(f"--sites must be comma-separated whole numbers such as 3,10, not {sites!r}.") from None
+    exp = load_experiment(config)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "runs": []}
+    table = Table(title="round overhead, Deployment Engine (rounds 2+, median)")
+    for col in ("sites", "ClientApp", "s / round", "wall ÷ Σ site compute", "wall ÷ slowest site", "load after"):
+        table.add_column(col)
+    for n in sizes:
+        for worker in (False, True):
+            err_console.print(f"{n} sites, {'site worker' if worker else 'a process per message'}: {rounds} rounds ...")
+            run = {**deployment_rounds(exp, data, out, n_sites=n, rounds=rounds, site_worker=worker), "load_average_after": os.getloadavg()}
+            result["runs"].append(run)  # type: ignore[union-attr]
+            (out / "deployment.json").write_text(json.dumps(result, indent=2))
+            table.add_row(str(n), str(run["clientapp"]), f"{run['wall_per_round_after_round_1_s']:.1f}", f"{run['round_overhead_ratio_after_round_1']:.3f}",
+                          f"{run['wall_over_slowest_site_after_round_1']:.3f}", " ".join(f"{x:.1f}" for x in run["load_average_after"]))
+    err_console.print(table)
+    print(json.dumps(result, indent=2))
+
+
 @bench_app.command("ledger")
 @friendly
 def bench_ledger(
@@ -812,15 +851,18 @@ def site_start(
     port: Annotated[int, typer.Option(help="Local port of the SuperNode's ClientApp API.")] = 9094,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS and no node key: only for a loopback test.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command instead of running it.")] = False,
+    clientapp: Annotated[str, typer.Option(help="worker: one long-lived site process runs every message (data stays loaded); per-message: a fresh process per message (Flower's default, slower).")] = "worker",
 ) -> None:
     """Run this site's SuperNode (TLS, node key) with the pinned, installed ClientApp.
 
     The SuperNode's ClientApp process is client/pinned_app.py: it never installs or imports
-    code from a submitted app bundle, and refuses a bundle that carries any.
+    code from a submitted app bundle, and refuses a bundle that carries any. In worker mode
+    (default) each message's process hands its task to the site worker (client/site_worker.py,
+    socket under state_dir/worker, 0700/0600), which keeps the site's data loaded.
     """
     import os
 
-    from client.pinned_app import LAUNCHER, launcher_env, write_launcher
+    from client.pinned_app import CLIENTAPP_MODES, LAUNCHER, launcher_env, write_launcher
     from server.deployment import supernode_argv
     from shared.config import load_site
 
@@ -829,12 +871,15 @@ def site_start(
     if node_key is None and not insecure:
         raise typer.BadParameter("Give --node-key (this site's node.key); the coordinator admits only registered site keys.")
     argv = supernode_argv(site_yaml=site, superlink=superlink, ca=None if insecure else ca, port=port, node_key=None if insecure else node_key)
-    bin_dir = load_site(site).state_dir / "bin"
-    launcher = write_launcher(bin_dir)
+    if clientapp not in CLIENTAPP_MODES:
+        raise typer.BadParameter(f"--clientapp is {clientapp!r}; choose one of {', '.join(CLIENTAPP_MODES)}.")
+    state_dir = load_site(site).state_dir
+    bin_dir = state_dir / "bin"
+    launcher = write_launcher(bin_dir, worker_dir=state_dir / "worker" if clientapp == "worker" else None)
     env = launcher_env(bin_dir)
     if dry_run:
         print(" ".join(argv))
-        print(f"{LAUNCHER}: {launcher}")
+        print(f"{LAUNCHER}: {launcher} ({clientapp})")
         return
     os.execve(argv[0], argv, env)
 

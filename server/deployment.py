@@ -3,7 +3,8 @@
 Used by `fedrelapse run --local` and by the integration tests. The ServerApp and ClientApp are
 the installed `server`/`client` packages; the submitted app bundle (deploy/flower-app)
 carries only configuration, and every SuperNode runs the pinned `flwr-clientapp` of
-client/pinned_app.py, which refuses a bundle that carries code. Insecure transport here is
+client/pinned_app.py, which refuses a bundle that carries code; by default its tasks run in
+one long-lived site worker per SuperNode (client/site_worker.py). Insecure transport here is
 for 127.0.0.1 only.
 """
 
@@ -71,6 +72,7 @@ class LocalConsortium:
     superlink_port: int = 0
     keys: Path | None = None  # a `fedrelapse keys` folder: TLS on every link; None = insecure loopback
     node_auth: bool = False  # with keys: only SuperNodes whose public key was registered may join
+    site_worker: bool = True  # one long-lived ClientApp worker per SuperNode; False: a fresh process per message
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def _env(self, home: str) -> dict[str, str]:
@@ -99,7 +101,7 @@ class LocalConsortium:
         )
         _wait_healthy(self.superlink_port, link, "flower-superlink", log, self.startup_timeout_s, self.ca)
         write_connection(self.workdir / "home-cli", address=f"127.0.0.1:{self.superlink_port}", ca=self.ca, name=FEDERATION)
-        write_launcher(self.workdir / "pinned-bin")
+        write_launcher(self.workdir / "pinned-bin", worker_dir=self.workdir / "site-workers" if self.site_worker else None)
         for i, cfg in enumerate(self.site_configs):
             key = None
             if self.node_auth:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -105,5 +106,9 @@ def test_deployment_engine_runs_the_same_apps_end_to_end_over_tls_and_resumes_af
     unknown_text = unknown_log.read_text(errors="replace")
     assert all("SuperNode ID:" in (logs / f"supernode-{i}.log").read_text(errors="replace") for i in range(3))  # registered sites admitted
     assert all(PINNED_MARK in (logs / f"supernode-{i}.log").read_text(errors="replace") for i in range(3))  # each ran the pinned ClientApp
+    for i in range(3):  # each SuperNode's messages (plan, train, evaluate; both ServerApps) ran in one site worker, which loaded the site once
+        served = re.findall(r"fedrelapse site worker pid (\d+): task (\d+) done, site plans loaded (\d+)", (logs / f"supernode-{i}.log").read_text(errors="replace"))
+        assert len(served) >= 4 and len({pid for pid, _, _ in served}) == 1, served
+        assert [int(task) for _, task, _ in served] == list(range(1, len(served) + 1)) and {loaded for *_, loaded in served} == {"1"}, served
     assert "SuperNode ID:" not in unknown_text, unknown_text[-2000:]  # unregistered key: never admitted
     assert unknown_alive or "Exit Code" in unknown_text, unknown_text[-2000:]

@@ -114,3 +114,22 @@ def test_site_start_uses_tls_its_node_key_and_the_pinned_clientapp(tmp_path: Pat
     assert no_key.exit_code != 0 and "--node-key" in no_key.output
     refused = runner.invoke(app, ["site", "start", "--site", str(site), "--superlink", "coord:9092"])
     assert refused.exit_code != 0 and "--ca" in refused.output
+
+
+def test_site_start_runs_the_site_worker_by_default_and_can_switch_it_off(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(f"name: oslo\nmanifest: m.csv\nstate_dir: {tmp_path / 'state'}\n")
+    start = ["site", "start", "--site", str(site), "--superlink", "127.0.0.1:9092", "--insecure", "--dry-run"]
+    launcher = tmp_path / "state" / "bin" / "flwr-clientapp"
+
+    worker = runner.invoke(app, start, terminal_width=300)
+    worker_text = launcher.read_text()
+    per_message = runner.invoke(app, [*start, "--clientapp", "per-message"], terminal_width=300)
+    per_message_text = launcher.read_text()
+    unknown = runner.invoke(app, [*start, "--clientapp", "threads"], terminal_width=300)
+
+    assert worker.exit_code == 0 and "(worker)" in worker.stdout, worker.output
+    assert "client.site_launcher" in worker_text and repr(str((tmp_path / "state" / "worker").resolve())) in worker_text
+    assert per_message.exit_code == 0 and "(per-message)" in per_message.stdout
+    assert "from client.pinned_app import main" in per_message_text and "site_launcher" not in per_message_text
+    assert unknown.exit_code != 0 and "per-message" in unknown.output
