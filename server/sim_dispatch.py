@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from queue import Queue
@@ -101,3 +102,57 @@ def linear_dispatch() -> Iterator[bool]:
         yield True
     finally:
         vce_api.add_messages_to_queue = original
+
+
+# --- measuring it (benchmarks and tests) -----------------------------------------------------
+
+
+def in_flight_state(n_sites: int, *, messages_per_site: int = 1, ttl: float | None = None) -> tuple[Any, dict[int, int]]:
+    """An in-memory LinkState as the Simulation Engine builds it, with ``n_sites`` registered
+    and one round's messages pushed to them; returns (state, node id -> partition id)."""
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    run_id, task_id = 7, 9
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID  # as run_simulation sets them
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    state = factory.state()
+    run = Run.create_empty(run_id=run_id)
+    run.primary_task_id, run.federation_id = task_id, NOOP_FEDERATION_ID
+    state.run_ids[run_id] = RunRecord(run=run)
+    state.task_store[task_id] = Task(task_id=task_id, run_id=run_id)
+    mapping = vce_api._register_nodes(n_sites, factory)  # noqa: SLF001 - how the Simulation Engine registers its sites
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    msgs = [
+        Message(content=RecordDict({"c": ConfigRecord({"k": k})}), dst_node_id=node, message_type=MessageType.TRAIN, ttl=ttl)
+        for k in range(messages_per_site) for node in mapping
+    ]
+    list(grid.push_messages(msgs))
+    return state, mapping
+
+
+def sweep_cost_ms(n_sites: int, *, repeats: int = 10) -> dict[str, float]:
+    """CPU milliseconds of one dispatch sweep while a round of ``n_sites`` messages is in
+    flight (all delivered, no reply pulled yet: what the dispatcher sees for the whole round),
+    for Flower's per-node sweep and for :func:`pending_messages`. Flower sweeps every 0.1 s."""
+    state, mapping = in_flight_state(n_sites)
+    nodes = frozenset(mapping)
+    pending_messages(state, nodes)  # deliver the round
+    out: dict[str, float] = {}
+    for name, sweep in (("flower", lambda: [state.get_message_ins(node_id=n, limit=1) for n in mapping]), ("linear", lambda: pending_messages(state, nodes))):
+        started = time.process_time()
+        for _ in range(repeats):
+            sweep()
+        out[name] = round((time.process_time() - started) / repeats * 1e3, 3)
+    return out

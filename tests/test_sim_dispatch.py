@@ -7,22 +7,10 @@ import time
 from queue import Queue
 
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+from flwr.app import Message
 from flwr.server.superlink.fleet.vce import vce_api
-from flwr.server.superlink.linkstate import LinkStateFactory
-from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.superlink.federation import NoOpFederationManager
-from flwr.superlink.grid import InMemoryGrid
 
-from server.sim_dispatch import linear_dispatch, pending_messages, supports_linear_dispatch
-
-RUN_ID = 7
+from server.sim_dispatch import in_flight_state, linear_dispatch, pending_messages, supports_linear_dispatch, sweep_cost_ms
 
 
 class CountingStore(dict):
@@ -39,26 +27,6 @@ class CountingStore(dict):
         return super().items()
 
 
-def consortium(n_nodes: int, messages_per_node: int = 1, ttl: float | None = None) -> tuple[object, dict[int, int], InMemoryGrid]:
-    """An in-memory LinkState with ``n_nodes`` simulated sites and a round's messages pushed to them."""
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, SUPERLINK_NODE_ID
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    state = factory.state()
-    run = Run.create_empty(run_id=RUN_ID)
-    run.primary_task_id, run.federation_id = 9, NOOP_FEDERATION_ID
-    state.run_ids[RUN_ID] = RunRecord(run=run)
-    state.task_store[9] = Task(task_id=9, run_id=RUN_ID)
-    mapping = vce_api._register_nodes(n_nodes, factory)  # noqa: SLF001 - how the Simulation Engine registers its sites
-    grid = InMemoryGrid(state_factory=factory)
-    grid.set_run(run)
-    msgs = [
-        Message(content=RecordDict({"c": ConfigRecord({"k": k})}), dst_node_id=node, message_type=MessageType.TRAIN, ttl=ttl)
-        for k in range(messages_per_node) for node in mapping
-    ]
-    list(grid.push_messages(msgs))
-    return state, mapping, grid
-
-
 def delivered(msgs: list[Message]) -> set[tuple[int, int]]:
     return {(m.metadata.dst_node_id, int(m.content["c"]["k"])) for m in msgs}
 
@@ -68,8 +36,8 @@ def flowers_sweep(state: object, mapping: dict[int, int]) -> list[Message]:
 
 
 def test_one_pass_delivers_what_flowers_per_node_sweep_delivers() -> None:
-    ours, mapping, _ = consortium(12, messages_per_node=2)
-    theirs, their_mapping, _ = consortium(12, messages_per_node=2)
+    ours, mapping = in_flight_state(12, messages_per_site=2)
+    theirs, their_mapping = in_flight_state(12, messages_per_site=2)
     index = {node: i for i, node in enumerate(mapping)}
     their_index = {node: i for i, node in enumerate(their_mapping)}
 
@@ -81,7 +49,7 @@ def test_one_pass_delivers_what_flowers_per_node_sweep_delivers() -> None:
 
 
 def test_delivered_messages_are_marked_and_never_handed_out_twice() -> None:
-    state, mapping, _ = consortium(5)
+    state, mapping = in_flight_state(5)
 
     first = pending_messages(state, frozenset(mapping))
 
@@ -91,14 +59,14 @@ def test_delivered_messages_are_marked_and_never_handed_out_twice() -> None:
 
 
 def test_only_messages_to_the_given_nodes_are_delivered() -> None:
-    state, mapping, _ = consortium(6)
+    state, mapping = in_flight_state(6)
     some = frozenset(list(mapping)[:2])
 
     assert {m.metadata.dst_node_id for m in pending_messages(state, some)} == set(some)
 
 
 def test_an_expired_message_is_dropped_not_delivered() -> None:
-    state, mapping, _ = consortium(3, ttl=0.05)
+    state, mapping = in_flight_state(3, ttl=0.05)
     time.sleep(0.1)
 
     assert pending_messages(state, frozenset(mapping)) == []
@@ -109,7 +77,7 @@ def test_an_expired_message_is_dropped_not_delivered() -> None:
 def test_a_dispatch_pass_walks_the_store_once_whatever_the_number_of_sites(n_nodes: int) -> None:
     # Arrange: a round in flight (every message delivered, replies not yet pulled), as the
     # dispatcher sees it for the whole duration of the sites' training.
-    state, mapping, _ = consortium(n_nodes)
+    state, mapping = in_flight_state(n_nodes)
     pending_messages(state, frozenset(mapping))
     state.message_ins_store = CountingStore(state.message_ins_store)
     checked: list[int] = []
@@ -129,7 +97,7 @@ def test_a_dispatch_pass_walks_the_store_once_whatever_the_number_of_sites(n_nod
 
 def test_linear_dispatch_is_installed_for_the_pinned_flower_and_restored_after() -> None:
     original = vce_api.add_messages_to_queue
-    state, _, _ = consortium(2)
+    state, _ = in_flight_state(2)
     assert supports_linear_dispatch(state)
 
     with linear_dispatch() as installed:
@@ -139,7 +107,7 @@ def test_linear_dispatch_is_installed_for_the_pinned_flower_and_restored_after()
 
 
 def test_the_installed_loop_feeds_the_queue_until_stopped() -> None:
-    state, mapping, _ = consortium(4)
+    state, mapping = in_flight_state(4)
     queue: Queue[Message] = Queue()
     stop = threading.Event()
 
@@ -177,3 +145,9 @@ def test_another_linkstate_keeps_flowers_own_loop() -> None:
         vce_api.add_messages_to_queue(other, Queue(), {11: 0, 12: 1}, stop)
 
     assert other.asked == [11, 12]  # Flower's per-node calls, through the public API
+
+
+def test_the_sweep_benchmark_reports_both_loops() -> None:
+    cost = sweep_cost_ms(20, repeats=2)
+
+    assert set(cost) == {"flower", "linear"} and all(v >= 0 for v in cost.values())
