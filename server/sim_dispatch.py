@@ -6,8 +6,8 @@ messages to the site actors from a thread that, every 0.1 s, asks the in-memory 
 and re-validates it. A round's N messages stay stored (delivered) until their replies are
 pulled, so each sweep costs N × N validations: 0.3 ms at 10 sites, 28 ms at 100 and 256 ms
 at 300 on this project's 2-core bench machine, i.e. a quarter of a core at 100 sites and
-more than a whole core at 300, taken (with the GIL) from the coordinator and the site
-actors for the whole round. :func:`pending_messages` finds the same messages in one pass.
+three quarters at 300, taken (with the GIL) from the coordinator and the site actors for
+the whole round. :func:`pending_messages` finds the same messages in one pass.
 
 :func:`linear_dispatch` swaps it in for the duration of one simulation and restores Flower's
 loop afterwards. It needs the in-memory LinkState internals of the pinned Flower
