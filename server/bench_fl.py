@@ -199,14 +199,37 @@ def make_consortium(src: Path, out: Path, n_sites: int, *, device: str = "cpu") 
 
 
 @contextmanager
-def peak_tree_rss() -> Iterator[dict[str, float]]:
-    """Peak summed RSS (MiB) of this process and all its descendants (Ray's too), sampled every 0.2 s."""
-    box = {"peak_mib": 0.0}
+def peak_tree_rss() -> Iterator[dict[str, Any]]:
+    """Peak summed RSS (MiB) of this process and all its descendants (Ray's too), sampled every 0.2 s.
+
+    Also the CPU seconds each kind of process used while the block ran: ``cpu_s`` holds
+    ``coordinator`` (this process: ServerApp, Flower's runtime threads and Ray client; the
+    sampler's own CPU left out), ``site_actors`` (processes Ray titled ``ClientAppActor``)
+    and ``other`` (Ray's services and anything else below this process). CPU time, unlike
+    wall time, does not grow when other jobs share the cores. ``actor_peak_mib``: the
+    largest RSS one site actor reached.
+    """
+    box: dict[str, Any] = {"peak_mib": 0.0}
     stop = threading.Event()
+    me = os.getpid()
+    last: dict[int, float] = {}  # pid -> CPU seconds at its latest sample (kept after it exits)
+    actors: set[int] = set()
+    actor_peak = 0.0
+    sampler_cpu = 0.0
+    start_cpu = {pid: cpu for pid, (_, cpu) in _tree(me).items()}
 
     def sample() -> None:
+        nonlocal actor_peak, sampler_cpu
         while not stop.is_set():
-            box["peak_mib"] = max(box["peak_mib"], _tree_rss_mib(os.getpid()))
+            tree = _tree(me)
+            box["peak_mib"] = max(box["peak_mib"], sum(rss for rss, _ in tree.values()) / 2**20)
+            for pid, (rss, cpu) in tree.items():
+                last[pid] = cpu
+                if pid not in actors and pid != me and _title(pid).startswith("ray::ClientAppActor"):
+                    actors.add(pid)
+                if pid in actors:
+                    actor_peak = max(actor_peak, rss / 2**20)
+            sampler_cpu = time.thread_time()
             stop.wait(0.2)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -216,27 +239,49 @@ def peak_tree_rss() -> Iterator[dict[str, float]]:
     finally:
         stop.set()
         thread.join()
+        for pid, (_, cpu) in _tree(me).items():
+            last[pid] = cpu
+        used = {pid: cpu - start_cpu.get(pid, 0.0) for pid, cpu in last.items()}
         box["peak_mib"] = round(box["peak_mib"], 1)
+        box["actor_peak_mib"] = round(actor_peak, 1)
+        box["cpu_s"] = {
+            "coordinator": round(used.get(me, 0.0) - sampler_cpu, 2),
+            "site_actors": round(sum(v for pid, v in used.items() if pid in actors), 2),
+            "other": round(sum(v for pid, v in used.items() if pid != me and pid not in actors), 2),
+        }
 
 
-def _tree_rss_mib(root: int) -> float:
+def _tree(root: int) -> dict[int, tuple[int, float]]:
+    """pid -> (RSS bytes, CPU seconds used so far) for ``root`` and all its descendants."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    stats: dict[int, tuple[int, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             children.setdefault(int(fields[1]), []).append(int(entry.name))
-            rss[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            stats[int(entry.name)] = (int(fields[21]) * page, (int(fields[11]) + int(fields[12])) / tick)  # rss pages; utime + stime ticks
         except (OSError, IndexError, ValueError):
             continue
-    total, todo = 0, [root]
+    out: dict[int, tuple[int, float]] = {}
+    todo = [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        if pid in stats:
+            out[pid] = stats[pid]
         todo.extend(children.get(pid, []))
-    return total / 2**20
+    return out
+
+
+def _title(pid: int) -> str:
+    """A process's command line as shown by ps (Ray workers retitle theirs ``ray::<Actor>.<method>``)."""
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def simulated_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: int, rounds: int, cpus: int | None = None, gpus_per_site: float = 0.0) -> dict[str, Any]:
@@ -253,8 +298,10 @@ def simulated_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: i
     with peak_tree_rss() as mem:
         simulate(run_exp, cons, run_dir, run_id=f"bench-{n_sites}-{int(time.time())}", console=Console(quiet=True), cpus=cpus, gpus_per_site=gpus_per_site)
     total_s = time.perf_counter() - started
+    per_site_round = {k: round(v / (n_sites * rounds), 4) for k, v in mem["cpu_s"].items()}
     return {"sites": n_sites, "rounds": rounds, "actors": cpus or max(1, min(n_sites, os.cpu_count() or 1)),
-            **_round_figures(run_dir), "run_total_s": round(total_s, 1), "peak_rss_all_processes_mib": mem["peak_mib"]}
+            **_round_figures(run_dir), "run_total_s": round(total_s, 1), "peak_rss_all_processes_mib": mem["peak_mib"],
+            "peak_rss_one_actor_mib": mem["actor_peak_mib"], "cpu_s": mem["cpu_s"], "cpu_s_per_site_round": per_site_round}
 
 
 def _round_figures(run_dir: Path) -> dict[str, Any]:

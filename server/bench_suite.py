@@ -74,16 +74,23 @@ def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool,
 
 
 def scale(exp: ExperimentConfig, data: Path, out: Path, *, sites: tuple[int, ...], rounds: int, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Time per round and peak memory for growing simulated consortia, with the per-site cost."""
+    """Time per round and peak memory for growing simulated consortia, with the per-site cost.
+
+    Besides wall time (which other jobs on the machine inflate), the CPU seconds per site and
+    round of the coordinator process and of the site actors (whole run), and the CPU cost of
+    one sweep of the Simulation Engine's message dispatch, Flower's and ours, at that size.
+    """
     from server.bench import machine
     from server.bench_fl import simulated_rounds
+    from server.sim_dispatch import sweep_cost_ms
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in sites:
         say(f"scale: {n} sites …")
         r = simulated_rounds(exp, data, out / "sim", n_sites=n, rounds=rounds)
-        rows.append({k: r[k] for k in ("sites", "actors", "wall_per_round_after_round_1_s", "round_overhead_ratio_after_round_1", "peak_rss_all_processes_mib", "peak_rss_site_process_mib", "run_total_s")}
-                    | {"wall_per_round_per_site_s": round(r["wall_per_round_after_round_1_s"] / n, 4)})
+        keep = ("sites", "actors", "wall_per_round_after_round_1_s", "round_overhead_ratio_after_round_1", "peak_rss_all_processes_mib",
+                "peak_rss_one_actor_mib", "peak_rss_site_process_mib", "run_total_s", "cpu_s", "cpu_s_per_site_round")
+        rows.append({k: r[k] for k in keep} | {"wall_per_round_per_site_s": round(r["wall_per_round_after_round_1_s"] / n, 4), "dispatch_sweep_cpu_ms": sweep_cost_ms(n)})
         (out / "scale.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
     return {"machine": machine(), "rows": rows}

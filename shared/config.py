@@ -7,6 +7,7 @@ that the example YAML files repeat as comments.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, replace
@@ -241,9 +242,15 @@ class ExperimentConfig:
         """Content hash of the training plan (model, training, privacy and feature settings).
 
         Canonical: values are re-validated first, so 60 and 60.0 in a float field hash alike.
+        Memoised per process (the config is frozen): a site checks it for every message.
         """
-        canonical = build(ExperimentConfig, to_plain(self), source="plan")
-        return hashlib.sha256(json.dumps(to_plain(canonical), sort_keys=True).encode()).hexdigest()
+        return _plan_hash(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_hash(exp: ExperimentConfig) -> str:
+    canonical = build(ExperimentConfig, to_plain(exp), source="plan")
+    return hashlib.sha256(json.dumps(to_plain(canonical), sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)

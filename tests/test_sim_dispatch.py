@@ -1,0 +1,153 @@
+"""The Simulation Engine's message dispatch: same messages as Flower's sweep, linear cost."""
+
+from __future__ import annotations
+
+import threading
+import time
+from queue import Queue
+
+import pytest
+from flwr.app import Message
+from flwr.server.superlink.fleet.vce import vce_api
+
+from server.sim_dispatch import in_flight_state, linear_dispatch, pending_messages, supports_linear_dispatch, sweep_cost_ms
+
+
+class CountingStore(dict):
+    """The LinkState's message store, counting full passes over it."""
+
+    passes = 0
+
+    def keys(self):  # Flower's get_message_ins walks list(store.keys())
+        CountingStore.passes += 1
+        return super().keys()
+
+    def items(self):
+        CountingStore.passes += 1
+        return super().items()
+
+
+def delivered(msgs: list[Message]) -> set[tuple[int, int]]:
+    return {(m.metadata.dst_node_id, int(m.content["c"]["k"])) for m in msgs}
+
+
+def flowers_sweep(state: object, mapping: dict[int, int]) -> list[Message]:
+    return [m for node in mapping for m in state.get_message_ins(node_id=node, limit=1)]
+
+
+def test_one_pass_delivers_what_flowers_per_node_sweep_delivers() -> None:
+    ours, mapping = in_flight_state(12, messages_per_site=2)
+    theirs, their_mapping = in_flight_state(12, messages_per_site=2)
+    index = {node: i for i, node in enumerate(mapping)}
+    their_index = {node: i for i, node in enumerate(their_mapping)}
+
+    for _ in range(3):  # first messages, second messages, then nothing is left
+        got = {(index[n], k) for n, k in delivered(pending_messages(ours, frozenset(mapping)))}
+        expected = {(their_index[n], k) for n, k in delivered(flowers_sweep(theirs, their_mapping))}
+        assert got == expected
+    assert got == set()
+
+
+def test_delivered_messages_are_marked_and_never_handed_out_twice() -> None:
+    state, mapping = in_flight_state(5)
+
+    first = pending_messages(state, frozenset(mapping))
+
+    assert len(first) == 5 and all(m.metadata.delivered_at for m in first)
+    assert pending_messages(state, frozenset(mapping)) == []
+    assert state.get_message_ins(node_id=next(iter(mapping)), limit=1) == []  # Flower agrees
+
+
+def test_only_messages_to_the_given_nodes_are_delivered() -> None:
+    state, mapping = in_flight_state(6)
+    some = frozenset(list(mapping)[:2])
+
+    assert {m.metadata.dst_node_id for m in pending_messages(state, some)} == set(some)
+
+
+def test_an_expired_message_is_dropped_not_delivered() -> None:
+    state, mapping = in_flight_state(3, ttl=0.05)
+    time.sleep(0.1)
+
+    assert pending_messages(state, frozenset(mapping)) == []
+    assert state.message_ins_store == {}
+
+
+@pytest.mark.parametrize("n_nodes", [10, 100])
+def test_a_dispatch_pass_walks_the_store_once_whatever_the_number_of_sites(n_nodes: int) -> None:
+    # Arrange: a round in flight (every message delivered, replies not yet pulled), as the
+    # dispatcher sees it for the whole duration of the sites' training.
+    state, mapping = in_flight_state(n_nodes)
+    pending_messages(state, frozenset(mapping))
+    state.message_ins_store = CountingStore(state.message_ins_store)
+    checked: list[int] = []
+    original_check = state._check_stored_messages  # noqa: SLF001
+    state._check_stored_messages = lambda ids, run_id=None: (checked.append(len(ids)), original_check(ids, run_id))  # noqa: SLF001
+
+    CountingStore.passes = 0
+    pending_messages(state, frozenset(mapping))
+    ours = (CountingStore.passes, sum(checked))
+    CountingStore.passes, checked[:] = 0, []
+    flowers_sweep(state, mapping)
+    theirs = (CountingStore.passes, sum(checked))
+
+    assert ours == (1, 0)  # one pass; nothing pending, so nothing to validate
+    assert theirs == (n_nodes, n_nodes * n_nodes)  # Flower: a pass and N validations per node
+
+
+def test_linear_dispatch_is_installed_for_the_pinned_flower_and_restored_after() -> None:
+    original = vce_api.add_messages_to_queue
+    state, _ = in_flight_state(2)
+    assert supports_linear_dispatch(state)
+
+    with linear_dispatch() as installed:
+        assert installed and vce_api.add_messages_to_queue is not original
+
+    assert vce_api.add_messages_to_queue is original
+
+
+def test_the_installed_loop_feeds_the_queue_until_stopped() -> None:
+    state, mapping = in_flight_state(4)
+    queue: Queue[Message] = Queue()
+    stop = threading.Event()
+
+    with linear_dispatch():
+        worker = threading.Thread(target=vce_api.add_messages_to_queue, args=(state, queue, mapping, stop))
+        worker.start()
+        deadline = time.monotonic() + 5
+        while queue.qsize() < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+        worker.join(timeout=5)
+
+    assert not worker.is_alive()
+    assert {queue.get().metadata.dst_node_id for _ in range(4)} == set(mapping)
+
+
+def test_another_linkstate_keeps_flowers_own_loop() -> None:
+    class OtherState:
+        """A LinkState that is not the in-memory one (e.g. SQL): only its public API is used."""
+
+        def __init__(self, stop: threading.Event) -> None:
+            self.asked: list[int] = []
+            self.stop = stop
+
+        def get_message_ins(self, node_id: int, limit: int | None, *, run_id: int | None = None) -> list[Message]:
+            self.asked.append(node_id)
+            self.stop.set()  # one sweep is enough to see whose loop ran
+            return []
+
+    stop = threading.Event()
+    other = OtherState(stop)
+    assert not supports_linear_dispatch(other)
+
+    with linear_dispatch():
+        vce_api.add_messages_to_queue(other, Queue(), {11: 0, 12: 1}, stop)
+
+    assert other.asked == [11, 12]  # Flower's per-node calls, through the public API
+
+
+def test_the_sweep_benchmark_reports_both_loops() -> None:
+    cost = sweep_cost_ms(20, repeats=2)
+
+    assert set(cost) == {"flower", "linear"} and all(v >= 0 for v in cost.values())
