@@ -1,22 +1,30 @@
-"""Per-patient gradients for patient-level DP-SGD: two interchangeable strategies.
+"""Per-patient gradients for patient-level DP-SGD: three interchangeable strategies.
 
 A patient's loss is the mean of their (at most K) labelled sessions' losses, and DP-SGD needs
 one gradient per *patient*, so each strategy returns, for a batch of B patients,
 ``grads[name]`` of shape (B, *param.shape) and the B patient losses. Opacus'
-:class:`DPOptimizer` then clips each row to C and adds noise.
+:class:`DPOptimizer` then clips each row to C and adds noise. All three give the same
+gradients up to float rounding (tested to 1e-5 on every model variant).
 
-* ``functorch`` (default: fastest on this model, ``fedrelapse bench dp-step``):
-  ``torch.func.vmap(grad_and_value(loss))`` over the patient dimension; the patient losses
-  come with the gradients (no second forward pass for logging).
+* ``grouped`` (default: fastest on this model, ``fedrelapse bench dp-step``): no per-sample
+  machinery. One ordinary forward pass of all B·K sessions keeps each trainable layer's input;
+  one ``torch.autograd.grad`` of the summed patient losses gives the layers' output gradients
+  (and no parameter gradients); then :mod:`client.layer_grads` contracts input and output
+  gradient over each patient's own sessions (Linear: a ``bmm``; Conv1d: the ordinary
+  weight-gradient convolution, once per patient; GroupNorm: sums with the forward pass's own
+  statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
+  sessions get a zero output gradient from the masked loss. A layer type without a rule is
+  refused by name, and :func:`make_patient_grads` then warns and uses ``functorch``.
+* ``functorch``: ``torch.func.vmap(grad_and_value(loss))`` over the patient dimension; the
+  patient losses come with the gradients. Works for any layer torch.func can vmap; its
+  vmapped Conv1d weight gradient is a grouped convolution, slow on CPU.
 * ``hooks``: Opacus' :class:`GradSampleModule` forward and
   backward hooks give per-*session* gradients (B·K rows) of the sum over patients of their
   loss in one ordinary forward/backward pass. A session belongs to exactly one patient, so
   summing a patient's K rows gives exactly that patient's gradient. Conv1d rows come from
   :func:`conv1d_grad_sample` (one batched matmul per kernel tap) instead of Opacus' ``im2col``
-  sampler, which took ~40 % of the DP step on CPU.
-  The per-session rows and the hooks cost more than vmap here (about 1.7× vs 1.25× a plain
-  step on one CPU thread, BENCHMARKS.md); kept for layers torch.func cannot vmap and as a
-  cross-check.
+  sampler, which took ~40 % of the DP step on CPU. The per-session rows cost the most of the
+  three; kept as a cross-check.
 
 Ghost clipping (Opacus' ``GradSampleModuleFastGradientClipping``) is not offered: its norms
 are per batch row, i.e. per session here, and a per-patient norm needs the cross terms
@@ -36,8 +44,10 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-GRAD_STRATEGIES = ("functorch", "hooks")
-DEFAULT_GRADS = "functorch"
+from client.layer_grads import FORWARD_STATE, LAYER_GRADS, UnsupportedLayerError, check_layer
+
+GRAD_STRATEGIES = ("grouped", "functorch", "hooks")
+DEFAULT_GRADS = "grouped"
 
 
 class PatientGrads(Protocol):
@@ -111,6 +121,76 @@ class FunctorchGrads:
         return None
 
 
+class GroupedGrads:
+    """One ordinary forward and backward of all B·K sessions, then per-patient contractions per layer.
+
+    Forward hooks keep each trainable layer's input and output; ``torch.autograd.grad`` of the
+    summed patient losses gives the outputs' gradients (no parameter gradients are formed);
+    :mod:`client.layer_grads` turns each layer's (input, output-gradient) pair into per-patient
+    parameter gradients. Exact because a session's rows never meet another session's: the model
+    has no batch statistics (:func:`client.layer_grads.check_layer` refuses BatchNorm) and the
+    per-patient loss weights each session by its mask.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        name_of = {id(p): n for n, p in model.named_parameters()}  # a tied parameter has one name
+        self.layers: list[tuple[str, nn.Module, list[tuple[str, str]]]] = []  # (layer, module, [(attribute, parameter name)])
+        for layer, module in model.named_modules():
+            own = [(attr, name_of[id(p)]) for attr, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if own or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                check_layer(layer or type(model).__name__, module)
+            if own:
+                self.layers.append((layer, module, own))
+        self.calls: dict[str, list[tuple[torch.Tensor, int, torch.Tensor, object]]] = {}  # layer -> [(input, its version, output, forward state)] per call
+        self.capturing = False
+        self.handles = [module.register_forward_hook(self._capture(layer)) for layer, module, _ in self.layers]
+
+    def _capture(self, layer: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not self.capturing:
+                return
+            if not args or not isinstance(output, torch.Tensor):
+                raise UnsupportedLayerError(f"Layer {layer!r} must be called with its input as a positional tensor and return one tensor for the `grouped` per-patient gradients.")
+            state = FORWARD_STATE[type(module)](module, output) if type(module) in FORWARD_STATE else None
+            self.calls.setdefault(layer, []).append((args[0], args[0]._version, output, state))
+
+        return hook
+
+    def __call__(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        b, k = y.shape
+        self.calls, self.capturing = {}, True
+        try:
+            logits = self.model(mel.flatten(0, 1), markers.flatten(0, 1)).view(b, k)  # (B, K)
+        finally:
+            self.capturing = False
+        calls, self.calls = self.calls, {}
+        losses = patient_losses(logits, y, m)  # (B,)
+        missing = [layer for layer, _, _ in self.layers if layer not in calls]
+        if missing:
+            raise UnsupportedLayerError(f"Trainable layer(s) {', '.join(map(repr, missing))} took no part in the forward pass as modules; the `grouped` per-patient gradients cannot see them. Set `training.per_patient_grads` to functorch.")
+        flat = [(layer, module, own, *call) for layer, module, own in self.layers for call in calls[layer]]
+        # d(Σ_p loss_p)/d(output): row n is the gradient of its own patient's loss alone.
+        g_outs = torch.autograd.grad(losses.sum(), [c[5] for c in flat], allow_unused=True)
+        grads: dict[str, torch.Tensor] = {}
+        for (layer, module, own, x, version, _, state), g in zip(flat, g_outs, strict=True):
+            if x._version != version:
+                raise UnsupportedLayerError(f"The input of layer {layer!r} was changed in place after the layer read it (e.g. ReLU(inplace=True)); the `grouped` per-patient gradients need it unchanged.")
+            if g is None:  # this output did not reach the loss: no contribution
+                continue
+            per = LAYER_GRADS[type(module)](module, x.detach(), g, b, state)
+            for attr, name in own:
+                grads[name] = grads[name] + per[attr] if name in grads else per[attr]
+        params = dict(self.model.named_parameters())
+        return {n: grads[n].to(params[n].dtype) if n in grads else params[n].new_zeros((b, *params[n].shape)) for n in self.names}, losses.detach()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.calls = [], {}
+
+
 class HookGrads:
     """Opacus per-sample hooks on the flattened sessions, summed per patient."""
 
@@ -144,4 +224,10 @@ def make_patient_grads(model: nn.Module, *, strategy: str) -> PatientGrads:
         return HookGrads(model)
     if strategy == "functorch":
         return FunctorchGrads(model)
+    if strategy == "grouped":
+        try:
+            return GroupedGrads(model)
+        except UnsupportedLayerError as e:
+            warnings.warn(f"{e} Falling back to the functorch per-patient gradients (same result, slower).", RuntimeWarning, stacklevel=2)
+            return FunctorchGrads(model)
     raise ValueError(f"Unknown per-patient gradient strategy {strategy!r}; choose one of {', '.join(GRAD_STRATEGIES)}.")

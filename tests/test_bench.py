@@ -78,7 +78,7 @@ def test_quick_bench_suite_runs_end_to_end(tiny_cohort: Path, tmp_path: Path) ->
     assert not [k for k, v in parts.items() if "error" in v], {k: v["error"] for k, v in parts.items() if "error" in v}
     assert json.loads((out / "results.json").read_text())["parts"].keys() == parts.keys()
     dp = parts["dp_step"]["modes"]
-    assert {"plain", "dp-functorch", "dp-hooks", "ghost-per-session"} <= dp.keys() and all(m["step_s"] > 0 for m in dp.values())
+    assert {"plain", "dp-grouped", "dp-functorch", "dp-hooks", "ghost-per-session"} <= dp.keys() and all(m["step_s"] > 0 for m in dp.values())
     size = parts["update_size"]["bytes_per_site_per_round"]
     assert size["head_only_float32"] < size["full_model_float32"] and size["full_model_int16"] * 2 == size["full_model_float32"]
     assert parts["update_size"]["auroc_by_round"][-1]["float32"] is not None
