@@ -179,7 +179,8 @@ class GroupedGrads:
                 raise UnsupportedLayerError(f"The input of layer {layer!r} was changed in place after the layer read it (e.g. ReLU(inplace=True)); the `grouped` per-patient gradients need it unchanged.")
             if g is None:  # this output did not reach the loss: no contribution
                 continue
-            per = LAYER_GRADS[type(module)](module, x.detach(), g, b, state)
+            with torch.no_grad():  # plain tensors out: nothing here is differentiated again
+                per = LAYER_GRADS[type(module)](module, x.detach(), g, b, state)
             for attr, name in own:
                 grads[name] = grads[name] + per[attr] if name in grads else per[attr]
         params = dict(self.model.named_parameters())
