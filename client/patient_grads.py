@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -121,6 +121,19 @@ class FunctorchGrads:
         return None
 
 
+class LayerCall(NamedTuple):
+    """One call of a trainable layer in the grouped forward pass, with its output's gradient once known."""
+
+    layer: str
+    module: nn.Module
+    params: list[tuple[str, str]]  # (attribute, model parameter name)
+    x: torch.Tensor  # the layer's input, rows N = B·K
+    version: int  # x._version when the layer read it
+    output: torch.Tensor
+    state: object  # what the layer's rule keeps from the forward pass (GroupNorm: its statistics)
+    g: torch.Tensor | None = None  # d(Σ_p loss_p)/d(output), same shape as output
+
+
 class GroupedGrads:
     """One ordinary forward and backward of all B·K sessions, then per-patient contractions per layer.
 
@@ -143,53 +156,62 @@ class GroupedGrads:
                 check_layer(layer or type(model).__name__, module)
             if own:
                 self.layers.append((layer, module, own))
-        self.calls: dict[str, list[tuple[torch.Tensor, int, torch.Tensor, object]]] = {}  # layer -> [(input, its version, output, forward state)] per call
-        self.capturing = False
-        self.handles = [module.register_forward_hook(self._capture(layer)) for layer, module, _ in self.layers]
+        self.calls: list[LayerCall] | None = None  # filled by the hooks during forward()
+        self.handles = [module.register_forward_hook(self._hook(layer, own)) for layer, module, own in self.layers]
 
-    def _capture(self, layer: str) -> Callable[..., None]:
+    def _hook(self, layer: str, own: list[tuple[str, str]]) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if not self.capturing:
+            if self.calls is None:
                 return
             if not args or not isinstance(output, torch.Tensor):
                 raise UnsupportedLayerError(f"Layer {layer!r} must be called with its input as a positional tensor and return one tensor for the `grouped` per-patient gradients.")
             state = FORWARD_STATE[type(module)](module, output) if type(module) in FORWARD_STATE else None
-            self.calls.setdefault(layer, []).append((args[0], args[0]._version, output, state))
+            self.calls.append(LayerCall(layer, module, own, args[0], args[0]._version, output, state))
 
         return hook
 
-    def __call__(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def forward_backward(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[list[LayerCall], torch.Tensor]:
+        """The ordinary pass: every trainable layer call with its output gradient, and the (B,) patient losses."""
         b, k = y.shape
-        self.calls, self.capturing = {}, True
+        self.calls = []
         try:
             logits = self.model(mel.flatten(0, 1), markers.flatten(0, 1)).view(b, k)  # (B, K)
         finally:
-            self.capturing = False
-        calls, self.calls = self.calls, {}
+            calls, self.calls = self.calls, None
         losses = patient_losses(logits, y, m)  # (B,)
-        missing = [layer for layer, _, _ in self.layers if layer not in calls]
+        missing = sorted({layer for layer, _, _ in self.layers} - {c.layer for c in calls})
         if missing:
             raise UnsupportedLayerError(f"Trainable layer(s) {', '.join(map(repr, missing))} took no part in the forward pass as modules; the `grouped` per-patient gradients cannot see them. Set `training.per_patient_grads` to functorch.")
-        flat = [(layer, module, own, *call) for layer, module, own in self.layers for call in calls[layer]]
         # d(Σ_p loss_p)/d(output): row n is the gradient of its own patient's loss alone.
-        g_outs = torch.autograd.grad(losses.sum(), [c[5] for c in flat], allow_unused=True)
+        g_outs = torch.autograd.grad(losses.sum(), [c.output for c in calls], allow_unused=True)
+        return [c._replace(g=g) for c, g in zip(calls, g_outs, strict=True)], losses.detach()
+
+    @staticmethod
+    def contract(call: LayerCall, b: int) -> dict[str, torch.Tensor]:
+        """One layer call's per-patient gradients, {attribute: (B, *shape)} (empty if its output did not reach the loss)."""
+        if call.x._version != call.version:
+            raise UnsupportedLayerError(f"The input of layer {call.layer!r} was changed in place after the layer read it (e.g. ReLU(inplace=True)); the `grouped` per-patient gradients need it unchanged.")
+        if call.g is None:
+            return {}
+        with torch.no_grad():  # plain tensors out: nothing here is differentiated again
+            return LAYER_GRADS[type(call.module)](call.module, call.x.detach(), call.g, b, call.state)
+
+    def __call__(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        b = y.shape[0]
+        calls, losses = self.forward_backward(mel, markers, y, m)
         grads: dict[str, torch.Tensor] = {}
-        for (layer, module, own, x, version, _, state), g in zip(flat, g_outs, strict=True):
-            if x._version != version:
-                raise UnsupportedLayerError(f"The input of layer {layer!r} was changed in place after the layer read it (e.g. ReLU(inplace=True)); the `grouped` per-patient gradients need it unchanged.")
-            if g is None:  # this output did not reach the loss: no contribution
-                continue
-            with torch.no_grad():  # plain tensors out: nothing here is differentiated again
-                per = LAYER_GRADS[type(module)](module, x.detach(), g, b, state)
-            for attr, name in own:
-                grads[name] = grads[name] + per[attr] if name in grads else per[attr]
+        for call in calls:
+            per = self.contract(call, b)
+            for attr, name in call.params:
+                if attr in per:
+                    grads[name] = grads[name] + per[attr] if name in grads else per[attr]
         params = dict(self.model.named_parameters())
-        return {n: grads[n].to(params[n].dtype) if n in grads else params[n].new_zeros((b, *params[n].shape)) for n in self.names}, losses.detach()
+        return {n: grads[n].to(params[n].dtype) if n in grads else params[n].new_zeros((b, *params[n].shape)) for n in self.names}, losses
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.handles, self.calls = [], {}
+        self.handles, self.calls = [], None
 
 
 class HookGrads:

@@ -102,3 +102,13 @@ def test_site_cache_size_comes_from_the_environment(monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv(SITE_CACHE_ENV, bad)
         with pytest.raises(ValueError, match="FEDRELAPSE_SITE_CACHE"):
             site_cache_size()
+
+
+def test_dp_step_profile_times_every_strategy_and_each_grouped_layer() -> None:
+    from server.bench import dp_step_profile
+
+    ms = dp_step_profile(tiny_experiment(), repeats=1)["ms"]
+    assert {"per-patient grads: grouped", "per-patient grads: functorch", "per-patient grads: hooks", "grouped: forward + output gradients"} <= ms.keys()
+    layers = {k for k in ms if k.startswith("grouped: ") and k.endswith(" per-patient")}
+    assert {"grouped: mel.net.0 (Conv1d) per-patient", "grouped: mel.net.1 (GroupNorm) per-patient", "grouped: head.0 (Linear) per-patient"} <= layers
+    assert all(v >= 0 for v in ms.values())
