@@ -169,3 +169,23 @@ def test_group_norm_rule_gives_the_same_with_forward_statistics_or_recomputed() 
     for attr, ref in zip(("weight", "bias"), reference, strict=True):
         torch.testing.assert_close(with_stats[attr], recomputed[attr])
         torch.testing.assert_close(with_stats[attr].sum(0), ref)
+
+
+def test_grouped_handles_dropout_with_the_forward_pass_own_masks() -> None:
+    """functorch's vmap refuses random ops; grouped's rows come from one ordinary pass, so with the
+    same dropout draws their sum over patients is the ordinary gradient of the summed losses."""
+    from client.patient_grads import patient_losses
+
+    torch.manual_seed(0)
+    model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2, dropout=0.5), n_mels=N_MELS, n_markers=N_MODEL_MARKERS).train()
+    mel, markers, y, m = batch(N_MODEL_MARKERS)
+    torch.manual_seed(7)
+    grads, losses = per_patient(model, "grouped", (mel, markers, y, m))
+    torch.manual_seed(7)
+    ordinary = patient_losses(model(mel.flatten(0, 1), markers.flatten(0, 1)).view(B, K), y, m)
+    ordinary.sum().backward()
+    torch.testing.assert_close(losses, ordinary.detach())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name].sum(0), p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch.manual_seed(8)
+    assert not torch.equal(per_patient(model, "grouped", (mel, markers, y, m))[1], losses)  # dropout really drew
