@@ -185,8 +185,8 @@ def _grouped_parts(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], repe
 
     grouped = GroupedGrads(model)
     try:
-        out = {"grouped: forward + output gradients": _median_ms(lambda: grouped.forward_backward(*batch, contract=False), repeats, dev)}
-        calls, _ = grouped.forward_backward(*batch, contract=False)
+        out = {"grouped: forward + output gradients": _median_ms(lambda: grouped.forward_backward(*batch), repeats, dev)}
+        calls, _ = grouped.forward_backward(*batch)
         b = batch[2].shape[0]
         for i, call in enumerate(calls):
             key = f"grouped: {call.layer} ({type(call.module).__name__}) per-patient"

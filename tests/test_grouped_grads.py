@@ -189,24 +189,3 @@ def test_grouped_handles_dropout_with_the_forward_pass_own_masks() -> None:
         torch.testing.assert_close(grads[name].sum(0), p.grad, rtol=1e-5, atol=1e-6, msg=name)
     torch.manual_seed(8)
     assert not torch.equal(per_patient(model, "grouped", (mel, markers, y, m))[1], losses)  # dropout really drew
-
-
-def test_contracting_after_the_pass_equals_contracting_inside_it() -> None:
-    """The profile's split path (forward_backward without contraction, then contract) gives the strategy's own rows."""
-    torch.manual_seed(1)
-    model, inputs = Odd(), batch(N_MODEL_MARKERS, seed=4)
-    grouped = GroupedGrads(model)
-    try:
-        inline, _ = grouped(*inputs)
-        calls, _ = grouped.forward_backward(*inputs, contract=False)
-    finally:
-        grouped.close()
-    assert all(c.grads == {} for c in calls) and len(calls) == 5  # `shared` is called twice
-    after: dict[str, torch.Tensor] = {}
-    for call in calls:
-        for attr, g in GroupedGrads.contract(call, B).items():
-            name = dict(call.params)[attr]
-            after[name] = after[name] + g if name in after else g
-    assert after.keys() == inline.keys()
-    for name, g in inline.items():
-        torch.testing.assert_close(after[name], g)
