@@ -13,8 +13,9 @@ gradients up to float rounding (tested to 1e-5 on every model variant).
   gradient over each patient's own sessions (Linear: a ``bmm``; Conv1d: the ordinary
   weight-gradient convolution, once per patient; GroupNorm: sums with the forward pass's own
   statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
-  sessions get a zero output gradient from the masked loss. A layer type without a rule is
-  refused by name, and :func:`make_patient_grads` then warns and uses ``functorch``.
+  sessions get a zero output gradient from the masked loss; a probe on the first batch refuses
+  a model whose forward mixes sessions anyway. A layer type without a rule is refused by name,
+  and :func:`make_patient_grads` then warns and uses ``functorch``.
 * ``functorch``: ``torch.func.vmap(grad_and_value(loss))`` over the patient dimension; the
   patient losses come with the gradients. Works for any layer torch.func can vmap; its
   vmapped Conv1d weight gradient is a grouped convolution, slow on CPU.
@@ -158,6 +159,7 @@ class GroupedGrads:
                 self.layers.append((layer, module, own))
         self.calls: list[LayerCall] | None = None  # filled by the hooks during forward()
         self.handles = [module.register_forward_hook(self._hook(layer, own)) for layer, module, own in self.layers]
+        self.rows_checked = False
 
     def _hook(self, layer: str, own: list[tuple[str, str]]) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -170,9 +172,41 @@ class GroupedGrads:
 
         return hook
 
+    def check_sessions_independent(self, mel: torch.Tensor, markers: torch.Tensor) -> None:
+        """Refuse a model in which one session's output depends on another session of the batch.
+
+        The per-patient rows are exact only if no operation mixes rows (no batch statistics,
+        no attention or pooling across the batch); otherwise a patient's row would carry other
+        patients' data and clipping it would not bound that patient's influence. Probe: two
+        sessions, then the same two with the first one changed, under the same random state
+        (dropout draws alike); the second session's output must not move.
+        """
+        rows_mel, rows_markers = mel.flatten(0, 1)[:2], markers.flatten(0, 1)[:2]  # (2, n_mels, F), (2, M)
+        if rows_mel.shape[0] < 2:
+            return
+        changed_mel, changed_markers = rows_mel.clone(), rows_markers.clone()
+        changed_mel[0], changed_markers[0] = changed_mel[0] * 3 + 1, changed_markers[0] * 3 + 1
+        devices = [mel.device.index or 0] if mel.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            cpu_state = torch.random.get_rng_state()
+            cuda_state = torch.cuda.get_rng_state(devices[0]) if devices else None
+            first = self.model(rows_mel, rows_markers)  # (2,)
+            torch.random.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, devices[0])
+            second = self.model(changed_mel, changed_markers)  # (2,)
+        if not torch.allclose(first[1], second[1], rtol=1e-5, atol=1e-6):
+            raise UnsupportedLayerError(
+                f"{type(self.model).__name__} mixes sessions within a batch (changing one session changed another's output), so the `grouped` "
+                "per-patient gradients would not be one patient's alone; set `training.per_patient_grads` to functorch."
+            )
+        self.rows_checked = True
+
     def forward_backward(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[list[LayerCall], torch.Tensor]:
         """The ordinary pass: every trainable layer call with its output gradient, and the (B,) patient losses."""
         b, k = y.shape
+        if not self.rows_checked:
+            self.check_sessions_independent(mel, markers)
         self.calls = []
         try:
             logits = self.model(mel.flatten(0, 1), markers.flatten(0, 1)).view(b, k)  # (B, K)

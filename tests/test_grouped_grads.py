@@ -189,3 +189,27 @@ def test_grouped_handles_dropout_with_the_forward_pass_own_masks() -> None:
         torch.testing.assert_close(grads[name].sum(0), p.grad, rtol=1e-5, atol=1e-6, msg=name)
     torch.manual_seed(8)
     assert not torch.equal(per_patient(model, "grouped", (mel, markers, y, m))[1], losses)  # dropout really drew
+
+
+class CentresTheBatch(nn.Module):
+    """No parameter of its own mixes rows, but the forward subtracts the batch mean: patients leak into each other's rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(N_MELS, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        h = mel.mean(-1)  # (N, n_mels)
+        return self.a(h - h.mean(0, keepdim=True)).squeeze(-1)
+
+
+def test_grouped_refuses_a_model_that_mixes_sessions_across_the_batch() -> None:
+    with pytest.raises(UnsupportedLayerError, match="CentresTheBatch mixes sessions within a batch"):
+        per_patient(CentresTheBatch(), "grouped", batch(N_MODEL_MARKERS))
+    # a dropout model passes the probe (same draws for both probes) and is checked only once
+    torch.manual_seed(0)
+    model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2, dropout=0.5), n_mels=N_MELS, n_markers=N_MODEL_MARKERS).train()
+    grouped = GroupedGrads(model)
+    grouped(*batch(N_MODEL_MARKERS))
+    assert grouped.rows_checked
+    grouped.close()
