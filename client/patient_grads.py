@@ -1,22 +1,31 @@
-"""Per-patient gradients for patient-level DP-SGD: two interchangeable strategies.
+"""Per-patient gradients for patient-level DP-SGD: three interchangeable strategies.
 
 A patient's loss is the mean of their (at most K) labelled sessions' losses, and DP-SGD needs
 one gradient per *patient*, so each strategy returns, for a batch of B patients,
 ``grads[name]`` of shape (B, *param.shape) and the B patient losses. Opacus'
-:class:`DPOptimizer` then clips each row to C and adds noise.
+:class:`DPOptimizer` then clips each row to C and adds noise. All three give the same
+gradients up to float rounding (tested to 1e-5 on every model variant).
 
-* ``functorch`` (default: fastest on this model, ``fedrelapse bench dp-step``):
-  ``torch.func.vmap(grad_and_value(loss))`` over the patient dimension; the patient losses
-  come with the gradients (no second forward pass for logging).
+* ``grouped`` (default: fastest on this model, ``fedrelapse bench dp-step``): no per-sample
+  machinery. One ordinary forward pass of all B·K sessions keeps each trainable layer's input;
+  one ``torch.autograd.grad`` of the summed patient losses gives the layers' output gradients
+  (and no parameter gradients); then :mod:`client.layer_grads` contracts input and output
+  gradient over each patient's own sessions (Linear: a ``bmm``; Conv1d: the ordinary
+  weight-gradient convolution, once per patient; GroupNorm: sums with the forward pass's own
+  statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
+  sessions get a zero output gradient from the masked loss; a probe on the first batch refuses
+  a model whose forward mixes sessions anyway. A layer type without a rule is refused by name,
+  and :func:`make_patient_grads` then warns and uses ``functorch``.
+* ``functorch``: ``torch.func.vmap(grad_and_value(loss))`` over the patient dimension; the
+  patient losses come with the gradients. Works for any layer torch.func can vmap; its
+  vmapped Conv1d weight gradient is a grouped convolution, slow on CPU.
 * ``hooks``: Opacus' :class:`GradSampleModule` forward and
   backward hooks give per-*session* gradients (B·K rows) of the sum over patients of their
   loss in one ordinary forward/backward pass. A session belongs to exactly one patient, so
   summing a patient's K rows gives exactly that patient's gradient. Conv1d rows come from
   :func:`conv1d_grad_sample` (one batched matmul per kernel tap) instead of Opacus' ``im2col``
-  sampler, which took ~40 % of the DP step on CPU.
-  The per-session rows and the hooks cost more than vmap here (about 1.7× vs 1.25× a plain
-  step on one CPU thread, BENCHMARKS.md); kept for layers torch.func cannot vmap and as a
-  cross-check.
+  sampler, which took ~40 % of the DP step on CPU. The per-session rows cost the most of the
+  three; kept as a cross-check.
 
 Ghost clipping (Opacus' ``GradSampleModuleFastGradientClipping``) is not offered: its norms
 are per batch row, i.e. per session here, and a per-patient norm needs the cross terms
@@ -28,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -36,8 +45,10 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-GRAD_STRATEGIES = ("functorch", "hooks")
-DEFAULT_GRADS = "functorch"
+from client.layer_grads import FORWARD_STATE, LAYER_GRADS, UnsupportedLayerError, check_layer
+
+GRAD_STRATEGIES = ("grouped", "functorch", "hooks")
+DEFAULT_GRADS = "grouped"
 
 
 class PatientGrads(Protocol):
@@ -111,6 +122,132 @@ class FunctorchGrads:
         return None
 
 
+class LayerCall(NamedTuple):
+    """One call of a trainable layer in the grouped forward pass, with its output's gradient once known."""
+
+    layer: str
+    module: nn.Module
+    params: list[tuple[str, str]]  # (attribute, model parameter name)
+    x: torch.Tensor  # the layer's input, rows N = B·K
+    version: int  # x._version when the layer read it
+    output: torch.Tensor
+    state: object  # what the layer's rule keeps from the forward pass (GroupNorm: its statistics)
+    g: torch.Tensor | None = None  # d(Σ_p loss_p)/d(output), same shape as output
+
+
+class GroupedGrads:
+    """One ordinary forward and backward of all B·K sessions, then per-patient contractions per layer.
+
+    Forward hooks keep each trainable layer's input and output; ``torch.autograd.grad`` of the
+    summed patient losses gives the outputs' gradients (no parameter gradients are formed);
+    :mod:`client.layer_grads` turns each layer's (input, output-gradient) pair into per-patient
+    parameter gradients. Exact because a session's rows never meet another session's: the model
+    has no batch statistics (:func:`client.layer_grads.check_layer` refuses BatchNorm) and the
+    per-patient loss weights each session by its mask.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        name_of = {id(p): n for n, p in model.named_parameters()}  # a tied parameter has one name
+        self.layers: list[tuple[str, nn.Module, list[tuple[str, str]]]] = []  # (layer, module, [(attribute, parameter name)])
+        for layer, module in model.named_modules():
+            own = [(attr, name_of[id(p)]) for attr, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if own or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                check_layer(layer or type(model).__name__, module)
+            if own:
+                self.layers.append((layer, module, own))
+        self.calls: list[LayerCall] | None = None  # filled by the hooks during forward()
+        self.handles = [module.register_forward_hook(self._hook(layer, own)) for layer, module, own in self.layers]
+        self.rows_checked = False
+
+    def _hook(self, layer: str, own: list[tuple[str, str]]) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self.calls is None:
+                return
+            if not args or not isinstance(output, torch.Tensor):
+                raise UnsupportedLayerError(f"Layer {layer!r} must be called with its input as a positional tensor and return one tensor for the `grouped` per-patient gradients.")
+            state = FORWARD_STATE[type(module)](module, output) if type(module) in FORWARD_STATE else None
+            self.calls.append(LayerCall(layer, module, own, args[0], args[0]._version, output, state))
+
+        return hook
+
+    def check_sessions_independent(self, mel: torch.Tensor, markers: torch.Tensor) -> None:
+        """Refuse a model in which one session's output depends on another session of the batch.
+
+        The per-patient rows are exact only if no operation mixes rows (no batch statistics,
+        no attention or pooling across the batch); otherwise a patient's row would carry other
+        patients' data and clipping it would not bound that patient's influence. Probe: two
+        sessions, then the same two with the first one changed, under the same random state
+        (dropout draws alike); the second session's output must not move.
+        """
+        rows_mel, rows_markers = mel.flatten(0, 1)[:2], markers.flatten(0, 1)[:2]  # (2, n_mels, F), (2, M)
+        if rows_mel.shape[0] < 2:
+            return
+        changed_mel, changed_markers = rows_mel.clone(), rows_markers.clone()
+        changed_mel[0], changed_markers[0] = changed_mel[0] * 3 + 1, changed_markers[0] * 3 + 1
+        devices = [mel.device.index or 0] if mel.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            cpu_state = torch.random.get_rng_state()
+            cuda_state = torch.cuda.get_rng_state(devices[0]) if devices else None
+            first = self.model(rows_mel, rows_markers)  # (2,)
+            torch.random.set_rng_state(cpu_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, devices[0])
+            second = self.model(changed_mel, changed_markers)  # (2,)
+        if not torch.allclose(first[1], second[1], rtol=1e-5, atol=1e-6, equal_nan=True):
+            raise UnsupportedLayerError(
+                f"{type(self.model).__name__} mixes sessions within a batch (changing one session changed another's output), so the `grouped` "
+                "per-patient gradients would not be one patient's alone; set `training.per_patient_grads` to functorch."
+            )
+        self.rows_checked = bool(torch.isfinite(first).all())  # a diverged model's NaN outputs prove nothing: probe again next step
+
+    def forward_backward(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[list[LayerCall], torch.Tensor]:
+        """The ordinary pass: every trainable layer call with its output gradient, and the (B,) patient losses."""
+        b, k = y.shape
+        if not self.rows_checked:
+            self.check_sessions_independent(mel, markers)
+        self.calls = []
+        try:
+            logits = self.model(mel.flatten(0, 1), markers.flatten(0, 1)).view(b, k)  # (B, K)
+        finally:
+            calls, self.calls = self.calls, None
+        losses = patient_losses(logits, y, m)  # (B,)
+        missing = sorted({layer for layer, _, _ in self.layers} - {c.layer for c in calls})
+        if missing:
+            raise UnsupportedLayerError(f"Trainable layer(s) {', '.join(map(repr, missing))} took no part in the forward pass as modules; the `grouped` per-patient gradients cannot see them. Set `training.per_patient_grads` to functorch.")
+        # d(Σ_p loss_p)/d(output): row n is the gradient of its own patient's loss alone.
+        g_outs = torch.autograd.grad(losses.sum(), [c.output for c in calls], allow_unused=True)
+        return [c._replace(g=g) for c, g in zip(calls, g_outs, strict=True)], losses.detach()
+
+    @staticmethod
+    def contract(call: LayerCall, b: int) -> dict[str, torch.Tensor]:
+        """One layer call's per-patient gradients, {attribute: (B, *shape)} (empty if its output did not reach the loss)."""
+        if call.x._version != call.version:
+            raise UnsupportedLayerError(f"The input of layer {call.layer!r} was changed in place after the layer read it (e.g. ReLU(inplace=True)); the `grouped` per-patient gradients need it unchanged.")
+        if call.g is None:
+            return {}
+        with torch.no_grad():  # plain tensors out: nothing here is differentiated again
+            return LAYER_GRADS[type(call.module)](call.module, call.x.detach(), call.g, b, call.state)
+
+    def __call__(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        b = y.shape[0]
+        calls, losses = self.forward_backward(mel, markers, y, m)
+        grads: dict[str, torch.Tensor] = {}
+        for call in calls:
+            per = self.contract(call, b)
+            for attr, name in call.params:
+                if attr in per:
+                    grads[name] = grads[name] + per[attr] if name in grads else per[attr]
+        params = dict(self.model.named_parameters())
+        return {n: grads[n].to(params[n].dtype) if n in grads else params[n].new_zeros((b, *params[n].shape)) for n in self.names}, losses
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.calls = [], None
+
+
 class HookGrads:
     """Opacus per-sample hooks on the flattened sessions, summed per patient."""
 
@@ -144,4 +281,10 @@ def make_patient_grads(model: nn.Module, *, strategy: str) -> PatientGrads:
         return HookGrads(model)
     if strategy == "functorch":
         return FunctorchGrads(model)
+    if strategy == "grouped":
+        try:
+            return GroupedGrads(model)
+        except UnsupportedLayerError as e:
+            warnings.warn(f"{e} Falling back to the functorch per-patient gradients (same result, slower).", RuntimeWarning, stacklevel=2)
+            return FunctorchGrads(model)
     raise ValueError(f"Unknown per-patient gradient strategy {strategy!r}; choose one of {', '.join(GRAD_STRATEGIES)}.")

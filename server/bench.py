@@ -155,6 +155,7 @@ def dp_step_profile(exp: ExperimentConfig, *, device: str = "cpu", repeats: int 
         out[f"per-patient grads: {strategy}"] = _median_ms(lambda pp=per_patient: pp(mel, markers, y, m), repeats, dev)
         grads, _ = per_patient(mel, markers, y, m)
         per_patient.close()
+    out.update(_grouped_parts(model, (mel, markers, y, m), repeats, dev))
     dp_opt = CpuNoiseDPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=t.batch_patients, generator=gen)
 
     def clip() -> None:
@@ -176,6 +177,23 @@ def dp_step_profile(exp: ExperimentConfig, *, device: str = "cpu", repeats: int 
     out["Gaussian noise (seeded CPU generator)"] = _median_ms(noise, repeats, dev)
     return {"device": device, "batch_patients": t.batch_patients, "sessions": t.max_sessions_per_patient, "ms": {k: round(v, 3) for k, v in out.items()},
             "parameters": sum(p.numel() for _, p in named)}
+
+
+def _grouped_parts(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], repeats: int, dev: torch.device) -> dict[str, float]:
+    """The `grouped` strategy's time by part: its ordinary forward + output-gradient pass, then each layer's per-patient contraction."""
+    from client.patient_grads import GroupedGrads
+
+    grouped = GroupedGrads(model)
+    try:
+        out = {"grouped: forward + output gradients": _median_ms(lambda: grouped.forward_backward(*batch), repeats, dev)}
+        calls, _ = grouped.forward_backward(*batch)
+        b = batch[2].shape[0]
+        for i, call in enumerate(calls):
+            key = f"grouped: {call.layer} ({type(call.module).__name__}) per-patient"
+            out[key if key not in out else f"{key} #{i}"] = _median_ms(lambda c=call: GroupedGrads.contract(c, b), repeats, dev)
+    finally:
+        grouped.close()
+    return out
 
 
 def _median_ms(fn: Any, repeats: int, dev: torch.device) -> float:

@@ -508,7 +508,7 @@ def site_round_memory(exp: ExperimentConfig, data: Path, scratch: Path) -> dict[
     plans = {"default_model": replace(exp, speech=replace(exp.speech, encoder="none"))}
     if exp.speech.enabled:
         plans["with_speech_encoder"] = exp
-    out: dict[str, Any] = {"site": cfg.name, "rounds": 1, "privacy": "on (functorch per-patient gradients)"}
+    out: dict[str, Any] = {"site": cfg.name, "rounds": 1, "privacy": f"on ({exp.training.per_patient_grads} per-patient gradients)"}
     for name, plan in plans.items():
         state = scratch / name
         shutil.rmtree(state, ignore_errors=True)

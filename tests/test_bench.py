@@ -78,7 +78,7 @@ def test_quick_bench_suite_runs_end_to_end(tiny_cohort: Path, tmp_path: Path) ->
     assert not [k for k, v in parts.items() if "error" in v], {k: v["error"] for k, v in parts.items() if "error" in v}
     assert json.loads((out / "results.json").read_text())["parts"].keys() == parts.keys()
     dp = parts["dp_step"]["modes"]
-    assert {"plain", "dp-functorch", "dp-hooks"} <= dp.keys() and all(m["step_s"] > 0 for m in dp.values())
+    assert {"plain", "dp-grouped", "dp-functorch", "dp-hooks"} <= dp.keys() and all(m["step_s"] > 0 for m in dp.values())
     assert "ghost-per-session" not in dp  # the slow reference lives in `bench dp-step` only
     size = parts["update_size"]["bytes_per_site_per_round"]
     assert size["head_only_float32"] < size["full_model_float32"] and size["full_model_int16"] * 2 == size["full_model_float32"]
@@ -127,3 +127,13 @@ def test_dp_step_bench_times_opacus_ghost_clipping_as_a_reference() -> None:
 
     r = dp_step_ratio(tiny_experiment(), repeats=1, steps=1, strategies=("functorch",), ghost_reference=True)
     assert set(r["modes"]) == {"plain", "dp-functorch", "ghost-per-session"} and all(m["step_s"] > 0 for m in r["modes"].values())
+
+
+def test_dp_step_profile_times_every_strategy_and_each_grouped_layer() -> None:
+    from server.bench import dp_step_profile
+
+    ms = dp_step_profile(tiny_experiment(), repeats=1)["ms"]
+    assert {"per-patient grads: grouped", "per-patient grads: functorch", "per-patient grads: hooks", "grouped: forward + output gradients"} <= ms.keys()
+    layers = {k for k in ms if k.startswith("grouped: ") and k.endswith(" per-patient")}
+    assert {"grouped: mel.net.0 (Conv1d) per-patient", "grouped: mel.net.1 (GroupNorm) per-patient", "grouped: head.0 (Linear) per-patient"} <= layers
+    assert all(v >= 0 for v in ms.values())

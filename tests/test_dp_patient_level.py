@@ -8,7 +8,7 @@ from opacus.accountants import RDPAccountant, create_accountant
 
 from client.dataset import PatientTensors
 from client.dp_train import CpuNoiseDPOptimizer, patient_loss_fn, train_dp
-from client.patient_grads import GRAD_STRATEGIES, make_patient_grads
+from client.patient_grads import DEFAULT_GRADS, GRAD_STRATEGIES, make_patient_grads
 from shared.config import ModelSpec, TrainingConfig
 from shared.markers import N_MODEL_MARKERS
 from shared.models.prosody_mel import ProsodyMelNet
@@ -127,7 +127,7 @@ def test_same_seed_same_update_different_seed_different_noise(grads: str) -> Non
 
 
 def test_every_strategy_gives_the_same_per_patient_gradients_and_losses() -> None:
-    """Hooks (per-session rows summed per patient) == vmap over patients == one patient at a time."""
+    """Grouped contractions == hooks (per-session rows summed per patient) == vmap over patients == one patient at a time."""
     data = make_data()
     data.mask[0, 2:] = False  # a patient with fewer labelled sessions weighs them more
     mel, markers, y, m = data.mel.float(), data.markers, data.labels, data.mask.float()
@@ -144,12 +144,14 @@ def test_every_strategy_gives_the_same_per_patient_gradients_and_losses() -> Non
         for name, (g, _) in results.items():
             for n in ref:
                 torch.testing.assert_close(g[n][i], ref[n], rtol=1e-4, atol=1e-6, msg=f"{name}: {n} patient {i}")
-    torch.testing.assert_close(results["hooks"][1], results["functorch"][1])
+    for name in GRAD_STRATEGIES:
+        torch.testing.assert_close(results[name][1], results["functorch"][1])
 
 
-def test_hooks_are_removed_after_training() -> None:
+@pytest.mark.parametrize("grads", ["hooks", "grouped"])
+def test_hooks_are_removed_after_training(grads: str) -> None:
     model, data = make_model(), make_data()
-    run(model, data, sigma=1.0, clip=1.0, grads="hooks")
+    run(model, data, sigma=1.0, clip=1.0, grads=grads)
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
     # the plain model still trains with ordinary autograd afterwards
@@ -162,8 +164,8 @@ def test_config_offers_exactly_the_implemented_strategies() -> None:
 
     meta = next(f for f in fields(TrainingConfig) if f.name == "per_patient_grads").metadata
     assert tuple(meta["choices"]) == GRAD_STRATEGIES
-    assert TrainingConfig().per_patient_grads == "functorch"
-    with pytest.raises(ValueError, match="choose one of functorch, hooks"):
+    assert TrainingConfig().per_patient_grads == DEFAULT_GRADS == "grouped"
+    with pytest.raises(ValueError, match="choose one of grouped, functorch, hooks"):
         make_patient_grads(make_model(), strategy="ghost")
 
 

@@ -1,0 +1,215 @@
+"""The `grouped` per-patient gradients: one ordinary forward/backward, exact per-patient rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from client.layer_grads import UnsupportedLayerError
+from client.patient_grads import GroupedGrads, make_patient_grads
+from shared.config import ModelSpec
+from shared.markers import N_MODEL_MARKERS
+from shared.models.prosody_mel import ProsodyMelNet
+
+B, K, N_MELS, F, SPEECH = 5, 3, 8, 20, 6
+
+
+def batch(n_markers: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    mel = torch.randn(B, K, N_MELS, F, generator=g)  # (B, K, n_mels, F)
+    markers = torch.randn(B, K, n_markers, generator=g)  # (B, K, M)
+    y = (torch.rand(B, K, generator=g) > 0.5).float()  # (B, K)
+    m = torch.ones(B, K)
+    m[0, 1:] = 0  # one labelled session: it weighs 3× more than each of a full patient's
+    m[2] = 0  # no labelled session at all: zero gradient, zero loss
+    return mel, markers, y, m
+
+
+def per_patient(model: nn.Module, strategy: str, inputs: tuple[torch.Tensor, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    grads = make_patient_grads(model, strategy=strategy)
+    try:
+        return grads(*inputs)
+    finally:
+        grads.close()
+
+
+def assert_same_as_functorch(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    grouped, losses = per_patient(model, "grouped", inputs)
+    reference, ref_losses = per_patient(model, "functorch", inputs)
+    assert grouped.keys() == reference.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, ref in reference.items():
+        torch.testing.assert_close(grouped[name], ref, rtol=1e-5, atol=1e-6, msg=f"grouped vs functorch: {name}")
+    torch.testing.assert_close(losses, ref_losses)
+    assert not any(g.requires_grad for g in grouped.values()) and not losses.requires_grad  # plain tensors, no graph kept
+    assert all(float(g[2].abs().max()) == 0.0 for g in grouped.values())  # the patient with no labelled session
+
+
+@pytest.mark.parametrize("branches", ["fused", "acoustic", "language"])
+@pytest.mark.parametrize("baseline", [True, False])
+@pytest.mark.parametrize("speech", [False, True])
+def test_grouped_equals_functorch_on_every_model_variant(branches: str, baseline: bool, speech: bool) -> None:
+    torch.manual_seed(0)
+    spec = ModelSpec(hidden=8, conv_channels=4, groups=2, branches=branches, personal_baseline=baseline)
+    model = ProsodyMelNet(spec, n_mels=N_MELS, n_markers=N_MODEL_MARKERS, speech_dim=SPEECH if speech else 0, adapter_dim=4 if speech else 0)
+    assert_same_as_functorch(model, batch(N_MODEL_MARKERS + (SPEECH if speech else 0)))
+
+
+class Odd(nn.Module):
+    """Layers off the default model's path: grouped/dilated conv without bias, a GroupNorm on
+    (N, C, H, W)-shaped rows, a frozen layer, and one Linear called twice (shared weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(N_MELS, 6, kernel_size=3, stride=3, padding=1, dilation=2, groups=2, bias=False)
+        self.norm = nn.GroupNorm(3, 6)
+        self.frozen = nn.Linear(6, 6)
+        self.frozen.requires_grad_(False)
+        self.shared = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 1)
+        self.out.bias.requires_grad_(False)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        h = self.conv(mel)  # (N, 6, L)
+        h = self.norm(h.unflatten(-1, (1, -1))).flatten(-2).relu().mean(-1)  # (N, 6)
+        h = self.shared(torch.tanh(self.shared(self.frozen(h))))  # (N, 6)
+        return self.out(h).squeeze(-1) + markers[:, 0]  # (N,)
+
+
+def test_grouped_equals_functorch_on_grouped_dilated_conv_shared_and_frozen_layers() -> None:
+    torch.manual_seed(1)
+    model = Odd()
+    assert_same_as_functorch(model, batch(N_MODEL_MARKERS, seed=3))
+    assert "frozen.weight" not in per_patient(model, "grouped", batch(N_MODEL_MARKERS))[0]
+
+
+def test_grouped_leaves_no_hook_behind_and_the_model_trains_normally() -> None:
+    torch.manual_seed(0)
+    model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2), n_mels=N_MELS, n_markers=N_MODEL_MARKERS)
+    per_patient(model, "grouped", batch(N_MODEL_MARKERS))
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())  # only output gradients were formed
+    mel, markers, _, _ = batch(N_MODEL_MARKERS)
+    model(mel[0], markers[0]).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+class WithBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(N_MELS)
+        self.out = nn.Linear(N_MELS, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bn(mel).mean(-1)).squeeze(-1)
+
+
+class WithLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(N_MELS, 4, batch_first=True)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        return self.rnn(mel.transpose(1, 2))[0][:, -1].sum(-1)
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    (WithBatchNorm, r"refuse layer 'bn' \(BatchNorm1d\): batch statistics mix sessions"),
+    (WithLSTM, r"no rule for layer 'rnn' \(LSTM\)"),
+    (lambda: nn.Sequential(nn.Conv1d(N_MELS, 2, 3, padding="same")), r"numeric zero padding in layer '0' \(Conv1d\)"),
+])
+def test_grouped_names_the_layer_it_cannot_handle_and_the_factory_falls_back(model: type[nn.Module], message: str) -> None:
+    with pytest.raises(UnsupportedLayerError, match=message):
+        GroupedGrads(model())
+    with pytest.warns(RuntimeWarning, match="Falling back to the functorch"):
+        fallback = make_patient_grads(model(), strategy="grouped")
+    assert not isinstance(fallback, GroupedGrads)
+
+
+class InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(N_MELS, 4), nn.Linear(4, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        h = self.a(mel.mean(-1))
+        out = self.b(h)
+        h.mul_(0)  # after b read it: b's kept input no longer is what b saw
+        return out.squeeze(-1)
+
+
+class Bypass(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(N_MELS, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(mel.mean(-1), self.a.weight, self.a.bias).squeeze(-1)  # not through the module
+
+
+def test_grouped_refuses_inputs_changed_in_place_and_layers_bypassed() -> None:
+    with pytest.raises(UnsupportedLayerError, match=r"input of layer 'b' was changed in place"):
+        per_patient(InPlace(), "grouped", batch(N_MODEL_MARKERS))
+    with pytest.raises(UnsupportedLayerError, match=r"'a' took no part in the forward pass"):
+        per_patient(Bypass(), "grouped", batch(N_MODEL_MARKERS))
+
+
+def test_group_norm_rule_gives_the_same_with_forward_statistics_or_recomputed() -> None:
+    from client.layer_grads import group_norm_grads, group_norm_stats
+
+    torch.manual_seed(2)
+    norm = nn.GroupNorm(2, 4)
+    x = torch.randn(B * K, 4, 7) * 3 + 1  # (N, C, L), off-centre rows
+    out = norm(x)
+    g = torch.randn_like(out)
+    stats = group_norm_stats(norm, out)
+    assert stats is not None and stats[0].shape == (B * K, 2)
+    with_stats, recomputed = group_norm_grads(norm, x, g, B, stats), group_norm_grads(norm, x, g, B)
+    reference = torch.autograd.grad(out, [norm.weight, norm.bias], g)  # the batch sums
+    for attr, ref in zip(("weight", "bias"), reference, strict=True):
+        torch.testing.assert_close(with_stats[attr], recomputed[attr])
+        torch.testing.assert_close(with_stats[attr].sum(0), ref)
+
+
+def test_grouped_handles_dropout_with_the_forward_pass_own_masks() -> None:
+    """functorch's vmap refuses random ops; grouped's rows come from one ordinary pass, so with the
+    same dropout draws their sum over patients is the ordinary gradient of the summed losses."""
+    from client.patient_grads import patient_losses
+
+    torch.manual_seed(0)
+    model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2, dropout=0.5), n_mels=N_MELS, n_markers=N_MODEL_MARKERS).train()
+    mel, markers, y, m = batch(N_MODEL_MARKERS)
+    torch.manual_seed(7)
+    grads, losses = per_patient(model, "grouped", (mel, markers, y, m))
+    torch.manual_seed(7)
+    ordinary = patient_losses(model(mel.flatten(0, 1), markers.flatten(0, 1)).view(B, K), y, m)
+    ordinary.sum().backward()
+    torch.testing.assert_close(losses, ordinary.detach())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name].sum(0), p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch.manual_seed(8)
+    assert not torch.equal(per_patient(model, "grouped", (mel, markers, y, m))[1], losses)  # dropout really drew
+
+
+class CentresTheBatch(nn.Module):
+    """No parameter of its own mixes rows, but the forward subtracts the batch mean: patients leak into each other's rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(N_MELS, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        h = mel.mean(-1)  # (N, n_mels)
+        return self.a(h - h.mean(0, keepdim=True)).squeeze(-1)
+
+
+def test_grouped_refuses_a_model_that_mixes_sessions_across_the_batch() -> None:
+    with pytest.raises(UnsupportedLayerError, match="CentresTheBatch mixes sessions within a batch"):
+        per_patient(CentresTheBatch(), "grouped", batch(N_MODEL_MARKERS))
+    # a dropout model passes the probe (same draws for both probes) and is checked only once
+    torch.manual_seed(0)
+    model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2, dropout=0.5), n_mels=N_MELS, n_markers=N_MODEL_MARKERS).train()
+    grouped = GroupedGrads(model)
+    grouped(*batch(N_MODEL_MARKERS))
+    assert grouped.rows_checked
+    grouped.close()
