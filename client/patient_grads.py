@@ -111,7 +111,8 @@ class FunctorchGrads:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.fn = vmap(grad_and_value(patient_loss_fn(model)), in_dims=(None, None, 0, 0, 0, 0))
+        # randomness="different": each patient draws its own dropout masks (vmap refuses random ops otherwise)
+        self.fn = vmap(grad_and_value(patient_loss_fn(model)), in_dims=(None, None, 0, 0, 0, 0), randomness="different")
 
     def __call__(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         params = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}

@@ -213,3 +213,28 @@ def test_grouped_refuses_a_model_that_mixes_sessions_across_the_batch() -> None:
     grouped(*batch(N_MODEL_MARKERS))
     assert grouped.rows_checked
     grouped.close()
+
+
+class SamePaddingWithDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(N_MELS, 2, 3, padding="same")
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(2, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(self.conv(mel).mean(-1))).squeeze(-1)
+
+
+def test_the_functorch_fallback_handles_a_model_with_dropout() -> None:
+    torch.manual_seed(0)
+    model = SamePaddingWithDropout().train()
+    with pytest.warns(RuntimeWarning, match="Falling back to the functorch"):
+        grads = make_patient_grads(model, strategy="grouped")
+    b, k = 3, 2
+    mel, markers = torch.randn(b, k, N_MELS, 20), torch.randn(b, k, N_MODEL_MARKERS)
+    y, m = torch.randint(0, 2, (b, k)).float(), torch.ones(b, k)
+    rows, losses = grads(mel, markers, y, m)  # vmap refuses random ops unless told how to draw them
+    assert rows["conv.weight"].shape == (b, *model.conv.weight.shape) and losses.shape == (b,)
+    assert torch.isfinite(rows["conv.weight"]).all()
+    grads.close()
