@@ -238,3 +238,19 @@ def test_the_functorch_fallback_handles_a_model_with_dropout() -> None:
     assert rows["conv.weight"].shape == (b, *model.conv.weight.shape) and losses.shape == (b,)
     assert torch.isfinite(rows["conv.weight"]).all()
     grads.close()
+
+
+@pytest.mark.parametrize(("groups", "stride", "dilation", "padding"), [(1, 2, 1, 2), (2, 1, 2, 3), (4, 3, 1, 0)])
+def test_stacked_conv_weight_gradients_equal_one_call_per_patient(groups: int, stride: int, dilation: int, padding: int) -> None:
+    from client.layer_grads import conv1d_grads
+
+    torch.manual_seed(1)
+    b, k = 3, 4
+    layer = nn.Conv1d(8, 4, 5, stride=stride, dilation=dilation, padding=padding, groups=groups)
+    x = torch.randn(b * k, 8, 37)  # (N, C, L), patient-major rows
+    g = torch.randn_like(layer(x))  # (N, O, L_out)
+    g[k:2 * k][-1] = 0  # a padded session of patient 1
+    per, stacked = (conv1d_grads(layer, x, g, b, stacked=s) for s in (False, True))
+    torch.testing.assert_close(stacked["weight"], per["weight"], rtol=1e-5, atol=1e-5)
+    for i in range(b):  # and both are patient i's ordinary gradient
+        torch.testing.assert_close(per["weight"][i], torch.nn.grad.conv1d_weight(x[i * k:(i + 1) * k], layer.weight.shape, g[i * k:(i + 1) * k], stride=stride, padding=padding, dilation=dilation, groups=groups), rtol=1e-5, atol=1e-5)
