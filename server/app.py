@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import run_federation
+from server.reply_poll import PromptGrid
 from server.resume import ResumePoint, load_resume_point
 from server.run_folder import write_json
 from shared import protocol as P  # noqa: N812
@@ -77,6 +78,7 @@ def build_server_app(
         if exp is None:  # deployed: record how to submit this run again if the coordinator stops
             folder.mkdir(parents=True, exist_ok=True)
             write_json(folder / DEPLOY_INFO, {"engine": "deployment", "run_id": rid, "signing_key": str(key_path.resolve()) if key_path else ""})
+        grid = PromptGrid(grid, poll_s=cfg.federation.reply_poll_s)  # type: ignore[assignment]  # replies seen within reply_poll_s, not Flower's 3 s
         run_federation(
             wrap_grid(grid) if wrap_grid else grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None,
             resume=point, after_round=faults.after_round if faults else None,

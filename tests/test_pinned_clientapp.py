@@ -95,4 +95,6 @@ def test_the_launcher_comes_first_on_the_supernodes_path_and_runs_this_interpret
     assert stat.S_IMODE(launcher.stat().st_mode) & stat.S_IXUSR
     env = launcher_env(tmp_path / "bin", {"PATH": os.defpath})
     assert shutil.which(LAUNCHER, path=env["PATH"]) == str(launcher.resolve())
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1"  # tasks start within 0.1 s, not Flower's 1 s
+    assert launcher_env(tmp_path / "bin", {"PATH": os.defpath, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "2"})["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"
     assert write_launcher(tmp_path / "bin") == launcher  # rewriting is idempotent
