@@ -49,6 +49,10 @@ def new_run_id(name: str) -> str:
     return f"{name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
 
 
+# In simulation the Grid is in-process: a look for replies costs microseconds, so look often.
+SIMULATION_POLL_S = 0.02
+
+
 def build_server_app(
     exp: ExperimentConfig | None = None, out: Path | None = None, run_id: str = "", signing_key: Path | None = None,
     *, resume: ResumePoint | None = None, faults: FaultPlan | None = None, wrap_grid: Callable[[Grid], Grid] | None = None,
@@ -78,7 +82,8 @@ def build_server_app(
         if exp is None:  # deployed: record how to submit this run again if the coordinator stops
             folder.mkdir(parents=True, exist_ok=True)
             write_json(folder / DEPLOY_INFO, {"engine": "deployment", "run_id": rid, "signing_key": str(key_path.resolve()) if key_path else ""})
-        grid = PromptGrid(grid, poll_s=cfg.federation.reply_poll_s)  # type: ignore[assignment]  # replies seen within reply_poll_s, not Flower's 3 s
+        poll = cfg.federation.reply_poll_s if exp is None else min(cfg.federation.reply_poll_s, SIMULATION_POLL_S)
+        grid = PromptGrid(grid, poll_s=poll)  # type: ignore[assignment]  # replies seen within reply_poll_s, not Flower's 3 s
         run_federation(
             wrap_grid(grid) if wrap_grid else grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None,
             resume=point, after_round=faults.after_round if faults else None,

@@ -10,7 +10,9 @@ three quarters at 300, taken (with the GIL) from the coordinator and the site ac
 the whole round. :func:`pending_messages` finds the same messages in one pass.
 
 :func:`linear_dispatch` swaps it in for the duration of one simulation and restores Flower's
-loop afterwards. It needs the in-memory LinkState internals of the pinned Flower
+loop afterwards. Being one cheap pass, it also sweeps 5× as often (every 0.02 s): a message
+waits on average 10 ms for an actor instead of 50 ms (3 simulated sites, quiet machine:
+round wall ÷ Σ site compute 1.15-1.18× at 0.02 s vs 1.21-1.39× at 0.1 s, interleaved). It needs the in-memory LinkState internals of the pinned Flower
 (``deploy/requirements.lock``); with any other LinkState, or a Flower whose internals
 differ, Flower's own loop is kept and a warning says so.
 """
@@ -29,7 +31,7 @@ from flwr.app import Message
 
 log = logging.getLogger("fedrelapse.simulate")
 
-DISPATCH_PERIOD_S = 0.1  # Flower's own period between sweeps
+DISPATCH_PERIOD_S = 0.02  # Flower's own period between sweeps is 0.1 s
 _STATE_INTERNALS = ("lock", "message_ins_store", "_check_stored_messages")
 
 

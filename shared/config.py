@@ -185,7 +185,7 @@ class FederationConfig:
     node_wait_timeout_s: float = spec(300.0, doc="Give up when min_nodes have not joined by then.", gt=0)
     round_timeout_s: float = spec(1800.0, doc="A site that has not replied by then is left out.", gt=0)
     reply_poll_s: float = spec(
-        0.1, doc="Seconds between the coordinator's looks for the sites' replies (Flower's own Grid waits 3 s; each look is one small RPC to the SuperLink).", gt=0, le=60
+        0.1, doc="Seconds between the coordinator's looks for the sites' replies on the Deployment Engine (Flower's own Grid waits 3 s; each look is one small RPC to the SuperLink). Simulation looks at least every 0.02 s.", gt=0, le=60
     )
     min_patients_metric: int = spec(
         5, doc="k: metrics over fewer evaluation patients are suppressed at the site.", ge=1
