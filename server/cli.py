@@ -289,6 +289,16 @@ def bench_speech_encoder(
     print(json.dumps({"path": str(path), "size": size, "parameters": encoder_parameters(path)}))
 
 
+def _site_counts(sites: str) -> tuple[int, ...]:
+    """``--sites`` of the bench commands: consortium sizes such as ``3,10,30``."""
+    from shared.errors import ConfigError
+
+    try:
+        return tuple(int(x) for x in sites.split(","))
+    except ValueError:
+        raise ConfigError(f"--sites must be comma-separated whole numbers such as 3,10,30; got {sites!r}.") from None
+
+
 @bench_app.command("scale")
 @friendly
 def bench_scale(
@@ -302,12 +312,8 @@ def bench_scale(
     """Time per round and peak memory vs number of simulated sites."""
     from server.bench_suite import scale
     from shared.config import load_experiment
-    from shared.errors import ConfigError
 
-    try:
-        sizes = tuple(int(x) for x in sites.split(","))
-    except ValueError:
-        raise ConfigError(f"--sites must be comma-separated whole numbers such as 10,30,100, not {sites!r}.") from None
+    sizes = _site_counts(sites)
     from server.bench_fl import quick_experiment
 
     exp = quick_experiment(load_experiment(config)) if quick else load_experiment(config)
@@ -351,10 +357,7 @@ def bench_secagg(
     from shared.errors import ConfigError
 
     exp = load_experiment(config)
-    try:
-        counts = tuple(int(x) for x in sites.split(","))
-    except ValueError:
-        raise ConfigError(f"--sites must be comma-separated whole numbers such as 3,10,30; got {sites!r}.") from None
+    counts = _site_counts(sites)
     if any(n < 2 for n in counts):
         raise ConfigError(f"--sites: SecAgg+ needs at least 2 sites per setting; got {sites!r}.")
     if quick:
@@ -380,12 +383,8 @@ def bench_deployment(
     from server.bench import machine
     from server.bench_fl import deployment_rounds
     from shared.config import load_experiment
-    from shared.errors import ConfigError
 
-    try:
-        sizes = tuple(int(x) for x in sites.split(","))
-    except ValueError:
-        raise ConfigError(f"--sites must be comma-separated whole numbers such as 3,10, not {sites!r}.") from None
+    sizes = _site_counts(sites)
     exp = load_experiment(config)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "runs": []}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from server.cli import app
@@ -39,3 +40,9 @@ def test_simulate_without_sites_says_how_to_make_them(tmp_path: Path) -> None:
     result = runner.invoke(app, ["simulate", "--config", "configs/experiment.yaml", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "fedrelapse synth" in result.output
+
+
+@pytest.mark.parametrize("command", [["bench", "scale", "--data", "{d}", "--out", "{d}/o"], ["bench", "secagg"], ["bench", "deployment", "--data", "{d}", "--out", "{d}/o"]])
+def test_bench_sizes_that_are_not_whole_numbers_are_a_config_error(command: list[str], tmp_path: Path) -> None:
+    result = runner.invoke(app, [a.format(d=tmp_path) for a in command] + ["--sites", "3,x"])
+    assert result.exit_code == 2 and "--sites must be comma-separated whole numbers such as 3,10,30; got '3,x'" in result.output
