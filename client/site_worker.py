@@ -251,10 +251,7 @@ def _watch_parent(parent_pid: int, sock_path: str) -> None:
         time.sleep(0.5)
         try:
             os.kill(parent_pid, 0)
-        except ProcessLookupError:
-            _remove(sock_path)
-            os._exit(0)
-        except PermissionError:  # exists, but not ours any more (pid reused): gone for us
+        except (ProcessLookupError, PermissionError):  # PermissionError: the pid now belongs to someone else (reused)
             _remove(sock_path)
             os._exit(0)
 
