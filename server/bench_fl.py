@@ -375,6 +375,8 @@ def sample_manifest(manifest: Path, dest: Path, *, sessions: int) -> Path:
     files they name, into ``dest``; returns the new manifest (paths stay relative to it)."""
     import csv
 
+    if manifest.suffix.lower() != ".csv":
+        raise ConfigError(f"{manifest}: the feature-cache benchmark samples CSV manifests only; run it on a cohort from `fedrelapse synth` or without a sample (--quick times every recording).")
     with manifest.open(newline="") as fh:
         reader = csv.DictReader(fh)
         fields, rows = list(reader.fieldnames or ()), list(reader)

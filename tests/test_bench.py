@@ -120,6 +120,8 @@ def test_feature_sample_is_a_valid_manifest_spread_over_the_site(tiny_cohort: Pa
         empty.parent.mkdir()
         empty.write_text(source.path.read_text().splitlines()[0] + "\n")
         sample_manifest(empty, tmp_path / "e", sessions=3)
+    with pytest.raises(ConfigError, match="CSV manifests only"):
+        sample_manifest(tmp_path / "alpha" / "manifest.jsonl", tmp_path / "j", sessions=3)
 
 
 def test_dp_step_bench_times_opacus_ghost_clipping_as_a_reference() -> None:
