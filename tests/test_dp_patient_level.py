@@ -7,7 +7,7 @@ import torch
 from opacus.accountants import RDPAccountant, create_accountant
 
 from client.dataset import PatientTensors
-from client.dp_train import CpuNoiseDPOptimizer, patient_loss_fn, train_dp
+from client.dp_train import CpuNoiseDPOptimizer, clip_and_sum, patient_loss_fn, train_dp
 from client.patient_grads import DEFAULT_GRADS, GRAD_STRATEGIES, make_patient_grads
 from shared.config import ModelSpec, TrainingConfig
 from shared.markers import N_MODEL_MARKERS
@@ -209,3 +209,78 @@ def test_calibrated_sigma_gives_the_target_epsilon_back() -> None:
 def test_unknown_accountant_names_the_choices() -> None:
     with pytest.raises(ValueError, match="choose one of rdp, prv"):
         epsilon([SubsampledGaussian(1.0, 0.1, 1)], delta=1e-5, accountant="gdp")
+
+
+def _grad_samples(rows: int, dtype: torch.dtype = torch.float32) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 8, 5), (4,), (3, 12), ()]  # () : a scalar parameter
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    scales = torch.tensor([0.01, 0.3, 1.0, 5.0, 0.5, 2.0, 0.0, 0.1])[:rows]  # rows under and over C, one all-zero
+    samples = [(torch.randn(rows, *s, generator=g) * scales.view(-1, *[1] * len(s))).to(dtype) for s in shapes]
+    return params, samples
+
+
+def _clipped_sum(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], samples: list[torch.Tensor]) -> list[torch.Tensor]:
+    for p, s in zip(params, samples, strict=True):
+        p.grad_sample = s.clone()
+    opt.clip_and_accumulate()
+    out = [p.summed_grad.clone() for p in params]
+    opt.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("rows", [8, 0])
+def test_fused_clipping_equals_opacus_per_parameter_clipping(rows: int) -> None:
+    """All parameters clipped and summed at once == Opacus' own loop over parameters (and an empty batch sums to zero)."""
+    from opacus.optimizers import DPOptimizer
+
+    params, samples = _grad_samples(rows)
+    ours = CpuNoiseDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4)
+    opacus = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4)
+    for mine, reference in zip(_clipped_sum(ours, params, samples), _clipped_sum(opacus, params, samples), strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-7)
+    if rows == 0:
+        assert all(float(s.abs().max()) == 0.0 for s in _clipped_sum(ours, params, samples))
+
+
+def test_fused_clipping_bounds_each_row_in_float32_even_for_bf16_rows() -> None:
+    _, samples = _grad_samples(8, torch.bfloat16)
+    summed, norms = clip_and_sum(samples, max_grad_norm=0.5)
+    assert summed.dtype == norms.dtype == torch.float32
+    reference = torch.cat([s.float().reshape(8, -1) for s in samples], dim=1).norm(dim=1)
+    torch.testing.assert_close(norms, reference)
+    for row in range(8):  # each row alone contributes at most C
+        alone, _ = clip_and_sum([s[row : row + 1] for s in samples], max_grad_norm=0.5)
+        assert float(alone.norm()) <= 0.5 * (1 + 1e-5)
+
+
+def test_fused_step_equals_opacus_step_and_noise_has_std_sigma_c() -> None:
+    """The whole step (clip, noise, averaging by the expected batch): σ = 0 gives Opacus' update; σ > 0 adds N(0, (σC/B)²) per coordinate."""
+    from opacus.optimizers import DPOptimizer
+
+    params, samples = _grad_samples(8)
+    start = [p.detach().clone() for p in params]
+    updates = []
+    for opt_class, sigma in ((DPOptimizer, 0.0), (CpuNoiseDPOptimizer, 0.0), (CpuNoiseDPOptimizer, 4.0)):
+        with torch.no_grad():
+            for p, s in zip(params, start, strict=True):
+                p.copy_(s)
+        opt = opt_class(torch.optim.SGD(params, lr=1.0), noise_multiplier=sigma, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(0))
+        for p, s in zip(params, samples, strict=True):
+            p.grad_sample = s.clone()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        updates.append(torch.cat([(s - p.detach()).flatten() for p, s in zip(params, start, strict=True)]))
+    opacus, quiet, noisy = updates
+    torch.testing.assert_close(quiet, opacus, rtol=1e-5, atol=1e-7)
+    assert float((noisy - quiet).std()) == pytest.approx(4.0 * 0.5 / 4, rel=0.15)  # 389 coordinates
+
+
+def test_an_empty_poisson_batch_still_takes_a_pure_noise_step() -> None:
+    model = make_model()
+    start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    stats = train_dp(model, make_data(), steps=1, sample_rate=1e-9, noise_multiplier=1.0, max_grad_norm=1.0, max_sessions=K,
+                     optimizer=torch.optim.SGD(model.parameters(), lr=1.0), generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - start
+    assert stats.mean_batch == 0.0
+    assert float(moved.std()) == pytest.approx(1.0 / max(1, int(P * 1e-9)), rel=0.2)  # σC / expected batch (1)
