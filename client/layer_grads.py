@@ -39,36 +39,40 @@ def linear_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, sta
     return out
 
 
-# Below this many input values per session (C_in · L_in) a conv layer's per-patient weight
-# gradients come from one grouped call (:func:`_stacked_conv1d_weight`) instead of one call per
-# patient. Measured on the 2-core AMD EPYC (8 patients × 12 sessions, ms per step, 1 / 2 torch
-# threads): the default model's second conv (16 × 300) 1.21 / 2.39 per patient vs 0.75 / 0.75
-# stacked; its first conv (32 × 600) 2.71 / 3.14 per patient vs 3-11 / 7.0 stacked.
-STACK_AT_MOST = 8192
+# Up to this many per-session weight-gradient values (N sessions × the weight's numel) a conv
+# layer's per-patient weight gradients come from ONE grouped call over all sessions
+# (:func:`_per_session_conv1d_weight`), summed per patient; above it (wide layers, where the
+# (N, *weight) rows would take memory), one call per patient. Measured on the 2-core AMD EPYC
+# in the default model (8 patients × 12 sessions, ms, min of 30, 2 / 1 torch threads): first
+# conv (32 → 16 channels, 600 frames) 1.49-1.57 vs 1.78-2.12 per patient / 3.0 vs 3.0; second
+# conv (16 → 16, 300 frames) 0.57 vs 0.70-0.72 with the earlier patients-as-groups call /
+# 0.70 vs 0.76. On a GPU it is one kernel call instead of B.
+SESSION_ROWS_AT_MOST = 1 << 22
 
 
-def _stacked_conv1d_weight(layer: nn.Conv1d, xs: torch.Tensor, gs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """xs (B, K, C, L_in), gs (B, K, O, L_out) -> (B, O, C/groups, k) in ONE weight-gradient call.
+def _per_session_conv1d_weight(layer: nn.Conv1d, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: int) -> torch.Tensor:
+    """x (N, C, L_in), g (N, O, L_out) -> (B, O, C/groups, k) from ONE weight-gradient call.
 
-    Patients become channel groups: a convolution of the K "sessions" (K, B·C, L_in) with B·groups
-    groups has weight (B·O, C/groups, k), whose gradient block b sums patient b's sessions only.
+    Sessions become channel groups of a batch of one: a convolution of (1, N·C, L_in) with
+    N·groups groups has weight (N·O, C/groups, k), whose block n is session n's own weight
+    gradient (no copy of x or g: patient-major rows are already channel blocks); the K blocks
+    of each patient are then summed.
     """
-    b, k = xs.shape[:2]
-    x = xs.transpose(0, 1).reshape(k, -1, xs.shape[-1])  # (K, B·C, L_in)
-    g = gs.transpose(0, 1).reshape(k, -1, gs.shape[-1])  # (K, B·O, L_out)
-    args = (layer.stride, layer.padding, layer.dilation, False, (0,), layer.groups * b, (False, True, False))
-    return torch.ops.aten.convolution_backward(g, x, w.repeat(b, 1, 1), None, *args)[1].view(b, *w.shape)  # (B, O, C/groups, k)
+    n = x.shape[0]
+    args = (layer.stride, layer.padding, layer.dilation, False, (0,), layer.groups * n, (False, True, False))
+    rows = torch.ops.aten.convolution_backward(g.reshape(1, -1, g.shape[-1]), x.reshape(1, -1, x.shape[-1]), w.repeat(n, 1, 1), None, *args)[1]  # (N·O, C/groups, k)
+    return rows.view(b, n // b, *w.shape).sum(1)  # (B, O, C/groups, k)
 
 
-def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, state: None = None, *, stacked: bool | None = None) -> dict[str, torch.Tensor]:
+def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, state: None = None, *, per_session: bool | None = None) -> dict[str, torch.Tensor]:
     """x (N, C, L_in), g (N, O, L_out) -> weight (B, O, C/groups, k); bias (B, O).
 
-    One ordinary weight-gradient convolution per patient over their K sessions (the kernel the
-    plain backward pass uses, as in ``torch.nn.grad.conv1d_weight``): on CPU this costs
-    1.1-2× the batch's single weight gradient (a fixed cost per call), where a vmapped
-    (grouped) convolution or an im2col matmul costs 3-4×. Small layers (at most
-    :data:`STACK_AT_MOST` input values per session; ``stacked`` forces either way) use one
-    grouped call for all patients instead, which saves the per-call cost there.
+    The ordinary weight-gradient convolution (the kernel the plain backward pass uses, as in
+    ``torch.nn.grad.conv1d_weight``), either once over all sessions as channel groups
+    (:func:`_per_session_conv1d_weight`, while the per-session rows stay under
+    :data:`SESSION_ROWS_AT_MOST` values) or once per patient over their K sessions;
+    ``per_session`` forces either way. A vmapped (grouped) convolution or an im2col matmul
+    costs 3-4× the batch's single weight gradient on CPU; these cost 1.1-1.3×.
     """
     assert isinstance(layer, nn.Conv1d)
     if x.dim() != 3:
@@ -76,11 +80,12 @@ def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, sta
     gs = g.unflatten(0, (b, -1))  # (B, K, O, L_out)
     out = {}
     if layer.weight.requires_grad:
-        xs = x.to(g.dtype).unflatten(0, (b, -1))  # (B, K, C, L_in)
+        x = x.to(g.dtype).contiguous()  # (N, C, L_in)
         w = layer.weight.detach().to(g.dtype)
-        if stacked if stacked is not None else x.shape[1] * x.shape[2] <= STACK_AT_MOST:
-            out["weight"] = _stacked_conv1d_weight(layer, xs, gs, w)
+        if per_session if per_session is not None else x.shape[0] * w.numel() <= SESSION_ROWS_AT_MOST:
+            out["weight"] = _per_session_conv1d_weight(layer, x, g.contiguous(), w, b)
         else:
+            xs = x.unflatten(0, (b, -1))  # (B, K, C, L_in)
             args = (layer.stride, layer.padding, layer.dilation, False, (0,), layer.groups, (False, True, False))
             # the op behind torch.nn.grad.conv1d_weight, called directly: its Python wrapper costs ~10 µs × B × layers per step
             out["weight"] = torch.stack([torch.ops.aten.convolution_backward(gs[i], xs[i], w, None, *args)[1] for i in range(b)])  # (B, O, C/groups, k)

@@ -241,7 +241,7 @@ def test_the_functorch_fallback_handles_a_model_with_dropout() -> None:
 
 
 @pytest.mark.parametrize(("groups", "stride", "dilation", "padding"), [(1, 2, 1, 2), (2, 1, 2, 3), (4, 3, 1, 0)])
-def test_stacked_conv_weight_gradients_equal_one_call_per_patient(groups: int, stride: int, dilation: int, padding: int) -> None:
+def test_per_session_conv_weight_gradients_equal_one_call_per_patient(groups: int, stride: int, dilation: int, padding: int) -> None:
     from client.layer_grads import conv1d_grads
 
     torch.manual_seed(1)
@@ -250,7 +250,23 @@ def test_stacked_conv_weight_gradients_equal_one_call_per_patient(groups: int, s
     x = torch.randn(b * k, 8, 37)  # (N, C, L), patient-major rows
     g = torch.randn_like(layer(x))  # (N, O, L_out)
     g[k:2 * k][-1] = 0  # a padded session of patient 1
-    per, stacked = (conv1d_grads(layer, x, g, b, stacked=s) for s in (False, True))
-    torch.testing.assert_close(stacked["weight"], per["weight"], rtol=1e-5, atol=1e-5)
+    per, sessions = (conv1d_grads(layer, x, g, b, per_session=s) for s in (False, True))
+    torch.testing.assert_close(sessions["weight"], per["weight"], rtol=1e-5, atol=1e-5)
     for i in range(b):  # and both are patient i's ordinary gradient
         torch.testing.assert_close(per["weight"][i], torch.nn.grad.conv1d_weight(x[i * k:(i + 1) * k], layer.weight.shape, g[i * k:(i + 1) * k], stride=stride, padding=padding, dilation=dilation, groups=groups), rtol=1e-5, atol=1e-5)
+
+
+def test_wide_conv_layers_use_one_call_per_patient_and_give_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above SESSION_ROWS_AT_MOST per-session values the rule loops over patients; the result is the same."""
+    import client.layer_grads as layer_grads
+
+    calls: list[int] = []
+    real = layer_grads._per_session_conv1d_weight
+    monkeypatch.setattr(layer_grads, "_per_session_conv1d_weight", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2), n_mels=N_MELS, n_markers=N_MODEL_MARKERS)
+    assert_same_as_functorch(model, batch(N_MODEL_MARKERS))
+    assert len(calls) == 2  # both convs, per session
+    monkeypatch.setattr(layer_grads, "SESSION_ROWS_AT_MOST", 0)
+    assert_same_as_functorch(model, batch(N_MODEL_MARKERS))
+    assert len(calls) == 2  # ...and none more: one call per patient instead
