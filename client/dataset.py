@@ -36,6 +36,14 @@ class PatientTensors:
     def n_sessions(self) -> int:
         return int(self.mask.sum())
 
+    def on(self, device: torch.device) -> PatientTensors:
+        """These tensors with what the steps gather from (mel, markers, labels) moved to ``device``
+        once, instead of a batch's worth on every step; the mask stays on the CPU, where the seeded
+        session sampling runs. On the CPU, itself."""
+        if device.type == "cpu":
+            return self
+        return PatientTensors(self.mel.to(device), self.markers.to(device), self.labels.to(device), self.mask, self.patient_ids)
+
     def subset(self, idx: torch.Tensor) -> PatientTensors:
         return PatientTensors(
             self.mel[idx], self.markers[idx], self.labels[idx], self.mask[idx], tuple(self.patient_ids[i] for i in idx.tolist())

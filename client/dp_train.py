@@ -169,7 +169,9 @@ def train_dp(
         dp_opt.prox_mu, dp_opt.prox_ref = prox_mu, [p.detach().clone() for p in dp_opt.params]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     per_patient = make_patient_grads(model, strategy=grads)
-    losses, batches = [], []
+    data = data.on(device)
+    losses: list[torch.Tensor] = []
+    batches = []
     model.train()
     try:
         for _ in range(steps):
@@ -183,12 +185,19 @@ def train_dp(
                 per_grads, patient_loss = per_patient(mel, markers, y, m)  # name -> (B, *shape); (B,)
                 for n, p in named:
                     p.grad_sample = per_grads[n]
-                losses.append(float(patient_loss.mean()))
+                losses.append(patient_loss.detach().mean())
             dp_opt.step()
             dp_opt.zero_grad(set_to_none=True)
     finally:
         per_patient.close()
-    return StepStats(steps, sum(losses) / max(len(losses), 1), sum(batches) / max(len(batches), 1))
+    return _stats(steps, losses, batches)
+
+
+def _stats(steps: int, losses: list[torch.Tensor], batches: list[int]) -> StepStats:
+    """Step statistics, read back from the device once per call rather than once per step
+    (a per-step read would make the CPU wait for the GPU before queueing the next step)."""
+    mean_loss = float(torch.stack(losses).float().mean()) if losses else 0.0
+    return StepStats(steps, mean_loss, sum(batches) / max(len(batches), 1))
 
 
 def train_plain(
@@ -206,7 +215,9 @@ def train_plain(
     """The same sampling and loss without clipping or noise (non-private baselines)."""
     params = [p for p in model.parameters() if p.requires_grad]
     ref = [p.detach().clone() for p in params] if prox_mu > 0 else None
-    losses, batches = [], []
+    data = data.on(device)
+    losses: list[torch.Tensor] = []
+    batches = []
     model.train()
     for _ in range(steps):
         idx = poisson_sample(data.n_patients, sample_rate, generator)
@@ -219,16 +230,17 @@ def train_plain(
         loss.backward()
         add_prox(params, ref, prox_mu)
         optimizer.step()
-        losses.append(float(loss.detach()))
-    return StepStats(steps, sum(losses) / max(len(losses), 1), sum(batches) / max(len(batches), 1))
+        losses.append(loss.detach())
+    return _stats(steps, losses, batches)
 
 
 def _batch(data: PatientTensors, idx: torch.Tensor, max_sessions: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
     m = bound_sessions(data.mask[idx], max_sessions, generator)
+    on = idx.to(data.mel.device)  # gather where the tensors live (the device, after PatientTensors.on)
     return (
-        data.mel[idx].to(device=device, dtype=torch.float32),  # (B, K, n_mels, F)
-        data.markers[idx].to(device),  # (B, K, M)
-        data.labels[idx].to(device),  # (B, K)
+        data.mel[on].to(device=device, dtype=torch.float32),  # (B, K, n_mels, F)
+        data.markers[on].to(device),  # (B, K, M)
+        data.labels[on].to(device),  # (B, K)
         m.to(device=device, dtype=torch.float32),  # (B, K)
     )
 

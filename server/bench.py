@@ -85,7 +85,8 @@ def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 
     """
     dev = torch.device(device)
     t = exp.training
-    data = synthetic_batch(exp, patients=max(4 * t.batch_patients, 32), sessions=t.max_sessions_per_patient)
+    # On a GPU the data is made resident once, as a site does each round (PatientTensors.on), outside the timing.
+    data = synthetic_batch(exp, patients=max(4 * t.batch_patients, 32), sessions=t.max_sessions_per_patient).on(dev)
     q = t.batch_patients / data.n_patients
     modes = ["plain", *(f"dp-{s}" for s in strategies), *(["ghost-per-session"] if ghost_reference else [])]
     timings: dict[str, list[float]] = {mode: [] for mode in modes}

@@ -289,14 +289,18 @@ def bench_speech_encoder(
     print(json.dumps({"path": str(path), "size": size, "parameters": encoder_parameters(path)}))
 
 
-def _site_counts(sites: str) -> tuple[int, ...]:
-    """``--sites`` of the bench commands: consortium sizes such as ``3,10,30``."""
+def _site_counts(sites: str, *, what: str = "--sites") -> tuple[int, ...]:
+    """``--sites`` of the bench commands (consortium sizes such as ``3,10,30``), or another
+    comma-separated list of positive whole numbers named by ``what``."""
     from shared.errors import ConfigError
 
     try:
-        return tuple(int(x) for x in sites.split(","))
+        counts = tuple(int(x) for x in sites.split(","))
     except ValueError:
-        raise ConfigError(f"--sites must be comma-separated whole numbers such as 3,10,30; got {sites!r}.") from None
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"{what} must be comma-separated positive whole numbers such as 3,10,30; got {sites!r}.")
+    return counts
 
 
 @bench_app.command("scale")
@@ -323,17 +327,21 @@ def bench_scale(
 @bench_app.command("gpu")
 @friendly
 def bench_gpu(
-    out: Annotated[Path, typer.Option(help="Folder for gpu.json.")] = Path("/tmp/fedrelapse-bench-gpu"),
-    data: Annotated[Path | None, typer.Option(help="Cohort folder: also run a simulated round with sites sharing the GPU.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for gpu.json (rewritten after every part).")] = Path("/tmp/fedrelapse-bench-gpu"),
+    data: Annotated[Path | None, typer.Option(help="Cohort folder: also run a simulated round with sites sharing the GPU, and the same round on the CPU.")] = None,
     config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats.")] = False,
+    round_config: Annotated[Path | None, typer.Option(help="Experiment YAML for the simulated rounds, if --data needs another than --config (e.g. a small cohort).")] = None,
+    batches: Annotated[str | None, typer.Option(help="Comma-separated patients per step to sweep (default: the experiment's, 64 and 256).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats, the experiment's batch only.")] = False,
 ) -> None:
-    """GPU: DP vs non-DP step throughput, bf16 mixed precision, sites sharing the GPU in a simulated round."""
+    """GPU: DP vs non-DP step throughput (fp32, bf16 autocast, a batch sweep, vs this CPU), and sites sharing the GPU in a simulated round."""
     from server.bench_gpu import gpu_bench
     from shared.config import load_experiment
 
+    sweep = _site_counts(batches, what="--batches") if batches else None
     out.mkdir(parents=True, exist_ok=True)
-    result = gpu_bench(load_experiment(config), data=data, out=out, quick=quick)
+    result = gpu_bench(load_experiment(config), data=data, out=out, quick=quick, batches=sweep,
+                       round_exp=load_experiment(round_config) if round_config else None, say=lambda m: err_console.print(m))
     (out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     if result["gpu"] is None:
         err_console.print(f"[yellow]{result['message']}[/yellow]")

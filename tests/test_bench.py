@@ -139,3 +139,24 @@ def test_dp_step_profile_times_every_strategy_and_each_grouped_layer() -> None:
     layers = {k for k in ms if k.startswith("grouped: ") and k.endswith(" per-patient")}
     assert {"grouped: mel.net.0 (Conv1d) per-patient", "grouped: mel.net.1 (GroupNorm) per-patient", "grouped: head.0 (Linear) per-patient"} <= layers
     assert all(v >= 0 for v in ms.values())
+
+
+def test_gpu_bench_parts_are_measured_one_by_one_and_a_failed_part_is_recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The device script runs once per lent GPU: one failing part must not cost the others."""
+    import server.bench as bench
+    from server.bench_gpu import gpu_bench
+    from shared.config import load_experiment
+
+    real = bench.dp_step_ratio
+
+    def fails_under_bf16(*args: object, autocast: torch.dtype | None = None, **kwargs: object) -> dict:
+        if autocast is torch.bfloat16:
+            raise RuntimeError("bf16 kernel missing")
+        return real(*args, autocast=autocast, **kwargs)
+
+    monkeypatch.setattr(bench, "dp_step_ratio", fails_under_bf16)
+    result = gpu_bench(load_experiment("configs/experiment.yaml"), data=None, out=tmp_path, quick=True, batches=(4,), device="cpu")
+    fp32, bf16 = result["dp_step_fp32_b4"], result["dp_step_bf16_autocast_b4"]
+    assert fp32["modes"]["plain"]["step_s"] > 0 and set(fp32["patients_per_s"]) == set(fp32["modes"]) and "ghost-per-session" not in fp32["modes"]
+    assert bf16["error"] == "RuntimeError: bf16 kernel missing" and "part_s" in bf16
+    assert json.loads((tmp_path / "gpu.json").read_text())["dp_step_fp32_b4"]["ratio"] == fp32["ratio"]  # written as it went

@@ -43,6 +43,13 @@ def test_simulate_without_sites_says_how_to_make_them(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", [["bench", "scale", "--data", "{d}", "--out", "{d}/o"], ["bench", "secagg"], ["bench", "deployment", "--data", "{d}", "--out", "{d}/o"]])
-def test_bench_sizes_that_are_not_whole_numbers_are_a_config_error(command: list[str], tmp_path: Path) -> None:
-    result = runner.invoke(app, [a.format(d=tmp_path) for a in command] + ["--sites", "3,x"])
-    assert result.exit_code == 2 and "--sites must be comma-separated whole numbers such as 3,10,30; got '3,x'" in result.output
+@pytest.mark.parametrize("bad", ["3,x", "3,0"])
+def test_bench_sizes_that_are_not_positive_whole_numbers_are_a_config_error(command: list[str], bad: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, [a.format(d=tmp_path) for a in command] + ["--sites", bad])
+    assert result.exit_code == 2 and f"--sites must be comma-separated positive whole numbers such as 3,10,30; got '{bad}'" in result.output
+
+
+def test_bench_gpu_batches_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bench", "gpu", "--out", str(tmp_path), "--batches", "8,-1"])
+    assert result.exit_code == 2 and "--batches must be comma-separated positive whole numbers" in result.output
+    assert not (tmp_path / "gpu.json").exists()

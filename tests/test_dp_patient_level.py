@@ -159,6 +159,24 @@ def test_hooks_are_removed_after_training(grads: str) -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent device: the GPU bench script runs it)")
+@by_strategy
+def test_a_dp_step_on_the_gpu_gives_the_cpu_update(grads: str) -> None:
+    """Data resident on the GPU, seeded sampling and noise on the CPU: the same update either way."""
+    data = make_data(patients=12)
+    updates = {}
+    for dev in ("cpu", "cuda"):
+        model = make_model().to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        stats = train_dp(model, data, steps=3, sample_rate=0.5, noise_multiplier=1.0, max_grad_norm=0.5, max_sessions=3,
+                         optimizer=opt, generator=torch.Generator().manual_seed(4), device=torch.device(dev), grads=grads)
+        updates[dev] = ({n: p.detach().cpu() for n, p in model.named_parameters()}, stats)
+    (cpu, cpu_stats), (gpu, gpu_stats) = updates["cpu"], updates["cuda"]
+    assert cpu_stats.mean_batch == gpu_stats.mean_batch and cpu_stats.mean_loss == pytest.approx(gpu_stats.mean_loss, abs=1e-4)
+    for n in cpu:
+        torch.testing.assert_close(gpu[n], cpu[n], atol=1e-4, rtol=1e-4)
+
+
 def test_config_offers_exactly_the_implemented_strategies() -> None:
     from dataclasses import fields
 
