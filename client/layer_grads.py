@@ -60,7 +60,9 @@ def _per_session_conv1d_weight(layer: nn.Conv1d, x: torch.Tensor, g: torch.Tenso
     """
     n = x.shape[0]
     args = (layer.stride, layer.padding, layer.dilation, False, (0,), layer.groups * n, (False, True, False))
-    rows = torch.ops.aten.convolution_backward(g.reshape(1, -1, g.shape[-1]), x.reshape(1, -1, x.shape[-1]), w.repeat(n, 1, 1), None, *args)[1]  # (N·O, C/groups, k)
+    # The weight only gives the shape here: its values enter the input's gradient, which is not asked for.
+    shape_only = w.new_empty((n * w.shape[0], *w.shape[1:]))  # (N·O, C/groups, k)
+    rows = torch.ops.aten.convolution_backward(g.reshape(1, -1, g.shape[-1]), x.reshape(1, -1, x.shape[-1]), shape_only, None, *args)[1]  # (N·O, C/groups, k)
     return rows.view(b, n // b, *w.shape).sum(1)  # (B, O, C/groups, k)
 
 
@@ -124,8 +126,9 @@ def group_norm_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int,
             xhat = nn.functional.group_norm(xs, layer.num_groups, eps=layer.eps)  # (N, C, positions)
             sum_gxhat = (gs * xhat).sum(-1)  # (N, C)
         else:
-            mean, rstd = (s.to(g.dtype).repeat_interleave(c // layer.num_groups, dim=1) for s in stats)  # (N, C) each
-            sum_gxhat = ((gs * xs).sum(-1) - mean * sum_g) * rstd  # (N, C)
+            mean, rstd = (s.to(g.dtype).view(n, layer.num_groups, 1) for s in stats)  # (N, G, 1) each
+            per_group = (n, layer.num_groups, c // layer.num_groups)
+            sum_gxhat = (((gs * xs).sum(-1).view(per_group) - mean * sum_g.view(per_group)) * rstd).view(n, c)  # (N, C)
         out["weight"] = sum_gxhat.view(b, -1, c).sum(1)  # (B, C)
     if layer.bias is not None and layer.bias.requires_grad:
         out["bias"] = sum_g.view(b, -1, c).sum(1)  # (B, C)

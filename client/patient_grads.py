@@ -150,6 +150,7 @@ class GroupedGrads:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         name_of = {id(p): n for n, p in model.named_parameters()}  # a tied parameter has one name
         self.layers: list[tuple[str, nn.Module, list[tuple[str, str]]]] = []  # (layer, module, [(attribute, parameter name)])
         for layer, module in model.named_modules():
@@ -240,7 +241,7 @@ class GroupedGrads:
             for attr, name in call.params:
                 if attr in per:
                     grads[name] = grads[name] + per[attr] if name in grads else per[attr]
-        params = dict(self.model.named_parameters())
+        params = self.params
         return {n: grads[n].to(params[n].dtype) if n in grads else params[n].new_zeros((b, *params[n].shape)) for n in self.names}, losses
 
     def close(self) -> None:
