@@ -63,7 +63,7 @@ def _per_session_conv1d_weight(layer: nn.Conv1d, x: torch.Tensor, g: torch.Tenso
     # The weight only gives the shape here: its values enter the input's gradient, which is not asked for.
     shape_only = w.new_empty((n * w.shape[0], *w.shape[1:]))  # (N·O, C/groups, k)
     rows = torch.ops.aten.convolution_backward(g.reshape(1, -1, g.shape[-1]), x.reshape(1, -1, x.shape[-1]), shape_only, None, *args)[1]  # (N·O, C/groups, k)
-    return rows.view(b, n // b, *w.shape).sum(1)  # (B, O, C/groups, k)
+    return rows.view(b, n // b, *w.shape).sum(1, dtype=torch.promote_types(rows.dtype, torch.float32))  # (B, O, C/groups, k); bf16 rows summed in float32
 
 
 def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, state: None = None, *, per_session: bool | None = None) -> dict[str, torch.Tensor]:

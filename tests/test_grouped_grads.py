@@ -270,3 +270,18 @@ def test_wide_conv_layers_use_one_call_per_patient_and_give_the_same(monkeypatch
     monkeypatch.setattr(layer_grads, "SESSION_ROWS_AT_MOST", 0)
     assert_same_as_functorch(model, batch(N_MODEL_MARKERS))
     assert len(calls) == 2  # ...and none more: one call per patient instead
+
+
+def test_grouped_under_bf16_autocast_gives_float32_rows_as_close_as_functorch() -> None:
+    """Mixed precision (as `bench gpu` runs it): rows come back float32, and bf16 costs grouped no more accuracy than functorch."""
+    torch.manual_seed(0)
+    model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=8, groups=2), n_mels=N_MELS, n_markers=N_MODEL_MARKERS)
+    inputs = batch(N_MODEL_MARKERS)
+    exact, _ = per_patient(model, "grouped", inputs)
+    errors = {}
+    for strategy in ("grouped", "functorch"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rows, _ = per_patient(model, strategy, inputs)
+        assert all(r.dtype == torch.float32 for r in rows.values())
+        errors[strategy] = float(torch.cat([(rows[n] - exact[n]).flatten() for n in exact]).norm() / torch.cat([e.flatten() for e in exact.values()]).norm())
+    assert 0 < errors["grouped"] <= 1.5 * errors["functorch"] + 1e-3, errors
