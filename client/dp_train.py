@@ -43,10 +43,15 @@ class CpuNoiseDPOptimizer(DPOptimizer):
             super().add_noise()
             return
         std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
+        sizes = [p.summed_grad.numel() for p in self.params]
+        # One draw and one host-to-device copy for all parameters, not one per parameter (on a GPU
+        # each small copy is a synchronous transfer); the i-th parameter takes the i-th slice.
+        noise = torch.normal(0.0, std, size=(sum(sizes),), generator=self.generator, device="cpu")
+        if self.params:
+            noise = noise.to(self.params[0].summed_grad.device)
+        for p, chunk in zip(self.params, noise.split(sizes), strict=True):
             _check_processed_flag(p.summed_grad)
-            noise = torch.normal(0.0, std, size=p.summed_grad.shape, generator=self.generator, device="cpu")
-            p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
+            p.grad = (p.summed_grad + chunk.view_as(p.summed_grad)).view_as(p)
             _mark_as_processed(p.summed_grad)
 
     prox_mu: float = 0.0
