@@ -83,6 +83,8 @@ class CpuNoiseDPOptimizer(DPOptimizer):
             _check_processed_flag(p.summed_grad)
         summed = torch.cat([p.summed_grad.reshape(-1) for p in params])  # (D,)
         std = self.noise_multiplier * self.max_grad_norm
+        # One draw and one host-to-device copy for all parameters, not one per parameter (on a GPU
+        # each small copy is a synchronous transfer); the i-th parameter takes the i-th slice.
         noise = torch.normal(0.0, std, size=summed.shape, generator=self.generator, device="cpu")  # (D,) float32
         noisy = summed + noise.to(device=summed.device, dtype=summed.dtype)  # (D,)
         for p, grad in zip(params, noisy.split([p.numel() for p in params]), strict=True):
