@@ -3,8 +3,8 @@
 Each patient's loss is averaged over at most ``max_sessions`` of their labelled sessions and
 differentiated per patient by one of the strategies in :mod:`client.patient_grads` (Opacus
 per-session hooks summed per patient, or ``torch.func.vmap``); the result is placed in
-``p.grad_sample`` and Opacus' :class:`DPOptimizer` clips each patient's gradient to C, adds
-Gaussian noise σC and steps. Patients are Poisson-sampled at rate q
+``p.grad_sample`` and :class:`CpuNoiseDPOptimizer` (Opacus' :class:`DPOptimizer`, acting on all
+parameters at once) clips each patient's gradient to C, adds Gaussian noise σC and steps. Patients are Poisson-sampled at rate q
 (Abadi et al. 2016, Alg. 1), which is what the accountant assumes.
 """
 

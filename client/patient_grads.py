@@ -11,8 +11,8 @@ gradients up to float rounding (tested to 1e-5 on every model variant).
   one ``torch.autograd.grad`` of the summed patient losses gives the layers' output gradients
   (and no parameter gradients); then :mod:`client.layer_grads` contracts input and output
   gradient over each patient's own sessions (Linear: a ``bmm``; Conv1d: the ordinary
-  weight-gradient convolution, once per patient; GroupNorm: sums with the forward pass's own
-  statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
+  weight-gradient convolution, once over all sessions as channel groups, then summed per
+  patient; GroupNorm: sums with the forward pass's own statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
   sessions get a zero output gradient from the masked loss; a probe on the first batch refuses
   a model whose forward mixes sessions anyway. A layer type without a rule is refused by name,
   and :func:`make_patient_grads` then warns and uses ``functorch``.
