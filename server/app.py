@@ -20,6 +20,7 @@ from server.federation import run_federation
 from server.reply_poll import PromptGrid
 from server.resume import ResumePoint, load_resume_point
 from server.run_folder import write_json
+from server.sim_wake import reply_signal
 from shared import protocol as P  # noqa: N812
 from shared import signing
 from shared.config import ExperimentConfig, load_experiment
@@ -49,7 +50,8 @@ def new_run_id(name: str) -> str:
     return f"{name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
 
 
-# In simulation the Grid is in-process: a look for replies costs microseconds, so look often.
+# In simulation the Grid is in-process: a look for replies costs microseconds, so look often
+# (a backstop: a stored reply also wakes the coordinator at once, see server.sim_wake).
 SIMULATION_POLL_S = 0.02
 
 
@@ -83,7 +85,8 @@ def build_server_app(
             folder.mkdir(parents=True, exist_ok=True)
             write_json(folder / DEPLOY_INFO, {"engine": "deployment", "run_id": rid, "signing_key": str(key_path.resolve()) if key_path else ""})
         poll = cfg.federation.reply_poll_s if exp is None else min(cfg.federation.reply_poll_s, SIMULATION_POLL_S)
-        grid = PromptGrid(grid, poll_s=poll)  # type: ignore[assignment]  # replies seen within reply_poll_s, not Flower's 3 s
+        # simulation: a reply stored in the in-process LinkState ends the wait at once (deployment: None)
+        grid = PromptGrid(grid, poll_s=poll, wake=reply_signal(grid))  # type: ignore[assignment]  # replies seen within reply_poll_s, not Flower's 3 s
         run_federation(
             wrap_grid(grid) if wrap_grid else grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None,
             resume=point, after_round=faults.after_round if faults else None,

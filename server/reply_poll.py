@@ -6,10 +6,15 @@ after the last site answered: on 127.0.0.1 with small models that is most of a r
 (``fedrelapse bench deployment``). :class:`PromptGrid` wraps any Grid and replaces only
 ``send_and_receive`` with the same push-then-pull loop at ``federation.reply_poll_s``; a
 look is one small local RPC. Everything else is the wrapped Grid's own.
+
+In the Simulation Engine the replies land in an in-memory LinkState in this very process;
+given that state's ``wake`` Event (:func:`server.sim_wake.reply_signal`), the wait ends as
+soon as a reply is stored instead of at the next poll (``poll_s`` stays as the backstop).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -19,12 +24,13 @@ from flwr.serverapp import Grid
 
 
 class PromptGrid:
-    """A Grid whose ``send_and_receive`` looks for replies every ``poll_s`` seconds."""
+    """A Grid whose ``send_and_receive`` looks for replies every ``poll_s`` seconds, and
+    whenever ``wake`` is set (by the in-memory LinkState when a reply is stored)."""
 
-    def __init__(self, grid: Grid, *, poll_s: float) -> None:
+    def __init__(self, grid: Grid, *, poll_s: float, wake: threading.Event | None = None) -> None:
         if not poll_s > 0:
             raise ValueError(f"The reply poll interval must be positive seconds, got {poll_s!r}; set federation.reply_poll_s.")
-        self._grid, self.poll_s = grid, poll_s
+        self._grid, self.poll_s, self._wake = grid, poll_s, wake
         self.looks = 0  # pulls made (tests)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -33,6 +39,8 @@ class PromptGrid:
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while waiting:
+            if self._wake is not None:
+                self._wake.clear()  # before the look: a reply stored during it ends the next wait at once
             self.looks += 1
             got = list(self._grid.pull_messages(waiting))
             replies.extend(got)
@@ -42,7 +50,11 @@ class PromptGrid:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
-            time.sleep(self.poll_s if left is None else min(self.poll_s, left))
+            pause = self.poll_s if left is None else min(self.poll_s, left)
+            if self._wake is None:
+                time.sleep(pause)
+            else:
+                self._wake.wait(pause)
         return replies
 
     def __getattr__(self, name: str) -> Any:

@@ -10,9 +10,10 @@ three quarters at 300, taken (with the GIL) from the coordinator and the site ac
 the whole round. :func:`pending_messages` finds the same messages in one pass.
 
 :func:`linear_dispatch` swaps it in for the duration of one simulation and restores Flower's
-loop afterwards. Being one cheap pass, it also sweeps 5× as often (every 0.02 s): a message
-waits on average 10 ms for an actor instead of 50 ms (3 simulated sites, quiet machine:
-round wall ÷ Σ site compute 1.15-1.18× at 0.02 s vs 1.21-1.39× at 0.1 s, interleaved). It needs the in-memory LinkState internals of the pinned Flower
+loop afterwards. Being one cheap pass, it also sweeps 5× as often (every 0.02 s), and it wakes
+as soon as the coordinator stores a message (:mod:`server.sim_wake`), so a message no longer
+waits for the next sweep (Flower's: 50 ms on average; 3 simulated sites, quiet machine: round
+wall ÷ Σ site compute 1.15-1.18× at 0.02 s vs 1.21-1.39× at 0.1 s, interleaved). It needs the in-memory LinkState internals of the pinned Flower
 (``deploy/requirements.lock``); with any other LinkState, or a Flower whose internals
 differ, Flower's own loop is kept and a warning says so.
 """
@@ -28,6 +29,8 @@ from queue import Queue
 from typing import Any
 
 from flwr.app import Message
+
+from server.sim_wake import state_signals
 
 log = logging.getLogger("fedrelapse.simulate")
 
@@ -70,12 +73,18 @@ def pending_messages(state: Any, nodes: Collection[int]) -> list[Message]:
 
 
 def add_messages_to_queue(state: Any, queue: Queue[Message], nodes_mapping: dict[int, int], f_stop: threading.Event) -> None:
-    """Drop-in for Flower's ``vce_api.add_messages_to_queue``: one pass per period, not one per node."""
+    """Drop-in for Flower's ``vce_api.add_messages_to_queue``: one pass per wake-up, not one per node.
+
+    It wakes as soon as the coordinator stores a message (:mod:`server.sim_wake`), and at the
+    latest every ``DISPATCH_PERIOD_S`` (messages a pass left for later, and the stop flag).
+    """
     nodes = frozenset(nodes_mapping)
+    stored = state_signals(state).messages
     while not f_stop.is_set():
+        stored.clear()  # before the pass: a message stored during it wakes the next wait at once
         for msg in pending_messages(state, nodes):
             queue.put(msg)
-        f_stop.wait(DISPATCH_PERIOD_S)
+        stored.wait(DISPATCH_PERIOD_S)
 
 
 @contextmanager
@@ -109,10 +118,10 @@ def linear_dispatch() -> Iterator[bool]:
 # --- measuring it (benchmarks and tests) -----------------------------------------------------
 
 
-def in_flight_state(n_sites: int, *, messages_per_site: int = 1, ttl: float | None = None) -> tuple[Any, dict[int, int]]:
-    """An in-memory LinkState as the Simulation Engine builds it, with ``n_sites`` registered
-    and one round's messages pushed to them; returns (state, node id -> partition id)."""
-    from flwr.app import ConfigRecord, MessageType, RecordDict
+def simulation_link(n_sites: int) -> tuple[Any, dict[int, int]]:
+    """The coordinator's Grid over an in-memory LinkState as the Simulation Engine builds them,
+    with ``n_sites`` registered; returns (grid, node id -> partition id). ``grid.state`` is the
+    LinkState the dispatcher reads."""
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
     from flwr.server.superlink.fleet.vce import vce_api
@@ -136,12 +145,25 @@ def in_flight_state(n_sites: int, *, messages_per_site: int = 1, ttl: float | No
     mapping = vce_api._register_nodes(n_sites, factory)  # noqa: SLF001 - how the Simulation Engine registers its sites
     grid = InMemoryGrid(state_factory=factory)
     grid.set_run(run)
-    msgs = [
+    return grid, mapping
+
+
+def round_messages(mapping: dict[int, int], *, messages_per_site: int = 1, ttl: float | None = None) -> list[Message]:
+    """One round's messages to every node of ``mapping`` (content ``c.k`` = message number)."""
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+
+    return [
         Message(content=RecordDict({"c": ConfigRecord({"k": k})}), dst_node_id=node, message_type=MessageType.TRAIN, ttl=ttl)
         for k in range(messages_per_site) for node in mapping
     ]
-    list(grid.push_messages(msgs))
-    return state, mapping
+
+
+def in_flight_state(n_sites: int, *, messages_per_site: int = 1, ttl: float | None = None) -> tuple[Any, dict[int, int]]:
+    """An in-memory LinkState as the Simulation Engine builds it, with ``n_sites`` registered
+    and one round's messages pushed to them; returns (state, node id -> partition id)."""
+    grid, mapping = simulation_link(n_sites)
+    list(grid.push_messages(round_messages(mapping, messages_per_site=messages_per_site, ttl=ttl)))
+    return grid.state, mapping
 
 
 def sweep_cost_ms(n_sites: int, *, repeats: int = 10) -> dict[str, float]:

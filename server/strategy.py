@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from logging import INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
@@ -144,6 +143,31 @@ def site_reports(replies: Iterable[Message], names: dict[int, str] | None = None
     return sorted((site_report(m, names, needs) for m in replies), key=lambda r: r.site)
 
 
+def decode_arrays(record: ArrayRecord) -> dict[str, np.ndarray] | str:
+    """A reply's arrays as numpy, or why they cannot be decoded."""
+    try:
+        return {k: v.numpy() for k, v in record.items()}
+    except (TypeError, ValueError) as exc:
+        return f"the arrays cannot be decoded ({exc})"
+
+
+def weighted_average(updates: list[tuple[float, dict[str, np.ndarray]]]) -> ArrayRecord:
+    """The weighted average of decoded updates, computed exactly as Flower's
+    ``aggregate_arrayrecords`` does (same operations in the same order, so the same bits),
+    from arrays decoded once: Flower decodes every array again, which was most of the
+    coordinator's time per round (10 sites: 120 arrays, 0.13 ms each)."""
+    total = sum(w for w, _ in updates)
+    out: dict[str, np.ndarray] = {}
+    for weight, values in updates:
+        factor = weight / total
+        for key, value in values.items():
+            if key not in out:
+                out[key] = value * factor
+            else:
+                out[key] += value * factor
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in out.items()})
+
+
 def weighted_mean(reports: list[SiteReport], key: str) -> float | None:
     """Patient-weighted mean of ``key`` over sites that reported it (None if none did)."""
     pairs = [(r.metrics[M.NUM_PATIENTS], r.metrics[key]) for r in reports if key in r.metrics and r.metrics.get(M.NUM_PATIENTS, 0) > 0]
@@ -177,10 +201,11 @@ class PatientFedAvg(FedAvg):
 
     def check_update(self, arrays: ArrayRecord, metrics: MetricRecord) -> str | None:
         """Why an update cannot be averaged (names, shapes, NaN/Inf, range, weight), or None."""
-        try:
-            values = {k: v.numpy() for k, v in arrays.items()}
-        except (TypeError, ValueError) as exc:
-            return f"the arrays cannot be decoded ({exc})"
+        values = decode_arrays(arrays)
+        return values if isinstance(values, str) else self.update_problem(values, metrics)
+
+    def update_problem(self, values: dict[str, np.ndarray], metrics: MetricRecord) -> str | None:
+        """:meth:`check_update` for an update already decoded (each is decoded once per round)."""
         if self.expected is not None:
             if list(values) != list(self.expected):
                 return "parameter names differ from the global model's"
@@ -231,20 +256,21 @@ class PatientFedAvg(FedAvg):
         pairs = [(m, site_report(m, self.site_names, (P.ARRAYS, P.METRICS))) for m in replies]
         reports = sorted([r for _, r in pairs] + self._silent(server_round, "train", replies), key=lambda r: r.site)
         self.log.setdefault(server_round, RoundLog()).train = reports
-        updates = []
+        updates: list[tuple[float, dict[str, np.ndarray]]] = []
         for m, report in pairs:
             if report.error or report.refusal_code:
                 continue
-            problem = self.check_update(m.content[P.ARRAYS], m.content[P.METRICS])
-            if problem:
+            values = decode_arrays(m.content[P.ARRAYS])
+            problem = values if isinstance(values, str) else self.update_problem(values, m.content[P.METRICS])
+            if isinstance(values, str) or problem is not None:
                 log(INFO, "round %d: rejected the update of site %s: %s", server_round, report.site, problem)
                 report.error = f"update rejected by the coordinator: {problem}"
                 report.metrics = {}
                 continue
-            updates.append(m.content)
+            updates.append((m.content[P.METRICS][self.weighted_by_key], values))  # type: ignore[arg-type]  # checked: a positive number
         if not updates:
             return None, None
-        arrays = aggregate_arrayrecords(updates, self.weighted_by_key)
+        arrays = weighted_average(updates)
         usable = [r for r in reports if r.error is None and r.refusal_code is None]
         loss = weighted_mean(usable, M.TRAIN_LOSS)
         metrics = MetricRecord({M.NUM_PATIENTS: sum(r.metrics.get(M.NUM_PATIENTS, 0.0) for r in usable)})

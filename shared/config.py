@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from shared.errors import ConfigError
-from shared.schema import build, load_yaml, spec, to_plain
+from shared.schema import build, load_yaml, read_config_text, spec, to_plain, yaml_mapping
 
 FEATURE_FORMAT = 2  # bump when extraction code changes what a config produces
 
@@ -311,5 +311,10 @@ def experiment_from_yaml_text(text: str, *, source: str) -> ExperimentConfig:
 
 def load_site(path: str | Path) -> SiteConfig:
     """Read ``site.yaml``; relative paths resolve against the file's folder."""
+    return site_from_yaml_text(read_config_text(path), path)
+
+
+def site_from_yaml_text(text: str, path: str | Path) -> SiteConfig:
+    """``site.yaml`` whose ``text`` was read from ``path``: the checks and errors of :func:`load_site`."""
     p = Path(path)
-    return build(SiteConfig, load_yaml(p), source=str(p)).resolved(p.resolve().parent)
+    return build(SiteConfig, yaml_mapping(text, p), source=str(p)).resolved(p.resolve().parent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +18,28 @@ def get_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, v.detach().cpu().float().numpy().copy()) for k, v in model.state_dict().items())
 
 
-def set_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Load arrays into ``model``, refusing wrong names or shapes with a clear message."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(arrays))
-    extra = sorted(set(arrays) - set(own))
+def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every parameter and buffer's shape, by name (what :func:`check_arrays` compares against)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_arrays(expected: Mapping[str, tuple[int, ...]], arrays: dict[str, np.ndarray]) -> None:
+    """Refuse ``arrays`` whose names or shapes differ from ``expected`` or that hold NaN/Inf
+    (a ValueError naming the first problem)."""
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
     if missing or extra:
         raise ValueError(f"Parameter names do not match the model: missing {missing}, unexpected {extra}.")
     for k, v in arrays.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"Parameter {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}.")
+        if tuple(v.shape) != tuple(expected[k]):
+            raise ValueError(f"Parameter {k!r} has shape {tuple(v.shape)}, the model expects {tuple(expected[k])}.")
         if not np.isfinite(v).all():
             raise ValueError(f"Parameter {k!r} holds NaN or infinite values.")
+
+
+def set_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load arrays into ``model``, refusing wrong names or shapes with a clear message."""
+    check_arrays(shapes(model), arrays)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
 
 

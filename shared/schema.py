@@ -44,12 +44,22 @@ def spec(
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, raising :class:`ConfigError` that names the file on any problem."""
     p = Path(path)
+    return yaml_mapping(read_config_text(p), p)
+
+
+def read_config_text(path: str | Path) -> str:
+    """A config file's text, or a :class:`ConfigError` naming the file and what to do."""
+    p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError(f"Config file {p} does not exist; check the path.") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"Config file {p} is not UTF-8 text; re-save it as UTF-8.") from exc
+
+
+def yaml_mapping(text: str, p: Path) -> dict[str, Any]:
+    """The YAML mapping in ``text`` read from file ``p`` (named in every :class:`ConfigError`)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -5,12 +5,24 @@ from __future__ import annotations
 import threading
 import time
 from queue import Queue
+from uuid import uuid4
 
 import pytest
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.server.superlink.fleet.vce import vce_api
 
-from server.sim_dispatch import in_flight_state, linear_dispatch, pending_messages, supports_linear_dispatch, sweep_cost_ms
+from server import sim_dispatch
+from server.reply_poll import PromptGrid
+from server.sim_dispatch import (
+    in_flight_state,
+    linear_dispatch,
+    pending_messages,
+    round_messages,
+    simulation_link,
+    supports_linear_dispatch,
+    sweep_cost_ms,
+)
+from server.sim_wake import reply_signal, state_signals
 
 
 class CountingStore(dict):
@@ -151,3 +163,85 @@ def test_the_sweep_benchmark_reports_both_loops() -> None:
     cost = sweep_cost_ms(20, repeats=2)
 
     assert set(cost) == {"flower", "linear"} and all(v >= 0 for v in cost.values())
+
+
+# --- wake-ups (server.sim_wake): a stored message or reply is acted on at once ----------------
+
+
+def test_a_message_stored_while_the_dispatcher_waits_reaches_the_queue_before_the_next_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange: a sweep period far longer than the test may take, so only the wake-up can deliver.
+    monkeypatch.setattr(sim_dispatch, "DISPATCH_PERIOD_S", 60.0)
+    grid, mapping = simulation_link(3)
+    queue: Queue[Message] = Queue()
+    stop = threading.Event()
+    loop = threading.Thread(target=sim_dispatch.add_messages_to_queue, args=(grid.state, queue, mapping, stop), daemon=True)
+    loop.start()
+    time.sleep(0.2)  # the loop has made its first (empty) pass and waits
+
+    # Act
+    started = time.monotonic()
+    list(grid.push_messages(round_messages(mapping)))
+    got = [queue.get(timeout=10) for _ in mapping]
+    took = time.monotonic() - started
+    stop.set()
+    state_signals(grid.state).messages.set()  # end the wait now rather than in 60 s
+    loop.join(timeout=10)
+
+    # Assert
+    assert {m.metadata.dst_node_id for m in got} == set(mapping)
+    assert took < 10 and not loop.is_alive()
+
+
+def test_signals_are_installed_once_per_state_and_leave_what_is_stored_unchanged() -> None:
+    grid, mapping = simulation_link(2)
+    signals = state_signals(grid.state)
+
+    ids = list(grid.push_messages(round_messages(mapping)))
+
+    assert state_signals(grid.state) is signals
+    assert signals.messages.is_set() and not signals.replies.is_set()
+    assert len(ids) == 2 and set(ids) == set(grid.state.message_ins_store)
+    assert state_signals(simulation_link(2)[0].state) is not signals  # another simulation, other events
+
+
+def test_the_coordinator_wakes_when_a_reply_is_stored_not_at_its_next_poll() -> None:
+    # Arrange: a coordinator that would otherwise look again only after 60 s, and a site
+    # thread that answers every message it is handed 0.1 s later, as the reply injector does.
+    grid, mapping = simulation_link(3)
+    prompt = PromptGrid(grid, poll_s=60.0, wake=reply_signal(grid))
+
+    def site() -> None:
+        deadline = time.monotonic() + 10
+        answered = 0
+        while answered < len(mapping) and time.monotonic() < deadline:
+            for msg in pending_messages(grid.state, frozenset(mapping)):
+                time.sleep(0.1)
+                reply = Message(RecordDict(), reply_to=msg)
+                reply.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's simulation worker does
+                assert grid.state.store_message_res(reply)
+                answered += 1
+            time.sleep(0.01)
+
+    worker = threading.Thread(target=site, daemon=True)
+    worker.start()
+
+    # Act
+    started = time.monotonic()
+    replies = list(prompt.send_and_receive(round_messages(mapping), timeout=30))
+    took = time.monotonic() - started
+    worker.join(timeout=10)
+
+    # Assert: every reply, long before the 60-s poll, and a look per wake-up rather than a busy loop
+    assert {r.metadata.src_node_id for r in replies} == set(mapping)
+    assert took < 10
+    assert prompt.looks <= 2 * len(mapping) + 1
+
+
+def test_a_grid_without_an_in_memory_state_gets_no_reply_signal() -> None:
+    class NetworkGrid:  # the Deployment Engine's grid: replies come over the network
+        pass
+
+    grid, _ = simulation_link(1)
+
+    assert reply_signal(NetworkGrid()) is None
+    assert reply_signal(grid) is state_signals(grid.state).replies

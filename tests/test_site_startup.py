@@ -70,3 +70,91 @@ def test_the_plan_hash_is_computed_once_per_plan_and_still_canonical(monkeypatch
     assert hashes == [expected] * 4
     assert reparsed.plan_hash() == expected and builds == []  # equal plan: no re-validation
     assert exp.with_privacy(target_epsilon=exp.privacy.target_epsilon + 1).plan_hash() != expected
+
+
+# --- per-message set-up in a long-lived site process (simulation actor, site worker) ---------
+
+
+def test_site_yaml_is_validated_once_while_unchanged_and_an_edit_applies_at_the_next_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.app as app
+
+    path = tmp_path / "site.yaml"
+    path.write_text("name: oslo\nmanifest: manifest.csv\n", encoding="utf-8")
+    parsed: list[str] = []
+    real = app.site_from_yaml_text
+    monkeypatch.setattr(app, "site_from_yaml_text", lambda text, p: (parsed.append(text), real(text, p))[1])
+    app._site_config.cache_clear()
+
+    first = [app.site_config(path) for _ in range(4)]  # four messages, file unchanged
+    path.write_text("name: bergn\nmanifest: manifest.csv\n", encoding="utf-8")  # same size, same second
+    edited = app.site_config(path)
+
+    assert len(parsed) == 2 and all(c is first[0] for c in first)
+    assert first[0].name == "oslo" and edited.name == "bergn"
+    assert edited.manifest == (tmp_path / "manifest.csv").resolve()  # relative to the file, as load_site does
+    app._site_config.cache_clear()
+
+
+def test_a_missing_or_invalid_site_yaml_is_an_error_at_every_message(tmp_path: Path) -> None:
+    import client.app as app
+    from shared.errors import ConfigError
+
+    path = tmp_path / "site.yaml"
+    with pytest.raises(ConfigError, match="does not exist"):
+        app.site_config(path)
+    path.write_text("name: oslo\nmanifest: m.csv\nunknown_key: 1\n", encoding="utf-8")
+    for _ in range(2):  # refused again, not served from a cache
+        with pytest.raises(ConfigError, match="unknown_key"):
+            app.site_config(path)
+
+
+def test_the_global_model_check_builds_the_plan_model_once_and_refuses_what_loading_it_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    import client.app as app
+    from shared.models import build_model
+    from shared.params import get_arrays
+    from tests.conftest import tiny_experiment
+
+    exp = tiny_experiment()
+    good = dict(get_arrays(build_model(exp)))
+    name = next(iter(good))
+    builds: list[object] = []
+    monkeypatch.setattr(app, "build_model", lambda e: (builds.append(e), build_model(e))[1])
+    app.model_shapes.cache_clear()
+
+    ok = [app.model_problem("oslo", exp, good) for _ in range(3)]
+    shape = app.model_problem("oslo", exp, {**good, name: np.zeros((*good[name].shape, 2), np.float32)})
+    nan = app.model_problem("oslo", exp, {**good, name: np.full_like(good[name], np.nan)})
+    extra = app.model_problem("oslo", exp, {**good, "backdoor.weight": np.zeros(3, np.float32)})
+    missing = app.model_problem("oslo", exp, {k: v for k, v in good.items() if k != name})
+
+    assert ok == [None] * 3 and len(builds) == 1
+    assert shape is not None and shape.code == "invalid-model" and "the model expects" in shape.reason
+    assert nan is not None and "NaN or infinite" in nan.reason
+    assert extra is not None and "unexpected ['backdoor.weight']" in extra.reason
+    assert missing is not None and f"missing [{name!r}]" in missing.reason
+    assert list(app.model_shapes(exp)) == list(good)  # the plan model's order (SecAgg+ maps arrays by it)
+    app.model_shapes.cache_clear()
+
+
+def test_the_simulation_client_app_travels_as_its_build_arguments_and_is_built_once_per_process() -> None:
+    from flwr.clientapp import ClientApp
+    from ray import cloudpickle  # what Ray pickles a task's arguments with
+
+    import client.app as app
+    from shared.faults import FaultPlan
+
+    sites = ("/data/a/site.yaml", "/data/b/site.yaml", "/data/c/site.yaml")
+    app._simulation_app.cache_clear()
+
+    blob = cloudpickle.dumps(app.build_client_app(sites))
+    received = [cloudpickle.loads(blob) for _ in range(3)]  # three messages to one actor
+    with_faults = cloudpickle.dumps(app.build_client_app(sites, FaultPlan()))
+    fresh = [cloudpickle.loads(with_faults) for _ in range(2)]
+
+    assert len(blob) < 1000  # the build arguments, not the handlers' code
+    assert isinstance(received[0], ClientApp) and all(r is received[0] for r in received)
+    assert set(received[0]._registered_funcs) >= {"train.default", "evaluate.default", "query.default"}
+    assert fresh[0] is not fresh[1]  # a test's fault plan: each message carries its own copy, as before
+    app._simulation_app.cache_clear()

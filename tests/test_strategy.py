@@ -116,3 +116,44 @@ def test_a_crashed_or_silent_site_is_named_from_its_earlier_replies() -> None:
     s._sent[(3, "train")] = [7]
     s.aggregate_train(3, [])
     assert s.log[3].train[0].site == "alpha" and "no reply within `federation.round_timeout_s`" in s.log[3].train[0].error
+
+
+def test_the_average_is_bit_for_bit_what_flowers_aggregation_gives() -> None:
+    # Arrange: three sites with a realistic mix of shapes and weights (patients are whole numbers)
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    rng = np.random.default_rng(0)
+    names = {"conv.weight": (16, 1, 3, 3), "head.weight": (1, 32), "head.bias": (1,)}
+    replies = []
+    for site, patients in (("a", 17), ("b", 9), ("c", 23.0)):
+        content = RecordDict({
+            P.ARRAYS: to_record({k: rng.standard_normal(shape).astype(np.float32) for k, shape in names.items()}),
+            P.METRICS: MetricRecord({M.NUM_PATIENTS: patients, M.TRAIN_LOSS: 0.5}),
+            P.SITE: ConfigRecord({P.SITE_NAME: site}),
+        })
+        replies.append(Message(content=content, dst_node_id=1, message_type="train"))
+    s = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, node_wait_timeout_s=1.0)
+    s.expected = names
+
+    # Act
+    ours, _ = s.aggregate_train(1, replies)
+    flowers = aggregate_arrayrecords([m.content for m in replies], M.NUM_PATIENTS)
+
+    # Assert
+    assert ours is not None and list(ours) == list(flowers)
+    for name in names:
+        a, b = from_record(ours)[name], from_record(flowers)[name]
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_an_update_that_cannot_be_decoded_is_rejected_with_the_site_named() -> None:
+    from flwr.app import Array, ArrayRecord
+
+    s = strategy()
+    broken = reply("broken", np.array([2.0, 2.0]), 10)
+    broken.content[P.ARRAYS] = ArrayRecord({"w": Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"not npy")})
+
+    arrays, _ = s.aggregate_train(1, [reply("good", np.array([2.0, 2.0]), 10), broken])
+
+    np.testing.assert_allclose(from_record(arrays)["w"], [2.0, 2.0])
+    assert "cannot be decoded" in next(r for r in s.log[1].train if r.site == "broken").error
