@@ -376,6 +376,7 @@ def bench_deployment(
     config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
     sites: Annotated[str, typer.Option(help="Comma-separated consortium sizes, e.g. 3,10.")] = "3",
     rounds: Annotated[int, typer.Option(help="Rounds per run (the first includes start-up and is left out of the ratios).", min=2)] = 3,
+    clientapp: Annotated[str, typer.Option(help="both: a fresh ClientApp process per message, then the site worker, back to back; or only one of worker, per-message.")] = "both",
 ) -> None:
     """Deployment Engine round overhead (TLS, node auth): a fresh ClientApp process per message vs the site worker, back to back."""
     import os
@@ -384,6 +385,9 @@ def bench_deployment(
     from server.bench_fl import deployment_rounds
     from shared.config import load_experiment
 
+    modes = {"both": (False, True), "per-message": (False,), "worker": (True,)}
+    if clientapp not in modes:
+        raise typer.BadParameter(f"--clientapp is {clientapp!r}; choose one of {', '.join(modes)}.")
     sizes = _site_counts(sites)
     exp = load_experiment(config)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,7 +396,7 @@ def bench_deployment(
     for col in ("sites", "ClientApp", "s / round", "wall ÷ Σ site compute", "wall ÷ slowest site", "load after"):
         table.add_column(col)
     for n in sizes:
-        for worker in (False, True):
+        for worker in modes[clientapp]:
             err_console.print(f"{n} sites, {'site worker' if worker else 'a process per message'}: {rounds} rounds ...")
             run = {**deployment_rounds(exp, data, out, n_sites=n, rounds=rounds, site_worker=worker), "load_average_after": os.getloadavg()}
             result["runs"].append(run)  # type: ignore[union-attr]
@@ -857,7 +861,8 @@ def site_start(
     The SuperNode's ClientApp process is client/pinned_app.py: it never installs or imports
     code from a submitted app bundle, and refuses a bundle that carries any. In worker mode
     (default) each message's process hands its task to the site worker (client/site_worker.py,
-    socket under state_dir/worker, 0700/0600), which keeps the site's data loaded.
+    socket under state_dir/worker, 0700/0600), which keeps the site's data loaded. When idle, the
+    SuperNode asks the coordinator for work every site.yaml idle_poll_s (client/supernode_main.py).
     """
     import os
 
@@ -869,10 +874,12 @@ def site_start(
         raise typer.BadParameter("Give --ca (the consortium ca.pem) or, for a loopback test only, --insecure.")
     if node_key is None and not insecure:
         raise typer.BadParameter("Give --node-key (this site's node.key); the coordinator admits only registered site keys.")
-    argv = supernode_argv(site_yaml=site, superlink=superlink, ca=None if insecure else ca, port=port, node_key=None if insecure else node_key)
     if clientapp not in CLIENTAPP_MODES:
         raise typer.BadParameter(f"--clientapp is {clientapp!r}; choose one of {', '.join(CLIENTAPP_MODES)}.")
-    state_dir = load_site(site).state_dir
+    cfg = load_site(site)
+    argv = supernode_argv(site_yaml=site, superlink=superlink, ca=None if insecure else ca, port=port, node_key=None if insecure else node_key,
+                          idle_poll_s=cfg.idle_poll_s)
+    state_dir = cfg.state_dir
     bin_dir = state_dir / "bin"
     launcher = write_launcher(bin_dir, worker_dir=state_dir / "worker" if clientapp == "worker" else None)
     env = launcher_env(bin_dir)

@@ -284,6 +284,10 @@ class SiteConfig:
     policy: SitePolicy = spec(SitePolicy(), doc="The DPO's privacy policy for this site.")
     require_approved_plans: bool = spec(False, doc="Train only plans approved with `fedrelapse site approve` (recommended for patient data).")
     coordinator_public_key: Path | None = spec(None, doc="The coordinator's model-signing public key; when set, unsigned or altered models are refused.")
+    idle_poll_s: float = spec(
+        0.25, ge=0.05, le=3.0,
+        doc="Seconds between the idle SuperNode's requests for work: its outbound request rate to the coordinator (Flower's own: 3 s). Each request is one small TLS call.",
+    )
 
     def resolved(self, base: Path) -> SiteConfig:
         """Paths made absolute against the folder of the YAML file."""

@@ -46,3 +46,9 @@ def test_simulate_without_sites_says_how_to_make_them(tmp_path: Path) -> None:
 def test_bench_sizes_that_are_not_whole_numbers_are_a_config_error(command: list[str], tmp_path: Path) -> None:
     result = runner.invoke(app, [a.format(d=tmp_path) for a in command] + ["--sites", "3,x"])
     assert result.exit_code == 2 and "--sites must be comma-separated whole numbers such as 3,10,30; got '3,x'" in result.output
+
+
+def test_bench_deployment_refuses_an_unknown_clientapp_mode_before_starting_anything(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bench", "deployment", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--clientapp", "threads"])
+    assert result.exit_code == 2 and "--clientapp is 'threads'; choose one of both" in result.output
+    assert not (tmp_path / "o").exists()
