@@ -139,3 +139,15 @@ def test_dp_step_profile_times_every_strategy_and_each_grouped_layer() -> None:
     layers = {k for k in ms if k.startswith("grouped: ") and k.endswith(" per-patient")}
     assert {"grouped: mel.net.0 (Conv1d) per-patient", "grouped: mel.net.1 (GroupNorm) per-patient", "grouped: head.0 (Linear) per-patient"} <= layers
     assert all(v >= 0 for v in ms.values())
+
+
+def test_round_figures_take_the_slowest_site_of_each_phase_as_the_critical_path(tmp_path: Path) -> None:
+    from server.bench_fl import _round_figures
+
+    sites = {"a": {"train_compute_s": 3.0, "eval_compute_s": 0.1}, "b": {"train_compute_s": 1.0, "eval_compute_s": 0.5}}
+    (tmp_path / "metrics.json").write_text(json.dumps([{"round": 1, "wall_s": 9.0, "sites": sites}, {"round": 2, "wall_s": 4.0, "sites": sites}]))
+
+    figures = _round_figures(tmp_path)
+
+    assert figures["per_round"][1]["wall_minus_critical_path_s"] == 0.5  # 4.0 - (3.0 + 0.5): phases run one after the other
+    assert figures["wall_minus_critical_path_after_round_1_s"] == 0.5 and figures["round_overhead_ratio_after_round_1"] == round(4.0 / 4.6, 3)
