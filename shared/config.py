@@ -286,7 +286,7 @@ class SiteConfig:
     coordinator_public_key: Path | None = spec(None, doc="The coordinator's model-signing public key; when set, unsigned or altered models are refused.")
     idle_poll_s: float = spec(
         0.25, ge=0.05, le=3.0,
-        doc="Seconds between the idle SuperNode's requests for work: its outbound request rate to the coordinator (Flower's own: 3 s). Each request is one small TLS call.",
+        doc="Seconds the SuperNode waits after a message before asking the coordinator for the next one; each empty look then waits 25% longer, up to Flower's 3 s. At most 1/idle_poll_s outbound requests per second.",
     )
 
     def resolved(self, base: Path) -> SiteConfig:

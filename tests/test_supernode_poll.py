@@ -29,9 +29,13 @@ FLOWER_LOOP = '''
 import time
 
 
+def _pull_and_store_message(receive):
+    return receive()
+
+
 def start_client_internal(receive):
     while True:
-        run_id = receive()
+        run_id = _pull_and_store_message(receive)
         # No message has been pulled therefore we can skip the push stage.
         if run_id is None:
             # If no message was received, wait for a while
@@ -52,21 +56,28 @@ def fake_flower(tmp_path: Path, source: str) -> ModuleType:
     return module
 
 
-def test_the_idle_poll_waits_at_most_idle_poll_s_and_the_local_reply_wait_less() -> None:
+def test_the_idle_poll_starts_at_idle_poll_s_grows_to_flowers_3_s_and_restarts_after_a_message() -> None:
     waited: list[float] = []
     shim = sm.BoundedTime(idle_poll_s=0.25, sleep=waited.append)
 
-    def start_client_internal() -> None:  # Flower's idle loop
-        shim.sleep(3)
-        shim.sleep(0.1)
+    def start_client_internal(looks: int) -> None:  # Flower's idle loop
+        for _ in range(looks):
+            shim.sleep(3)
 
     def _push_messages() -> None:  # Flower's wait for the local ClientApp's reply
         shim.sleep(0.5)
 
-    start_client_internal()
+    start_client_internal(14)
+    idle = list(waited)
+    shim.message_pulled()
+    waited.clear()
+    start_client_internal(2)
     _push_messages()
 
-    assert waited == [0.25, 0.1, sm.LOCAL_WAIT_S]
+    assert idle[:3] == [0.25, 0.3125, 0.390625] and idle[-2:] == [3, 3]
+    assert all(b == min(3, a * sm.IDLE_GROWTH) for a, b in zip(idle, idle[1:], strict=False))
+    assert sum(idle[:12]) < 15  # Flower's rate again after about 13 s of waiting
+    assert waited == [0.25, 0.3125, sm.LOCAL_WAIT_S]  # a message restarts the idle wait; local waits stay short
     assert shim.monotonic is time.monotonic and shim.time is time.time  # everything else is the real module
 
 
@@ -75,10 +86,13 @@ def test_the_installed_flower_is_patched_in_its_supernode_module_only(monkeypatc
     superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
     monkeypatch.setattr(flower, "time", flower.time)  # restored after the test
 
+    monkeypatch.setattr(flower, sm.PULL_FUNCTION, getattr(flower, sm.PULL_FUNCTION))
+
     reason = sm.patch(flower, idle_poll_s=0.25)
 
     assert reason is None, reason
     assert isinstance(flower.time, sm.BoundedTime) and flower.time.idle_poll_s == 0.25
+    assert getattr(flower, sm.PULL_FUNCTION).__wrapped__ is not None  # a pulled message restarts the idle wait
     assert superexec.time is time and time.sleep is not flower.time.sleep  # nothing else changed
 
 
@@ -101,9 +115,21 @@ def test_a_flower_with_the_idle_loop_is_patched_before_the_supernode_starts(tmp_
     monkeypatch.setattr(sys, "argv", sys.argv)
 
     sm.run([sm.FLAG, "0.5", "--insecure"], module=flower, entry=lambda: seen.append(flower.time))
+    shim = flower.time
+    shim.next_idle_s = 3.0  # as after a long idle spell
+    empty, pulled = flower._pull_and_store_message(lambda: None), shim.next_idle_s
+    got, restarted = flower._pull_and_store_message(lambda: 7), shim.next_idle_s
 
-    assert len(seen) == 1 and isinstance(seen[0], sm.BoundedTime) and seen[0].idle_poll_s == 0.5
-    assert "idle poll every 0.5 s" in capsys.readouterr().err
+    assert len(seen) == 1 and isinstance(shim, sm.BoundedTime) and shim.idle_poll_s == 0.5
+    assert (empty, pulled) == (None, 3.0) and (got, restarted) == (7, 0.5)  # only a pulled message restarts the idle wait
+    assert "idle poll every 0.5 s after a message" in capsys.readouterr().err
+
+
+def test_a_flower_that_pulls_messages_differently_is_left_unchanged(tmp_path: Path) -> None:
+    renamed = fake_flower(tmp_path, FLOWER_LOOP.replace("run_id = _pull_and_store_message(receive)", "run_id = receive()"))
+
+    assert sm.patch(renamed, idle_poll_s=0.25) == "fake_start_client_internal.start_client_internal() no longer pulls with _pull_and_store_message()"
+    assert renamed.time is time
 
 
 def test_a_module_without_a_time_name_is_reported_not_patched(tmp_path: Path) -> None:
