@@ -8,14 +8,14 @@ every reply leaves on average 0.25 s after it was ready; and when it pulls a mes
 objects the ServerApp is still pushing, it retries only after 1 s. On 127.0.0.1 with small
 models that is most of a round (``fedrelapse bench deployment``, BENCHMARKS.md).
 
-Run as ``python -P -m client.supernode_main --idle-poll-s S <flower-supernode arguments>``.
+Run as ``python -P -m client.supernode_main --idle-poll-s S --idle-growth G <flower-supernode arguments>``.
 Before it starts Flower's own entry point (``flwr.supernode.cli.flower_supernode``, the
 ``flower-supernode`` script, with the same arguments: TLS, node key and isolation flags are
 Flower's), it replaces the ``time`` name inside that one module with :class:`BoundedTime`:
 
 * the idle loop's first wait after a message is ``S`` seconds (``idle_poll_s`` in site.yaml);
-  each further empty look waits ``IDLE_GROWTH`` (1.25) times longer, up to Flower's 3 s, and
-  the next message starts again at ``S``. Each look is one TLS request to the SuperLink
+  each further empty look waits ``G`` times longer (``idle_poll_growth``, default 1.25), up to
+  Flower's 3 s, and the next message starts again at ``S``. Each look is one TLS request to the SuperLink
   (≈ 2–3 ms of its CPU, measured): a constant 0.25 s would cost a 100-site SuperLink about
   one core when idle, the growth keeps it near Flower's own rate (one look per 3 s per site)
   once a site has waited ≈ 13 s, while a message that follows soon after the last one is
@@ -52,12 +52,14 @@ from shared.flower_pulls import shorten_first_retry
 FLOWER_MODULE = "flwr.supernode.start_client_internal"
 IDLE_LOOP_FUNCTION = "start_client_internal"  # the function whose `time.sleep(3)` is the idle poll
 PULL_FUNCTION = "_pull_and_store_message"  # returns a run id when it pulled a message, None when there was none
-IDLE_GROWTH = 1.25  # each empty look waits this much longer than the last, up to Flower's 3 s
+IDLE_GROWTH = 1.25  # default: each empty look waits this much longer than the last, up to Flower's 3 s (site.yaml idle_poll_growth)
+GROWTH_RANGE = (1.0, 4.0)  # site.yaml's idle_poll_growth bounds
 # The loop this module shortens, as Flower 1.42 writes it: no message pulled -> sleep 3 s.
 _IDLE_LOOP = re.compile(r"if run_id is None:\s*(?:#[^\n]*\n\s*)*time\.sleep\(3\)")
 LOCAL_WAIT_S = 0.02  # the SuperNode's waits for its own ClientApp's reply (in-memory looks, no network)
 IDLE_POLL_RANGE_S = (0.05, 3.0)  # site.yaml's idle_poll_s bounds: ≤ 20 requests/s per site; 3 s is Flower's own
 FLAG = "--idle-poll-s"
+GROWTH_FLAG = "--idle-growth"
 
 
 class BoundedTime:
@@ -77,8 +79,8 @@ class BoundedTime:
             raise ValueError(f"The SuperNode idle poll must be between {low} and {high} seconds, got {idle_poll_s!r}; set idle_poll_s in site.yaml.")
         if not local_wait_s > 0:
             raise ValueError(f"The SuperNode's local wait must be positive seconds, got {local_wait_s!r}.")
-        if not growth >= 1:
-            raise ValueError(f"The idle poll's growth per empty look must be at least 1, got {growth!r}.")
+        if not GROWTH_RANGE[0] <= growth <= GROWTH_RANGE[1]:
+            raise ValueError(f"The idle poll's growth per empty look must be between {GROWTH_RANGE[0]:g} and {GROWTH_RANGE[1]:g}, got {growth!r}; set idle_poll_growth in site.yaml.")
         self.idle_poll_s, self.local_wait_s, self.growth, self._sleep = idle_poll_s, local_wait_s, growth, sleep
         self.next_idle_s = idle_poll_s  # the idle loop's next wait
 
@@ -129,9 +131,9 @@ def _restarting(pull: Callable[..., int | None], shim: BoundedTime) -> Callable[
     return pull_and_store_message
 
 
-def patch(module: ModuleType, *, idle_poll_s: float) -> str | None:
+def patch(module: ModuleType, *, idle_poll_s: float, growth: float = IDLE_GROWTH) -> str | None:
     """Bound ``module``'s waits (see :class:`BoundedTime`); returns None, or why it was left as is."""
-    shim = BoundedTime(idle_poll_s=idle_poll_s)  # a bad value is an error even where the patch cannot apply
+    shim = BoundedTime(idle_poll_s=idle_poll_s, growth=growth)  # a bad value is an error even where the patch cannot apply
     reason = patch_reason(module)
     if reason is None:
         module.time = shim  # type: ignore[attr-defined]
@@ -139,26 +141,30 @@ def patch(module: ModuleType, *, idle_poll_s: float) -> str | None:
     return reason
 
 
-def split_argv(argv: list[str]) -> tuple[float, list[str]]:
-    """``(idle_poll_s, the flower-supernode arguments)`` from this module's command line."""
+def split_argv(argv: list[str]) -> tuple[float, float, list[str]]:
+    """``(idle_poll_s, growth, the flower-supernode arguments)`` from this module's command line
+    (``--idle-poll-s S`` first, then optionally ``--idle-growth G``, then Flower's arguments)."""
     if len(argv) < 2 or argv[0] != FLAG:
-        raise SystemExit(f"usage: python -m client.supernode_main {FLAG} SECONDS <flower-supernode arguments>")
+        raise SystemExit(f"usage: python -m client.supernode_main {FLAG} SECONDS [{GROWTH_FLAG} FACTOR] <flower-supernode arguments>")
+    values, rest = {FLAG: argv[1], GROWTH_FLAG: str(IDLE_GROWTH)}, argv[2:]
+    if len(rest) >= 2 and rest[0] == GROWTH_FLAG:
+        values[GROWTH_FLAG], rest = rest[1], rest[2:]
     try:
-        return float(argv[1]), argv[2:]
+        return float(values[FLAG]), float(values[GROWTH_FLAG]), rest
     except ValueError:
-        raise SystemExit(f"{FLAG} must be a number of seconds, got {argv[1]!r}.") from None
+        raise SystemExit(f"{FLAG} and {GROWTH_FLAG} must be numbers, got {values[FLAG]!r} and {values[GROWTH_FLAG]!r}.") from None
 
 
 def run(argv: list[str], *, module: ModuleType | None = None, entry: Callable[[], None] | None = None) -> None:
     """Bound the SuperNode's waits (or warn why not), then run Flower's SuperNode on ``argv``."""
-    idle_poll_s, rest = split_argv(argv)
+    idle_poll_s, growth, rest = split_argv(argv)
     target = module if module is not None else importlib.import_module(FLOWER_MODULE)
     try:
-        reason = patch(target, idle_poll_s=idle_poll_s)
+        reason = patch(target, idle_poll_s=idle_poll_s, growth=growth)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     if reason is None:
-        print(f"fedrelapse: SuperNode idle poll every {idle_poll_s:g} s after a message, {IDLE_GROWTH:g}x longer per empty look up to Flower's 3 s; "
+        print(f"fedrelapse: SuperNode idle poll every {idle_poll_s:g} s after a message, {growth:g}x longer per empty look up to Flower's 3 s; "
               f"local reply checks every {LOCAL_WAIT_S:g} s.", file=sys.stderr, flush=True)
         pulls = shorten_first_retry(target, "pull_objects")
         if pulls is not None:

@@ -378,6 +378,47 @@ def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: 
 # --- feature cache ---------------------------------------------------------------------------
 
 
+def idle_poll_load(out: Path, *, n_sites: int, seconds: float, idle_poll_s: float | None) -> dict[str, Any]:
+    """CPU the SuperLink spends answering ``n_sites`` idle SuperNodes (TLS, node auth, no run)
+    that look for work every ``idle_poll_s`` seconds (None: Flower's own 3 s), and each
+    SuperNode's own CPU, over ``seconds``. The sites' ``idle_poll_growth`` is 1 here, so the
+    wait stays at ``idle_poll_s`` and the rate of looks is known (``looks_per_s``); with the
+    default growth an idle site is back at Flower's 3 s after ≈ 13 s.
+    """
+    from server.deployment import LocalConsortium
+    from server.keys import make_ca, make_server
+
+    label = "flower" if idle_poll_s is None else f"{idle_poll_s:g}"
+    work = out / f"idle-{n_sites}-{label}"
+    shutil.rmtree(work, ignore_errors=True)
+    keys = work / "keys"
+    make_ca(keys)
+    make_server(keys)
+    sites = []
+    for i in range(n_sites):
+        path = work / f"site-{i}.yaml"
+        poll = "" if idle_poll_s is None else f"idle_poll_s: {idle_poll_s}\nidle_poll_growth: 1.0\n"
+        path.write_text(f"name: idle-{i}\nmanifest: none.csv\nstate_dir: {work / f'state-{i}'}\n{poll}", encoding="utf-8")
+        sites.append(path)
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    with LocalConsortium(work / "flower", sites, keys=keys, node_auth=True, bounded_poll=idle_poll_s is not None) as consortium:
+        time.sleep(5.0)  # every SuperNode has joined and is idle
+        link, nodes = consortium.procs[0].pid, [p.pid for p in consortium.procs[1:]]
+        link0, nodes0, started = cpu_s(link), sum(cpu_s(p) for p in nodes), time.monotonic()
+        time.sleep(seconds)
+        elapsed = time.monotonic() - started
+        link_cores = (cpu_s(link) - link0) / elapsed
+        node_cores = (sum(cpu_s(p) for p in nodes) - nodes0) / elapsed / n_sites
+    looks = n_sites / (3.0 if idle_poll_s is None else idle_poll_s)
+    return {"sites": n_sites, "idle_poll_s": label, "seconds": round(elapsed, 1), "looks_per_s": round(looks, 1),
+            "superlink_cores": round(link_cores, 4), "one_supernode_cores": round(node_cores, 4)}
+
+
 def sample_manifest(manifest: Path, dest: Path, *, sessions: int) -> Path:
     """Copy ``sessions`` rows of a site's CSV manifest, evenly spaced over the file, with the
     files they name, into ``dest``; returns the new manifest (paths stay relative to it)."""

@@ -408,6 +408,42 @@ def bench_deployment(
     print(json.dumps(result, indent=2))
 
 
+@bench_app.command("idle-poll")
+@friendly
+def bench_idle_poll(
+    out: Annotated[Path, typer.Option(help="Folder for idle-poll.json and the consortia.")],
+    sites: Annotated[int, typer.Option(help="Idle SuperNodes (TLS, node auth) polling one SuperLink.", min=1)] = 10,
+    seconds: Annotated[float, typer.Option(help="How long to measure each setting.", min=1.0)] = 20.0,
+    polls: Annotated[str, typer.Option(help="Comma-separated idle waits in seconds; 'flower' = plain flower-supernode (3 s).")] = "flower,0.25,0.1",
+) -> None:
+    """What idle SuperNodes cost the SuperLink: its CPU per look for work, for each idle wait."""
+    import os
+
+    from server.bench import machine
+    from server.bench_fl import idle_poll_load
+    from shared.errors import ConfigError
+
+    try:
+        waits = [None if p.strip() == "flower" else float(p) for p in polls.split(",")]
+    except ValueError:
+        raise ConfigError(f"--polls must be comma-separated seconds or 'flower', such as flower,0.25,0.1; got {polls!r}.") from None
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "runs": []}
+    for wait in waits:
+        run = {**idle_poll_load(out, n_sites=sites, seconds=seconds, idle_poll_s=wait), "load_average_after": os.getloadavg()}
+        result["runs"].append(run)  # type: ignore[union-attr]
+        err_console.print(f"idle wait {run['idle_poll_s']}: {run['looks_per_s']} looks/s, SuperLink {run['superlink_cores']:.3f} cores, "
+                          f"one SuperNode {run['one_supernode_cores']:.3f} cores")
+    runs = result["runs"]
+    base = next((r for r in runs if r["idle_poll_s"] == "flower"), None)  # type: ignore[union-attr]
+    if base is not None:
+        for r in runs:  # type: ignore[union-attr]
+            extra = r["looks_per_s"] - base["looks_per_s"]
+            r["superlink_ms_per_extra_look"] = round(1000 * (r["superlink_cores"] - base["superlink_cores"]) / extra, 2) if extra > 0 else None
+    (out / "idle-poll.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
 @bench_app.command("ledger")
 @friendly
 def bench_ledger(
@@ -879,7 +915,7 @@ def site_start(
         raise typer.BadParameter(f"--clientapp is {clientapp!r}; choose one of {', '.join(CLIENTAPP_MODES)}.")
     cfg = load_site(site)
     argv = supernode_argv(site_yaml=site, superlink=superlink, ca=None if insecure else ca, port=port, node_key=None if insecure else node_key,
-                          idle_poll_s=cfg.idle_poll_s)
+                          idle_poll_s=cfg.idle_poll_s, idle_poll_growth=cfg.idle_poll_growth)
     state_dir = cfg.state_dir
     bin_dir = state_dir / "bin"
     launcher = write_launcher(bin_dir, worker_dir=state_dir / "worker" if clientapp == "worker" else None)

@@ -52,3 +52,9 @@ def test_bench_deployment_refuses_an_unknown_clientapp_mode_before_starting_anyt
     result = runner.invoke(app, ["bench", "deployment", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--clientapp", "threads"])
     assert result.exit_code == 2 and "--clientapp is 'threads'; choose one of both" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_idle_poll_refuses_a_wait_that_is_not_a_number_before_starting_anything(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bench", "idle-poll", "--out", str(tmp_path / "o"), "--polls", "flower,fast"])
+    assert result.exit_code == 2 and "--polls must be comma-separated seconds or 'flower'" in result.output
+    assert not (tmp_path / "o").exists()

@@ -139,7 +139,8 @@ def test_a_module_without_a_time_name_is_reported_not_patched(tmp_path: Path) ->
     assert not hasattr(no_time, "time")
 
 
-@pytest.mark.parametrize("argv", [["--insecure"], [sm.FLAG, "soon", "--insecure"], [sm.FLAG, "0.001", "--insecure"], [sm.FLAG, "5", "--insecure"]])
+@pytest.mark.parametrize("argv", [["--insecure"], [sm.FLAG, "soon", "--insecure"], [sm.FLAG, "0.001", "--insecure"], [sm.FLAG, "5", "--insecure"],
+                                  [sm.FLAG, "0.25", sm.GROWTH_FLAG, "0.5", "--insecure"], [sm.FLAG, "0.25", sm.GROWTH_FLAG, "x", "--insecure"]])
 def test_a_missing_or_bad_idle_poll_is_refused_before_flower_starts(tmp_path: Path, argv: list[str]) -> None:
     flower = fake_flower(tmp_path, FLOWER_LOOP)
     started: list[bool] = []
@@ -148,18 +149,24 @@ def test_a_missing_or_bad_idle_poll_is_refused_before_flower_starts(tmp_path: Pa
         sm.run(argv, module=flower, entry=lambda: started.append(True))
 
     assert not started and flower.time is time
-    assert any(word in str(exc.value) for word in ("usage", "number of seconds", "idle_poll_s")), exc.value
+    assert any(word in str(exc.value) for word in ("usage", "must be numbers", "idle_poll_s", "idle_poll_growth")), exc.value
 
 
 def test_site_yaml_idle_poll_has_the_launchers_bounds_and_a_bad_value_names_the_field(tmp_path: Path) -> None:
-    field = {f.name: f for f in dataclasses.fields(SiteConfig)}["idle_poll_s"]
+    fields = {f.name: f for f in dataclasses.fields(SiteConfig)}
     site = tmp_path / "site.yaml"
-    site.write_text("name: oslo\nmanifest: m.csv\nidle_poll_s: 0.01\n")
+    too_fast, shrinking = tmp_path / "fast.yaml", tmp_path / "shrinking.yaml"
+    too_fast.write_text("name: oslo\nmanifest: m.csv\nidle_poll_s: 0.01\n")
+    shrinking.write_text("name: oslo\nmanifest: m.csv\nidle_poll_growth: 0.5\n")
+    site.write_text("name: oslo\nmanifest: m.csv\n")
 
-    assert (field.metadata["ge"], field.metadata["le"]) == sm.IDLE_POLL_RANGE_S
-    assert sm.IDLE_POLL_RANGE_S[0] <= SiteConfig.idle_poll_s <= sm.IDLE_POLL_RANGE_S[1]
+    assert (fields["idle_poll_s"].metadata["ge"], fields["idle_poll_s"].metadata["le"]) == sm.IDLE_POLL_RANGE_S
+    assert (fields["idle_poll_growth"].metadata["ge"], fields["idle_poll_growth"].metadata["le"]) == sm.GROWTH_RANGE
+    assert (load_site(site).idle_poll_s, load_site(site).idle_poll_growth) == (0.25, sm.IDLE_GROWTH)
     with pytest.raises(ConfigError, match="idle_poll_s"):
-        load_site(site)
+        load_site(too_fast)
+    with pytest.raises(ConfigError, match="idle_poll_growth"):
+        load_site(shrinking)
 
 
 def test_the_bounded_supernode_keeps_flowers_tls_node_key_and_isolation_flags(tmp_path: Path) -> None:
@@ -173,13 +180,13 @@ def test_the_bounded_supernode_keeps_flowers_tls_node_key_and_isolation_flags(tm
     bounded = supernode_argv(**common, idle_poll_s=0.25)  # type: ignore[arg-type]
 
     assert Path(plain[0]).name == "flower-supernode"
-    assert bounded[:6] == [sys.executable, "-P", "-m", "client.supernode_main", sm.FLAG, "0.25"]
-    assert bounded[6:] == plain[1:]
-    idle_poll_s, flower_args = sm.split_argv(bounded[4:])
+    assert bounded[:8] == [sys.executable, "-P", "-m", "client.supernode_main", sm.FLAG, "0.25", sm.GROWTH_FLAG, "1.25"]
+    assert bounded[8:] == plain[1:]
+    idle_poll_s, growth, flower_args = sm.split_argv(bounded[4:])
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
     parsed = _parse_args_run_supernode().parse_args(flower_args)  # Flower's own parser reads what follows
-    assert idle_poll_s == 0.25 and not parsed.insecure and parsed.isolation == "subprocess"
+    assert (idle_poll_s, growth) == (0.25, sm.IDLE_GROWTH) and not parsed.insecure and parsed.isolation == "subprocess"
     assert parsed.root_certificates == str((tmp_path / "ca" / "ca.pem").resolve()) and parsed.auth_supernode_private_key == str(priv.resolve())
 
 
@@ -188,14 +195,14 @@ def test_site_start_runs_the_bounded_supernode_at_the_site_yaml_rate(tmp_path: P
     make_server(tmp_path)
     priv, _ = make_site(tmp_path, "oslo")
     site = tmp_path / "site.yaml"
-    site.write_text(f"name: oslo\nmanifest: m.csv\nstate_dir: {tmp_path / 'state'}\nidle_poll_s: 1.5\n")
+    site.write_text(f"name: oslo\nmanifest: m.csv\nstate_dir: {tmp_path / 'state'}\nidle_poll_s: 1.5\nidle_poll_growth: 1\n")
 
     node = CliRunner().invoke(app, ["site", "start", "--site", str(site), "--superlink", "coord:9092", "--ca", str(tmp_path / "ca" / "ca.pem"),
                                     "--node-key", str(priv), "--dry-run"], terminal_width=300)
 
     assert node.exit_code == 0, node.output
     argv = node.stdout.splitlines()[0].split()
-    assert argv[:6] == [sys.executable, "-P", "-m", "client.supernode_main", sm.FLAG, "1.5"]
+    assert argv[:8] == [sys.executable, "-P", "-m", "client.supernode_main", sm.FLAG, "1.5", sm.GROWTH_FLAG, "1"]
     assert "--auth-supernode-private-key" in argv and "--root-certificates" in argv and "--insecure" not in argv
 
 
