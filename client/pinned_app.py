@@ -12,6 +12,9 @@ This module is Flower's ClientApp process with two steps replaced:
   carry configuration only (no Python or other code) and name ``client.app:app``;
 * loading the ClientApp -> the pinned, installed :data:`PINNED_CLIENTAPP`.
 
+It also retries a pull of the task's message objects from its SuperNode every 0.05–0.1 s
+instead of after 1, 2, 4 … s (:func:`prompt_task_pulls`, shared/flower_pulls.py).
+
 A refused bundle ends the task with an error reply that names the reason, so the researcher
 sees a per-site refusal rather than a timeout. :func:`write_launcher` writes the executable
 named ``flwr-clientapp`` that `fedrelapse site start` puts first on the SuperNode's ``PATH``;
@@ -30,11 +33,13 @@ import tomllib
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from types import ModuleType
 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.client_app import LoadClientAppError
 
 from shared.errors import PolicyError
+from shared.flower_pulls import FIRST_RETRY_S, LOCAL_RETRY_CAP_S, shorten_first_retry
 
 PINNED_CLIENTAPP = "client.app:app"
 PINNED_MARK = "fedrelapse pinned ClientApp"  # printed by every task this launcher runs
@@ -107,6 +112,15 @@ def _pinned_loader(default_app_ref: str, app_path: str | None, multi_app: bool) 
     return lambda fab_id, fab_version, fab_hash: load_pinned()
 
 
+def prompt_task_pulls(runtime: ModuleType) -> None:
+    """The task's pull of its message objects from the SuperNode (which may still be fetching
+    them from the SuperLink) retries after FIRST_RETRY_S, then at most every LOCAL_RETRY_CAP_S,
+    not after 1, 2, 4 … 10 s; warns if it cannot."""
+    reason = shorten_first_retry(runtime, "pull_and_inflate_object_from_tree", initial_backoff_s=FIRST_RETRY_S, backoff_cap_s=LOCAL_RETRY_CAP_S)
+    if reason is not None:
+        print(f"fedrelapse: WARNING: {reason}; a task may wait 1 s for its message (Flower's own first retry).", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     """Entry point of the ``flwr-clientapp`` launcher: Flower's ClientApp process, pinned."""
     from flwr.supernode.cli import flwr_clientapp
@@ -114,6 +128,7 @@ def main() -> None:
     runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
     runtime.install_from_fab = _checked_install  # type: ignore[assignment]
     runtime.get_load_client_app_fn = _pinned_loader  # type: ignore[assignment]
+    prompt_task_pulls(runtime)
     flwr_clientapp()
 
 

@@ -263,8 +263,29 @@ def _remove(sock_path: str) -> None:
         pass
 
 
+def import_site_code() -> None:
+    """Import Flower's ClientApp runtime, the ClientApp and the training code once, for every
+    task this worker serves (no message pays for them).
+
+    :func:`serve` runs this in a background thread. Flower gives a task 30 s from its launch to
+    its first call (``HEARTBEAT_DEFAULT_INTERVAL``); after that the SuperNode hands the task out
+    again and refuses the first token. On two loaded cores (load average 15) ten new workers
+    took longer than that to import torch and the site's code before their first task's
+    heartbeat, and every worker of the 10-site Deployment Engine bench ended within 40 s of
+    the first message. A task therefore starts its heartbeat first and waits for this import
+    (Python's import lock) only when it runs the ClientApp.
+    """
+    import flwr.supernode.runtime.run_clientapp as runtime
+
+    from client.pinned_app import prompt_task_pulls
+
+    prompt_task_pulls(runtime)  # a task's first retry for its message objects after 0.05 s, not 1 s
+    import client.app  # noqa: F401
+    import client.dp_train  # noqa: F401
+
+
 def serve(socket_dir: str, parent_pid: int) -> None:
-    """Bind the socket (0600 in a 0700 folder), import the ClientApp once, serve tasks forever."""
+    """Bind the socket (0600 in a 0700 folder), import the ClientApp once (in the background), serve tasks forever."""
     os.umask(0o077)
     private_dir(socket_dir)
     sock_path = os.path.join(os.path.abspath(socket_dir), socket_name(parent_pid))
@@ -277,10 +298,8 @@ def serve(socket_dir: str, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, lambda *_: (_remove(sock_path), os._exit(0)))
     threading.Thread(target=_watch_parent, args=(parent_pid, sock_path), daemon=True).start()
     print(f"fedrelapse site worker pid {os.getpid()} serving {sock_path} for superexec {parent_pid}", flush=True)
-    import flwr.supernode.runtime.run_clientapp  # noqa: F401
-
-    import client.app  # noqa: F401 - once, for every task this worker serves
-    import client.dp_train  # noqa: F401 - the training code too: no message pays for it
+    # In the background: the first task starts its heartbeat while torch and the site's code load.
+    threading.Thread(target=import_site_code, name="site-code-import", daemon=True).start()
 
     exclusive = Exclusive()
     while True:  # a thread per request: a task whose pull waits must not hold up the next one

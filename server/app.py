@@ -10,6 +10,7 @@ its last recorded round's verified checkpoint; see :mod:`server.resume`).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import run_federation
-from server.reply_poll import PromptGrid
+from server.reply_poll import PromptGrid, prompt_reply_pulls
 from server.resume import ResumePoint, load_resume_point
 from server.run_folder import write_json
 from server.sim_wake import reply_signal
@@ -26,6 +27,8 @@ from shared import signing
 from shared.config import ExperimentConfig, load_experiment
 from shared.errors import ConfigError
 from shared.faults import FaultPlan
+
+log = logging.getLogger("fedrelapse.server")
 
 DEPLOY_INFO = "deployment.json"  # in a deployed run's folder: what `fedrelapse run --resume` submits again
 
@@ -85,6 +88,8 @@ def build_server_app(
             folder.mkdir(parents=True, exist_ok=True)
             write_json(folder / DEPLOY_INFO, {"engine": "deployment", "run_id": rid, "signing_key": str(key_path.resolve()) if key_path else ""})
         poll = cfg.federation.reply_poll_s if exp is None else min(cfg.federation.reply_poll_s, SIMULATION_POLL_S)
+        if exp is None and (why := prompt_reply_pulls()) is not None:
+            log.warning("run=%s: %s; a reply may wait 1 s for its objects (Flower's own first retry)", rid, why)
         # simulation: a reply stored in the in-process LinkState ends the wait at once (deployment: None)
         grid = PromptGrid(grid, poll_s=poll, wake=reply_signal(grid))  # type: ignore[assignment]  # replies seen within reply_poll_s, not Flower's 3 s
         run_federation(

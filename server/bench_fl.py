@@ -305,16 +305,23 @@ def simulated_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: i
 
 
 def _round_figures(run_dir: Path) -> dict[str, Any]:
-    """Per-round wall time vs the sites' reported compute, from a run folder's metrics.json."""
+    """Per-round wall time vs the sites' reported compute, from a run folder's metrics.json.
+
+    ``wall_minus_critical_path_s``: the round's wall time less the slowest site's train compute
+    and the slowest site's evaluate compute (the two phases run one after the other): the
+    seconds spent in neither, i.e. transfers, polling, hand-offs and the coordinator's work.
+    """
     records = json.loads((run_dir / "metrics.json").read_text())
     per_round = []
     for rec in records:
         sites = rec["sites"].values()
         each = [s.get("train_compute_s", 0.0) + s.get("eval_compute_s", 0.0) for s in sites]
         compute = sum(each)
+        critical = max((s.get("train_compute_s", 0.0) for s in sites), default=0.0) + max((s.get("eval_compute_s", 0.0) for s in sites), default=0.0)
         per_round.append({"round": rec["round"], "wall_s": rec["wall_s"], "sites_compute_s": round(compute, 3),
                           "ratio": round(rec["wall_s"] / compute, 3) if compute else None,
                           "ratio_to_slowest_site": round(rec["wall_s"] / max(each), 3) if each and max(each) else None,
+                          "wall_minus_critical_path_s": round(rec["wall_s"] - critical, 3),
                           "sites_replied": sum("train_compute_s" in s for s in sites)})
     later = per_round[1:] or per_round
     steady = [r["ratio"] for r in later if r["ratio"]]
@@ -325,6 +332,7 @@ def _round_figures(run_dir: Path) -> dict[str, Any]:
         "round_overhead_ratio_after_round_1": round(statistics.median(steady), 3) if steady else None,
         "wall_over_slowest_site_after_round_1": round(statistics.median(slowest), 3) if slowest else None,
         "wall_per_round_after_round_1_s": round(statistics.median([r["wall_s"] for r in later]), 3),
+        "wall_minus_critical_path_after_round_1_s": round(statistics.median([r["wall_minus_critical_path_s"] for r in later]), 3),
         "peak_rss_site_process_mib": max(rss) if rss else None,
     }
 
@@ -368,6 +376,47 @@ def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: 
 
 
 # --- feature cache ---------------------------------------------------------------------------
+
+
+def idle_poll_load(out: Path, *, n_sites: int, seconds: float, idle_poll_s: float | None) -> dict[str, Any]:
+    """CPU the SuperLink spends answering ``n_sites`` idle SuperNodes (TLS, node auth, no run)
+    that look for work every ``idle_poll_s`` seconds (None: Flower's own 3 s), and each
+    SuperNode's own CPU, over ``seconds``. The sites' ``idle_poll_growth`` is 1 here, so the
+    wait stays at ``idle_poll_s`` and the rate of looks is known (``looks_per_s``); with the
+    default growth an idle site is back at Flower's 3 s after ≈ 13 s.
+    """
+    from server.deployment import LocalConsortium
+    from server.keys import make_ca, make_server
+
+    label = "flower" if idle_poll_s is None else f"{idle_poll_s:g}"
+    work = out / f"idle-{n_sites}-{label}"
+    shutil.rmtree(work, ignore_errors=True)
+    keys = work / "keys"
+    make_ca(keys)
+    make_server(keys)
+    sites = []
+    for i in range(n_sites):
+        path = work / f"site-{i}.yaml"
+        poll = "" if idle_poll_s is None else f"idle_poll_s: {idle_poll_s}\nidle_poll_growth: 1.0\n"
+        path.write_text(f"name: idle-{i}\nmanifest: none.csv\nstate_dir: {work / f'state-{i}'}\n{poll}", encoding="utf-8")
+        sites.append(path)
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_s(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    with LocalConsortium(work / "flower", sites, keys=keys, node_auth=True, bounded_poll=idle_poll_s is not None) as consortium:
+        time.sleep(5.0)  # every SuperNode has joined and is idle
+        link, nodes = consortium.procs[0].pid, [p.pid for p in consortium.procs[1:]]
+        link0, nodes0, started = cpu_s(link), sum(cpu_s(p) for p in nodes), time.monotonic()
+        time.sleep(seconds)
+        elapsed = time.monotonic() - started
+        link_cores = (cpu_s(link) - link0) / elapsed
+        node_cores = (sum(cpu_s(p) for p in nodes) - nodes0) / elapsed / n_sites
+    looks = n_sites / (3.0 if idle_poll_s is None else idle_poll_s)
+    return {"sites": n_sites, "idle_poll_s": label, "seconds": round(elapsed, 1), "looks_per_s": round(looks, 1),
+            "superlink_cores": round(link_cores, 4), "one_supernode_cores": round(node_cores, 4)}
 
 
 def sample_manifest(manifest: Path, dest: Path, *, sessions: int) -> Path:

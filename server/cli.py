@@ -384,6 +384,7 @@ def bench_deployment(
     config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
     sites: Annotated[str, typer.Option(help="Comma-separated consortium sizes, e.g. 3,10.")] = "3",
     rounds: Annotated[int, typer.Option(help="Rounds per run (the first includes start-up and is left out of the ratios).", min=2)] = 3,
+    clientapp: Annotated[str, typer.Option(help="both: a fresh ClientApp process per message, then the site worker, back to back; or only one of worker, per-message.")] = "both",
 ) -> None:
     """Deployment Engine round overhead (TLS, node auth): a fresh ClientApp process per message vs the site worker, back to back."""
     import os
@@ -392,22 +393,62 @@ def bench_deployment(
     from server.bench_fl import deployment_rounds
     from shared.config import load_experiment
 
+    modes = {"both": (False, True), "per-message": (False,), "worker": (True,)}
+    if clientapp not in modes:
+        raise typer.BadParameter(f"--clientapp is {clientapp!r}; choose one of {', '.join(modes)}.")
     sizes = _site_counts(sites)
     exp = load_experiment(config)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "runs": []}
     table = Table(title="round overhead, Deployment Engine (rounds 2+, median)")
-    for col in ("sites", "ClientApp", "s / round", "wall ÷ Σ site compute", "wall ÷ slowest site", "load after"):
+    for col in ("sites", "ClientApp", "s / round", "wall ÷ Σ site compute", "wall ÷ slowest site", "wall − slowest per phase (s)", "load after"):
         table.add_column(col)
     for n in sizes:
-        for worker in (False, True):
+        for worker in modes[clientapp]:
             err_console.print(f"{n} sites, {'site worker' if worker else 'a process per message'}: {rounds} rounds ...")
             run = {**deployment_rounds(exp, data, out, n_sites=n, rounds=rounds, site_worker=worker), "load_average_after": os.getloadavg()}
             result["runs"].append(run)  # type: ignore[union-attr]
             (out / "deployment.json").write_text(json.dumps(result, indent=2))
             table.add_row(str(n), str(run["clientapp"]), f"{run['wall_per_round_after_round_1_s']:.1f}", f"{run['round_overhead_ratio_after_round_1']:.3f}",
-                          f"{run['wall_over_slowest_site_after_round_1']:.3f}", " ".join(f"{x:.1f}" for x in run["load_average_after"]))
+                          f"{run['wall_over_slowest_site_after_round_1']:.3f}", f"{run['wall_minus_critical_path_after_round_1_s']:.2f}",
+                          " ".join(f"{x:.1f}" for x in run["load_average_after"]))
     err_console.print(table)
+    print(json.dumps(result, indent=2))
+
+
+@bench_app.command("idle-poll")
+@friendly
+def bench_idle_poll(
+    out: Annotated[Path, typer.Option(help="Folder for idle-poll.json and the consortia.")],
+    sites: Annotated[int, typer.Option(help="Idle SuperNodes (TLS, node auth) polling one SuperLink.", min=1)] = 10,
+    seconds: Annotated[float, typer.Option(help="How long to measure each setting.", min=1.0)] = 20.0,
+    polls: Annotated[str, typer.Option(help="Comma-separated idle waits in seconds; 'flower' = plain flower-supernode (3 s).")] = "flower,0.25,0.1",
+) -> None:
+    """What idle SuperNodes cost the SuperLink: its CPU per look for work, for each idle wait."""
+    import os
+
+    from server.bench import machine
+    from server.bench_fl import idle_poll_load
+    from shared.errors import ConfigError
+
+    try:
+        waits = [None if p.strip() == "flower" else float(p) for p in polls.split(",")]
+    except ValueError:
+        raise ConfigError(f"--polls must be comma-separated seconds or 'flower', such as flower,0.25,0.1; got {polls!r}.") from None
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "runs": []}
+    for wait in waits:
+        run = {**idle_poll_load(out, n_sites=sites, seconds=seconds, idle_poll_s=wait), "load_average_after": os.getloadavg()}
+        result["runs"].append(run)  # type: ignore[union-attr]
+        err_console.print(f"idle wait {run['idle_poll_s']}: {run['looks_per_s']} looks/s, SuperLink {run['superlink_cores']:.3f} cores, "
+                          f"one SuperNode {run['one_supernode_cores']:.3f} cores")
+    runs = result["runs"]
+    base = next((r for r in runs if r["idle_poll_s"] == "flower"), None)  # type: ignore[union-attr]
+    if base is not None:
+        for r in runs:  # type: ignore[union-attr]
+            extra = r["looks_per_s"] - base["looks_per_s"]
+            r["superlink_ms_per_extra_look"] = round(1000 * (r["superlink_cores"] - base["superlink_cores"]) / extra, 2) if extra > 0 else None
+    (out / "idle-poll.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 
@@ -865,7 +906,8 @@ def site_start(
     The SuperNode's ClientApp process is client/pinned_app.py: it never installs or imports
     code from a submitted app bundle, and refuses a bundle that carries any. In worker mode
     (default) each message's process hands its task to the site worker (client/site_worker.py,
-    socket under state_dir/worker, 0700/0600), which keeps the site's data loaded.
+    socket under state_dir/worker, 0700/0600), which keeps the site's data loaded. When idle, the
+    SuperNode asks the coordinator for work every site.yaml idle_poll_s (client/supernode_main.py).
     """
     import os
 
@@ -877,10 +919,12 @@ def site_start(
         raise typer.BadParameter("Give --ca (the consortium ca.pem) or, for a loopback test only, --insecure.")
     if node_key is None and not insecure:
         raise typer.BadParameter("Give --node-key (this site's node.key); the coordinator admits only registered site keys.")
-    argv = supernode_argv(site_yaml=site, superlink=superlink, ca=None if insecure else ca, port=port, node_key=None if insecure else node_key)
     if clientapp not in CLIENTAPP_MODES:
         raise typer.BadParameter(f"--clientapp is {clientapp!r}; choose one of {', '.join(CLIENTAPP_MODES)}.")
-    state_dir = load_site(site).state_dir
+    cfg = load_site(site)
+    argv = supernode_argv(site_yaml=site, superlink=superlink, ca=None if insecure else ca, port=port, node_key=None if insecure else node_key,
+                          idle_poll_s=cfg.idle_poll_s, idle_poll_growth=cfg.idle_poll_growth)
+    state_dir = cfg.state_dir
     bin_dir = state_dir / "bin"
     launcher = write_launcher(bin_dir, worker_dir=state_dir / "worker" if clientapp == "worker" else None)
     env = launcher_env(bin_dir)

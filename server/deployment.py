@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.pinned_app import launcher_env, write_launcher
+from client.supernode_main import IDLE_GROWTH
 from server.node_registry import NodeRegistry, write_connection
 from shared import protocol as P  # noqa: N812
 from shared.errors import FederationError
@@ -73,6 +74,7 @@ class LocalConsortium:
     keys: Path | None = None  # a `fedrelapse keys` folder: TLS on every link; None = insecure loopback
     node_auth: bool = False  # with keys: only SuperNodes whose public key was registered may join
     site_worker: bool = True  # one long-lived ClientApp worker per SuperNode; False: a fresh process per message
+    bounded_poll: bool = True  # idle SuperNodes look for work from site.yaml idle_poll_s up to 3 s (client/supernode_main.py); False: always Flower's 3 s
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def _env(self, home: str) -> dict[str, str]:
@@ -147,14 +149,22 @@ class LocalConsortium:
         if auth_key is not None:
             transport += ["--auth-supernode-private-key", str(auth_key.resolve())]
         port = free_port()
+        program = supernode_program(*self._idle_poll(cfg)) if self.bounded_poll else supernode_program(None)
         node, log = self._spawn(
-            [_bin("flower-supernode"), *transport, "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
+            [*program, *transport, "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(port),
              "--isolation", "subprocess", "--node-config", f"{P.NC_SITE_CONFIG}=\"{cfg.resolve()}\""],
             f"home-{name}", f"{name}.log", pinned=True,
         )
         if wait:
             _wait_healthy(port, node, f"flower-supernode for {cfg}", log, self.startup_timeout_s)
         return node, log
+
+    @staticmethod
+    def _idle_poll(cfg: Path) -> tuple[float, float]:
+        from shared.config import load_site
+
+        site = load_site(cfg)
+        return site.idle_poll_s, site.idle_poll_growth
 
     def submit_command(self, experiment: Path | None, out: Path | None, *, run_id: str = "", resume: Path | None = None, app_dir: Path = APP_DIR) -> tuple[list[str], dict[str, str]]:
         """The `flwr run` command line and environment that submit a run (or resume one) here."""
@@ -228,9 +238,23 @@ def superlink_argv(*, keys: Path | None, host: str, port: int, node_auth: bool =
     return [_bin("flower-superlink"), *tls, "--host", host, "--port", str(port), "--isolation", "subprocess", "--disable-runtime-dependency-installation"]
 
 
-def supernode_argv(*, site_yaml: Path, superlink: str, ca: Path | None, port: int, node_key: Path | None = None) -> list[str]:
+def supernode_program(idle_poll_s: float | None, growth: float = IDLE_GROWTH) -> list[str]:
+    """How a SuperNode is started: Flower's SuperNode looking for work ``idle_poll_s`` seconds
+    after a message, then ``growth`` times longer per empty look up to 3 s (client/supernode_main.py,
+    this interpreter, ``-P``: nothing is imported from the working folder), or with None the
+    plain ``flower-supernode`` script (always every 3 s).
+    The arguments that follow are Flower's own either way."""
+    if idle_poll_s is None:
+        return [_bin("flower-supernode")]
+    return [sys.executable, "-P", "-m", "client.supernode_main", "--idle-poll-s", f"{idle_poll_s:g}", "--idle-growth", f"{growth:g}"]
+
+
+def supernode_argv(
+    *, site_yaml: Path, superlink: str, ca: Path | None, port: int, node_key: Path | None = None, idle_poll_s: float | None = None, idle_poll_growth: float = IDLE_GROWTH,
+) -> list[str]:
     """A site's SuperNode command line: trusts only the consortium CA, proves itself with its
-    node key, and runs the installed ClientApp (start it with :func:`client.pinned_app.launcher_env`)."""
+    node key, and runs the installed ClientApp (start it with :func:`client.pinned_app.launcher_env`);
+    ``idle_poll_s``: see :func:`supernode_program`."""
     if ca is not None and not ca.is_file():
         raise FederationError(f"CA certificate {ca} is missing; ask the coordinator admin for ca.pem.")
     if not site_yaml.is_file():
@@ -241,5 +265,5 @@ def supernode_argv(*, site_yaml: Path, superlink: str, ca: Path | None, port: in
         raise FederationError("A node key needs TLS (Flower refuses SuperNode authentication over plaintext); give the consortium ca.pem.")
     transport = ["--insecure"] if ca is None else ["--root-certificates", str(ca.resolve())]
     transport += ["--auth-supernode-private-key", str(node_key.resolve())] if node_key is not None else []
-    return [_bin("flower-supernode"), *transport, "--superlink", superlink, "--port", str(port), "--isolation", "subprocess",
+    return [*supernode_program(idle_poll_s, idle_poll_growth), *transport, "--superlink", superlink, "--port", str(port), "--isolation", "subprocess",
             "--node-config", f"{P.NC_SITE_CONFIG}=\"{site_yaml.resolve()}\""]

@@ -10,6 +10,10 @@ look is one small local RPC. Everything else is the wrapped Grid's own.
 In the Simulation Engine the replies land in an in-memory LinkState in this very process;
 given that state's ``wake`` Event (:func:`server.sim_wake.reply_signal`), the wait ends as
 soon as a reply is stored instead of at the next poll (``poll_s`` stays as the backstop).
+
+A reply is visible at the SuperLink before the SuperNode has pushed all its objects; the Grid
+then retries the missing ones only after 1 s. :func:`prompt_reply_pulls` makes that first
+retry 0.05 s (shared/flower_pulls.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,16 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from shared.flower_pulls import shorten_first_retry
+
+
+def prompt_reply_pulls() -> str | None:
+    """The Deployment Engine Grid retries a reply's missing objects after 0.05 s, not 1 s;
+    returns None, or why Flower's Grid was left as is."""
+    from flwr.superlink.grid import http_grid
+
+    return shorten_first_retry(http_grid, "pull_objects")
 
 
 class PromptGrid:

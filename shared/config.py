@@ -284,6 +284,14 @@ class SiteConfig:
     policy: SitePolicy = spec(SitePolicy(), doc="The DPO's privacy policy for this site.")
     require_approved_plans: bool = spec(False, doc="Train only plans approved with `fedrelapse site approve` (recommended for patient data).")
     coordinator_public_key: Path | None = spec(None, doc="The coordinator's model-signing public key; when set, unsigned or altered models are refused.")
+    idle_poll_s: float = spec(
+        0.25, ge=0.05, le=3.0,
+        doc="Seconds the SuperNode waits after a message before asking the coordinator for the next one; each empty look then waits idle_poll_growth times longer, up to Flower's 3 s. At most 1/idle_poll_s outbound requests per second.",
+    )
+    idle_poll_growth: float = spec(
+        1.25, ge=1.0, le=4.0,
+        doc="Each empty look for work waits this many times longer than the last, up to 3 s (1 = always idle_poll_s). Keeps a large consortium's idle SuperNodes near Flower's load on the coordinator.",
+    )
 
     def resolved(self, base: Path) -> SiteConfig:
         """Paths made absolute against the folder of the YAML file."""

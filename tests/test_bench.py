@@ -160,3 +160,15 @@ def test_gpu_bench_parts_are_measured_one_by_one_and_a_failed_part_is_recorded(m
     assert fp32["modes"]["plain"]["step_s"] > 0 and set(fp32["patients_per_s"]) == set(fp32["modes"]) and "ghost-per-session" not in fp32["modes"]
     assert bf16["error"] == "RuntimeError: bf16 kernel missing" and "part_s" in bf16
     assert json.loads((tmp_path / "gpu.json").read_text())["dp_step_fp32_b4"]["ratio"] == fp32["ratio"]  # written as it went
+
+
+def test_round_figures_take_the_slowest_site_of_each_phase_as_the_critical_path(tmp_path: Path) -> None:
+    from server.bench_fl import _round_figures
+
+    sites = {"a": {"train_compute_s": 3.0, "eval_compute_s": 0.1}, "b": {"train_compute_s": 1.0, "eval_compute_s": 0.5}}
+    (tmp_path / "metrics.json").write_text(json.dumps([{"round": 1, "wall_s": 9.0, "sites": sites}, {"round": 2, "wall_s": 4.0, "sites": sites}]))
+
+    figures = _round_figures(tmp_path)
+
+    assert figures["per_round"][1]["wall_minus_critical_path_s"] == 0.5  # 4.0 - (3.0 + 0.5): phases run one after the other
+    assert figures["wall_minus_critical_path_after_round_1_s"] == 0.5 and figures["round_overhead_ratio_after_round_1"] == round(4.0 / 4.6, 3)

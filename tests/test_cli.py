@@ -53,3 +53,15 @@ def test_bench_gpu_batches_are_checked_before_anything_runs(tmp_path: Path) -> N
     result = runner.invoke(app, ["bench", "gpu", "--out", str(tmp_path), "--batches", "8,-1"])
     assert result.exit_code == 2 and "--batches must be comma-separated positive whole numbers" in result.output
     assert not (tmp_path / "gpu.json").exists()
+
+
+def test_bench_deployment_refuses_an_unknown_clientapp_mode_before_starting_anything(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bench", "deployment", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--clientapp", "threads"])
+    assert result.exit_code == 2 and "--clientapp is 'threads'; choose one of both" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_idle_poll_refuses_a_wait_that_is_not_a_number_before_starting_anything(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bench", "idle-poll", "--out", str(tmp_path / "o"), "--polls", "flower,fast"])
+    assert result.exit_code == 2 and "--polls must be comma-separated seconds or 'flower'" in result.output
+    assert not (tmp_path / "o").exists()

@@ -106,6 +106,8 @@ def test_deployment_engine_runs_the_same_apps_end_to_end_over_tls_and_resumes_af
     unknown_text = unknown_log.read_text(errors="replace")
     assert all("SuperNode ID:" in (logs / f"supernode-{i}.log").read_text(errors="replace") for i in range(3))  # registered sites admitted
     assert all(PINNED_MARK in (logs / f"supernode-{i}.log").read_text(errors="replace") for i in range(3))  # each ran the pinned ClientApp
+    assert all("SuperNode idle poll every 0.25 s after a message" in (logs / f"supernode-{i}.log").read_text(errors="replace") for i in range(3))  # site.yaml's default, over TLS + node auth
+    assert "fedrelapse: WARNING" not in "".join((logs / f"supernode-{i}.log").read_text(errors="replace") for i in range(3))  # every Flower wait found and shortened
     for i in range(3):  # each SuperNode's messages (plan, train, evaluate; both ServerApps) ran in one site worker, which loaded the site once
         served = re.findall(r"fedrelapse site worker pid (\d+): task (\d+) done, site plans loaded (\d+)", (logs / f"supernode-{i}.log").read_text(errors="replace"))
         assert len(served) >= 4 and len({pid for pid, _, _ in served}) == 1, served

@@ -70,6 +70,29 @@ def test_one_worker_serves_every_request_and_a_killed_one_is_replaced_on_the_nex
     assert replaced["tasks"] == 0
 
 
+def test_a_task_is_taken_up_while_the_site_code_is_still_importing(worker_dir: Path) -> None:
+    """Flower refuses a task that has not called back within 30 s of its launch, so the worker
+    must not hold its first task until torch and the ClientApp are imported: here that import
+    never ends, and a task (with a command line Flower's parser rejects) is still answered."""
+    never = "import client.site_worker as w, threading; w.import_site_code = threading.Event().wait; w.main()"
+    command = [sys.executable, "-c", never, "--socket-dir", str(worker_dir), "--parent-pid", str(os.getpid())]
+    worker = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, sock = time.monotonic() + 60, None
+        while sock is None and time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.05)
+            sock = site_launcher.connect(str(worker_dir), os.getpid()) if worker_dir.is_dir() else None
+        assert sock is not None, "the worker never opened its socket"
+        sock.settimeout(60)
+        with sock:
+            send_frame(sock, {"argv": ["--not-a-flower-option"]}, [1, 2])
+            with pytest.raises(WorkerUnavailable):  # the task thread ran (and failed on the argv) instead of waiting for the import
+                recv_frame(sock)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+
 def test_the_socket_folder_is_private_and_others_cannot_connect(worker_dir: Path) -> None:
     worker_dir.mkdir(mode=0o777)
     worker_dir.chmod(0o777)  # a too-open folder that is ours is tightened
