@@ -66,36 +66,7 @@ def _per_session_conv1d_weight(layer: nn.Conv1d, x: torch.Tensor, g: torch.Tenso
     return rows.view(b, n // b, *w.shape).sum(1, dtype=torch.promote_types(rows.dtype, torch.float32))  # (B, O, C/groups, k); bf16 rows summed in float32
 
 
-# On a GPU the per-patient conv weight gradients come from im2col and one batched matmul
-# (:func:`_unfolded_conv1d_weight`): the grouped weight-gradient call with one group per session
-# is slow there once sessions number in the thousands (H200, default model, 512 patients a step:
-# `grouped` DP 4.4× a plain step, against 1.8× for Opacus' unfold-based hooks). The unfolded
-# input is built for at most this many values at a time (patients are taken in chunks).
-UNFOLD_VALUES_AT_MOST = 1 << 28
-
-
-def _unfolded_conv1d_weight(layer: nn.Conv1d, x: torch.Tensor, g: torch.Tensor, b: int) -> torch.Tensor:
-    """x (N, C, L_in), g (N, O, L_out) -> (B, O, C, k): im2col, then per patient ONE matmul over
-    all their sessions' output positions (groups == 1 only)."""
-    (k,), (stride,), (pad,), (dil,) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
-    n, c, _ = x.shape
-    o, l_out = g.shape[1], g.shape[2]
-    per_patient = n // b * c * k * l_out  # unfolded values of one patient's sessions
-    chunk = max(1, UNFOLD_VALUES_AT_MOST // per_patient)
-    out = []
-    for start in range(0, b, chunk):
-        nb = min(chunk, b - start)
-        rows = slice(start * (n // b), (start + nb) * (n // b))
-        cols = nn.functional.unfold(x[rows].unsqueeze(2), kernel_size=(1, k), dilation=(1, dil), padding=(0, pad), stride=(1, stride))  # (n_c, C·k, L_out)
-        cols = cols.view(nb, -1, c * k, l_out).transpose(1, 2).reshape(nb, c * k, -1)  # (nb, C·k, K·L_out)
-        gb = g[rows].view(nb, -1, o, l_out).transpose(1, 2).reshape(nb, o, -1)  # (nb, O, K·L_out)
-        out.append(torch.bmm(gb, cols.transpose(1, 2)))  # (nb, O, C·k)
-    w = torch.cat(out).view(b, o, c, k)  # (B, O, C, k)
-    return w.to(torch.promote_types(w.dtype, torch.float32))
-
-
-def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, state: None = None, *, per_session: bool | None = None,
-                 unfold: bool | None = None) -> dict[str, torch.Tensor]:
+def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, state: None = None, *, per_session: bool | None = None) -> dict[str, torch.Tensor]:
     """x (N, C, L_in), g (N, O, L_out) -> weight (B, O, C/groups, k); bias (B, O).
 
     The ordinary weight-gradient convolution (the kernel the plain backward pass uses, as in
@@ -103,8 +74,7 @@ def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, sta
     (:func:`_per_session_conv1d_weight`, while the per-session rows stay under
     :data:`SESSION_ROWS_AT_MOST` values) or once per patient over their K sessions;
     ``per_session`` forces either way. A vmapped (grouped) convolution or an im2col matmul
-    costs 3-4× the batch's single weight gradient on CPU; these cost 1.1-1.3×. On a GPU (or
-    with ``unfold``) an ungrouped conv takes the im2col matmul (:func:`_unfolded_conv1d_weight`).
+    costs 3-4× the batch's single weight gradient on CPU; these cost 1.1-1.3×.
     """
     assert isinstance(layer, nn.Conv1d)
     if x.dim() != 3:
@@ -114,9 +84,7 @@ def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, sta
     if layer.weight.requires_grad:
         x = x.to(g.dtype).contiguous()  # (N, C, L_in)
         w = layer.weight.detach().to(g.dtype)
-        if layer.groups == 1 and (unfold if unfold is not None else x.is_cuda):
-            out["weight"] = _unfolded_conv1d_weight(layer, x, g, b)
-        elif per_session if per_session is not None else x.shape[0] * w.numel() <= SESSION_ROWS_AT_MOST:
+        if per_session if per_session is not None else x.shape[0] * w.numel() <= SESSION_ROWS_AT_MOST:
             out["weight"] = _per_session_conv1d_weight(layer, x, g.contiguous(), w, b)
         else:
             xs = x.unflatten(0, (b, -1))  # (B, K, C, L_in)

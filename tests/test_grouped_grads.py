@@ -256,36 +256,6 @@ def test_per_session_conv_weight_gradients_equal_one_call_per_patient(groups: in
         torch.testing.assert_close(per["weight"][i], torch.nn.grad.conv1d_weight(x[i * k:(i + 1) * k], layer.weight.shape, g[i * k:(i + 1) * k], stride=stride, padding=padding, dilation=dilation, groups=groups), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-@pytest.mark.parametrize(("stride", "dilation", "padding"), [(2, 1, 2), (1, 2, 3), (3, 1, 0)])
-def test_unfolded_conv_weight_gradients_the_gpu_rule_equal_one_call_per_patient(stride: int, dilation: int, padding: int, chunked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The im2col rule a GPU takes (forced here on the CPU), whole or a patient or two at a time."""
-    import client.layer_grads as layer_grads
-
-    torch.manual_seed(2)
-    b, k = 3, 4
-    layer = nn.Conv1d(8, 4, 5, stride=stride, dilation=dilation, padding=padding)
-    x = torch.randn(b * k, 8, 37)  # (N, C, L), patient-major rows
-    g = torch.randn_like(layer(x))  # (N, O, L_out)
-    g[k:2 * k][-1] = 0  # a padded session of patient 1
-    if chunked:  # room for fewer than two patients' unfolded sessions: three chunks
-        monkeypatch.setattr(layer_grads, "UNFOLD_VALUES_AT_MOST", k * 8 * 5 * g.shape[-1] + 1)
-    unfolded, per = (layer_grads.conv1d_grads(layer, x, g, b, unfold=u, per_session=False) for u in (True, False))
-    assert unfolded["weight"].dtype == torch.float32
-    torch.testing.assert_close(unfolded["weight"], per["weight"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(unfolded["bias"], per["bias"])
-
-
-def test_grouped_convs_keep_the_grouped_call_even_where_unfold_is_asked() -> None:
-    from client.layer_grads import conv1d_grads
-
-    torch.manual_seed(3)
-    layer = nn.Conv1d(8, 4, 3, groups=2)
-    x = torch.randn(6, 8, 20)
-    g = torch.randn_like(layer(x))
-    torch.testing.assert_close(conv1d_grads(layer, x, g, 2, unfold=True)["weight"], conv1d_grads(layer, x, g, 2, unfold=False)["weight"])
-
-
 def test_wide_conv_layers_use_one_call_per_patient_and_give_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     """Above SESSION_ROWS_AT_MOST per-session values the rule loops over patients; the result is the same."""
     import client.layer_grads as layer_grads
