@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from flwr.cli.build import build_fab_from_disk
+from flwr.clientapp import ClientApp
 
 from client.pinned_app import LAUNCHER, BundleRefused, _checked_install, _pinned_loader, check_bundle, launcher_env, write_launcher
 from server.deployment import APP_DIR
@@ -61,7 +62,7 @@ def test_stock_flower_would_run_the_researchers_code_but_the_pinned_app_never_do
     with pytest.raises(BundleRefused, match=r"evil\.py.*installed, pinned ClientApp"):
         _checked_install(fab, skip_prompt=True)
     app = _pinned_loader("", None, True)("fedrelapse/fedrelapse-app", "0.1.0", fab_hash)
-    assert type(app).__module__.startswith("flwr") and sys.modules["client.app"].app is app
+    assert isinstance(app, ClientApp) and sys.modules["client.app"].app is app  # the installed app (a ClientApp subclass), not the bundle's
     assert not marker.exists()
     assert not (tmp_path / "flwr-home" / "apps").exists() or not any((tmp_path / "flwr-home" / "apps").rglob("evil.py"))
 
