@@ -149,8 +149,7 @@ class GroupedGrads:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # trainable, in the model's order
         name_of = {id(p): n for n, p in model.named_parameters()}  # a tied parameter has one name
         self.layers: list[tuple[str, nn.Module, list[tuple[str, str]]]] = []  # (layer, module, [(attribute, parameter name)])
         for layer, module in model.named_modules():
@@ -241,8 +240,7 @@ class GroupedGrads:
             for attr, name in call.params:
                 if attr in per:
                     grads[name] = grads[name] + per[attr] if name in grads else per[attr]
-        params = self.params
-        return {n: grads[n].to(params[n].dtype) if n in grads else params[n].new_zeros((b, *params[n].shape)) for n in self.names}, losses
+        return {n: grads[n].to(p.dtype) if n in grads else p.new_zeros((b, *p.shape)) for n, p in self.params.items()}, losses
 
     def close(self) -> None:
         for handle in self.handles:

@@ -251,21 +251,25 @@ def peak_tree_rss() -> Iterator[dict[str, Any]]:
         }
 
 
+def _proc_stat(pid: int | str) -> tuple[int, int, float]:
+    """(parent pid, RSS bytes, CPU seconds used so far: user + system) of a process, from /proc/<pid>/stat."""
+    fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE"), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tree(root: int) -> dict[int, tuple[int, float]]:
     """pid -> (RSS bytes, CPU seconds used so far) for ``root`` and all its descendants."""
     children: dict[int, list[int]] = {}
     stats: dict[int, tuple[int, float]] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    page = os.sysconf("SC_PAGE_SIZE")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-            stats[int(entry.name)] = (int(fields[21]) * page, (int(fields[11]) + int(fields[12])) / tick)  # rss pages; utime + stime ticks
+            parent, rss, cpu = _proc_stat(entry.name)
         except (OSError, IndexError, ValueError):
             continue
+        children.setdefault(parent, []).append(int(entry.name))
+        stats[int(entry.name)] = (rss, cpu)
     out: dict[int, tuple[int, float]] = {}
     todo = [root]
     while todo:
@@ -400,11 +404,9 @@ def idle_poll_load(out: Path, *, n_sites: int, seconds: float, idle_poll_s: floa
         poll = "" if idle_poll_s is None else f"idle_poll_s: {idle_poll_s}\nidle_poll_growth: 1.0\n"
         path.write_text(f"name: idle-{i}\nmanifest: none.csv\nstate_dir: {work / f'state-{i}'}\n{poll}", encoding="utf-8")
         sites.append(path)
-    tick = os.sysconf("SC_CLK_TCK")
 
     def cpu_s(pid: int) -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick
+        return _proc_stat(pid)[2]
 
     with LocalConsortium(work / "flower", sites, keys=keys, node_auth=True, bounded_poll=idle_poll_s is not None) as consortium:
         time.sleep(5.0)  # every SuperNode has joined and is idle

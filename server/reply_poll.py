@@ -44,7 +44,8 @@ class PromptGrid:
     def __init__(self, grid: Grid, *, poll_s: float, wake: threading.Event | None = None) -> None:
         if not poll_s > 0:
             raise ValueError(f"The reply poll interval must be positive seconds, got {poll_s!r}; set federation.reply_poll_s.")
-        self._grid, self.poll_s, self._wake = grid, poll_s, wake
+        # Without a LinkState's signal, an Event nobody sets: waiting on it is a plain pause of poll_s.
+        self._grid, self.poll_s, self._wake = grid, poll_s, wake if wake is not None else threading.Event()
         self.looks = 0  # pulls made (tests)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -53,8 +54,7 @@ class PromptGrid:
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while waiting:
-            if self._wake is not None:
-                self._wake.clear()  # before the look: a reply stored during it ends the next wait at once
+            self._wake.clear()  # before the look: a reply stored during it ends the next wait at once
             self.looks += 1
             got = list(self._grid.pull_messages(waiting))
             replies.extend(got)
@@ -64,11 +64,7 @@ class PromptGrid:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
-            pause = self.poll_s if left is None else min(self.poll_s, left)
-            if self._wake is None:
-                time.sleep(pause)
-            else:
-                self._wake.wait(pause)
+            self._wake.wait(self.poll_s if left is None else min(self.poll_s, left))
         return replies
 
     def __getattr__(self, name: str) -> Any:

@@ -201,11 +201,18 @@ class PatientFedAvg(FedAvg):
 
     def check_update(self, arrays: ArrayRecord, metrics: MetricRecord) -> str | None:
         """Why an update cannot be averaged (names, shapes, NaN/Inf, range, weight), or None."""
+        return self.checked_update(arrays, metrics)[1]
+
+    def checked_update(self, arrays: ArrayRecord, metrics: MetricRecord) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """The update's arrays decoded once, and why it cannot be averaged (None if it can;
+        the arrays are None when they cannot be decoded)."""
         values = decode_arrays(arrays)
-        return values if isinstance(values, str) else self.update_problem(values, metrics)
+        if isinstance(values, str):
+            return None, values
+        return values, self.update_problem(values, metrics)
 
     def update_problem(self, values: dict[str, np.ndarray], metrics: MetricRecord) -> str | None:
-        """:meth:`check_update` for an update already decoded (each is decoded once per round)."""
+        """:meth:`check_update` for an update already decoded."""
         if self.expected is not None:
             if list(values) != list(self.expected):
                 return "parameter names differ from the global model's"
@@ -260,9 +267,8 @@ class PatientFedAvg(FedAvg):
         for m, report in pairs:
             if report.error or report.refusal_code:
                 continue
-            values = decode_arrays(m.content[P.ARRAYS])
-            problem = values if isinstance(values, str) else self.update_problem(values, m.content[P.METRICS])
-            if isinstance(values, str) or problem is not None:
+            values, problem = self.checked_update(m.content[P.ARRAYS], m.content[P.METRICS])
+            if values is None or problem is not None:
                 log(INFO, "round %d: rejected the update of site %s: %s", server_round, report.site, problem)
                 report.error = f"update rejected by the coordinator: {problem}"
                 report.metrics = {}
