@@ -35,7 +35,7 @@ DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16_autocast": torch.bf
 
 def gpu_bench(exp: ExperimentConfig, *, data: Path | None, out: Path, quick: bool, gpus_per_site: float = 0.25, round_exp: ExperimentConfig | None = None,
               batches: tuple[int, ...] | None = None, device: str = "cuda", say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Run every part, writing ``out/gpu.json`` after each; return the whole result.
+    """Run every part, writing ``out/gpu.json`` after each (without a GPU, once, saying so); return the whole result.
 
     ``round_exp`` is the experiment for the simulated rounds (default ``exp``): it must suit
     the cohort in ``data``. ``batches`` are the patients per step swept (default: the
@@ -44,15 +44,17 @@ def gpu_bench(exp: ExperimentConfig, *, data: Path | None, out: Path, quick: boo
     """
     from server.bench import machine
 
+    out.mkdir(parents=True, exist_ok=True)
     if device == "cuda" and not torch.cuda.is_available():
-        return {"machine": machine(), "gpu": None, "message": NO_GPU}
+        result: dict[str, Any] = {"machine": machine(), "gpu": None, "message": NO_GPU}
+        (out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        return result
     from server.bench import dp_step_ratio
 
     repeats, steps = (2, 3) if quick else (5, 20)
     default_batch = exp.training.batch_patients
     sweep = batches or ((default_batch,) if quick else tuple(dict.fromkeys((default_batch, 64, 256))))
-    result: dict[str, Any] = {"machine": machine(), "gpu": _gpu_facts() if device == "cuda" else None, "device": device, "batches": list(sweep)}
-    out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": machine(), "gpu": _gpu_facts() if device == "cuda" else None, "device": device, "batches": list(sweep)}
 
     def part(name: str, fn: Callable[[], Any]) -> None:
         say(f"{name} ...")

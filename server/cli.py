@@ -339,10 +339,8 @@ def bench_gpu(
     from shared.config import load_experiment
 
     sweep = _site_counts(batches, what="--batches") if batches else None
-    out.mkdir(parents=True, exist_ok=True)
     result = gpu_bench(load_experiment(config), data=data, out=out, quick=quick, batches=sweep,
                        round_exp=load_experiment(round_config) if round_config else None, say=lambda m: err_console.print(m))
-    (out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     if result["gpu"] is None:
         err_console.print(f"[yellow]{result['message']}[/yellow]")
     print(json.dumps(result, indent=2))
