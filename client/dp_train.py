@@ -152,11 +152,15 @@ def train_dp(
     secure_mode: bool = False,
     prox_mu: float = 0.0,
     grads: str = DEFAULT_GRADS,
+    noise_generator: torch.Generator | None = None,
 ) -> StepStats:
     """Run ``steps`` patient-level DP-SGD steps in place on ``model`` (FedProx with ``prox_mu`` > 0).
 
     ``grads`` picks the per-patient gradient strategy (:data:`client.patient_grads.GRAD_STRATEGIES`);
-    all give the same gradients up to float rounding.
+    all give the same gradients up to float rounding. The noise is drawn from ``noise_generator``
+    when given, else from ``generator``, which also draws the Poisson batches and session bounds
+    (a separate noise generator leaves the batch sequence exactly that of :func:`train_plain`
+    with the same ``generator``, as ``fedrelapse bench dp-step`` needs to compare like with like).
     """
     expected = max(1, int(data.n_patients * sample_rate))
     dp_opt = CpuNoiseDPOptimizer(
@@ -164,7 +168,7 @@ def train_dp(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected,
-        generator=None if secure_mode else generator,
+        generator=None if secure_mode else (noise_generator if noise_generator is not None else generator),
         secure_mode=secure_mode,
     )
     if prox_mu > 0:

@@ -78,7 +78,8 @@ def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 
     """Seconds per local step, patient-level DP-SGD (each strategy) vs plain SGD, same model, data and sampling.
 
     The modes run interleaved, in a rotating order, inside every repeat, so machine load hits
-    them alike; the first repeat only warms up. Wall time and process CPU time are both
+    them alike, and every mode of a repeat trains on the same sequence of Poisson batches (DP
+    noise comes from its own generator; the batch size moves a step's time by ±30 %); the first repeat only warms up. Wall time and process CPU time are both
     reported: on a shared machine the CPU-time ratio is the steadier one. ``autocast`` (e.g.
     ``torch.bfloat16``) runs every mode under mixed precision. ``ghost_reference`` adds Opacus' ghost
     clipping with the *session* as the unit (not patient-level, so not selectable) for scale.
@@ -95,7 +96,7 @@ def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 
         for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
             model = build_model(exp).to(dev)
             opt = make_optimizer(model, name=t.optimizer, lr=t.learning_rate)
-            gen = torch.Generator().manual_seed(r)
+            gen = torch.Generator().manual_seed(r)  # batches: the same sequence in every mode of this repeat
             _sync(dev)
             start, cpu_start = time.perf_counter(), time.process_time()
             with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
@@ -123,7 +124,8 @@ def _run_mode(mode: str, model: torch.nn.Module, data: PatientTensors, *, q: flo
         _ghost_per_session(model, data, steps=steps, sample_rate=q, max_sessions=max_sessions, optimizer=opt, generator=gen, device=dev)
     else:
         train_dp(model, data, steps=steps, sample_rate=q, noise_multiplier=1.0, max_grad_norm=1.0, max_sessions=max_sessions,
-                 optimizer=opt, generator=gen, device=dev, grads=mode.removeprefix("dp-"))
+                 optimizer=opt, generator=gen, device=dev, grads=mode.removeprefix("dp-"),
+                 noise_generator=torch.Generator().manual_seed(2**31 - 1))  # noise apart, so DP and plain steps see the same batches
 
 
 def dp_step_profile(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 20) -> dict[str, Any]:

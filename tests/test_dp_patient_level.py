@@ -126,6 +126,30 @@ def test_same_seed_same_update_different_seed_different_noise(grads: str) -> Non
     assert not all(torch.equal(a[n], c[n]) for n in a)
 
 
+def test_a_separate_noise_generator_leaves_the_plain_batch_sequence() -> None:
+    """`bench dp-step` compares DP and plain steps on the same Poisson batches: with its own noise
+    generator, DP training draws exactly the batches plain training draws from the same seed."""
+    from client.dp_train import train_plain
+
+    data = make_data(patients=40)
+
+    def sampled(mode: str, noise_generator: torch.Generator | None = None) -> tuple[float, torch.Tensor]:
+        model, gen = make_model(), torch.Generator().manual_seed(3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        common = dict(steps=12, sample_rate=0.3, max_sessions=2, optimizer=opt, generator=gen, device=torch.device("cpu"))
+        if mode == "plain":
+            stats = train_plain(model, data, **common)
+        else:
+            stats = train_dp(model, data, noise_multiplier=1.0, max_grad_norm=1.0, noise_generator=noise_generator, **common)
+        return stats.mean_batch, gen.get_state()
+
+    plain = sampled("plain")
+    apart = sampled("dp", torch.Generator().manual_seed(9))
+    shared = sampled("dp")
+    assert apart[0] == plain[0] and torch.equal(apart[1], plain[1])
+    assert not torch.equal(shared[1], plain[1])  # noise drawn from the sampling generator moves the batch sequence
+
+
 def test_every_strategy_gives_the_same_per_patient_gradients_and_losses() -> None:
     """Grouped contractions == hooks (per-session rows summed per patient) == vmap over patients == one patient at a time."""
     data = make_data()
