@@ -321,12 +321,13 @@ def check_secure_update(update: list[np.ndarray], incoming: list[np.ndarray], we
     if len(update) != len(incoming):
         return f"the update has {len(update)} arrays, the global model {len(incoming)}"
     for i, (u, g) in enumerate(zip(update, incoming, strict=True)):
+        what = "the packed update" if len(update) == 1 else f"array {i}"
         if u.shape != g.shape:
-            return f"array {i} has shape {u.shape}, the global model's is {g.shape}"
+            return f"{what} has shape {u.shape}, the global model's is {g.shape}"
         if not np.isfinite(u).all():
-            return f"array {i} holds NaN or infinite values"
+            return f"{what} holds NaN or infinite values"
         if u.size and float(np.abs(u).max()) > sa.clipping_range:
-            return f"array {i} exceeds ±{sa.clipping_range:g} (`federation.secure_aggregation.clipping_range`); it would be clipped in the secure sum"
+            return f"{what} exceeds ±{sa.clipping_range:g} (`federation.secure_aggregation.clipping_range`); it would be clipped in the secure sum"
     if weight > sa.max_weight:
         return f"its weight ({weight:g} training patients) exceeds `federation.secure_aggregation.max_weight` ({sa.max_weight:g})"
     return None

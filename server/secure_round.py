@@ -11,6 +11,11 @@ training patients, sent as ``num_examples``), quantises it and puts the quantise
 in front of the masked vector, so the unmasked result is Σ w_i·x_i / Σ w_i: the
 patient-weighted average, computed inside the secure sum.
 
+Wire format: the global model goes out as one packed float32 vector (the single entry of
+``fitins.parameters``, :func:`shared.params.pack`), each site's update comes back the same
+way and the mod masks it value by value; the unmasked sum's length is checked against the
+plan model's layout before it is unpacked and range-checked.
+
 Halting: when fewer than ``reconstruction_threshold`` neighbours of a site survive a
 stage, Flower logs "Secure aggregation halted" and returns normally without an aggregate.
 We detect it (aggregate_fit never ran) and fail the round loudly; the model is not updated.
