@@ -97,3 +97,17 @@ def get_arrays_distinct(exp: object) -> dict[str, np.ndarray]:
     from shared.params import get_arrays
 
     return dict(get_arrays(build_model(exp)))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("incoming", "code", "why"), [
+    ([np.zeros(21, np.float32)], "invalid-model", "Site oslo cannot load the global model: The global model of round 2 holds 21 values; the plan's model has 22."),
+    ([np.zeros(12, np.float32), np.zeros(10, np.float32)], "malformed", "the global model of round 2 arrives as 2 arrays; a packed model is one float32 vector"),
+    ([np.zeros(22, np.float64)], "malformed", "the global model of round 2 is a float64 array of shape (22,)"),
+])
+def test_a_site_refuses_a_secagg_global_model_that_is_not_one_vector_of_the_plans_length(incoming: list[np.ndarray], code: str, why: str) -> None:
+    from client.app import unpack_model
+    from client.site import Refusal
+
+    refusal = unpack_model("oslo", incoming, LAYOUT, 2)
+    assert isinstance(refusal, Refusal) and refusal.code == code and why in refusal.reason
+    assert unpack_model("oslo", [flatten(model(), LAYOUT)], LAYOUT, 2).keys() == LAYOUT.keys()  # type: ignore[union-attr]
