@@ -59,8 +59,8 @@ def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
 # The wire format. A model travels as ONE float32 Array holding every parameter and buffer,
 # flattened (C order) and concatenated in the model's state_dict order: Flower stores each
 # Array and its chunk(s) as separate objects, each pulled/pushed as its own request, so one
-# array per message instead of one per parameter cuts a message of the default model from
-# 24–28 objects to 6. Names and shapes are not sent: both sides build the layout from the
+# array per message instead of one per parameter cuts a train message of the default model
+# from 28 objects to 6 (Flower stores equal arrays once, so an untrained model made 24). Names and shapes are not sent: both sides build the layout from the
 # approved plan's model (`layout`), and decoding checks the length against it first.
 
 Layout = Mapping[str, tuple[int, ...]]  # parameter name -> shape, in the model's state_dict order
