@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -40,7 +40,7 @@ from shared.errors import FedrelapseError, PolicyError
 from shared.faults import FaultPlan, InjectedCrash
 from shared.model_signing import verify_model
 from shared.models import build_model
-from shared.params import check_arrays, from_record, shapes, to_record
+from shared.params import Layout, check_arrays, flatten, pack, packed_vector, shapes, unflatten
 from shared.schema import read_config_text
 
 log = logging.getLogger("fedrelapse.clientapp")
@@ -103,7 +103,8 @@ def _site(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
     return Site(site_cfg, exp)
 
 
-def _reply(msg: Message, site_name: str, *, metrics: dict[str, float] | None = None, arrays: dict | None = None, refusal: Refusal | None = None, ledger_head: str = "") -> Message:
+def _reply(msg: Message, site_name: str, *, metrics: dict[str, float] | None = None, arrays: ArrayRecord | None = None, refusal: Refusal | None = None, ledger_head: str = "") -> Message:
+    """The reply; ``arrays`` is the packed update (:func:`shared.params.pack`)."""
     content = RecordDict()
     info = ConfigRecord({P.SITE_NAME: site_name})
     if ledger_head:
@@ -113,7 +114,7 @@ def _reply(msg: Message, site_name: str, *, metrics: dict[str, float] | None = N
         info[P.REFUSAL_REASON] = refusal.reason
     content[P.SITE] = info
     if arrays is not None:
-        content[P.ARRAYS] = to_record(arrays)
+        content[P.ARRAYS] = arrays
     if metrics is not None:
         content[P.METRICS] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
@@ -127,7 +128,8 @@ class Request:
     server_round: int  # 0 for the pre-flight query, which belongs to no round
     total_rounds: int
     plan_yaml: str
-    arrays: OrderedDict[str, np.ndarray]  # the global model (empty for the pre-flight query)
+    arrays: OrderedDict[str, np.ndarray]  # the global model, unpacked (empty for the pre-flight query, and until the plan is read)
+    packed: ArrayRecord | None = None  # the global model as it came (one float32 vector); unpacked once the plan's model is known
 
 
 def _is_int(value: Any) -> bool:
@@ -143,16 +145,13 @@ def read_request(msg: Message, site_name: str, *, needs_round: bool) -> Request 
     cfg = msg.content.config_records.get(P.CONFIG)
     if cfg is None:
         return _malformed(site_name, f"it has no {P.CONFIG!r} config record")
-    arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+    record = None
     if needs_round:
         record = msg.content.array_records.get(P.ARRAYS)
         if record is None:
             return _malformed(site_name, f"it has no {P.ARRAYS!r} array record (the global model)")
-        try:
-            arrays = from_record(record)
-        except (TypeError, ValueError) as exc:
-            return _malformed(site_name, f"its {P.ARRAYS!r} record cannot be read as arrays ({exc})")
-    return request_from(cfg, arrays, site_name, needs_round=needs_round)
+    req = request_from(cfg, OrderedDict(), site_name, needs_round=needs_round)
+    return req if isinstance(req, Refusal) else replace(req, packed=record)
 
 
 def _malformed(site_name: str, what: str) -> Refusal:
@@ -178,6 +177,28 @@ def model_shapes(exp: ExperimentConfig) -> Mapping[str, tuple[int, ...]]:
     """Parameter name -> shape of the plan's model, in its order; built once per plan and process
     (building the model for every message was 1.5 ms of a simulated site's 4.4 ms set-up)."""
     return MappingProxyType(shapes(build_model(exp)))
+
+
+def unpack_model(site_name: str, packed: list[np.ndarray] | ArrayRecord, shapes_: Layout, server_round: int) -> OrderedDict[str, np.ndarray] | Refusal:
+    """The packed global model (a record, or SecAgg+'s list of arrays) as name -> array in the
+    plan model's layout: ``malformed`` if it is not one float32 vector, ``invalid-model`` if its
+    length differs from the plan's model."""
+    what = f"the global model of round {server_round}"
+    try:
+        if isinstance(packed, ArrayRecord):
+            flat = packed_vector(packed, what=what)
+        elif len(packed) == 1:
+            flat = packed[0]
+        else:
+            return _malformed(site_name, f"{what} arrives as {len(packed)} arrays; a packed model is one float32 vector")
+        if flat.ndim != 1 or flat.dtype != np.float32:
+            return _malformed(site_name, f"{what} is a {flat.dtype} array of shape {tuple(flat.shape)}; a packed model is one float32 vector")
+    except ValueError as exc:
+        return _malformed(site_name, str(exc).rstrip("."))
+    try:
+        return unflatten(flat, shapes_, what=what)
+    except ValueError as exc:
+        return Refusal("invalid-model", f"Site {site_name} cannot load the global model: {exc} Nothing was trained or charged.")
 
 
 def model_problem(site_name: str, exp: ExperimentConfig, arrays: dict[str, np.ndarray]) -> Refusal | None:
@@ -228,6 +249,11 @@ def _check(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, 
         if kind == MessageType.TRAIN and not secure:
             return Refusal("no-secagg", f"Site {site_cfg.name} sends updates only under secure aggregation (policy require_secure_aggregation); this round was not a SecAgg+ round.")
     if needs_round:
+        if req.packed is not None:
+            arrays = unpack_model(site_cfg.name, req.packed, model_shapes(exp), req.server_round)
+            if isinstance(arrays, Refusal):
+                return arrays
+            req = replace(req, arrays=arrays, packed=None)
         refusal = check_model_signature(site_cfg, cfg, req, exp.plan_hash()) or model_problem(site_cfg.name, exp, req.arrays)
         if refusal:
             return refusal
@@ -295,12 +321,13 @@ def check_secure_update(update: list[np.ndarray], incoming: list[np.ndarray], we
     if len(update) != len(incoming):
         return f"the update has {len(update)} arrays, the global model {len(incoming)}"
     for i, (u, g) in enumerate(zip(update, incoming, strict=True)):
+        what = "the packed update" if len(update) == 1 else f"array {i}"
         if u.shape != g.shape:
-            return f"array {i} has shape {u.shape}, the global model's is {g.shape}"
+            return f"{what} has shape {u.shape}, the global model's is {g.shape}"
         if not np.isfinite(u).all():
-            return f"array {i} holds NaN or infinite values"
+            return f"{what} holds NaN or infinite values"
         if u.size and float(np.abs(u).max()) > sa.clipping_range:
-            return f"array {i} exceeds ±{sa.clipping_range:g} (`federation.secure_aggregation.clipping_range`); it would be clipped in the secure sum"
+            return f"{what} exceeds ±{sa.clipping_range:g} (`federation.secure_aggregation.clipping_range`); it would be clipped in the secure sum"
     if weight > sa.max_weight:
         return f"its weight ({weight:g} training patients) exceeds `federation.secure_aggregation.max_weight` ({sa.max_weight:g})"
     return None
@@ -340,17 +367,18 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     planned = _plan(site_cfg, req)
     if isinstance(planned, Refusal):
         return refuse(planned)
-    names = list(model_shapes(planned[0]))
-    if len(names) != len(incoming):
-        return refuse(Refusal("invalid-model", f"Site {site_cfg.name}: the global model has {len(incoming)} arrays, the plan's model {len(names)}."))
-    checked = _check(site_cfg, cfg, replace(req, arrays=OrderedDict(zip(names, incoming, strict=True))), kind=MessageType.TRAIN, secure=True, needs_round=True)
+    layout = model_shapes(planned[0])
+    arrays = unpack_model(site_cfg.name, incoming, layout, req.server_round)
+    if isinstance(arrays, Refusal):
+        return refuse(arrays)
+    checked = _check(site_cfg, cfg, replace(req, arrays=arrays), kind=MessageType.TRAIN, secure=True, needs_round=True)
     if isinstance(checked, Refusal):
         return refuse(checked)
     req, site = checked
     result, started = _train(site_cfg.name, site, req, faults)
     if isinstance(result, Refusal):
         return refuse(result)
-    update = [result.arrays[n] for n in names]  # global model order
+    update = [flatten(result.arrays, layout)]  # one (N,) float32 vector, the global model's layout
     weight = result.metrics[M.NUM_PATIENTS]
     problem = check_secure_update(update, incoming, weight, site.exp.federation.secure_aggregation)
     if problem:
@@ -418,7 +446,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         if isinstance(result, Refusal):
             log.warning("site=%s refused round %s: %s", site_cfg.name, req.server_round, result.code)
             return _reply(msg, site_cfg.name, refusal=result)
-        return _reply(msg, site_cfg.name, arrays=result.arrays, metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head)
+        return _reply(msg, site_cfg.name, arrays=pack(result.arrays, model_shapes(site.exp)), metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head)
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

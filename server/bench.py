@@ -376,11 +376,11 @@ def bench_client_app(exp: ExperimentConfig, *, weights: list[int], seed: int = 0
     from shared import metrics as M  # noqa: N812
     from shared import protocol as P  # noqa: N812
     from shared import secure_records
-    from shared.params import from_record, get_arrays, set_arrays
+    from shared.params import flatten, get_arrays, layout, pack, set_arrays, unflatten, unpack
 
     t = exp.training
     data = synthetic_batch(exp, patients=max(2 * t.batch_patients, 16), sessions=min(t.max_sessions_per_patient, 6), seed=seed)
-    names = list(build_model(exp).state_dict())
+    shapes = layout(get_arrays(build_model(exp)))
     app = ClientApp(mods=[secure_aggregation_mod, *inner_mods])
 
     clock = train_clock if train_clock is not None else {}
@@ -401,13 +401,13 @@ def bench_client_app(exp: ExperimentConfig, *, weights: list[int], seed: int = 0
         metrics = {M.NUM_PATIENTS: float(weights[site]), M.TRAIN_LOSS: 0.5}
         if P.LEGACY_FITINS_ARRAYS in msg.content.array_records:
             incoming = parameters_to_ndarrays(compat.arrayrecord_to_parameters(msg.content.array_records[P.LEGACY_FITINS_ARRAYS], keep_input=True))
-            update = local_train(dict(zip(names, incoming, strict=True)), site)
-            values = [update[n] for n in names]
+            update = local_train(unflatten(incoming[0], shapes, what="the global model"), site)
+            values = [flatten(update, shapes)]  # the packed update, as client/app.py sends it
             problem = check_secure_update(values, incoming, float(weights[site]), exp.federation.secure_aggregation)
             if problem:
                 raise ValueError(problem)
             return _fitres(msg, values, weights[site], secure_records.encode(site_name=f"site{site}", metrics=metrics))
-        return _reply(msg, f"site{site}", arrays=local_train(from_record(msg.content[P.ARRAYS]), site), metrics=metrics)
+        return _reply(msg, f"site{site}", arrays=pack(local_train(unpack(msg.content[P.ARRAYS], shapes, what="the global model"), site), shapes), metrics=metrics)
 
     return app
 
@@ -420,7 +420,7 @@ def secagg_overhead(exp: ExperimentConfig, *, sites: tuple[int, ...] = (3, 10, 3
     from server.strategy import PatientFedAvg
     from shared import protocol as P  # noqa: N812
     from shared.config import SecureAggregationConfig
-    from shared.params import to_record
+    from shared.params import layout, pack
 
     rows = []
     for n in sites:
@@ -430,7 +430,8 @@ def secagg_overhead(exp: ExperimentConfig, *, sites: tuple[int, ...] = (3, 10, 3
         weights = [10 + (7 * i) % 40 for i in range(n)]
         clock: dict[str, float] = {"last": 0.0}
         grid = LoopbackGrid(bench_client_app(e, weights=weights, train_clock=clock), n, clock)
-        arrays = to_record(get_arrays_of(e))
+        model = get_arrays_of(e)
+        arrays = pack(model, layout(model))
         cfg = ConfigRecord({P.RUN_ID: "bench", P.TOTAL_ROUNDS: rounds})
         times: dict[str, list[float]] = {"plain": [], "secagg": []}
         walls: dict[str, list[float]] = {"plain": [], "secagg": []}
@@ -441,6 +442,7 @@ def secagg_overhead(exp: ExperimentConfig, *, sites: tuple[int, ...] = (3, 10, 3
         for rnd in range(rounds + 1):  # round 0 warms up, not counted
             for mode in ("plain", "secagg"):
                 strategy = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=n, node_wait_timeout_s=5)
+                strategy.expected = layout(model)
                 grid.reset()
                 start = time.perf_counter()
                 if mode == "plain":

@@ -83,7 +83,7 @@ def update_size(exp: ExperimentConfig, data: Path, *, rounds: int, bits: tuple[i
     from client.site import Site
     from server.simulate import discover_sites, prepare_sites
     from shared.models import build_model
-    from shared.params import get_arrays, to_record
+    from shared.params import get_arrays, layout, pack
 
     nodp = replace(exp, privacy=replace(exp.privacy, enabled=False))
     cfgs = [load_site(p) for p in discover_sites(data)]
@@ -99,7 +99,7 @@ def update_size(exp: ExperimentConfig, data: Path, *, rounds: int, bits: tuple[i
     n_all = sum(v.size for v in arrays.values())
     n_head = sum(arrays[n].size for n in head)
     n_adapter = sum(arrays[n].size for n in adapter)
-    wire = sum(len(a.data) for a in to_record(arrays).values())  # Flower Array payload bytes
+    wire = sum(len(a.data) for a in pack(arrays, layout(arrays)).values())  # Flower Array payload bytes (the packed model)
     clip = 2 * nodp.training.learning_rate * nodp.training.local_steps
     rng = np.random.default_rng(0)
     history: list[dict[str, Any]] = []
@@ -341,6 +341,37 @@ def _round_figures(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def message_objects(content: Any) -> int:
+    """How many content-addressed objects Flower stores and moves for a message with this
+    ``RecordDict`` (Flower's own object tree: the records, each Array and its chunk(s)), plus
+    one for the Message itself. In deployment each is its own pull/push request."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return len(get_all_nested_objects(content)) + 1
+
+
+def wire_objects(exp: ExperimentConfig) -> dict[str, int]:
+    """Objects per train message and per train reply of this plan's model: as sent (one packed
+    array) and as it was sent before (one Array per parameter), counted with Flower's code."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from shared import metrics as M  # noqa: N812
+    from shared import protocol as P  # noqa: N812
+    from shared.models import build_model
+    from shared.params import get_arrays, layout, pack
+
+    rng = np.random.default_rng(0)  # a trained model's values: no two parameters equal (Flower stores equal arrays once)
+    model = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in get_arrays(build_model(exp)).items()}
+    config = ConfigRecord({P.RUN_ID: "r", P.TOTAL_ROUNDS: 3, P.PLAN_YAML: exp.to_yaml(), P.MODEL_SIGNATURE: "s", P.SERVER_ROUND: 1})
+    reply = {P.METRICS: MetricRecord({M.NUM_PATIENTS: 10.0, M.TRAIN_LOSS: 0.5}), P.SITE: ConfigRecord({P.SITE_NAME: "a", P.LEDGER_HEAD: "h"})}
+    forms = {"packed": pack(model, layout(model)), "one_array_per_parameter": ArrayRecord({k: Array(v) for k, v in model.items()})}
+    out = {}
+    for form, arrays in forms.items():
+        out[f"train_message_{form}"] = message_objects(RecordDict({P.ARRAYS: arrays, P.CONFIG: config}))
+        out[f"train_reply_{form}"] = message_objects(RecordDict({P.ARRAYS: arrays, **reply}))
+    return out
+
+
 def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: int, rounds: int, site_worker: bool = True) -> dict[str, Any]:
     """The same measurement on the Deployment Engine: a SuperLink and one SuperNode process per
     site on 127.0.0.1, TLS and node authentication on, sites verifying signed models.
@@ -376,7 +407,7 @@ def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: 
     if proc.returncode != 0:
         raise RuntimeError(f"The Deployment Engine run failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
     return {"sites": n_sites, "rounds": rounds, "engine": "deployment (TLS, node auth, signed models)", "clientapp": mode, **_round_figures(run_dir),
-            "run_total_s": round(time.perf_counter() - started, 1), "peak_rss_all_processes_mib": mem["peak_mib"]}
+            "run_total_s": round(time.perf_counter() - started, 1), "peak_rss_all_processes_mib": mem["peak_mib"], "objects_per_message": wire_objects(run_exp)}
 
 
 # --- feature cache ---------------------------------------------------------------------------

@@ -399,7 +399,7 @@ def bench_deployment(
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "runs": []}
     table = Table(title="round overhead, Deployment Engine (rounds 2+, median)")
-    for col in ("sites", "ClientApp", "s / round", "wall ÷ Σ site compute", "wall ÷ slowest site", "wall − slowest per phase (s)", "load after"):
+    for col in ("sites", "ClientApp", "s / round", "wall ÷ Σ site compute", "wall ÷ slowest site", "wall − slowest per phase (s)", "objects / train message", "load after"):
         table.add_column(col)
     for n in sizes:
         for worker in modes[clientapp]:
@@ -409,7 +409,7 @@ def bench_deployment(
             (out / "deployment.json").write_text(json.dumps(result, indent=2))
             table.add_row(str(n), str(run["clientapp"]), f"{run['wall_per_round_after_round_1_s']:.1f}", f"{run['round_overhead_ratio_after_round_1']:.3f}",
                           f"{run['wall_over_slowest_site_after_round_1']:.3f}", f"{run['wall_minus_critical_path_after_round_1_s']:.2f}",
-                          " ".join(f"{x:.1f}" for x in run["load_average_after"]))
+                          str(run["objects_per_message"]["train_message_packed"]), " ".join(f"{x:.1f}" for x in run["load_average_after"]))
     err_console.print(table)
     print(json.dumps(result, indent=2))
 

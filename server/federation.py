@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.markup import escape
@@ -30,7 +31,7 @@ from shared import protocol as P  # noqa: N812
 from shared.config import ExperimentConfig
 from shared.model_signing import sign_model
 from shared.models import build_model
-from shared.params import from_record, get_arrays, to_record
+from shared.params import get_arrays, layout, pack, unpack
 
 log = logging.getLogger("fedrelapse.server")
 
@@ -55,8 +56,9 @@ def run_federation(
     )
     strategy.summary()
     initial = get_arrays(build_model(exp))
-    strategy.expected = {k: tuple(v.shape) for k, v in initial.items()}
-    arrays = to_record(resume.arrays if resume else initial)
+    strategy.expected = shapes = layout(initial)  # the packed wire format's layout (never sent: sites build it from the plan)
+    model = resume.arrays if resume else initial  # the global model, name -> array
+    arrays = pack(model, shapes)  # ... and as it travels: one float32 vector
     first_round = resume.next_round if resume else 1
     if resume:
         console.print(f"resuming run {run_id} at round {first_round} of {f.rounds} from its verified checkpoint; sites refuse to be charged again for any round they already accounted.")
@@ -71,10 +73,10 @@ def run_federation(
             return run.finish(status="refused before start", extra={"preflight_refusals": [{"site": r.site, "code": r.refusal_code, "reason": r.refusal_reason or r.error} for r in refusals]})
     phash = exp.plan_hash()
 
-    def config(rnd: int, record: ArrayRecord) -> ConfigRecord:
+    def config(rnd: int, current: dict[str, np.ndarray]) -> ConfigRecord:
         cfg = ConfigRecord({P.RUN_ID: run_id, P.TOTAL_ROUNDS: f.rounds, P.PLAN_YAML: plan})
-        if signing_key is not None:
-            cfg[P.MODEL_SIGNATURE] = sign_model(signing_key, dict(from_record(record)), run_id=run_id, server_round=rnd, plan_hash=phash)
+        if signing_key is not None:  # over the unpacked name -> array dict, so the signature binds the names too
+            cfg[P.MODEL_SIGNATURE] = sign_model(signing_key, current, run_id=run_id, server_round=rnd, plan_hash=phash)
         return cfg
 
     sa = f.secure_aggregation
@@ -84,7 +86,7 @@ def run_federation(
     server_opt = make_server_optimizer(f.server_optimizer, lr=f.server_learning_rate)
     for rnd in range(first_round, f.rounds + 1):
         started = time.perf_counter()
-        cfg = config(rnd, arrays)
+        cfg = config(rnd, model)
         halted: str | None = None
         if sa.enabled:
             result = secure_train_round(grid, strategy=strategy, sa=sa, server_round=rnd, arrays=arrays, config=cfg)
@@ -94,12 +96,14 @@ def run_federation(
             new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         updated = new_arrays is not None
         if updated:
-            arrays = to_record(server_step(server_opt, dict(from_record(arrays)), dict(from_record(new_arrays)))) if server_opt else new_arrays
-        eval_cfg = config(rnd, arrays)
+            average = unpack(new_arrays, shapes, what="the aggregated model")  # type: ignore[arg-type]  # not None: updated
+            model = server_step(server_opt, model, average)
+            arrays = pack(model, shapes) if server_opt else new_arrays
+        eval_cfg = config(rnd, model)
         eval_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout=f.round_timeout_s)
         eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
         rec = run.record_round(
-            rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(from_record(arrays)), updated, note=halted or "",
+            rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(model), updated, note=halted or "",
             wall_s=round(time.perf_counter() - started, 4),
         )
         console.print(round_table(rec, rnd == 1))

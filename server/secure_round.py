@@ -11,6 +11,11 @@ training patients, sent as ``num_examples``), quantises it and puts the quantise
 in front of the masked vector, so the unmasked result is Σ w_i·x_i / Σ w_i: the
 patient-weighted average, computed inside the secure sum.
 
+Wire format: the global model goes out as one packed float32 vector (the single entry of
+``fitins.parameters``, :func:`shared.params.pack`), each site's update comes back the same
+way and the mod masks it value by value; the unmasked sum's length is checked against the
+plan model's layout before it is unpacked and range-checked.
+
 Halting: when fewer than ``reconstruction_threshold`` neighbours of a site survive a
 stage, Flower logs "Secure aggregation halted" and returns normally without an aggregate.
 We detect it (aggregate_fit never ran) and fail the round loudly; the model is not updated.
@@ -42,6 +47,7 @@ from shared import protocol as P  # noqa: N812
 from shared import secure_records
 from shared.config import SecureAggregationConfig
 from shared.errors import ConfigError
+from shared.params import PACKED, packed_vector, unflatten
 
 MODULUS_RANGE = 2**32  # SecAgg+ mask modulus (Flower's default; must exceed sites × quantization_range)
 
@@ -140,8 +146,10 @@ def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggrega
             f"the SecAgg+ modulus 2**32; lower quantization_range below {MODULUS_RANGE // (len(nodes) + 1)}."
         )
     cfg = dict(plain[0].content[P.CONFIG])  # the plan's config plus server-round
-    names = list(arrays.keys())
-    fitins = FitIns(ndarrays_to_parameters([a.numpy() for a in arrays.values()]), cfg)  # type: ignore[arg-type]
+    layout = strategy.layout()
+    # The packed global model, (N,) float32: the secaggplus mod clips, quantises and masks
+    # this one vector per value exactly as it did a list of per-parameter arrays.
+    fitins = FitIns(ndarrays_to_parameters([packed_vector(arrays, what="the global model")]), cfg)  # type: ignore[arg-type]
     collector = _CollectSum([(GridClientProxy(n, grid, 0), fitins) for n in nodes])
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}), strategy=collector)
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(fitins.parameters, keep_input=True)
@@ -165,12 +173,16 @@ def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggrega
         return SecureRoundResult(None, None)
     total = float(sum(r.metrics[M.NUM_PATIENTS] for r in contributed))
     values = parameters_to_ndarrays(collector.aggregate)
-    if len(values) != len(names):
-        return SecureRoundResult(None, None, halted=f"the unmasked sum has {len(values)} arrays, the global model {len(names)}; not applied.")
-    record = ArrayRecord({n: _as_array(v, arrays[n].numpy()) for n, v in zip(names, values, strict=True)})
-    problem = strategy.check_update(record, MetricRecord({M.NUM_PATIENTS: total}))
+    if len(values) != 1:
+        return SecureRoundResult(None, None, halted=f"the unmasked sum has {len(values)} arrays; a packed model is one vector. Not applied.")
+    flat = np.ascontiguousarray(values[0], dtype=np.float32)  # (N,) the dequantised (float64) sum in the wire dtype
+    try:
+        model = unflatten(flat, layout, what="the unmasked sum")
+    except ValueError as exc:
+        return SecureRoundResult(None, None, halted=f"{exc} Not applied.")
+    problem = strategy.update_problem(model, MetricRecord({M.NUM_PATIENTS: total}))
     if problem is None:
-        bad = [n for n, v in record.items() if float(np.abs(v.numpy()).max(initial=0.0)) > sa.clipping_range * (1 + 1e-6)]
+        bad = [n for n, v in model.items() if float(np.abs(v).max(initial=0.0)) > sa.clipping_range * (1 + 1e-6)]
         problem = f"parameter {bad[0]!r} lies outside ±clipping_range" if bad else None
     if problem:
         return SecureRoundResult(None, None, halted=f"the unmasked sum failed the coordinator's range/shape check: {problem}.")
@@ -178,9 +190,4 @@ def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggrega
     loss = weighted_mean(contributed, M.TRAIN_LOSS)
     if loss is not None:
         metrics[M.TRAIN_LOSS] = loss
-    return SecureRoundResult(record, metrics)
-
-
-def _as_array(value: np.ndarray, like: np.ndarray) -> Array:
-    """The dequantised (float64) sum in the global model's dtype; shapes are checked after."""
-    return Array(np.ascontiguousarray(value.astype(like.dtype)))
+    return SecureRoundResult(ArrayRecord({PACKED: Array(flat)}), metrics)

@@ -4,6 +4,20 @@ What a ClientApp may put in a reply is exactly: the ``arrays`` record (a DP-trai
 the ``metrics`` record (aggregate metrics, keys in :mod:`shared.metrics`) and the ``site``
 record (site name, and a refusal code/reason when it refuses). Tests inspect replies
 against :data:`ALLOWED_REPLY_RECORDS`.
+
+The model on the wire (the global model the coordinator sends in train and evaluate
+messages, and a site's update) is ONE float32 ``Array`` named ``model``
+(:data:`shared.params.PACKED`) in the ``arrays`` record: every parameter and buffer flattened
+in C order and concatenated in the model's ``state_dict`` order. Names and shapes are not
+sent; both sides build the layout from the approved plan's model (:func:`shared.models.build_model`).
+A receiver first checks that the record holds exactly that one float32 vector and that its
+length is the plan model's, then unpacks it to name -> array and runs every usual check
+(shapes, NaN/Inf, range, weight, signature). Flower stores each Array and its chunk(s) as
+separate objects, moved one request each in deployment: a train message of the default
+model is 6 objects (it was 28 with one Array per parameter). SecAgg+ rounds carry the same
+one vector as the single entry of ``fitins.parameters``/``fitres.parameters``. Model
+signatures are over the unpacked name -> array dict (so they bind names); checkpoints keep
+one tensor per name (safetensors).
 """
 
 from __future__ import annotations
@@ -39,7 +53,7 @@ RC_RESUME = "resume"  # run folder of a deployed run to continue (path on the co
 NC_SITE_CONFIG = "site-config"
 
 # SecAgg+ rounds use Flower's legacy records (the secaggplus mod reads and rewrites them):
-# the ServerApp sends ``fitins.parameters`` (arrays in the global model's order, unnamed)
+# the ServerApp sends ``fitins.parameters`` (one array: the packed global model, see above)
 # and ``fitins.config`` (the CONFIG keys above); the site answers with ``fitres.*``. Its
 # site record (name, refusal, ledger head) and its aggregate metrics ride in
 # ``fitres.metrics``; the arrays are cleared by the mod and replaced by the masked vector.

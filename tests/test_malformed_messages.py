@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.app import build_client_app
 from shared import protocol as P  # noqa: N812
 from shared.models import build_model
-from shared.params import get_arrays, to_record
+from shared.params import PACKED, get_arrays, layout, pack
 from tests.conftest import tiny_experiment
 
 
@@ -29,10 +29,14 @@ def context(tiny_cohort: Path, tmp_path: Path) -> Context:
     return Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_yaml)}, state=RecordDict(), run_config={})
 
 
+N_VALUES = sum(int(v.size) for v in get_arrays(build_model(tiny_experiment())).values())
+
+
 def message(case: str) -> Message:
     arrays = dict(get_arrays(build_model(tiny_experiment())))
+    shapes = layout(arrays)
     cfg = ConfigRecord({P.RUN_ID: "r-bad", P.SERVER_ROUND: 1, P.TOTAL_ROUNDS: 2, P.PLAN_YAML: tiny_experiment().to_yaml()})
-    content = RecordDict({P.ARRAYS: to_record(arrays), P.CONFIG: cfg})
+    content = RecordDict({P.ARRAYS: pack(arrays, shapes), P.CONFIG: cfg})
     if case == "no-config":
         del content[P.CONFIG]
     elif case == "config-as-metrics":
@@ -47,14 +51,17 @@ def message(case: str) -> Message:
         cfg[P.PLAN_YAML] = "name: [unclosed"
     elif case == "no-model":
         del content[P.ARRAYS]
-    elif case == "wrong-shape":
-        first = next(iter(arrays))
-        arrays[first] = np.zeros((3, 3), np.float32)
-        content[P.ARRAYS] = to_record(arrays)
+    elif case == "wrong-length":
+        flat = content[P.ARRAYS][PACKED].numpy()
+        content[P.ARRAYS] = ArrayRecord({PACKED: Array(flat[:-5])})
+    elif case == "float64-model":
+        content[P.ARRAYS] = ArrayRecord({PACKED: Array(content[P.ARRAYS][PACKED].numpy().astype(np.float64))})
+    elif case == "one-array-per-parameter":
+        content[P.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
     elif case == "nan-model":
         first = next(iter(arrays))
         arrays[first] = np.full_like(arrays[first], np.nan)
-        content[P.ARRAYS] = to_record(arrays)
+        content[P.ARRAYS] = pack(arrays, shapes)
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
@@ -66,7 +73,9 @@ def message(case: str) -> Message:
     ("no-plan", "malformed", "'plan-yaml'] must be a non-empty string"),
     ("plan-not-yaml", "invalid", "is not valid YAML"),
     ("no-model", "malformed", "no 'arrays' array record"),
-    ("wrong-shape", "invalid-model", "the model expects"),
+    ("wrong-length", "invalid-model", f"The global model of round 1 holds {N_VALUES - 5} values; the plan's model has {N_VALUES}."),
+    ("float64-model", "malformed", "The global model of round 1 is a float64 array of shape"),
+    ("one-array-per-parameter", "malformed", "a packed model is one array named 'model'"),
     ("nan-model", "invalid-model", "NaN or infinite"),
 ])
 def test_a_malformed_request_is_refused_with_a_reason_and_nothing_is_charged(tiny_cohort: Path, tmp_path: Path, case: str, code: str, why: str) -> None:

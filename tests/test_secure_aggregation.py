@@ -100,9 +100,10 @@ class CrashAt:
 
 
 def checkpoint(run: Path, rnd: int) -> list[np.ndarray]:
-    """The global model after round ``rnd``, in the model's parameter order (the wire order)."""
+    """The global model after round ``rnd`` as it travels: one vector, the parameters flattened
+    in the model's order (checkpoints keep the names)."""
     stored = load_file(str(run / "checkpoints" / f"round-{rnd:03d}.safetensors"))
-    return [stored[name] for name in build_model(tiny_experiment()).state_dict()]
+    return [np.concatenate([stored[name].reshape(-1) for name in build_model(tiny_experiment()).state_dict()])]
 
 
 def load_updates(folder: Path, rnd: int) -> dict[str, tuple[float, list[np.ndarray]]]:
@@ -315,22 +316,28 @@ def test_in_process_secure_round_equals_plain_round_with_unequal_weights() -> No
     from server.bench import LoopbackGrid, bench_client_app, get_arrays_of
     from server.secure_round import secure_train_round
     from server.strategy import PatientFedAvg
-    from shared.params import from_record, to_record
+    from shared.params import layout, pack, unpack
 
     sa = SecureAggregationConfig(enabled=True, num_shares=3, reconstruction_threshold=2, max_weight=50.0)
     exp = tiny_experiment()
     exp = replace(exp, federation=replace(exp.federation, min_nodes=4, secure_aggregation=sa), training=replace(exp.training, local_steps=1))
     weights = [5, 12, 30, 49]
     grid = LoopbackGrid(bench_client_app(exp, weights=weights), len(weights))
-    arrays = to_record(get_arrays_of(exp))
+    shapes = layout(get_arrays_of(exp))
+    arrays = pack(get_arrays_of(exp), shapes)
     cfg = ConfigRecord({P.RUN_ID: "loopback", P.TOTAL_ROUNDS: 1})
-    plain, _ = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5).aggregate_train(
-        1, grid.send_and_receive(PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5).configure_train(1, arrays, cfg, grid))
-    )
-    result = secure_train_round(grid, strategy=PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5), sa=sa, server_round=1, arrays=arrays, config=cfg)
+
+    def new() -> PatientFedAvg:
+        s = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5)
+        s.expected = shapes
+        return s
+
+    plain, _ = new().aggregate_train(1, grid.send_and_receive(new().configure_train(1, arrays, cfg, grid)))
+    result = secure_train_round(grid, strategy=new(), sa=sa, server_round=1, arrays=arrays, config=cfg)
     assert plain is not None and result.arrays is not None and result.halted is None
+    assert list(result.arrays.keys()) == list(plain.keys()) == ["model"]  # one packed vector either way
     tol = quantisation_tolerance(sa, 4, sum(weights))
-    for (name, p), (name2, s) in zip(from_record(plain).items(), from_record(result.arrays).items(), strict=True):
+    for (name, p), (name2, s) in zip(unpack(plain, shapes, what="plain").items(), unpack(result.arrays, shapes, what="secure").items(), strict=True):
         assert name == name2
         assert float(np.abs(p - s).max()) <= tol, name
     assert result.metrics is not None and result.metrics["num-patients"] == sum(weights)
@@ -376,11 +383,14 @@ def test_refusing_site_takes_part_with_weight_zero_and_its_reason_arrives() -> N
     from server.secure_round import secure_train_round
     from server.strategy import PatientFedAvg
     from shared import secure_records
-    from shared.params import from_record, to_record
+    from shared.params import layout, pack, unpack
+
+    sent: list[list[np.ndarray]] = []
 
     def refuse_site0(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if ctxt.node_config["partition-id"] == 0 and P.LEGACY_FITINS_ARRAYS in msg.content.array_records:
             incoming = parameters_to_ndarrays(compat.arrayrecord_to_parameters(msg.content.array_records[P.LEGACY_FITINS_ARRAYS], keep_input=True))
+            sent.append(incoming)
             return _fitres(msg, [np.zeros_like(a) for a in incoming], 0, secure_records.encode(site_name="site0", metrics=None, refusal_code="budget", refusal_reason="Site site0: over its cap."))
         return call_next(msg, ctxt)
 
@@ -389,17 +399,25 @@ def test_refusing_site_takes_part_with_weight_zero_and_its_reason_arrives() -> N
     exp = replace(exp, federation=replace(exp.federation, min_nodes=4, secure_aggregation=sa), training=replace(exp.training, local_steps=1))
     weights = [40, 12, 30, 49]
     grid = LoopbackGrid(bench_client_app(exp, weights=weights, inner_mods=(refuse_site0,)), len(weights))
-    arrays = to_record(get_arrays_of(exp))
+    shapes = layout(get_arrays_of(exp))
+    arrays = pack(get_arrays_of(exp), shapes)
     cfg = ConfigRecord({P.RUN_ID: "loopback", P.TOTAL_ROUNDS: 1})
-    new = lambda: PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5)  # noqa: E731
-    plain = {int(m.metadata.src_node_id) - 1001: from_record(m.content[P.ARRAYS]) for m in grid.send_and_receive(new().configure_train(1, arrays, cfg, grid))}
+
+    def new() -> PatientFedAvg:
+        s = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=4, node_wait_timeout_s=5)
+        s.expected = shapes
+        return s
+
+    plain = {int(m.metadata.src_node_id) - 1001: unpack(m.content[P.ARRAYS], shapes, what="plain") for m in grid.send_and_receive(new().configure_train(1, arrays, cfg, grid))}
     strategy = new()
     result = secure_train_round(grid, strategy=strategy, sa=sa, server_round=1, arrays=arrays, config=cfg)
     assert result.arrays is not None and result.metrics is not None
+    # SecAgg+ carried the model as one float32 vector of the model's length (fitins.parameters)
+    assert [[(a.dtype, a.shape) for a in s] for s in sent] == [[(np.dtype(np.float32), (sum(int(np.prod(v)) for v in shapes.values()),))]]
     survivors = (1, 2, 3)
     total = sum(weights[i] for i in survivors)
     tol = quantisation_tolerance(sa, 4, total)
-    for name, value in from_record(result.arrays).items():
+    for name, value in unpack(result.arrays, shapes, what="secure").items():
         expected = sum(weights[i] * plain[i][name].astype(np.float64) for i in survivors) / total
         assert float(np.abs(value - expected).max()) <= tol, name
     assert result.metrics["num-patients"] == total

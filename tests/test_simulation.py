@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from flwr.app import Message
 from rich.console import Console
 from safetensors.numpy import load_file
 
@@ -14,10 +17,31 @@ from shared.models import build_model
 from tests.conftest import tiny_experiment
 
 
+class WireRecorder:
+    """Wraps the ServerApp's Grid; keeps every message it sends and every reply it gets."""
+
+    def __init__(self, grid: Any, sent: list[Message], replies: list[Message]) -> None:
+        self._grid, self.sent, self.replies = grid, sent, replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self.sent.extend(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.replies.extend(replies)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+WIRE: dict[str, list[Message]] = {"sent": [], "replies": []}
+
+
 @pytest.fixture(scope="module")
 def run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run")
-    summary = simulate(tiny_experiment(), tiny_cohort, out, run_id="sim-test", console=Console(quiet=True), cpus=2)
+    summary = simulate(tiny_experiment(), tiny_cohort, out, run_id="sim-test", console=Console(quiet=True), cpus=2,
+                       wrap_grid=lambda g: WireRecorder(g, WIRE["sent"], WIRE["replies"]))
     return out, summary
 
 
@@ -47,3 +71,24 @@ def test_run_folder_holds_config_metrics_plot_checkpoints_and_summary(run: tuple
         assert {k: tuple(v.shape) for k, v in ckpt.items()} == {k: tuple(s) for k, s in expected.items()}
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["final_federated_auroc"] is None or 0.0 <= summary["final_federated_auroc"] <= 1.0
+
+
+def test_every_model_message_carries_one_packed_array_of_few_objects(run: tuple[Path, dict]) -> None:
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from shared import protocol as P  # noqa: N812
+    from shared.params import PACKED
+
+    n_values = sum(int(v.numel()) for v in build_model(tiny_experiment()).state_dict().values())
+    by_kind: dict[str, list[Message]] = {}
+    for msg in WIRE["sent"]:
+        by_kind.setdefault(msg.metadata.message_type, []).append(msg)
+    assert len(by_kind["train"]) == len(by_kind["evaluate"]) == 6  # 3 sites × 2 rounds
+    train_replies = [m for m in WIRE["replies"] if m.metadata.message_type == "train" and not m.has_error()]
+    assert len(train_replies) == 6
+    for msg in by_kind["train"] + by_kind["evaluate"] + train_replies:
+        content = msg.content
+        assert list(content.array_records) == [P.ARRAYS] and list(content[P.ARRAYS]) == [PACKED]
+        assert content[P.ARRAYS][PACKED].shape == (n_values,) and content[P.ARRAYS][PACKED].dtype == "float32"
+        records = len(content.keys())  # config (sent); metrics and site (replies)
+        assert len(get_all_nested_objects(msg)) == records + 4  # + the Array, its one chunk, the RecordDict, the Message

@@ -18,7 +18,7 @@ from shared import protocol as P  # noqa: N812
 from shared.config import load_site
 from shared.errors import PolicyError
 from shared.models import build_model
-from shared.params import get_arrays, to_record
+from shared.params import PACKED, get_arrays, layout, pack, unpack
 from shared.privacy import ledger
 from tests.conftest import tiny_experiment
 
@@ -106,7 +106,7 @@ def task_identity() -> None:
 
 def _message(kind: str, plan: str, rnd: int = 1) -> Message:
     content = RecordDict({
-        P.ARRAYS: to_record(start_arrays()),
+        P.ARRAYS: pack(start_arrays(), layout(start_arrays())),
         P.CONFIG: ConfigRecord({P.RUN_ID: "r-msg", P.SERVER_ROUND: rnd, P.TOTAL_ROUNDS: 2, P.PLAN_YAML: plan}),
     })
     return Message(content=content, dst_node_id=1, message_type=kind)
@@ -129,7 +129,9 @@ def test_clientapp_replies_carry_only_update_aggregates_and_site_name(tiny_cohor
         assert set(c[P.SITE].keys()) <= P.ALLOWED_SITE_KEYS
         assert set(c[P.METRICS].keys()) <= allowed_metrics
         if kind == "train":
-            assert set(c[P.ARRAYS].keys()) == model_keys  # model parameters only, same shapes as sent
+            assert list(c[P.ARRAYS].keys()) == [PACKED]  # one packed vector: the model's parameters only, nothing more
+            sent = start_arrays()
+            assert set(unpack(c[P.ARRAYS], layout(sent), what="the update")) == model_keys  # exactly the model's length
         else:
             assert P.ARRAYS not in c
         blob = repr({k: dict(v) for k, v in c.config_records.items()})
@@ -175,7 +177,7 @@ def test_site_verifies_the_coordinators_signature_before_training(tiny_cohort: P
         arrays = start_arrays()
         first = next(iter(arrays))
         arrays[first] = arrays[first] + 0.01
-        msg.content[P.ARRAYS] = to_record(arrays)
+        msg.content[P.ARRAYS] = pack(arrays, layout(arrays))
     reply = app(msg, ctx)
     info = reply.content[P.SITE]
     if case == "valid":

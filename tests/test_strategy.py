@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from server.strategy import PatientFedAvg
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
-from shared.params import from_record, to_record
+from shared.params import PACKED, pack, unpack
+
+W = {"w": (2,)}  # the test model's layout: one parameter of 2 values
+
+
+def packed(w: np.ndarray) -> object:
+    """A 2-value update as a site sends it (one float32 vector; the dtype is kept as given)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({PACKED: Array(np.ascontiguousarray(w).reshape(-1))})
+
+
+def values(record: object) -> dict[str, np.ndarray]:
+    return unpack(record, W, what="the average")  # type: ignore[arg-type]
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +34,7 @@ def task_identity() -> None:
 
 def reply(site: str, w: np.ndarray, patients: float) -> Message:
     content = RecordDict({
-        P.ARRAYS: to_record({"w": w.astype(np.float32)}),
+        P.ARRAYS: packed(w.astype(np.float32)),
         P.METRICS: MetricRecord({M.NUM_PATIENTS: patients, M.TRAIN_LOSS: 0.5}),
         P.SITE: ConfigRecord({P.SITE_NAME: site}),
     })
@@ -30,25 +43,25 @@ def reply(site: str, w: np.ndarray, patients: float) -> Message:
 
 def strategy() -> PatientFedAvg:
     s = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, node_wait_timeout_s=1.0)
-    s.expected = {"w": (2,)}
+    s.expected = W
     return s
 
 
 def test_average_is_weighted_by_patients() -> None:
     arrays, metrics = strategy().aggregate_train(1, [reply("a", np.array([1.0, 1.0]), 10), reply("b", np.array([4.0, 4.0]), 30)])
-    np.testing.assert_allclose(from_record(arrays)["w"], [3.25, 3.25])
+    np.testing.assert_allclose(values(arrays)["w"], [3.25, 3.25])
     assert metrics[M.NUM_PATIENTS] == 40
 
 
 @pytest.mark.parametrize(("bad", "why"), [
     (np.array([np.nan, 1.0]), "NaN"),
-    (np.array([1.0, 1.0, 1.0]), "shape"),
+    (np.array([1.0, 1.0, 1.0]), "The update of site evil holds 3 values; the plan's model has 2"),
     (np.array([1e9, 0.0]), "range"),
 ])
 def test_malformed_updates_are_rejected_with_the_site_named(bad: np.ndarray, why: str) -> None:
     s = strategy()
     arrays, _ = s.aggregate_train(1, [reply("good", np.array([2.0, 2.0]), 10), reply("evil", bad, 10)])
-    np.testing.assert_allclose(from_record(arrays)["w"], [2.0, 2.0])  # only the good site counted
+    np.testing.assert_allclose(values(arrays)["w"], [2.0, 2.0])  # only the good site counted
     evil = next(r for r in s.log[1].train if r.site == "evil")
     assert evil.error and "update rejected by the coordinator" in evil.error and why in evil.error
 
@@ -68,14 +81,18 @@ def bare(site: str | None, **records: object) -> Message:
 
 
 def malformed(case: str) -> Message:
-    w = to_record({"w": np.ones(2, np.float32)})
+    w = packed(np.ones(2, np.float32))
     n = MetricRecord({M.NUM_PATIENTS: 10.0})
     return {
         "no-arrays": lambda: bare("evil", **{P.METRICS: n}),
         "metrics-wrong-type": lambda: bare("evil", **{P.ARRAYS: w, P.METRICS: ConfigRecord({M.NUM_PATIENTS: 10.0})}),
         "metric-is-a-list": lambda: bare("evil", **{P.ARRAYS: w, P.METRICS: MetricRecord({M.NUM_PATIENTS: [1.0, 2.0]})}),
         "extra-record": lambda: bare("evil", **{P.ARRAYS: w, P.METRICS: n, "features": ConfigRecord({"x": 1})}),
-        "integer-weights": lambda: bare("evil", **{P.ARRAYS: to_record({"w": np.ones(2, np.int32)}), P.METRICS: n}),
+        "integer-weights": lambda: bare("evil", **{P.ARRAYS: packed(np.ones(2, np.int32)), P.METRICS: n}),
+        "float64-weights": lambda: bare("evil", **{P.ARRAYS: packed(np.ones(2, np.float64)), P.METRICS: n}),
+        "one-array-per-parameter": lambda: bare("evil", **{P.ARRAYS: ArrayRecord({"w": Array(np.ones(2, np.float32))}), P.METRICS: n}),
+        "two-arrays": lambda: bare("evil", **{P.ARRAYS: ArrayRecord({PACKED: Array(np.ones(2, np.float32)), "x": Array(np.ones(1, np.float32))}), P.METRICS: n}),
+        "matrix": lambda: bare("evil", **{P.ARRAYS: ArrayRecord({PACKED: Array(np.ones((1, 2), np.float32))}), P.METRICS: n}),
     }[case]()
 
 
@@ -84,19 +101,23 @@ def malformed(case: str) -> Message:
     ("metrics-wrong-type", "record 'metrics' is a ConfigRecord"),
     ("metric-is-a-list", "metric 'num-patients' is a list"),
     ("extra-record", "unexpected record(s) ['features']"),
-    ("integer-weights", "dtype int32"),
+    ("integer-weights", "The update of site evil is a int32 array of shape (2,); a packed model is one float32 vector"),
+    ("float64-weights", "The update of site evil is a float64 array"),
+    ("one-array-per-parameter", "The update of site evil holds the arrays ['w']; a packed model is one array named 'model'"),
+    ("two-arrays", "holds the arrays ['model', 'x']"),
+    ("matrix", "The update of site evil is a float32 array of shape (1, 2)"),
 ])
 def test_malformed_replies_are_rejected_with_the_site_named(case: str, why: str) -> None:
     s = strategy()
     arrays, _ = s.aggregate_train(1, [reply("good", np.array([2.0, 2.0]), 10), malformed(case)])
-    np.testing.assert_allclose(from_record(arrays)["w"], [2.0, 2.0])
+    np.testing.assert_allclose(values(arrays)["w"], [2.0, 2.0])
     evil = next(r for r in s.log[1].train if r.site == "evil")
     assert evil.error and why in evil.error and not evil.metrics
 
 
 def test_a_reply_without_a_site_record_is_rejected_and_named_by_node() -> None:
     s = strategy()
-    arrays, _ = s.aggregate_train(1, [bare(None, **{P.ARRAYS: to_record({"w": np.ones(2, np.float32)}), P.METRICS: MetricRecord({M.NUM_PATIENTS: 1.0})})])
+    arrays, _ = s.aggregate_train(1, [bare(None, **{P.ARRAYS: packed(np.ones(2, np.float32)), P.METRICS: MetricRecord({M.NUM_PATIENTS: 1.0})})])
     assert arrays is None
     assert s.log[1].train[0].site.startswith("node-") and "no 'site' record" in s.log[1].train[0].error
 
@@ -124,36 +145,35 @@ def test_the_average_is_bit_for_bit_what_flowers_aggregation_gives() -> None:
 
     rng = np.random.default_rng(0)
     names = {"conv.weight": (16, 1, 3, 3), "head.weight": (1, 32), "head.bias": (1,)}
-    replies = []
+    replies, per_parameter = [], []
     for site, patients in (("a", 17), ("b", 9), ("c", 23.0)):
-        content = RecordDict({
-            P.ARRAYS: to_record({k: rng.standard_normal(shape).astype(np.float32) for k, shape in names.items()}),
-            P.METRICS: MetricRecord({M.NUM_PATIENTS: patients, M.TRAIN_LOSS: 0.5}),
-            P.SITE: ConfigRecord({P.SITE_NAME: site}),
-        })
+        update = {k: rng.standard_normal(shape).astype(np.float32) for k, shape in names.items()}
+        metrics = MetricRecord({M.NUM_PATIENTS: patients, M.TRAIN_LOSS: 0.5})
+        content = RecordDict({P.ARRAYS: pack(update, names), P.METRICS: metrics, P.SITE: ConfigRecord({P.SITE_NAME: site})})
         replies.append(Message(content=content, dst_node_id=1, message_type="train"))
+        per_parameter.append(RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}), P.METRICS: metrics}))
     s = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, node_wait_timeout_s=1.0)
     s.expected = names
 
     # Act
     ours, _ = s.aggregate_train(1, replies)
-    flowers = aggregate_arrayrecords([m.content for m in replies], M.NUM_PATIENTS)
+    flowers_packed = aggregate_arrayrecords([m.content for m in replies], M.NUM_PATIENTS)
+    flowers_per_parameter = aggregate_arrayrecords(per_parameter, M.NUM_PATIENTS)  # the wire format before packing
 
-    # Assert
-    assert ours is not None and list(ours) == list(flowers)
-    for name in names:
-        a, b = from_record(ours)[name], from_record(flowers)[name]
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    # Assert: the same bits as Flower's average of the packed vectors and of the separate arrays
+    assert ours is not None and list(ours) == list(flowers_packed) == [PACKED]
+    assert ours[PACKED].numpy().tobytes() == flowers_packed[PACKED].numpy().tobytes()
+    for name, value in unpack(ours, names, what="the average").items():
+        b = flowers_per_parameter[name].numpy()
+        assert value.dtype == b.dtype and value.tobytes() == b.tobytes()
 
 
 def test_an_update_that_cannot_be_decoded_is_rejected_with_the_site_named() -> None:
-    from flwr.app import Array, ArrayRecord
-
     s = strategy()
     broken = reply("broken", np.array([2.0, 2.0]), 10)
-    broken.content[P.ARRAYS] = ArrayRecord({"w": Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"not npy")})
+    broken.content[P.ARRAYS] = ArrayRecord({PACKED: Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"not npy")})
 
     arrays, _ = s.aggregate_train(1, [reply("good", np.array([2.0, 2.0]), 10), broken])
 
-    np.testing.assert_allclose(from_record(arrays)["w"], [2.0, 2.0])
+    np.testing.assert_allclose(values(arrays)["w"], [2.0, 2.0])
     assert "cannot be decoded" in next(r for r in s.log[1].train if r.site == "broken").error
