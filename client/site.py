@@ -86,6 +86,8 @@ class Site:
     def __init__(self, site: SiteConfig, exp: ExperimentConfig) -> None:
         self.cfg = site
         self.exp = exp
+        if site.threads:  # per process: one site per SuperNode's worker or ClientApp process
+            torch.set_num_threads(site.threads)
         self.data = load_site_data(site, exp.features, exp.language, exp.speech)
         if not self.data.sessions:
             raise DataError(f"Site {site.name}: no usable session in {site.manifest}; run `fedrelapse site check`.")

@@ -372,14 +372,17 @@ def wire_objects(exp: ExperimentConfig) -> dict[str, int]:
     return out
 
 
-def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: int, rounds: int, site_worker: bool = True) -> dict[str, Any]:
+def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: int, rounds: int, site_worker: bool = True, site_threads: int | None = None) -> dict[str, Any]:
     """The same measurement on the Deployment Engine: a SuperLink and one SuperNode process per
     site on 127.0.0.1, TLS and node authentication on, sites verifying signed models.
 
     Sites run in parallel here (one process each), so besides wall ÷ Σ compute the figure
     wall ÷ the slowest site's compute is given (1.00 = no overhead beyond the slowest site).
     ``site_worker``: each SuperNode's tasks run in one long-lived site worker (client/site_worker.py);
-    False: a fresh ClientApp process per message (Flower's default).
+    False: a fresh ClientApp process per message (Flower's default). ``site_threads``: each
+    site's torch threads (``site.yaml`` ``threads``); None gives each site its share of this
+    machine's cores, max(1, cores // sites), as the Simulation Engine gives each site one CPU;
+    0 leaves torch's default (every site using every core).
     """
     from server.deployment import LocalConsortium
     from server.keys import make_ca, make_server
@@ -392,8 +395,10 @@ def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: 
     make_ca(keys)
     make_server(keys)
     site_yamls = sorted(cons.glob("*/site.yaml"))
+    threads = max(1, (os.cpu_count() or 1) // n_sites) if site_threads is None else site_threads
     for path in site_yamls:
         cfg = yaml.safe_load(path.read_text())
+        cfg["threads"] = threads
         cfg["coordinator_public_key"] = str((keys / "server" / "model-signing.pub.pem").resolve())
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     run_exp = replace(exp, federation=replace(exp.federation, rounds=rounds, min_nodes=n_sites))
@@ -406,7 +411,7 @@ def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: 
         proc = consortium.submit(exp_path, run_dir, run_id=f"bench-deploy-{n_sites}-{mode}-{int(time.time())}", timeout_s=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"The Deployment Engine run failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
-    return {"sites": n_sites, "rounds": rounds, "engine": "deployment (TLS, node auth, signed models)", "clientapp": mode, **_round_figures(run_dir),
+    return {"sites": n_sites, "rounds": rounds, "engine": "deployment (TLS, node auth, signed models)", "clientapp": mode, "site_threads": threads, **_round_figures(run_dir),
             "run_total_s": round(time.perf_counter() - started, 1), "peak_rss_all_processes_mib": mem["peak_mib"], "objects_per_message": wire_objects(run_exp)}
 
 

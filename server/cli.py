@@ -383,6 +383,7 @@ def bench_deployment(
     sites: Annotated[str, typer.Option(help="Comma-separated consortium sizes, e.g. 3,10.")] = "3",
     rounds: Annotated[int, typer.Option(help="Rounds per run (the first includes start-up and is left out of the ratios).", min=2)] = 3,
     clientapp: Annotated[str, typer.Option(help="both: a fresh ClientApp process per message, then the site worker, back to back; or only one of worker, per-message.")] = "both",
+    site_threads: Annotated[int | None, typer.Option(help="torch threads per site (site.yaml `threads`); default: this machine's cores ÷ sites, at least 1; 0: torch's default (every site uses every core).", min=0)] = None,
 ) -> None:
     """Deployment Engine round overhead (TLS, node auth): a fresh ClientApp process per message vs the site worker, back to back."""
     import os
@@ -399,15 +400,15 @@ def bench_deployment(
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "runs": []}
     table = Table(title="round overhead, Deployment Engine (rounds 2+, median)")
-    for col in ("sites", "ClientApp", "s / round", "wall ÷ Σ site compute", "wall ÷ slowest site", "wall − slowest per phase (s)", "objects / train message", "load after"):
+    for col in ("sites", "ClientApp", "threads / site", "s / round", "wall ÷ Σ site compute", "wall ÷ slowest site", "wall − slowest per phase (s)", "objects / train message", "load after"):
         table.add_column(col)
     for n in sizes:
         for worker in modes[clientapp]:
             err_console.print(f"{n} sites, {'site worker' if worker else 'a process per message'}: {rounds} rounds ...")
-            run = {**deployment_rounds(exp, data, out, n_sites=n, rounds=rounds, site_worker=worker), "load_average_after": os.getloadavg()}
+            run = {**deployment_rounds(exp, data, out, n_sites=n, rounds=rounds, site_worker=worker, site_threads=site_threads), "load_average_after": os.getloadavg()}
             result["runs"].append(run)  # type: ignore[union-attr]
             (out / "deployment.json").write_text(json.dumps(result, indent=2))
-            table.add_row(str(n), str(run["clientapp"]), f"{run['wall_per_round_after_round_1_s']:.1f}", f"{run['round_overhead_ratio_after_round_1']:.3f}",
+            table.add_row(str(n), str(run["clientapp"]), str(run["site_threads"]), f"{run['wall_per_round_after_round_1_s']:.1f}", f"{run['round_overhead_ratio_after_round_1']:.3f}",
                           f"{run['wall_over_slowest_site_after_round_1']:.3f}", f"{run['wall_minus_critical_path_after_round_1_s']:.2f}",
                           str(run["objects_per_message"]["train_message_packed"]), " ".join(f"{x:.1f}" for x in run["load_average_after"]))
     err_console.print(table)

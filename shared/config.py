@@ -281,6 +281,10 @@ class SiteConfig:
     manifest: Path = spec(doc="Data manifest (CSV or JSONL); relative paths are from this file.")
     state_dir: Path = spec(Path("site-state"), doc="Feature cache and privacy ledger live here.")
     device: str = spec("auto", doc="Where to train.", choices=("auto", "cpu", "cuda"))
+    threads: int = spec(
+        0, ge=0, le=1024,
+        doc="CPU threads torch may use in this site's process (feature extraction, training, evaluation); 0: torch's default, one per core. Set it when the site shares its machine, e.g. cores ÷ sites for several sites on one host.",
+    )
     policy: SitePolicy = spec(SitePolicy(), doc="The DPO's privacy policy for this site.")
     require_approved_plans: bool = spec(False, doc="Train only plans approved with `fedrelapse site approve` (recommended for patient data).")
     coordinator_public_key: Path | None = spec(None, doc="The coordinator's model-signing public key; when set, unsigned or altered models are refused.")

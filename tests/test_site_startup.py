@@ -158,3 +158,30 @@ def test_the_simulation_client_app_travels_as_its_build_arguments_and_is_built_o
     assert set(received[0]._registered_funcs) >= {"train.default", "evaluate.default", "query.default"}
     assert fresh[0] is not fresh[1]  # a test's fault plan: each message carries its own copy, as before
     app._simulation_app.cache_clear()
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_site_yaml_threads_sets_the_site_processs_torch_threads_and_0_leaves_torchs_default(tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    from dataclasses import replace
+
+    import torch
+
+    from client.site import Site
+    from shared.config import load_site
+    from tests.conftest import tiny_experiment
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    cfg = load_site(tiny_cohort / "alpha" / "site.yaml")
+    Site(replace(cfg, state_dir=tmp_path / "state", threads=threads), tiny_experiment())
+    assert calls == ([threads] if threads else [])
+
+
+def test_site_yaml_threads_must_be_a_count(tmp_path: Path) -> None:
+    from shared.config import load_site
+    from shared.errors import ConfigError
+
+    path = tmp_path / "site.yaml"
+    path.write_text("name: oslo\nmanifest: m.csv\nthreads: -2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="threads"):
+        load_site(path)
