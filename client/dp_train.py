@@ -2,7 +2,7 @@
 
 Each patient's loss is averaged over at most ``max_sessions`` of their labelled sessions and
 differentiated per patient by one of the strategies in :mod:`client.patient_grads` (Opacus
-per-session hooks summed per patient, or ``torch.func.vmap``); the result is placed in
+per-session hooks summed per patient, ``torch.func.vmap``, or the default one-pass ``grouped`` rule over session-major rows); the result is placed in
 ``p.grad_sample`` and :class:`CpuNoiseDPOptimizer` (Opacus' :class:`DPOptimizer`, acting on all
 parameters at once) clips each patient's gradient to C, adds Gaussian noise σC and steps. Patients are Poisson-sampled at rate q
 (Abadi et al. 2016, Alg. 1), which is what the accountant assumes.
@@ -19,7 +19,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from client.dataset import PatientTensors
-from client.patient_grads import DEFAULT_GRADS, make_patient_grads, patient_loss_fn
+from client.patient_grads import DEFAULT_GRADS, make_patient_grads, patient_loss_fn, session_rows
 from client.predict import predict
 
 __all__ = ["CpuNoiseDPOptimizer", "StepStats", "clip_and_sum", "make_optimizer", "patient_loss_fn", "predict", "train_dp", "train_plain"]
@@ -241,19 +241,31 @@ def train_plain(
 
 
 def _batch(data: PatientTensors, idx: torch.Tensor, max_sessions: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The patients ``idx``: mel (B, K, n_mels, F) float32 and markers (B, K, M) stored session-major.
+
+    Their storage is (K, B, ...), so :func:`client.patient_grads.session_rows` gives the model's
+    session-major rows without another copy. ``index_select`` then one converting copy: advanced
+    indexing (``mel[idx]``) of the float16 log-mels took ~0.5 ms of a ~9 ms step on CPU.
+    """
     m = bound_sessions(data.mask[idx], max_sessions, generator)
     on = idx.to(data.mel.device)  # gather where the tensors live (the device, after PatientTensors.on)
     return (
-        data.mel[on].to(device=device, dtype=torch.float32),  # (B, K, n_mels, F)
-        data.markers[on].to(device),  # (B, K, M)
-        data.labels[on].to(device),  # (B, K)
+        _session_major(data.mel.index_select(0, on), device=device, dtype=torch.float32),  # (B, K, n_mels, F)
+        _session_major(data.markers.index_select(0, on), device=device, dtype=data.markers.dtype),  # (B, K, M)
+        data.labels.index_select(0, on).to(device),  # (B, K)
         m.to(device=device, dtype=torch.float32),  # (B, K)
     )
+
+
+def _session_major(t: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(B, K, *rest) -> the same values as ``dtype`` on ``device``, a (B, K, *rest) view of a (K, B, *rest) tensor (one copy)."""
+    out = torch.empty((t.shape[1], t.shape[0], *t.shape[2:]), device=device, dtype=dtype)  # (K, B, *rest)
+    return out.copy_(t.transpose(0, 1)).transpose(0, 1)
 
 
 def _batch_loss(model: nn.Module, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Mean over patients of each patient's mean session loss (the DP objective)."""
     b, k = y.shape
-    logits = model(mel.flatten(0, 1), markers.flatten(0, 1)).view(b, k)
+    logits = model(session_rows(mel), session_rows(markers)).view(k, b).t()  # (B, K)
     per = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
     return ((per * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()
