@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+WIDE = (torch.float32, torch.float64)  # dtypes rows are kept in; narrower ones (bf16 under autocast) are summed into float32
 LayerGrads = Callable[..., dict[str, torch.Tensor]]  # (layer, x, g, B[, forward state]) -> {attribute: (B, *shape)}
 ForwardState = Callable[[nn.Module, torch.Tensor], object]  # (layer, output) -> what the rule needs from the forward pass
 
@@ -93,9 +94,9 @@ def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, sta
             args = (layer.stride, layer.padding, layer.dilation, False, (0,), layer.groups, (False, True, False))
             # the op behind torch.nn.grad.conv1d_weight, called directly: its Python wrapper costs ~10 µs × B × layers per step
             weight = torch.stack([torch.ops.aten.convolution_backward(gs[:, i], xs[:, i], w, None, *args)[1] for i in range(b)])  # (B, O, C/groups, k)
-        out["weight"] = weight.to(torch.promote_types(weight.dtype, torch.float32))  # bf16 under autocast: float32 rows
+        out["weight"] = weight if weight.dtype in WIDE else weight.float()  # bf16 under autocast: float32 rows
     if layer.bias is not None and layer.bias.requires_grad:
-        out["bias"] = g.unflatten(0, (-1, b)).sum((0, 3), dtype=torch.promote_types(g.dtype, torch.float32))  # (B, O)
+        out["bias"] = g.unflatten(0, (-1, b)).sum((0, 3), dtype=None if g.dtype in WIDE else torch.float32)  # (B, O)
     return out
 
 
