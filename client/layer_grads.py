@@ -33,14 +33,16 @@ class UnsupportedLayerError(ValueError):
 def linear_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, state: None = None) -> dict[str, torch.Tensor]:
     """x (N, *, in), g (N, *, out) -> weight (B, out, in) = Σ over a patient's rows of g xᵀ; bias (B, out)."""
     assert isinstance(layer, nn.Linear)
-    gk = g.reshape(-1, b, math.prod(g.shape[1:-1]), layer.out_features)  # (K, B, S, out)
+    gk = g.reshape(-1, b, math.prod(g.shape[1:-1]) * layer.out_features)  # (K, B, S·out)
     out = {}
     if layer.weight.requires_grad:
-        xk = x.reshape(-1, b, gk.shape[2], layer.in_features).to(g.dtype)  # (K, B, S, in)
-        # (B, out, K·S) @ (B, K·S, in): with S = 1 both are strided views, no copy
-        out["weight"] = torch.bmm(gk.permute(1, 3, 0, 2).flatten(2), xk.transpose(0, 1).flatten(1, 2))  # (B, out, in)
+        if g.dim() == 2:  # (B, out, K) @ (B, K, in): strided views of the session-major rows, no copy
+            out["weight"] = torch.bmm(gk.permute(1, 2, 0), x.to(g.dtype).reshape(-1, b, layer.in_features).transpose(0, 1))
+        else:  # (B, out, K·S) @ (B, K·S, in)
+            gs, xs = gk.unflatten(-1, (-1, layer.out_features)), x.to(g.dtype).reshape(-1, b, gk.shape[-1] // layer.out_features, layer.in_features)  # (K, B, S, out), (K, B, S, in)
+            out["weight"] = torch.bmm(gs.permute(1, 3, 0, 2).flatten(2), xs.transpose(0, 1).flatten(1, 2))
     if layer.bias is not None and layer.bias.requires_grad:
-        out["bias"] = gk.sum((0, 2))  # (B, out)
+        out["bias"] = gk.reshape(gk.shape[0], b, -1, layer.out_features).sum((0, 2))  # (B, out)
     return out
 
 
