@@ -353,3 +353,16 @@ def test_flat_clipped_sum_accumulates_like_opacus_and_respects_gradients_set_by_
         opt.zero_grad(set_to_none=True)
     for mine, reference in zip(*sums, strict=True):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_secure_mode_uses_opacus_noise_and_still_averages_by_the_expected_batch() -> None:
+    """secure_mode: Opacus' own per-parameter noise sets p.grad; the averaging then divides those (not a stale flat vector)."""
+    params, samples = _grad_samples(8)
+    start = [p.detach().clone() for p in params]
+    opt = CpuNoiseDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=4.0, max_grad_norm=0.5, expected_batch_size=4, secure_mode=True)
+    for p, s in zip(params, samples, strict=True):
+        p.grad_sample = s.clone()
+    opt.step()
+    update = torch.cat([(s - p.detach()).flatten() for p, s in zip(params, start, strict=True)])
+    assert torch.isfinite(update).all()
+    assert float(update.std()) == pytest.approx(4.0 * 0.5 / 4, rel=0.15)  # σC / expected batch, as in the seeded path
