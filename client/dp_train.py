@@ -2,7 +2,7 @@
 
 Each patient's loss is averaged over at most ``max_sessions`` of their labelled sessions and
 differentiated per patient by one of the strategies in :mod:`client.patient_grads` (Opacus
-per-session hooks summed per patient, or ``torch.func.vmap``); the result is placed in
+per-session hooks summed per patient, ``torch.func.vmap``, or the default one-pass ``grouped`` rule over session-major rows); the result is placed in
 ``p.grad_sample`` and :class:`CpuNoiseDPOptimizer` (Opacus' :class:`DPOptimizer`, acting on all
 parameters at once) clips each patient's gradient to C, adds Gaussian noise σC and steps. Patients are Poisson-sampled at rate q
 (Abadi et al. 2016, Alg. 1), which is what the accountant assumes.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -19,7 +20,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from client.dataset import PatientTensors
-from client.patient_grads import DEFAULT_GRADS, make_patient_grads, patient_loss_fn
+from client.patient_grads import DEFAULT_GRADS, make_patient_grads, patient_loss_fn, session_rows
 from client.predict import predict
 
 __all__ = ["CpuNoiseDPOptimizer", "StepStats", "clip_and_sum", "make_optimizer", "patient_loss_fn", "predict", "train_dp", "train_plain"]
@@ -43,10 +44,17 @@ def clip_and_sum(grad_samples: list[torch.Tensor], *, max_grad_norm: float) -> t
     operations per parameter. Norms and sums are float32 whatever the rows' dtype (bf16 under
     autocast), so rounding cannot push a row past C.
     """
-    flat = torch.cat([g.reshape(g.shape[0], math.prod(g.shape[1:])).float() for g in grad_samples], dim=1)  # (B, D)
+    flat = torch.cat([g.reshape(g.shape[0], math.prod(g.shape[1:])) for g in grad_samples], dim=1).float()  # (B, D); cat promotes mixed dtypes
     norms = torch.linalg.vector_norm(flat, dim=1)  # (B,)
     factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # (B,)
     return factors @ flat, norms  # (D,), (B,)
+
+
+class _Flat(NamedTuple):
+    """A (D,) vector and the per-parameter views of it that were handed out as ``p.summed_grad`` or ``p.grad``."""
+
+    flat: torch.Tensor  # (D,)
+    views: list[torch.Tensor]  # views[i]: (*shape_i), slice i of flat
 
 
 class CpuNoiseDPOptimizer(DPOptimizer):
@@ -55,23 +63,33 @@ class CpuNoiseDPOptimizer(DPOptimizer):
     The same seed then gives the same noise on CPU and GPU, so a site's result does not
     depend on its hardware beyond floating-point rounding. Clipping, noise and averaging are
     Opacus' (same clip factor, same σC noise, same division by the expected batch size) but
-    act on all parameters together (:func:`clip_and_sum`, one noise draw of D values, one
-    foreach division): Opacus' per-parameter loops cost ≈ 0.6 ms per step, as much as the
-    rest of the DP overhead on the default model (``fedrelapse bench dp-step``).
+    act on all parameters together: the clipped sum (:func:`clip_and_sum`) and the noisy
+    gradient are each one flat (D,) vector whose slices are the parameters' ``summed_grad`` and
+    ``grad`` (views, no copies), so the noise is one draw and one addition and the averaging one
+    division. Opacus' per-parameter loops cost ≈ 0.6 ms per step, as much as the rest of the DP
+    overhead on the default model (``fedrelapse bench dp-step``). Anything else that set these
+    attributes (Opacus' secure-mode noise, a caller) is read per parameter, as before.
     """
+
+    _summed: _Flat | None = None  # the flat clipped sum behind every p.summed_grad
+    _noisy: _Flat | None = None  # the flat noisy gradient behind every p.grad
+
+    @property
+    def grad_samples(self) -> list[torch.Tensor]:
+        """Every parameter's (B, *shape) per-sample gradient (Opacus' property, without its per-parameter checks for a single tensor)."""
+        samples = [getattr(p, "grad_sample", None) for p in self.params]
+        return [s if isinstance(s, torch.Tensor) else self._get_flat_grad_sample(p) for p, s in zip(self.params, samples, strict=True)]
 
     def clip_and_accumulate(self) -> None:
         params = self.params
-        samples = [self._get_flat_grad_sample(p) for p in params]  # (B, *shape) each
+        samples = self.grad_samples  # (B, *shape) each
         for p in params:
             _check_processed_flag(p.grad_sample)
         summed, _ = clip_and_sum(samples, max_grad_norm=self.max_grad_norm)  # (D,) float32
-        for p, grad in zip(params, summed.split([p.numel() for p in params]), strict=True):
-            grad = grad.view_as(p).to(p.dtype)
-            if p.summed_grad is not None:
-                p.summed_grad += grad
-            else:
-                p.summed_grad = grad
+        if any(p.summed_grad is not None for p in params):  # accumulating physical batches into one step
+            summed = summed + self._flat(params, "summed_grad", self._summed)
+        self._summed = _share(summed, params, "summed_grad")
+        for p in params:
             _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
@@ -81,26 +99,62 @@ class CpuNoiseDPOptimizer(DPOptimizer):
         params = self.params
         for p in params:
             _check_processed_flag(p.summed_grad)
-        summed = torch.cat([p.summed_grad.reshape(-1) for p in params])  # (D,)
+        summed = self._flat(params, "summed_grad", self._summed)  # (D,)
         std = self.noise_multiplier * self.max_grad_norm
         # One draw and one host-to-device copy for all parameters, not one per parameter (on a GPU
         # each small copy is a synchronous transfer); the i-th parameter takes the i-th slice.
         noise = torch.normal(0.0, std, size=summed.shape, generator=self.generator, device="cpu")  # (D,) float32
-        noisy = summed + noise.to(device=summed.device, dtype=summed.dtype)  # (D,)
-        for p, grad in zip(params, noisy.split([p.numel() for p in params]), strict=True):
-            p.grad = grad.view_as(p).to(p.dtype)
+        self._noisy = _share(summed + noise.to(device=summed.device, dtype=summed.dtype), params, "grad")
+        for p in params:
             _mark_as_processed(p.summed_grad)
 
     prox_mu: float = 0.0
     prox_ref: list[torch.Tensor] | None = None
 
     def scale_grad(self) -> None:
-        """Opacus' averaging (one foreach division), then FedProx's μ(w - w_global): added after
-        the noise because it depends on no patient's data, so it changes nothing in the privacy
-        accounting."""
+        """Opacus' averaging (one division of the flat noisy gradient), then FedProx's μ(w - w_global):
+        added after the noise because it depends on no patient's data, so it changes nothing in
+        the privacy accounting."""
+        params = self.params
         if self.loss_reduction == "mean":
-            torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
-        add_prox(self.params, self.prox_ref, self.prox_mu)
+            divisor = self.expected_batch_size * self.accumulated_iterations
+            if _still_views(params, "grad", self._noisy):
+                self._noisy.flat.div_(divisor)
+            else:
+                torch._foreach_div_([p.grad for p in params], divisor)
+        add_prox(params, self.prox_ref, self.prox_mu)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)
+        if not self._is_last_step_skipped:  # Opacus kept summed_grad otherwise
+            self._summed = None
+        if set_to_none:
+            self._noisy = None
+
+    @staticmethod
+    def _flat(params: list[nn.Parameter], attr: str, stored: _Flat | None) -> torch.Tensor:
+        """(D,): every parameter's ``attr`` in order (None as zeros), the stored flat vector itself while they still are its views."""
+        if _still_views(params, attr, stored):
+            return stored.flat
+        return torch.cat([torch.zeros_like(p).reshape(-1) if getattr(p, attr) is None else getattr(p, attr).reshape(-1) for p in params])
+
+
+def _share(flat: torch.Tensor, params: list[nn.Parameter], attr: str) -> _Flat | None:
+    """Set each parameter's ``attr`` to its slice of ``flat`` (D,) in the parameters' dtype: views of one
+    converted vector when they share a dtype (returned), else per-parameter copies (None)."""
+    dtypes = {p.dtype for p in params}
+    shared = len(dtypes) == 1
+    if shared:
+        flat = flat.to(dtypes.pop())
+    views = [v.view_as(p) if shared else v.view_as(p).to(p.dtype) for v, p in zip(flat.split([p.numel() for p in params]), params, strict=True)]
+    for p, v in zip(params, views, strict=True):
+        setattr(p, attr, v)
+    return _Flat(flat, views) if shared else None
+
+
+def _still_views(params: list[nn.Parameter], attr: str, stored: _Flat | None) -> bool:
+    """Whether every parameter's ``attr`` is still the view of ``stored`` that :func:`_share` set."""
+    return stored is not None and len(stored.views) == len(params) and all(getattr(p, attr) is v for p, v in zip(params, stored.views, strict=True))
 
 
 def add_prox(params: list[torch.Tensor], ref: list[torch.Tensor] | None, mu: float) -> None:
@@ -241,19 +295,31 @@ def train_plain(
 
 
 def _batch(data: PatientTensors, idx: torch.Tensor, max_sessions: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The patients ``idx``: mel (B, K, n_mels, F) float32 and markers (B, K, M) stored session-major.
+
+    Their storage is (K, B, ...), so :func:`client.patient_grads.session_rows` gives the model's
+    session-major rows without another copy. ``index_select`` then one converting copy: advanced
+    indexing (``mel[idx]``) of the float16 log-mels took ~0.5 ms of a ~9 ms step on CPU.
+    """
     m = bound_sessions(data.mask[idx], max_sessions, generator)
     on = idx.to(data.mel.device)  # gather where the tensors live (the device, after PatientTensors.on)
     return (
-        data.mel[on].to(device=device, dtype=torch.float32),  # (B, K, n_mels, F)
-        data.markers[on].to(device),  # (B, K, M)
-        data.labels[on].to(device),  # (B, K)
+        _session_major(data.mel.index_select(0, on), device=device, dtype=torch.float32),  # (B, K, n_mels, F)
+        _session_major(data.markers.index_select(0, on), device=device, dtype=data.markers.dtype),  # (B, K, M)
+        data.labels.index_select(0, on).to(device),  # (B, K)
         m.to(device=device, dtype=torch.float32),  # (B, K)
     )
+
+
+def _session_major(t: torch.Tensor, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(B, K, *rest) -> the same values as ``dtype`` on ``device``, a (B, K, *rest) view of a (K, B, *rest) tensor (one copy)."""
+    out = torch.empty((t.shape[1], t.shape[0], *t.shape[2:]), device=device, dtype=dtype)  # (K, B, *rest)
+    return out.copy_(t.transpose(0, 1)).transpose(0, 1)
 
 
 def _batch_loss(model: nn.Module, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Mean over patients of each patient's mean session loss (the DP objective)."""
     b, k = y.shape
-    logits = model(mel.flatten(0, 1), markers.flatten(0, 1)).view(b, k)
+    logits = model(session_rows(mel), session_rows(markers)).view(k, b).t()  # (B, K)
     per = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
     return ((per * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()

@@ -1,11 +1,12 @@
 """Per-patient parameter gradients of one layer from its input and its output's gradient.
 
 The ``grouped`` strategy of :mod:`client.patient_grads` runs one ordinary forward and backward
-pass over all B·K sessions of a batch, keeping each trainable layer's input ``x`` (rows
-N = B·K, patient-major) and the gradient ``g`` of the summed patient losses with respect to
-the layer's output. A session's rows touch no other session's, so ``g`` row n is the gradient
-of its own patient's loss alone, and a patient's parameter gradient is the contraction of
-``x`` and ``g`` over that patient's K sessions (and positions): the same multiply-adds as the
+pass over all B·K sessions of a batch, keeping each trainable layer's input ``x`` and the
+gradient ``g`` of the summed patient losses with respect to the layer's output. Rows are
+*session-major*: row n = k·B + b is patient b's k-th session, so x (N, *) is a (K, B, *) block
+without a copy. A session's rows touch no other session's, so ``g`` row n is the gradient of
+its own patient's loss alone, and a patient's parameter gradient is the contraction of ``x``
+and ``g`` over that patient's K sessions (and positions): the same multiply-adds as the
 ordinary weight gradient, grouped by patient instead of summed over the batch. Padded
 sessions carry ``g = 0`` (their loss weight is 0), exactly as in the patient's loss.
 
@@ -14,11 +15,13 @@ Each function returns ``{attribute: (B, *param.shape)}`` for the layer's trainab
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+WIDE = (torch.float32, torch.float64)  # dtypes rows are kept in; narrower ones (bf16 under autocast) are summed into float32
 LayerGrads = Callable[..., dict[str, torch.Tensor]]  # (layer, x, g, B[, forward state]) -> {attribute: (B, *shape)}
 ForwardState = Callable[[nn.Module, torch.Tensor], object]  # (layer, output) -> what the rule needs from the forward pass
 
@@ -30,69 +33,72 @@ class UnsupportedLayerError(ValueError):
 def linear_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, state: None = None) -> dict[str, torch.Tensor]:
     """x (N, *, in), g (N, *, out) -> weight (B, out, in) = Σ over a patient's rows of g xᵀ; bias (B, out)."""
     assert isinstance(layer, nn.Linear)
-    g = g.reshape(b, -1, layer.out_features)  # (B, K·S, out)
+    gk = g.reshape(-1, b, math.prod(g.shape[1:-1]) * layer.out_features)  # (K, B, S·out)
     out = {}
     if layer.weight.requires_grad:
-        out["weight"] = torch.bmm(g.transpose(1, 2), x.reshape(b, -1, layer.in_features).to(g.dtype))  # (B, out, in)
+        if g.dim() == 2:  # (B, out, K) @ (B, K, in): strided views of the session-major rows, no copy
+            out["weight"] = torch.bmm(gk.permute(1, 2, 0), x.to(g.dtype).reshape(-1, b, layer.in_features).transpose(0, 1))
+        else:  # (B, out, K·S) @ (B, K·S, in)
+            gs, xs = gk.unflatten(-1, (-1, layer.out_features)), x.to(g.dtype).reshape(-1, b, gk.shape[-1] // layer.out_features, layer.in_features)  # (K, B, S, out), (K, B, S, in)
+            out["weight"] = torch.bmm(gs.permute(1, 3, 0, 2).flatten(2), xs.transpose(0, 1).flatten(1, 2))
     if layer.bias is not None and layer.bias.requires_grad:
-        out["bias"] = g.sum(1)  # (B, out)
+        out["bias"] = gk.reshape(gk.shape[0], b, -1, layer.out_features).sum((0, 2))  # (B, out)
     return out
 
 
-# Up to this many per-session weight-gradient values (N sessions × the weight's numel) a conv
-# layer's per-patient weight gradients come from ONE grouped call over all sessions
-# (:func:`_per_session_conv1d_weight`), summed per patient; above it (wide layers, where the
-# (N, *weight) rows would take memory), one call per patient. Measured on the 2-core AMD EPYC
-# in the default model (8 patients × 12 sessions, ms, min of 30, 2 / 1 torch threads): first
-# conv (32 → 16 channels, 600 frames) 1.49-1.57 vs 1.78-2.12 per patient / 3.0 vs 3.0; second
-# conv (16 → 16, 300 frames) 0.57 vs 0.70-0.72 with the earlier patients-as-groups call /
-# 0.70 vs 0.76. On a GPU it is one kernel call instead of B.
-SESSION_ROWS_AT_MOST = 1 << 22
+# Up to this many weight values (O · C/groups · k) a conv layer's per-patient weight gradients
+# come from ONE weight-gradient call with the patients as channel groups
+# (:func:`_session_major_conv1d_weight`); above it, from one call per patient. Both produce
+# only the (B, *weight) result, so the limit is about speed, not memory: on the 2-core AMD EPYC
+# (8 patients × 12 sessions, 2 threads, ms) the one call beats the per-patient loop from
+# 16 → 16 channels (0.55 vs 1.46) to 256 → 256 (15.0 vs 18.3, k = 5) but loses at
+# 512 → 512 (78.6 vs 51.6), where the grouped kernel no longer blocks well. On a GPU it is one
+# kernel call instead of B.
+ONE_CALL_WEIGHT_AT_MOST = 1 << 19
 
 
-def _per_session_conv1d_weight(layer: nn.Conv1d, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: int) -> torch.Tensor:
-    """x (N, C, L_in), g (N, O, L_out) -> (B, O, C/groups, k) from ONE weight-gradient call.
+def _session_major_conv1d_weight(layer: nn.Conv1d, x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: int) -> torch.Tensor:
+    """x (N, C, L_in), g (N, O, L_out), session-major rows -> (B, O, C/groups, k) from ONE weight-gradient call.
 
-    Sessions become channel groups of a batch of one: a convolution of (1, N·C, L_in) with
-    N·groups groups has weight (N·O, C/groups, k), whose block n is session n's own weight
-    gradient (no copy of x or g: patient-major rows are already channel blocks); the K blocks
-    of each patient are then summed.
+    Contiguous session-major rows already are a batch of K with the B patients as channel
+    blocks: x is (K, B·C, L_in) and g (K, B·O, L_out) without a copy. A convolution with
+    B·groups groups has weight (B·O, C/groups, k), whose block b is patient b's own weight
+    gradient, and the kernel's sum over the batch is the sum over the patient's K sessions.
     """
-    n = x.shape[0]
-    args = (layer.stride, layer.padding, layer.dilation, False, (0,), layer.groups * n, (False, True, False))
+    args = (layer.stride, layer.padding, layer.dilation, False, (0,), layer.groups * b, (False, True, False))
     # The weight only gives the shape here: its values enter the input's gradient, which is not asked for.
-    shape_only = w.new_empty((n * w.shape[0], *w.shape[1:]))  # (N·O, C/groups, k)
-    rows = torch.ops.aten.convolution_backward(g.reshape(1, -1, g.shape[-1]), x.reshape(1, -1, x.shape[-1]), shape_only, None, *args)[1]  # (N·O, C/groups, k)
-    return rows.view(b, n // b, *w.shape).sum(1, dtype=torch.promote_types(rows.dtype, torch.float32))  # (B, O, C/groups, k); bf16 rows summed in float32
+    shape_only = w.new_empty((b * w.shape[0], *w.shape[1:]))  # (B·O, C/groups, k)
+    rows = torch.ops.aten.convolution_backward(g.view(-1, b * g.shape[1], g.shape[2]), x.view(-1, b * x.shape[1], x.shape[2]), shape_only, None, *args)[1]  # (B·O, C/groups, k)
+    return rows.view(b, *w.shape)  # (B, O, C/groups, k)
 
 
-def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, state: None = None, *, per_session: bool | None = None) -> dict[str, torch.Tensor]:
+def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, state: None = None, *, one_call: bool | None = None) -> dict[str, torch.Tensor]:
     """x (N, C, L_in), g (N, O, L_out) -> weight (B, O, C/groups, k); bias (B, O).
 
     The ordinary weight-gradient convolution (the kernel the plain backward pass uses, as in
-    ``torch.nn.grad.conv1d_weight``), either once over all sessions as channel groups
-    (:func:`_per_session_conv1d_weight`, while the per-session rows stay under
-    :data:`SESSION_ROWS_AT_MOST` values) or once per patient over their K sessions;
-    ``per_session`` forces either way. A vmapped (grouped) convolution or an im2col matmul
-    costs 3-4× the batch's single weight gradient on CPU; these cost 1.1-1.3×.
+    ``torch.nn.grad.conv1d_weight``), either once with the patients as channel groups
+    (:func:`_session_major_conv1d_weight`, while the weight has at most
+    :data:`ONE_CALL_WEIGHT_AT_MOST` values) or once per patient over their K sessions;
+    ``one_call`` forces either way. A vmapped (grouped) convolution or an im2col matmul costs
+    3-4× the batch's single weight gradient on CPU; the one call costs about the same as it.
     """
     assert isinstance(layer, nn.Conv1d)
     if x.dim() != 3:
         raise UnsupportedLayerError(f"Conv1d got an input of shape {tuple(x.shape)}; the `grouped` per-patient gradients need batched (N, C, L) inputs.")
-    gs = g.unflatten(0, (b, -1))  # (B, K, O, L_out)
     out = {}
     if layer.weight.requires_grad:
         x = x.to(g.dtype).contiguous()  # (N, C, L_in)
         w = layer.weight.detach().to(g.dtype)
-        if per_session if per_session is not None else x.shape[0] * w.numel() <= SESSION_ROWS_AT_MOST:
-            out["weight"] = _per_session_conv1d_weight(layer, x, g.contiguous(), w, b)
+        if one_call if one_call is not None else w.numel() <= ONE_CALL_WEIGHT_AT_MOST:
+            weight = _session_major_conv1d_weight(layer, x, g.contiguous(), w, b)
         else:
-            xs = x.unflatten(0, (b, -1))  # (B, K, C, L_in)
+            xs, gs = x.unflatten(0, (-1, b)), g.unflatten(0, (-1, b))  # (K, B, C, L_in), (K, B, O, L_out)
             args = (layer.stride, layer.padding, layer.dilation, False, (0,), layer.groups, (False, True, False))
             # the op behind torch.nn.grad.conv1d_weight, called directly: its Python wrapper costs ~10 µs × B × layers per step
-            out["weight"] = torch.stack([torch.ops.aten.convolution_backward(gs[i], xs[i], w, None, *args)[1] for i in range(b)])  # (B, O, C/groups, k)
+            weight = torch.stack([torch.ops.aten.convolution_backward(gs[:, i], xs[:, i], w, None, *args)[1] for i in range(b)])  # (B, O, C/groups, k)
+        out["weight"] = weight if weight.dtype in WIDE else weight.float()  # bf16 under autocast: float32 rows
     if layer.bias is not None and layer.bias.requires_grad:
-        out["bias"] = gs.sum((1, 3))  # (B, O)
+        out["bias"] = g.unflatten(0, (-1, b)).sum((0, 3), dtype=None if g.dtype in WIDE else torch.float32)  # (B, O)
     return out
 
 
@@ -129,9 +135,9 @@ def group_norm_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int,
             mean, rstd = (s.to(g.dtype).view(n, layer.num_groups, 1) for s in stats)  # (N, G, 1) each
             per_group = (n, layer.num_groups, c // layer.num_groups)
             sum_gxhat = (((gs * xs).sum(-1).view(per_group) - mean * sum_g.view(per_group)) * rstd).view(n, c)  # (N, C)
-        out["weight"] = sum_gxhat.view(b, -1, c).sum(1)  # (B, C)
+        out["weight"] = sum_gxhat.view(-1, b, c).sum(0)  # (B, C): each patient's K session rows
     if layer.bias is not None and layer.bias.requires_grad:
-        out["bias"] = sum_g.view(b, -1, c).sum(1)  # (B, C)
+        out["bias"] = sum_g.view(-1, b, c).sum(0)  # (B, C)
     return out
 
 

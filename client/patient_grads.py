@@ -7,12 +7,13 @@ one gradient per *patient*, so each strategy returns, for a batch of B patients,
 gradients up to float rounding (tested to 1e-5 on every model variant).
 
 * ``grouped`` (default: fastest on this model, ``fedrelapse bench dp-step``): no per-sample
-  machinery. One ordinary forward pass of all B·K sessions keeps each trainable layer's input;
-  one ``torch.autograd.grad`` of the summed patient losses gives the layers' output gradients
-  (and no parameter gradients); then :mod:`client.layer_grads` contracts input and output
-  gradient over each patient's own sessions (Linear: a ``bmm``; Conv1d: the ordinary
-  weight-gradient convolution, once over all sessions as channel groups, then summed per
-  patient; GroupNorm: sums with the forward pass's own statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
+  machinery. One ordinary forward pass of all B·K sessions, as session-major rows
+  (:func:`session_rows`), keeps each trainable layer's input; one ``torch.autograd.grad`` of the
+  summed patient losses gives the layers' output gradients (and no parameter gradients); then
+  :mod:`client.layer_grads` contracts input and output gradient over each patient's own
+  sessions (Linear: a ``bmm``; Conv1d: the ordinary weight-gradient convolution, once, with
+  the patients as channel groups and the sessions as its batch; GroupNorm: sums with the
+  forward pass's own statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
   sessions get a zero output gradient from the masked loss; a probe on the first batch refuses
   a model whose forward mixes sessions anyway. A layer type without a rule is refused by name,
   and :func:`make_patient_grads` then warns and uses ``functorch``.
@@ -72,6 +73,17 @@ def patient_loss_fn(model: nn.Module) -> Callable[..., torch.Tensor]:
     return loss
 
 
+def session_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, K, *rest) per patient -> (K·B, *rest) session-major rows: row k·B + b is patient b's session k.
+
+    A view when ``t``'s storage is (K, B, *rest), as :func:`client.dp_train._batch` lays a
+    batch out; a copy otherwise. In this order a layer's rows are K blocks of all B patients,
+    which is what lets :mod:`client.layer_grads` give a Conv1d's per-patient weight gradients
+    in one call.
+    """
+    return t.transpose(0, 1).reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
 def patient_losses(logits: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """(B, K) logits, labels, mask -> (B,) each patient's mean loss over their labelled sessions."""
     per = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")  # (B, K)
@@ -129,7 +141,7 @@ class LayerCall(NamedTuple):
     layer: str
     module: nn.Module
     params: list[tuple[str, str]]  # (attribute, model parameter name)
-    x: torch.Tensor  # the layer's input, rows N = B·K
+    x: torch.Tensor  # the layer's input, rows N = K·B session-major
     version: int  # x._version when the layer read it
     output: torch.Tensor
     state: object  # what the layer's rule keeps from the forward pass (GroupNorm: its statistics)
@@ -173,21 +185,22 @@ class GroupedGrads:
 
         return hook
 
-    def check_sessions_independent(self, mel: torch.Tensor, markers: torch.Tensor) -> None:
+    def check_sessions_independent(self, rows_mel: torch.Tensor, rows_markers: torch.Tensor) -> None:
         """Refuse a model in which one session's output depends on another session of the batch.
 
         The per-patient rows are exact only if no operation mixes rows (no batch statistics,
         no attention or pooling across the batch); otherwise a patient's row would carry other
         patients' data and clipping it would not bound that patient's influence. Probe: two
-        sessions, then the same two with the first one changed, under the same random state
-        (dropout draws alike); the second session's output must not move.
+        sessions of the rows (N, n_mels, F), (N, M), then the same two with the first one
+        changed, under the same random state (dropout draws alike); the second session's output
+        must not move.
         """
-        rows_mel, rows_markers = mel.flatten(0, 1)[:2], markers.flatten(0, 1)[:2]  # (2, n_mels, F), (2, M)
+        rows_mel, rows_markers = rows_mel[:2], rows_markers[:2]  # (2, n_mels, F), (2, M)
         if rows_mel.shape[0] < 2:
             return
         changed_mel, changed_markers = rows_mel.clone(), rows_markers.clone()
         changed_mel[0], changed_markers[0] = changed_mel[0] * 3 + 1, changed_markers[0] * 3 + 1
-        devices = [mel.device.index or 0] if mel.device.type == "cuda" else []
+        devices = [rows_mel.device.index or 0] if rows_mel.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             cpu_state = torch.random.get_rng_state()
             cuda_state = torch.cuda.get_rng_state(devices[0]) if devices else None
@@ -206,11 +219,12 @@ class GroupedGrads:
     def forward_backward(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[list[LayerCall], torch.Tensor]:
         """The ordinary pass: every trainable layer call with its output gradient, and the (B,) patient losses."""
         b, k = y.shape
+        rows_mel, rows_markers = session_rows(mel), session_rows(markers)  # (K·B, n_mels, F), (K·B, M)
         if not self.rows_checked:
-            self.check_sessions_independent(mel, markers)
+            self.check_sessions_independent(rows_mel, rows_markers)
         self.calls = []
         try:
-            logits = self.model(mel.flatten(0, 1), markers.flatten(0, 1)).view(b, k)  # (B, K)
+            logits = self.model(rows_mel, rows_markers).view(k, b).t()  # (B, K)
         finally:
             calls, self.calls = self.calls, None
         losses = patient_losses(logits, y, m)  # (B,)
@@ -261,12 +275,12 @@ class HookGrads:
         b, k = y.shape
         for _, p in self.named:
             p.grad_sample = None
-        logits = self.gsm(mel.flatten(0, 1), markers.flatten(0, 1)).view(b, k)  # (B, K)
+        logits = self.gsm(session_rows(mel), session_rows(markers)).view(k, b).t()  # (B, K)
         losses = patient_losses(logits, y, m)  # (B,)
         with warnings.catch_warnings():  # the first layer's input needs no grad; torch says so each step
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses.sum().backward()
-        grads = {n: p.grad_sample.view(b, k, *p.shape).sum(1) for n, p in self.named}  # (B, *shape)
+        grads = {n: p.grad_sample.view(k, b, *p.shape).sum(0) for n, p in self.named}  # (B, *shape): session-major rows
         for _, p in self.named:
             p.grad_sample = None
             p.grad = None  # the ordinary summed gradient is not used

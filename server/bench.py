@@ -224,6 +224,7 @@ def _ghost_per_session(model: torch.nn.Module, data: PatientTensors, *, steps: i
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
     from client.dp_train import _batch, poisson_sample
+    from client.patient_grads import session_rows
 
     gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=True)
     opt = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=None, loss_reduction="sum")
@@ -233,9 +234,9 @@ def _ghost_per_session(model: torch.nn.Module, data: PatientTensors, *, steps: i
             if len(idx) == 0:
                 continue
             mel, markers, y, m = _batch(data, idx, max_sessions, generator, device)
-            logits = gsm(mel.flatten(0, 1), markers.flatten(0, 1))  # (B*K,)
-            per = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.flatten(), reduction="none")
-            weight = (m / m.sum(1, keepdim=True).clamp(min=1.0)).flatten()  # (B*K,)
+            logits = gsm(session_rows(mel), session_rows(markers))  # (K·B,) session-major rows
+            per = torch.nn.functional.binary_cross_entropy_with_logits(logits, session_rows(y), reduction="none")
+            weight = session_rows(m / m.sum(1, keepdim=True).clamp(min=1.0))  # (K·B,)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 DPTensorFastGradientClipping(gsm, opt, per * weight, "sum").backward()

@@ -326,3 +326,43 @@ def test_an_empty_poisson_batch_still_takes_a_pure_noise_step() -> None:
     moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - start
     assert stats.mean_batch == 0.0
     assert float(moved.std()) == pytest.approx(1.0 / max(1, int(P * 1e-9)), rel=0.2)  # σC / expected batch (1)
+
+
+def test_flat_clipped_sum_accumulates_like_opacus_and_respects_gradients_set_by_hand() -> None:
+    """summed_grad / grad are views of one flat vector; two accumulated batches equal Opacus'; a summed_grad replaced by hand is what gets noised and averaged."""
+    from opacus.optimizers import DPOptimizer
+
+    params, samples = _grad_samples(8)
+    ours = CpuNoiseDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=4)
+    opacus = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=4)
+    sums = []
+    for opt in (ours, opacus):
+        for half in (slice(0, 4), slice(4, 8)):  # two physical batches into one logical step
+            for p, s in zip(params, samples, strict=True):
+                p.grad_sample = s[half].clone()
+            opt.clip_and_accumulate()
+        sums.append([p.summed_grad.clone() for p in params])
+        if opt is ours:
+            assert len({p.summed_grad.untyped_storage().data_ptr() for p in params}) == 1  # one flat vector
+            params[2].summed_grad = torch.full_like(params[2], 3.0)  # set by hand: must be used as it is
+            opt.add_noise()
+            opt.scale_grad()
+            assert len({p.grad.untyped_storage().data_ptr() for p in params if p is not params[2]}) == 1
+            torch.testing.assert_close(params[2].grad, torch.full_like(params[2], 3.0 / 4))
+            torch.testing.assert_close(params[0].grad, sums[0][0] / 4)
+        opt.zero_grad(set_to_none=True)
+    for mine, reference in zip(*sums, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_secure_mode_uses_opacus_noise_and_still_averages_by_the_expected_batch() -> None:
+    """secure_mode: Opacus' own per-parameter noise sets p.grad; the averaging then divides those (not a stale flat vector)."""
+    params, samples = _grad_samples(8)
+    start = [p.detach().clone() for p in params]
+    opt = CpuNoiseDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=4.0, max_grad_norm=0.5, expected_batch_size=4, secure_mode=True)
+    for p, s in zip(params, samples, strict=True):
+        p.grad_sample = s.clone()
+    opt.step()
+    update = torch.cat([(s - p.detach()).flatten() for p, s in zip(params, start, strict=True)])
+    assert torch.isfinite(update).all()
+    assert float(update.std()) == pytest.approx(4.0 * 0.5 / 4, rel=0.15)  # σC / expected batch, as in the seeded path

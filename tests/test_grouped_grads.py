@@ -174,7 +174,7 @@ def test_group_norm_rule_gives_the_same_with_forward_statistics_or_recomputed() 
 def test_grouped_handles_dropout_with_the_forward_pass_own_masks() -> None:
     """functorch's vmap refuses random ops; grouped's rows come from one ordinary pass, so with the
     same dropout draws their sum over patients is the ordinary gradient of the summed losses."""
-    from client.patient_grads import patient_losses
+    from client.patient_grads import patient_losses, session_rows
 
     torch.manual_seed(0)
     model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2, dropout=0.5), n_mels=N_MELS, n_markers=N_MODEL_MARKERS).train()
@@ -182,7 +182,7 @@ def test_grouped_handles_dropout_with_the_forward_pass_own_masks() -> None:
     torch.manual_seed(7)
     grads, losses = per_patient(model, "grouped", (mel, markers, y, m))
     torch.manual_seed(7)
-    ordinary = patient_losses(model(mel.flatten(0, 1), markers.flatten(0, 1)).view(B, K), y, m)
+    ordinary = patient_losses(model(session_rows(mel), session_rows(markers)).view(K, B).t(), y, m)  # the same rows, the same dropout draws
     ordinary.sum().backward()
     torch.testing.assert_close(losses, ordinary.detach())
     for name, p in model.named_parameters():
@@ -241,33 +241,51 @@ def test_the_functorch_fallback_handles_a_model_with_dropout() -> None:
 
 
 @pytest.mark.parametrize(("groups", "stride", "dilation", "padding"), [(1, 2, 1, 2), (2, 1, 2, 3), (4, 3, 1, 0)])
-def test_per_session_conv_weight_gradients_equal_one_call_per_patient(groups: int, stride: int, dilation: int, padding: int) -> None:
+def test_one_call_conv_weight_gradients_equal_one_call_per_patient(groups: int, stride: int, dilation: int, padding: int) -> None:
     from client.layer_grads import conv1d_grads
 
     torch.manual_seed(1)
     b, k = 3, 4
     layer = nn.Conv1d(8, 4, 5, stride=stride, dilation=dilation, padding=padding, groups=groups)
-    x = torch.randn(b * k, 8, 37)  # (N, C, L), patient-major rows
+    x = torch.randn(k * b, 8, 37)  # (N, C, L), session-major rows: patient i's are x[i::b]
     g = torch.randn_like(layer(x))  # (N, O, L_out)
-    g[k:2 * k][-1] = 0  # a padded session of patient 1
-    per, sessions = (conv1d_grads(layer, x, g, b, per_session=s) for s in (False, True))
-    torch.testing.assert_close(sessions["weight"], per["weight"], rtol=1e-5, atol=1e-5)
+    g[(k - 1) * b + 1] = 0  # a padded (last) session of patient 1
+    per, one = (conv1d_grads(layer, x, g, b, one_call=s) for s in (False, True))
+    torch.testing.assert_close(one["weight"], per["weight"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one["bias"], torch.stack([g[i::b].sum((0, 2)) for i in range(b)]))
     for i in range(b):  # and both are patient i's ordinary gradient
-        torch.testing.assert_close(per["weight"][i], torch.nn.grad.conv1d_weight(x[i * k:(i + 1) * k], layer.weight.shape, g[i * k:(i + 1) * k], stride=stride, padding=padding, dilation=dilation, groups=groups), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(per["weight"][i], torch.nn.grad.conv1d_weight(x[i::b], layer.weight.shape, g[i::b], stride=stride, padding=padding, dilation=dilation, groups=groups), rtol=1e-5, atol=1e-5)
+
+
+def test_session_rows_are_session_major_and_free_for_a_batch_laid_out_by_dp_train() -> None:
+    from client.dataset import PatientTensors
+    from client.dp_train import _batch
+    from client.patient_grads import session_rows
+
+    p, k = 6, 4
+    data = PatientTensors(torch.randn(p, k, N_MELS, F).half(), torch.randn(p, k, N_MODEL_MARKERS), torch.ones(p, k), torch.ones(p, k, dtype=torch.bool), tuple(map(str, range(p))))
+    idx = torch.tensor([4, 1, 3])
+    mel, markers, y, _ = _batch(data, idx, k, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert mel.shape == (3, k, N_MELS, F) and mel.dtype == torch.float32 and markers.shape == (3, k, N_MODEL_MARKERS)
+    assert torch.equal(mel, data.mel[idx].float()) and torch.equal(markers, data.markers[idx]) and torch.equal(y, data.labels[idx])
+    rows = session_rows(mel)  # (K·B, n_mels, F)
+    assert rows.data_ptr() == mel.data_ptr() and rows.is_contiguous()  # a view, no copy
+    assert torch.equal(rows[2 * 3 + 1], mel[1, 2])  # row k·B + b is patient b's session k
+    assert torch.equal(session_rows(markers), markers.transpose(0, 1).flatten(0, 1))
 
 
 def test_wide_conv_layers_use_one_call_per_patient_and_give_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above SESSION_ROWS_AT_MOST per-session values the rule loops over patients; the result is the same."""
+    """Above ONE_CALL_WEIGHT_AT_MOST weight values the rule loops over patients; the result is the same."""
     import client.layer_grads as layer_grads
 
     calls: list[int] = []
-    real = layer_grads._per_session_conv1d_weight
-    monkeypatch.setattr(layer_grads, "_per_session_conv1d_weight", lambda *a: calls.append(1) or real(*a))
+    real = layer_grads._session_major_conv1d_weight
+    monkeypatch.setattr(layer_grads, "_session_major_conv1d_weight", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2), n_mels=N_MELS, n_markers=N_MODEL_MARKERS)
     assert_same_as_functorch(model, batch(N_MODEL_MARKERS))
-    assert len(calls) == 2  # both convs, per session
-    monkeypatch.setattr(layer_grads, "SESSION_ROWS_AT_MOST", 0)
+    assert len(calls) == 2  # both convs, one call each
+    monkeypatch.setattr(layer_grads, "ONE_CALL_WEIGHT_AT_MOST", 0)
     assert_same_as_functorch(model, batch(N_MODEL_MARKERS))
     assert len(calls) == 2  # ...and none more: one call per patient instead
 
