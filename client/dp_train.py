@@ -20,7 +20,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from client.dataset import PatientTensors
-from client.patient_grads import DEFAULT_GRADS, make_patient_grads, patient_loss_fn, session_rows
+from client.patient_grads import DEFAULT_GRADS, make_patient_grads, patient_logits, patient_loss_fn, patient_losses
 from client.predict import predict
 
 __all__ = ["CpuNoiseDPOptimizer", "StepStats", "clip_and_sum", "make_optimizer", "patient_loss_fn", "predict", "train_dp", "train_plain"]
@@ -319,7 +319,4 @@ def _session_major(t: torch.Tensor, *, device: torch.device, dtype: torch.dtype)
 
 def _batch_loss(model: nn.Module, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Mean over patients of each patient's mean session loss (the DP objective)."""
-    b, k = y.shape
-    logits = model(session_rows(mel), session_rows(markers)).view(k, b).t()  # (B, K)
-    per = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
-    return ((per * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()
+    return patient_losses(patient_logits(model, mel, markers), y, m).mean()

@@ -84,6 +84,13 @@ def session_rows(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
+def patient_logits(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+    """mel (B, K, n_mels, F), markers (B, K, M) -> (B, K) logits: ``model`` run once over the
+    batch's session-major rows (:func:`session_rows`)."""
+    b, k = mel.shape[:2]
+    return model(session_rows(mel), session_rows(markers)).view(k, b).t()  # (B, K)
+
+
 def patient_losses(logits: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """(B, K) logits, labels, mask -> (B,) each patient's mean loss over their labelled sessions."""
     per = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")  # (B, K)
@@ -218,13 +225,11 @@ class GroupedGrads:
 
     def forward_backward(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[list[LayerCall], torch.Tensor]:
         """The ordinary pass: every trainable layer call with its output gradient, and the (B,) patient losses."""
-        b, k = y.shape
-        rows_mel, rows_markers = session_rows(mel), session_rows(markers)  # (K·B, n_mels, F), (K·B, M)
         if not self.rows_checked:
-            self.check_sessions_independent(rows_mel, rows_markers)
+            self.check_sessions_independent(session_rows(mel), session_rows(markers))  # (K·B, n_mels, F), (K·B, M)
         self.calls = []
         try:
-            logits = self.model(rows_mel, rows_markers).view(k, b).t()  # (B, K)
+            logits = patient_logits(self.model, mel, markers)  # (B, K)
         finally:
             calls, self.calls = self.calls, None
         losses = patient_losses(logits, y, m)  # (B,)
@@ -275,7 +280,7 @@ class HookGrads:
         b, k = y.shape
         for _, p in self.named:
             p.grad_sample = None
-        logits = self.gsm(session_rows(mel), session_rows(markers)).view(k, b).t()  # (B, K)
+        logits = patient_logits(self.gsm, mel, markers)  # (B, K)
         losses = patient_losses(logits, y, m)  # (B,)
         with warnings.catch_warnings():  # the first layer's input needs no grad; torch says so each step
             warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -22,7 +22,7 @@ def get_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
 
 def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Every parameter and buffer's shape, by name (what :func:`check_arrays` compares against)."""
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return layout(model.state_dict())
 
 
 def check_arrays(expected: Mapping[str, tuple[int, ...]], arrays: dict[str, np.ndarray]) -> None:
@@ -69,7 +69,7 @@ PACKED = "model"  # the name of the one Array in a packed ArrayRecord
 WIRE_DTYPE = np.dtype(np.float32)
 
 
-def layout(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+def layout(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """The layout of a parameter dict: name -> shape, in its order."""
     return {k: tuple(v.shape) for k, v in arrays.items()}
 
