@@ -478,3 +478,16 @@ def test_a_simulated_run_records_every_rounds_evaluation_and_the_final_models_au
             assert set(reply.content.keys()) <= P.ALLOWED_REPLY_RECORDS
             if P.EVALUATION in reply.content:
                 assert set(reply.content[P.EVALUATION].keys()) <= SITE_METRICS
+
+
+@pytest.mark.parametrize("command", ["deployment", "scale"])
+def test_the_bench_commands_refuse_an_unknown_evaluation_mode_before_running_anything(tmp_path: Path, command: str) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    result = CliRunner().invoke(app, ["bench", command, "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--evaluation", "later"])
+
+    assert result.exit_code == 2, result.output
+    assert "`federation.evaluation` is 'later'; allowed values are 'separate', 'with-next-round'" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
