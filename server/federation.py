@@ -12,7 +12,6 @@ complete round r-1's record, whose row prints then. The last round's model is ev
 one evaluate message, timed in that round. R rounds cost R + 1 exchanges instead of 2R.
 """
 
-
 from __future__ import annotations
 
 import logging
