@@ -2,7 +2,9 @@
 
 The experiment plan arrives in the message; the site's own ``site.yaml`` (from the
 SuperNode's node config, or the simulation's site list) says where its data lives.
-Replies carry only a DP-trained update, aggregate metrics and the site's name or refusal.
+Replies carry only a DP-trained update, aggregate metrics and the site's name or refusal;
+in a with-next-round run a train reply also carries the site's k-suppressed evaluation of
+the model the message brought, evaluated after every check and before training.
 """
 
 from __future__ import annotations
@@ -103,8 +105,12 @@ def _site(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
     return Site(site_cfg, exp)
 
 
-def _reply(msg: Message, site_name: str, *, metrics: dict[str, float] | None = None, arrays: ArrayRecord | None = None, refusal: Refusal | None = None, ledger_head: str = "") -> Message:
-    """The reply; ``arrays`` is the packed update (:func:`shared.params.pack`)."""
+def _reply(
+    msg: Message, site_name: str, *, metrics: dict[str, float] | None = None, arrays: ArrayRecord | None = None, refusal: Refusal | None = None, ledger_head: str = "",
+    evaluation: dict[str, float] | None = None,
+) -> Message:
+    """The reply; ``arrays`` is the packed update (:func:`shared.params.pack`), ``evaluation``
+    the site's evaluation of the received model when the message asked for it first."""
     content = RecordDict()
     info = ConfigRecord({P.SITE_NAME: site_name})
     if ledger_head:
@@ -117,6 +123,8 @@ def _reply(msg: Message, site_name: str, *, metrics: dict[str, float] | None = N
         content[P.ARRAYS] = arrays
     if metrics is not None:
         content[P.METRICS] = MetricRecord(metrics)
+    if evaluation is not None:
+        content[P.EVALUATION] = MetricRecord(evaluation)
     return Message(content=content, reply_to=msg)
 
 
@@ -130,6 +138,7 @@ class Request:
     plan_yaml: str
     arrays: OrderedDict[str, np.ndarray]  # the global model, unpacked (empty for the pre-flight query, and until the plan is read)
     packed: ArrayRecord | None = None  # the global model as it came (one float32 vector); unpacked once the plan's model is known
+    evaluate_first: bool = False  # evaluate the received model before training and send the evaluation with the reply (with-next-round)
 
 
 def _is_int(value: Any) -> bool:
@@ -169,7 +178,10 @@ def request_from(cfg: ConfigRecord, arrays: OrderedDict[str, np.ndarray], site_n
     rnd = cfg.get(P.SERVER_ROUND) if needs_round else 0
     if needs_round and (not _is_int(rnd) or not 1 <= rnd <= total):
         return _malformed(site_name, f"{P.CONFIG}[{P.SERVER_ROUND!r}] must be a whole number from 1 to {total}, got {rnd!r}")
-    return Request(run_id=str(cfg[P.RUN_ID]), server_round=int(rnd), total_rounds=int(total), plan_yaml=str(cfg[P.PLAN_YAML]), arrays=arrays)
+    first = cfg.get(P.EVALUATE_FIRST, False)
+    if not isinstance(first, bool):
+        return _malformed(site_name, f"{P.CONFIG}[{P.EVALUATE_FIRST!r}] must be true or false, got {type(first).__name__}")
+    return Request(run_id=str(cfg[P.RUN_ID]), server_round=int(rnd), total_rounds=int(total), plan_yaml=str(cfg[P.PLAN_YAML]), arrays=arrays, evaluate_first=first)
 
 
 @functools.lru_cache(maxsize=8)
@@ -333,6 +345,18 @@ def check_secure_update(update: list[np.ndarray], incoming: list[np.ndarray], we
     return None
 
 
+def _evaluation(site: Site, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """The site's k-suppressed aggregate metrics of a global model, with their compute seconds."""
+    started = time.perf_counter()
+    return {**site.evaluate(arrays), **_cost(started)}
+
+
+def _evaluation_first(site: Site, req: Request) -> dict[str, float] | None:
+    """With-next-round: the received model's evaluation, made before training (after every
+    check of the message); None when the message did not ask for one."""
+    return _evaluation(site, req.arrays) if req.evaluate_first else None
+
+
 def _train(site_name: str, site: Site, req: Request, faults: FaultPlan | None) -> tuple[TrainResult | Refusal, float]:
     """One round of local training for a plain or SecAgg+ message; (result, compute start)."""
     if faults is not None:
@@ -350,16 +374,20 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
 
     DP noise is added during local training (train_dp), before the mod masks the result.
     A refusing site still takes part in the protocol with weight 0 and a zero vector, so
-    the other sites' round completes and the refusal reaches the researcher.
+    the other sites' round completes and the refusal reaches the researcher. Asked to
+    evaluate first (with-next-round), the site evaluates the received model once every
+    check has passed and sends the evaluation in ``fitres.metrics`` (``eval.<key>``), with
+    its refusal too if it then refuses to train.
     """
     cfg = msg.content.config_records[P.LEGACY_FITINS_CONFIG]
     incoming = parameters_to_ndarrays(compat.arrayrecord_to_parameters(msg.content.array_records[P.LEGACY_FITINS_ARRAYS], keep_input=True))
     zeros = [np.zeros_like(a) for a in incoming]
     site_cfg = site_config(site_config_path(context, sim_sites))
 
-    def refuse(refusal: Refusal) -> Message:
+    def refuse(refusal: Refusal, evaluation: dict[str, float] | None = None) -> Message:
         log.warning("site=%s refused secure round %s: %s", site_cfg.name, cfg.get(P.SERVER_ROUND), refusal.code)
-        return _fitres(msg, zeros, 0, secure_records.encode(site_name=site_cfg.name, metrics=None, refusal_code=refusal.code, refusal_reason=refusal.reason))
+        report = secure_records.encode(site_name=site_cfg.name, metrics=None, refusal_code=refusal.code, refusal_reason=refusal.reason, evaluation=evaluation)
+        return _fitres(msg, zeros, 0, report)
 
     req = request_from(cfg, OrderedDict(), site_cfg.name, needs_round=True)
     if isinstance(req, Refusal):
@@ -375,15 +403,16 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     if isinstance(checked, Refusal):
         return refuse(checked)
     req, site = checked
+    evaluation = _evaluation_first(site, req)
     result, started = _train(site_cfg.name, site, req, faults)
     if isinstance(result, Refusal):
-        return refuse(result)
+        return refuse(result, evaluation)
     update = [flatten(result.arrays, layout)]  # one (N,) float32 vector, the global model's layout
     weight = result.metrics[M.NUM_PATIENTS]
     problem = check_secure_update(update, incoming, weight, site.exp.federation.secure_aggregation)
     if problem:
-        return refuse(Refusal("update-check", f"Site {site_cfg.name}: round {req.server_round}'s update was not sent: {problem}."))
-    report = secure_records.encode(site_name=site_cfg.name, metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head)
+        return refuse(Refusal("update-check", f"Site {site_cfg.name}: round {req.server_round}'s update was not sent: {problem}."), evaluation)
+    report = secure_records.encode(site_name=site_cfg.name, metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head, evaluation=evaluation)
     return _fitres(msg, update, int(weight), report)
 
 
@@ -436,6 +465,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         if isinstance(setup, Refusal):
             return _reply(msg, site_cfg.name, refusal=setup)
         req, site = setup
+        evaluation = _evaluation_first(site, req)  # after every check of the message, before training
         result, started = _train(site_cfg.name, site, req, faults)
         if faults is not None:
             try:
@@ -445,8 +475,11 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
                 raise
         if isinstance(result, Refusal):
             log.warning("site=%s refused round %s: %s", site_cfg.name, req.server_round, result.code)
-            return _reply(msg, site_cfg.name, refusal=result)
-        return _reply(msg, site_cfg.name, arrays=pack(result.arrays, model_shapes(site.exp)), metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head)
+            return _reply(msg, site_cfg.name, refusal=result, evaluation=evaluation)
+        return _reply(
+            msg, site_cfg.name, arrays=pack(result.arrays, model_shapes(site.exp)), metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head,
+            evaluation=evaluation,
+        )
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -454,8 +487,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         if isinstance(setup, Refusal):
             return _reply(msg, site_cfg.name, refusal=setup)
         req, site = setup
-        started = time.perf_counter()
-        return _reply(msg, site_cfg.name, metrics={**site.evaluate(req.arrays), **_cost(started)})
+        return _reply(msg, site_cfg.name, metrics=_evaluation(site, req.arrays))
 
     @client_app.query()
     def plan(msg: Message, context: Context) -> Message:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from shared.config import ExperimentConfig, load_site
+from shared.config import ExperimentConfig, FederationConfig, load_site
 from shared.errors import ConfigError
 
 FLOAT_BYTES = 4
@@ -59,6 +59,17 @@ def quick_experiment(exp: ExperimentConfig) -> ExperimentConfig:
 
 
 # --- update size -------------------------------------------------------------------------
+
+
+def with_evaluation(exp: ExperimentConfig, evaluation: str | None) -> ExperimentConfig:
+    """The experiment with ``federation.evaluation`` set to ``evaluation`` (None: the plan's own),
+    validated as the plan's YAML would be (choices, and fraction_evaluate for with-next-round)."""
+    if evaluation is None:
+        return exp
+    from shared.schema import build, to_plain
+
+    federation = build(FederationConfig, {**to_plain(exp.federation), "evaluation": evaluation}, source="--evaluation", path="federation")
+    return replace(exp, federation=federation)
 
 
 def quantise(update: np.ndarray, *, bits: int, clip: float, rng: np.random.Generator) -> np.ndarray:
@@ -304,24 +315,45 @@ def simulated_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: i
     total_s = time.perf_counter() - started
     per_site_round = {k: round(v / (n_sites * rounds), 4) for k, v in mem["cpu_s"].items()}
     return {"sites": n_sites, "rounds": rounds, "actors": cpus or max(1, min(n_sites, os.cpu_count() or 1)),
-            **_round_figures(run_dir), "run_total_s": round(total_s, 1), "peak_rss_all_processes_mib": mem["peak_mib"],
+            **_round_figures(run_dir, evaluation=run_exp.federation.evaluation), "run_total_s": round(total_s, 1), "peak_rss_all_processes_mib": mem["peak_mib"],
             "peak_rss_one_actor_mib": mem["actor_peak_mib"], "cpu_s": mem["cpu_s"], "cpu_s_per_site_round": per_site_round}
 
 
-def _round_figures(run_dir: Path) -> dict[str, Any]:
-    """Per-round wall time vs the sites' reported compute, from a run folder's metrics.json.
+def phase_compute(records: list[dict[str, Any]], index: int, evaluation: str) -> tuple[dict[str, float], dict[str, float]]:
+    """The sites' compute seconds inside round ``records[index]``'s wall time, per exchange:
+    (site -> compute in its train exchange, site -> compute in its evaluate exchange).
 
-    ``wall_minus_critical_path_s``: the round's wall time less the slowest site's train compute
-    and the slowest site's evaluate compute (the two phases run one after the other): the
-    seconds spent in neither, i.e. transfers, polling, hand-offs and the coordinator's work.
+    ``separate``: the round's training, then the evaluation of its model. ``with-next-round``:
+    the train exchange also evaluates the previous round's model (recorded with that round),
+    and only the last round has an evaluate exchange, for its own model.
+    """
+    rec = records[index]
+    train = {site: e.get("train_compute_s", 0.0) for site, e in rec["sites"].items()}
+    own_eval = {site: e.get("eval_compute_s", 0.0) for site, e in rec["sites"].items()}
+    if evaluation == "separate":
+        return train, own_eval
+    previous = records[index - 1]["sites"] if index > 0 else {}
+    for site, e in previous.items():
+        train[site] = train.get(site, 0.0) + e.get("eval_compute_s", 0.0)
+    return train, own_eval if index == len(records) - 1 else {}
+
+
+def _round_figures(run_dir: Path, *, evaluation: str = "separate") -> dict[str, Any]:
+    """Per-round wall time vs the compute the sites reported inside it, from a run folder's metrics.json.
+
+    What ran inside a round's wall time depends on ``evaluation`` (:func:`phase_compute`).
+    ``wall_minus_critical_path_s``: the round's wall time less the slowest site's compute in
+    the train exchange and the slowest site's in the evaluate exchange (one after the other):
+    the seconds spent in neither, i.e. transfers, polling, hand-offs and the coordinator's work.
     """
     records = json.loads((run_dir / "metrics.json").read_text())
     per_round = []
-    for rec in records:
+    for i, rec in enumerate(records):
         sites = rec["sites"].values()
-        each = [s.get("train_compute_s", 0.0) + s.get("eval_compute_s", 0.0) for s in sites]
+        train, evaluate = phase_compute(records, i, evaluation)
+        each = [train.get(s, 0.0) + evaluate.get(s, 0.0) for s in set(train) | set(evaluate)]
         compute = sum(each)
-        critical = max((s.get("train_compute_s", 0.0) for s in sites), default=0.0) + max((s.get("eval_compute_s", 0.0) for s in sites), default=0.0)
+        critical = max(train.values(), default=0.0) + max(evaluate.values(), default=0.0)
         per_round.append({"round": rec["round"], "wall_s": rec["wall_s"], "sites_compute_s": round(compute, 3),
                           "ratio": round(rec["wall_s"] / compute, 3) if compute else None,
                           "ratio_to_slowest_site": round(rec["wall_s"] / max(each), 3) if each and max(each) else None,
@@ -332,6 +364,7 @@ def _round_figures(run_dir: Path) -> dict[str, Any]:
     slowest = [r["ratio_to_slowest_site"] for r in later if r["ratio_to_slowest_site"]]
     rss = [s.get("peak-rss-mb") for rec in records for s in rec["sites"].values() if s.get("peak-rss-mb")]
     return {
+        "evaluation": evaluation,
         "per_round": per_round,
         "round_overhead_ratio_after_round_1": round(statistics.median(steady), 3) if steady else None,
         "wall_over_slowest_site_after_round_1": round(statistics.median(slowest), 3) if slowest else None,
@@ -411,7 +444,8 @@ def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: 
         proc = consortium.submit(exp_path, run_dir, run_id=f"bench-deploy-{n_sites}-{mode}-{int(time.time())}", timeout_s=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"The Deployment Engine run failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
-    return {"sites": n_sites, "rounds": rounds, "engine": "deployment (TLS, node auth, signed models)", "clientapp": mode, "site_threads": threads, **_round_figures(run_dir),
+    return {"sites": n_sites, "rounds": rounds, "engine": "deployment (TLS, node auth, signed models)", "clientapp": mode, "site_threads": threads,
+            **_round_figures(run_dir, evaluation=run_exp.federation.evaluation),
             "run_total_s": round(time.perf_counter() - started, 1), "peak_rss_all_processes_mib": mem["peak_mib"], "objects_per_message": wire_objects(run_exp)}
 
 

@@ -29,7 +29,7 @@ def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool,
     from server.bench_fl import feature_cache, quick_cohort_config, quick_experiment, simulated_rounds, site_round_memory, update_size
 
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"machine": machine(), "quick": quick, "parts": {}}
+    results: dict[str, Any] = {"machine": machine(), "quick": quick, "evaluation": exp.federation.evaluation, "parts": {}}
     started = time.perf_counter()
     if data is None:
         if not quick:
@@ -89,7 +89,7 @@ def scale(exp: ExperimentConfig, data: Path, out: Path, *, sites: tuple[int, ...
     for n in sites:
         say(f"scale: {n} sites …")
         r = simulated_rounds(exp, data, out / "sim", n_sites=n, rounds=rounds)
-        keep = ("sites", "actors", "wall_per_round_after_round_1_s", "round_overhead_ratio_after_round_1", "peak_rss_all_processes_mib",
+        keep = ("sites", "actors", "evaluation", "wall_per_round_after_round_1_s", "round_overhead_ratio_after_round_1", "peak_rss_all_processes_mib",
                 "peak_rss_one_actor_mib", "peak_rss_site_process_mib", "run_total_s", "cpu_s", "cpu_s_per_site_round")
         rows.append({k: r[k] for k in keep} | {"wall_per_round_per_site_s": round(r["wall_per_round_after_round_1_s"] / n, 4), "dispatch_sweep_cpu_ms": sweep_cost_ms(n)})
         (out / "scale.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")

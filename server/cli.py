@@ -258,13 +258,14 @@ def bench_all(
     quick: Annotated[bool, typer.Option("--quick", help="Tiny cohort, fewer repeats and rounds (CI smoke, a few minutes).")] = False,
     speech_encoder: Annotated[Path | None, typer.Option(help="Local wav2vec2/HuBERT-style folder: feature cache, update size and site memory also measure it (see `bench speech-encoder`).")] = None,
     parts: Annotated[str, typer.Option(help="Comma-separated parts to run (default: all), e.g. feature_cache,update_size,site_memory.")] = "",
+    evaluation: Annotated[str | None, typer.Option(help="For the simulated rounds parts: " + EVALUATION_HELP)] = None,
 ) -> None:
     """Every benchmark in one run: DP step, feature cache, update size, site memory, round overhead (results.json)."""
-    from server.bench_fl import with_speech_encoder
+    from server.bench_fl import with_evaluation, with_speech_encoder
     from server.bench_suite import run_all
     from shared.config import load_experiment
 
-    exp = load_experiment(config)
+    exp = with_evaluation(load_experiment(config), evaluation)
     if speech_encoder is not None:
         exp = with_speech_encoder(exp, speech_encoder)
     only = tuple(p.strip() for p in parts.split(",") if p.strip())
@@ -287,6 +288,9 @@ def bench_speech_encoder(
 
     path = make_random_speech_encoder(out, size=size)
     print(json.dumps({"path": str(path), "size": size, "parameters": encoder_parameters(path)}))
+
+
+EVALUATION_HELP = "separate: an evaluate message after each round's training; with-next-round: each train message also has the sites evaluate the model it carries (one exchange per round); default: the plan's `federation.evaluation`."
 
 
 def _site_counts(sites: str, *, what: str = "--sites") -> tuple[int, ...]:
@@ -312,15 +316,16 @@ def bench_scale(
     sites: Annotated[str, typer.Option(help="Comma-separated consortium sizes.")] = "10,30,100",
     rounds: Annotated[int, typer.Option(help="Rounds per run (the first includes start-up).", min=2)] = 3,
     quick: Annotated[bool, typer.Option("--quick", help="Experiment scaled to the quick cohort of `bench all --quick` (4-s inputs, 3 local steps).")] = False,
+    evaluation: Annotated[str | None, typer.Option(help=EVALUATION_HELP)] = None,
 ) -> None:
     """Time per round and peak memory vs number of simulated sites."""
     from server.bench_suite import scale
     from shared.config import load_experiment
 
     sizes = _site_counts(sites)
-    from server.bench_fl import quick_experiment
+    from server.bench_fl import quick_experiment, with_evaluation
 
-    exp = quick_experiment(load_experiment(config)) if quick else load_experiment(config)
+    exp = with_evaluation(quick_experiment(load_experiment(config)) if quick else load_experiment(config), evaluation)
     print(json.dumps(scale(exp, data, out, sites=sizes, rounds=rounds, say=lambda m: err_console.print(m)), indent=2))
 
 
@@ -384,22 +389,23 @@ def bench_deployment(
     rounds: Annotated[int, typer.Option(help="Rounds per run (the first includes start-up and is left out of the ratios).", min=2)] = 3,
     clientapp: Annotated[str, typer.Option(help="both: a fresh ClientApp process per message, then the site worker, back to back; or only one of worker, per-message.")] = "both",
     site_threads: Annotated[int | None, typer.Option(help="torch threads per site (site.yaml `threads`); default: this machine's cores ÷ sites, at least 1; 0: torch's default (every site uses every core).", min=0)] = None,
+    evaluation: Annotated[str | None, typer.Option(help=EVALUATION_HELP)] = None,
 ) -> None:
     """Deployment Engine round overhead (TLS, node auth): a fresh ClientApp process per message vs the site worker, back to back."""
     import os
 
     from server.bench import machine
-    from server.bench_fl import deployment_rounds
+    from server.bench_fl import deployment_rounds, with_evaluation
     from shared.config import load_experiment
 
     modes = {"both": (False, True), "per-message": (False,), "worker": (True,)}
     if clientapp not in modes:
         raise typer.BadParameter(f"--clientapp is {clientapp!r}; choose one of {', '.join(modes)}.")
     sizes = _site_counts(sites)
-    exp = load_experiment(config)
+    exp = with_evaluation(load_experiment(config), evaluation)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "runs": []}
-    table = Table(title="round overhead, Deployment Engine (rounds 2+, median)")
+    result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "evaluation": exp.federation.evaluation, "runs": []}
+    table = Table(title=f"round overhead, Deployment Engine (rounds 2+, median; evaluation: {exp.federation.evaluation})")
     for col in ("sites", "ClientApp", "threads / site", "s / round", "wall ÷ Σ site compute", "wall ÷ slowest site", "wall − slowest per phase (s)", "objects / train message", "load after"):
         table.add_column(col)
     for n in sizes:

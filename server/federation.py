@@ -3,6 +3,13 @@
 We drive the strategy's configure/aggregate steps ourselves rather than ``Strategy.start``
 so that every round is checkpointed, printed and written to the run folder as it ends, and
 a round in which every site refused is reported as not updating the model.
+
+Evaluation (``federation.evaluation``): ``separate`` sends an evaluate message after each
+round's training (two message exchanges per round). ``with-next-round`` (Fed-BioMed's
+"test on global updates") asks, in round r's train message, each site to evaluate the model
+it carries (round r-1's) before training; the reports come back in the train replies and
+complete round r-1's record, whose row prints then. The last round's model is evaluated by
+one evaluate message, timed in that round. R rounds cost R + 1 exchanges instead of 2R.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.markup import escape
@@ -25,7 +32,7 @@ from server.aggregation import make_server_optimizer, server_step
 from server.resume import ResumePoint
 from server.run_folder import RoundRecord, RunFolder
 from server.secure_round import secure_train_round
-from server.strategy import PatientFedAvg, SiteReport, site_reports, wait_for_nodes
+from server.strategy import PatientFedAvg, SiteReport, evaluation_reports, site_reports, wait_for_nodes
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared.config import ExperimentConfig
@@ -82,36 +89,41 @@ def run_federation(
     sa = f.secure_aggregation
     if sa.enabled:
         console.print(f"Secure aggregation (SecAgg+) on: the coordinator sees only the weighted sum; {sa.num_shares} shares, threshold {sa.reconstruction_threshold}.")
+    if f.evaluates_with_next_round:
+        console.print("Evaluation with the next round: each round's row prints when the next round's replies bring its AUROC; the final model is evaluated by one last evaluate message.")
     # FedAdam; None = FedAvg. A resumed run restarts the server moments from zero.
     server_opt = make_server_optimizer(f.server_optimizer, lr=f.server_learning_rate)
+    pending = pending_evaluation(run.rounds)  # the round whose model the next train message has the sites evaluate
     for rnd in range(first_round, f.rounds + 1):
         started = time.perf_counter()
         cfg = config(rnd, model)
-        halted: str | None = None
-        if sa.enabled:
-            result = secure_train_round(grid, strategy=strategy, sa=sa, server_round=rnd, arrays=arrays, config=cfg)
-            new_arrays, train_metrics, halted = result.arrays, result.metrics, result.halted
-        else:
-            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
-            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        if pending is not None:
+            cfg[P.EVALUATE_FIRST] = True
+        new_arrays, train_metrics, halted = train_round(grid, strategy, exp, rnd, arrays, cfg)
+        if pending is not None:  # the previous round's evaluation rode in these replies
+            console.print(round_table(record_evaluation_from_train(run, strategy, pending, rnd), pending == 1))
+            pending = None
         updated = new_arrays is not None
         if updated:
             average = unpack(new_arrays, shapes, what="the aggregated model")  # type: ignore[arg-type]  # not None: updated
             model = server_step(server_opt, model, average)
             arrays = pack(model, shapes) if server_opt else new_arrays
-        eval_cfg = config(rnd, model)
-        eval_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout=f.round_timeout_s)
-        eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
-        rec = run.record_round(
-            rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(model), updated, note=halted or "",
-            wall_s=round(time.perf_counter() - started, 4),
-        )
-        console.print(round_table(rec, rnd == 1))
-        for site, entry in sorted(rec.sites.items()):
-            if "refused" in entry:
-                console.print(f"  [yellow]site {site} refused round {rnd}: {entry['refused']['reason']}[/yellow]")
-            if "error" in entry:
-                console.print(f"  [red]site {site} failed in round {rnd}: {entry['error']}[/red]")
+        if f.evaluates_with_next_round and rnd < f.rounds:
+            rec = run.record_round(
+                rnd, strategy.log[rnd], dict(train_metrics or {}), {}, dict(model), updated, note=halted or "",
+                wall_s=round(time.perf_counter() - started, 4), evaluation_pending=True,
+            )
+            pending = rnd
+        else:
+            eval_cfg = config(rnd, model)
+            eval_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout=f.round_timeout_s)
+            eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
+            rec = run.record_round(
+                rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(model), updated, note=halted or "",
+                wall_s=round(time.perf_counter() - started, 4),
+            )
+            console.print(round_table(rec, rnd == 1))
+        print_site_problems(console, rec)
         if halted:
             status = "incomplete: a round had no usable update"
             log.error("run=%s round=%d: %s", run_id, rnd, halted)
@@ -124,6 +136,42 @@ def run_federation(
     if any(not r.updated for r in run.rounds):
         status = "incomplete: a round had no usable update"
     return run.finish(status=status, extra={"resumed_at_round": first_round} if resume else None)
+
+
+def train_round(
+    grid: Grid, strategy: PatientFedAvg, exp: ExperimentConfig, rnd: int, arrays: ArrayRecord, cfg: ConfigRecord,
+) -> tuple[ArrayRecord | None, MetricRecord | None, str | None]:
+    """One training exchange, plain or SecAgg+: (new model or None, train metrics, why SecAgg+ halted or None)."""
+    f = exp.federation
+    if f.secure_aggregation.enabled:
+        result = secure_train_round(grid, strategy=strategy, sa=f.secure_aggregation, server_round=rnd, arrays=arrays, config=cfg)
+        return result.arrays, result.metrics, result.halted
+    replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, cfg, grid), timeout=f.round_timeout_s)
+    new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+    return new_arrays, train_metrics, None
+
+
+def print_site_problems(console: Console, rec: RoundRecord) -> None:
+    """One line per site that refused or failed a round's training."""
+    for site, entry in sorted(rec.sites.items()):
+        if "refused" in entry:
+            console.print(f"  [yellow]site {site} refused round {rec.round}: {entry['refused']['reason']}[/yellow]")
+        if "error" in entry:
+            console.print(f"  [red]site {site} failed in round {rec.round}: {entry['error']}[/red]")
+
+
+def pending_evaluation(rounds: list[RoundRecord]) -> int | None:
+    """The last recorded round when its model still awaits its evaluation (with-next-round, and a
+    resumed run whose coordinator stopped before the next round's replies), else None."""
+    return rounds[-1].round if rounds and rounds[-1].evaluation_pending else None
+
+
+def record_evaluation_from_train(run: RunFolder, strategy: PatientFedAvg, evaluated: int, rnd: int) -> RoundRecord:
+    """Round ``evaluated``'s evaluation from round ``rnd``'s train replies: kept in the strategy's
+    log of round ``evaluated``, aggregated as an evaluate phase is, and added to its record."""
+    reports = evaluation_reports(strategy.log[rnd].train)
+    metrics = strategy.aggregate_evaluation(evaluated, reports)
+    return run.record_evaluation(evaluated, strategy.log[evaluated], dict(metrics or {}))
 
 
 def preflight(grid: Grid, strategy: PatientFedAvg, exp: ExperimentConfig, run_id: str, plan: str, console: Console) -> list[SiteReport]:

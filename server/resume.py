@@ -11,6 +11,10 @@ signed entry per (run, round) and a site refuses (``replay``) to train or be cha
 round it has already accounted, so a resumed run never spends a site's budget twice. If the
 coordinator crashed in the middle of round k+1, the sites that had trained in it refuse it
 on resume and the round is reported without their update.
+
+With ``federation.evaluation: with-next-round`` the last recorded round may still await its
+evaluation (``evaluation_pending`` in metrics.json): the resumed run's first train message
+asks the sites to evaluate that round's model (the checkpoint it resumes from) first.
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ Layout::
 
     RUN/config.yaml            the experiment exactly as run
     RUN/run.json               run id and plan hash (what `fedrelapse run --resume` checks)
-    RUN/metrics.json           one object per round (aggregate and per-site figures)
+    RUN/metrics.json           one object per round (aggregate and per-site figures); with
+                               ``federation.evaluation: with-next-round`` a round is written
+                               when its training ends (``evaluation_pending``) and rewritten
+                               with its evaluation when the next round's replies bring it
     RUN/metrics.png            loss, federated AUROC and per-site ε over rounds
     RUN/checkpoints/round-NNN.safetensors   the global model after each round, with its
                                digest and the coordinator's signature in the file's metadata
@@ -44,8 +47,9 @@ class RoundRecord:
     patients_trained: float
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     updated: bool = True
-    wall_s: float | None = None  # coordinator's wall time for the round (train + evaluate)
+    wall_s: float | None = None  # coordinator's wall time for the round: its message exchange(s), i.e. train + evaluate; with-next-round: train (with the evaluation of the previous round's model), and the last round also the final evaluation
     note: str = ""  # why the model was not updated (e.g. a halted secure-aggregation round)
+    evaluation_pending: bool = False  # with-next-round: this round's model is evaluated in the next round's train replies, not yet arrived
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -91,7 +95,12 @@ class RunFolder:
             (root / "config.yaml").write_text(exp.to_yaml(), encoding="utf-8")
             write_json(root / RUN_INFO, {"run_id": run_id, "experiment": exp.name, "plan_hash": self.plan_hash, "signed_checkpoints": signing_key is not None})
 
-    def record_round(self, server_round: int, log: RoundLog, train_metrics: dict[str, float] | None, eval_metrics: dict[str, float] | None, arrays: dict[str, np.ndarray], updated: bool, note: str = "", *, wall_s: float | None = None) -> RoundRecord:
+    def record_round(
+        self, server_round: int, log: RoundLog, train_metrics: dict[str, float] | None, eval_metrics: dict[str, float] | None, arrays: dict[str, np.ndarray], updated: bool,
+        note: str = "", *, wall_s: float | None = None, evaluation_pending: bool = False,
+    ) -> RoundRecord:
+        """Record a round, write its checkpoint and metrics.json. ``evaluation_pending``: the
+        round's model is evaluated later (:meth:`record_evaluation`), its AUROC is not known yet."""
         sites: dict[str, dict[str, Any]] = {}
         for r in log.train:
             entry = sites.setdefault(r.site, {})
@@ -106,14 +115,7 @@ class RunFolder:
                     entry[key] = r.metrics[key]
             if M.COMPUTE_SECONDS in r.metrics:
                 entry["train_compute_s"] = r.metrics[M.COMPUTE_SECONDS]
-        for r in log.evaluate:
-            entry = sites.setdefault(r.site, {})
-            if r.metrics.get(M.SUPPRESSED) == 1.0:
-                entry["eval"] = "suppressed (fewer than k patients or one class)"
-            elif M.AUROC in r.metrics:
-                entry["eval_auroc"] = r.metrics[M.AUROC]
-            if M.COMPUTE_SECONDS in r.metrics:
-                entry["eval_compute_s"] = r.metrics[M.COMPUTE_SECONDS]
+        _add_evaluation(sites, log)
         tm, em = train_metrics or {}, eval_metrics or {}
         rec = RoundRecord(
             round=server_round,
@@ -126,12 +128,28 @@ class RunFolder:
             updated=updated,
             wall_s=wall_s,
             note=note,
+            evaluation_pending=evaluation_pending,
         )
         self.rounds.append(rec)
         meta = {"run_id": self.run_id, "round": str(server_round), "experiment": self.exp.name, "plan_hash": self.plan_hash, "digest": model_digest(arrays)}
         if self.signing_key is not None:
             meta["signature"] = sign_checkpoint(self.signing_key, arrays, run_id=self.run_id, server_round=server_round, plan_hash=self.plan_hash)
         save_checkpoint(checkpoint_path(self.root, server_round), arrays, meta)
+        write_json(self.root / "metrics.json", _clean([asdict(r) for r in self.rounds]))
+        return rec
+
+    def record_evaluation(self, server_round: int, log: RoundLog, eval_metrics: dict[str, float] | None) -> RoundRecord:
+        """Add the evaluation of a round recorded with ``evaluation_pending`` (with-next-round:
+        it arrived with the next round's train replies) and rewrite metrics.json atomically.
+        The round's checkpoint and wall time stay as they were."""
+        rec = next((r for r in self.rounds if r.round == server_round), None)
+        if rec is None or not rec.evaluation_pending:
+            state = "is not recorded" if rec is None else "already has its evaluation"
+            raise ValueError(f"Round {server_round} {state} in {self.root / 'metrics.json'}; only a round awaiting its evaluation can be given one.")
+        _add_evaluation(rec.sites, log)
+        em = eval_metrics or {}
+        rec.auroc, rec.auprc, rec.eval_loss = em.get(M.AUROC), em.get(M.AUPRC), em.get(M.EVAL_LOSS)
+        rec.evaluation_pending = False
         write_json(self.root / "metrics.json", _clean([asdict(r) for r in self.rounds]))
         return rec
 
@@ -169,6 +187,19 @@ class RunFolder:
         write_json(self.root / "summary.json", summary)
         plot_metrics(self.root / "metrics.png", self.rounds)
         return summary
+
+
+def _add_evaluation(sites: dict[str, dict[str, Any]], log: RoundLog) -> None:
+    """Each site's evaluation figures (AUROC or that it was suppressed, compute seconds) into
+    its entry of a round's ``sites``."""
+    for r in log.evaluate:
+        entry = sites.setdefault(r.site, {})
+        if r.metrics.get(M.SUPPRESSED) == 1.0:
+            entry["eval"] = "suppressed (fewer than k patients or one class)"
+        elif M.AUROC in r.metrics:
+            entry["eval_auroc"] = r.metrics[M.AUROC]
+        if M.COMPUTE_SECONDS in r.metrics:
+            entry["eval_compute_s"] = r.metrics[M.COMPUTE_SECONDS]
 
 
 def plot_metrics(path: Path, rounds: list[RoundRecord]) -> None:

@@ -120,7 +120,8 @@ def _reports(replies: list[Message], asked: list[int], names: dict[int, str]) ->
             continue
         site, metrics = secure_records.decode(msg.content.config_records[P.LEGACY_FITRES_METRICS])
         names[node] = site.get(P.SITE_NAME, f"node-{node}")
-        report = SiteReport(site=names[node], metrics=metrics, ledger_head=site.get(P.LEDGER_HEAD))
+        report = SiteReport(site=names[node], metrics=metrics, ledger_head=site.get(P.LEDGER_HEAD), node=node,
+                            evaluation=secure_records.decode_evaluation(msg.content.config_records[P.LEGACY_FITRES_METRICS]))
         if P.REFUSAL_CODE in site:
             report.refusal_code, report.refusal_reason = site[P.REFUSAL_CODE], site.get(P.REFUSAL_REASON, "")
             report.metrics = {}

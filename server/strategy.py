@@ -36,6 +36,7 @@ class SiteReport:
     error: str | None = None
     ledger_head: str | None = None  # hash of the site's newest ledger entry (for the DPO to compare)
     node: int = 0  # Flower node id the reply came from (0: not known)
+    evaluation: dict[str, float] | None = None  # a train reply's evaluation of the model it received (with-next-round), None if it carried none
 
 
 @dataclass
@@ -72,7 +73,7 @@ def short_reason(reason: str, limit: int = 200) -> str:
     return last if len(last) <= limit else last[: limit - 1] + "…"
 
 
-REPLY_RECORD_TYPES = {P.ARRAYS: ArrayRecord, P.METRICS: MetricRecord, P.SITE: ConfigRecord}
+REPLY_RECORD_TYPES = {P.ARRAYS: ArrayRecord, P.METRICS: MetricRecord, P.SITE: ConfigRecord, P.EVALUATION: MetricRecord}
 
 
 def reply_problem(msg: Message, needs: tuple[str, ...] = ()) -> str | None:
@@ -96,17 +97,26 @@ def reply_problem(msg: Message, needs: tuple[str, ...] = ()) -> str | None:
         return f"unexpected key(s) {bad_keys} in the {P.SITE!r} record"
     if any(not isinstance(v, str) for v in info.values()):
         return f"the {P.SITE!r} record must hold strings only"
-    metrics = content.metric_records.get(P.METRICS)
-    if metrics is not None:
-        for key, value in metrics.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                return f"metric {key!r} is a {type(value).__name__}, expected one number"
-            if value != value:  # NaN (∞ is allowed: ε of a non-private run)
-                return f"metric {key!r} is NaN"
+    for name in (P.METRICS, P.EVALUATION):
+        problem = metric_record_problem(content.metric_records.get(name), name)
+        if problem:
+            return problem
     if P.REFUSAL_CODE not in info:
         missing = [n for n in needs if n not in content]
         if missing:
             return f"neither a refusal nor the record(s) {missing}"
+    return None
+
+
+def metric_record_problem(record: MetricRecord | None, name: str) -> str | None:
+    """Why a reply's metric record (``metrics`` or ``evaluation``) cannot be used: a value that
+    is not one number, or NaN (∞ is allowed: ε of a non-private run); None if it can."""
+    where = "" if name == P.METRICS else f" in the {name!r} record"
+    for key, value in (record or {}).items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"metric {key!r}{where} is a {type(value).__name__}, expected one number"
+        if value != value:
+            return f"metric {key!r}{where} is NaN"
     return None
 
 
@@ -135,7 +145,24 @@ def site_report(msg: Message, names: dict[int, str], needs: tuple[str, ...] = ()
         report.refusal_reason = str(info.get(P.REFUSAL_REASON, ""))
     if P.METRICS in msg.content.metric_records:
         report.metrics = {k: float(v) for k, v in msg.content[P.METRICS].items()}  # type: ignore[arg-type]
+    if P.EVALUATION in msg.content.metric_records:
+        report.evaluation = {k: float(v) for k, v in msg.content[P.EVALUATION].items()}  # type: ignore[arg-type]
     return report
+
+
+def evaluation_reports(train: Iterable[SiteReport]) -> list[SiteReport]:
+    """The evaluation reports that rode in train replies (with-next-round), one per site asked
+    to train: its evaluation, or why there is none (its error, its refusal without one, or
+    that the reply carried none)."""
+    out = []
+    for r in train:
+        if r.evaluation is not None:
+            out.append(SiteReport(site=r.site, node=r.node, metrics=dict(r.evaluation)))
+        elif r.error or r.refusal_code:
+            out.append(SiteReport(site=r.site, node=r.node, error=r.error, refusal_code=r.refusal_code, refusal_reason=r.refusal_reason))
+        else:
+            out.append(SiteReport(site=r.site, node=r.node, error="the train reply carried no evaluation of the model it was sent"))
+    return sorted(out, key=lambda r: r.site)
 
 
 def site_reports(replies: Iterable[Message], names: dict[int, str] | None = None, *, needs: tuple[str, ...] = ()) -> list[SiteReport]:
@@ -287,6 +314,14 @@ class PatientFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         reports = sorted(site_reports(replies, self.site_names, needs=(P.METRICS,)) + self._silent(server_round, "evaluate", replies), key=lambda r: r.site)
+        return self.aggregate_evaluation(server_round, reports)
+
+    def aggregate_evaluation(self, server_round: int, reports: list[SiteReport]) -> MetricRecord | None:
+        """Keep the evaluation reports of the model after ``server_round`` in its log and
+        average them by patients over the sites whose metrics were not suppressed.
+
+        The reports come from evaluate replies, or (with-next-round) from round
+        ``server_round + 1``'s train replies (:func:`evaluation_reports`)."""
         self.log.setdefault(server_round, RoundLog()).evaluate = reports
         usable = [r for r in reports if r.metrics.get(M.SUPPRESSED, 1.0) == 0.0 and r.metrics.get(M.NUM_PATIENTS, 0.0) > 0]
         if not usable:

@@ -181,6 +181,11 @@ class FederationConfig:
     rounds: int = spec(5, doc="Federated rounds.", ge=1, le=10000)
     fraction_train: float = spec(1.0, doc="Share of connected sites asked to train each round.", gt=0, le=1)
     fraction_evaluate: float = spec(1.0, doc="Share of sites asked to evaluate each round.", ge=0, le=1)
+    evaluation: str = spec(
+        "separate",
+        doc="When sites evaluate the global model. separate: an evaluate message after each round's training (two message exchanges per round). with-next-round: round r's train message asks each site to evaluate the model it carries (round r-1's) before training and the reply brings both (one exchange per round; a round's AUROC arrives with the next round's replies and its row prints then; the final model is evaluated by one last evaluate message). with-next-round needs fraction_evaluate 0 or equal to fraction_train.",
+        choices=("separate", "with-next-round"),
+    )
     min_nodes: int = spec(2, doc="Sites that must be connected before a round starts.", ge=1)
     node_wait_timeout_s: float = spec(300.0, doc="Give up when min_nodes have not joined by then.", gt=0)
     round_timeout_s: float = spec(1800.0, doc="A site that has not replied by then is left out.", gt=0)
@@ -195,7 +200,20 @@ class FederationConfig:
 
     secure_aggregation: SecureAggregationConfig = spec(SecureAggregationConfig(), doc="SecAgg+: the coordinator sees only the sum of the sites' updates.")
 
+    @property
+    def evaluates_with_next_round(self) -> bool:
+        """Whether rounds' models are evaluated in the next round's train messages (and the
+        final one by one evaluate message): with-next-round, and some evaluation at all."""
+        return self.evaluation == "with-next-round" and self.fraction_evaluate > 0
+
     def validate(self, source: str) -> None:
+        if self.evaluation == "with-next-round" and self.fraction_evaluate not in (0.0, self.fraction_train):
+            raise ConfigError(
+                f"{source}: `federation.evaluation` is with-next-round, so the sites that evaluate a model are the sites "
+                f"asked to train the next round; `federation.fraction_evaluate` ({self.fraction_evaluate:g}) must be 0 "
+                f"(no evaluation) or equal to `federation.fraction_train` ({self.fraction_train:g}). Set fraction_evaluate "
+                f"to {self.fraction_train:g} or 0, or use `federation.evaluation: separate`."
+            )
         sa = self.secure_aggregation
         if sa.enabled and self.min_nodes < sa.reconstruction_threshold:
             raise ConfigError(

@@ -1,9 +1,12 @@
 """Names of the records and keys in messages between the ServerApp and ClientApps.
 
 What a ClientApp may put in a reply is exactly: the ``arrays`` record (a DP-trained update),
-the ``metrics`` record (aggregate metrics, keys in :mod:`shared.metrics`) and the ``site``
-record (site name, and a refusal code/reason when it refuses). Tests inspect replies
-against :data:`ALLOWED_REPLY_RECORDS`.
+the ``metrics`` record (aggregate metrics, keys in :mod:`shared.metrics`), the ``site``
+record (site name, and a refusal code/reason when it refuses) and, in a train reply of a
+``federation.evaluation: with-next-round`` run, the ``evaluation`` record: the site's
+k-suppressed aggregate metrics of the global model the train message carried, evaluated
+before training (asked for by the config key :data:`EVALUATE_FIRST`). Tests inspect
+replies against :data:`ALLOWED_REPLY_RECORDS`.
 
 The model on the wire (the global model the coordinator sends in train and evaluate
 messages, and a site's update) is ONE float32 ``Array`` named ``model``
@@ -26,7 +29,8 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
-ALLOWED_REPLY_RECORDS = frozenset({ARRAYS, METRICS, SITE})
+EVALUATION = "evaluation"  # a train reply's evaluation of the model it received (with-next-round runs)
+ALLOWED_REPLY_RECORDS = frozenset({ARRAYS, METRICS, SITE, EVALUATION})
 
 # ConfigRecord keys the server sends.
 SERVER_ROUND = "server-round"
@@ -34,6 +38,7 @@ TOTAL_ROUNDS = "total-rounds"
 RUN_ID = "run-id"
 PLAN_YAML = "plan-yaml"
 MODEL_SIGNATURE = "model-signature"  # Ed25519 over model digest, run id, round and plan hash
+EVALUATE_FIRST = "evaluate-first"  # bool in a train message: evaluate the model it carries, then train (with-next-round)
 
 # ConfigRecord keys a site sends back in the SITE record.
 SITE_NAME = "name"
@@ -61,3 +66,4 @@ LEGACY_FITINS_ARRAYS = "fitins.parameters"
 LEGACY_FITINS_CONFIG = "fitins.config"
 LEGACY_FITRES_METRICS = "fitres.metrics"  # the site's report (shared.secure_records), sent in the clear
 METRIC_PREFIX = "metric."  # fitres.metrics key prefix of a shared.metrics value
+EVAL_PREFIX = "eval."  # fitres.metrics key prefix of an evaluation value (the EVALUATION record's content)

@@ -4,7 +4,9 @@ In a SecAgg+ round the secaggplus mod turns the ClientApp's ``fitres`` reply int
 vector; only ``fitres.metrics`` (a ConfigRecord) and ``fitres.num_examples`` reach the
 coordinator as sent. The site's name, refusal, ledger head and aggregate metrics ride in
 ``fitres.metrics``: the same information a plain round's ``site`` and ``metrics`` records
-carry, never more.
+carry, never more. In a with-next-round run the site's evaluation of the model it received
+(the plain reply's ``evaluation`` record: k-suppressed aggregates) rides there too, as
+``eval.<key>`` numbers.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from shared import protocol as P  # noqa: N812
 _SITE_KEYS = (P.SITE_NAME, P.REFUSAL_CODE, P.REFUSAL_REASON, P.LEDGER_HEAD)
 
 
-def encode(*, site_name: str, metrics: dict[str, float] | None, refusal_code: str = "", refusal_reason: str = "", ledger_head: str = "") -> ConfigRecord:
-    """``fitres.metrics`` content: site keys as text, aggregate metrics as ``metric.<key>`` floats."""
+def encode(
+    *, site_name: str, metrics: dict[str, float] | None, refusal_code: str = "", refusal_reason: str = "", ledger_head: str = "",
+    evaluation: dict[str, float] | None = None,
+) -> ConfigRecord:
+    """``fitres.metrics`` content: site keys as text, aggregate metrics as ``metric.<key>`` floats,
+    the evaluation of the received model (when asked) as ``eval.<key>`` floats."""
     out = ConfigRecord({P.SITE_NAME: site_name})
     if refusal_code:
         out[P.REFUSAL_CODE] = refusal_code
@@ -26,11 +32,23 @@ def encode(*, site_name: str, metrics: dict[str, float] | None, refusal_code: st
         out[P.LEDGER_HEAD] = ledger_head
     for key, value in (metrics or {}).items():
         out[P.METRIC_PREFIX + key] = float(value)
+    for key, value in (evaluation or {}).items():
+        out[P.EVAL_PREFIX + key] = float(value)
     return out
 
 
 def decode(record: ConfigRecord) -> tuple[dict[str, str], dict[str, float]]:
     """(site keys, metrics) from a ``fitres.metrics`` record; unknown keys are dropped."""
     site = {k: str(record[k]) for k in _SITE_KEYS if k in record}
-    metrics = {k[len(P.METRIC_PREFIX):]: float(v) for k, v in record.items() if k.startswith(P.METRIC_PREFIX) and isinstance(v, (int, float))}  # type: ignore[arg-type]
-    return site, metrics
+    return site, _numbers(record, P.METRIC_PREFIX)
+
+
+def decode_evaluation(record: ConfigRecord) -> dict[str, float] | None:
+    """The evaluation a ``fitres.metrics`` record carries (``eval.<key>`` numbers), None if none."""
+    found = _numbers(record, P.EVAL_PREFIX)
+    return found or None
+
+
+def _numbers(record: ConfigRecord, prefix: str) -> dict[str, float]:
+    """The numbers under ``prefix`` (prefix removed); other values are dropped."""
+    return {k[len(prefix):]: float(v) for k, v in record.items() if k.startswith(prefix) and isinstance(v, (int, float))}  # type: ignore[arg-type]

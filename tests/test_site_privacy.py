@@ -122,12 +122,18 @@ def test_clientapp_replies_carry_only_update_aggregates_and_site_name(tiny_cohor
     allowed_metrics = {M.NUM_PATIENTS, M.TRAIN_LOSS, M.EVAL_LOSS, M.AUROC, M.AUPRC, M.EPSILON_RUN, M.EPSILON_TOTAL, M.DELTA, M.NOISE_MULTIPLIER, M.SUPPRESSED,
                        M.COMPUTE_SECONDS, M.PEAK_RSS_MB}  # process cost of the reply (benchmarks), nothing per patient
     model_keys = set(start_arrays())
-    for kind in ("train", "evaluate"):
-        reply = app(_message(kind, plan), ctx)
+    for kind, rnd, evaluate_first in (("train", 1, False), ("evaluate", 1, False), ("train", 2, True)):  # the last: federation.evaluation with-next-round
+        msg = _message(kind, plan, rnd)
+        if evaluate_first:
+            msg.content[P.CONFIG][P.EVALUATE_FIRST] = True
+        reply = app(msg, ctx)
         c = reply.content
         assert set(c.keys()) <= P.ALLOWED_REPLY_RECORDS
         assert set(c[P.SITE].keys()) <= P.ALLOWED_SITE_KEYS
         assert set(c[P.METRICS].keys()) <= allowed_metrics
+        assert (P.EVALUATION in c) == evaluate_first
+        if evaluate_first:
+            assert set(c[P.EVALUATION].keys()) <= allowed_metrics - {M.TRAIN_LOSS, M.EPSILON_RUN, M.EPSILON_TOTAL, M.DELTA, M.NOISE_MULTIPLIER}
         if kind == "train":
             assert list(c[P.ARRAYS].keys()) == [PACKED]  # one packed vector: the model's parameters only, nothing more
             sent = start_arrays()
