@@ -148,51 +148,59 @@ def group_norm_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int,
     """x, g (N, C, *) -> weight (B, C) = Σ g·x̂ and bias (B, C) = Σ g over a patient's rows and positions.
 
     Σ g·x̂ = rstd·(Σ g·x − mean·Σ g) per row and channel, as PyTorch's own group-norm backward
-    computes it, with the forward pass's statistics (:func:`group_norm_stats`): one fused pass
-    (:func:`_row_channel_sums`) when they are there and the rows are float32/float64; without
-    them x̂ is recomputed from x (one group-norm pass without the affine part).
+    computes it, with the forward pass's statistics (:func:`group_norm_stats`); without them
+    x̂ is recomputed from x (one group-norm pass without the affine part).
     """
     assert isinstance(layer, nn.GroupNorm)
     n, c = g.shape[0], layer.num_channels
     gs = g.reshape(n, c, -1)  # (N, C, positions)
-    want_weight = layer.weight is not None and layer.weight.requires_grad
-    want_bias = layer.bias is not None and layer.bias.requires_grad
-    xs = x.to(g.dtype).reshape(gs.shape)  # (N, C, positions)
-    if stats is not None and g.dtype in WIDE:
-        sum_gxhat, sum_g = _row_channel_sums(xs, gs, stats, layer.num_groups)  # (N, C) each
-    else:
-        sum_g = gs.sum(-1)  # (N, C)
-        sum_gxhat = None
-        if want_weight:
-            if stats is None:
-                xhat = nn.functional.group_norm(xs, layer.num_groups, eps=layer.eps)  # (N, C, positions)
-                sum_gxhat = (gs * xhat).sum(-1)  # (N, C)
-            else:
-                mean, rstd = (s.to(g.dtype).view(n, layer.num_groups, 1) for s in stats)  # (N, G, 1) each
-                per_group = (n, layer.num_groups, c // layer.num_groups)
-                sum_gxhat = (((gs * xs).sum(-1).view(per_group) - mean * sum_g.view(per_group)) * rstd).view(n, c)  # (N, C)
+    sum_g = gs.sum(-1)  # (N, C)
     out = {}
-    if want_weight:
+    if layer.weight is not None and layer.weight.requires_grad:
+        xs = x.to(g.dtype).reshape(gs.shape)  # (N, C, positions)
+        if stats is None:
+            xhat = nn.functional.group_norm(xs, layer.num_groups, eps=layer.eps)  # (N, C, positions)
+            sum_gxhat = (gs * xhat).sum(-1)  # (N, C)
+        else:
+            mean, rstd = (s.to(g.dtype).view(n, layer.num_groups, 1) for s in stats)  # (N, G, 1) each
+            per_group = (n, layer.num_groups, c // layer.num_groups)
+            sum_gxhat = (((gs * xs).sum(-1).view(per_group) - mean * sum_g.view(per_group)) * rstd).view(n, c)  # (N, C)
         out["weight"] = sum_gxhat.view(-1, b, c).sum(0)  # (B, C): each patient's K session rows
-    if want_bias:
+    if layer.bias is not None and layer.bias.requires_grad:
         out["bias"] = sum_g.view(-1, b, c).sum(0)  # (B, C)
     return out
 
 
-def _row_channel_sums(xs: torch.Tensor, gs: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor], groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """xs, gs (N, C, positions), the forward pass's (N, G) mean and rstd -> Σ g·x̂ and Σ g per row and channel, (N, C) each.
+def group_norm_one_call(layer: nn.Module, x: torch.Tensor, output: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    """Whether a GroupNorm call's backward can be :func:`group_norm_backward_with_patient_grads` (native statistics, float32/64 output, (N, C, *) rows)."""
+    return isinstance(layer, nn.GroupNorm) and stats is not None and output.dtype in WIDE and x.dim() >= 2 and x.shape[1] == layer.num_channels
 
-    One pass over x and g and no (N, C, positions) temporary: batch norm's backward kernel on
-    the rows seen as one sample with N·C channels gives, per channel, Σ g·(x − mean)·invstd (its
-    weight gradient) and Σ g (its bias gradient); handed each row's group mean and rstd as that
-    channel's saved statistics, the first is Σ g·x̂ of the group norm. On the 2-core CPU this
-    replaced a multiply, two sums and their temporary (≈ 30 µs less per layer call).
+
+def group_norm_backward_with_patient_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, stats: tuple[torch.Tensor, torch.Tensor], *, input_grad: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """x, g (N, C, *) session-major rows, the forward pass's (N, G) mean and rstd -> (the input's gradient in x's dtype or None; {weight, bias: (B, C)}).
+
+    The layer's whole backward pass for the `grouped` strategy in one call of PyTorch's own
+    group-norm backward: the rows as K samples of B·C channels in B·G groups (patient b's group
+    j is group b·G + j of a sample; same elements, same statistics, so the same input gradient)
+    with the affine weight repeated B times, whose weight and bias gradients, summed over the
+    K samples, are each patient's own. Replaces autograd's group-norm backward plus
+    :func:`group_norm_grads`.
     """
-    n, c, positions = gs.shape
-    mean, rstd = (s.to(gs.dtype).view(n, groups, 1).expand(n, groups, c // groups).reshape(n * c) for s in stats)  # (N·C,) each
-    flat = (1, n * c, positions)
-    _, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(gs.reshape(flat), xs.reshape(flat), None, None, None, mean, rstd, True, 0.0, [False, True, True])
-    return sum_gxhat.view(n, c), sum_g.view(n, c)
+    assert isinstance(layer, nn.GroupNorm)
+    n, c, groups = x.shape[0], layer.num_channels, layer.num_groups
+    positions = math.prod(x.shape[2:])
+    xc = x.to(g.dtype).contiguous().view(-1, b * c, positions)  # (K, B·C, positions)
+    gc = g.contiguous().view(xc.shape)  # (K, B·C, positions)
+    mean, rstd = (s.to(g.dtype).reshape(-1, b * groups) for s in stats)  # (K, B·G) each
+    want_weight, want_bias = layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad
+    weight = layer.weight.detach().to(g.dtype).repeat(b)  # (B·C,)
+    gx, gw, gb = torch.ops.aten.native_group_norm_backward(gc, xc, mean, rstd, weight, xc.shape[0], b * c, positions, b * groups, [input_grad, want_weight, want_bias])
+    out = {}
+    if want_weight:
+        out["weight"] = gw.view(b, c)  # (B, C)
+    if want_bias:
+        out["bias"] = gb.view(b, c)  # (B, C)
+    return (gx.view(x.shape).to(x.dtype) if input_grad else None), out
 
 
 LAYER_GRADS: dict[type[nn.Module], LayerGrads] = {

@@ -13,8 +13,9 @@ gradients up to float rounding (tested to 1e-5 on every model variant).
   :mod:`client.layer_grads` contracts input and output gradient over each patient's own
   sessions (Linear: a ``bmm``; Conv1d: the ordinary weight-gradient convolution, once, with
   the patients as channel groups and the sessions as its batch, and inside the backward pass
-  itself (:class:`_ConvBackward`), where the same call also gives autograd the layer's input
-  gradient; GroupNorm: sums with the forward pass's own statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
+  itself (:class:`_RowsInBackward`), where the same call also gives autograd the layer's input
+  gradient; GroupNorm: likewise, PyTorch's group-norm backward once on the rows as K samples
+  of B·C channels, with the forward pass's own statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
   sessions get a zero output gradient from the masked loss; a probe on the first batch refuses
   a model whose forward mixes sessions anyway. A layer type without a rule is refused by name,
   and :func:`make_patient_grads` then warns and uses ``functorch``.
@@ -47,7 +48,16 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from client.layer_grads import FORWARD_STATE, LAYER_GRADS, UnsupportedLayerError, check_layer, conv1d_backward_with_patient_grads, conv1d_one_call
+from client.layer_grads import (
+    FORWARD_STATE,
+    LAYER_GRADS,
+    UnsupportedLayerError,
+    check_layer,
+    conv1d_backward_with_patient_grads,
+    conv1d_one_call,
+    group_norm_backward_with_patient_grads,
+    group_norm_one_call,
+)
 
 GRAD_STRATEGIES = ("grouped", "functorch", "hooks")
 DEFAULT_GRADS = "grouped"
@@ -152,28 +162,32 @@ class LayerCall(NamedTuple):
     x: torch.Tensor  # the layer's input, rows N = K·B session-major
     version: int  # x._version when the layer read it
     output: torch.Tensor
-    state: object  # what the layer's rule keeps from the forward pass (GroupNorm: its statistics; a one-call Conv1d: its _ConvRows)
+    state: object  # what the layer's rule keeps from the forward pass (GroupNorm: its statistics); a layer whose backward forms its rows: its _Rows
     g: torch.Tensor | None = None  # d(Σ_p loss_p)/d(output), same shape as output
 
 
-class _ConvRows:
-    """The per-patient gradients a one-call Conv1d's backward (:class:`_ConvBackward`) leaves behind, {attribute: (B, *shape)}."""
+class _Rows:
+    """What a layer whose backward forms its own rows (:class:`_RowsInBackward`) needs and leaves behind."""
 
-    __slots__ = ("grads",)
+    __slots__ = ("grads", "stats")
 
-    def __init__(self) -> None:
-        self.grads: dict[str, torch.Tensor] = {}
+    def __init__(self, stats: object = None) -> None:
+        self.grads: dict[str, torch.Tensor] = {}  # {attribute: (B, *shape)}, set by the backward pass
+        self.stats = stats  # GroupNorm: the forward pass's (N, G) mean and rstd
 
 
-class _ConvBackward(torch.autograd.Function):
-    """A Conv1d's output (the forward pass's own, detached) whose backward is the layer's whole backward for `grouped`.
+class _RowsInBackward(torch.autograd.Function):
+    """A layer's output (the forward pass's own, detached) whose backward is the layer's whole backward for `grouped`.
 
-    Autograd would run the layer's input-gradient convolution and the rule its per-patient
-    weight-gradient convolution, two oneDNN calls; here one grouped call gives both
-    (:func:`client.layer_grads.conv1d_backward_with_patient_grads`), the rows go to ``rows`` and
-    the input gradient back into the graph. ``anchor`` (a scalar that requires grad, asked for
-    in ``torch.autograd.grad``) makes autograd run this backward even where the layer's input
-    needs no gradient (the first layer).
+    For a Conv1d autograd would run the input-gradient convolution and the rule the per-patient
+    weight-gradient convolution, two oneDNN calls; for a GroupNorm autograd's group-norm
+    backward and the rule's sums each read x and g. Here one call gives both the input gradient
+    and every patient's parameter gradients
+    (:func:`client.layer_grads.conv1d_backward_with_patient_grads`,
+    :func:`client.layer_grads.group_norm_backward_with_patient_grads`); the rows go to the
+    call's :class:`_Rows` and the input gradient back into the graph. ``anchor`` (a scalar that
+    requires grad, asked for in ``torch.autograd.grad``) makes autograd run this backward even
+    where the layer's input needs no gradient (the first layer).
     """
 
     @staticmethod
@@ -187,7 +201,12 @@ class _ConvBackward(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         call = ctx.call
         GroupedGrads.check_input_unchanged(call)
-        gx, per = conv1d_backward_with_patient_grads(call.module, ctx.x.detach(), g, ctx.b, input_grad=ctx.needs_input_grad[0])
+        x, want_input = ctx.x.detach(), ctx.needs_input_grad[0]
+        with torch.no_grad():
+            if isinstance(call.module, nn.GroupNorm):
+                gx, per = group_norm_backward_with_patient_grads(call.module, x, g, ctx.b, call.state.stats, input_grad=want_input)
+            else:
+                gx, per = conv1d_backward_with_patient_grads(call.module, x, g, ctx.b, input_grad=want_input)
         call.state.grads = per
         return gx, None, None, None
 
@@ -215,7 +234,7 @@ class GroupedGrads:
             if own:
                 self.layers.append((layer, module, own))
         self.calls: list[LayerCall] | None = None  # filled by the hooks during forward()
-        self.anchor: torch.Tensor | None = None  # during forward(): the scalar that makes autograd run every _ConvBackward
+        self.anchor: torch.Tensor | None = None  # during forward(): the scalar that makes autograd run every _RowsInBackward
         self.b = 0  # during forward(): patients in the batch
         self.handles = [module.register_forward_hook(self._hook(layer, own)) for layer, module, own in self.layers]
         self.rows_checked = False
@@ -227,11 +246,11 @@ class GroupedGrads:
             if not args or not isinstance(output, torch.Tensor):
                 raise UnsupportedLayerError(f"Layer {layer!r} must be called with its input as a positional tensor and return one tensor for the `grouped` per-patient gradients.")
             x = args[0]
-            if self.anchor is not None and conv1d_one_call(module, x):
-                call = LayerCall(layer, module, own, x, x._version, output, _ConvRows())
-                self.calls.append(call)
-                return _ConvBackward.apply(x, self.anchor, call, self.b)  # (N, O, L_out): the same values
             state = FORWARD_STATE[type(module)](module, output) if type(module) in FORWARD_STATE else None
+            if self.anchor is not None and (conv1d_one_call(module, x) or group_norm_one_call(module, x, output, state)):
+                call = LayerCall(layer, module, own, x, x._version, output, _Rows(state))
+                self.calls.append(call)
+                return _RowsInBackward.apply(x, self.anchor, call, self.b)  # the same values as output
             self.calls.append(LayerCall(layer, module, own, x, x._version, output, state))
             return None
 
@@ -283,8 +302,8 @@ class GroupedGrads:
         if missing:
             raise UnsupportedLayerError(f"Trainable layer(s) {', '.join(map(repr, missing))} took no part in the forward pass as modules; the `grouped` per-patient gradients cannot see them. Set `training.per_patient_grads` to functorch.")
         # d(Σ_p loss_p)/d(output): row n is the gradient of its own patient's loss alone. A one-call
-        # Conv1d needs no output gradient here: its _ConvBackward forms its rows during this pass.
-        ruled = [c for c in calls if not isinstance(c.state, _ConvRows)]
+        # Conv1d or GroupNorm needs no output gradient here: its _RowsInBackward forms its rows during this pass.
+        ruled = [c for c in calls if not isinstance(c.state, _Rows)]
         g_outs = torch.autograd.grad(losses.sum(), [c.output for c in ruled] + [anchor], allow_unused=True)[: len(ruled)]
         g_of = {id(c): g for c, g in zip(ruled, g_outs, strict=True)}
         return [c._replace(g=g_of[id(c)]) if id(c) in g_of else c for c in calls], losses.detach()
@@ -298,7 +317,7 @@ class GroupedGrads:
     def contract(call: LayerCall, b: int) -> dict[str, torch.Tensor]:
         """One layer call's per-patient gradients, {attribute: (B, *shape)} (empty if its output did not reach the loss)."""
         GroupedGrads.check_input_unchanged(call)
-        if isinstance(call.state, _ConvRows):  # formed during the backward pass
+        if isinstance(call.state, _Rows):  # formed during the backward pass
             return call.state.grads
         if call.g is None:
             return {}

@@ -305,9 +305,10 @@ def test_grouped_under_bf16_autocast_gives_float32_rows_as_close_as_functorch() 
     assert 0 < errors["grouped"] <= 1.5 * errors["functorch"] + 1e-3, errors
 
 
-def test_one_call_convs_form_their_rows_in_the_backward_pass_with_one_kernel_call_each() -> None:
-    """The default model's backward for `grouped` runs one weight-gradient convolution per Conv1d (its input
-    gradient comes from the same call), as the plain backward does, and the rows still equal functorch's."""
+def test_convs_and_group_norms_form_their_rows_in_the_backward_pass_with_one_kernel_call_each() -> None:
+    """The default model's backward for `grouped` runs one weight-gradient convolution per Conv1d and one
+    group-norm backward per GroupNorm (each also giving the input gradient), as the plain backward does, and the
+    rows still equal functorch's."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -322,6 +323,7 @@ def test_one_call_convs_form_their_rows_in_the_backward_pass_with_one_kernel_cal
         grouped.close()
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("aten::convolution_backward") == 2 and counts.get("aten::convolution") == 2
+    assert counts.get("aten::native_group_norm_backward") == 2 and "aten::native_batch_norm_backward" not in counts  # GroupNorm likewise: one call each
     assert_same_as_functorch(model, inputs)
 
 
