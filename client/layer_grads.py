@@ -71,7 +71,7 @@ def _session_major_conv1d_weight(layer: nn.Conv1d, x: torch.Tensor, g: torch.Ten
     """
     args = (layer.stride, layer.padding, layer.dilation, False, (0,), layer.groups * b, (input_grad, True, False))
     # Without the input gradient the weight only gives the shape: its values enter nothing that is asked for.
-    grouped_w = w.repeat(b, 1, 1) if input_grad else w.new_empty((b * w.shape[0], *w.shape[1:]))  # (B·O, C/groups, k)
+    grouped_w = w.expand(b, *w.shape).reshape(b * w.shape[0], *w.shape[1:]) if input_grad else w.new_empty((b * w.shape[0], *w.shape[1:]))  # (B·O, C/groups, k); expand+copy: half of repeat's time
     gx, rows, _ = torch.ops.aten.convolution_backward(g.view(-1, b * g.shape[1], g.shape[2]), x.view(-1, b * x.shape[1], x.shape[2]), grouped_w, None, *args)  # (K, B·C, L_in), (B·O, C/groups, k)
     return (gx.view(x.shape) if input_grad else None), rows.view(b, *w.shape)  # (N, C, L_in), (B, O, C/groups, k)
 
@@ -193,7 +193,7 @@ def group_norm_backward_with_patient_grads(layer: nn.Module, x: torch.Tensor, g:
     gc = g.contiguous().view(xc.shape)  # (K, B·C, positions)
     mean, rstd = (s.to(g.dtype).reshape(-1, b * groups) for s in stats)  # (K, B·G) each
     want_weight, want_bias = layer.weight.requires_grad, layer.bias is not None and layer.bias.requires_grad
-    weight = layer.weight.detach().to(g.dtype).repeat(b)  # (B·C,)
+    weight = layer.weight.detach().to(g.dtype).expand(b, c).reshape(b * c)  # (B·C,)
     gx, gw, gb = torch.ops.aten.native_group_norm_backward(gc, xc, mean, rstd, weight, xc.shape[0], b * c, positions, b * groups, [input_grad, want_weight, want_bias])
     out = {}
     if want_weight:
