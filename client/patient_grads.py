@@ -292,7 +292,7 @@ class GroupedGrads:
         if not self.rows_checked:
             self.check_sessions_independent(session_rows(mel), session_rows(markers))  # (K·B, n_mels, F), (K·B, M)
         self.calls, self.b = [], y.shape[0]
-        self.anchor = anchor = mel.new_zeros((), dtype=torch.float32, requires_grad=torch.is_grad_enabled())  # a one-call Conv1d's backward hangs on it
+        self.anchor = anchor = mel.new_zeros((), dtype=torch.float32, requires_grad=torch.is_grad_enabled())  # every _RowsInBackward (Conv1d, GroupNorm) hangs on it
         try:
             logits = patient_logits(self.model, mel, markers)  # (B, K)
         finally:
