@@ -80,6 +80,22 @@ class CpuNoiseDPOptimizer(DPOptimizer):
         samples = [getattr(p, "grad_sample", None) for p in self.params]
         return [s if isinstance(s, torch.Tensor) else self._get_flat_grad_sample(p) for p, s in zip(self.params, samples, strict=True)]
 
+    def pre_step(self, closure: object = None) -> bool:
+        """Opacus' ``pre_step`` (clip and accumulate; unless this step is skipped, noise, averaging, the step
+        hook) without its two extra evaluations of ``grad_samples`` to learn whether there are parameters."""
+        if not self.params:  # no trainable parameters: a plain optimizer step
+            return True
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
     def clip_and_accumulate(self) -> None:
         params = self.params
         samples = self.grad_samples  # (B, *shape) each

@@ -12,8 +12,10 @@ gradients up to float rounding (tested to 1e-5 on every model variant).
   summed patient losses gives the layers' output gradients (and no parameter gradients); then
   :mod:`client.layer_grads` contracts input and output gradient over each patient's own
   sessions (Linear: a ``bmm``; Conv1d: the ordinary weight-gradient convolution, once, with
-  the patients as channel groups and the sessions as its batch; GroupNorm: sums with the
-  forward pass's own statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
+  the patients as channel groups and the sessions as its batch, and inside the backward pass
+  itself (:class:`_RowsInBackward`), where the same call also gives autograd the layer's input
+  gradient; GroupNorm: likewise, PyTorch's group-norm backward once on the rows as K samples
+  of B·C channels, with the forward pass's own statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
   sessions get a zero output gradient from the masked loss; a probe on the first batch refuses
   a model whose forward mixes sessions anyway. A layer type without a rule is refused by name,
   and :func:`make_patient_grads` then warns and uses ``functorch``.
@@ -46,7 +48,16 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from client.layer_grads import FORWARD_STATE, LAYER_GRADS, UnsupportedLayerError, check_layer
+from client.layer_grads import (
+    FORWARD_STATE,
+    LAYER_GRADS,
+    UnsupportedLayerError,
+    check_layer,
+    conv1d_backward_with_patient_grads,
+    conv1d_one_call,
+    group_norm_backward_with_patient_grads,
+    group_norm_one_call,
+)
 
 GRAD_STRATEGIES = ("grouped", "functorch", "hooks")
 DEFAULT_GRADS = "grouped"
@@ -151,8 +162,53 @@ class LayerCall(NamedTuple):
     x: torch.Tensor  # the layer's input, rows N = K·B session-major
     version: int  # x._version when the layer read it
     output: torch.Tensor
-    state: object  # what the layer's rule keeps from the forward pass (GroupNorm: its statistics)
+    state: object  # what the layer's rule keeps from the forward pass (GroupNorm: its statistics); a layer whose backward forms its rows: its _Rows
     g: torch.Tensor | None = None  # d(Σ_p loss_p)/d(output), same shape as output
+
+
+class _Rows:
+    """What a layer whose backward forms its own rows (:class:`_RowsInBackward`) needs and leaves behind."""
+
+    __slots__ = ("grads", "stats")
+
+    def __init__(self, stats: object = None) -> None:
+        self.grads: dict[str, torch.Tensor] = {}  # {attribute: (B, *shape)}, set by the backward pass
+        self.stats = stats  # GroupNorm: the forward pass's (N, G) mean and rstd
+
+
+class _RowsInBackward(torch.autograd.Function):
+    """A layer's output (the forward pass's own, detached) whose backward is the layer's whole backward for `grouped`.
+
+    For a Conv1d autograd would run the input-gradient convolution and the rule the per-patient
+    weight-gradient convolution, two oneDNN calls; for a GroupNorm autograd's group-norm
+    backward and the rule's sums each read x and g. Here one call gives both the input gradient
+    and every patient's parameter gradients
+    (:func:`client.layer_grads.conv1d_backward_with_patient_grads`,
+    :func:`client.layer_grads.group_norm_backward_with_patient_grads`); the rows go to the
+    call's :class:`_Rows` and the input gradient back into the graph. ``anchor`` (a scalar that
+    requires grad, asked for in ``torch.autograd.grad``) makes autograd run this backward even
+    where the layer's input needs no gradient (the first layer).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, call: LayerCall, b: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.x, ctx.call, ctx.b = x, call, b  # x kept unsaved: GroupedGrads checks its version itself, with the layer's name
+        # The layer's output, detached: not an input of this function nor a view made here, so the
+        # model may still change it in place (ReLU(inplace=True)) as it could the original.
+        return call.output.detach()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        call = ctx.call
+        GroupedGrads.check_input_unchanged(call)
+        x, want_input = ctx.x.detach(), ctx.needs_input_grad[0]
+        with torch.no_grad():
+            if isinstance(call.module, nn.GroupNorm):
+                gx, per = group_norm_backward_with_patient_grads(call.module, x, g, ctx.b, call.state.stats, input_grad=want_input)
+            else:
+                gx, per = conv1d_backward_with_patient_grads(call.module, x, g, ctx.b, input_grad=want_input)
+        call.state.grads = per
+        return gx, None, None, None
 
 
 class GroupedGrads:
@@ -178,17 +234,25 @@ class GroupedGrads:
             if own:
                 self.layers.append((layer, module, own))
         self.calls: list[LayerCall] | None = None  # filled by the hooks during forward()
+        self.anchor: torch.Tensor | None = None  # during forward(): the scalar that makes autograd run every _RowsInBackward
+        self.b = 0  # during forward(): patients in the batch
         self.handles = [module.register_forward_hook(self._hook(layer, own)) for layer, module, own in self.layers]
         self.rows_checked = False
 
-    def _hook(self, layer: str, own: list[tuple[str, str]]) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def _hook(self, layer: str, own: list[tuple[str, str]]) -> Callable[..., torch.Tensor | None]:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if self.calls is None:
                 return
             if not args or not isinstance(output, torch.Tensor):
                 raise UnsupportedLayerError(f"Layer {layer!r} must be called with its input as a positional tensor and return one tensor for the `grouped` per-patient gradients.")
+            x = args[0]
             state = FORWARD_STATE[type(module)](module, output) if type(module) in FORWARD_STATE else None
-            self.calls.append(LayerCall(layer, module, own, args[0], args[0]._version, output, state))
+            if self.anchor is not None and (conv1d_one_call(module, x) or group_norm_one_call(module, x, output, state)):
+                call = LayerCall(layer, module, own, x, x._version, output, _Rows(state))
+                self.calls.append(call)
+                return _RowsInBackward.apply(x, self.anchor, call, self.b)  # the same values as output
+            self.calls.append(LayerCall(layer, module, own, x, x._version, output, state))
+            return None
 
         return hook
 
@@ -227,24 +291,34 @@ class GroupedGrads:
         """The ordinary pass: every trainable layer call with its output gradient, and the (B,) patient losses."""
         if not self.rows_checked:
             self.check_sessions_independent(session_rows(mel), session_rows(markers))  # (K·B, n_mels, F), (K·B, M)
-        self.calls = []
+        self.calls, self.b = [], y.shape[0]
+        self.anchor = anchor = mel.new_zeros((), dtype=torch.float32, requires_grad=torch.is_grad_enabled())  # every _RowsInBackward (Conv1d, GroupNorm) hangs on it
         try:
             logits = patient_logits(self.model, mel, markers)  # (B, K)
         finally:
-            calls, self.calls = self.calls, None
+            calls, self.calls, self.anchor = self.calls, None, None
         losses = patient_losses(logits, y, m)  # (B,)
         missing = sorted({layer for layer, _, _ in self.layers} - {c.layer for c in calls})
         if missing:
             raise UnsupportedLayerError(f"Trainable layer(s) {', '.join(map(repr, missing))} took no part in the forward pass as modules; the `grouped` per-patient gradients cannot see them. Set `training.per_patient_grads` to functorch.")
-        # d(Σ_p loss_p)/d(output): row n is the gradient of its own patient's loss alone.
-        g_outs = torch.autograd.grad(losses.sum(), [c.output for c in calls], allow_unused=True)
-        return [c._replace(g=g) for c, g in zip(calls, g_outs, strict=True)], losses.detach()
+        # d(Σ_p loss_p)/d(output): row n is the gradient of its own patient's loss alone. A one-call
+        # Conv1d or GroupNorm needs no output gradient here: its _RowsInBackward forms its rows during this pass.
+        ruled = [c for c in calls if not isinstance(c.state, _Rows)]
+        g_outs = torch.autograd.grad(losses.sum(), [c.output for c in ruled] + [anchor], allow_unused=True)[: len(ruled)]
+        g_of = {id(c): g for c, g in zip(ruled, g_outs, strict=True)}
+        return [c._replace(g=g_of[id(c)]) if id(c) in g_of else c for c in calls], losses.detach()
+
+    @staticmethod
+    def check_input_unchanged(call: LayerCall) -> None:
+        if call.x._version != call.version:
+            raise UnsupportedLayerError(f"The input of layer {call.layer!r} was changed in place after the layer read it (e.g. ReLU(inplace=True)); the `grouped` per-patient gradients need it unchanged.")
 
     @staticmethod
     def contract(call: LayerCall, b: int) -> dict[str, torch.Tensor]:
         """One layer call's per-patient gradients, {attribute: (B, *shape)} (empty if its output did not reach the loss)."""
-        if call.x._version != call.version:
-            raise UnsupportedLayerError(f"The input of layer {call.layer!r} was changed in place after the layer read it (e.g. ReLU(inplace=True)); the `grouped` per-patient gradients need it unchanged.")
+        GroupedGrads.check_input_unchanged(call)
+        if isinstance(call.state, _Rows):  # formed during the backward pass
+            return call.state.grads
         if call.g is None:
             return {}
         with torch.no_grad():  # plain tensors out: nothing here is differentiated again

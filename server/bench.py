@@ -183,7 +183,12 @@ def dp_step_profile(exp: ExperimentConfig, *, device: str = "cpu", repeats: int 
 
 
 def _grouped_parts(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], repeats: int, dev: torch.device) -> dict[str, float]:
-    """The `grouped` strategy's time by part: its ordinary forward + output-gradient pass, then each layer's per-patient contraction."""
+    """The `grouped` strategy's time by part: its ordinary forward + output-gradient pass, then each layer's per-patient contraction.
+
+    A Conv1d within :data:`client.layer_grads.ONE_CALL_WEIGHT_AT_MOST` and a GroupNorm form their
+    rows inside the backward pass (:class:`client.patient_grads._RowsInBackward`): their time is
+    in the first part and their own entries only read the rows back.
+    """
     from client.patient_grads import GroupedGrads
 
     grouped = GroupedGrads(model)

@@ -280,7 +280,7 @@ def test_wide_conv_layers_use_one_call_per_patient_and_give_the_same(monkeypatch
 
     calls: list[int] = []
     real = layer_grads._session_major_conv1d_weight
-    monkeypatch.setattr(layer_grads, "_session_major_conv1d_weight", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(layer_grads, "_session_major_conv1d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2), n_mels=N_MELS, n_markers=N_MODEL_MARKERS)
     assert_same_as_functorch(model, batch(N_MODEL_MARKERS))
@@ -303,3 +303,57 @@ def test_grouped_under_bf16_autocast_gives_float32_rows_as_close_as_functorch() 
         assert all(r.dtype == torch.float32 for r in rows.values())
         errors[strategy] = float(torch.cat([(rows[n] - exact[n]).flatten() for n in exact]).norm() / torch.cat([e.flatten() for e in exact.values()]).norm())
     assert 0 < errors["grouped"] <= 1.5 * errors["functorch"] + 1e-3, errors
+
+
+def test_convs_and_group_norms_form_their_rows_in_the_backward_pass_with_one_kernel_call_each() -> None:
+    """The default model's backward for `grouped` runs one weight-gradient convolution per Conv1d and one
+    group-norm backward per GroupNorm (each also giving the input gradient), as the plain backward does, and the
+    rows still equal functorch's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2), n_mels=N_MELS, n_markers=N_MODEL_MARKERS)
+    inputs = batch(N_MODEL_MARKERS)
+    grouped = GroupedGrads(model)
+    try:
+        grouped(*inputs)  # the first call also probes session independence
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            grouped(*inputs)
+    finally:
+        grouped.close()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::convolution_backward") == 2 and counts.get("aten::convolution") == 2
+    assert counts.get("aten::native_group_norm_backward") == 2 and "aten::native_batch_norm_backward" not in counts  # GroupNorm likewise: one call each
+    assert_same_as_functorch(model, inputs)
+
+
+class ConvInputChanged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.conv, self.out = nn.Conv1d(N_MELS, 4, 3), nn.Conv1d(4, 2, 3), nn.Linear(2, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        h = self.a(mel)
+        out = self.out(self.conv(h).mean(-1))
+        h.mul_(2)  # after conv read it
+        return out.squeeze(-1)
+
+
+def test_grouped_refuses_a_conv_input_changed_in_place_by_name() -> None:
+    with pytest.raises(UnsupportedLayerError, match=r"input of layer 'conv' was changed in place"):
+        per_patient(ConvInputChanged(), "grouped", batch(N_MODEL_MARKERS))
+
+
+class InPlaceAfterConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(N_MELS, 4, 3, stride=2), nn.ReLU(inplace=True), nn.Conv1d(4, 3, 3), nn.ReLU(inplace=True))
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        return self.out(self.net(mel).mean(-1)).squeeze(-1) + markers[:, 0]
+
+
+def test_grouped_allows_in_place_ops_on_conv_outputs() -> None:
+    torch.manual_seed(4)
+    assert_same_as_functorch(InPlaceAfterConv(), batch(N_MODEL_MARKERS, seed=5))
