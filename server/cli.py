@@ -244,7 +244,7 @@ def bench_dp_step(
 
     set_threads(threads)
     exp = load_experiment(config)
-    result = {"machine": machine(), **dp_step_ratio(exp, device=device, repeats=2 if quick else 5, steps=3 if quick else 10),
+    result = {"machine": machine(), **dp_step_ratio(exp, device=device, repeats=2 if quick else 20, steps=3 if quick else 10),
               "profile": dp_step_profile(exp, device=device, repeats=3 if quick else 20)}
     print(json.dumps(result, indent=2))
 
