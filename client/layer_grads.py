@@ -187,7 +187,7 @@ def group_norm_backward_with_patient_grads(layer: nn.Module, x: torch.Tensor, g:
     :func:`group_norm_grads`.
     """
     assert isinstance(layer, nn.GroupNorm)
-    n, c, groups = x.shape[0], layer.num_channels, layer.num_groups
+    c, groups = layer.num_channels, layer.num_groups
     positions = math.prod(x.shape[2:])
     xc = x.to(g.dtype).contiguous().view(-1, b * c, positions)  # (K, B·C, positions)
     gc = g.contiguous().view(xc.shape)  # (K, B·C, positions)
