@@ -36,6 +36,14 @@ def tiny_experiment() -> ExperimentConfig:
     )
 
 
+@pytest.fixture
+def task_identity() -> None:
+    """Flower stamps new messages with the running task's identity; give tests that build messages one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("espeakng_loader")

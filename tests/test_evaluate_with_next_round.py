@@ -45,12 +45,7 @@ def with_next_round(exp: ExperimentConfig, **federation: Any) -> ExperimentConfi
     return replace(exp, federation=replace(exp.federation, evaluation="with-next-round", **federation))
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    """Flower stamps new messages with the running task's identity; give tests one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: Flower stamps new messages with a task identity
 
 
 # --- config ----------------------------------------------------------------------------------

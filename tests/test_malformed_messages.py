@@ -15,12 +15,7 @@ from shared.models import build_model
 from shared.params import PACKED, get_arrays, layout, pack
 from tests.conftest import tiny_experiment
 
-
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: Flower stamps new messages with a task identity
 
 
 def context(tiny_cohort: Path, tmp_path: Path) -> Context:

@@ -34,11 +34,7 @@ SITES = ("alpha", "beta")
 RUN_ID = "mid-round-crash"
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: Flower stamps new messages with a task identity
 
 
 class InProcessGrid(Grid):

@@ -96,12 +96,7 @@ def test_evaluation_metrics_are_suppressed_below_k_patients(site: Site) -> None:
     assert out == {M.SUPPRESSED: 1.0, M.NUM_PATIENTS: 0.0}
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    """Flower stamps new messages with the running task's identity; give tests one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: Flower stamps new messages with a task identity
 
 
 def _message(kind: str, plan: str, rnd: int = 1) -> Message:

@@ -25,11 +25,7 @@ def values(record: object) -> dict[str, np.ndarray]:
     return unpack(record, W, what="the average")  # type: ignore[arg-type]
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: Flower stamps new messages with a task identity
 
 
 def reply(site: str, w: np.ndarray, patients: float) -> Message:

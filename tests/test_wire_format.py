@@ -16,11 +16,7 @@ from tests.conftest import tiny_experiment
 LAYOUT = {"conv.weight": (4, 1, 3), "conv.bias": (4,), "head.weight": (1, 4), "head.bias": (2,)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: Flower stamps new messages with a task identity
 
 
 def model(seed: int = 0) -> OrderedDict[str, np.ndarray]:
