@@ -353,8 +353,17 @@ def _evaluation(site: Site, arrays: dict[str, np.ndarray]) -> dict[str, float]:
 
 def _evaluation_first(site: Site, req: Request) -> dict[str, float] | None:
     """With-next-round: the received model's evaluation, made before training (after every
-    check of the message); None when the message did not ask for one."""
-    return _evaluation(site, req.arrays) if req.evaluate_first else None
+    check of the message); None when the message did not ask for one, or when the evaluation
+    failed: that failure is logged here, and the round's training still goes ahead (with
+    separate evaluation it would have cost only the evaluate message). The coordinator then
+    records that the reply carried no evaluation."""
+    if not req.evaluate_first:
+        return None
+    try:
+        return _evaluation(site, req.arrays)
+    except Exception:  # noqa: BLE001 - any failure of the evaluation alone must not cost the update
+        log.exception("site=%s could not evaluate the global model of round %d; the update is sent without an evaluation", site.cfg.name, req.server_round - 1)
+        return None
 
 
 def _train(site_name: str, site: Site, req: Request, faults: FaultPlan | None) -> tuple[TrainResult | Refusal, float]:

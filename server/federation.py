@@ -101,7 +101,13 @@ def run_federation(
             cfg[P.EVALUATE_FIRST] = True
         new_arrays, train_metrics, halted = train_round(grid, strategy, exp, rnd, arrays, cfg)
         if pending is not None:  # the previous round's evaluation rode in these replies
-            console.print(round_table(record_evaluation_from_train(run, strategy, pending, rnd), pending == 1))
+            if any(r.evaluation is not None for r in strategy.log[rnd].train):
+                evaluated = record_evaluation_from_train(run, strategy, pending, rnd)
+            else:  # none did (no site reached, or all silent or failed): evaluate that model by its own message, as `separate` does
+                eval_replies = grid.send_and_receive(strategy.configure_evaluate(pending, arrays, config(pending, model), grid), timeout=f.round_timeout_s)
+                evaluated = run.record_evaluation(pending, strategy.log[pending], dict(strategy.aggregate_evaluate(pending, eval_replies) or {}))
+            console.print(round_table(evaluated, pending == 1))
+            print_site_problems(console, evaluated)
             pending = None
         updated = new_arrays is not None
         if updated:
@@ -123,7 +129,7 @@ def run_federation(
                 wall_s=round(time.perf_counter() - started, 4),
             )
             console.print(round_table(rec, rnd == 1))
-        print_site_problems(console, rec)
+            print_site_problems(console, rec)
         if halted:
             status = "incomplete: a round had no usable update"
             log.error("run=%s round=%d: %s", run_id, rnd, halted)
@@ -152,12 +158,15 @@ def train_round(
 
 
 def print_site_problems(console: Console, rec: RoundRecord) -> None:
-    """One line per site that refused or failed a round's training."""
+    """One line per site that refused or failed a round's training or sent no evaluation of its
+    model, printed under the round's row (with-next-round: when its evaluation has arrived)."""
     for site, entry in sorted(rec.sites.items()):
         if "refused" in entry:
             console.print(f"  [yellow]site {site} refused round {rec.round}: {entry['refused']['reason']}[/yellow]")
         if "error" in entry:
             console.print(f"  [red]site {site} failed in round {rec.round}: {entry['error']}[/red]")
+        elif "eval_error" in entry:
+            console.print(f"  [yellow]site {site} sent no evaluation of round {rec.round}'s model: {entry['eval_error']}[/yellow]")
 
 
 def pending_evaluation(rounds: list[RoundRecord]) -> int | None:

@@ -198,6 +198,8 @@ def _add_evaluation(sites: dict[str, dict[str, Any]], log: RoundLog) -> None:
             entry["eval"] = "suppressed (fewer than k patients or one class)"
         elif M.AUROC in r.metrics:
             entry["eval_auroc"] = r.metrics[M.AUROC]
+        elif r.error and "error" not in entry:  # why this site's evaluation is missing (a training failure is already its `error`)
+            entry["eval_error"] = r.error
         if M.COMPUTE_SECONDS in r.metrics:
             entry["eval_compute_s"] = r.metrics[M.COMPUTE_SECONDS]
 

@@ -144,10 +144,22 @@ def test_the_evaluation_carries_the_aggregate_when_the_site_has_k_evaluation_pat
 
     evaluation = dict(reply.content[P.EVALUATION])
     assert set(evaluation) <= SITE_METRICS
-    if evaluation[M.SUPPRESSED] == 0.0:  # both classes among the held-out sessions
-        assert evaluation[M.NUM_PATIENTS] >= 2 and 0.0 <= evaluation[M.AUROC] <= 1.0
-    else:  # one class only: suppressed, never an invented AUROC
-        assert M.AUROC not in evaluation
+    # alpha's held-out patients hold both classes: with k = 2 the aggregate leaves the site
+    assert evaluation[M.SUPPRESSED] == 0.0 and evaluation[M.NUM_PATIENTS] >= 2 and 0.0 <= evaluation[M.AUROC] <= 1.0
+
+
+def test_a_failed_evaluation_still_sends_the_update_without_an_evaluation(tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.site import Site
+
+    def broken(self: Site, arrays: dict) -> dict:
+        raise OSError("the evaluation set's cache is unreadable")
+
+    monkeypatch.setattr(Site, "evaluate", broken)
+
+    reply = build_client_app()(site_message("train"), site_context(tiny_cohort, tmp_path))
+
+    assert not reply.has_error()
+    assert P.ARRAYS in reply.content and P.METRICS in reply.content and P.EVALUATION not in reply.content
 
 
 def test_a_train_message_that_does_not_ask_gets_no_evaluation(tiny_cohort: Path, tmp_path: Path) -> None:
@@ -255,17 +267,19 @@ def test_record_evaluation_completes_a_pending_round_and_leaves_its_checkpoint(t
     exp = with_next_round(tiny_experiment())
     folder = RunFolder(tmp_path / "run", exp, "run-x")
     arrays = start_arrays()
-    train = RoundLog(train=[SiteReport(site="a", metrics={M.NUM_PATIENTS: 7.0, M.COMPUTE_SECONDS: 0.4})])
+    train = RoundLog(train=[SiteReport(site="a", metrics={M.NUM_PATIENTS: 7.0, M.COMPUTE_SECONDS: 0.4}), SiteReport(site="b", metrics={M.NUM_PATIENTS: 6.0})])
     folder.record_round(1, train, {M.NUM_PATIENTS: 7.0}, {}, arrays, True, wall_s=1.0, evaluation_pending=True)
     ckpt = checkpoint_path(tmp_path / "run", 1).read_bytes()
     assert recorded_rounds(tmp_path / "run", 2)[0].evaluation_pending  # metrics.json with a pending round loads
 
-    evaluation = RoundLog(evaluate=[SiteReport(site="a", metrics={M.SUPPRESSED: 0.0, M.NUM_PATIENTS: 5.0, M.AUROC: 0.7, M.COMPUTE_SECONDS: 0.05})])
+    evaluation = RoundLog(evaluate=[SiteReport(site="a", metrics={M.SUPPRESSED: 0.0, M.NUM_PATIENTS: 5.0, M.AUROC: 0.7, M.COMPUTE_SECONDS: 0.05}),
+                                    SiteReport(site="b", error="the train reply carried no evaluation of the model it was sent")])
     rec = folder.record_evaluation(1, evaluation, {M.AUROC: 0.7, M.AUPRC: 0.6, M.EVAL_LOSS: 0.4, M.NUM_PATIENTS: 5.0})
 
     stored = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert rec.auroc == stored[0]["auroc"] == 0.7 and stored[0]["evaluation_pending"] is False and stored[0]["wall_s"] == 1.0
     assert stored[0]["sites"]["a"] == {M.NUM_PATIENTS: 7.0, "train_compute_s": 0.4, "eval_auroc": 0.7, "eval_compute_s": 0.05}
+    assert stored[0]["sites"]["b"] == {M.NUM_PATIENTS: 6.0, "eval_error": "the train reply carried no evaluation of the model it was sent"}  # why b's is missing
     assert checkpoint_path(tmp_path / "run", 1).read_bytes() == ckpt
     assert recorded_rounds(tmp_path / "run", 2)[0].auroc == 0.7
     with pytest.raises(ValueError, match="Round 1 already has its evaluation"):
@@ -425,6 +439,47 @@ def test_a_resumed_run_asks_first_for_the_evaluation_its_last_round_lacks(cohort
     assert [r["round"] for r in rounds] == [1, 2] and not any(r["evaluation_pending"] for r in rounds)
     assert all("eval_compute_s" in e for e in rounds[0]["sites"].values())  # round 1's model, evaluated in round 2's train exchange
     assert rounds[0]["wall_s"] == interrupted[0]["wall_s"]
+    assert printed_rows(console) == [1, 2]
+
+
+class WithoutEvaluations(Recorder):
+    """Drops the evaluation from every reply to a train message of round ``rnd`` (as if every
+    site's train exchange had failed to bring one)."""
+
+    def __init__(self, grid: Any, rnd: int) -> None:
+        super().__init__(grid)
+        self.rnd = rnd
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        asked = {m.metadata.dst_node_id for m in messages if m.metadata.message_type == "train" and m.content[P.CONFIG].get(P.SERVER_ROUND) == self.rnd}
+        for reply in replies:
+            if reply.metadata.src_node_id in asked and P.EVALUATION in reply.content:
+                del reply.content[P.EVALUATION]
+        return replies
+
+
+def test_a_model_whose_train_exchange_brought_no_evaluation_is_evaluated_by_its_own_message(cohort: Path, tmp_path: Path) -> None:
+    from server.bench import LoopbackGrid
+    from server.federation import run_federation
+    from server.simulate import consortium_signing_key, discover_sites
+    from shared import signing
+
+    exp = with_next_round(tiny_experiment())
+    paths = tuple(str(p.resolve()) for p in discover_sites(cohort))
+    grid = WithoutEvaluations(LoopbackGrid(build_client_app(paths), len(paths)), rnd=2)
+    console = text_console()
+
+    summary = run_federation(grid, exp, tmp_path / "run", "next-fallback", console=console, signing_key=signing.load_private(consortium_signing_key(cohort)))  # type: ignore[arg-type]
+
+    assert summary["status"] == "completed"
+    assert grid.count("evaluate") == 6  # round 1's model by its own message (3 sites), then the final model's
+    evaluate_rounds = sorted({m.content[P.CONFIG][P.SERVER_ROUND] for m in grid.sent if m.metadata.message_type == "evaluate"})
+    assert evaluate_rounds == [1, 2]
+    rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert not any(r["evaluation_pending"] for r in rounds)
+    assert all("eval_compute_s" in e and "eval_error" not in e for e in rounds[0]["sites"].values())
     assert printed_rows(console) == [1, 2]
 
 
