@@ -96,10 +96,20 @@ def conv1d_backward_with_patient_grads(layer: nn.Module, x: torch.Tensor, g: tor
     if layer.weight.requires_grad or input_grad:
         gx, weight = _session_major_conv1d_weight(layer, xc, gc, layer.weight.detach().to(g.dtype), b, input_grad=input_grad)
         if layer.weight.requires_grad:
-            out["weight"] = weight if weight.dtype in WIDE else weight.float()  # bf16 under autocast: float32 rows
+            out["weight"] = _float32_rows(weight)
     if layer.bias is not None and layer.bias.requires_grad:
-        out["bias"] = gc.unflatten(0, (-1, b)).sum((0, 3), dtype=None if g.dtype in WIDE else torch.float32)  # (B, O)
+        out["bias"] = _conv1d_bias_rows(gc, b)
     return (gx.to(x.dtype) if gx is not None else None), out
+
+
+def _float32_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Per-patient rows in float32 or wider (bf16 under autocast: float32 rows)."""
+    return rows if rows.dtype in WIDE else rows.float()
+
+
+def _conv1d_bias_rows(g: torch.Tensor, b: int) -> torch.Tensor:
+    """g (N, O, L_out) session-major rows -> each patient's Conv1d bias gradient (B, O), summed in float32 or wider."""
+    return g.unflatten(0, (-1, b)).sum((0, 3), dtype=None if g.dtype in WIDE else torch.float32)
 
 
 def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, state: None = None, *, one_call: bool | None = None) -> dict[str, torch.Tensor]:
@@ -115,20 +125,18 @@ def conv1d_grads(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, b: int, sta
     assert isinstance(layer, nn.Conv1d)
     if x.dim() != 3:
         raise UnsupportedLayerError(f"Conv1d got an input of shape {tuple(x.shape)}; the `grouped` per-patient gradients need batched (N, C, L) inputs.")
+    if one_call if one_call is not None else conv1d_one_call(layer, x):
+        return conv1d_backward_with_patient_grads(layer, x, g, b, input_grad=False)[1]
     out = {}
     if layer.weight.requires_grad:
-        x = x.to(g.dtype).contiguous()  # (N, C, L_in)
+        xs, gs = x.to(g.dtype).contiguous().unflatten(0, (-1, b)), g.unflatten(0, (-1, b))  # (K, B, C, L_in), (K, B, O, L_out)
         w = layer.weight.detach().to(g.dtype)
-        if one_call if one_call is not None else w.numel() <= ONE_CALL_WEIGHT_AT_MOST:
-            weight = _session_major_conv1d_weight(layer, x, g.contiguous(), w, b)[1]
-        else:
-            xs, gs = x.unflatten(0, (-1, b)), g.unflatten(0, (-1, b))  # (K, B, C, L_in), (K, B, O, L_out)
-            args = (layer.stride, layer.padding, layer.dilation, False, (0,), layer.groups, (False, True, False))
-            # the op behind torch.nn.grad.conv1d_weight, called directly: its Python wrapper costs ~10 µs × B × layers per step
-            weight = torch.stack([torch.ops.aten.convolution_backward(gs[:, i], xs[:, i], w, None, *args)[1] for i in range(b)])  # (B, O, C/groups, k)
-        out["weight"] = weight if weight.dtype in WIDE else weight.float()  # bf16 under autocast: float32 rows
+        args = (layer.stride, layer.padding, layer.dilation, False, (0,), layer.groups, (False, True, False))
+        # the op behind torch.nn.grad.conv1d_weight, called directly: its Python wrapper costs ~10 µs × B × layers per step
+        weight = torch.stack([torch.ops.aten.convolution_backward(gs[:, i], xs[:, i], w, None, *args)[1] for i in range(b)])  # (B, O, C/groups, k)
+        out["weight"] = _float32_rows(weight)
     if layer.bias is not None and layer.bias.requires_grad:
-        out["bias"] = g.unflatten(0, (-1, b)).sum((0, 3), dtype=None if g.dtype in WIDE else torch.float32)  # (B, O)
+        out["bias"] = _conv1d_bias_rows(g, b)
     return out
 
 

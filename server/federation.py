@@ -93,6 +93,12 @@ def run_federation(
         console.print("Evaluation with the next round: each round's row prints when the next round's replies bring its AUROC; the final model is evaluated by one last evaluate message.")
     # FedAdam; None = FedAvg. A resumed run restarts the server moments from zero.
     server_opt = make_server_optimizer(f.server_optimizer, lr=f.server_learning_rate)
+    def evaluated_by_message(server_round: int, arrays: ArrayRecord, model: dict[str, np.ndarray]) -> dict[str, float]:
+        """The sites' evaluation of the model after ``server_round``, asked by an evaluate message,
+        averaged by patients (the reports are kept in the strategy's log of that round)."""
+        replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, config(server_round, model), grid), timeout=f.round_timeout_s)
+        return dict(strategy.aggregate_evaluate(server_round, replies) or {})
+
     pending = pending_evaluation(run.rounds)  # the round whose model the next train message has the sites evaluate
     for rnd in range(first_round, f.rounds + 1):
         started = time.perf_counter()
@@ -104,10 +110,8 @@ def run_federation(
             if any(r.evaluation is not None for r in strategy.log[rnd].train):
                 evaluated = record_evaluation_from_train(run, strategy, pending, rnd)
             else:  # none did (no site reached, or all silent or failed): evaluate that model by its own message, as `separate` does
-                eval_replies = grid.send_and_receive(strategy.configure_evaluate(pending, arrays, config(pending, model), grid), timeout=f.round_timeout_s)
-                evaluated = run.record_evaluation(pending, strategy.log[pending], dict(strategy.aggregate_evaluate(pending, eval_replies) or {}))
-            console.print(round_table(evaluated, pending == 1))
-            print_site_problems(console, evaluated)
+                evaluated = run.record_evaluation(pending, strategy.log[pending], evaluated_by_message(pending, arrays, model))
+            show_round(console, evaluated)
             pending = None
         updated = new_arrays is not None
         if updated:
@@ -121,15 +125,12 @@ def run_federation(
             )
             pending = rnd
         else:
-            eval_cfg = config(rnd, model)
-            eval_replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, eval_cfg, grid), timeout=f.round_timeout_s)
-            eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
+            eval_metrics = evaluated_by_message(rnd, arrays, model)
             rec = run.record_round(
-                rnd, strategy.log[rnd], dict(train_metrics or {}), dict(eval_metrics or {}), dict(model), updated, note=halted or "",
+                rnd, strategy.log[rnd], dict(train_metrics or {}), eval_metrics, dict(model), updated, note=halted or "",
                 wall_s=round(time.perf_counter() - started, 4),
             )
-            console.print(round_table(rec, rnd == 1))
-            print_site_problems(console, rec)
+            show_round(console, rec)
         if halted:
             status = "incomplete: a round had no usable update"
             log.error("run=%s round=%d: %s", run_id, rnd, halted)
@@ -157,9 +158,16 @@ def train_round(
     return new_arrays, train_metrics, None
 
 
+def show_round(console: Console, rec: RoundRecord) -> None:
+    """A round's row of the round table (with the header for round 1), then its site problems;
+    with-next-round: once its evaluation has arrived."""
+    console.print(round_table(rec, rec.round == 1))
+    print_site_problems(console, rec)
+
+
 def print_site_problems(console: Console, rec: RoundRecord) -> None:
     """One line per site that refused or failed a round's training or sent no evaluation of its
-    model, printed under the round's row (with-next-round: when its evaluation has arrived)."""
+    model, printed under the round's row."""
     for site, entry in sorted(rec.sites.items()):
         if "refused" in entry:
             console.print(f"  [yellow]site {site} refused round {rec.round}: {entry['refused']['reason']}[/yellow]")

@@ -224,10 +224,6 @@ class PatientFedAvg(FedAvg):
             raise FederationError("The strategy has no model layout (`expected`); set it from the plan's model before a round.")
         return self.expected
 
-    def check_update(self, arrays: ArrayRecord, metrics: MetricRecord, *, site: str) -> str | None:
-        """Why a packed update cannot be averaged (length, names, shapes, NaN/Inf, range, weight), or None."""
-        return self.checked_update(arrays, metrics, site=site)[1]
-
     def checked_update(self, arrays: ArrayRecord, metrics: MetricRecord, *, site: str) -> tuple[np.ndarray | None, str | None]:
         """The packed update (N,) decoded once, and why it cannot be averaged (None if it can;
         the vector is None when it cannot be decoded or does not fit the model's layout)."""
@@ -239,7 +235,8 @@ class PatientFedAvg(FedAvg):
         return flat, self.update_problem(values, metrics)
 
     def update_problem(self, values: dict[str, np.ndarray], metrics: MetricRecord) -> str | None:
-        """:meth:`check_update` for an update already unpacked to name -> array."""
+        """Why an update already unpacked to name -> array cannot be averaged (names, shapes,
+        NaN/Inf, range, weight), or None; :meth:`checked_update` decodes a packed one first."""
         if self.expected is not None:
             if list(values) != list(self.expected):
                 return "parameter names differ from the global model's"
