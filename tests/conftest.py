@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
+from flwr.app import Message
 
 from shared.config import ExperimentConfig, FederationConfig, TrainingConfig, load_experiment
 from shared.synth.config import CohortConfig
@@ -34,6 +36,29 @@ def tiny_experiment() -> ExperimentConfig:
         training=replace(exp.training, local_steps=3, batch_patients=3),
         features=replace(exp.features, max_seconds=4.0, baseline_sessions=2),
     )
+
+
+class RecordingGrid:
+    """Wraps a Grid; keeps every message sent and every reply (in ``sent``/``replies``, or in the lists given)."""
+
+    def __init__(self, grid: Any, sent: list[Message] | None = None, replies: list[Message] | None = None) -> None:
+        self._grid = grid
+        self.sent: list[Message] = [] if sent is None else sent
+        self.replies: list[Message] = [] if replies is None else replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        self.sent.extend(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.replies.extend(replies)
+        return replies
+
+    def count(self, kind: str) -> int:
+        """How many of the messages sent are of this message type."""
+        return sum(m.metadata.message_type == kind for m in self.sent)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 @pytest.fixture

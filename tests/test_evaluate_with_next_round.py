@@ -36,7 +36,7 @@ from shared.config import ExperimentConfig, SecureAggregationConfig, load_experi
 from shared.errors import ConfigError
 from shared.models import build_model
 from shared.params import PACKED, get_arrays, layout, pack
-from tests.conftest import tiny_experiment
+from tests.conftest import RecordingGrid, tiny_experiment
 
 SITE_METRICS = {M.NUM_PATIENTS, M.EVAL_LOSS, M.AUROC, M.AUPRC, M.SUPPRESSED, M.COMPUTE_SECONDS, M.PEAK_RSS_MB}
 
@@ -318,28 +318,6 @@ def test_round_figures_count_the_evaluations_that_ran_inside_each_round(tmp_path
 # --- whole runs in-process: real sites on a LoopbackGrid (plain, SecAgg+, resume) ------------------
 
 
-class Recorder:
-    """Wraps a Grid; keeps every message sent and every reply."""
-
-    def __init__(self, grid: Any) -> None:
-        self._grid = grid
-        self.sent: list[Message] = []
-        self.replies: list[Message] = []
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        self.sent.extend(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.replies.extend(replies)
-        return replies
-
-    def count(self, kind: str) -> int:
-        return sum(m.metadata.message_type == kind for m in self.sent)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
 @pytest.fixture(scope="module")
 def cohort(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny cohort with empty ledgers and k = 2 in every site's policy (its evaluation sets
@@ -355,7 +333,7 @@ def cohort(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_in_process(
     exp: ExperimentConfig, cohort: Path, out: Path, *, run_id: str, console: Console, resume: Any = None, after_round: Callable[[int], None] | None = None,
-) -> tuple[dict, Recorder]:
+) -> tuple[dict, RecordingGrid]:
     """(summary, the coordinator's messages) of a run on a LoopbackGrid of the cohort's real sites."""
     from server.bench import LoopbackGrid
     from server.federation import run_federation
@@ -363,7 +341,7 @@ def run_in_process(
     from shared import signing
 
     paths = tuple(str(p.resolve()) for p in discover_sites(cohort))
-    grid = Recorder(LoopbackGrid(build_client_app(paths), len(paths)))
+    grid = RecordingGrid(LoopbackGrid(build_client_app(paths), len(paths)))
     key = signing.load_private(consortium_signing_key(cohort))
     summary = run_federation(grid, exp, out, run_id, console=console, signing_key=key, resume=resume, after_round=after_round)  # type: ignore[arg-type]
     return summary, grid
@@ -379,7 +357,7 @@ def printed_rows(console: Console) -> list[int]:
     return [int(m.group(1)) for m in re.finditer(r"^\s*(\d+)\s+(?:-|\d+\.\d{3})\s", text, flags=re.MULTILINE)]
 
 
-def flags(grid: Recorder) -> list[object]:
+def flags(grid: RecordingGrid) -> list[object]:
     """The evaluate-first flag of each train message (plain or SecAgg+'s fitins.config), in order."""
     out = []
     for m in grid.sent:
@@ -442,7 +420,7 @@ def test_a_resumed_run_asks_first_for_the_evaluation_its_last_round_lacks(cohort
     assert printed_rows(console) == [1, 2]
 
 
-class WithoutEvaluations(Recorder):
+class WithoutEvaluations(RecordingGrid):
     """Drops the evaluation from every reply to a train message of round ``rnd`` (as if every
     site's train exchange had failed to bring one)."""
 
@@ -487,14 +465,14 @@ def test_a_model_whose_train_exchange_brought_no_evaluation_is_evaluated_by_its_
 
 
 @pytest.fixture(scope="module")
-def simulated(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Recorder]:
+def simulated(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, RecordingGrid]:
     from server.simulate import simulate
 
     out = tmp_path_factory.mktemp("sim") / "run"
-    holder: dict[str, Recorder] = {}
+    holder: dict[str, RecordingGrid] = {}
 
-    def wrap(grid: Any) -> Recorder:
-        holder["grid"] = Recorder(grid)
+    def wrap(grid: Any) -> RecordingGrid:
+        holder["grid"] = RecordingGrid(grid)
         return holder["grid"]
 
     exp = with_next_round(tiny_experiment(), rounds=3)
@@ -502,7 +480,7 @@ def simulated(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     return out, summary, holder["grid"]
 
 
-def test_a_simulated_run_sends_one_train_exchange_per_round_and_one_final_evaluate(simulated: tuple[Path, dict, Recorder]) -> None:
+def test_a_simulated_run_sends_one_train_exchange_per_round_and_one_final_evaluate(simulated: tuple[Path, dict, RecordingGrid]) -> None:
     _, summary, grid = simulated
     rounds, sites = 3, 3
 
@@ -511,7 +489,7 @@ def test_a_simulated_run_sends_one_train_exchange_per_round_and_one_final_evalua
     assert flags(grid) == [(1, False)] * sites + [(2, True)] * sites + [(3, True)] * sites
 
 
-def test_a_simulated_run_records_every_rounds_evaluation_and_the_final_models_auroc(simulated: tuple[Path, dict, Recorder]) -> None:
+def test_a_simulated_run_records_every_rounds_evaluation_and_the_final_models_auroc(simulated: tuple[Path, dict, RecordingGrid]) -> None:
     out, summary, grid = simulated
 
     rounds = json.loads((out / "metrics.json").read_text())

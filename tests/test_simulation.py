@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from flwr.app import Message
@@ -14,25 +12,7 @@ from safetensors.numpy import load_file
 
 from server.simulate import simulate
 from shared.models import build_model
-from tests.conftest import tiny_experiment
-
-
-class WireRecorder:
-    """Wraps the ServerApp's Grid; keeps every message it sends and every reply it gets."""
-
-    def __init__(self, grid: Any, sent: list[Message], replies: list[Message]) -> None:
-        self._grid, self.sent, self.replies = grid, sent, replies
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        self.sent.extend(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.replies.extend(replies)
-        return replies
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
+from tests.conftest import RecordingGrid, tiny_experiment
 
 WIRE: dict[str, list[Message]] = {"sent": [], "replies": []}
 
@@ -41,7 +21,7 @@ WIRE: dict[str, list[Message]] = {"sent": [], "replies": []}
 def run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run")
     summary = simulate(tiny_experiment(), tiny_cohort, out, run_id="sim-test", console=Console(quiet=True), cpus=2,
-                       wrap_grid=lambda g: WireRecorder(g, WIRE["sent"], WIRE["replies"]))
+                       wrap_grid=lambda g: RecordingGrid(g, WIRE["sent"], WIRE["replies"]))
     return out, summary
 
 
