@@ -96,6 +96,48 @@ class CpuNoiseDPOptimizer(DPOptimizer):
         self._is_last_step_skipped = False
         return True
 
+    def step_rows(self, rows: list[torch.Tensor]) -> None:
+        """One whole DP-SGD step from this step's per-patient gradient rows, one (B, *shape) tensor per parameter in ``self.params`` order.
+
+        The same arithmetic as assigning each ``p.grad_sample`` and calling :meth:`step`, in the
+        same order (clip and sum, one seeded CPU noise draw of σC, division by the expected batch,
+        FedProx, the step hook, the wrapped optimizer's step), without routing the rows through
+        ``grad_sample`` and ``summed_grad`` and Opacus' per-parameter flags: those exist for
+        physical batches accumulated into one logical step and for callers who may forget
+        ``zero_grad``, and :func:`train_dp` does neither. Between two calls ``p.grad`` stays the last
+        step's noisy gradient, a view of one flat vector that the next call overwrites in place;
+        ``zero_grad(set_to_none=True)`` ends that. The bookkeeping left out was ≈ 0.1 ms of host
+        time a step, a large part of a small step's DP overhead where a GPU waits on the host
+        (``host_bound`` in ``fedrelapse bench dp-step``). Secure mode, an accumulation in progress or a
+        queued skip take Opacus' own path (:meth:`step`).
+        """
+        params = self.params
+        if len(rows) != len(params):
+            raise ValueError(f"step_rows got {len(rows)} per-patient gradient tensors for {len(params)} trainable parameters; pass one per parameter, in the optimizer's order.")
+        if self.secure_mode or self._step_skip_queue or any(p.summed_grad is not None for p in params):
+            for p, r in zip(params, rows, strict=True):
+                p.grad_sample = r
+            self.step()
+            for p in params:  # what zero_grad clears besides p.grad, so the next step_rows starts afresh
+                p.grad_sample = p.summed_grad = None
+            return
+        summed, _ = clip_and_sum(rows, max_grad_norm=self.max_grad_norm)  # (D,) float32
+        noise = self._noise(summed).to(dtype=summed.dtype)  # (D,)
+        # The previous step's flat noisy gradient, whose views still are every p.grad, takes this one's
+        # in place: no new views to hand out (zero_grad(set_to_none=True) ends that).
+        reuse = _still_views(params, "grad", self._noisy) and self._noisy.flat.dtype == summed.dtype and self._noisy.flat.device == summed.device
+        noisy = torch.add(summed, noise, out=self._noisy.flat) if reuse else summed + noise  # (D,)
+        if self.loss_reduction == "mean":
+            noisy.div_(self.expected_batch_size)  # one physical batch per step: Opacus' accumulated_iterations is 1
+        self._summed = None
+        if not reuse:
+            self._noisy = _share(noisy, params, "grad")
+        add_prox(params, self.prox_ref, self.prox_mu)
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        self.original_optimizer.step()
+
     def clip_and_accumulate(self) -> None:
         params = self.params
         samples = self.grad_samples  # (B, *shape) each
@@ -116,13 +158,24 @@ class CpuNoiseDPOptimizer(DPOptimizer):
         for p in params:
             _check_processed_flag(p.summed_grad)
         summed = self._flat(params, "summed_grad", self._summed)  # (D,)
-        std = self.noise_multiplier * self.max_grad_norm
-        # One draw and one host-to-device copy for all parameters, not one per parameter (on a GPU
-        # each small copy is a synchronous transfer); the i-th parameter takes the i-th slice.
-        noise = torch.normal(0.0, std, size=summed.shape, generator=self.generator, device="cpu")  # (D,) float32
-        self._noisy = _share(summed + noise.to(device=summed.device, dtype=summed.dtype), params, "grad")
+        # One draw and one host-to-device copy for all parameters, not one per parameter; the i-th
+        # parameter takes the i-th slice.
+        self._noisy = _share(summed + self._noise(summed).to(dtype=summed.dtype), params, "grad")
         for p in params:
             _mark_as_processed(p.summed_grad)
+
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        """N(0, (σC)²) noise shaped like ``like`` (D,), drawn on the CPU from the seeded generator, float32, on ``like``'s device.
+
+        To a GPU it travels from page-locked memory without blocking: PyTorch's copy from ordinary
+        (pageable) memory waits until the GPU has finished all the work queued so far, which
+        would stall the host once every step. The pinned block is not reused before its copy has
+        run (PyTorch's caching host allocator records the copy's stream).
+        """
+        pinned = like.device.type == "cuda"
+        host = torch.empty(like.shape, dtype=torch.float32, pin_memory=pinned)
+        torch.normal(0.0, self.noise_multiplier * self.max_grad_norm, size=like.shape, generator=self.generator, out=host)
+        return host.to(like.device, non_blocking=pinned)
 
     prox_mu: float = 0.0
     prox_ref: list[torch.Tensor] | None = None
@@ -243,7 +296,11 @@ def train_dp(
     )
     if prox_mu > 0:
         dp_opt.prox_mu, dp_opt.prox_ref = prox_mu, [p.detach().clone() for p in dp_opt.params]
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    name_of = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    stray = [tuple(p.shape) for p in dp_opt.params if id(p) not in name_of]
+    if stray:
+        raise ValueError(f"The optimizer holds {len(stray)} trainable parameter(s) that are not the model's (shapes {stray}); build it from this model's parameters (make_optimizer).")
+    names = [name_of[id(p)] for p in dp_opt.params]  # the optimizer's order, which step_rows takes
     per_patient = make_patient_grads(model, strategy=grads)
     data = data.on(device)
     losses: list[torch.Tensor] = []
@@ -254,17 +311,15 @@ def train_dp(
             idx = poisson_sample(data.n_patients, sample_rate, generator)
             batches.append(len(idx))
             if len(idx) == 0:  # an empty Poisson batch still takes a (pure-noise) step
-                for _, p in named:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+                rows = [torch.zeros((0, *p.shape), device=p.device) for p in dp_opt.params]
             else:
                 mel, markers, y, m = _batch(data, idx, max_sessions, generator, device)
                 per_grads, patient_loss = per_patient(mel, markers, y, m)  # name -> (B, *shape); (B,)
-                for n, p in named:
-                    p.grad_sample = per_grads[n]
+                rows = [per_grads[n] for n in names]
                 losses.append(patient_loss.detach().mean())
-            dp_opt.step()
-            dp_opt.zero_grad(set_to_none=True)
+            dp_opt.step_rows(rows)  # p.grad stays the step's noisy gradient until the next step overwrites it
     finally:
+        dp_opt.zero_grad(set_to_none=True)
         per_patient.close()
     return _stats(steps, losses, batches)
 

@@ -117,6 +117,33 @@ def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 
             "batch_patients": t.batch_patients, "sessions": t.max_sessions_per_patient, "repeats": repeats, "steps": steps}
 
 
+# A step so small that its arithmetic is negligible: what is left is host work (Python, operator
+# dispatch, allocation), which is what a GPU step at the experiment's batch sizes waits on.
+HOST_BOUND_STEP = {"batch_patients": 2, "max_sessions_per_patient": 2, "max_seconds": 1.2}
+
+
+def dp_step_host_bound(exp: ExperimentConfig, *, repeats: int = 20, steps: int = 10) -> dict[str, Any]:
+    """:func:`dp_step_ratio` on the same model with :data:`HOST_BOUND_STEP` (2 patients of 2 sessions of
+    1.2 s a step), on one CPU thread: DP ÷ plain host work per step.
+
+    A GPU at small batches is launch-bound: the device finishes each kernel before the host has
+    queued the next (H200, 8 patients a step: 3.3 ms per plain step at 8 and at 128 patients
+    alike, BENCHMARKS.md "GPU"), so its DP ÷ plain ratio is the ratio of host work, which this
+    measures on any machine. Calibration, same commit (a08360b) on both sides: this proxy gave
+    `grouped` 1.60, `hooks` 2.27, `functorch` 2.56 on the 2-core EPYC; the H200 measured 1.55,
+    2.37, 2.64 at 8 patients a step (fp32).
+    """
+    training = replace(exp.training, batch_patients=HOST_BOUND_STEP["batch_patients"], max_sessions_per_patient=HOST_BOUND_STEP["max_sessions_per_patient"])
+    tiny = replace(exp, training=training, features=replace(exp.features, max_seconds=HOST_BOUND_STEP["max_seconds"]))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = dp_step_ratio(tiny, repeats=repeats, steps=steps, ghost_reference=False)
+    finally:
+        torch.set_num_threads(before)
+    return {**result, "threads": 1, "max_seconds": HOST_BOUND_STEP["max_seconds"]}
+
+
 def _run_mode(mode: str, model: torch.nn.Module, data: PatientTensors, *, q: float, steps: int, max_sessions: int, opt: torch.optim.Optimizer, gen: torch.Generator, dev: torch.device) -> None:
     if mode == "plain":
         train_plain(model, data, steps=steps, sample_rate=q, max_sessions=max_sessions, optimizer=opt, generator=gen, device=dev)

@@ -49,7 +49,7 @@ def gpu_bench(exp: ExperimentConfig, *, data: Path | None, out: Path, quick: boo
         result: dict[str, Any] = {"machine": machine(), "gpu": None, "message": NO_GPU}
         (out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
-    from server.bench import dp_step_ratio
+    from server.bench import dp_step_host_bound, dp_step_ratio
 
     repeats, steps = (2, 3) if quick else (5, 20)
     default_batch = exp.training.batch_patients
@@ -82,6 +82,8 @@ def gpu_bench(exp: ExperimentConfig, *, data: Path | None, out: Path, quick: boo
                 dp_step_ratio(bexp, device=device, repeats=repeats, steps=steps, autocast=dtype, ghost_reference=batch == default_batch), batch))
     if device == "cuda":
         part(f"dp_step_cpu_b{default_batch}", lambda: _with_throughput(dp_step_ratio(exp, device="cpu", repeats=min(repeats, 3), steps=min(steps, 5), ghost_reference=False), default_batch))
+        # The host-work proxy on this machine's CPU, beside the GPU's own ratio at the experiment's batch (the proxy's calibration).
+        part("dp_step_host_bound_cpu", lambda: dp_step_host_bound(exp, repeats=repeats * 2, steps=steps // 2 or 1))
     if data is not None:
         from server.bench_fl import simulated_rounds
 

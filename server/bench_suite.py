@@ -25,7 +25,7 @@ def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool,
     """Run the suite (or the parts named in ``only``); each part's result (or its error) lands
     in ``out/results.json`` as it finishes. With ``exp.speech`` on, feature cache, update size
     and site memory also measure the frozen speech encoder."""
-    from server.bench import dp_step_profile, dp_step_ratio, machine
+    from server.bench import dp_step_host_bound, dp_step_profile, dp_step_ratio, machine
     from server.bench_fl import feature_cache, quick_cohort_config, quick_experiment, simulated_rounds, site_round_memory, update_size
 
     out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +49,7 @@ def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool,
         # far) is left to `fedrelapse bench dp-step`, which keeps the suite within its time budget.
         ("dp_step", lambda: dp_step_ratio(run_exp, repeats=2 if quick else 4, steps=3 if quick else 10, ghost_reference=False)),
         ("dp_step_profile", lambda: dp_step_profile(run_exp, repeats=3 if quick else 20)),
+        ("dp_step_host_bound", lambda: dp_step_host_bound(run_exp, repeats=2 if quick else 20, steps=3 if quick else 10)),
         # extraction is timed per hour of audio, so the full suite samples 80 recordings per site
         ("feature_cache", lambda: feature_cache(run_exp, data, out / "feature-cache-scratch", sessions_per_site=None if quick else FEATURE_SAMPLE)),
         ("update_size", lambda: update_size(run_exp, data, rounds=rounds)),

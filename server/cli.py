@@ -238,14 +238,16 @@ def bench_dp_step(
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).", min=0)] = 0,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats (CI smoke).")] = False,
 ) -> None:
-    """Time per patient-level DP-SGD step / non-private step, per gradient strategy, and where a DP step's time goes."""
-    from server.bench import dp_step_profile, dp_step_ratio, machine, set_threads
+    """Time per patient-level DP-SGD step / non-private step, per gradient strategy, where a DP step's time goes, and the same ratio
+    on a step of 2 tiny patients (host_bound: host work only, the regime of a GPU at small batches)."""
+    from server.bench import dp_step_host_bound, dp_step_profile, dp_step_ratio, machine, set_threads
     from shared.config import load_experiment
 
     set_threads(threads)
     exp = load_experiment(config)
     result = {"machine": machine(), **dp_step_ratio(exp, device=device, repeats=2 if quick else 20, steps=3 if quick else 10),
-              "profile": dp_step_profile(exp, device=device, repeats=3 if quick else 20)}
+              "profile": dp_step_profile(exp, device=device, repeats=3 if quick else 20),
+              "host_bound": dp_step_host_bound(exp, repeats=2 if quick else 20, steps=3 if quick else 10)}
     print(json.dumps(result, indent=2))
 
 

@@ -80,6 +80,7 @@ def test_quick_bench_suite_runs_end_to_end(tiny_cohort: Path, tmp_path: Path) ->
     dp = parts["dp_step"]["modes"]
     assert {"plain", "dp-grouped", "dp-functorch", "dp-hooks"} <= dp.keys() and all(m["step_s"] > 0 for m in dp.values())
     assert "ghost-per-session" not in dp  # the slow reference lives in `bench dp-step` only
+    assert parts["dp_step_host_bound"]["threads"] == 1 and parts["dp_step_host_bound"]["ratio"] > 0
     size = parts["update_size"]["bytes_per_site_per_round"]
     assert size["head_only_float32"] < size["full_model_float32"] and size["full_model_int16"] * 2 == size["full_model_float32"]
     assert parts["update_size"]["auroc_by_round"][-1]["float32"] is not None
@@ -129,6 +130,31 @@ def test_dp_step_bench_times_opacus_ghost_clipping_as_a_reference() -> None:
 
     r = dp_step_ratio(tiny_experiment(), repeats=1, steps=1, strategies=("functorch",), ghost_reference=True)
     assert set(r["modes"]) == {"plain", "dp-functorch", "ghost-per-session"} and all(m["step_s"] > 0 for m in r["modes"].values())
+
+
+def test_the_host_bound_dp_step_runs_a_tiny_step_on_one_thread_and_restores_the_threads() -> None:
+    from server.bench import HOST_BOUND_STEP, dp_step_host_bound
+
+    before = torch.get_num_threads()
+    seen = []
+    import server.bench as bench
+
+    real = bench.dp_step_ratio
+
+    def spy(exp: object, **kwargs: object) -> dict:
+        seen.append((exp, torch.get_num_threads()))
+        return real(exp, **kwargs)
+
+    bench.dp_step_ratio = spy  # type: ignore[assignment]
+    try:
+        r = dp_step_host_bound(tiny_experiment(), repeats=1, steps=1)
+    finally:
+        bench.dp_step_ratio = real  # type: ignore[assignment]
+    (exp, threads), = seen
+    assert threads == 1 and torch.get_num_threads() == before
+    assert exp.training.batch_patients == HOST_BOUND_STEP["batch_patients"] and exp.features.max_seconds == HOST_BOUND_STEP["max_seconds"]
+    assert exp.training.max_sessions_per_patient == HOST_BOUND_STEP["max_sessions_per_patient"]
+    assert {"plain", "dp-grouped", "dp-functorch", "dp-hooks"} == r["modes"].keys() and r["threads"] == 1 and r["ratio"] > 0
 
 
 def test_dp_step_profile_times_every_strategy_and_each_grouped_layer() -> None:

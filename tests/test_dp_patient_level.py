@@ -44,22 +44,21 @@ by_strategy = pytest.mark.parametrize("grads", GRAD_STRATEGIES)
 
 
 @by_strategy
-def test_grad_sample_has_one_row_per_patient_not_per_session(grads: str) -> None:
+def test_the_rows_clipped_are_one_per_patient_not_per_session(grads: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.dp_train as dp_train
+
     model, data = make_model(), make_data()
-    seen: dict[str, int] = {}
-    original = CpuNoiseDPOptimizer.clip_and_accumulate
+    seen: list[tuple[int, ...]] = []
+    original = dp_train.clip_and_sum
 
-    def spy(self: CpuNoiseDPOptimizer) -> None:
-        for p in self.params:
-            seen[str(tuple(p.shape))] = p.grad_sample.shape[0]
-        original(self)
+    def spy(grad_samples: list[torch.Tensor], *, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(tuple(g.shape[0] for g in grad_samples))
+        return original(grad_samples, max_grad_norm=max_grad_norm)
 
-    CpuNoiseDPOptimizer.clip_and_accumulate = spy  # type: ignore[method-assign]
-    try:
-        run(model, data, sigma=0.0, clip=1.0, grads=grads)
-    finally:
-        CpuNoiseDPOptimizer.clip_and_accumulate = original  # type: ignore[method-assign]
-    assert set(seen.values()) == {P}  # 6 patients, not 6 x 4 = 24 sessions
+    monkeypatch.setattr(dp_train, "clip_and_sum", spy)
+    run(model, data, sigma=0.0, clip=1.0, grads=grads)
+    assert seen and all(len(rows) == len(list(model.parameters())) for rows in seen)
+    assert {n for rows in seen for n in rows} == {P}  # every step: 6 patients for every parameter, not 6 x 4 = 24 sessions
 
 
 @by_strategy
@@ -283,6 +282,54 @@ def test_fused_clipping_equals_opacus_per_parameter_clipping(rows: int) -> None:
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-7)
     if rows == 0:
         assert all(float(s.abs().max()) == 0.0 for s in _clipped_sum(ours, params, samples))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_step_rows_equals_the_grad_sample_step_over_several_steps(optimizer: str) -> None:
+    """step_rows (rows straight in, the flat noisy gradient reused in place from the second step) == grad_sample + step + zero_grad, noise included, step after step."""
+    params_a, samples = _grad_samples(8)
+    params_b = [torch.nn.Parameter(p.detach().clone()) for p in params_a]
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9), "adam": lambda ps: torch.optim.Adam(ps, lr=0.05)}[optimizer]
+    by_rows = CpuNoiseDPOptimizer(make(params_a), noise_multiplier=1.5, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(7))
+    by_samples = CpuNoiseDPOptimizer(make(params_b), noise_multiplier=1.5, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(7))
+    flats = set()
+    for step in range(4):
+        rows = [s * (step + 1) for s in samples]
+        by_rows.step_rows(rows)
+        flats.add(params_a[0].grad.untyped_storage().data_ptr())
+        for p, r in zip(params_b, rows, strict=True):
+            p.grad_sample = r.clone()
+        by_samples.step()
+        noisy_b = [p.grad.clone() for p in params_b]
+        by_samples.zero_grad(set_to_none=True)
+        for a, b, g in zip(params_a, params_b, noisy_b, strict=True):
+            torch.testing.assert_close(a.grad, g, rtol=1e-6, atol=1e-7)  # the same noisy, averaged gradient
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    assert len(flats) == 1  # one flat vector, overwritten in place from step 2 on
+    by_rows.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in params_a)
+
+
+def test_step_rows_takes_opacus_path_in_secure_mode_and_refuses_a_wrong_row_count() -> None:
+    params, samples = _grad_samples(8)
+    start = [p.detach().clone() for p in params]
+    opt = CpuNoiseDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=4.0, max_grad_norm=0.5, expected_batch_size=4, secure_mode=True)
+    for _ in range(2):  # the second step must not trip Opacus' "not cleared since the last step" check
+        opt.step_rows([s.clone() for s in samples])
+    assert all(getattr(p, "grad_sample", None) is None and p.summed_grad is None for p in params)
+    update = torch.cat([(s - p.detach()).flatten() for p, s in zip(params, start, strict=True)])
+    assert float(update.std()) == pytest.approx(2 ** 0.5 * 4.0 * 0.5 / 4, rel=0.2)  # two steps of σC / expected batch noise
+    with pytest.raises(ValueError, match="step_rows got 3 per-patient gradient tensors for 4 trainable parameters"):
+        opt.step_rows(samples[:3])
+
+
+def test_train_dp_refuses_an_optimizer_holding_parameters_that_are_not_the_models() -> None:
+    model = make_model()
+    other = torch.nn.Parameter(torch.zeros(3, 2))
+    opt = torch.optim.SGD([*model.parameters(), other], lr=1.0)
+    with pytest.raises(ValueError, match=r"optimizer holds 1 trainable parameter\(s\) that are not the model's \(shapes \[\(3, 2\)\]\)"):
+        train_dp(model, make_data(), steps=1, sample_rate=1.0, noise_multiplier=1.0, max_grad_norm=1.0, max_sessions=K,
+                 optimizer=opt, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
 
 
 def test_fused_clipping_bounds_each_row_in_float32_even_for_bf16_rows() -> None:

@@ -215,6 +215,31 @@ def test_grouped_refuses_a_model_that_mixes_sessions_across_the_batch() -> None:
     grouped.close()
 
 
+def test_the_probe_runs_once_per_architecture_and_a_mixing_model_is_still_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site's later rounds (a new GroupedGrads on a model of the same architecture) skip the probe; any other architecture is probed."""
+    from client import patient_grads
+
+    monkeypatch.setattr(patient_grads, "_INDEPENDENT_ROWS", set())
+    probes = []
+    original = GroupedGrads.check_sessions_independent
+
+    def spy(self: GroupedGrads, *args: torch.Tensor) -> None:
+        probes.append(type(self.model).__name__)
+        original(self, *args)
+
+    monkeypatch.setattr(GroupedGrads, "check_sessions_independent", spy)
+    spec = ModelSpec(hidden=8, conv_channels=4, groups=2)
+    for _ in range(3):  # three rounds, a fresh model each
+        per_patient(ProsodyMelNet(spec, n_mels=N_MELS, n_markers=N_MODEL_MARKERS), "grouped", batch(N_MODEL_MARKERS))
+    assert probes == ["ProsodyMelNet"]
+    per_patient(ProsodyMelNet(ModelSpec(hidden=8, conv_channels=6, groups=2), n_mels=N_MELS, n_markers=N_MODEL_MARKERS), "grouped", batch(N_MODEL_MARKERS))
+    assert probes == ["ProsodyMelNet", "ProsodyMelNet"]  # other layer sizes: another architecture, probed
+    for _ in range(2):  # a refused architecture is never remembered
+        with pytest.raises(UnsupportedLayerError, match="CentresTheBatch mixes sessions within a batch"):
+            per_patient(CentresTheBatch(), "grouped", batch(N_MODEL_MARKERS))
+    assert probes[2:] == ["CentresTheBatch", "CentresTheBatch"]
+
+
 class SamePaddingWithDropout(nn.Module):
     def __init__(self) -> None:
         super().__init__()
