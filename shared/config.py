@@ -182,8 +182,8 @@ class FederationConfig:
     fraction_train: float = spec(1.0, doc="Share of connected sites asked to train each round.", gt=0, le=1)
     fraction_evaluate: float = spec(1.0, doc="Share of sites asked to evaluate each round.", ge=0, le=1)
     evaluation: str = spec(
-        "separate",
-        doc="When sites evaluate the global model. separate: an evaluate message after each round's training (two message exchanges per round). with-next-round: round r's train message asks each site to evaluate the model it carries (round r-1's) before training and the reply brings both (one exchange per round; a round's AUROC arrives with the next round's replies and its row prints then; the final model is evaluated by one last evaluate message). with-next-round needs fraction_evaluate 0 or equal to fraction_train.",
+        "with-next-round",
+        doc="When sites evaluate the global model. with-next-round (default): round r's train message asks each site to evaluate the model it carries (round r-1's) before training and the reply brings both (one exchange per round; a round's AUROC arrives with the next round's replies and its row prints then; the final model is evaluated by one last evaluate message); needs fraction_evaluate 0 or equal to fraction_train. separate: an evaluate message after each round's training (two message exchanges per round; each round's AUROC as the round ends, any fraction_evaluate).",
         choices=("separate", "with-next-round"),
     )
     min_nodes: int = spec(2, doc="Sites that must be connected before a round starts.", ge=1)
@@ -209,7 +209,7 @@ class FederationConfig:
     def validate(self, source: str) -> None:
         if self.evaluation == "with-next-round" and self.fraction_evaluate not in (0.0, self.fraction_train):
             raise ConfigError(
-                f"{source}: `federation.evaluation` is with-next-round, so the sites that evaluate a model are the sites "
+                f"{source}: `federation.evaluation` is with-next-round (the default), so the sites that evaluate a model are the sites "
                 f"asked to train the next round; `federation.fraction_evaluate` ({self.fraction_evaluate:g}) must be 0 "
                 f"(no evaluation) or equal to `federation.fraction_train` ({self.fraction_train:g}). Set fraction_evaluate "
                 f"to {self.fraction_train:g} or 0, or use `federation.evaluation: separate`."

@@ -57,9 +57,10 @@ def write_plan(tmp_path: Path, federation: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("mode", ["evaluation: with-next-round, ", ""])  # set, or the default
 @pytest.mark.parametrize("fractions", ["fraction_train: 1.0, fraction_evaluate: 0.5", "fraction_train: 0.5, fraction_evaluate: 1.0"])
-def test_with_next_round_refuses_an_evaluation_share_other_than_none_or_the_training_share(tmp_path: Path, fractions: str) -> None:
-    path = write_plan(tmp_path, f"evaluation: with-next-round, {fractions}")
+def test_with_next_round_refuses_an_evaluation_share_other_than_none_or_the_training_share(tmp_path: Path, fractions: str, mode: str) -> None:
+    path = write_plan(tmp_path, f"{mode}{fractions}")
 
     with pytest.raises(ConfigError) as err:
         load_experiment(path)
@@ -67,12 +68,14 @@ def test_with_next_round_refuses_an_evaluation_share_other_than_none_or_the_trai
     message = str(err.value)
     assert "`federation.fraction_evaluate`" in message and "`federation.fraction_train`" in message
     assert "must be 0 (no evaluation) or equal to" in message and "`federation.evaluation: separate`" in message
+    assert "`federation.evaluation` is with-next-round (the default)" in message
 
 
 @pytest.mark.parametrize(("federation", "evaluation"), [
     ("evaluation: with-next-round, fraction_train: 0.5, fraction_evaluate: 0.5", "with-next-round"),
     ("evaluation: with-next-round, fraction_evaluate: 0", "with-next-round"),
-    ("fraction_train: 1.0, fraction_evaluate: 0.5", "separate"),  # the default mode keeps any share
+    ("evaluation: separate, fraction_train: 1.0, fraction_evaluate: 0.5", "separate"),  # separate keeps any share
+    ("fraction_train: 0.5, fraction_evaluate: 0.5", "with-next-round"),  # the default
 ])
 def test_evaluation_modes_that_fit_their_shares_load(tmp_path: Path, federation: str, evaluation: str) -> None:
     assert load_experiment(write_plan(tmp_path, federation)).federation.evaluation == evaluation

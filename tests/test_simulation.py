@@ -63,7 +63,7 @@ def test_every_model_message_carries_one_packed_array_of_few_objects(run: tuple[
     by_kind: dict[str, list[Message]] = {}
     for msg in WIRE["sent"]:
         by_kind.setdefault(msg.metadata.message_type, []).append(msg)
-    assert len(by_kind["train"]) == len(by_kind["evaluate"]) == 6  # 3 sites × 2 rounds
+    assert len(by_kind["train"]) == 6 and len(by_kind["evaluate"]) == 3  # 3 sites × 2 rounds; with-next-round (the default): the final model's evaluation only
     train_replies = [m for m in WIRE["replies"] if m.metadata.message_type == "train" and not m.has_error()]
     assert len(train_replies) == 6
     for msg in by_kind["train"] + by_kind["evaluate"] + train_replies:
