@@ -2,9 +2,9 @@
 
 Each patient's loss is averaged over at most ``max_sessions`` of their labelled sessions and
 differentiated per patient by one of the strategies in :mod:`client.patient_grads` (Opacus
-per-session hooks summed per patient, ``torch.func.vmap``, or the default one-pass ``grouped`` rule over session-major rows); the result is placed in
-``p.grad_sample`` and :class:`CpuNoiseDPOptimizer` (Opacus' :class:`DPOptimizer`, acting on all
-parameters at once) clips each patient's gradient to C, adds Gaussian noise σC and steps. Patients are Poisson-sampled at rate q
+per-session hooks summed per patient, ``torch.func.vmap``, or the default one-pass ``grouped`` rule over session-major rows); the rows go to
+:meth:`CpuNoiseDPOptimizer.step_rows` (Opacus' :class:`DPOptimizer`, acting on all parameters at
+once), which clips each patient's gradient to C, adds Gaussian noise σC and steps. Patients are Poisson-sampled at rate q
 (Abadi et al. 2016, Alg. 1), which is what the accountant assumes.
 """
 
@@ -99,27 +99,31 @@ class CpuNoiseDPOptimizer(DPOptimizer):
     def step_rows(self, rows: list[torch.Tensor]) -> None:
         """One whole DP-SGD step from this step's per-patient gradient rows, one (B, *shape) tensor per parameter in ``self.params`` order.
 
-        The same arithmetic as assigning each ``p.grad_sample`` and calling :meth:`step`, in the
+        The same operations as assigning each ``p.grad_sample`` and calling :meth:`step`, in the
         same order (clip and sum, one seeded CPU noise draw of σC, division by the expected batch,
-        FedProx, the step hook, the wrapped optimizer's step), without routing the rows through
-        ``grad_sample`` and ``summed_grad`` and Opacus' per-parameter flags: those exist for
-        physical batches accumulated into one logical step and for callers who may forget
-        ``zero_grad``, and :func:`train_dp` does neither. Between two calls ``p.grad`` stays the last
-        step's noisy gradient, a view of one flat vector that the next call overwrites in place;
+        FedProx, the wrapped optimizer's step; bit-identical for float32 parameters), without
+        routing the rows through ``grad_sample`` and ``summed_grad`` and Opacus' per-parameter
+        flags: those exist for physical batches accumulated into one logical step and for callers
+        who may forget ``zero_grad``, and :func:`train_dp` does neither. Between two calls
+        ``p.grad`` stays the last step's noisy gradient, a view of one flat vector that the next
+        call overwrites in place while every ``p.grad`` still is its view;
         ``zero_grad(set_to_none=True)`` ends that. The bookkeeping left out was ≈ 0.1 ms of host
         time a step, a large part of a small step's DP overhead where a GPU waits on the host
-        (``host_bound`` in ``fedrelapse bench dp-step``). Secure mode, an accumulation in progress or a
-        queued skip take Opacus' own path (:meth:`step`).
+        (``host_bound`` in ``fedrelapse bench dp-step``). Opacus' own path (:meth:`step`) takes over in
+        secure mode, with an accumulation in progress or a queued skip, with a step hook (an
+        Opacus accountant's reads ``grad_sample``), and for parameters other than float32.
         """
         params = self.params
         if len(rows) != len(params):
             raise ValueError(f"step_rows got {len(rows)} per-patient gradient tensors for {len(params)} trainable parameters; pass one per parameter, in the optimizer's order.")
-        if self.secure_mode or self._step_skip_queue or any(p.summed_grad is not None for p in params):
+        if self.secure_mode or self._step_skip_queue or self.step_hook or any(p.summed_grad is not None or p.dtype != torch.float32 for p in params):
             for p, r in zip(params, rows, strict=True):
                 p.grad_sample = r
             self.step()
-            for p in params:  # what zero_grad clears besides p.grad, so the next step_rows starts afresh
-                p.grad_sample = p.summed_grad = None
+            for p in params:  # what zero_grad clears besides p.grad (a skipped step's sum is kept, as Opacus keeps it), so the next call starts afresh
+                p.grad_sample = None
+                if not self._is_last_step_skipped:
+                    p.summed_grad = None
             return
         summed, _ = clip_and_sum(rows, max_grad_norm=self.max_grad_norm)  # (D,) float32
         noise = self._noise(summed).to(dtype=summed.dtype)  # (D,)
@@ -133,8 +137,6 @@ class CpuNoiseDPOptimizer(DPOptimizer):
         if not reuse:
             self._noisy = _share(noisy, params, "grad")
         add_prox(params, self.prox_ref, self.prox_mu)
-        if self.step_hook:
-            self.step_hook(self)
         self._is_last_step_skipped = False
         self.original_optimizer.step()
 

@@ -217,11 +217,15 @@ class _RowsInBackward(torch.autograd.Function):
 # dp-step`). Keyed by class and module tree (every layer and its settings). The probe guards
 # against architectures that mix sessions (batch statistics, pooling or attention across the
 # batch), which do so whatever their weights; it can only ever test the weights it runs with.
-_INDEPENDENT_ROWS: set[tuple[type, str]] = set()
+_INDEPENDENT_ROWS: set[tuple[object, ...]] = set()
+_SETTING_TYPES = (bool, int, float, str, type(None))
 
 
-def _architecture(model: nn.Module) -> tuple[type, str]:
-    return type(model), repr(model)
+def _architecture(model: nn.Module) -> tuple[object, ...]:
+    """The model's class, its module tree (repr: every layer and its settings) and every module's
+    plain attributes (flags and sizes its forward may read that its repr does not show)."""
+    settings = tuple((name, tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, _SETTING_TYPES)))) for name, m in model.named_modules())
+    return type(model), repr(model), settings
 
 
 class GroupedGrads:
@@ -372,6 +376,7 @@ class HookGrads:
         b, k = y.shape
         for _, p in self.named:
             p.grad_sample = None
+            p.grad = None  # the backward assigns a fresh summed gradient (unused) instead of adding into the last step's
         logits = patient_logits(self.gsm, mel, markers)  # (B, K)
         losses = patient_losses(logits, y, m)  # (B,)
         with warnings.catch_warnings():  # the first layer's input needs no grad; torch says so each step

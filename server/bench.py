@@ -130,8 +130,8 @@ def dp_step_host_bound(exp: ExperimentConfig, *, repeats: int = 20, steps: int =
     queued the next (H200, 8 patients a step: 3.3 ms per plain step at 8 and at 128 patients
     alike, BENCHMARKS.md "GPU"), so its DP ÷ plain ratio is the ratio of host work, which this
     measures on any machine. Calibration, same commit (a08360b) on both sides: this proxy gave
-    `grouped` 1.60, `hooks` 2.27, `functorch` 2.56 on the 2-core EPYC; the H200 measured 1.55,
-    2.37, 2.64 at 8 patients a step (fp32).
+    `grouped` 1.68–1.74, `hooks` 2.39–2.56, `functorch` 2.71–2.94 on the 2-core EPYC (three runs);
+    the H200 measured 1.55, 2.37, 2.64 at 8 patients a step (fp32).
     """
     training = replace(exp.training, batch_patients=HOST_BOUND_STEP["batch_patients"], max_sessions_per_patient=HOST_BOUND_STEP["max_sessions_per_patient"])
     tiny = replace(exp, training=training, features=replace(exp.features, max_seconds=HOST_BOUND_STEP["max_seconds"]))

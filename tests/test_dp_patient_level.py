@@ -284,14 +284,16 @@ def test_fused_clipping_equals_opacus_per_parameter_clipping(rows: int) -> None:
         assert all(float(s.abs().max()) == 0.0 for s in _clipped_sum(ours, params, samples))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_step_rows_equals_the_grad_sample_step_over_several_steps(optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer", "reduction", "prox_mu"), [("sgd", "mean", 0.0), ("adam", "mean", 0.0), ("sgd", "sum", 0.0), ("adam", "mean", 0.3)])
+def test_step_rows_equals_the_grad_sample_step_over_several_steps(optimizer: str, reduction: str, prox_mu: float) -> None:
     """step_rows (rows straight in, the flat noisy gradient reused in place from the second step) == grad_sample + step + zero_grad, noise included, step after step."""
     params_a, samples = _grad_samples(8)
     params_b = [torch.nn.Parameter(p.detach().clone()) for p in params_a]
     make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9), "adam": lambda ps: torch.optim.Adam(ps, lr=0.05)}[optimizer]
-    by_rows = CpuNoiseDPOptimizer(make(params_a), noise_multiplier=1.5, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(7))
-    by_samples = CpuNoiseDPOptimizer(make(params_b), noise_multiplier=1.5, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(7))
+    by_rows = CpuNoiseDPOptimizer(make(params_a), noise_multiplier=1.5, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(7), loss_reduction=reduction)
+    by_samples = CpuNoiseDPOptimizer(make(params_b), noise_multiplier=1.5, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(7), loss_reduction=reduction)
+    for opt, params in ((by_rows, params_a), (by_samples, params_b)):
+        opt.prox_mu, opt.prox_ref = prox_mu, [p.detach().clone() * 0.5 for p in params]
     flats = set()
     for step in range(4):
         rows = [s * (step + 1) for s in samples]
@@ -310,10 +312,15 @@ def test_step_rows_equals_the_grad_sample_step_over_several_steps(optimizer: str
     assert all(p.grad is None for p in params_a)
 
 
-def test_step_rows_takes_opacus_path_in_secure_mode_and_refuses_a_wrong_row_count() -> None:
+def test_step_rows_takes_opacus_path_in_secure_mode_and_refuses_a_wrong_row_count(monkeypatch: pytest.MonkeyPatch) -> None:
     params, samples = _grad_samples(8)
     start = [p.detach().clone() for p in params]
     opt = CpuNoiseDPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=4.0, max_grad_norm=0.5, expected_batch_size=4, secure_mode=True)
+
+    def seeded_noise(self: CpuNoiseDPOptimizer, like: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("secure mode drew the seeded, reproducible noise instead of Opacus' hardened noise")
+
+    monkeypatch.setattr(CpuNoiseDPOptimizer, "_noise", seeded_noise)
     for _ in range(2):  # the second step must not trip Opacus' "not cleared since the last step" check
         opt.step_rows([s.clone() for s in samples])
     assert all(getattr(p, "grad_sample", None) is None and p.summed_grad is None for p in params)
@@ -321,6 +328,51 @@ def test_step_rows_takes_opacus_path_in_secure_mode_and_refuses_a_wrong_row_coun
     assert float(update.std()) == pytest.approx(2 ** 0.5 * 4.0 * 0.5 / 4, rel=0.2)  # two steps of σC / expected batch noise
     with pytest.raises(ValueError, match="step_rows got 3 per-patient gradient tensors for 4 trainable parameters"):
         opt.step_rows(samples[:3])
+
+
+def test_step_rows_with_a_step_hook_or_float64_parameters_is_opacus_own_step() -> None:
+    """A step hook (e.g. an Opacus accountant's, which reads grad_sample) and non-float32 parameters take Opacus' path: the same update as grad_sample + step."""
+    seen = []
+    for dtype, hook in ((torch.float32, lambda opt: seen.append(opt.accumulated_iterations)), (torch.float64, None)):
+        params_a, samples = _grad_samples(8, dtype)
+        params_a = [torch.nn.Parameter(p.detach().to(dtype)) for p in params_a]
+        params_b = [torch.nn.Parameter(p.detach().clone()) for p in params_a]
+        by_rows = CpuNoiseDPOptimizer(torch.optim.SGD(params_a, lr=0.5), noise_multiplier=1.0, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(3))
+        by_samples = CpuNoiseDPOptimizer(torch.optim.SGD(params_b, lr=0.5), noise_multiplier=1.0, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(3))
+        by_rows.step_hook = by_samples.step_hook = hook
+        for _ in range(2):
+            by_rows.step_rows([s.clone() for s in samples])
+            for p, s in zip(params_b, samples, strict=True):
+                p.grad_sample = s.clone()
+            by_samples.step()
+            by_samples.zero_grad(set_to_none=True)
+        for a, b in zip(params_a, params_b, strict=True):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+    assert seen == [1, 1, 1, 1]  # the hook ran for both optimizers, both steps, and could read grad_sample
+
+
+def test_step_rows_keeps_a_skipped_steps_sum_and_adds_the_next_batch_to_it_as_opacus_does() -> None:
+    from opacus.optimizers import DPOptimizer
+
+    params_a, samples = _grad_samples(8)
+    params_b = [torch.nn.Parameter(p.detach().clone()) for p in params_a]
+    ours = CpuNoiseDPOptimizer(torch.optim.SGD(params_a, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=4)
+    opacus = DPOptimizer(torch.optim.SGD(params_b, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=4)
+    for opt in (ours, opacus):
+        opt.signal_skip_step(do_skip=True)  # the first physical batch only accumulates
+    ours.step_rows([s[:4].clone() for s in samples])
+    for p, s in zip(params_b, samples, strict=True):
+        p.grad_sample = s[:4].clone()
+    opacus.step()
+    opacus.zero_grad(set_to_none=True)
+    assert all(p.summed_grad is not None for p in params_a)  # kept for the next batch
+    ours.step_rows([s[4:].clone() for s in samples])
+    for p, s in zip(params_b, samples, strict=True):
+        p.grad_sample = s[4:].clone()
+    opacus.step()
+    for a, b in zip(params_a, params_b, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_train_dp_refuses_an_optimizer_holding_parameters_that_are_not_the_models() -> None:

@@ -88,8 +88,9 @@ def test_an_unknown_evaluation_mode_names_the_choices(tmp_path: Path) -> None:
 
 def test_the_bench_option_sets_the_mode_with_the_plans_checks() -> None:
     exp = tiny_experiment()
-    assert with_evaluation(exp, None) is exp
-    assert with_evaluation(exp, "with-next-round").federation.evaluation == "with-next-round"
+    assert with_evaluation(exp, None) is exp and exp.federation.evaluation == "with-next-round"  # the default
+    assert with_evaluation(exp, "separate").federation.evaluation == "separate"
+    assert with_evaluation(with_evaluation(exp, "separate"), "with-next-round").federation.evaluation == "with-next-round"
     with pytest.raises(ConfigError, match="`federation.fraction_evaluate`"):
         with_evaluation(replace(exp, federation=replace(exp.federation, fraction_evaluate=0.5)), "with-next-round")
 
@@ -509,6 +510,41 @@ def test_a_simulated_run_records_every_rounds_evaluation_and_the_final_models_au
             assert set(reply.content.keys()) <= P.ALLOWED_REPLY_RECORDS
             if P.EVALUATION in reply.content:
                 assert set(reply.content[P.EVALUATION].keys()) <= SITE_METRICS
+
+
+@pytest.fixture(scope="module")
+def simulated_separate(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, RecordingGrid]:
+    from server.simulate import simulate
+
+    out = tmp_path_factory.mktemp("sim") / "run"
+    holder: dict[str, RecordingGrid] = {}
+
+    def wrap(grid: Any) -> RecordingGrid:
+        holder["grid"] = RecordingGrid(grid)
+        return holder["grid"]
+
+    exp = tiny_experiment()
+    exp = replace(exp, federation=replace(exp.federation, evaluation="separate", rounds=2))
+    summary = simulate(exp, cohort, out, run_id="separate-sim", console=Console(quiet=True), cpus=2, wrap_grid=wrap)
+    return out, summary, holder["grid"]
+
+
+def test_separate_evaluates_each_round_by_its_own_message_as_the_round_ends(simulated_separate: tuple[Path, dict, RecordingGrid]) -> None:
+    out, summary, grid = simulated_separate
+    rounds, sites = 2, 3
+
+    assert summary["status"] == "completed" and summary["rounds_completed"] == rounds
+    assert grid.count("train") == grid.count("evaluate") == rounds * sites  # two exchanges a round
+    assert flags(grid) == [(1, False)] * sites + [(2, False)] * sites  # no train message asks for an evaluation
+    phases = [m.metadata.message_type for m in grid.sent if m.metadata.message_type in ("train", "evaluate")]  # (the pre-flight's queries left out)
+    assert phases == (["train"] * sites + ["evaluate"] * sites) * rounds  # each round's evaluate right after its training
+    records = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in records] == [1, 2] and not any(r["evaluation_pending"] for r in records)
+    for rec in records:
+        assert all(("eval_auroc" in e) != ("eval" in e) and "eval_compute_s" in e for e in rec["sites"].values()), rec
+    for reply in grid.replies:
+        if reply.metadata.message_type == "train" and not reply.has_error():
+            assert P.EVALUATION not in reply.content
 
 
 @pytest.mark.parametrize("command", ["deployment", "scale"])

@@ -15,6 +15,14 @@ from shared.models.prosody_mel import ProsodyMelNet
 B, K, N_MELS, F, SPEECH = 5, 3, 8, 20, 6
 
 
+@pytest.fixture(autouse=True)
+def fresh_probe_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's models are probed as a site's first round would probe them (no architecture remembered from another test)."""
+    from client import patient_grads
+
+    monkeypatch.setattr(patient_grads, "_INDEPENDENT_ROWS", set())
+
+
 def batch(n_markers: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     mel = torch.randn(B, K, N_MELS, F, generator=g)  # (B, K, n_mels, F)
@@ -215,11 +223,21 @@ def test_grouped_refuses_a_model_that_mixes_sessions_across_the_batch() -> None:
     grouped.close()
 
 
+class CentresTheBatchWhenAsked(nn.Module):
+    """Mixes sessions only with its flag on; the flag is a plain attribute its repr does not show."""
+
+    def __init__(self, *, centre: bool) -> None:
+        super().__init__()
+        self.a = nn.Linear(N_MELS, 1)
+        self.centre = centre
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        h = mel.mean(-1)  # (N, n_mels)
+        return self.a(h - h.mean(0, keepdim=True) if self.centre else h).squeeze(-1)
+
+
 def test_the_probe_runs_once_per_architecture_and_a_mixing_model_is_still_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """A site's later rounds (a new GroupedGrads on a model of the same architecture) skip the probe; any other architecture is probed."""
-    from client import patient_grads
-
-    monkeypatch.setattr(patient_grads, "_INDEPENDENT_ROWS", set())
     probes = []
     original = GroupedGrads.check_sessions_independent
 
@@ -238,6 +256,11 @@ def test_the_probe_runs_once_per_architecture_and_a_mixing_model_is_still_refuse
         with pytest.raises(UnsupportedLayerError, match="CentresTheBatch mixes sessions within a batch"):
             per_patient(CentresTheBatch(), "grouped", batch(N_MODEL_MARKERS))
     assert probes[2:] == ["CentresTheBatch", "CentresTheBatch"]
+    # Same class, same repr, a different flag: another architecture, probed and refused.
+    per_patient(CentresTheBatchWhenAsked(centre=False), "grouped", batch(N_MODEL_MARKERS))
+    assert repr(CentresTheBatchWhenAsked(centre=False)) == repr(CentresTheBatchWhenAsked(centre=True))
+    with pytest.raises(UnsupportedLayerError, match="CentresTheBatchWhenAsked mixes sessions within a batch"):
+        per_patient(CentresTheBatchWhenAsked(centre=True), "grouped", batch(N_MODEL_MARKERS))
 
 
 class SamePaddingWithDropout(nn.Module):

@@ -205,10 +205,20 @@ def test_site_trains_only_approved_plans_when_its_policy_requires_it(tiny_cohort
     result = CliRunner().invoke(cli, ["site", "approve", "--site", str(site_yaml), "--plan", str(plan_file), "--approved-by", "IT Ola", "--yes"])
     assert result.exit_code == 0, result.output
     assert "patient-level DP" in result.output
+    assert "evaluation" in result.output and "with-next-round" in result.output  # the default evaluation mode, shown
     accepted = build_client_app()(_message("train", plan), ctx)
     assert P.REFUSAL_CODE not in accepted.content[P.SITE] and P.ARRAYS in accepted.content
     other = plan.replace("learning_rate: 0.01", "learning_rate: 0.5")  # any change is a new plan
     assert build_client_app()(_message("train", other, rnd=2), ctx).content[P.SITE][P.REFUSAL_CODE] == "unapproved-plan"
+
+
+def test_the_approval_summary_names_the_evaluation_mode() -> None:
+    from client.approval import summary
+
+    exp = tiny_experiment()
+    lines = dict(summary(exp))
+    assert "(with-next-round)" in lines["evaluation"]
+    assert "(separate)" in dict(summary(replace(exp, federation=replace(exp.federation, evaluation="separate"))))["evaluation"]
 
 
 def test_a_diverged_local_model_is_not_sent(site: Site) -> None:
