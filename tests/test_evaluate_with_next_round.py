@@ -468,8 +468,8 @@ def test_a_model_whose_train_exchange_brought_no_evaluation_is_evaluated_by_its_
 # --- one run in Flower's Simulation Engine ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def simulated(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, RecordingGrid]:
+def simulate_recorded(exp: ExperimentConfig, cohort: Path, tmp_path_factory: pytest.TempPathFactory, run_id: str) -> tuple[Path, dict, RecordingGrid]:
+    """A Simulation Engine run of ``exp`` whose Grid records every message sent and every reply."""
     from server.simulate import simulate
 
     out = tmp_path_factory.mktemp("sim") / "run"
@@ -479,9 +479,13 @@ def simulated(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
         holder["grid"] = RecordingGrid(grid)
         return holder["grid"]
 
-    exp = with_next_round(tiny_experiment(), rounds=3)
-    summary = simulate(exp, cohort, out, run_id="next-sim", console=Console(quiet=True), cpus=2, wrap_grid=wrap)
+    summary = simulate(exp, cohort, out, run_id=run_id, console=Console(quiet=True), cpus=2, wrap_grid=wrap)
     return out, summary, holder["grid"]
+
+
+@pytest.fixture(scope="module")
+def simulated(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, RecordingGrid]:
+    return simulate_recorded(with_next_round(tiny_experiment(), rounds=3), cohort, tmp_path_factory, "next-sim")
 
 
 def test_a_simulated_run_sends_one_train_exchange_per_round_and_one_final_evaluate(simulated: tuple[Path, dict, RecordingGrid]) -> None:
@@ -514,19 +518,8 @@ def test_a_simulated_run_records_every_rounds_evaluation_and_the_final_models_au
 
 @pytest.fixture(scope="module")
 def simulated_separate(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, RecordingGrid]:
-    from server.simulate import simulate
-
-    out = tmp_path_factory.mktemp("sim") / "run"
-    holder: dict[str, RecordingGrid] = {}
-
-    def wrap(grid: Any) -> RecordingGrid:
-        holder["grid"] = RecordingGrid(grid)
-        return holder["grid"]
-
     exp = tiny_experiment()
-    exp = replace(exp, federation=replace(exp.federation, evaluation="separate", rounds=2))
-    summary = simulate(exp, cohort, out, run_id="separate-sim", console=Console(quiet=True), cpus=2, wrap_grid=wrap)
-    return out, summary, holder["grid"]
+    return simulate_recorded(replace(exp, federation=replace(exp.federation, evaluation="separate", rounds=2)), cohort, tmp_path_factory, "separate-sim")
 
 
 def test_separate_evaluates_each_round_by_its_own_message_as_the_round_ends(simulated_separate: tuple[Path, dict, RecordingGrid]) -> None:
