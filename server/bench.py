@@ -122,7 +122,7 @@ def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 
 HOST_BOUND_STEP = {"batch_patients": 2, "max_sessions_per_patient": 2, "max_seconds": 1.2}
 
 
-def dp_step_host_bound(exp: ExperimentConfig, *, repeats: int = 20, steps: int = 10) -> dict[str, Any]:
+def dp_step_host_bound(exp: ExperimentConfig, *, repeats: int = 60, steps: int = 10) -> dict[str, Any]:
     """:func:`dp_step_ratio` on the same model with :data:`HOST_BOUND_STEP` (2 patients of 2 sessions of
     1.2 s a step), on one CPU thread: DP ÷ plain host work per step.
 

@@ -49,7 +49,7 @@ def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool,
         # far) is left to `fedrelapse bench dp-step`, which keeps the suite within its time budget.
         ("dp_step", lambda: dp_step_ratio(run_exp, repeats=2 if quick else 4, steps=3 if quick else 10, ghost_reference=False)),
         ("dp_step_profile", lambda: dp_step_profile(run_exp, repeats=3 if quick else 20)),
-        ("dp_step_host_bound", lambda: dp_step_host_bound(run_exp, repeats=2 if quick else 20, steps=3 if quick else 10)),
+        ("dp_step_host_bound", lambda: dp_step_host_bound(run_exp, repeats=2 if quick else 60, steps=3 if quick else 10)),
         # extraction is timed per hour of audio, so the full suite samples 80 recordings per site
         ("feature_cache", lambda: feature_cache(run_exp, data, out / "feature-cache-scratch", sessions_per_site=None if quick else FEATURE_SAMPLE)),
         ("update_size", lambda: update_size(run_exp, data, rounds=rounds)),

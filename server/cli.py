@@ -247,7 +247,7 @@ def bench_dp_step(
     exp = load_experiment(config)
     result = {"machine": machine(), **dp_step_ratio(exp, device=device, repeats=2 if quick else 20, steps=3 if quick else 10),
               "profile": dp_step_profile(exp, device=device, repeats=3 if quick else 20),
-              "host_bound": dp_step_host_bound(exp, repeats=2 if quick else 20, steps=3 if quick else 10)}
+              "host_bound": dp_step_host_bound(exp, repeats=2 if quick else 60, steps=3 if quick else 10)}
     print(json.dumps(result, indent=2))
 
 
