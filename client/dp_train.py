@@ -125,11 +125,11 @@ class CpuNoiseDPOptimizer(DPOptimizer):
                 if not self._is_last_step_skipped:
                     p.summed_grad = None
             return
-        summed, _ = clip_and_sum(rows, max_grad_norm=self.max_grad_norm)  # (D,) float32
-        noise = self._noise(summed).to(dtype=summed.dtype)  # (D,)
+        summed, _ = clip_and_sum(rows, max_grad_norm=self.max_grad_norm)  # (D,) float32, as every parameter here
+        noise = self._noise(summed)  # (D,) float32
         # The previous step's flat noisy gradient, whose views still are every p.grad, takes this one's
         # in place: no new views to hand out (zero_grad(set_to_none=True) ends that).
-        reuse = _still_views(params, "grad", self._noisy) and self._noisy.flat.dtype == summed.dtype and self._noisy.flat.device == summed.device
+        reuse = _still_views(params, "grad", self._noisy) and self._noisy.flat.device == summed.device
         noisy = torch.add(summed, noise, out=self._noisy.flat) if reuse else summed + noise  # (D,)
         if self.loss_reduction == "mean":
             noisy.div_(self.expected_batch_size)  # one physical batch per step: Opacus' accumulated_iterations is 1

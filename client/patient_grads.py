@@ -303,16 +303,17 @@ class GroupedGrads:
                 "per-patient gradients would not be one patient's alone; set `training.per_patient_grads` to functorch."
             )
         self.rows_checked = bool(torch.isfinite(first).all())  # a diverged model's NaN outputs prove nothing: probe again next step
-        if self.rows_checked:
-            _INDEPENDENT_ROWS.add(_architecture(self.model))
 
     def forward_backward(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[list[LayerCall], torch.Tensor]:
         """The ordinary pass: every trainable layer call with its output gradient, and the (B,) patient losses."""
         if not self.rows_checked:
-            if _architecture(self.model) in _INDEPENDENT_ROWS:
+            architecture = _architecture(self.model)
+            if architecture in _INDEPENDENT_ROWS:
                 self.rows_checked = True
             else:
                 self.check_sessions_independent(session_rows(mel), session_rows(markers))  # (K·B, n_mels, F), (K·B, M)
+                if self.rows_checked:
+                    _INDEPENDENT_ROWS.add(architecture)
         self.calls, self.b = [], y.shape[0]
         self.anchor = anchor = mel.new_zeros((), dtype=torch.float32, requires_grad=torch.is_grad_enabled())  # every _RowsInBackward (Conv1d, GroupNorm) hangs on it
         try:
@@ -355,7 +356,7 @@ class GroupedGrads:
             for attr, name in call.params:
                 if attr in per:
                     grads[name] = grads[name] + per[attr] if name in grads else per[attr]
-        return {n: (grads[n] if grads[n].dtype == p.dtype else grads[n].to(p.dtype)) if n in grads else p.new_zeros((b, *p.shape)) for n, p in self.params.items()}, losses
+        return {n: grads[n].to(p.dtype) if n in grads else p.new_zeros((b, *p.shape)) for n, p in self.params.items()}, losses
 
     def close(self) -> None:
         for handle in self.handles:
