@@ -41,8 +41,9 @@ def summary(exp: ExperimentConfig) -> list[tuple[str, str]]:
         ("rounds x local steps", f"{f.rounds} x {t.local_steps}"),
         ("privacy", f"patient-level DP, ε ≤ {p.target_epsilon:g} at δ = {p.target_delta:g} for the whole run, clip C = {p.max_grad_norm:g}" if p.enabled else "NO differential privacy"),
         ("metrics", f"aggregates over at least {f.min_patients_metric} patients"),
-        ("evaluation", "each model evaluated before training on it, its metrics in the next train reply (with-next-round)"
-         if f.evaluation == "with-next-round" else "each model evaluated by its own message after training (separate)"),
+        ("evaluation", "none (fraction_evaluate 0)" if f.fraction_evaluate == 0
+         else "each model evaluated before training on it, its metrics in the next train reply (with-next-round)" if f.evaluation == "with-next-round"
+         else "each model evaluated by its own message after training (separate)"),
         ("features", f"{exp.features.n_mels} log-mel bands at {exp.features.sample_rate} Hz, {exp.features.max_seconds:g} s per recording"),
     ]
 

@@ -219,6 +219,7 @@ def test_the_approval_summary_names_the_evaluation_mode() -> None:
     lines = dict(summary(exp))
     assert "(with-next-round)" in lines["evaluation"]
     assert "(separate)" in dict(summary(replace(exp, federation=replace(exp.federation, evaluation="separate"))))["evaluation"]
+    assert dict(summary(replace(exp, federation=replace(exp.federation, fraction_evaluate=0.0))))["evaluation"] == "none (fraction_evaluate 0)"
 
 
 def test_a_diverged_local_model_is_not_sent(site: Site) -> None:
