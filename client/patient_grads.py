@@ -8,17 +8,16 @@ gradients up to float rounding (tested to 1e-5 on every model variant).
 
 * ``grouped`` (default: fastest on this model, ``fedrelapse bench dp-step``): no per-sample
   machinery. One ordinary forward pass of all B·K sessions, as session-major rows
-  (:func:`session_rows`), keeps each trainable layer's input; one ``torch.autograd.grad`` of the
-  summed patient losses gives the layers' output gradients (and no parameter gradients); then
-  :mod:`client.layer_grads` contracts input and output gradient over each patient's own
-  sessions (Linear: a ``bmm``; Conv1d: the ordinary weight-gradient convolution, once, with
-  the patients as channel groups and the sessions as its batch, and inside the backward pass
-  itself (:class:`_RowsInBackward`), where the same call also gives autograd the layer's input
-  gradient; GroupNorm: likewise, PyTorch's group-norm backward once on the rows as K samples
-  of B·C channels, with the forward pass's own statistics). Exact because sessions never interact (GroupNorm, never BatchNorm) and padded
-  sessions get a zero output gradient from the masked loss; a probe on the first batch refuses
-  a model whose forward mixes sessions anyway. A layer type without a rule is refused by name,
-  and :func:`make_patient_grads` then warns and uses ``functorch``.
+  (:func:`session_rows`), in which every trainable layer holds B copies of its parameters, one
+  per patient, each applied to its patient's rows only (:mod:`client.patient_layers`: a Conv1d
+  is one convolution with the patients as channel groups, a GroupNorm one group norm with the
+  patients' groups side by side, a Linear one batched matmul); one ``torch.autograd.grad`` of
+  the summed patient losses with respect to the copies then gives each patient's gradient in
+  autograd's ordinary backward pass, with the ordinary backward kernels. Exact because sessions
+  never interact (GroupNorm, never BatchNorm) and padded sessions get a zero output gradient
+  from the masked loss; a probe on the first batch refuses a model whose forward mixes sessions
+  anyway. A layer type without a per-patient form is refused by name, and
+  :func:`make_patient_grads` then warns and uses ``functorch``.
 * ``functorch``: ``torch.func.vmap(grad_and_value(loss))`` over the patient dimension; the
   patient losses come with the gradients. Works for any layer torch.func can vmap; its
   vmapped Conv1d weight gradient is a grouped convolution, slow on CPU.
@@ -48,16 +47,7 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from client.layer_grads import (
-    FORWARD_STATE,
-    LAYER_GRADS,
-    UnsupportedLayerError,
-    check_layer,
-    conv1d_backward_with_patient_grads,
-    conv1d_one_call,
-    group_norm_backward_with_patient_grads,
-    group_norm_one_call,
-)
+from client.patient_layers import PATIENT_LAYERS, PatientLayer, UnsupportedLayerError, check_layer, check_rows
 
 GRAD_STRATEGIES = ("grouped", "functorch", "hooks")
 DEFAULT_GRADS = "grouped"
@@ -89,8 +79,8 @@ def session_rows(t: torch.Tensor) -> torch.Tensor:
 
     A view when ``t``'s storage is (K, B, *rest), as :func:`client.dp_train._batch` lays a
     batch out; a copy otherwise. In this order a layer's rows are K blocks of all B patients,
-    which is what lets :mod:`client.layer_grads` give a Conv1d's per-patient weight gradients
-    in one call.
+    which is what lets :mod:`client.patient_layers` run a Conv1d with the patients as channel
+    groups without a copy.
     """
     return t.transpose(0, 1).reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
@@ -153,64 +143,6 @@ class FunctorchGrads:
         return None
 
 
-class LayerCall(NamedTuple):
-    """One call of a trainable layer in the grouped forward pass, with its output's gradient once known."""
-
-    layer: str
-    module: nn.Module
-    params: list[tuple[str, str]]  # (attribute, model parameter name)
-    x: torch.Tensor  # the layer's input, rows N = K·B session-major
-    version: int  # x._version when the layer read it
-    output: torch.Tensor
-    state: object  # what the layer's rule keeps from the forward pass (GroupNorm: its statistics); a layer whose backward forms its rows: its _Rows
-    g: torch.Tensor | None = None  # d(Σ_p loss_p)/d(output), same shape as output
-
-
-class _Rows:
-    """What a layer whose backward forms its own rows (:class:`_RowsInBackward`) needs and leaves behind."""
-
-    __slots__ = ("grads", "stats")
-
-    def __init__(self, stats: object = None) -> None:
-        self.grads: dict[str, torch.Tensor] = {}  # {attribute: (B, *shape)}, set by the backward pass
-        self.stats = stats  # GroupNorm: the forward pass's (N, G) mean and rstd
-
-
-class _RowsInBackward(torch.autograd.Function):
-    """A layer's output (the forward pass's own, detached) whose backward is the layer's whole backward for `grouped`.
-
-    For a Conv1d autograd would run the input-gradient convolution and the rule the per-patient
-    weight-gradient convolution, two oneDNN calls; for a GroupNorm autograd's group-norm
-    backward and the rule's sums each read x and g. Here one call gives both the input gradient
-    and every patient's parameter gradients
-    (:func:`client.layer_grads.conv1d_backward_with_patient_grads`,
-    :func:`client.layer_grads.group_norm_backward_with_patient_grads`); the rows go to the
-    call's :class:`_Rows` and the input gradient back into the graph. ``anchor`` (a scalar that
-    requires grad, asked for in ``torch.autograd.grad``) makes autograd run this backward even
-    where the layer's input needs no gradient (the first layer).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, call: LayerCall, b: int) -> torch.Tensor:  # type: ignore[override]
-        ctx.x, ctx.call, ctx.b = x, call, b  # x kept unsaved: GroupedGrads checks its version itself, with the layer's name
-        # The layer's output, detached: not an input of this function nor a view made here, so the
-        # model may still change it in place (ReLU(inplace=True)) as it could the original.
-        return call.output.detach()
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        call = ctx.call
-        GroupedGrads.check_input_unchanged(call)
-        x, want_input = ctx.x.detach(), ctx.needs_input_grad[0]
-        with torch.no_grad():
-            if isinstance(call.module, nn.GroupNorm):
-                gx, per = group_norm_backward_with_patient_grads(call.module, x, g, ctx.b, call.state.stats, input_grad=want_input)
-            else:
-                gx, per = conv1d_backward_with_patient_grads(call.module, x, g, ctx.b, input_grad=want_input)
-        call.state.grads = per
-        return gx, None, None, None
-
-
 # Architectures whose probe (GroupedGrads.check_sessions_independent) passed in this process, so a
 # site probes its model once, not at the start of every round's training (two extra forward
 # passes, ≈ 0.08 ms a step of a 10-step round at small batches: `host_bound` in `fedrelapse bench
@@ -228,50 +160,74 @@ def _architecture(model: nn.Module) -> tuple[object, ...]:
     return type(model), repr(model), settings
 
 
-class GroupedGrads:
-    """One ordinary forward and backward of all B·K sessions, then per-patient contractions per layer.
+class _Layer(NamedTuple):
+    """A layer with trainable parameters, and what its per-patient call needs."""
 
-    Forward hooks keep each trainable layer's input and output; ``torch.autograd.grad`` of the
-    summed patient losses gives the outputs' gradients (no parameter gradients are formed);
-    :mod:`client.layer_grads` turns each layer's (input, output-gradient) pair into per-patient
-    parameter gradients. Exact because a session's rows never meet another session's: the model
-    has no batch statistics (:func:`client.layer_grads.check_layer` refuses BatchNorm) and the
-    per-patient loss weights each session by its mask.
+    name: str
+    module: nn.Module
+    params: list[tuple[str, nn.Parameter]]  # (attribute, parameter): every parameter the layer holds, trainable or frozen
+
+
+class _Pass:
+    """One per-patient forward pass: the batch's sizes, every parameter's per-patient copies, each layer call's input."""
+
+    __slots__ = ("b", "rows", "copies", "inputs")
+
+    def __init__(self, b: int, rows: int, copies: dict[nn.Parameter, torch.Tensor]) -> None:
+        self.b, self.rows, self.copies = b, rows, copies  # copies: {parameter: B copies in its layer kernel's shape}
+        self.inputs: list[tuple[str, torch.Tensor, int]] = []  # (layer, input, its version when read), to name a layer whose input changes in place
+
+
+class GroupedGrads:
+    """One ordinary forward and backward pass of all B·K sessions with one copy of each trainable parameter per patient.
+
+    While it runs, each trainable layer's call is its per-patient form
+    (:mod:`client.patient_layers`: the same output, from B stacked copies of its parameters, each
+    applied to its patient's rows); one ``torch.autograd.grad`` of the summed patient losses with
+    respect to the copies gives every patient's gradient, (B, *shape) per parameter, in autograd's
+    own backward pass (no hooks, nothing in Python per layer). Exact because a session's rows never
+    meet another session's: no batch statistics (:func:`client.patient_layers.check_layer` refuses
+    BatchNorm; a probe refuses any other mixing) and the per-patient loss weights each session by
+    its mask. A copy that no layer call used gets a zero gradient; a trainable parameter used
+    outside its layer's call is refused by name.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # trainable, in the model's order
-        name_of = {id(p): n for n, p in model.named_parameters()}  # a tied parameter has one name
-        self.layers: list[tuple[str, nn.Module, list[tuple[str, str]]]] = []  # (layer, module, [(attribute, parameter name)])
+        self.layers: list[_Layer] = []
         for layer, module in model.named_modules():
-            own = [(attr, name_of[id(p)]) for attr, p in module.named_parameters(recurse=False) if p.requires_grad]
-            if own or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            own = list(module.named_parameters(recurse=False))
+            if any(p.requires_grad for _, p in own) or isinstance(module, nn.modules.batchnorm._BatchNorm):
                 check_layer(layer or type(model).__name__, module)
-            if own:
-                self.layers.append((layer, module, own))
-        self.calls: list[LayerCall] | None = None  # filled by the hooks during forward()
-        self.anchor: torch.Tensor | None = None  # during forward(): the scalar that makes autograd run every _RowsInBackward
-        self.b = 0  # during forward(): patients in the batch
-        self.handles = [module.register_forward_hook(self._hook(layer, own)) for layer, module, own in self.layers]
+                self.layers.append(_Layer(layer, module, own))
+        # How each parameter of those layers is copied per patient: the form of the layer that holds it, and its attribute there.
+        self.plan: dict[nn.Parameter, tuple[type[PatientLayer], str]] = {}
+        for layer in self.layers:
+            for attr, p in layer.params:
+                form = (PATIENT_LAYERS[type(layer.module)], attr)
+                if self.plan.setdefault(p, form) != form:
+                    raise UnsupportedLayerError(f"A parameter of layer {layer.name!r} is shared with a layer of another kind or role; the `grouped` per-patient gradients need one per-patient form for it. Set `training.per_patient_grads` to functorch.")
+        self._pass: _Pass | None = None  # set while the per-patient forward pass runs
+        self._forwards = [(layer.module.__dict__, self._call(layer)) for layer in self.layers]  # the per-patient forward each layer takes for that pass
         self.rows_checked = False
 
-    def _hook(self, layer: str, own: list[tuple[str, str]]) -> Callable[..., torch.Tensor | None]:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if self.calls is None:
-                return
-            if not args or not isinstance(output, torch.Tensor):
-                raise UnsupportedLayerError(f"Layer {layer!r} must be called with its input as a positional tensor and return one tensor for the `grouped` per-patient gradients.")
-            x = args[0]
-            state = FORWARD_STATE[type(module)](module, output) if type(module) in FORWARD_STATE else None
-            if self.anchor is not None and (conv1d_one_call(module, x) or group_norm_one_call(module, x, output, state)):
-                call = LayerCall(layer, module, own, x, x._version, output, _Rows(state))
-                self.calls.append(call)
-                return _RowsInBackward.apply(x, self.anchor, call, self.b)  # the same values as output
-            self.calls.append(LayerCall(layer, module, own, x, x._version, output, state))
-            return None
+    def _call(self, layer: _Layer) -> Callable[..., torch.Tensor]:
+        name, module, params = layer
+        form = PATIENT_LAYERS[type(module)]
+        per_patient, min_dim = form.forward, form.min_dim
 
-        return hook
+        def forward(x: torch.Tensor, *rest: object, **kwargs: object) -> torch.Tensor:
+            run = self._pass
+            if rest or kwargs or not isinstance(x, torch.Tensor) or run is None:
+                raise UnsupportedLayerError(f"Layer {name!r} must be called with its input as its one positional tensor for the `grouped` per-patient gradients.")
+            if x.dim() < min_dim or x.shape[0] != run.rows:
+                check_rows(module, x, run.rows, min_dim=min_dim)  # raises, naming the shapes
+            run.inputs.append((name, x, x._version))
+            copies = run.copies
+            return per_patient(module, x, {attr: copies[p] for attr, p in params}, run.b)
+
+        return forward
 
     def check_sessions_independent(self, rows_mel: torch.Tensor, rows_markers: torch.Tensor) -> None:
         """Refuse a model in which one session's output depends on another session of the batch.
@@ -304,64 +260,58 @@ class GroupedGrads:
             )
         self.rows_checked = bool(torch.isfinite(first).all())  # a diverged model's NaN outputs prove nothing: probe again next step
 
-    def forward_backward(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[list[LayerCall], torch.Tensor]:
-        """The ordinary pass: every trainable layer call with its output gradient, and the (B,) patient losses."""
+    def _check_rows(self, mel: torch.Tensor, markers: torch.Tensor) -> None:
+        """Probe session independence once per architecture per process (:data:`_INDEPENDENT_ROWS`)."""
+        architecture = _architecture(self.model)
+        if architecture in _INDEPENDENT_ROWS:
+            self.rows_checked = True
+            return
+        self.check_sessions_independent(session_rows(mel), session_rows(markers))  # (K·B, n_mels, F), (K·B, M)
+        if self.rows_checked:
+            _INDEPENDENT_ROWS.add(architecture)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], _Pass]:
+        """The per-patient forward pass: the (B,) patient losses (with their graph), {name: B copies} of each trainable parameter (the leaves), and the pass."""
         if not self.rows_checked:
-            architecture = _architecture(self.model)
-            if architecture in _INDEPENDENT_ROWS:
-                self.rows_checked = True
-            else:
-                self.check_sessions_independent(session_rows(mel), session_rows(markers))  # (K·B, n_mels, F), (K·B, M)
-                if self.rows_checked:
-                    _INDEPENDENT_ROWS.add(architecture)
-        self.calls, self.b = [], y.shape[0]
-        self.anchor = anchor = mel.new_zeros((), dtype=torch.float32, requires_grad=torch.is_grad_enabled())  # every _RowsInBackward (Conv1d, GroupNorm) hangs on it
+            self._check_rows(mel, markers)
+        b, k = y.shape
+        with torch.no_grad():  # B copies of every layer parameter, in its kernel's shape; the trainable ones' become the leaves
+            copies = {p: form.copies(attr, p, b) for p, (form, attr) in self.plan.items()}
+        leaves = {n: copies[p].requires_grad_() for n, p in self.params.items()}
+        run = self._pass = _Pass(b, b * k, copies)
+        for module_dict, forward in self._forwards:
+            module_dict["forward"] = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
         try:
             logits = patient_logits(self.model, mel, markers)  # (B, K)
         finally:
-            calls, self.calls, self.anchor = self.calls, None, None
-        losses = patient_losses(logits, y, m)  # (B,)
-        missing = sorted({layer for layer, _, _ in self.layers} - {c.layer for c in calls})
-        if missing:
-            raise UnsupportedLayerError(f"Trainable layer(s) {', '.join(map(repr, missing))} took no part in the forward pass as modules; the `grouped` per-patient gradients cannot see them. Set `training.per_patient_grads` to functorch.")
-        # d(Σ_p loss_p)/d(output): row n is the gradient of its own patient's loss alone. A one-call
-        # Conv1d or GroupNorm needs no output gradient here: its _RowsInBackward forms its rows during this pass.
-        ruled = [c for c in calls if not isinstance(c.state, _Rows)]
-        g_outs = torch.autograd.grad(losses.sum(), [c.output for c in ruled] + [anchor], allow_unused=True)[: len(ruled)]
-        g_of = {id(c): g for c, g in zip(ruled, g_outs, strict=True)}
-        return [c._replace(g=g_of[id(c)]) if id(c) in g_of else c for c in calls], losses.detach()
-
-    @staticmethod
-    def check_input_unchanged(call: LayerCall) -> None:
-        if call.x._version != call.version:
-            raise UnsupportedLayerError(f"The input of layer {call.layer!r} was changed in place after the layer read it (e.g. ReLU(inplace=True)); the `grouped` per-patient gradients need it unchanged.")
-
-    @staticmethod
-    def contract(call: LayerCall, b: int) -> dict[str, torch.Tensor]:
-        """One layer call's per-patient gradients, {attribute: (B, *shape)} (empty if its output did not reach the loss)."""
-        GroupedGrads.check_input_unchanged(call)
-        if isinstance(call.state, _Rows):  # formed during the backward pass
-            return call.state.grads
-        if call.g is None:
-            return {}
-        with torch.no_grad():  # plain tensors out: nothing here is differentiated again
-            return LAYER_GRADS[type(call.module)](call.module, call.x.detach(), call.g, b, call.state)
+            for module_dict, _ in self._forwards:
+                module_dict.pop("forward", None)
+            self._pass = None
+        return patient_losses(logits, y, m), leaves, run
 
     def __call__(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        losses, leaves, run = self.forward(mel, markers, y, m)  # (B,), {name: (B, *shape)}
+        names, params = list(self.params), list(self.params.values())
+        # The real parameters are asked for too: a gradient reaching one means it was used outside its layer's call, where no copy stood in for it.
+        try:
+            grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in names] + params, allow_unused=True)
+        except RuntimeError as e:
+            changed = [layer for layer, x, version in run.inputs if x._version != version]
+            if changed and "modified by an inplace operation" in str(e):
+                raise UnsupportedLayerError(f"The input of layer {changed[0]!r} was changed in place after the layer read it (e.g. ReLU(inplace=True)); the `grouped` per-patient gradients need it unchanged.") from e
+            raise
+        bypassed = [n for n, g in zip(names, grads[len(names):], strict=True) if g is not None]
+        if bypassed:
+            raise UnsupportedLayerError(f"Parameter(s) {', '.join(map(repr, bypassed))} reached the loss outside a call of their layer as a module; the `grouped` per-patient gradients cannot see that use. Set `training.per_patient_grads` to functorch.")
         b = y.shape[0]
-        calls, losses = self.forward_backward(mel, markers, y, m)
-        grads: dict[str, torch.Tensor] = {}
-        for call in calls:
-            per = self.contract(call, b)
-            for attr, name in call.params:
-                if attr in per:
-                    grads[name] = grads[name] + per[attr] if name in grads else per[attr]
-        return {n: grads[n].to(p.dtype) if n in grads else p.new_zeros((b, *p.shape)) for n, p in self.params.items()}, losses
+        rows = {}
+        for (n, p), g in zip(self.params.items(), grads, strict=False):
+            form, attr = self.plan[p]
+            rows[n] = form.rows(attr, g, b) if g is not None else p.new_zeros((b, *p.shape))  # (B, *shape)
+        return rows, losses.detach()
 
     def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles, self.calls = [], None
+        self._forwards, self._pass = [], None
 
 
 class HookGrads:

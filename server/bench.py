@@ -210,25 +210,18 @@ def dp_step_profile(exp: ExperimentConfig, *, device: str = "cpu", repeats: int 
 
 
 def _grouped_parts(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], repeats: int, dev: torch.device) -> dict[str, float]:
-    """The `grouped` strategy's time by part: its ordinary forward + output-gradient pass, then each layer's per-patient contraction.
-
-    A Conv1d within :data:`client.layer_grads.ONE_CALL_WEIGHT_AT_MOST` and a GroupNorm form their
-    rows inside the backward pass (:class:`client.patient_grads._RowsInBackward`): their time is
-    in the first part and their own entries only read the rows back.
-    """
+    """The `grouped` strategy's time by part: its forward pass with per-patient parameter copies
+    (:mod:`client.patient_layers`), and the backward pass that gives every patient's rows."""
     from client.patient_grads import GroupedGrads
 
     grouped = GroupedGrads(model)
     try:
-        out = {"grouped: forward + output gradients": _median_ms(lambda: grouped.forward_backward(*batch), repeats, dev)}
-        calls, _ = grouped.forward_backward(*batch)
-        b = batch[2].shape[0]
-        for i, call in enumerate(calls):
-            key = f"grouped: {call.layer} ({type(call.module).__name__}) per-patient"
-            out[key if key not in out else f"{key} #{i}"] = _median_ms(lambda c=call: GroupedGrads.contract(c, b), repeats, dev)
+        grouped(*batch)  # probes session independence once
+        forward = _median_ms(lambda: grouped.forward(*batch), repeats, dev)
+        whole = _median_ms(lambda: grouped(*batch), repeats, dev)
     finally:
         grouped.close()
-    return out
+    return {"grouped: forward with per-patient copies": forward, "grouped: backward to per-patient rows": max(whole - forward, 0.0)}
 
 
 def _median_ms(fn: Any, repeats: int, dev: torch.device) -> float:

@@ -157,13 +157,12 @@ def test_the_host_bound_dp_step_runs_a_tiny_step_on_one_thread_and_restores_the_
     assert {"plain", "dp-grouped", "dp-functorch", "dp-hooks"} == r["modes"].keys() and r["threads"] == 1 and r["ratio"] > 0
 
 
-def test_dp_step_profile_times_every_strategy_and_each_grouped_layer() -> None:
+def test_dp_step_profile_times_every_strategy_and_the_grouped_parts() -> None:
     from server.bench import dp_step_profile
 
     ms = dp_step_profile(tiny_experiment(), repeats=1)["ms"]
-    assert {"per-patient grads: grouped", "per-patient grads: functorch", "per-patient grads: hooks", "grouped: forward + output gradients"} <= ms.keys()
-    layers = {k for k in ms if k.startswith("grouped: ") and k.endswith(" per-patient")}
-    assert {"grouped: mel.net.0 (Conv1d) per-patient", "grouped: mel.net.1 (GroupNorm) per-patient", "grouped: head.0 (Linear) per-patient"} <= layers
+    assert {"per-patient grads: grouped", "per-patient grads: functorch", "per-patient grads: hooks", "grouped: forward with per-patient copies", "grouped: backward to per-patient rows"} <= ms.keys()
+    assert ms["grouped: forward with per-patient copies"] > 0
     assert all(v >= 0 for v in ms.values())
 
 

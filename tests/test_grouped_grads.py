@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from client.layer_grads import UnsupportedLayerError
 from client.patient_grads import GroupedGrads, make_patient_grads
+from client.patient_layers import UnsupportedLayerError
 from shared.config import ModelSpec
 from shared.markers import N_MODEL_MARKERS
 from shared.models.prosody_mel import ProsodyMelNet
@@ -124,7 +124,7 @@ class WithLSTM(nn.Module):
 @pytest.mark.parametrize(("model", "message"), [
     (WithBatchNorm, r"refuse layer 'bn' \(BatchNorm1d\): batch statistics mix sessions"),
     (WithLSTM, r"no rule for layer 'rnn' \(LSTM\)"),
-    (lambda: nn.Sequential(nn.Conv1d(N_MELS, 2, 3, padding="same")), r"numeric zero padding in layer '0' \(Conv1d\)"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 2, 3)), r"no rule for layer '0' \(Conv2d\)"),
 ])
 def test_grouped_names_the_layer_it_cannot_handle_and_the_factory_falls_back(model: type[nn.Module], message: str) -> None:
     with pytest.raises(UnsupportedLayerError, match=message):
@@ -158,25 +158,55 @@ class Bypass(nn.Module):
 def test_grouped_refuses_inputs_changed_in_place_and_layers_bypassed() -> None:
     with pytest.raises(UnsupportedLayerError, match=r"input of layer 'b' was changed in place"):
         per_patient(InPlace(), "grouped", batch(N_MODEL_MARKERS))
-    with pytest.raises(UnsupportedLayerError, match=r"'a' took no part in the forward pass"):
+    with pytest.raises(UnsupportedLayerError, match=r"'a.weight', 'a.bias' reached the loss outside a call of their layer"):
         per_patient(Bypass(), "grouped", batch(N_MODEL_MARKERS))
 
 
-def test_group_norm_rule_gives_the_same_with_forward_statistics_or_recomputed() -> None:
-    from client.layer_grads import group_norm_grads, group_norm_stats
+@pytest.mark.parametrize("layer", [
+    nn.Linear(9, 4),
+    nn.Linear(9, 4, bias=False),
+    nn.Conv1d(6, 4, 5, stride=2, padding=2),
+    nn.Conv1d(6, 4, 3, stride=3, padding=1, dilation=2, groups=2, bias=False),
+    nn.Conv1d(6, 4, 3, padding="same", dilation=2),
+    nn.Conv1d(6, 4, 3, padding=2, padding_mode="circular"),
+    nn.GroupNorm(2, 6),
+    nn.LayerNorm(9),
+], ids=lambda layer: repr(layer))
+def test_each_per_patient_layer_gives_the_ordinary_output_and_per_patient_gradients(layer: nn.Module) -> None:
+    """A layer's per-patient form: with every copy equal to the layer's parameters, the ordinary
+    output; the gradient of each copy is that patient's own (the ordinary gradient of their rows alone)."""
+    from client.patient_layers import PATIENT_LAYERS, patient_forward
 
     torch.manual_seed(2)
-    norm = nn.GroupNorm(2, 4)
-    x = torch.randn(B * K, 4, 7) * 3 + 1  # (N, C, L), off-centre rows
-    out = norm(x)
-    g = torch.randn_like(out)
-    stats = group_norm_stats(norm, out)
-    assert stats is not None and stats[0].shape == (B * K, 2)
-    with_stats, recomputed = group_norm_grads(norm, x, g, B, stats), group_norm_grads(norm, x, g, B)
-    reference = torch.autograd.grad(out, [norm.weight, norm.bias], g)  # the batch sums
-    for attr, ref in zip(("weight", "bias"), reference, strict=True):
-        torch.testing.assert_close(with_stats[attr], recomputed[attr])
-        torch.testing.assert_close(with_stats[attr].sum(0), ref)
+    b, k = 3, 4
+    form = PATIENT_LAYERS[type(layer)]
+    for shape in [(k * b, 6, 9)] + ([(k * b, 9), (k * b, 2, 3, 9)] if isinstance(layer, nn.Linear) else []):  # session-major rows; a Linear also on (N, in) and (N, S, T, in)
+        x = torch.randn(shape) * 2 + 1
+        with torch.no_grad():
+            copies = {a: form.copies(a, p, b).requires_grad_() for a, p in layer.named_parameters()}
+        out = patient_forward(layer, x, copies, b, k * b)
+        torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(out)
+        g[(k - 1) * b + 1] = 0  # a padded (last) session of patient 1
+        rows = {a: form.rows(a, r, b) for a, r in zip(copies, torch.autograd.grad(out, list(copies.values()), g), strict=True)}  # (B, *shape)
+        for i in range(b):  # patient i's rows are x[i::b]
+            own = torch.autograd.grad(layer(x[i::b]), list(dict(layer.named_parameters()).values()), g[i::b])
+            for (attr, r), o in zip(rows.items(), own, strict=True):
+                torch.testing.assert_close(r[i], o, rtol=1e-5, atol=1e-5, msg=f"patient {i}: {attr}, rows {shape}")
+
+
+def test_a_layer_called_on_other_than_the_batch_rows_is_refused_by_name() -> None:
+    class Positional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos, self.out = nn.Linear(1, N_MELS), nn.Linear(N_MELS, 1)
+
+        def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+            positions = self.pos(torch.linspace(0, 1, mel.shape[-1]).unsqueeze(-1)).t()  # (n_mels, F): one tensor for every row
+            return self.out((mel + positions).mean(-1)).squeeze(-1)
+
+    with pytest.raises(UnsupportedLayerError, match=r"Linear was called on a tensor of shape \(20, 1\); .* the batch's 15 session rows"):
+        per_patient(Positional(), "grouped", batch(N_MODEL_MARKERS))
 
 
 def test_grouped_handles_dropout_with_the_forward_pass_own_masks() -> None:
@@ -263,20 +293,20 @@ def test_the_probe_runs_once_per_architecture_and_a_mixing_model_is_still_refuse
         per_patient(CentresTheBatchWhenAsked(centre=True), "grouped", batch(N_MODEL_MARKERS))
 
 
-class SamePaddingWithDropout(nn.Module):
+class Conv2dWithDropout(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(N_MELS, 2, 3, padding="same")
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
         self.drop = nn.Dropout(0.5)
         self.out = nn.Linear(2, 1)
 
     def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
-        return self.out(self.drop(self.conv(mel).mean(-1))).squeeze(-1)
+        return self.out(self.drop(self.conv(mel.unsqueeze(1)).mean((-2, -1)))).squeeze(-1)
 
 
 def test_the_functorch_fallback_handles_a_model_with_dropout() -> None:
     torch.manual_seed(0)
-    model = SamePaddingWithDropout().train()
+    model = Conv2dWithDropout().train()
     with pytest.warns(RuntimeWarning, match="Falling back to the functorch"):
         grads = make_patient_grads(model, strategy="grouped")
     b, k = 3, 2
@@ -286,23 +316,6 @@ def test_the_functorch_fallback_handles_a_model_with_dropout() -> None:
     assert rows["conv.weight"].shape == (b, *model.conv.weight.shape) and losses.shape == (b,)
     assert torch.isfinite(rows["conv.weight"]).all()
     grads.close()
-
-
-@pytest.mark.parametrize(("groups", "stride", "dilation", "padding"), [(1, 2, 1, 2), (2, 1, 2, 3), (4, 3, 1, 0)])
-def test_one_call_conv_weight_gradients_equal_one_call_per_patient(groups: int, stride: int, dilation: int, padding: int) -> None:
-    from client.layer_grads import conv1d_grads
-
-    torch.manual_seed(1)
-    b, k = 3, 4
-    layer = nn.Conv1d(8, 4, 5, stride=stride, dilation=dilation, padding=padding, groups=groups)
-    x = torch.randn(k * b, 8, 37)  # (N, C, L), session-major rows: patient i's are x[i::b]
-    g = torch.randn_like(layer(x))  # (N, O, L_out)
-    g[(k - 1) * b + 1] = 0  # a padded (last) session of patient 1
-    per, one = (conv1d_grads(layer, x, g, b, one_call=s) for s in (False, True))
-    torch.testing.assert_close(one["weight"], per["weight"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(one["bias"], torch.stack([g[i::b].sum((0, 2)) for i in range(b)]))
-    for i in range(b):  # and both are patient i's ordinary gradient
-        torch.testing.assert_close(per["weight"][i], torch.nn.grad.conv1d_weight(x[i::b], layer.weight.shape, g[i::b], stride=stride, padding=padding, dilation=dilation, groups=groups), rtol=1e-5, atol=1e-5)
 
 
 def test_session_rows_are_session_major_and_free_for_a_batch_laid_out_by_dp_train() -> None:
@@ -322,20 +335,23 @@ def test_session_rows_are_session_major_and_free_for_a_batch_laid_out_by_dp_trai
     assert torch.equal(session_rows(markers), markers.transpose(0, 1).flatten(0, 1))
 
 
-def test_wide_conv_layers_use_one_call_per_patient_and_give_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above ONE_CALL_WEIGHT_AT_MOST weight values the rule loops over patients; the result is the same."""
-    import client.layer_grads as layer_grads
+def test_wide_conv_layers_run_one_convolution_per_patient_and_give_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above ONE_CALL_WEIGHT_AT_MOST weight values a Conv1d runs once per patient instead of once with the patients as groups; the rows are the same."""
+    from torch.profiler import ProfilerActivity, profile
 
-    calls: list[int] = []
-    real = layer_grads._session_major_conv1d_weight
-    monkeypatch.setattr(layer_grads, "_session_major_conv1d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import client.patient_layers as patient_layers
+
     torch.manual_seed(0)
     model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2), n_mels=N_MELS, n_markers=N_MODEL_MARKERS)
-    assert_same_as_functorch(model, batch(N_MODEL_MARKERS))
-    assert len(calls) == 2  # both convs, one call each
-    monkeypatch.setattr(layer_grads, "ONE_CALL_WEIGHT_AT_MOST", 0)
-    assert_same_as_functorch(model, batch(N_MODEL_MARKERS))
-    assert len(calls) == 2  # ...and none more: one call per patient instead
+    for limit, convolutions in ((patient_layers.ONE_CALL_WEIGHT_AT_MOST, 2), (0, 2 * B)):
+        monkeypatch.setattr(patient_layers, "ONE_CALL_WEIGHT_AT_MOST", limit)
+        grouped = GroupedGrads(model)
+        grouped.rows_checked = True  # no probe: count this pass's convolutions only
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            grouped(*batch(N_MODEL_MARKERS))
+        grouped.close()
+        assert {e.key: e.count for e in prof.key_averages()}.get("aten::convolution") == convolutions
+        assert_same_as_functorch(model, batch(N_MODEL_MARKERS))
 
 
 def test_grouped_under_bf16_autocast_gives_float32_rows_as_close_as_functorch() -> None:
@@ -353,10 +369,10 @@ def test_grouped_under_bf16_autocast_gives_float32_rows_as_close_as_functorch() 
     assert 0 < errors["grouped"] <= 1.5 * errors["functorch"] + 1e-3, errors
 
 
-def test_convs_and_group_norms_form_their_rows_in_the_backward_pass_with_one_kernel_call_each() -> None:
-    """The default model's backward for `grouped` runs one weight-gradient convolution per Conv1d and one
-    group-norm backward per GroupNorm (each also giving the input gradient), as the plain backward does, and the
-    rows still equal functorch's."""
+def test_convs_and_group_norms_run_one_kernel_call_each_way_as_the_plain_pass_does() -> None:
+    """The default model's `grouped` pass runs one convolution and one convolution backward per Conv1d (the
+    latter giving the input gradient and every patient's weight gradient) and one group norm and one group-norm
+    backward per GroupNorm, as the plain pass does, and the rows still equal functorch's."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
