@@ -15,9 +15,11 @@ gradients up to float rounding (tested to 1e-5 on every model variant).
   the summed patient losses with respect to the copies then gives each patient's gradient in
   autograd's ordinary backward pass, with the ordinary backward kernels. Exact because sessions
   never interact (GroupNorm, never BatchNorm) and padded sessions get a zero output gradient
-  from the masked loss; a probe on the first batch refuses a model whose forward mixes sessions
-  anyway. A layer type without a per-patient form is refused by name, and
-  :func:`make_patient_grads` then warns and uses ``functorch``.
+  from the masked loss; a probe on the first batch (once per architecture and process)
+  refuses a model whose forward mixes sessions anyway, or that calls a trainable layer on
+  anything but the batch's rows in order (each patient's copies must meet their own rows). A
+  layer type without a per-patient form is refused by name, and :func:`make_patient_grads`
+  then warns and uses ``functorch``.
 * ``functorch``: ``torch.func.vmap(grad_and_value(loss))`` over the patient dimension; the
   patient losses come with the gradients. Works for any layer torch.func can vmap; its
   vmapped Conv1d weight gradient is a grouped convolution, slow on CPU.
@@ -38,7 +40,8 @@ dp-step`` times Opacus' per-session ghost clipping on the same batch for referen
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple, Protocol
 
 import torch
@@ -143,12 +146,14 @@ class FunctorchGrads:
         return None
 
 
-# Architectures whose probe (GroupedGrads.check_sessions_independent) passed in this process, so a
-# site probes its model once, not at the start of every round's training (two extra forward
-# passes, ≈ 0.08 ms a step of a 10-step round at small batches: `host_bound` in `fedrelapse bench
-# dp-step`). Keyed by class and module tree (every layer and its settings). The probe guards
+# Architectures whose probes (GroupedGrads.check_sessions_independent, .check_copies_follow_their_rows)
+# passed in this process, so a site probes its model once, not at the start of every round's
+# training (six small forward passes: 0.66 + 1.74 ms on the `host_bound` step of `fedrelapse bench
+# dp-step`, 1 thread, i.e. 0.24 ms a step of a 10-step round). Keyed by class and module tree
+# (every layer and its settings). The probes guard
 # against architectures that mix sessions (batch statistics, pooling or attention across the
-# batch), which do so whatever their weights; it can only ever test the weights it runs with.
+# batch) or call a trainable layer on anything but the batch's rows in order, which they do
+# whatever their weights; a probe can only ever test the weights it runs with.
 _INDEPENDENT_ROWS: set[tuple[object, ...]] = set()
 _SETTING_TYPES = (bool, int, float, str, type(None))
 
@@ -158,6 +163,22 @@ def _architecture(model: nn.Module) -> tuple[object, ...]:
     plain attributes (flags and sizes its forward may read that its repr does not show)."""
     settings = tuple((name, tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, _SETTING_TYPES)))) for name, m in model.named_modules())
     return type(model), repr(model), settings
+
+
+@contextmanager
+def _full_float32(device: torch.device) -> Iterator[None]:
+    """Inside the block: no autocast on ``device`` and, on CUDA, no TF32 in convolutions or matmuls (a probe
+    that compares two ways of computing the same outputs needs them to agree to float32 rounding)."""
+    cuda = device.type == "cuda"
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) if cuda else None
+    if saved is not None:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        if saved is not None:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class _Layer(NamedTuple):
@@ -188,7 +209,8 @@ class GroupedGrads:
     own backward pass (no hooks, nothing in Python per layer). Exact because a session's rows never
     meet another session's: no batch statistics (:func:`client.patient_layers.check_layer` refuses
     BatchNorm; a probe refuses any other mixing) and the per-patient loss weights each session by
-    its mask. A copy that no layer call used gets a zero gradient; a trainable parameter used
+    its mask; a second probe checks that each patient's copies meet that patient's rows and no
+    other's. A copy that no layer call used gets a zero gradient; a trainable parameter used
     outside its layer's call is refused by name.
     """
 
@@ -217,10 +239,13 @@ class GroupedGrads:
         form = PATIENT_LAYERS[type(module)]
         per_patient, min_dim = form.forward, form.min_dim
 
-        def forward(x: torch.Tensor, *rest: object, **kwargs: object) -> torch.Tensor:
+        def forward(*args: object, **kwargs: object) -> torch.Tensor:
             run = self._pass
-            if rest or kwargs or not isinstance(x, torch.Tensor) or run is None:
-                raise UnsupportedLayerError(f"Layer {name!r} must be called with its input as its one positional tensor for the `grouped` per-patient gradients.")
+            if run is None:
+                raise UnsupportedLayerError(f"Layer {name!r} was called with its per-patient form outside a `grouped` forward pass (from another thread, or after close()); run the model on its own there.")
+            x = args[0] if len(args) == 1 and not kwargs else kwargs.get("input") if not args and len(kwargs) == 1 else None
+            if not isinstance(x, torch.Tensor):
+                raise UnsupportedLayerError(f"Layer {name!r} must be called with its input as its one tensor argument for the `grouped` per-patient gradients. Set `training.per_patient_grads` to functorch.")
             if x.dim() < min_dim or x.shape[0] != run.rows:
                 check_rows(module, x, run.rows, min_dim=min_dim)  # raises, naming the shapes
             run.inputs.append((name, x, x._version))
@@ -228,6 +253,21 @@ class GroupedGrads:
             return per_patient(module, x, {attr: copies[p] for attr, p in params}, run.b)
 
         return forward
+
+    @contextmanager
+    def _per_patient(self, run: _Pass) -> Iterator[None]:
+        """Every trainable layer runs its per-patient form with ``run``'s copies inside the block, and its own forward again after it, whatever happens."""
+        if any("forward" in module_dict for module_dict, _ in self._forwards):
+            raise UnsupportedLayerError("A trainable layer got its own `forward` set on the instance after the `grouped` per-patient gradients were set up; the per-patient form would bypass it. Set `training.per_patient_grads` to functorch.")
+        self._pass = run
+        for module_dict, forward in self._forwards:
+            module_dict["forward"] = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
+        try:
+            yield
+        finally:
+            for module_dict, _ in self._forwards:
+                module_dict.pop("forward", None)
+            self._pass = None
 
     def check_sessions_independent(self, rows_mel: torch.Tensor, rows_markers: torch.Tensor) -> None:
         """Refuse a model in which one session's output depends on another session of the batch.
@@ -260,15 +300,71 @@ class GroupedGrads:
             )
         self.rows_checked = bool(torch.isfinite(first).all())  # a diverged model's NaN outputs prove nothing: probe again next step
 
+    def check_copies_follow_their_rows(self, rows_mel: torch.Tensor, rows_markers: torch.Tensor) -> bool:
+        """Refuse a model in which a trainable layer's per-patient copies would not meet their own patient's rows.
+
+        The per-patient forms give row n = k·B + b patient b's copy; a layer called on anything
+        else (a tensor not made of the batch's rows whose first dimension happens to be B·K, such as
+        time-major activations or positions shared by every row, or rows in another order) would
+        charge one patient's rows to another patient's copy and clip the wrong gradient. Probe: up
+        to 3 rows as one session each of 3 patients, patient i > 0's copies the parameters plus
+        their own random perturbation (a tenth of each parameter's mean size), dropout off and
+        every other module in its training mode, in full float32 (no autocast, no TF32: the
+        per-patient and the ordinary kernels must agree to rounding); row i's output must equal
+        the ordinary model's with patient i's parameters on row i alone. It covers the code path
+        it runs: the training forward of ≤ 3 rows. Returns False when inconclusive (fewer than 2
+        rows, or outputs that are not finite), to probe again on a later batch.
+        """
+        n = min(3, rows_mel.shape[0])
+        if n < 2:
+            return False
+        rows_mel, rows_markers = rows_mel[:n], rows_markers[:n]  # (n, n_mels, F), (n, M)
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        generator = torch.Generator().manual_seed(0)
+        per_patient = [{p: p.detach() for p in self.plan}] + [
+            {p: p.detach() + 0.1 * (p.detach().abs().mean() + 1e-3) * torch.randn(p.shape, generator=generator).to(p) for p in self.plan} for _ in range(n - 1)
+        ]  # patient i's parameters
+        dropout = [(m, m.training) for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        for m, _ in dropout:
+            m.training = False  # the same outputs in both passes; every other module keeps its mode, and its training-only branches are probed
+        try:
+            with torch.no_grad(), _full_float32(rows_mel.device):
+                copies = {p: form.copies(attr, [own[p] for own in per_patient]) for p, (form, attr) in self.plan.items()}
+                with self._per_patient(_Pass(n, n, copies)):
+                    together = self.model(rows_mel, rows_markers).reshape(n, -1)  # (n, outputs)
+                alone = torch.cat([
+                    functional_call(self.model, {name: own.get(p, p) for name, p in named.items()}, (rows_mel[i : i + 1], rows_markers[i : i + 1])).reshape(1, -1)
+                    for i, own in enumerate(per_patient)
+                ])  # (n, outputs)
+        finally:
+            for m, mode in dropout:
+                m.training = mode
+        if not (torch.isfinite(together).all() and torch.isfinite(alone).all()):
+            return False
+        if not torch.allclose(together, alone, rtol=1e-4, atol=1e-5):
+            raise UnsupportedLayerError(
+                f"{type(self.model).__name__} does not give each patient's rows their own parameter copies: a trainable layer is called on something other "
+                "than the batch's session rows in their order (e.g. time-major activations, a tensor shared by every row, rows reordered), or a layer's "
+                "parameters are used outside its call. The `grouped` per-patient gradients would then mix patients; set `training.per_patient_grads` to functorch."
+            )
+        return True
+
     def _check_rows(self, mel: torch.Tensor, markers: torch.Tensor) -> None:
-        """Probe session independence once per architecture per process (:data:`_INDEPENDENT_ROWS`)."""
+        """Probe once per architecture per process (:data:`_INDEPENDENT_ROWS`) that sessions stay apart and copies meet their own rows.
+
+        ``rows_checked`` is True only once both probes passed: a refused model is refused again at its next step.
+        """
         architecture = _architecture(self.model)
         if architecture in _INDEPENDENT_ROWS:
             self.rows_checked = True
             return
-        self.check_sessions_independent(session_rows(mel), session_rows(markers))  # (K·B, n_mels, F), (K·B, M)
+        rows_mel, rows_markers = session_rows(mel), session_rows(markers)  # (K·B, n_mels, F), (K·B, M)
+        self.check_sessions_independent(rows_mel, rows_markers)
         if self.rows_checked:
-            _INDEPENDENT_ROWS.add(architecture)
+            self.rows_checked = False
+            self.rows_checked = self.check_copies_follow_their_rows(rows_mel, rows_markers)
+            if self.rows_checked:
+                _INDEPENDENT_ROWS.add(architecture)
 
     def forward(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], _Pass]:
         """The per-patient forward pass: the (B,) patient losses (with their graph), {name: B copies} of each trainable parameter (the leaves), and the pass."""
@@ -276,17 +372,11 @@ class GroupedGrads:
             self._check_rows(mel, markers)
         b, k = y.shape
         with torch.no_grad():  # B copies of every layer parameter, in its kernel's shape; the trainable ones' become the leaves
-            copies = {p: form.copies(attr, p, b) for p, (form, attr) in self.plan.items()}
+            copies = {p: form.copies(attr, [p] * b) for p, (form, attr) in self.plan.items()}
         leaves = {n: copies[p].requires_grad_() for n, p in self.params.items()}
-        run = self._pass = _Pass(b, b * k, copies)
-        for module_dict, forward in self._forwards:
-            module_dict["forward"] = forward  # an instance attribute: nn.Module.__call__ finds it before the class's forward
-        try:
+        run = _Pass(b, b * k, copies)
+        with self._per_patient(run):
             logits = patient_logits(self.model, mel, markers)  # (B, K)
-        finally:
-            for module_dict, _ in self._forwards:
-                module_dict.pop("forward", None)
-            self._pass = None
         return patient_losses(logits, y, m), leaves, run
 
     def __call__(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -296,9 +386,12 @@ class GroupedGrads:
         try:
             grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in names] + params, allow_unused=True)
         except RuntimeError as e:
-            changed = [layer for layer, x, version in run.inputs if x._version != version]
+            changed = list(dict.fromkeys(layer for layer, x, version in run.inputs if x._version != version))
             if changed and "modified by an inplace operation" in str(e):
-                raise UnsupportedLayerError(f"The input of layer {changed[0]!r} was changed in place after the layer read it (e.g. ReLU(inplace=True)); the `grouped` per-patient gradients need it unchanged.") from e
+                raise UnsupportedLayerError(
+                    f"The input of layer {', '.join(map(repr, changed))} was changed in place after the layer read it (e.g. ReLU(inplace=True)), and the backward pass "
+                    "needed it unchanged; make that operation out of place, or set `training.per_patient_grads` to functorch."
+                ) from e
             raise
         bypassed = [n for n, g in zip(names, grads[len(names):], strict=True) if g is not None]
         if bypassed:

@@ -19,9 +19,10 @@ same statistics); a Linear is one batched matmul over patients; a LayerNorm norm
 and scales it by its patient's copy. Nothing runs in Python during
 the backward pass.
 
-Each function takes the layer, its input rows and ``w``, {attribute: (B, *shape)} per-patient
-parameters (a trainable parameter's copies are the autograd leaves whose gradients are the rows;
-a frozen one's are plain copies), and returns the layer's output rows.
+Each form (:class:`PatientLayer`) stacks a parameter's B copies in the shape its kernel takes,
+turns the gradient of those copies back into (B, *shape) rows, and computes the layer's output
+rows from ``w``, {attribute: copies} (a trainable parameter's copies are the autograd leaves; a
+frozen one's are plain copies).
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from torch.nn import functional
 
 # Up to this many weight values (O · C/groups · k) a conv layer runs as ONE convolution with the
 # patients as channel groups; above it, as one convolution per patient over their K sessions.
-# Both give the same values; the limit is about speed. On the 2-core AMD EPYC (8 patients × 12
-# sessions, 2 threads) the grouped weight-gradient kernel beats the per-patient loop from
-# 16 → 16 channels (0.55 vs 1.46 ms) to 256 → 256 (15.0 vs 18.3 ms, k = 5) but loses at
-# 512 → 512 (78.6 vs 51.6 ms), where it no longer blocks well. On a GPU it is one kernel call instead of B.
+# Both give the same values; the limit is about speed. Measured for the earlier per-patient
+# weight-gradient rule (the same grouped backward kernel; the forward and input-gradient calls
+# are now grouped too), on the 2-core AMD EPYC (8 patients × 12 sessions, 2 threads): the grouped
+# kernel beat the per-patient loop from 16 → 16 channels (0.55 vs 1.46 ms) to 256 → 256 (15.0 vs
+# 18.3 ms, k = 5) but lost at 512 → 512 (78.6 vs 51.6 ms), where it no longer blocks well. On a
+# GPU it is one kernel call instead of B.
 ONE_CALL_WEIGHT_AT_MOST = 1 << 19
 
 
@@ -55,16 +58,17 @@ def check_rows(layer: nn.Module, x: torch.Tensor, rows: int, *, min_dim: int) ->
 class PatientLayer:
     """A layer type's per-patient form.
 
-    ``copies`` stacks a parameter B times in the shape its kernel takes (so the forward pass adds
-    no reshaping node to autograd's graph for it), ``rows`` turns the gradient of those copies
-    back into (B, *shape) rows, and ``forward`` computes the layer's output rows from the copies.
+    ``copies`` stacks one tensor per patient (B of them: the parameter itself B times in
+    training) in the shape the layer's kernel takes, so that the Conv1d, GroupNorm and Linear
+    forms add no reshaping step on the copies to autograd's graph; ``rows`` turns the gradient
+    of those copies back into (B, *shape) rows; ``forward`` computes the layer's output rows.
     """
 
     min_dim = 2  # the rows' least number of dimensions
 
     @staticmethod
-    def copies(attr: str, p: torch.Tensor, b: int) -> torch.Tensor:
-        return torch.stack([p] * b)  # (B, *shape)
+    def copies(attr: str, per_patient: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(per_patient)  # (B, *shape)
 
     @staticmethod
     def rows(attr: str, g: torch.Tensor, b: int) -> torch.Tensor:
@@ -79,8 +83,8 @@ class Linear(PatientLayer):
     """x (N, *, in) -> (N, *, out): one batched matmul over patients; copies weight (B, in, out) (transposed), bias (B, 1, out)."""
 
     @staticmethod
-    def copies(attr: str, p: torch.Tensor, b: int) -> torch.Tensor:
-        return torch.stack([p.t() if attr == "weight" else p.view(1, -1)] * b)  # (B, in, out) or (B, 1, out)
+    def copies(attr: str, per_patient: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([p.t() if attr == "weight" else p.view(1, -1) for p in per_patient])  # (B, in, out) or (B, 1, out)
 
     @staticmethod
     def rows(attr: str, g: torch.Tensor, b: int) -> torch.Tensor:
@@ -111,8 +115,8 @@ class Conv1d(PatientLayer):
     min_dim = 3
 
     @staticmethod
-    def copies(attr: str, p: torch.Tensor, b: int) -> torch.Tensor:
-        return torch.cat([p] * b)  # (B·O, C/groups, k) or (B·O,)
+    def copies(attr: str, per_patient: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(per_patient)  # (B·O, C/groups, k) or (B·O,)
 
     @staticmethod
     def rows(attr: str, g: torch.Tensor, b: int) -> torch.Tensor:
@@ -145,8 +149,8 @@ class GroupNorm(PatientLayer):
     """
 
     @staticmethod
-    def copies(attr: str, p: torch.Tensor, b: int) -> torch.Tensor:
-        return torch.cat([p] * b)  # (B·C,)
+    def copies(attr: str, per_patient: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(per_patient)  # (B·C,)
 
     @staticmethod
     def rows(attr: str, g: torch.Tensor, b: int) -> torch.Tensor:
@@ -198,3 +202,11 @@ def check_layer(name: str, module: nn.Module) -> None:
             f"The `grouped` per-patient gradients have no rule for {label}, which holds trainable parameters; "
             f"supported: {', '.join(t.__name__ for t in PATIENT_LAYERS)}. Set `training.per_patient_grads` to functorch or hooks."
         )
+    own = {name for name, _ in module.named_parameters(recurse=False)}
+    if not own <= {"weight", "bias"}:  # weight_norm's weight_g/weight_v, pruning's weight_orig: the forward reads a weight computed from them
+        raise UnsupportedLayerError(
+            f"The `grouped` per-patient gradients need {label} to hold its parameters as `weight` and `bias` (it holds {', '.join(sorted(own))}: "
+            "a reparametrised weight, e.g. weight norm or pruning). Set `training.per_patient_grads` to functorch or hooks."
+        )
+    if "forward" in vars(module):
+        raise UnsupportedLayerError(f"{label[0].upper()}{label[1:]} has its own `forward` set on the instance, which the `grouped` per-patient form would bypass. Set `training.per_patient_grads` to functorch or hooks.")

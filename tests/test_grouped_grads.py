@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from client.patient_grads import GroupedGrads, make_patient_grads
+from client import patient_grads
+from client.patient_grads import GroupedGrads, make_patient_grads, session_rows
 from client.patient_layers import UnsupportedLayerError
 from shared.config import ModelSpec
 from shared.markers import N_MODEL_MARKERS
@@ -18,8 +19,6 @@ B, K, N_MELS, F, SPEECH = 5, 3, 8, 20, 6
 @pytest.fixture(autouse=True)
 def fresh_probe_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test's models are probed as a site's first round would probe them (no architecture remembered from another test)."""
-    from client import patient_grads
-
     monkeypatch.setattr(patient_grads, "_INDEPENDENT_ROWS", set())
 
 
@@ -96,7 +95,8 @@ def test_grouped_leaves_no_hook_behind_and_the_model_trains_normally() -> None:
     model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2), n_mels=N_MELS, n_markers=N_MODEL_MARKERS)
     per_patient(model, "grouped", batch(N_MODEL_MARKERS))
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
-    assert all(p.grad is None for p in model.parameters())  # only output gradients were formed
+    assert all(p.grad is None for p in model.parameters())  # only the copies' gradients were formed
+    assert not any("forward" in vars(module) for module in model.modules())  # every layer has its own forward back
     mel, markers, _, _ = batch(N_MODEL_MARKERS)
     model(mel[0], markers[0]).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -158,8 +158,12 @@ class Bypass(nn.Module):
 def test_grouped_refuses_inputs_changed_in_place_and_layers_bypassed() -> None:
     with pytest.raises(UnsupportedLayerError, match=r"input of layer 'b' was changed in place"):
         per_patient(InPlace(), "grouped", batch(N_MODEL_MARKERS))
+    with pytest.raises(UnsupportedLayerError, match=r"Bypass does not give each patient's rows their own parameter copies: .* or a layer's parameters are used outside its call"):
+        per_patient(Bypass(), "grouped", batch(N_MODEL_MARKERS))  # the first step's probe
+    grouped = GroupedGrads(Bypass())
+    grouped.rows_checked = True  # without the probe, the step itself refuses
     with pytest.raises(UnsupportedLayerError, match=r"'a.weight', 'a.bias' reached the loss outside a call of their layer"):
-        per_patient(Bypass(), "grouped", batch(N_MODEL_MARKERS))
+        grouped(*batch(N_MODEL_MARKERS))
 
 
 @pytest.mark.parametrize("layer", [
@@ -169,8 +173,10 @@ def test_grouped_refuses_inputs_changed_in_place_and_layers_bypassed() -> None:
     nn.Conv1d(6, 4, 3, stride=3, padding=1, dilation=2, groups=2, bias=False),
     nn.Conv1d(6, 4, 3, padding="same", dilation=2),
     nn.Conv1d(6, 4, 3, padding=2, padding_mode="circular"),
+    nn.Conv1d(6, 4, 3, padding=1, padding_mode="reflect"),
     nn.GroupNorm(2, 6),
     nn.LayerNorm(9),
+    nn.LayerNorm((6, 9)),
 ], ids=lambda layer: repr(layer))
 def test_each_per_patient_layer_gives_the_ordinary_output_and_per_patient_gradients(layer: nn.Module) -> None:
     """A layer's per-patient form: with every copy equal to the layer's parameters, the ordinary
@@ -183,7 +189,7 @@ def test_each_per_patient_layer_gives_the_ordinary_output_and_per_patient_gradie
     for shape in [(k * b, 6, 9)] + ([(k * b, 9), (k * b, 2, 3, 9)] if isinstance(layer, nn.Linear) else []):  # session-major rows; a Linear also on (N, in) and (N, S, T, in)
         x = torch.randn(shape) * 2 + 1
         with torch.no_grad():
-            copies = {a: form.copies(a, p, b).requires_grad_() for a, p in layer.named_parameters()}
+            copies = {a: form.copies(a, [p] * b).requires_grad_() for a, p in layer.named_parameters()}
         out = patient_forward(layer, x, copies, b, k * b)
         torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
         g = torch.randn_like(out)
@@ -195,18 +201,162 @@ def test_each_per_patient_layer_gives_the_ordinary_output_and_per_patient_gradie
                 torch.testing.assert_close(r[i], o, rtol=1e-5, atol=1e-5, msg=f"patient {i}: {attr}, rows {shape}")
 
 
-def test_a_layer_called_on_other_than_the_batch_rows_is_refused_by_name() -> None:
-    class Positional(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pos, self.out = nn.Linear(1, N_MELS), nn.Linear(N_MELS, 1)
+@pytest.mark.parametrize("layer", [nn.Conv1d(6, 4, 5, stride=2, padding=2), nn.Conv1d(6, 4, 3, padding=1, dilation=2, groups=2, padding_mode="reflect")], ids=repr)
+def test_a_conv_run_once_per_patient_gives_the_same_as_one_grouped_call(layer: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.patient_layers as patient_layers
+    from client.patient_layers import Conv1d, patient_forward
 
-        def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
-            positions = self.pos(torch.linspace(0, 1, mel.shape[-1]).unsqueeze(-1)).t()  # (n_mels, F): one tensor for every row
-            return self.out((mel + positions).mean(-1)).squeeze(-1)
+    torch.manual_seed(3)
+    b, k = 3, 4
+    x = torch.randn(k * b, 6, 11)
+    with torch.no_grad():
+        copies = {a: Conv1d.copies(a, [p + 0.1 * i * torch.randn_like(p) for i in range(b)]).requires_grad_() for a, p in layer.named_parameters()}  # distinct per patient
+    outputs, grads = [], []
+    for limit in (patient_layers.ONE_CALL_WEIGHT_AT_MOST, 0):
+        monkeypatch.setattr(patient_layers, "ONE_CALL_WEIGHT_AT_MOST", limit)
+        out = patient_forward(layer, x, copies, b, k * b)
+        outputs.append(out)
+        grads.append(torch.autograd.grad((out * torch.arange(out.numel()).view_as(out).sin()).sum(), list(copies.values())))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for one, loop in zip(*grads, strict=True):
+        torch.testing.assert_close(one, loop, rtol=1e-5, atol=1e-5)
 
-    with pytest.raises(UnsupportedLayerError, match=r"Linear was called on a tensor of shape \(20, 1\); .* the batch's 15 session rows"):
-        per_patient(Positional(), "grouped", batch(N_MODEL_MARKERS))
+
+class Positional(nn.Module):
+    """Adds positions made by a trainable Linear from a (F, 1) tensor shared by every row: not the batch's session rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos, self.out = nn.Linear(1, N_MELS), nn.Linear(N_MELS, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        positions = self.pos(torch.linspace(0, 1, mel.shape[-1]).unsqueeze(-1)).t()  # (n_mels, F)
+        return self.out((mel + positions).mean(-1)).squeeze(-1)
+
+
+class TimeMajor(nn.Module):
+    """A Linear over time-major activations (F, N, n_mels): its first dimension is frames, not rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frame, self.out = nn.Linear(N_MELS, 2), nn.Linear(2, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        return self.out(self.frame(mel.permute(2, 0, 1)).mean(0)).squeeze(-1)  # (F, N, 2) -> (N, 2) -> (N,)
+
+
+class Reversed(nn.Module):
+    """Calls its Linear on the rows in reverse order (and turns them back): the right shape, the wrong patients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(N_MELS, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        return self.a(mel.mean(-1).flip(0)).flip(0).squeeze(-1)
+
+
+class ReversedWhenTraining(Reversed):
+    """Reverses its rows only in training mode: the probe must run that path."""
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        h = mel.mean(-1)
+        return (self.a(h.flip(0)).flip(0) if self.training else self.a(h)).squeeze(-1)
+
+
+@pytest.mark.parametrize("frames", [F, B * K])  # B·K frames: the first dimension equals the batch's rows by coincidence
+@pytest.mark.parametrize("model", [Positional, TimeMajor, Reversed, ReversedWhenTraining])
+def test_a_layer_called_on_other_than_the_batch_rows_in_order_is_refused(model: type[nn.Module], frames: int) -> None:
+    """Each of these would give a patient's rows to another patient's copies; the first step's probe refuses them whatever the batch size."""
+    mel, markers, y, m = batch(N_MODEL_MARKERS)
+    mel = mel[..., :1].expand(-1, -1, -1, frames) + torch.randn(B, K, N_MELS, frames)  # (B, K, n_mels, frames)
+    grouped = GroupedGrads(model())
+    for _ in range(2):  # and refused again at the next step
+        with pytest.raises(UnsupportedLayerError, match=r"called on a tensor of shape|does not give each patient's rows their own parameter copies"):
+            grouped(mel, markers, y, m)
+    assert not grouped.rows_checked
+
+
+class Tied(nn.Module):
+    """Two Linear modules sharing one weight, keyword-called, and a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(N_MELS, N_MELS), nn.Linear(N_MELS, N_MELS, bias=False)
+        self.b.weight = self.a.weight
+        self.norm = nn.LayerNorm(N_MELS)
+        self.out = nn.Linear(N_MELS, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(input=mel.mean(-1)))  # (N, n_mels)
+        return self.out(self.norm(self.b(h))).squeeze(-1) + markers[:, 0]
+
+
+def test_grouped_equals_functorch_with_a_weight_tied_across_modules_a_keyword_call_and_layer_norm() -> None:
+    torch.manual_seed(5)
+    assert_same_as_functorch(Tied(), batch(N_MODEL_MARKERS, seed=6))
+
+
+class SqueezedOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(N_MELS, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        return self.a(mel.mean(-1)).squeeze()  # (N,), and a 0-d tensor for one row (as the probe runs it)
+
+
+def test_the_probe_handles_a_model_whose_one_row_output_is_a_scalar() -> None:
+    torch.manual_seed(6)
+    assert_same_as_functorch(SqueezedOut(), batch(N_MODEL_MARKERS))
+
+
+class WeightNormed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.utils.weight_norm(nn.Linear(N_MELS, 1))
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        return self.a(mel.mean(-1)).squeeze(-1)
+
+
+class SharedAcrossKinds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(N_MELS, N_MELS), nn.Linear(N_MELS, 1)
+        self.norm = nn.GroupNorm(1, N_MELS)
+        self.norm.bias = self.a.bias  # one parameter: a Linear's bias and a GroupNorm's bias, copied in different shapes
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        return self.b(self.norm(self.a(mel.mean(-1)))).squeeze(-1)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")  # the old-style reparametrisation is what is refused
+def test_grouped_refuses_reparametrised_shared_across_kinds_and_instance_forward_layers_by_name() -> None:
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'a' \(Linear\) to hold its parameters as `weight` and `bias` \(it holds bias, weight_g, weight_v"):
+        GroupedGrads(WeightNormed())
+    with pytest.raises(UnsupportedLayerError, match=r"A parameter of layer 'norm' is shared with a layer of another kind"):
+        GroupedGrads(SharedAcrossKinds())
+    model = nn.Sequential(nn.Linear(N_MELS, 1))
+    model[0].forward = lambda x: x.sum(-1, keepdim=True)  # an instance forward the per-patient form would bypass
+    with pytest.raises(UnsupportedLayerError, match=r"Layer '0' \(Linear\) has its own `forward` set on the instance"):
+        GroupedGrads(model)
+    for refused in (WeightNormed, SharedAcrossKinds):
+        with pytest.warns(RuntimeWarning, match="Falling back to the functorch"):
+            make_patient_grads(refused(), strategy="grouped").close()
+
+
+def test_every_layer_gets_its_own_forward_back_even_when_the_pass_fails() -> None:
+    model = ProsodyMelNet(ModelSpec(hidden=8, conv_channels=4, groups=2), n_mels=N_MELS, n_markers=N_MODEL_MARKERS)
+    grouped = GroupedGrads(model)
+    grouped(*batch(N_MODEL_MARKERS))
+    assert not any("forward" in vars(module) for module in model.modules())
+    mel, markers, y, m = batch(N_MODEL_MARKERS)
+    with pytest.raises(RuntimeError):
+        grouped(mel[:, :, :3], markers, y, m)  # 3 mel bands for a conv that takes 8: it fails inside the pass
+    assert not any("forward" in vars(module) for module in model.modules())
+    grouped.close()
+    model(session_rows(mel), session_rows(markers))  # the model runs as before
 
 
 def test_grouped_handles_dropout_with_the_forward_pass_own_masks() -> None:
@@ -361,6 +511,7 @@ def test_grouped_under_bf16_autocast_gives_float32_rows_as_close_as_functorch() 
     inputs = batch(N_MODEL_MARKERS)
     exact, _ = per_patient(model, "grouped", inputs)
     errors = {}
+    patient_grads._INDEPENDENT_ROWS.clear()  # probe under autocast too: the probes compare in full float32 whatever the caller's autocast
     for strategy in ("grouped", "functorch"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             rows, _ = per_patient(model, strategy, inputs)
