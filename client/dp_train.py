@@ -11,6 +11,7 @@ once), which clips each patient's gradient to C, adds Gaussian noise σC and ste
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,7 +21,16 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from client.dataset import PatientTensors
-from client.patient_grads import DEFAULT_GRADS, make_patient_grads, patient_logits, patient_loss_fn, patient_losses
+from client.patient_grads import (
+    DEFAULT_GRADS,
+    GroupedGrads,
+    PatientGrads,
+    make_patient_grads,
+    patient_logits,
+    patient_loss_fn,
+    patient_losses,
+)
+from client.patient_layers import UnsupportedLayerError
 from client.predict import predict
 
 __all__ = ["CpuNoiseDPOptimizer", "StepStats", "clip_and_sum", "make_optimizer", "patient_loss_fn", "predict", "train_dp", "train_plain"]
@@ -316,7 +326,7 @@ def train_dp(
                 rows = [torch.zeros((0, *p.shape), device=p.device) for p in dp_opt.params]
             else:
                 mel, markers, y, m = _batch(data, idx, max_sessions, generator, device)
-                per_grads, patient_loss = per_patient(mel, markers, y, m)  # name -> (B, *shape); (B,)
+                per_patient, (per_grads, patient_loss) = _rows_or_fallback(per_patient, model, mel, markers, y, m)  # name -> (B, *shape); (B,)
                 rows = [per_grads[n] for n in names]
                 losses.append(patient_loss.detach().mean())
             dp_opt.step_rows(rows)  # p.grad stays the step's noisy gradient until the next step overwrites it
@@ -324,6 +334,26 @@ def train_dp(
         dp_opt.zero_grad(set_to_none=True)
         per_patient.close()
     return _stats(steps, losses, batches)
+
+
+def _rows_or_fallback(per_patient: PatientGrads, model: nn.Module, *batch: torch.Tensor) -> tuple[PatientGrads, tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """The step's per-patient rows, and the strategy to use from now on.
+
+    When `grouped`'s first-step probes refuse the model (it mixes sessions, or a layer's copies would
+    meet other patients' rows), the site warns and uses `functorch` for this step and the rest, as
+    :func:`client.patient_grads.make_patient_grads` does for a layer it has no rule for: the same
+    patient-level gradients, slower. Nothing of the refused attempt is used. A refusal after the
+    probes passed (a parameter used outside its layer, an input changed in place) is raised.
+    """
+    try:
+        return per_patient, per_patient(*batch)
+    except UnsupportedLayerError as e:
+        if not isinstance(per_patient, GroupedGrads) or per_patient.rows_checked:
+            raise
+        warnings.warn(f"{e} Falling back to the functorch per-patient gradients (same result, slower).", RuntimeWarning, stacklevel=3)
+        per_patient.close()
+        fallback = make_patient_grads(model, strategy="functorch")
+        return fallback, fallback(*batch)
 
 
 def _stats(steps: int, losses: list[torch.Tensor], batches: list[int]) -> StepStats:

@@ -19,7 +19,8 @@ gradients up to float rounding (tested to 1e-5 on every model variant).
   refuses a model whose forward mixes sessions anyway, or that calls a trainable layer on
   anything but the batch's rows in order (each patient's copies must meet their own rows). A
   layer type without a per-patient form is refused by name, and :func:`make_patient_grads`
-  then warns and uses ``functorch``.
+  then warns and uses ``functorch``; :func:`client.dp_train.train_dp` does the same when the
+  probes refuse the model.
 * ``functorch``: ``torch.func.vmap(grad_and_value(loss))`` over the patient dimension; the
   patient losses come with the gradients. Works for any layer torch.func can vmap; its
   vmapped Conv1d weight gradient is a grouped convolution, slow on CPU.

@@ -126,7 +126,7 @@ class TrainingConfig:
     prox_mu: float = spec(0.0, doc="FedProx μ: pull local weights towards the global model (0 = FedAvg). Data-independent, so it costs no privacy.", ge=0)
     per_patient_grads: str = spec(
         "grouped",
-        doc="How per-patient gradients are computed (same result, same privacy): grouped = one ordinary forward/backward pass in which each trainable layer holds one copy of its parameters per patient, so autograd gives each patient's gradient (fastest here, `fedrelapse bench dp-step`; falls back to functorch, with a warning, for a layer it has no rule for); functorch = torch.func vmap over patients; hooks = Opacus per-session hooks summed per patient.",
+        doc="How per-patient gradients are computed (same result, same privacy): grouped = one ordinary forward/backward pass in which each trainable layer holds one copy of its parameters per patient, so autograd gives each patient's gradient (fastest here, `fedrelapse bench dp-step`; falls back to functorch, with a warning, for a layer it has no rule for or a model its first-step probes refuse); functorch = torch.func vmap over patients; hooks = Opacus per-session hooks summed per patient.",
         choices=("grouped", "functorch", "hooks"),
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from opacus.accountants import RDPAccountant, create_accountant
@@ -465,3 +467,34 @@ def test_secure_mode_uses_opacus_noise_and_still_averages_by_the_expected_batch(
     update = torch.cat([(s - p.detach()).flatten() for p, s in zip(params, start, strict=True)])
     assert torch.isfinite(update).all()
     assert float(update.std()) == pytest.approx(4.0 * 0.5 / 4, rel=0.15)  # σC / expected batch, as in the seeded path
+
+
+class ReversesItsRowsWhenTraining(torch.nn.Module):
+    """Its Linear sees the rows in reverse order while training: `grouped`'s copies would meet other patients' rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(N_MELS, 1)
+
+    def forward(self, mel: torch.Tensor, markers: torch.Tensor) -> torch.Tensor:
+        h = mel.mean(-1)  # (N, n_mels)
+        return (self.a(h.flip(0)).flip(0) if self.training else self.a(h)).squeeze(-1) + markers[:, 0]
+
+
+def test_a_model_grouped_probes_refuse_trains_with_functorch_after_a_warning() -> None:
+    """The first step's probe refuses the model; the site warns, and every step's rows are functorch's (the same update as asking for functorch)."""
+    from client import patient_grads
+
+    patient_grads._INDEPENDENT_ROWS.clear()
+    updates = {}
+    for grads in ("grouped", "functorch"):
+        model = ReversesItsRowsWhenTraining()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        with pytest.warns(RuntimeWarning, match="does not give each patient's rows their own parameter copies.*Falling back to the functorch") if grads == "grouped" else contextlib.nullcontext():
+            train_dp(model, make_data(), steps=3, sample_rate=0.5, noise_multiplier=1.0, max_grad_norm=1.0, max_sessions=K, optimizer=opt,
+                     generator=torch.Generator().manual_seed(4), device=torch.device("cpu"), grads=grads)
+        updates[grads] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        assert not any("forward" in vars(m) for m in model.modules())
+    for name, value in updates["functorch"].items():
+        torch.testing.assert_close(updates["grouped"][name], value, rtol=0, atol=0, msg=name)
