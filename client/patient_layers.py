@@ -4,20 +4,19 @@ The ``grouped`` strategy of :mod:`client.patient_grads` runs the model once over
 sessions of a batch as *session-major* rows (row n = k·B + b is patient b's k-th session, so a
 (N, *) tensor is a (K, B, *) block without a copy). During that pass each trainable layer of a
 supported type computes its ordinary output, but with its parameters stacked B times, one copy
-per patient, (B, *shape), each applied to that patient's rows only. The output is the same as
-the ordinary layer's (every copy holds the same values), and autograd's ordinary backward pass
-then gives the gradient with respect to each copy: that patient's own gradient, because a
-patient's rows touch only their copy. Exact because sessions never interact (GroupNorm, never
-BatchNorm; a probe in :mod:`client.patient_grads` refuses a model whose forward mixes rows) and
-padded sessions have zero loss weight.
+per patient, each applied to that patient's rows only. The output is the same as the ordinary
+layer's (every copy holds the same values), and autograd's ordinary backward pass then gives
+the gradient with respect to each copy: that patient's own gradient, because a patient's rows
+touch only their copy. Exact because sessions never interact (GroupNorm, never BatchNorm) and
+padded sessions have zero loss weight; probes in :mod:`client.patient_grads` refuse a model
+whose forward mixes rows or calls a layer on anything but the batch's rows in order.
 
 Each layer keeps the ordinary layer's kernels: a Conv1d is one convolution with the patients as
 channel groups (x (K, B·C, L), weight (B·O, C/groups, k), groups B·groups), whose backward is
 one ``convolution_backward`` giving the input gradient and every patient's weight gradient; a
 GroupNorm is one group norm of K samples of B·C channels in B·G groups (the same groups, so the
 same statistics); a Linear is one batched matmul over patients; a LayerNorm normalises each row
-and scales it by its patient's copy. Nothing runs in Python during
-the backward pass.
+and scales it by its patient's copy. Nothing runs in Python during the backward pass.
 
 Each form (:class:`PatientLayer`) stacks a parameter's B copies in the shape its kernel takes,
 turns the gradient of those copies back into (B, *shape) rows, and computes the layer's output
