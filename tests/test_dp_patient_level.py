@@ -185,12 +185,16 @@ def test_hooks_are_removed_after_training(grads: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent device: the GPU bench script runs it)")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # `grouped` must not fall back to functorch on the GPU (its probes compare in full float32 there too)
 @by_strategy
 def test_a_dp_step_on_the_gpu_gives_the_cpu_update(grads: str) -> None:
     """Data resident on the GPU, seeded sampling and noise on the CPU: the same update either way."""
+    from client import patient_grads
+
     data = make_data(patients=12)
     updates = {}
     for dev in ("cpu", "cuda"):
+        patient_grads._INDEPENDENT_ROWS.clear()  # `grouped` probes the model on each device
         model = make_model().to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         stats = train_dp(model, data, steps=3, sample_rate=0.5, noise_multiplier=1.0, max_grad_norm=0.5, max_sessions=3,
@@ -200,6 +204,32 @@ def test_a_dp_step_on_the_gpu_gives_the_cpu_update(grads: str) -> None:
     assert cpu_stats.mean_batch == gpu_stats.mean_batch and cpu_stats.mean_loss == pytest.approx(gpu_stats.mean_loss, abs=1e-4)
     for n in cpu:
         torch.testing.assert_close(gpu[n], cpu[n], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent device: the GPU bench script runs it)")
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_grouped_probes_pass_on_the_gpu_with_tf32_and_under_autocast(autocast: bool) -> None:
+    """cuDNN may use TF32 and `bench gpu` runs under bf16 autocast: the probes compare in full float32 whatever the caller's settings."""
+    from client import patient_grads
+    from client.patient_grads import GroupedGrads
+
+    patient_grads._INDEPENDENT_ROWS.clear()
+    model = make_model().cuda()
+    g = torch.Generator().manual_seed(0)
+    b, k = 4, 3
+    mel, markers = torch.randn(b, k, N_MELS, F, generator=g).cuda(), torch.randn(b, k, M, generator=g).cuda()
+    y, m = (torch.rand(b, k, generator=g) > 0.5).float().cuda(), torch.ones(b, k).cuda()
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    grouped = GroupedGrads(model)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            rows, _ = grouped(mel, markers, y, m)
+        assert grouped.rows_checked and all(torch.isfinite(r).all() for r in rows.values())
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)  # the caller's settings are back
+    finally:
+        grouped.close()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def test_config_offers_exactly_the_implemented_strategies() -> None:
