@@ -11,7 +11,6 @@ once), which clips each patient's gradient to C, adds Gaussian noise σC and ste
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,6 +24,7 @@ from client.patient_grads import (
     DEFAULT_GRADS,
     GroupedGrads,
     PatientGrads,
+    functorch_fallback,
     make_patient_grads,
     patient_logits,
     patient_loss_fn,
@@ -350,9 +350,8 @@ def _rows_or_fallback(per_patient: PatientGrads, model: nn.Module, *batch: torch
     except UnsupportedLayerError as e:
         if not isinstance(per_patient, GroupedGrads) or per_patient.rows_checked:
             raise
-        warnings.warn(f"{e} Falling back to the functorch per-patient gradients (same result, slower).", RuntimeWarning, stacklevel=3)
         per_patient.close()
-        fallback = make_patient_grads(model, strategy="functorch")
+        fallback = functorch_fallback(model, e, stacklevel=4)
         return fallback, fallback(*batch)
 
 

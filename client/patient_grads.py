@@ -270,7 +270,7 @@ class GroupedGrads:
                 module_dict.pop("forward", None)
             self._pass = None
 
-    def check_sessions_independent(self, rows_mel: torch.Tensor, rows_markers: torch.Tensor) -> None:
+    def check_sessions_independent(self, rows_mel: torch.Tensor, rows_markers: torch.Tensor) -> bool:
         """Refuse a model in which one session's output depends on another session of the batch.
 
         The per-patient rows are exact only if no operation mixes rows (no batch statistics,
@@ -278,11 +278,12 @@ class GroupedGrads:
         patients' data and clipping it would not bound that patient's influence. Probe: two
         sessions of the rows (N, n_mels, F), (N, M), then the same two with the first one
         changed, under the same random state (dropout draws alike); the second session's output
-        must not move.
+        must not move. Returns False when inconclusive (fewer than 2 rows, or outputs that are not
+        finite: a diverged model's NaN outputs prove nothing), to probe again on a later batch.
         """
         rows_mel, rows_markers = rows_mel[:2], rows_markers[:2]  # (2, n_mels, F), (2, M)
         if rows_mel.shape[0] < 2:
-            return
+            return False
         changed_mel, changed_markers = rows_mel.clone(), rows_markers.clone()
         changed_mel[0], changed_markers[0] = changed_mel[0] * 3 + 1, changed_markers[0] * 3 + 1
         devices = [rows_mel.device.index or 0] if rows_mel.device.type == "cuda" else []
@@ -299,7 +300,7 @@ class GroupedGrads:
                 f"{type(self.model).__name__} mixes sessions within a batch (changing one session changed another's output), so the `grouped` "
                 "per-patient gradients would not be one patient's alone; set `training.per_patient_grads` to functorch."
             )
-        self.rows_checked = bool(torch.isfinite(first).all())  # a diverged model's NaN outputs prove nothing: probe again next step
+        return bool(torch.isfinite(first).all())
 
     def check_copies_follow_their_rows(self, rows_mel: torch.Tensor, rows_markers: torch.Tensor) -> bool:
         """Refuse a model in which a trainable layer's per-patient copies would not meet their own patient's rows.
@@ -356,16 +357,12 @@ class GroupedGrads:
         ``rows_checked`` is True only once both probes passed: a refused model is refused again at its next step.
         """
         architecture = _architecture(self.model)
-        if architecture in _INDEPENDENT_ROWS:
-            self.rows_checked = True
-            return
-        rows_mel, rows_markers = session_rows(mel), session_rows(markers)  # (K·B, n_mels, F), (K·B, M)
-        self.check_sessions_independent(rows_mel, rows_markers)
-        if self.rows_checked:
-            self.rows_checked = False
-            self.rows_checked = self.check_copies_follow_their_rows(rows_mel, rows_markers)
-            if self.rows_checked:
-                _INDEPENDENT_ROWS.add(architecture)
+        if architecture not in _INDEPENDENT_ROWS:
+            rows_mel, rows_markers = session_rows(mel), session_rows(markers)  # (K·B, n_mels, F), (K·B, M)
+            if not (self.check_sessions_independent(rows_mel, rows_markers) and self.check_copies_follow_their_rows(rows_mel, rows_markers)):
+                return  # inconclusive: probe again on the next batch
+            _INDEPENDENT_ROWS.add(architecture)
+        self.rows_checked = True
 
     def forward(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], _Pass]:
         """The per-patient forward pass: the (B,) patient losses (with their graph), {name: B copies} of each trainable parameter (the leaves), and the pass."""
@@ -397,11 +394,10 @@ class GroupedGrads:
         bypassed = [n for n, g in zip(names, grads[len(names):], strict=True) if g is not None]
         if bypassed:
             raise UnsupportedLayerError(f"Parameter(s) {', '.join(map(repr, bypassed))} reached the loss outside a call of their layer as a module; the `grouped` per-patient gradients cannot see that use. Set `training.per_patient_grads` to functorch.")
-        b = y.shape[0]
         rows = {}
         for (n, p), g in zip(self.params.items(), grads, strict=False):
             form, attr = self.plan[p]
-            rows[n] = form.rows(attr, g, b) if g is not None else p.new_zeros((b, *p.shape))  # (B, *shape)
+            rows[n] = form.rows(attr, g, run.b) if g is not None else p.new_zeros((run.b, *p.shape))  # (B, *shape)
         return rows, losses.detach()
 
     def close(self) -> None:
@@ -437,6 +433,12 @@ class HookGrads:
         self.gsm.cleanup()  # removes the hooks and every per-sample attribute Opacus added
 
 
+def functorch_fallback(model: nn.Module, refusal: UnsupportedLayerError, *, stacklevel: int) -> FunctorchGrads:
+    """Warn (with why `grouped` refused the model) and return the ``functorch`` strategy for it: the same patient-level gradients, slower."""
+    warnings.warn(f"{refusal} Falling back to the functorch per-patient gradients (same result, slower).", RuntimeWarning, stacklevel=stacklevel)
+    return FunctorchGrads(model)
+
+
 def make_patient_grads(model: nn.Module, *, strategy: str) -> PatientGrads:
     if strategy == "hooks":
         return HookGrads(model)
@@ -446,6 +448,5 @@ def make_patient_grads(model: nn.Module, *, strategy: str) -> PatientGrads:
         try:
             return GroupedGrads(model)
         except UnsupportedLayerError as e:
-            warnings.warn(f"{e} Falling back to the functorch per-patient gradients (same result, slower).", RuntimeWarning, stacklevel=2)
-            return FunctorchGrads(model)
+            return functorch_fallback(model, e, stacklevel=3)
     raise ValueError(f"Unknown per-patient gradient strategy {strategy!r}; choose one of {', '.join(GRAD_STRATEGIES)}.")

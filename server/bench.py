@@ -216,7 +216,7 @@ def _grouped_parts(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], repe
 
     grouped = GroupedGrads(model)
     try:
-        grouped(*batch)  # probes session independence once
+        grouped(*batch)  # the first call runs the probes
         forward = _median_ms(lambda: grouped.forward(*batch), repeats, dev)
         whole = _median_ms(lambda: grouped(*batch), repeats, dev)
     finally:

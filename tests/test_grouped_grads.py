@@ -421,9 +421,9 @@ def test_the_probe_runs_once_per_architecture_and_a_mixing_model_is_still_refuse
     probes = []
     original = GroupedGrads.check_sessions_independent
 
-    def spy(self: GroupedGrads, *args: torch.Tensor) -> None:
+    def spy(self: GroupedGrads, *args: torch.Tensor) -> bool:
         probes.append(type(self.model).__name__)
-        original(self, *args)
+        return original(self, *args)
 
     monkeypatch.setattr(GroupedGrads, "check_sessions_independent", spy)
     spec = ModelSpec(hidden=8, conv_channels=4, groups=2)
