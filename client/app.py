@@ -484,7 +484,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
                 raise
         if isinstance(result, Refusal):
             log.warning("site=%s refused round %s: %s", site_cfg.name, req.server_round, result.code)
-            return _reply(msg, site_cfg.name, refusal=result, evaluation=evaluation)
+            return _reply(msg, site_cfg.name, refusal=result, evaluation=evaluation, metrics=result.metrics or None, ledger_head=result.ledger_head)
         return _reply(
             msg, site_cfg.name, arrays=pack(result.arrays, model_shapes(site.exp)), metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head,
             evaluation=evaluation,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Any
 
-from client.site import ledger_path, site_key_paths
+from client.site import ledger_path, ledger_public_key, site_key_paths
 from shared import signing
 from shared.config import SiteConfig
 from shared.errors import PolicyError
@@ -16,8 +17,7 @@ from shared.privacy.accounting import epsilon
 def budget_status(cfg: SiteConfig) -> dict[str, Any]:
     """Spent and remaining ε per run and overall, at the policy's δ, from the verified ledger."""
     path = ledger_path(cfg.state_dir)
-    pub = site_key_paths(cfg.state_dir)[1]
-    entries = ledger.read_entries(path, signing.load_public(pub) if pub.exists() else None)
+    entries = ledger.read_entries(path, ledger_public_key(cfg.state_dir))
     delta = cfg.policy.delta
     rounds = [e for e in entries if e.kind == "round"]
     cap_total, cap_run = ledger.current_caps(entries, cap_total=cfg.policy.epsilon_cap_total, cap_run=cfg.policy.epsilon_cap_run)
@@ -35,8 +35,8 @@ def budget_status(cfg: SiteConfig) -> dict[str, Any]:
 def change_caps(cfg: SiteConfig, *, cap_total: float | None, cap_run: float | None, note: str) -> None:
     """Append a signed policy entry that raises or lowers the caps from now on."""
     for name, value in (("total", cap_total), ("run", cap_run)):
-        if value is not None and value <= 0:
-            raise PolicyError(f"The {name} cap must be positive, got {value}.")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise PolicyError(f"The {name} cap must be a positive, finite ε (e.g. 10), got {value}.")
     priv, pub = site_key_paths(cfg.state_dir)
     key = signing.load_private(priv) if priv.exists() else signing.generate(priv, pub)
     path = ledger_path(cfg.state_dir)

@@ -41,6 +41,7 @@ class StepStats:
     steps: int
     mean_loss: float  # mean over steps of the sampled patients' mean loss
     mean_batch: float  # mean sampled patients per step
+    patients: int = 0  # distinct patients whose loss mean_loss covers (a site sends it on only from k of them)
 
 
 def clip_and_sum(grad_samples: list[torch.Tensor], *, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,12 +317,14 @@ def train_dp(
     per_patient = make_patient_grads(model, strategy=grads)
     data = data.on(device)
     losses: list[torch.Tensor] = []
-    batches = []
+    batches: list[int] = []
+    seen: set[int] = set()
     model.train()
     try:
         for _ in range(steps):
             idx = poisson_sample(data.n_patients, sample_rate, generator)
             batches.append(len(idx))
+            seen.update(idx.tolist())
             if len(idx) == 0:  # an empty Poisson batch still takes a (pure-noise) step
                 rows = [torch.zeros((0, *p.shape), device=p.device) for p in dp_opt.params]
             else:
@@ -333,7 +336,7 @@ def train_dp(
     finally:
         dp_opt.zero_grad(set_to_none=True)
         per_patient.close()
-    return _stats(steps, losses, batches)
+    return _stats(steps, losses, batches, len(seen))
 
 
 def _rows_or_fallback(per_patient: PatientGrads, model: nn.Module, *batch: torch.Tensor) -> tuple[PatientGrads, tuple[dict[str, torch.Tensor], torch.Tensor]]:
@@ -355,11 +358,11 @@ def _rows_or_fallback(per_patient: PatientGrads, model: nn.Module, *batch: torch
         return fallback, fallback(*batch)
 
 
-def _stats(steps: int, losses: list[torch.Tensor], batches: list[int]) -> StepStats:
+def _stats(steps: int, losses: list[torch.Tensor], batches: list[int], patients: int) -> StepStats:
     """Step statistics, read back from the device once per call rather than once per step
     (a per-step read would make the CPU wait for the GPU before queueing the next step)."""
     mean_loss = float(torch.stack(losses).float().mean()) if losses else 0.0
-    return StepStats(steps, mean_loss, sum(batches) / max(len(batches), 1))
+    return StepStats(steps, mean_loss, sum(batches) / max(len(batches), 1), patients)
 
 
 def train_plain(
@@ -379,11 +382,13 @@ def train_plain(
     ref = [p.detach().clone() for p in params] if prox_mu > 0 else None
     data = data.on(device)
     losses: list[torch.Tensor] = []
-    batches = []
+    batches: list[int] = []
+    seen: set[int] = set()
     model.train()
     for _ in range(steps):
         idx = poisson_sample(data.n_patients, sample_rate, generator)
         batches.append(len(idx))
+        seen.update(idx.tolist())
         if len(idx) == 0:
             continue
         mel, markers, y, m = _batch(data, idx, max_sessions, generator, device)
@@ -393,7 +398,7 @@ def train_plain(
         add_prox(params, ref, prox_mu)
         optimizer.step()
         losses.append(loss.detach())
-    return _stats(steps, losses, batches)
+    return _stats(steps, losses, batches, len(seen))
 
 
 def _batch(data: PatientTensors, idx: torch.Tensor, max_sessions: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:

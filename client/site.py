@@ -14,8 +14,9 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,11 +29,14 @@ from client.sigma_cache import calibrated_sigma
 from shared import metrics as M  # noqa: N812
 from shared import signing
 from shared.config import ExperimentConfig, FeatureConfig, LanguageConfig, SiteConfig, SpeechConfig
-from shared.errors import DataError
+from shared.errors import DataError, PolicyError
 from shared.models import build_model
 from shared.params import get_arrays, set_arrays
 from shared.privacy import ledger
 from shared.privacy.accounting import SubsampledGaussian, epsilon
+
+if TYPE_CHECKING:
+    from client.dp_train import StepStats
 
 log = logging.getLogger("fedrelapse.site")
 
@@ -43,6 +47,8 @@ class Refusal:
 
     code: str  # machine-readable: "budget", "replay", "no-data", ...
     reason: str  # a full sentence for the researcher
+    metrics: dict[str, float] = field(default_factory=dict)  # aggregate figures that still hold (a replay: the round's ε as accounted)
+    ledger_head: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,8 +169,7 @@ class Site:
         return None
 
     def _public_key(self) -> Ed25519PublicKey | None:
-        pub = site_key_paths(self.cfg.state_dir)[1]
-        return signing.load_public(pub) if pub.exists() else None
+        return ledger_public_key(self.cfg.state_dir)
 
     def train(self, arrays: dict[str, np.ndarray], *, run_id: str, server_round: int, total_rounds: int) -> TrainResult | Refusal:
         """One round of local training; with DP on, the signed ledger entry is fsync'd first."""
@@ -172,7 +177,8 @@ class Site:
 
         exp, t = self.exp, self.exp.training
         if self.train_set.n_patients < self.k:
-            return Refusal("no-data", f"Site {self.cfg.name} has {self.train_set.n_patients} training patients, fewer than k={self.k}.")
+            log.info("site=%s refuses to train: %d training patients, fewer than k=%d", self.cfg.name, self.train_set.n_patients, self.k)
+            return Refusal("no-data", f"Site {self.cfg.name} has fewer than k={self.k} training patients (the count stays at the site: its log has it).")
         model = build_model(exp).to(self.device)
         set_arrays(model, arrays)
         gen = torch.Generator().manual_seed(_round_seed(_site_secret(self.cfg.state_dir), run_id, server_round))
@@ -182,14 +188,19 @@ class Site:
             if not self.cfg.policy.allow_non_private:
                 return Refusal("no-dp", f"Site {self.cfg.name} trains only with DP (its policy has allow_non_private: false); the plan has privacy.enabled = false.")
             stats = train_plain(model, self.train_set, steps=t.local_steps, sample_rate=q, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device, prox_mu=t.prox_mu)
-            metrics = {M.NUM_PATIENTS: float(self.train_set.n_patients), M.TRAIN_LOSS: stats.mean_loss, M.EPSILON_RUN: float("inf"), M.EPSILON_TOTAL: float("inf"), M.DELTA: 0.0, M.NOISE_MULTIPLIER: 0.0}
+            metrics = {M.NUM_PATIENTS: float(self.train_set.n_patients), **self._train_loss(stats), M.EPSILON_RUN: float("inf"), M.EPSILON_TOTAL: float("inf"), M.DELTA: 0.0, M.NOISE_MULTIPLIER: 0.0}
             return TrainResult(get_arrays(model), metrics)
         p = exp.privacy
         key = self.signing_key()
         with ledger.locked(self.ledger_path):
             entries = ledger.read_entries(self.ledger_path, key.public_key())
-            if any(e.kind == "round" and e.run_id == run_id and e.round == server_round for e in entries):  # before the costly σ search
-                return Refusal("replay", f"Site {self.cfg.name} already accounted round {server_round} of run {run_id}; it is not trained or charged twice.")
+            done = next((e for e in entries if e.kind == "round" and e.run_id == run_id and e.round == server_round), None)  # before the costly σ search
+            if done is not None:  # the figures it was charged go back, so a resumed run's summary shows what the ledger holds
+                return Refusal(
+                    "replay", f"Site {self.cfg.name} already accounted round {server_round} of run {run_id}; it is not trained or charged twice.",
+                    metrics={M.EPSILON_RUN: done.epsilon_run, M.EPSILON_TOTAL: done.epsilon_total, M.DELTA: done.delta, M.NOISE_MULTIPLIER: done.noise_multiplier},
+                    ledger_head=ledger.head_hash(entries),
+                )
             cap_total, cap_run = ledger.current_caps(entries, cap_total=self.cfg.policy.epsilon_cap_total, cap_run=self.cfg.policy.epsilon_cap_run)
             sigma = self.noise_multiplier(total_rounds, cap_run)
             event = SubsampledGaussian(sigma, q, t.local_steps)
@@ -218,19 +229,34 @@ class Site:
             ledger.append(self.ledger_path, entry, key)  # durable before the update leaves
         log.info("site=%s run=%s round=%d trained: sigma=%.3f q=%.3f eps_run=%.3f", self.cfg.name, run_id, server_round, sigma, q, eps_run)
         metrics = {
-            M.NUM_PATIENTS: float(self.train_set.n_patients), M.TRAIN_LOSS: stats.mean_loss, M.EPSILON_RUN: eps_run,
+            M.NUM_PATIENTS: float(self.train_set.n_patients), **self._train_loss(stats), M.EPSILON_RUN: eps_run,
             M.EPSILON_TOTAL: eps_total, M.DELTA: self.delta, M.NOISE_MULTIPLIER: sigma,
         }
         return TrainResult(update, metrics, entry.hash)
 
+    def _train_loss(self, stats: StepStats) -> dict[str, float]:
+        """The round's train loss as a metric, only when it covers at least k distinct patients.
+
+        It is the mean of the sampled patients' losses, not DP-protected; with few patients
+        sampled in the round (a plan with a small batch and few local steps) it would be one or
+        two patients' own loss on the global model, so below k it stays at the site.
+        """
+        if stats.patients < self.k:
+            log.info("site=%s train loss over %d patients (< k=%d) not sent", self.cfg.name, stats.patients, self.k)
+            return {}
+        return {M.TRAIN_LOSS: stats.mean_loss}
+
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-        """Aggregate metrics on held-out patients; suppressed below k patients."""
-        if self.eval_set.n_patients < self.k:
+        """Aggregate metrics on held-out patients; suppressed below k patients, or when either class (sessions with and without
+        relapse) comes from fewer than k patients (a one-patient class makes AUROC a statement about that patient's scores)."""
+        labels, mask = self.eval_set.labels.cpu(), self.eval_set.mask  # (P, K)
+        per_class = (int(((labels > 0.5) & mask).any(1).sum()), int(((labels <= 0.5) & mask).any(1).sum()))  # patients with a session of each class
+        if self.eval_set.n_patients < self.k or min(per_class) < self.k:
+            log.info("site=%s evaluation suppressed: %d held-out patients, %d/%d with relapse/other sessions (k=%d)", self.cfg.name, self.eval_set.n_patients, *per_class, self.k)
             return {M.SUPPRESSED: 1.0, M.NUM_PATIENTS: 0.0}
         model = build_model(self.exp).to(self.device)
         set_arrays(model, arrays)
         probs = predict(model, self.eval_set, self.device)  # (P, K)
-        mask = self.eval_set.mask
         y, s = self.eval_set.labels[mask].numpy(), probs[mask].numpy()
         loss = float(torch.nn.functional.binary_cross_entropy(probs[mask].clamp(1e-6, 1 - 1e-6), self.eval_set.labels[mask]))
         auc = M.auroc(y, s)
@@ -246,6 +272,27 @@ def ledger_path(state_dir: Path) -> Path:
 def site_key_paths(state_dir: Path) -> tuple[Path, Path]:
     """(private, public) PEM paths of the site's ledger signing key."""
     return state_dir / "keys" / "ledger-ed25519.pem", state_dir / "keys" / "ledger-ed25519.pub.pem"
+
+
+def ledger_public_key(state_dir: Path) -> Ed25519PublicKey | None:
+    """The key that the site's ledger signatures are checked with: the public key file, else the private key's public half.
+
+    None only while the site has neither key and no ledger entry (nothing signed yet). Entries
+    with both keys gone cannot be checked, so that raises :class:`PolicyError`: a missing key file
+    must never switch the signature check off.
+    """
+    priv, pub = site_key_paths(state_dir)
+    if pub.exists():
+        return signing.load_public(pub)
+    if priv.exists():
+        return signing.load_private(priv).public_key()
+    path = ledger_path(state_dir)
+    if path.exists() and path.stat().st_size:
+        raise PolicyError(
+            f"The ledger {path} holds signed entries but the site's signing key is missing ({priv} and {pub} do not exist), so its signatures cannot be "
+            "checked; restore the key from the site's backup. The site refuses to train until a DPO has checked the ledger (`fedrelapse audit verify`)."
+        )
+    return None
 
 
 def _site_secret(state_dir: Path) -> bytes:

@@ -666,10 +666,10 @@ app.add_typer(audit_app, name="audit")
 def audit_verify(
     ledgers: Annotated[list[Path], typer.Argument(help="Ledger JSONL file(s).")],
     public_key: Annotated[Path | None, typer.Option(help="The site's ledger public key (PEM).")] = None,
-    tolerance: Annotated[float, typer.Option(help="Allowed relative gap between recorded and independent ε.")] = 0.02,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Allowed relative gap between recorded and independent ε (0.02 = 2 %).")] = 0.02,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Check chain, signatures, order and ε (recomputed with dp-accounting RDP and PLD).
+    """Check chain, signatures, order and every entry's ε (recomputed with dp-accounting RDP, and PLD at the newest entry).
 
     Exit code 0: every ledger verified; 1: a problem was found (each is listed).
     """
@@ -680,6 +680,9 @@ def audit_verify(
     failed = False
     results = []
     for path in ledgers:
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            raise typer.BadParameter(f"{path} is a folder; give the ledger file itself" + (f", e.g. {found[0]}." if found else " (<state_dir>/ledger/privacy-ledger.jsonl)."))
         if not path.is_file():
             raise typer.BadParameter(f"{path} does not exist.")
         report = verify_ledger(path, key, tolerance=tolerance)

@@ -15,6 +15,7 @@ from client.site import Refusal, Site, TrainResult, site_key_paths
 from server.cli import app
 from shared import signing
 from shared.config import SitePolicy, load_site
+from shared.errors import PolicyError
 from shared.models import build_model
 from shared.params import get_arrays
 from shared.privacy import ledger
@@ -80,10 +81,141 @@ def test_budget_reports_spend_per_run(trained: Site) -> None:
 def test_clean_ledger_verifies_and_epsilon_matches_an_independent_accountant(trained: Site) -> None:
     report = verify_ledger(trained.ledger_path, signing.load_public(site_key_paths(trained.cfg.state_dir)[1]))
     assert report.ok, report.issues
-    assert len(report.checks) == 1  # recomputed at the end of each run
+    assert [c.round for c in report.checks] == [1, 2]  # every round entry is recomputed
+    for c in report.checks:
+        assert c.rdp == pytest.approx(c.recorded_total, rel=0.02) and c.rdp_run == pytest.approx(c.recorded_run, rel=0.02)
     last = report.checks[-1]
-    assert last.rdp == pytest.approx(last.recorded_total, rel=0.02)
-    assert last.pld <= last.recorded_total * 1.001
+    assert last.pld <= last.recorded_total * 1.001  # PLD at the newest entry only (it takes seconds)
+    assert np.isnan(report.checks[0].pld)
+
+
+def _rewrite(site: Site, lines: list[str]) -> None:
+    site.ledger_path.write_text("".join(lines), encoding="utf-8")
+
+
+def _resigned(site: Site, lines: list[str], index: int, **changes: object) -> list[str]:
+    """The ledger's lines with entry ``index`` changed and it and every later entry re-chained and re-signed
+    with the site's own key: what buggy site software (not an outsider) could write."""
+    key = signing.load_private(site_key_paths(site.cfg.state_dir)[0])
+    out, prev = list(lines[:index]), json.loads(lines[index - 1])["hash"] if index else ledger.GENESIS
+    for i, line in enumerate(lines[index:]):
+        body = {k: v for k, v in json.loads(line).items() if k not in ("hash", "signature")} | (changes if i == 0 else {}) | {"prev_hash": prev}
+        entry = ledger.LedgerEntry(**body)
+        out.append(entry.to_line(key))
+        prev = entry.hash
+    return out
+
+
+@pytest.mark.parametrize("case", ["epsilon-run", "mid-run-total"])
+def test_audit_verify_checks_every_entrys_recorded_epsilon(trained: Site, case: str) -> None:
+    lines = trained.ledger_path.read_text().splitlines(keepends=True)
+    if case == "epsilon-run":  # validly signed, but the run's ε under-recorded in every entry
+        lines = _resigned(trained, lines, 0, epsilon_run=1.0)
+        lines = _resigned(trained, lines, 1, epsilon_run=1.0)
+    else:  # round 1's all-time ε under-recorded; the run's last entry is right
+        lines = _resigned(trained, lines, 0, epsilon_total=0.5)
+    _rewrite(trained, lines)
+    report = verify_ledger(trained.ledger_path, signing.load_public(site_key_paths(trained.cfg.state_dir)[1]))
+    assert not report.ok and report.issues[0].line == 1 and "differs from the independent RDP" in report.issues[0].message, report.issues
+
+
+def test_a_complete_last_entry_counts_whether_or_not_its_newline_is_there(trained: Site) -> None:
+    lines = trained.ledger_path.read_text().splitlines(keepends=True)
+    _rewrite(trained, [*lines[:-1], lines[-1].rstrip("\n")])  # only the final newline removed (it used to hide the last round)
+    pub = signing.load_public(site_key_paths(trained.cfg.state_dir)[1])
+    report = verify_ledger(trained.ledger_path, pub)
+    assert report.ok and len(report.entries) == 2, report.issues
+    assert budget_status(trained.cfg)["epsilon_spent"] == pytest.approx(8.0, rel=0.01)  # not the 1-round figure
+    assert isinstance(trained.train(arrays(), run_id="run-b", server_round=1, total_rounds=4), TrainResult)  # the next append keeps it
+    assert [(e.run_id, e.round) for e in ledger.read_entries(trained.ledger_path, pub)] == [("run-a", 1), ("run-a", 2), ("run-b", 1)]
+
+
+def test_a_last_entry_cut_short_is_not_counted_by_the_site_but_reported_by_the_audit(trained: Site) -> None:
+    lines = trained.ledger_path.read_text().splitlines(keepends=True)
+    _rewrite(trained, [*lines[:-1], lines[-1][:-2]])  # "}\n" cut off: what a crash mid-write leaves, or an edit hiding the entry
+    pub = signing.load_public(site_key_paths(trained.cfg.state_dir)[1])
+    assert len(ledger.read_entries(trained.ledger_path, pub)) == 1  # the site: a crashed write's update never left
+    report = verify_ledger(trained.ledger_path, pub)
+    assert not report.ok and report.issues[0].line == 2 and "unfinished line" in report.issues[0].message
+
+
+@pytest.mark.parametrize(
+    ("tamper", "problem"),
+    [
+        ("duplicate-key", "canonical"),  # a planted "hash" key: json keeps the last, the runbook's grep finds the first
+        ("spaces", "canonical"),
+        ("crlf", "canonical"),
+        ("number-line", "a JSON int, not an object"),
+        ("string-line", "a JSON str, not an object"),
+        ("not-utf8", "not UTF-8"),
+        ("steps-as-text", "field 'steps'"),
+        ("round-as-text", "field 'round'"),
+        ("time-as-number", "field 'time'"),
+        ("sigma-null", "field 'noise_multiplier'"),
+        ("signature-number", "field 'signature'"),
+        ("nan-cap", "not a finite number"),
+        ("unknown-field", "unknown field"),
+    ],
+)
+def test_malformed_or_non_canonical_lines_are_reported_by_line_never_crash(trained: Site, tamper: str, problem: str, tmp_path: Path) -> None:
+    lines = trained.ledger_path.read_text().splitlines(keepends=True)
+    body = json.loads(lines[0])
+    canonical = lambda b: json.dumps(b, sort_keys=True, separators=(",", ":")) + "\n"  # noqa: E731
+    raw = {
+        "duplicate-key": '{"hash":"' + "f" * 64 + '",' + lines[0][1:],
+        "spaces": json.dumps(body, sort_keys=True) + "\n",
+        "crlf": lines[0].replace("\n", "\r\n"),
+        "number-line": "42\n",
+        "string-line": '"x"\n',
+        "not-utf8": None,
+        "steps-as-text": canonical(body | {"steps": str(body["steps"])}),
+        "round-as-text": canonical(body | {"round": "1"}),
+        "time-as-number": canonical(body | {"time": 12345}),
+        "sigma-null": canonical(body | {"noise_multiplier": None}),
+        "signature-number": canonical(body | {"signature": 5}),
+        "nan-cap": canonical(body | {"cap_run": float("nan")}),
+        "unknown-field": canonical(body | {"extra": 1}),
+    }[tamper]
+    if raw is None:
+        trained.ledger_path.write_bytes(lines[0].replace('"kind"', '"k\xff"').encode("latin-1") + "".join(lines[1:]).encode())
+    else:
+        _rewrite(trained, [raw, *lines[1:]])
+    pub = site_key_paths(trained.cfg.state_dir)[1]
+    result = runner.invoke(app, ["audit", "verify", str(trained.ledger_path), "--public-key", str(pub), "--json"])
+    assert result.exit_code == 1, result.output
+    issues = json.loads(result.output)[0]["issues"]
+    assert issues[0]["line"] == 1 and problem in issues[0]["problem"], issues
+    with pytest.raises(PolicyError, match="line 1"):  # the site refuses (code `ledger`) instead of crashing
+        budget_status(trained.cfg)
+
+
+def test_a_missing_public_key_file_does_not_switch_the_signature_check_off(trained: Site, tmp_path: Path) -> None:
+    lines = trained.ledger_path.read_text().splitlines(keepends=True)
+    mallory = signing.generate(tmp_path / "m.pem", tmp_path / "m.pub")
+    forged, prev = [], ledger.GENESIS
+    for line in lines:  # the whole chain rebuilt consistently, without the site's key
+        entry = ledger.LedgerEntry(**{k: v for k, v in json.loads(line).items() if k not in ("hash", "signature")} | {"noise_multiplier": 5.0, "prev_hash": prev})
+        forged.append(entry.to_line(mallory))
+        prev = entry.hash
+    _rewrite(trained, forged)
+    priv, pub = site_key_paths(trained.cfg.state_dir)
+    pub.unlink()
+    with pytest.raises(PolicyError, match="signature does not verify"):
+        budget_status(trained.cfg)  # checked with the private key's public half
+    with pytest.raises(PolicyError, match="signature does not verify"):
+        trained.plan(run_id="run-b", total_rounds=2)
+    priv.unlink()
+    with pytest.raises(PolicyError, match="signing key is missing"):
+        budget_status(trained.cfg)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_a_cap_must_be_a_positive_finite_epsilon(trained: Site, value: str) -> None:
+    with pytest.raises(PolicyError, match="positive, finite"):
+        change_caps(trained.cfg, cap_total=float(value), cap_run=None, note="x")
+    with pytest.raises(PolicyError, match="positive, finite"):
+        change_caps(trained.cfg, cap_total=None, cap_run=float(value), note="x")
+    assert len(ledger.read_entries(trained.ledger_path)) == 2  # nothing was written
 
 
 @pytest.mark.parametrize("tamper", ["edit", "delete-first", "reorder", "insert", "forge"])

@@ -125,3 +125,4 @@ def test_a_round_interrupted_after_training_is_refused_as_a_replay_on_resume(coh
         whole = SubsampledGaussian(mine[0].noise_multiplier, mine[0].sample_rate, sum(e.steps for e in mine))
         uninterrupted = epsilon([whole], delta=mine[0].delta, accountant=mine[0].accountant)
         assert mine[-1].epsilon_run == pytest.approx(uninterrupted, rel=1e-6)
+        assert summary["sites"][s]["epsilon"] == mine[-1].epsilon_run  # the replayed round's ε, reported with the refusal: not round 1's

@@ -47,6 +47,9 @@ def test_replayed_round_is_refused_and_not_charged_twice(site: Site) -> None:
     again = site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
     assert isinstance(again, Refusal) and again.code == "replay"
     assert len(ledger.read_entries(site.ledger_path)) == 1
+    (entry,) = ledger.read_entries(site.ledger_path)  # the replay reports what the round was charged, so a resumed run's summary is not short
+    assert again.metrics == {M.EPSILON_RUN: entry.epsilon_run, M.EPSILON_TOTAL: entry.epsilon_total, M.DELTA: entry.delta, M.NOISE_MULTIPLIER: entry.noise_multiplier}
+    assert again.ledger_head == entry.hash
 
 
 def test_round_beyond_the_runs_budget_is_refused_with_a_reason(site: Site) -> None:
@@ -87,6 +90,58 @@ def test_a_half_written_last_line_is_ignored_not_miscounted(site: Site) -> None:
     with site.ledger_path.open("a") as fh:
         fh.write('{"version": 1, "run_id": "r1", "rou')  # crash mid-write: no newline
     assert len(ledger.read_entries(site.ledger_path)) == 1
+
+
+def _with_k(site: Site, k: int) -> None:
+    site.cfg = replace(site.cfg, policy=replace(site.cfg.policy, min_patients_metric=1))
+    site.exp = replace(site.exp, federation=replace(site.exp.federation, min_patients_metric=k))
+
+
+def test_the_train_loss_leaves_only_when_it_covers_k_distinct_patients(site: Site) -> None:
+    """A plan of 1 patient a step and 1 step would make the train loss one patient's own loss on the global model."""
+    _with_k(site, 1)
+    result = site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
+    assert isinstance(result, TrainResult) and M.TRAIN_LOSS in result.metrics
+    _with_k(site, site.train_set.n_patients)  # training is allowed (n ≥ k), but one step of one patient covers fewer than k
+    site.exp = replace(site.exp, training=replace(site.exp.training, batch_patients=1, local_steps=1))
+    result = site.train(start_arrays(), run_id="r2", server_round=1, total_rounds=2)
+    assert isinstance(result, TrainResult) and M.TRAIN_LOSS not in result.metrics
+    assert M.NUM_PATIENTS in result.metrics and M.EPSILON_RUN in result.metrics  # the update and its accounting still go
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_step_stats_count_the_distinct_patients_the_loss_covers(site: Site, private: bool) -> None:
+    import torch
+
+    from client.dp_train import make_optimizer, train_dp, train_plain
+
+    data, t = site.train_set, site.exp.training
+    for rate, expected in ((1.0, data.n_patients), (1e-12, 0)):  # everyone every step; no one
+        model = build_model(site.exp)
+        kw = {"steps": 2, "sample_rate": rate, "max_sessions": t.max_sessions_per_patient, "optimizer": make_optimizer(model, name=t.optimizer, lr=t.learning_rate),
+              "generator": torch.Generator().manual_seed(0), "device": torch.device("cpu")}
+        stats = train_dp(model, data, noise_multiplier=1.0, max_grad_norm=1.0, **kw) if private else train_plain(model, data, **kw)
+        assert stats.patients == expected
+
+
+def test_evaluation_is_suppressed_when_a_class_comes_from_fewer_than_k_patients(site: Site) -> None:
+    """One relapsing patient among many: AUROC would rank that patient's own scores against the rest."""
+    labels, mask = site.eval_set.labels.clone(), site.eval_set.mask
+    labels[:] = 0.0
+    labels[0, mask[0]] = 1.0  # patient 0's sessions are the whole relapse class
+    site.eval_set = replace(site.eval_set, labels=labels)
+    _with_k(site, 2)
+    assert site.eval_set.n_patients >= 2
+    assert site.evaluate(start_arrays()) == {M.SUPPRESSED: 1.0, M.NUM_PATIENTS: 0.0}
+    _with_k(site, 1)
+    assert site.evaluate(start_arrays())[M.SUPPRESSED] == 0.0  # the same data with k = 1: released, so the class rule is what suppressed it
+
+
+def test_a_refusal_for_too_few_training_patients_does_not_send_the_count(site: Site) -> None:
+    _with_k(site, site.train_set.n_patients + 1)
+    refused = site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
+    assert isinstance(refused, Refusal) and refused.code == "no-data"
+    assert str(site.train_set.n_patients) not in refused.reason.replace(f"k={site.k}", "")
 
 
 def test_evaluation_metrics_are_suppressed_below_k_patients(site: Site) -> None:

@@ -5,8 +5,10 @@ it; ``policy`` entries record a DPO raising or lowering a cap. Each entry carrie
 of the previous one and the site key's signature over its own hash, so editing, deleting,
 inserting or reordering entries is detected, and nobody without the site key can forge one.
 A round's entry is written and fsync'd *before* the update leaves the site. A final line
-without its newline is a write that crashed before completing: the update it describes never
-left, so readers drop it (no under-count is possible).
+without its newline that is not a complete entry is a write that crashed before completing:
+the update it describes never left, so readers drop it, and ``fedrelapse audit verify``
+reports it (cutting a last entry short looks the same). A complete entry is counted whether or
+not its newline is there, and every line must be byte for byte the canonical JSON written here.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -95,22 +98,27 @@ def parse_numbered(path: Path, public_key: Ed25519PublicKey | None = None) -> tu
     """Like :func:`parse`, with each entry's line number in the file.
 
     Parsing continues past a problem so an auditor sees all of them; the chain is checked
-    against each entry's *stored* hash so one bad entry does not hide the next.
+    against each entry's *stored* hash so one bad entry does not hide the next. A line must be
+    exactly the canonical JSON this module writes (sorted keys, no spaces, ``\\n`` ends), with
+    every field of its declared type: the bytes are what the hash chain and the runbook's
+    head check stand on. A last line without its newline counts as an entry when it is a
+    complete one (an entry is never dropped because its newline is missing); otherwise it is
+    an unfinished write and is not counted (:func:`unfinished_tail` reports it).
     """
     if not path.exists():
         return [], []
     entries: list[tuple[int, LedgerEntry]] = []
     issues: list[Issue] = []
     prev = GENESIS
-    lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # the tail after the last newline is an unfinished write
-    for no, line in enumerate(lines, start=1):
-        try:
-            body = json.loads(line)
-            stored, signature = body.pop("hash"), body.pop("signature")
-            entry = LedgerEntry(**body)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            issues.append(Issue(no, f"not a valid ledger entry ({exc})"))
+    *lines, tail = path.read_bytes().split(b"\n")
+    if tail and isinstance(_parse_line(tail), tuple):
+        lines.append(tail)  # a complete entry whose newline is missing: counted
+    for no, raw in enumerate(lines, start=1):
+        parsed = _parse_line(raw)
+        if isinstance(parsed, str):
+            issues.append(Issue(no, parsed))
             continue
+        entry, stored, signature = parsed
         if entry.kind not in KINDS:
             issues.append(Issue(no, f"unknown entry kind {entry.kind!r}"))
         if entry_hash(asdict(entry)) != stored:
@@ -122,6 +130,57 @@ def parse_numbered(path: Path, public_key: Ed25519PublicKey | None = None) -> tu
         prev = stored
         entries.append((no, entry))
     return entries, issues
+
+
+def unfinished_tail(path: Path) -> tuple[int, int] | None:
+    """(line number, bytes) of a last line that has no newline and is not a complete entry, or None.
+
+    A crash while appending leaves one, and its update never left the site, so no reader
+    counts it; but cutting a file's last entry short looks the same, so an audit reports it.
+    """
+    if not path.exists():
+        return None
+    *lines, tail = path.read_bytes().split(b"\n")
+    if not tail or isinstance(_parse_line(tail), tuple):
+        return None
+    return len(lines) + 1, len(tail)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {}  # field -> the JSON types it may hold, from LedgerEntry's annotations
+for _f in fields(LedgerEntry):
+    _FIELD_TYPES[_f.name] = {"int": (int,), "str": (str,), "float": (int, float), "float | None": (int, float, type(None))}[str(_f.type)]
+
+
+def _parse_line(raw: bytes) -> tuple[LedgerEntry, str, str] | str:
+    """(entry, stored hash, signature) of one ledger line, or why it is not a valid entry."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not a valid ledger entry (not UTF-8 text: {exc.reason} at byte {exc.start})"
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"not a valid ledger entry (not JSON: {exc.msg} at column {exc.colno})"
+    if not isinstance(body, dict):
+        return f"not a valid ledger entry (a JSON {type(body).__name__}, not an object)"
+    for key in ("hash", "signature"):
+        if not isinstance(body.get(key), str):
+            return f"not a valid ledger entry (field {key!r} is missing or not a string)"
+    fields_ = {k: v for k, v in body.items() if k not in ("hash", "signature")}
+    unknown, missing = sorted(set(fields_) - set(_FIELD_TYPES)), sorted(k for k in _REQUIRED if k not in fields_)
+    if unknown or missing:
+        return f"not a valid ledger entry ({'unknown field(s) ' + ', '.join(map(repr, unknown)) if unknown else 'missing field(s) ' + ', '.join(map(repr, missing))})"
+    for key, value in fields_.items():
+        if isinstance(value, bool) or not isinstance(value, _FIELD_TYPES[key]):
+            return f"not a valid ledger entry (field {key!r} is {value!r}, not of its type)"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"not a valid ledger entry (field {key!r} is {value!r}, not a finite number)"
+    if json.dumps(body, sort_keys=True, separators=(",", ":")) != text:
+        return "the line is not the canonical form the site writes (key order, spacing, duplicate keys or line ends were changed): it was edited"
+    return LedgerEntry(**fields_), body["hash"], body["signature"]
+
+
+_REQUIRED = tuple(f.name for f in fields(LedgerEntry) if f.default is MISSING)
 
 
 def read_entries(path: Path, public_key: Ed25519PublicKey | None = None) -> list[LedgerEntry]:
@@ -153,14 +212,18 @@ def append(path: Path, entry: LedgerEntry, key: Ed25519PrivateKey) -> None:
     """Append one signed entry and fsync file and folder before returning. Call under :func:`locked`.
 
     A partial last line (a write that crashed) is cut off first, so it cannot glue itself to
-    the new entry; its update never left the site, so nothing is under-counted.
+    the new entry; its update never left the site, so nothing is under-counted. A complete
+    last entry without its newline gets the newline instead: readers count it.
     """
     if path.exists() and path.stat().st_size:
         with open(path, "r+b") as fh:
             fh.seek(-1, os.SEEK_END)
             if fh.read(1) != b"\n":  # rare: only after a crash, so reading the file is fine
                 data = path.read_bytes()
-                fh.truncate(data.rfind(b"\n") + 1)
+                if isinstance(_parse_line(data[data.rfind(b"\n") + 1 :]), tuple):
+                    fh.write(b"\n")  # a complete entry that lost only its newline: it is counted, so it stays
+                else:
+                    fh.truncate(data.rfind(b"\n") + 1)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(entry.to_line(key))
         fh.flush()
