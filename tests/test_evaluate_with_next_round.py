@@ -179,7 +179,8 @@ def test_a_site_that_refuses_to_train_still_sends_its_evaluation(tiny_cohort: Pa
     again = app(site_message("train"), ctx)  # round 1 again: the ledger refuses a replay
 
     assert again.content[P.SITE][P.REFUSAL_CODE] == "replay"
-    assert P.ARRAYS not in again.content and P.METRICS not in again.content
+    assert P.ARRAYS not in again.content
+    assert set(again.content[P.METRICS].keys()) == {M.EPSILON_RUN, M.EPSILON_TOTAL, M.DELTA, M.NOISE_MULTIPLIER}  # what the round was charged, nothing trained
     assert again.content[P.EVALUATION][M.SUPPRESSED] == 1.0
 
 
