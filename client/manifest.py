@@ -113,7 +113,9 @@ def _read_csv(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem
 
 def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem]]:
     records, problems, columns = [], [], set()
-    for i, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a JSONL line (str.splitlines would also split at U+2028, U+0085, ...
+    # inside a transcript); a "\r" before it is JSON whitespace and is tolerated.
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

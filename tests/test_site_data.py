@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,19 @@ def test_feature_cache_is_content_addressed_and_reused(site: Path) -> None:
     other_cfg = prepare_site(m, FeatureConfig(n_mels=40), site / "state")
     assert (first.cache_hits, second.cache_hits, other_cfg.cache_hits) == (0, 1, 0)
     np.testing.assert_array_equal(first.sessions[0].features.mel, second.sessions[0].features.mel)
+
+
+def jsonl_row(sid: str, **fields: object) -> str:
+    rec: dict[str, object] = {"patient_id": "p1", "session_id": sid, "recorded_at": "2026-03-01T09:00", "audio_path": "audio/good.wav", "transcript": "Hei.", "language": "nb", "label": 0}
+    return json.dumps(rec | fields, ensure_ascii=False)
+
+
+def test_jsonl_lines_are_split_only_at_newlines_so_unicode_separators_stay_in_the_transcript(site: Path) -> None:
+    m = site / "manifest.jsonl"
+    m.write_text(jsonl_row("s1", transcript="first\u2028second\x85third") + "\r\n" + jsonl_row("s2", label="maybe") + "\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert [r.transcript for r in man.rows] == ["first\u2028second\x85third"]
+    assert man.total_rows == 2
+    assert [(p.line, p.field) for p in man.problems if p.severity == "error"] == [(2, "label")]
