@@ -81,7 +81,7 @@ def read_manifest(path: str | Path) -> Manifest:
         ) from exc
     suffix = p.suffix.lower()
     if suffix == ".csv":
-        records, problems = _read_csv(text)
+        records, problems = _read_csv(text, p)
     elif suffix in (".jsonl", ".ndjson"):
         records, problems = _read_jsonl(text)
     else:
@@ -97,18 +97,87 @@ def read_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
-def _read_csv(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem]]:
-    reader = csv.DictReader(io.StringIO(text))
-    columns = reader.fieldnames or []
+# A CSV value (a transcript, say) may be this many characters long; the csv module's own
+# default, 131072, is smaller than a long transcript.
+MAX_VALUE_CHARS = 16 * 1024 * 1024
+_ONE_LINE_FIELDS = tuple(c for c in REQUIRED + OPTIONAL if c != "transcript")  # a line break in these means broken quoting
+_QUOTING = ' A value that holds a quote must be quoted as a whole, with the quote doubled ("say ""hi"""); remove or double the stray quote.'
+_REFUSED = " The whole manifest is refused, because no row after that point can be trusted; fix it, then run `fedrelapse site check` again."
+
+
+@dataclass(frozen=True)
+class _CsvRow:
+    first: int  # line of the file where the row starts
+    last: int  # line where it ends (after a quoted value over several lines); rows are reported here
+    values: list[str]
+
+
+def _read_csv(text: str, path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[Problem]]:
+    rows = _csv_rows(text, path)
+    if not rows:
+        return [], []
+    columns = rows[0].values
     problems = _column_problems(columns)
     if any(p.severity == "error" for p in problems):
         return [], problems
     records = []
-    for rec in reader:
-        records.append((reader.line_num, {k: (v or "").strip() for k, v in rec.items() if k is not None}))
-        if None in rec:
-            problems.append(Problem(reader.line_num, "row", "has more values than the header has columns; extra values ignored", "warning"))
+    for row in rows[1:]:
+        rec = {name: value.strip() for name, value in zip(columns, row.values, strict=False)}
+        _refuse_line_breaks(path, row, rec)
+        records.append((row.last, rec))
+        if len(row.values) > len(columns):
+            problems.append(Problem(row.last, "row", "has more values than the header has columns; extra values ignored", "warning"))
     return records, problems
+
+
+def _csv_rows(text: str, path: Path) -> list[_CsvRow]:
+    """Every non-blank CSV row with its lines; any csv.Error refuses the manifest (DataError)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # strict: a stray quote is an error, not a merged row
+    rows: list[_CsvRow] = []
+    last = 0
+    previous_limit = csv.field_size_limit(MAX_VALUE_CHARS)
+    try:
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return rows
+            except csv.Error as exc:
+                raise DataError(_csv_error(path, last + 1, reader.line_num, exc) + _REFUSED) from None
+            if values:
+                rows.append(_CsvRow(last + 1, reader.line_num, values))
+            last = reader.line_num
+    finally:
+        csv.field_size_limit(previous_limit)
+
+
+def _csv_error(path: Path, first: int, at: int, exc: csv.Error) -> str:
+    """What went wrong, in words, for the row that starts at line ``first`` (no row content: the
+    message may reach the coordinator when a training site refuses its manifest)."""
+    reason = str(exc)
+    if "unexpected end of data" in reason:
+        return f'Manifest {path}: the row at line {first} opens a quote (") that is never closed, so every later line would be read into that one value.' + _QUOTING
+    if "expected after" in reason:
+        if at == first:
+            return f'Manifest {path}: line {first} has text right after a closing quote (").' + _QUOTING
+        return f'Manifest {path}: the row at line {first} opens a quote (") that runs on to line {at}, where text follows the closing quote.' + _QUOTING
+    if "field larger than field limit" in reason:
+        return (
+            f"Manifest {path}: a value in the row at line {first} is longer than {MAX_VALUE_CHARS} characters"
+            f' (read up to line {at}). If that row opens a quote (") by mistake, fix it; a transcript'
+            " that long belongs in a file named by transcript_path."
+        )
+    return f"Manifest {path} cannot be read as CSV at line {at} (in the row starting at line {first}): {reason}."
+
+
+def _refuse_line_breaks(path: Path, row: _CsvRow, rec: dict[str, str]) -> None:
+    """A line break in a one-line field means a stray quote swallowed the following lines."""
+    broken = [c for c in _ONE_LINE_FIELDS if "\n" in rec.get(c, "") or "\r" in rec.get(c, "")]
+    if broken:
+        raise DataError(
+            f'Manifest {path}: the row at line {row.first} runs on to line {row.last}, because its {broken[0]} value holds a line break: a quote (")'
+            f" probably opened a value by mistake at line {row.first}, and lines {row.first + 1}-{row.last} were read into it." + _QUOTING + _REFUSED
+        )
 
 
 def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem]]:

@@ -156,3 +156,67 @@ def test_jsonl_lines_are_split_only_at_newlines_so_unicode_separators_stay_in_th
     assert [r.transcript for r in man.rows] == ["first\u2028second\x85third"]
     assert man.total_rows == 2
     assert [(p.line, p.field) for p in man.problems if p.severity == "error"] == [(2, "label")]
+
+
+def csv_lines(n: int) -> list[str]:
+    """A header and ``n`` good rows, as the lines of a CSV file (line k is ``lines[k - 1]``)."""
+    return [",".join(COLS)] + [f"p1,s{i},2026-03-01T09:30,audio/good.wav,good.txt,nb,0" for i in range(2, n + 2)]
+
+
+@pytest.mark.parametrize("later", [
+    "",  # the quote is never closed: the rest of the file would be one value
+    'p1,s9,2026-03-01T09:30,audio/good.wav,"good.txt",nb,0',  # a later quoted value meets it
+])
+def test_a_stray_quote_refuses_the_whole_manifest_naming_the_line_where_it_opens(site: Path, later: str) -> None:
+    lines = csv_lines(24)
+    lines[3] = 'p1,"s4,2026-03-01T09:30,audio/good.wav,good.txt,nb,0'
+    if later:
+        lines[8] = later
+    m = site / "manifest.csv"
+    m.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    with pytest.raises(DataError) as info:
+        read_manifest(m)
+
+    message = str(info.value)
+    assert "manifest.csv" in message and "line 4" in message and 'quote (")' in message
+    assert "refused" in message and "2026-03-01" not in message and "good.wav" not in message  # no row content
+
+
+def test_a_stray_quote_closed_on_a_later_line_refuses_the_manifest_instead_of_merging_rows(site: Path) -> None:
+    lines = csv_lines(24)
+    lines[3] = 'p1,"s4,2026-03-01T09:30,audio/good.wav,good.txt,nb,0'
+    lines[6] = 'p1,s7",2026-03-01T09:30,audio/good.wav,good.txt,nb,0'  # closes the quote opened on line 4
+    m = site / "manifest.csv"
+    m.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    with pytest.raises(DataError, match=r"line 4 .*line 7"):
+        read_manifest(m)
+
+
+def test_a_quoted_transcript_over_several_lines_is_one_value(site: Path) -> None:
+    m = site / "manifest.csv"
+    m.write_text("patient_id,session_id,recorded_at,audio_path,transcript,language\np1,s1,2026-03-01,audio/good.wav,\"Hei.\nHade.\",nb\np1,s2,2026-03-02,audio/good.wav,Ja.,nb\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert [(r.line, r.transcript) for r in man.rows] == [(3, "Hei.\nHade."), (4, "Ja.")]
+
+
+def test_a_csv_transcript_longer_than_128_kb_is_read(site: Path) -> None:
+    long_text = "ord " * 60_000  # 240 000 characters, over the csv module's default limit of 131 072
+    m = site / "manifest.csv"
+    m.write_text(f"patient_id,session_id,recorded_at,audio_path,transcript,language\np1,s1,2026-03-01,audio/good.wav,{long_text},nb\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert [len(r.transcript or "") for r in man.rows] == [len(long_text.strip())]
+
+
+def test_a_csv_value_over_the_limit_is_a_clear_error_naming_the_line(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("client.manifest.MAX_VALUE_CHARS", 1000)
+    m = site / "manifest.csv"
+    m.write_text(f"patient_id,session_id,recorded_at,audio_path,transcript,language\np1,s1,2026-03-01,audio/good.wav,Hei.,nb\np1,s2,2026-03-01,audio/good.wav,{'x' * 2000},nb\n", encoding="utf-8")
+
+    with pytest.raises(DataError, match=r"manifest\.csv.*line 3.*longer than 1000 characters"):
+        read_manifest(m)
