@@ -116,8 +116,8 @@ def _read_csv(text: str, path: Path) -> tuple[list[tuple[int, dict[str, str]]], 
     rows = _csv_rows(text, path)
     if not rows:
         return [], []
-    columns = rows[0].values
-    problems = _column_problems(columns)
+    columns = [name.strip() for name in rows[0].values]  # trimmed like values: "patient_id, session_id" is fine
+    problems = _header_problems(columns)
     if any(p.severity == "error" for p in problems):
         return [], problems
     records = []
@@ -128,6 +128,30 @@ def _read_csv(text: str, path: Path) -> tuple[list[tuple[int, dict[str, str]]], 
         if len(row.values) > len(columns):
             problems.append(Problem(row.last, "row", "has more values than the header has columns; extra values ignored", "warning"))
     return records, problems
+
+
+_SEPARATORS = {";": "';'", "\t": "a tab"}  # what spreadsheet exports use instead of ',' (Excel in a Norwegian locale: ';')
+
+
+def _header_problems(names: list[str]) -> list[Problem]:
+    """Problems of a CSV header, names already trimmed; any error means no row is read."""
+    column_problems = _column_problems(names)
+    named = _other_separator(names) if any(p.severity == "error" for p in column_problems) else None
+    if named:
+        return [Problem(1, "header", (
+            f"seems to use {named} between values, not ','; no row is read. Save it as comma-separated:"
+            " in Excel choose 'CSV UTF-8 (Comma delimited)' (its plain CSV export in a Norwegian or other"
+            " European locale uses ';')"
+        ))]
+    twice = sorted({n for n in names if n and names.count(n) > 1})
+    duplicates = [Problem(1, "header", f"column(s) {', '.join(twice)} appear more than once; no row is read. Keep one of each")] if twice else []
+    return duplicates + column_problems
+
+
+def _other_separator(names: list[str]) -> str | None:
+    """How the header seems to separate its values, when that is not ','."""
+    joined = ",".join(names)
+    return next((named for separator, named in _SEPARATORS.items() if joined.count(separator) > joined.count(",")), None)
 
 
 def _csv_rows(text: str, path: Path) -> list[_CsvRow]:

@@ -220,3 +220,36 @@ def test_a_csv_value_over_the_limit_is_a_clear_error_naming_the_line(site: Path,
 
     with pytest.raises(DataError, match=r"manifest\.csv.*line 3.*longer than 1000 characters"):
         read_manifest(m)
+
+
+def test_spaces_around_header_names_are_trimmed_like_values(site: Path) -> None:
+    m = site / "manifest.csv"
+    m.write_text("patient_id, session_id , recorded_at,audio_path, transcript_path,language,label\np1,s1,2026-03-01,audio/good.wav,good.txt,nb,0\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert [r.session_id for r in man.rows] == ["s1"] and man.rows[0].transcript
+    assert not man.problems
+
+
+@pytest.mark.parametrize(("sep", "named"), [(";", "';'"), ("\t", "a tab")])
+def test_a_semicolon_or_tab_separated_file_is_told_to_save_as_comma_separated(site: Path, sep: str, named: str) -> None:
+    m = site / "manifest.csv"
+    m.write_text("\ufeff" + sep.join(COLS) + "\n" + sep.join(["p1", "s1", "2026-03-01", "audio/good.wav", "good.txt", "nb", "0"]) + "\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert not man.rows
+    [problem] = [p for p in man.problems if p.severity == "error"]
+    assert (problem.line, problem.field) == (1, "header")
+    assert named in problem.message and "comma" in problem.message and "missing required" not in problem.message
+
+
+def test_a_column_named_twice_in_the_header_is_an_error(site: Path) -> None:
+    m = site / "manifest.csv"
+    m.write_text(",".join(COLS) + ", label\np1,s1,2026-03-01,audio/good.wav,good.txt,nb,0,1\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert not man.rows
+    assert any(p.field == "header" and "label" in p.message and "more than once" in p.message for p in man.problems)
