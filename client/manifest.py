@@ -66,27 +66,20 @@ class Manifest:
         return self.total_rows - len(self.rows)
 
 
+_READERS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
 def read_manifest(path: str | Path) -> Manifest:
     """Parse and validate ``path``; raise :class:`DataError` only if nothing can be read."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"Manifest {p} does not exist or is not a file; check the path (`manifest:` in site.yaml).")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"Manifest {p} is not UTF-8 (bad byte at line {line}); re-export it as UTF-8."
-        ) from exc
-    suffix = p.suffix.lower()
-    if suffix == ".csv":
-        records, problems = _read_csv(text, p)
-    elif suffix in (".jsonl", ".ndjson"):
-        records, problems = _read_jsonl(text)
-    else:
-        raise DataError(f"Manifest {p} must end in .csv or .jsonl, not {p.suffix!r}.")
+    kind = _READERS.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(f"Manifest {p} must end in .csv, .jsonl or .ndjson, not {p.suffix!r}; rename it after the format it holds (see docs/data-manifest.md).")
+    text = _manifest_text(p)
+    records, problems = _read_csv(text, p) if kind == "csv" else _read_jsonl(text)
     broken = sum(1 for pr in problems if pr.field == "row" and pr.severity == "error")
+    if not records and not broken and not any(pr.severity == "error" for pr in problems):
+        raise DataError(f"Manifest {p} has a header row but no session rows; add one row per recording session (see docs/data-manifest.md).")
     manifest = Manifest(path=p, problems=problems, total_rows=len(records) + broken)
     base = p.resolve().parent
     seen: dict[str, int] = {}
@@ -95,6 +88,26 @@ def read_manifest(path: str | Path) -> Manifest:
         if row is not None:
             manifest.rows.append(row)
     return manifest
+
+
+def _manifest_text(p: Path) -> str:
+    """The manifest's text (UTF-8, byte-order mark dropped); DataError if it is missing, unreadable or empty."""
+    if not p.is_file():
+        raise DataError(f"Manifest {p} does not exist or is not a file; check the path (`manifest:` in site.yaml).")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise DataError(f"Manifest {p} cannot be read ({exc.strerror}); let the user that runs fedrelapse read it.") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"Manifest {p} is not UTF-8 (bad byte at line {line}); re-export it as UTF-8."
+        ) from exc
+    if not text.strip():
+        raise DataError(f"Manifest {p} is empty; export the manifest again (see docs/data-manifest.md).")
+    return text
 
 
 # A CSV value (a transcript, say) may be this many characters long; the csv module's own

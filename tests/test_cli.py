@@ -65,3 +65,11 @@ def test_bench_idle_poll_refuses_a_wait_that_is_not_a_number_before_starting_any
     result = runner.invoke(app, ["bench", "idle-poll", "--out", str(tmp_path / "o"), "--polls", "flower,fast"])
     assert result.exit_code == 2 and "--polls must be comma-separated seconds or 'flower'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_site_check_of_a_header_only_manifest_says_it_has_no_rows(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,session_id,recorded_at,audio_path,transcript_path,language,label\n", encoding="utf-8")
+    result = runner.invoke(app, ["site", "check", "--manifest", str(manifest)])
+    assert result.exit_code == 3
+    assert "no session rows" in result.output and "Traceback" not in result.output

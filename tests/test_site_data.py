@@ -253,3 +253,27 @@ def test_a_column_named_twice_in_the_header_is_an_error(site: Path) -> None:
 
     assert not man.rows
     assert any(p.field == "header" and "label" in p.message and "more than once" in p.message for p in man.problems)
+
+
+@pytest.mark.parametrize(("name", "content"), [("manifest.csv", ""), ("manifest.csv", "\ufeff\n  \n"), ("manifest.jsonl", "\n\n")])
+def test_an_empty_manifest_is_refused_as_empty(site: Path, name: str, content: str) -> None:
+    m = site / name
+    m.write_text(content, encoding="utf-8")
+
+    with pytest.raises(DataError, match=r"manifest\.(csv|jsonl) is empty"):
+        read_manifest(m)
+
+
+def test_a_csv_with_only_a_header_is_refused_as_having_no_rows(site: Path) -> None:
+    m = write_manifest(site, [])
+
+    with pytest.raises(DataError, match=r"manifest\.csv has a header row but no session rows"):
+        read_manifest(m)
+
+
+def test_a_manifest_of_another_file_type_names_every_accepted_extension(site: Path) -> None:
+    m = site / "manifest.txt"
+    m.write_text(",".join(COLS) + "\n", encoding="utf-8")
+
+    with pytest.raises(DataError, match=r"\.csv, \.jsonl or \.ndjson"):
+        read_manifest(m)
