@@ -76,8 +76,7 @@ def read_manifest(path: str | Path) -> Manifest:
     if kind is None:
         raise DataError(f"Manifest {p} must end in .csv, .jsonl or .ndjson, not {p.suffix!r}; rename it after the format it holds (see docs/data-manifest.md).")
     text = _manifest_text(p)
-    records, problems = _read_csv(text, p) if kind == "csv" else _read_jsonl(text)
-    broken = sum(1 for pr in problems if pr.field == "row" and pr.severity == "error")
+    records, problems, broken = _read_csv(text, p) if kind == "csv" else _read_jsonl(text)  # broken: rows skipped before validation
     if not records and not broken and not any(pr.severity == "error" for pr in problems):
         raise DataError(f"Manifest {p} has a header row but no session rows; add one row per recording session (see docs/data-manifest.md).")
     manifest = Manifest(path=p, problems=problems, total_rows=len(records) + broken)
@@ -125,14 +124,14 @@ class _CsvRow:
     values: list[str]
 
 
-def _read_csv(text: str, path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[Problem]]:
+def _read_csv(text: str, path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[Problem], int]:
     rows = _csv_rows(text, path)
     if not rows:
-        return [], []
+        return [], [], 0
     columns = [name.strip() for name in rows[0].values]  # trimmed like values: "patient_id, session_id" is fine
     problems = _header_problems(columns)
     if any(p.severity == "error" for p in problems):
-        return [], problems
+        return [], problems, 0
     records = []
     for row in rows[1:]:
         rec = {name: value.strip() for name, value in zip(columns, row.values, strict=False)}
@@ -140,7 +139,7 @@ def _read_csv(text: str, path: Path) -> tuple[list[tuple[int, dict[str, str]]], 
         records.append((row.last, rec))
         if len(row.values) > len(columns):
             problems.append(Problem(row.last, "row", "has more values than the header has columns; extra values ignored", "warning"))
-    return records, problems
+    return records, problems, 0
 
 
 _SEPARATORS = {";": "';'", "\t": "a tab"}  # what spreadsheet exports use instead of ',' (Excel in a Norwegian locale: ';')
@@ -217,25 +216,90 @@ def _refuse_line_breaks(path: Path, row: _CsvRow, rec: dict[str, str]) -> None:
         )
 
 
-def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem]]:
-    records, problems, columns = [], [], set()
+def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem], int]:
+    records, problems, columns, skipped = [], [], set(), 0
     # Only "\n" ends a JSONL line (str.splitlines would also split at U+2028, U+0085, ...
     # inside a transcript); a "\r" before it is JSON whitespace and is tolerated.
     for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_JsonObject.from_pairs)
         except json.JSONDecodeError as exc:
             problems.append(Problem(i, "row", f"is not valid JSON ({exc.msg}); row skipped"))
+            skipped += 1
             continue
-        if not isinstance(obj, dict):
+        if not isinstance(obj, _JsonObject):
             problems.append(Problem(i, "row", "must be a JSON object; row skipped"))
+            skipped += 1
             continue
         columns |= set(obj)
-        records.append((i, {k: "" if v is None else str(v).strip() for k, v in obj.items()}))
+        rec, row_problems = _jsonl_record(i, obj)
+        problems += row_problems
+        if rec is None:
+            skipped += 1
+        else:
+            records.append((i, rec))
     problems += [p for p in _column_problems(sorted(columns)) if p.severity == "warning"]
-    return records, problems
+    return records, problems, skipped
+
+
+class _JsonObject(dict[str, object]):
+    """A JSON object that remembers which keys it was given more than once."""
+
+    repeated: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, object]]) -> _JsonObject:
+        obj = cls(pairs)
+        obj.repeated = tuple(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        return obj
+
+
+# JSON numbers accepted as the text they spell, per field (true/false never is): label and
+# relapse_onset are numbers in the docs, and a whole-number id is unambiguous.
+_NUMBERS = {"label": (int, float), "relapse_onset": (int, float), "patient_id": (int,), "session_id": (int,)}
+
+
+def _jsonl_record(line: int, obj: _JsonObject) -> tuple[dict[str, str] | None, list[Problem]]:
+    """The known fields of one JSONL object as text, or None and the errors that skip the row."""
+    errors = [Problem(line, k, "is given more than once in this JSON object; row skipped (keep one)") for k in obj.repeated]
+    rec: dict[str, str] = {}
+    for key, value in obj.items():
+        if key not in REQUIRED + OPTIONAL:
+            continue  # unknown keys are ignored (reported once as unknown columns)
+        text = _json_text(key, value)
+        if text is None:
+            errors.append(Problem(line, key, f"must be {_json_allowed(key)}, not {_json_kind(value)}; row skipped"))
+        else:
+            rec[key] = text
+    return (None, errors) if errors else (rec, [])
+
+
+def _json_text(key: str, value: object) -> str | None:
+    """``value`` as manifest text, or None when its JSON type is wrong for ``key``."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, _NUMBERS.get(key, ())) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _json_allowed(key: str) -> str:
+    numbers = _NUMBERS.get(key, ())
+    if float in numbers:
+        return "text or a number (1, 0)"
+    return "text or a whole number" if numbers else "text (a JSON string in quotes)"
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def _column_problems(columns: list[str]) -> list[Problem]:

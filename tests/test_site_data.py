@@ -277,3 +277,32 @@ def test_a_manifest_of_another_file_type_names_every_accepted_extension(site: Pa
 
     with pytest.raises(DataError, match=r"\.csv, \.jsonl or \.ndjson"):
         read_manifest(m)
+
+
+def test_jsonl_values_of_the_wrong_type_are_errors_of_their_field_not_stringified(site: Path) -> None:
+    m = site / "manifest.jsonl"
+    m.write_text("\n".join([
+        jsonl_row("s1", session_id={"x": 1}, label=True, audio_path=7, language=["nb"]),
+        jsonl_row("s2", patient_id=17, label=1, relapse_onset=0, ward={"any": "thing"}),
+    ]) + "\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert [(r.patient_id, r.session_id, r.label) for r in man.rows] == [("17", "s2", 1)]
+    assert man.total_rows == 2
+    errors = {(p.line, p.field): p.message for p in man.problems if p.severity == "error"}
+    assert set(errors) == {(1, "session_id"), (1, "label"), (1, "audio_path"), (1, "language")}
+    assert "not an object" in errors[(1, "session_id")] and "not true/false" in errors[(1, "label")]
+    assert "not a number" in errors[(1, "audio_path")] and "not a list" in errors[(1, "language")]
+    assert any("unknown column(s) ward" in p.message for p in man.problems)
+
+
+def test_a_key_repeated_in_one_jsonl_object_is_an_error(site: Path) -> None:
+    m = site / "manifest.jsonl"
+    m.write_text(jsonl_row("s1")[:-1] + ', "label": 1}\n' + jsonl_row("s2") + "\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert [r.session_id for r in man.rows] == ["s2"] and man.total_rows == 2
+    assert [(p.line, p.field) for p in man.problems if p.severity == "error"] == [(1, "label")]
+    assert "more than once" in man.problems[0].message
