@@ -12,6 +12,7 @@ import datetime as dt
 import io
 import json
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,8 +341,9 @@ def _validate_row(line: int, rec: dict[str, str], base: Path, problems: list[Pro
     if when.tzinfo is None and when != dt.datetime.min:
         when = when.replace(tzinfo=dt.UTC)
     audio = _inside(base, rec["audio_path"], "audio_path", line, errors)
-    if audio is not None and not audio.is_file():
-        err("audio_path", f"{rec['audio_path']!r} does not exist; row skipped")
+    unusable = _not_a_file(audio) if audio is not None else None
+    if unusable:
+        err("audio_path", f"{rec['audio_path']!r} {unusable}; row skipped")
     if not _BCP47.match(rec["language"]):
         err("language", f"{rec['language']!r} is not a BCP-47 tag such as 'nb' or 'en'; row skipped")
     label: int | None = None
@@ -383,11 +385,30 @@ def _transcript(rec: dict[str, str], base: Path, line: int, errors: list[Problem
         return None
     try:
         return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        problems.append(Problem(line, "transcript_path", f"{rel!r} does not exist; session kept without language markers", "warning"))
+    except OSError as exc:
+        problems.append(Problem(line, "transcript_path", f"{rel!r} {_why_unreadable(exc)}; session kept without language markers", "warning"))
     except UnicodeDecodeError as exc:
         problems.append(Problem(line, "transcript_path", f"{rel!r} is not UTF-8 (byte {exc.start}); session kept without language markers; re-save as UTF-8", "warning"))
     return None
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file (words to follow its name), or None if it can be."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return _why_unreadable(exc)
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def _why_unreadable(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return "does not exist"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder, not a file"
+    return f"cannot be read ({exc.strerror or exc})"
 
 
 def label_balance(rows: list[SessionRow]) -> Counter[str]:

@@ -306,3 +306,42 @@ def test_a_key_repeated_in_one_jsonl_object_is_an_error(site: Path) -> None:
     assert [r.session_id for r in man.rows] == ["s2"] and man.total_rows == 2
     assert [(p.line, p.field) for p in man.problems if p.severity == "error"] == [(1, "label")]
     assert "more than once" in man.problems[0].message
+
+
+def locked(monkeypatch: pytest.MonkeyPatch, method: str, name: str) -> None:
+    """Make ``Path.<method>`` of files called ``name`` fail as an unreadable file does (tests run as root)."""
+    real = getattr(Path, method)
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> object:
+        if self.name == name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, refuse)
+
+
+def test_a_transcript_path_that_is_a_folder_or_unreadable_keeps_the_session_with_a_warning(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (site / "transcripts").mkdir()
+    (site / "locked.txt").write_text("Hei.", encoding="utf-8")
+    locked(monkeypatch, "read_bytes", "locked.txt")
+    m = write_manifest(site, [row("s1", "audio/good.wav", "transcripts"), row("s2", "audio/good.wav", "locked.txt")])
+
+    man = read_manifest(m)
+
+    assert [(r.session_id, r.transcript) for r in man.rows] == [("s1", None), ("s2", None)]
+    warnings = {(p.line, p.field): p.message for p in man.problems if p.severity == "warning"}
+    assert "is a folder, not a file" in warnings[(2, "transcript_path")]
+    assert "cannot be read (Permission denied)" in warnings[(3, "transcript_path")]
+
+
+def test_an_audio_path_that_is_a_folder_or_unreadable_is_an_error_of_its_row(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_tone(site / "audio" / "locked.wav")
+    locked(monkeypatch, "stat", "locked.wav")
+    m = write_manifest(site, [row("s1", "audio/good.wav"), row("s2", "audio"), row("s3", "audio/locked.wav")])
+
+    man = read_manifest(m)
+
+    assert [r.session_id for r in man.rows] == ["s1"]
+    errors = {(p.line, p.field): p.message for p in man.problems if p.severity == "error"}
+    assert "is a folder, not a file" in errors[(3, "audio_path")]
+    assert "cannot be read (Permission denied)" in errors[(4, "audio_path")]
