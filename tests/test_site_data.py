@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from client.features import FeatureCache
 from client.manifest import read_manifest
 from client.prepare import prepare_site
 from shared.config import FeatureConfig
@@ -345,3 +347,52 @@ def test_an_audio_path_that_is_a_folder_or_unreadable_is_an_error_of_its_row(sit
     errors = {(p.line, p.field): p.message for p in man.problems if p.severity == "error"}
     assert "is a folder, not a file" in errors[(3, "audio_path")]
     assert "cannot be read (Permission denied)" in errors[(4, "audio_path")]
+
+
+def test_a_state_folder_that_is_a_file_is_one_error_about_the_state_folder_not_the_recordings(site: Path) -> None:
+    (site / "state-file").write_text("", encoding="utf-8")
+    m = write_manifest(site, [row("s1", "audio/good.wav", "good.txt"), row("s2", "audio/good.wav", "good.txt")])
+
+    with pytest.raises(DataError) as info:
+        prepare_site(m, FeatureConfig(), site / "state-file" / "features")
+
+    message = str(info.value)
+    assert "state folder" in message and "state-file is a file, not a folder" in message
+    assert "not a problem of the recordings" in message and "good.wav" not in message
+
+
+def test_a_full_disk_while_caching_features_is_a_state_folder_error_naming_no_recording(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(self: FeatureCache, digest: str, feats: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FeatureCache, "put", full)
+    m = write_manifest(site, [row("s1", "audio/good.wav", "good.txt")])
+
+    with pytest.raises(DataError, match=r"state folder.*the disk is full") as info:
+        prepare_site(m, FeatureConfig(), site / "state")
+
+    assert "good.wav" not in str(info.value)
+
+
+def test_an_unreadable_recording_is_still_an_error_of_its_row(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_tone(site / "audio" / "locked.wav")
+    locked(monkeypatch, "open", "locked.wav")
+    m = write_manifest(site, [row("s1", "audio/good.wav"), row("s2", "audio/locked.wav")])
+
+    usable, errors = problems_for(m)
+
+    assert usable == 1
+    assert errors == ["manifest.csv:3 [audio_path] locked.wav cannot be read (Permission denied); row skipped"]
+
+
+def test_a_cache_write_that_fails_halfway_leaves_no_temporary_file(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_fills(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("client.features.np.savez", disk_fills)
+    m = write_manifest(site, [row("s1", "audio/good.wav", "good.txt")])
+
+    with pytest.raises(DataError, match="the disk is full"):
+        prepare_site(m, FeatureConfig(), site / "state")
+
+    assert not [p for p in (site / "state").rglob("*") if p.is_file()]
