@@ -2,6 +2,9 @@
 
 Validation never stops at the first problem: every row is checked, each problem is kept
 with its line number and field, and rows with errors are skipped while the rest are used.
+Only a file that cannot be read or trusted as a whole (missing, empty, not UTF-8, no rows,
+broken CSV quoting) raises :class:`DataError`; its message names the file and line but
+never a row's content, because a training site passes it on to the coordinator.
 See ``docs/data-manifest.md`` for the schema.
 """
 
