@@ -174,6 +174,10 @@ class FeatureCache:
         p = self._path(digest)
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, mel=feats.mel, markers=feats.markers, seconds=np.float32(feats.seconds), rate=np.int32(feats.original_rate), notes=np.array(["\t".join(n) for n in feats.notes], dtype=str))
-        os.replace(tmp, p)  # atomic: readers see the old file or the whole new one
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, mel=feats.mel, markers=feats.markers, seconds=np.float32(feats.seconds), rate=np.int32(feats.original_rate), notes=np.array(["\t".join(n) for n in feats.notes], dtype=str))
+            os.replace(tmp, p)  # atomic: readers see the old file or the whole new one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # a full disk must not keep half-written entries
+            raise

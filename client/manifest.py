@@ -2,6 +2,9 @@
 
 Validation never stops at the first problem: every row is checked, each problem is kept
 with its line number and field, and rows with errors are skipped while the rest are used.
+Only a file that cannot be read or trusted as a whole (missing, empty, not UTF-8, no rows,
+broken CSV quoting) raises :class:`DataError`; its message names the file and line but
+never a row's content, because a training site passes it on to the coordinator.
 See ``docs/data-manifest.md`` for the schema.
 """
 
@@ -12,6 +15,7 @@ import datetime as dt
 import io
 import json
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,27 +70,19 @@ class Manifest:
         return self.total_rows - len(self.rows)
 
 
+_READERS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
 def read_manifest(path: str | Path) -> Manifest:
     """Parse and validate ``path``; raise :class:`DataError` only if nothing can be read."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"Manifest {p} does not exist or is not a file; check the path (`manifest:` in site.yaml).")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"Manifest {p} is not UTF-8 (bad byte at line {line}); re-export it as UTF-8."
-        ) from exc
-    suffix = p.suffix.lower()
-    if suffix == ".csv":
-        records, problems = _read_csv(text)
-    elif suffix in (".jsonl", ".ndjson"):
-        records, problems = _read_jsonl(text)
-    else:
-        raise DataError(f"Manifest {p} must end in .csv or .jsonl, not {p.suffix!r}.")
-    broken = sum(1 for pr in problems if pr.field == "row" and pr.severity == "error")
+    kind = _READERS.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(f"Manifest {p} must end in .csv, .jsonl or .ndjson, not {p.suffix!r}; rename it after the format it holds (see docs/data-manifest.md).")
+    text = _manifest_text(p)
+    records, problems, broken = _read_csv(text, p) if kind == "csv" else _read_jsonl(text)  # broken: rows skipped before validation
+    if not records and not broken and not any(pr.severity == "error" for pr in problems):
+        raise DataError(f"Manifest {p} has a header row but no session rows; add one row per recording session (see docs/data-manifest.md).")
     manifest = Manifest(path=p, problems=problems, total_rows=len(records) + broken)
     base = p.resolve().parent
     seen: dict[str, int] = {}
@@ -97,37 +93,217 @@ def read_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
-def _read_csv(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem]]:
-    reader = csv.DictReader(io.StringIO(text))
-    columns = reader.fieldnames or []
-    problems = _column_problems(columns)
+def _manifest_text(p: Path) -> str:
+    """The manifest's text (UTF-8, byte-order mark dropped); DataError if it is missing, unreadable or empty."""
+    if not p.is_file():
+        raise DataError(f"Manifest {p} does not exist or is not a file; check the path (`manifest:` in site.yaml).")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise DataError(f"Manifest {p} cannot be read ({exc.strerror}); let the user that runs fedrelapse read it.") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"Manifest {p} is not UTF-8 (bad byte at line {line}); re-export it as UTF-8."
+        ) from exc
+    if not text.strip():
+        raise DataError(f"Manifest {p} is empty; export the manifest again (see docs/data-manifest.md).")
+    return text
+
+
+# A CSV value (a transcript, say) may be this many characters long; the csv module's own
+# default, 131072, is smaller than a long transcript.
+MAX_VALUE_CHARS = 16 * 1024 * 1024
+_ONE_LINE_FIELDS = tuple(c for c in REQUIRED + OPTIONAL if c != "transcript")  # a line break in these means broken quoting
+_QUOTING = ' A value that holds a quote must be quoted as a whole, with the quote doubled ("say ""hi"""); remove or double the stray quote.'
+_REFUSED = " The whole manifest is refused, because no row after that point can be trusted; fix it, then run `fedrelapse site check` again."
+
+
+@dataclass(frozen=True)
+class _CsvRow:
+    first: int  # line of the file where the row starts
+    last: int  # line where it ends (after a quoted value over several lines); rows are reported here
+    values: list[str]
+
+
+def _read_csv(text: str, path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[Problem], int]:
+    rows = _csv_rows(text, path)
+    if not rows:
+        return [], [], 0
+    columns = [name.strip() for name in rows[0].values]  # trimmed like values: "patient_id, session_id" is fine
+    problems = _header_problems(columns)
     if any(p.severity == "error" for p in problems):
-        return [], problems
+        return [], problems, 0
     records = []
-    for rec in reader:
-        records.append((reader.line_num, {k: (v or "").strip() for k, v in rec.items() if k is not None}))
-        if None in rec:
-            problems.append(Problem(reader.line_num, "row", "has more values than the header has columns; extra values ignored", "warning"))
-    return records, problems
+    for row in rows[1:]:
+        rec = {name: value.strip() for name, value in zip(columns, row.values, strict=False)}
+        _refuse_line_breaks(path, row, rec)
+        records.append((row.last, rec))
+        if len(row.values) > len(columns):
+            problems.append(Problem(row.last, "row", "has more values than the header has columns; extra values ignored", "warning"))
+    return records, problems, 0
 
 
-def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem]]:
-    records, problems, columns = [], [], set()
-    for i, line in enumerate(text.splitlines(), start=1):
+_SEPARATORS = {";": "';'", "\t": "a tab"}  # what spreadsheet exports use instead of ',' (Excel in a Norwegian locale: ';')
+
+
+def _header_problems(names: list[str]) -> list[Problem]:
+    """Problems of a CSV header, names already trimmed; any error means no row is read."""
+    column_problems = _column_problems(names)
+    named = _other_separator(names) if any(p.severity == "error" for p in column_problems) else None
+    if named:
+        return [Problem(1, "header", (
+            f"seems to use {named} between values, not ','; no row is read. Save it as comma-separated:"
+            " in Excel choose 'CSV UTF-8 (Comma delimited)' (its plain CSV export in a Norwegian or other"
+            " European locale uses ';')"
+        ))]
+    twice = sorted({n for n in names if n and names.count(n) > 1})
+    duplicates = [Problem(1, "header", f"column(s) {', '.join(twice)} appear more than once; no row is read. Keep one of each")] if twice else []
+    return duplicates + column_problems
+
+
+def _other_separator(names: list[str]) -> str | None:
+    """How the header seems to separate its values, when that is not ','."""
+    joined = ",".join(names)
+    return next((named for separator, named in _SEPARATORS.items() if joined.count(separator) > joined.count(",")), None)
+
+
+def _csv_rows(text: str, path: Path) -> list[_CsvRow]:
+    """Every non-blank CSV row with its lines; any csv.Error refuses the manifest (DataError)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # strict: a stray quote is an error, not a merged row
+    rows: list[_CsvRow] = []
+    last = 0
+    previous_limit = csv.field_size_limit(MAX_VALUE_CHARS)
+    try:
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return rows
+            except csv.Error as exc:
+                raise DataError(_csv_error(path, last + 1, reader.line_num, exc) + _REFUSED) from None
+            if values:
+                rows.append(_CsvRow(last + 1, reader.line_num, values))
+            last = reader.line_num
+    finally:
+        csv.field_size_limit(previous_limit)
+
+
+def _csv_error(path: Path, first: int, at: int, exc: csv.Error) -> str:
+    """What went wrong, in words, for the row that starts at line ``first`` (no row content: the
+    message may reach the coordinator when a training site refuses its manifest)."""
+    reason = str(exc)
+    if "unexpected end of data" in reason:
+        return f'Manifest {path}: the row at line {first} opens a quote (") that is never closed, so every later line would be read into that one value.' + _QUOTING
+    if "expected after" in reason:
+        if at == first:
+            return f'Manifest {path}: line {first} has text right after a closing quote (").' + _QUOTING
+        return f'Manifest {path}: the row at line {first} opens a quote (") that runs on to line {at}, where text follows the closing quote.' + _QUOTING
+    if "field larger than field limit" in reason:
+        return (
+            f"Manifest {path}: a value in the row at line {first} is longer than {MAX_VALUE_CHARS} characters"
+            f' (read up to line {at}). If that row opens a quote (") by mistake, fix it; a transcript'
+            " that long belongs in a file named by transcript_path."
+        )
+    return f"Manifest {path} cannot be read as CSV at line {at} (in the row starting at line {first}): {reason}."
+
+
+def _refuse_line_breaks(path: Path, row: _CsvRow, rec: dict[str, str]) -> None:
+    """A line break in a one-line field means a stray quote swallowed the following lines."""
+    broken = [c for c in _ONE_LINE_FIELDS if "\n" in rec.get(c, "") or "\r" in rec.get(c, "")]
+    if broken:
+        raise DataError(
+            f'Manifest {path}: the row at line {row.first} runs on to line {row.last}, because its {broken[0]} value holds a line break: a quote (")'
+            f" probably opened a value by mistake at line {row.first}, and lines {row.first + 1}-{row.last} were read into it." + _QUOTING + _REFUSED
+        )
+
+
+def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem], int]:
+    records, problems, columns, skipped = [], [], set(), 0
+    # Only "\n" ends a JSONL line (str.splitlines would also split at U+2028, U+0085, ...
+    # inside a transcript); a "\r" before it is JSON whitespace and is tolerated.
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_JsonObject.from_pairs)
         except json.JSONDecodeError as exc:
             problems.append(Problem(i, "row", f"is not valid JSON ({exc.msg}); row skipped"))
+            skipped += 1
             continue
-        if not isinstance(obj, dict):
+        if not isinstance(obj, _JsonObject):
             problems.append(Problem(i, "row", "must be a JSON object; row skipped"))
+            skipped += 1
             continue
         columns |= set(obj)
-        records.append((i, {k: "" if v is None else str(v).strip() for k, v in obj.items()}))
+        rec, row_problems = _jsonl_record(i, obj)
+        problems += row_problems
+        if rec is None:
+            skipped += 1
+        else:
+            records.append((i, rec))
     problems += [p for p in _column_problems(sorted(columns)) if p.severity == "warning"]
-    return records, problems
+    return records, problems, skipped
+
+
+class _JsonObject(dict[str, object]):
+    """A JSON object that remembers which keys it was given more than once."""
+
+    repeated: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, object]]) -> _JsonObject:
+        obj = cls(pairs)
+        obj.repeated = tuple(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        return obj
+
+
+# JSON numbers accepted as the text they spell, per field (true/false never is): label and
+# relapse_onset are numbers in the docs, and a whole-number id is unambiguous.
+_NUMBERS = {"label": (int, float), "relapse_onset": (int, float), "patient_id": (int,), "session_id": (int,)}
+
+
+def _jsonl_record(line: int, obj: _JsonObject) -> tuple[dict[str, str] | None, list[Problem]]:
+    """The known fields of one JSONL object as text, or None and the errors that skip the row."""
+    errors = [Problem(line, k, "is given more than once in this JSON object; row skipped (keep one)") for k in obj.repeated]
+    rec: dict[str, str] = {}
+    for key, value in obj.items():
+        if key not in REQUIRED + OPTIONAL:
+            continue  # unknown keys are ignored (reported once as unknown columns)
+        text = _json_text(key, value)
+        if text is None:
+            errors.append(Problem(line, key, f"must be {_json_allowed(key)}, not {_json_kind(value)}; row skipped"))
+        else:
+            rec[key] = text
+    return (None, errors) if errors else (rec, [])
+
+
+def _json_text(key: str, value: object) -> str | None:
+    """``value`` as manifest text, or None when its JSON type is wrong for ``key``."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, _NUMBERS.get(key, ())) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _json_allowed(key: str) -> str:
+    numbers = _NUMBERS.get(key, ())
+    if float in numbers:
+        return "text or a number (1, 0)"
+    return "text or a whole number" if numbers else "text (a JSON string in quotes)"
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def _column_problems(columns: list[str]) -> list[Problem]:
@@ -168,8 +344,9 @@ def _validate_row(line: int, rec: dict[str, str], base: Path, problems: list[Pro
     if when.tzinfo is None and when != dt.datetime.min:
         when = when.replace(tzinfo=dt.UTC)
     audio = _inside(base, rec["audio_path"], "audio_path", line, errors)
-    if audio is not None and not audio.is_file():
-        err("audio_path", f"{rec['audio_path']!r} does not exist; row skipped")
+    unusable = _not_a_file(audio) if audio is not None else None
+    if unusable:
+        err("audio_path", f"{rec['audio_path']!r} {unusable}; row skipped")
     if not _BCP47.match(rec["language"]):
         err("language", f"{rec['language']!r} is not a BCP-47 tag such as 'nb' or 'en'; row skipped")
     label: int | None = None
@@ -211,11 +388,30 @@ def _transcript(rec: dict[str, str], base: Path, line: int, errors: list[Problem
         return None
     try:
         return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        problems.append(Problem(line, "transcript_path", f"{rel!r} does not exist; session kept without language markers", "warning"))
+    except OSError as exc:
+        problems.append(Problem(line, "transcript_path", f"{rel!r} {_why_unreadable(exc)}; session kept without language markers", "warning"))
     except UnicodeDecodeError as exc:
         problems.append(Problem(line, "transcript_path", f"{rel!r} is not UTF-8 (byte {exc.start}); session kept without language markers; re-save as UTF-8", "warning"))
     return None
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file (words to follow its name), or None if it can be."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return _why_unreadable(exc)
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def _why_unreadable(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return "does not exist"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder, not a file"
+    return f"cannot be read ({exc.strerror or exc})"
 
 
 def label_balance(rows: list[SessionRow]) -> Counter[str]:

@@ -6,10 +6,14 @@ manifest line and skipped. Features go through the content-addressed cache.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
+import os
+import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from client.language import language_markers
 from client.manifest import Manifest, Problem, SessionRow, label_balance, read_manifest
 from client.speech import SAMPLE_RATE, speech_embeddings
 from shared.config import FeatureConfig, LanguageConfig, SpeechConfig
+from shared.errors import DataError
 from shared.markers import ACOUSTIC_MARKERS, N_LANGUAGE
 
 
@@ -97,35 +102,105 @@ def prepare_site(
     ``speech``, each recording's frozen-encoder embedding (cached; decoded again only on a miss)."""
     manifest = read_manifest(manifest_path)
     data = SiteData(manifest=manifest, problems=list(manifest.problems))
-    cache = FeatureCache(cache_root, cfg)
+    cache = _feature_cache(cache_root, cfg)
     total = len(manifest.rows)
     for i, row in enumerate(manifest.rows):
-        try:
-            digest = FeatureCache.audio_hash(row.audio_path)
-            feats = cache.get(digest)
-            if feats is None:
-                decoded = decode(row.audio_path, target_rate=cfg.sample_rate, min_seconds=cfg.min_seconds)
-                feats = extract(decoded, cfg)
-                cache.put(digest, feats)
-            else:
-                data.cache_hits += 1
-            rate = feats.original_rate
-            for severity, note in feats.notes:
-                data.problems.append(Problem(row.line, "audio_path", note, severity))
-        except AudioProblem as exc:
-            data.problems.append(Problem(row.line, "audio_path", f"{row.audio_path.name} {exc}; row skipped"))
-        except OSError as exc:
-            data.problems.append(Problem(row.line, "audio_path", f"{row.audio_path.name} cannot be read ({exc.strerror}); row skipped"))
-        else:
-            data.sessions.append(PreparedSession(row, feats, digest, rate))
+        session = _prepare_recording(row, cfg, cache, cache_root, data)
+        if session is not None:
+            data.sessions.append(session)
         if progress:
             progress(i + 1, total)
-    if language is not None and data.sessions:
-        add_language_markers(data, language, cache_root)
-    if speech is not None and speech.enabled and data.sessions:
-        add_speech_embeddings(data, speech, cache_root, min_seconds=cfg.min_seconds)
+    with _state_folder(cache_root, every_error=False):  # language and speech caches live there too
+        if language is not None and data.sessions:
+            add_language_markers(data, language, cache_root)
+        if speech is not None and speech.enabled and data.sessions:
+            add_speech_embeddings(data, speech, cache_root, min_seconds=cfg.min_seconds)
     data.problems.sort(key=lambda p: (p.line or 0, p.field))
     return data
+
+
+def _prepare_recording(row: SessionRow, cfg: FeatureConfig, cache: FeatureCache, cache_root: Path, data: SiteData) -> PreparedSession | None:
+    """One row's features (from the cache, or decoded and cached), or None with its problem in ``data``.
+
+    Only reading the recording is blamed on the row; a failure to write the cache is the state
+    folder's and raises :class:`DataError` (see :func:`_state_folder`)."""
+    try:
+        digest = FeatureCache.audio_hash(row.audio_path)
+        feats = cache.get(digest)
+        cached = feats is not None
+        if feats is None:
+            feats = extract(decode(row.audio_path, target_rate=cfg.sample_rate, min_seconds=cfg.min_seconds), cfg)
+    except AudioProblem as exc:
+        data.problems.append(Problem(row.line, "audio_path", f"{row.audio_path.name} {exc}; row skipped"))
+        return None
+    except OSError as exc:
+        data.problems.append(Problem(row.line, "audio_path", f"{row.audio_path.name} cannot be read ({exc.strerror}); row skipped"))
+        return None
+    if cached:
+        data.cache_hits += 1
+    else:
+        with _state_folder(cache_root, every_error=True):
+            cache.put(digest, feats)
+    for severity, note in feats.notes:
+        data.problems.append(Problem(row.line, "audio_path", note, severity))
+    return PreparedSession(row, feats, digest, feats.original_rate)
+
+
+def _feature_cache(cache_root: Path, cfg: FeatureConfig) -> FeatureCache:
+    """The feature cache, once its folder exists and takes a file (so a bad state folder fails
+    before any recording is decoded, and is never blamed on one)."""
+    cache = FeatureCache(cache_root, cfg)
+    with _state_folder(cache_root, every_error=True):
+        cache.dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache.dir):
+            pass
+    return cache
+
+
+_FULL, _DENIED = {errno.ENOSPC, errno.EDQUOT}, {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+@contextlib.contextmanager
+def _state_folder(cache_root: Path, *, every_error: bool) -> Iterator[None]:
+    """Turn an OSError of the caches under ``cache_root`` into one DataError about the state folder.
+
+    With ``every_error`` false only errors that name a file under ``cache_root`` or say the disk
+    is full count as the state folder's; others (a missing model file, say) pass through."""
+    try:
+        yield
+    except OSError as exc:
+        if every_error or exc.errno in _FULL or _is_under(exc.filename, cache_root):
+            raise _state_folder_error(cache_root, exc) from None
+        raise
+
+
+def _state_folder_error(cache_root: Path, exc: OSError) -> DataError:
+    """One sentence about the state folder; it names no recording (it may reach the coordinator)."""
+    blocker = _file_in_the_way(cache_root)
+    if blocker is not None:
+        why = f"{blocker} is a file, not a folder"
+    elif exc.errno in _FULL:
+        why = "the disk is full"
+    elif exc.errno in _DENIED:
+        why = f"this user may not write there: {exc.strerror}"
+    else:
+        why = exc.strerror or str(exc)
+    return DataError(
+        f"The site's state folder cannot hold the feature cache {cache_root} ({why}). This is not a problem"
+        " of the recordings: point state_dir in site.yaml (or --state-dir of `fedrelapse site check`) at a"
+        " writable folder with free space, or fix this one, then try again."
+    )
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path`` and its parents that exists but is not a folder, if any."""
+    return next((p for p in [*reversed(path.parents), path] if p.exists() and not p.is_dir()), None)
+
+
+def _is_under(filename: object, folder: Path) -> bool:
+    if not isinstance(filename, str | os.PathLike):
+        return False
+    return Path(filename).resolve().is_relative_to(folder.resolve())
 
 
 _DURATION, _SPEECH_RATIO = ACOUSTIC_MARKERS.index("duration_s"), ACOUSTIC_MARKERS.index("speech_ratio")

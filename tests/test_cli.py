@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from server.cli import app
+from tests.conftest import write_tone
 
 runner = CliRunner()
 
@@ -65,3 +66,23 @@ def test_bench_idle_poll_refuses_a_wait_that_is_not_a_number_before_starting_any
     result = runner.invoke(app, ["bench", "idle-poll", "--out", str(tmp_path / "o"), "--polls", "flower,fast"])
     assert result.exit_code == 2 and "--polls must be comma-separated seconds or 'flower'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_site_check_of_a_header_only_manifest_says_it_has_no_rows(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,session_id,recorded_at,audio_path,transcript_path,language,label\n", encoding="utf-8")
+    result = runner.invoke(app, ["site", "check", "--manifest", str(manifest)])
+    assert result.exit_code == 3
+    assert "no session rows" in result.output and "Traceback" not in result.output
+
+
+def test_site_check_with_a_state_dir_that_is_a_file_blames_the_state_folder_not_the_recordings(tmp_path: Path) -> None:
+    (tmp_path / "audio").mkdir()
+    write_tone(tmp_path / "audio" / "a.wav")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,session_id,recorded_at,audio_path,language\np1,s1,2026-03-01,audio/a.wav,nb\np1,s2,2026-03-02,audio/a.wav,nb\n", encoding="utf-8")
+    (tmp_path / "afile").write_text("", encoding="utf-8")
+    result = runner.invoke(app, ["site", "check", "--manifest", str(manifest), "--state-dir", str(tmp_path / "afile")])
+    assert result.exit_code == 3
+    assert "state folder" in result.output and "afile is a file, not a folder" in result.output
+    assert "cannot be read" not in result.output and "Traceback" not in result.output
