@@ -24,16 +24,19 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app.error import Error
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
 from client import site as site_module
 from client.approval import is_approved
 from client.site import Refusal, Site, TrainResult
+from client.site_errors import withheld, without_paths
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared import secure_records, signing
@@ -117,7 +120,7 @@ def _reply(
         info[P.LEDGER_HEAD] = ledger_head
     if refusal is not None:
         info[P.REFUSAL_CODE] = refusal.code
-        info[P.REFUSAL_REASON] = refusal.reason
+        info[P.REFUSAL_REASON] = without_paths(refusal.reason)
     content[P.SITE] = info
     if arrays is not None:
         content[P.ARRAYS] = arrays
@@ -240,11 +243,20 @@ def parse_plan(plan_yaml: str) -> ExperimentConfig:
 
 
 def _plan(site_cfg: SiteConfig, req: Request) -> tuple[ExperimentConfig, Site] | Refusal:
+    """The plan and this site's data for it; an ``invalid`` refusal if either cannot be used.
+
+    A problem with the coordinator's plan is sent as it is (it is the coordinator's own text);
+    a problem with the site's data (its manifest, recordings, paths) is logged here and only
+    its class and a log reference are sent: its message may name patients or local files.
+    """
     try:
         exp = parse_plan(req.plan_yaml)
-        return exp, _site(site_cfg, exp)
     except FedrelapseError as exc:
         return Refusal("invalid", f"Site {site_cfg.name}: {exc}")
+    try:
+        return exp, _site(site_cfg, exp)
+    except FedrelapseError as exc:
+        return Refusal("invalid", withheld(exc, site=site_cfg.name, doing="loading its data for this plan") + " `fedrelapse site check` shows the problem too.")
 
 
 def _check(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, secure: bool, needs_round: bool) -> Refusal | tuple[Request, Site]:
@@ -280,7 +292,7 @@ def check_model_signature(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request,
     try:
         key = signing.load_public(site_cfg.coordinator_public_key)
     except FedrelapseError as exc:
-        return Refusal("signature", f"Site {site_cfg.name}: {exc}")
+        return Refusal("signature", withheld(exc, site=site_cfg.name, doing="reading its coordinator_public_key (site.yaml) to verify the global model"))
     signature = cfg.get(P.MODEL_SIGNATURE, "")
     if not isinstance(signature, str) or not signature:
         return Refusal("signature", f"Site {site_cfg.name} refuses an unsigned global model.")
@@ -374,8 +386,8 @@ def _train(site_name: str, site: Site, req: Request, faults: FaultPlan | None) -
     started = time.perf_counter()
     try:
         return site.train(req.arrays, run_id=req.run_id, server_round=req.server_round, total_rounds=req.total_rounds), started
-    except PolicyError as exc:  # e.g. a ledger that fails its integrity check
-        return Refusal("ledger", str(exc)), started
+    except PolicyError as exc:  # e.g. a ledger that fails its integrity check (its message names the ledger's path)
+        return Refusal("ledger", withheld(exc, site=site_name, doing="checking its privacy ledger before training")), started
 
 
 def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], faults: FaultPlan | None) -> Message:
@@ -395,7 +407,7 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
 
     def refuse(refusal: Refusal, evaluation: dict[str, float] | None = None) -> Message:
         log.warning("site=%s refused secure round %s: %s", site_cfg.name, cfg.get(P.SERVER_ROUND), refusal.code)
-        report = secure_records.encode(site_name=site_cfg.name, metrics=None, refusal_code=refusal.code, refusal_reason=refusal.reason, evaluation=evaluation)
+        report = secure_records.encode(site_name=site_cfg.name, metrics=None, refusal_code=refusal.code, refusal_reason=without_paths(refusal.reason), evaluation=evaluation)
         return _fitres(msg, zeros, 0, report)
 
     req = request_from(cfg, OrderedDict(), site_cfg.name, needs_round=True)
@@ -425,13 +437,28 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     return _fitres(msg, update, int(weight), report)
 
 
+def _site_name_of(context: Context, sim_sites: tuple[str, ...]) -> str:
+    """This node's site name for an error reply, or "this site" if its site.yaml cannot be read."""
+    try:
+        return site_config(site_config_path(context, sim_sites)).name
+    except Exception:  # noqa: BLE001 - the reply must go out whatever is wrong with site.yaml
+        return "this site"
+
+
 class _PicklesAsItsBuild(ClientApp):
-    """A ClientApp that pickles as the arguments that built it.
+    """The site's ClientApp: it pickles as the arguments that built it, and no exception's text leaves it.
 
     Flower's Simulation Engine sends the ClientApp to a Ray actor with every message, pickled
     by value (its handlers are closures): about 1 ms per message each way, and the actor
     unpickled a new app each time. Pickled as its build arguments, the actor builds it from
     this module instead, once per process (:func:`_rebuilt_client_app`).
+
+    Flower answers a ClientApp that raises with an error reply holding ``str(exception)``,
+    which can name a patient or a local path (an ``IsADirectoryError`` on a transcript did).
+    This app answers an unexpected exception itself: the full error is logged at the site
+    under a reference and the error reply names only the exception's class and that
+    reference (:func:`client.site_errors.withheld`). A test fault (InjectedCrash) is raised
+    as it is: its text is the test's.
     """
 
     def __init__(self, build_args: tuple[tuple[str, ...], FaultPlan | None, tuple[Mod, ...]], *, mods: list[Mod]) -> None:
@@ -440,6 +467,16 @@ class _PicklesAsItsBuild(ClientApp):
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return _rebuilt_client_app, self._build_args
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        try:
+            return super().__call__(message, context)
+        except InjectedCrash:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, without its text
+            site = _site_name_of(context, self._build_args[0])
+            reason = withheld(exc, site=site, doing=f"its ClientApp, handling a {message.metadata.message_type} message,")
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
 def _rebuilt_client_app(sim_sites: tuple[str, ...], faults: FaultPlan | None, inner_mods: tuple[Mod, ...]) -> ClientApp:
@@ -508,7 +545,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         try:
             out = site.plan(run_id=req.run_id, total_rounds=req.total_rounds)
         except PolicyError as exc:
-            return _reply(msg, site_cfg.name, refusal=Refusal("ledger", str(exc)))
+            return _reply(msg, site_cfg.name, refusal=Refusal("ledger", withheld(exc, site=site_cfg.name, doing="checking its privacy ledger for the pre-flight query")))
         metrics = {M.EPSILON_RUN: float(out["epsilon_run"]), M.EPSILON_REMAINING: float(out["epsilon_remaining"]), M.NOISE_MULTIPLIER: float(out["noise_multiplier"]), M.DELTA: float(out["delta"])}
         refusal = Refusal(str(out["code"]), str(out["reason"])) if out["code"] != "ok" else None
         return _reply(msg, site_cfg.name, metrics=metrics, refusal=refusal)
