@@ -25,8 +25,15 @@ from shared.errors import FedrelapseError
 if TYPE_CHECKING:
     from server.node_registry import NodeRegistry
 
-app = typer.Typer(help="fedrelapse: federated, differentially private speech relapse models.", no_args_is_help=True, add_completion=False)
-site_app = typer.Typer(help="Hospital IT and DPO: check data, keys, privacy budget.", no_args_is_help=True)
+
+def _typer(**kwargs: Any) -> typer.Typer:
+    """A command group whose crash report never prints local variables: on an unexpected error
+    typer would otherwise show every frame's locals (manifest rows, transcripts, keys)."""
+    return typer.Typer(pretty_exceptions_show_locals=False, **kwargs)
+
+
+app = _typer(help="fedrelapse: federated, differentially private speech relapse models.", no_args_is_help=True, add_completion=False)
+site_app = _typer(help="Hospital IT and DPO: check data, keys, privacy budget.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
 console = Console()
 err_console = Console(stderr=True)  # progress bars: stdout stays clean for --json
@@ -226,7 +233,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     console.print(f"run folder: [bold]{out.resolve()}[/bold]")
 
 
-bench_app = typer.Typer(help="Researcher: benchmarks (ratios in one run; results for BENCHMARKS.md).", no_args_is_help=True)
+bench_app = _typer(help="Researcher: benchmarks (ratios in one run; results for BENCHMARKS.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 
@@ -657,7 +664,7 @@ def site_check(
         raise typer.Exit(3)
 
 
-audit_app = typer.Typer(help="DPO: verify ledgers offline, independently of the site's software; attack a simulated site.", no_args_is_help=True)
+audit_app = _typer(help="DPO: verify ledgers offline, independently of the site's software; attack a simulated site.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 
 
@@ -799,7 +806,7 @@ def audit_report(
         raise typer.Exit(1)
 
 
-server_app = typer.Typer(help="Coordinator admin: run the SuperLink.", no_args_is_help=True)
+server_app = _typer(help="Coordinator admin: run the SuperLink.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
 
 
@@ -942,7 +949,7 @@ def site_start(
     os.execve(argv[0], argv, env)
 
 
-keys_app = typer.Typer(help="Coordinator admin: consortium CA, TLS certificate, model-signing and site node keys.", no_args_is_help=True)
+keys_app = _typer(help="Coordinator admin: consortium CA, TLS certificate, model-signing and site node keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
 

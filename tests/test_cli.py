@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from server.cli import app
@@ -65,3 +69,27 @@ def test_bench_idle_poll_refuses_a_wait_that_is_not_a_number_before_starting_any
     result = runner.invoke(app, ["bench", "idle-poll", "--out", str(tmp_path / "o"), "--polls", "flower,fast"])
     assert result.exit_code == 2 and "--polls must be comma-separated seconds or 'flower'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def _groups(group: typer.Typer) -> list[typer.Typer]:
+    return [group, *(g for info in group.registered_groups if info.typer_instance for g in _groups(info.typer_instance))]
+
+
+def test_no_command_group_prints_local_variables_in_a_crash_report() -> None:
+    assert all(g.pretty_exceptions_show_locals is False for g in _groups(app))
+
+
+def test_an_unexpected_crash_does_not_print_the_rows_it_held(tmp_path: Path) -> None:
+    script = (
+        "import server.cli as cli\n"
+        "@cli.site_app.command('boom')\n"
+        "def boom() -> None:\n"
+        "    row = {'patient_id': 'PATX0005', 'transcript': 'I feel hopeless'}\n"
+        "    raise RuntimeError('unexpected')\n"
+        "cli.app(['site', 'boom'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "200"}
+    env.pop("_TYPER_STANDARD_TRACEBACK", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode != 0 and "RuntimeError" in done.stderr + done.stdout
+    assert "PATX0005" not in done.stderr + done.stdout and "hopeless" not in done.stderr + done.stdout
