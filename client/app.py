@@ -35,6 +35,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client import site as site_module
 from client.approval import is_approved
+from client.manifest import read_manifest
 from client.site import Refusal, Site, TrainResult
 from client.site_errors import withheld, without_paths
 from shared import metrics as M  # noqa: N812
@@ -102,10 +103,68 @@ def _import_training() -> None:
     importlib.import_module("client.dp_train")
 
 
+FileStat = tuple[int, int] | None  # (size, mtime_ns), None if the file cannot be read
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """The site's data as it is on disk now: its manifest's and every listed recording's
+    (size, mtime_ns). Another value means other data: a patient removed from the manifest
+    (consent withdrawn), a recording replaced; the next message then loads the data again."""
+
+    manifest: str
+    manifest_stat: FileStat
+    recordings: tuple[FileStat, ...]
+
+
+def _stat(path: str) -> FileStat:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 @functools.lru_cache(maxsize=site_cache_size())
-def _site(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
-    """One Site per (site, plan) per process: data and tensors are built once, not per round."""
+def _recordings(manifest: str, stat: FileStat) -> tuple[str, ...]:
+    """The recordings one version of a manifest lists (read once per version; none if it does not parse:
+    the Site that loads it then says what is wrong)."""
+    del stat  # part of the cache key only
+    try:
+        return tuple(str(row.audio_path) for row in read_manifest(manifest).rows)
+    except (OSError, ValueError, FedrelapseError):
+        return ()
+
+
+def data_identity(site_cfg: SiteConfig) -> DataIdentity:
+    """What :func:`site_for` keys a loaded Site on besides (site, plan): one stat per listed
+    file per message (4 ms per 1000 recordings on a loaded 2-core machine; a round's training
+    takes seconds), so an edited manifest or a replaced recording is never served from memory.
+    The ledger's data fingerprint covers the same files (manifest bytes, recordings)."""
+    manifest = str(site_cfg.manifest.absolute())
+    stat = _stat(manifest)
+    return DataIdentity(manifest, stat, tuple(_stat(f) for f in _recordings(manifest, stat)))
+
+
+def site_for(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
+    """This process's Site for (site, plan, data on disk now): built once, not per round, and
+    built again when the manifest or a recording changed since (the SuperNode keeps running)."""
+    return _site(site_cfg, exp, data_identity(site_cfg))
+
+
+@functools.lru_cache(maxsize=site_cache_size())
+def _site(site_cfg: SiteConfig, exp: ExperimentConfig, data: DataIdentity) -> Site:
+    """One Site per (site, plan, data identity) per process: data and tensors are built once, not per round."""
+    seen = _recordings_loaded.get(data.manifest)
+    if seen is not None and seen != data and seen.manifest_stat == data.manifest_stat:
+        # client.site memoises prepared data per manifest version only: a recording changed
+        # under an unchanged manifest, so that memo would hand back the old recording's features.
+        site_module._load.cache_clear()
+    _recordings_loaded[data.manifest] = data
     return Site(site_cfg, exp)
+
+
+_recordings_loaded: dict[str, DataIdentity] = {}  # manifest -> the data identity its last Site was built from
 
 
 def _reply(
@@ -254,7 +313,7 @@ def _plan(site_cfg: SiteConfig, req: Request) -> tuple[ExperimentConfig, Site] |
     except FedrelapseError as exc:
         return Refusal("invalid", f"Site {site_cfg.name}: {exc}")
     try:
-        return exp, _site(site_cfg, exp)
+        return exp, site_for(site_cfg, exp)
     except FedrelapseError as exc:
         return Refusal("invalid", withheld(exc, site=site_cfg.name, doing="loading its data for this plan") + " `fedrelapse site check` shows the problem too.")
 
@@ -308,6 +367,8 @@ def restart_process_state() -> None:
     The ledger, keys and feature cache are on disk and survive, exactly as after a real restart.
     """
     _site.cache_clear()
+    _recordings.cache_clear()
+    _recordings_loaded.clear()
     parse_plan.cache_clear()
     _site_config.cache_clear()
     model_shapes.cache_clear()
