@@ -38,9 +38,10 @@ from client.approval import is_approved
 from client.manifest import read_manifest
 from client.site import Refusal, Site, TrainResult
 from client.site_errors import withheld, without_paths
+from client.startup_checks import coordinator_key
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
-from shared import secure_records, signing
+from shared import secure_records
 from shared.config import ExperimentConfig, SecureAggregationConfig, SiteConfig, experiment_from_yaml_text, site_from_yaml_text
 from shared.errors import FedrelapseError, PolicyError
 from shared.faults import FaultPlan, InjectedCrash
@@ -349,7 +350,7 @@ def check_model_signature(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request,
         log.warning("site=%s has no coordinator_public_key: global models are not verified", site_cfg.name)
         return None
     try:
-        key = signing.load_public(site_cfg.coordinator_public_key)
+        key = coordinator_key(site_cfg)
     except FedrelapseError as exc:
         return Refusal("signature", withheld(exc, site=site_cfg.name, doing="reading its coordinator_public_key (site.yaml) to verify the global model"))
     signature = cfg.get(P.MODEL_SIGNATURE, "")

@@ -24,6 +24,7 @@ from shared.errors import FedrelapseError
 
 if TYPE_CHECKING:
     from server.node_registry import NodeRegistry
+    from shared.config import SiteConfig
 
 
 def _typer(**kwargs: Any) -> typer.Typer:
@@ -560,13 +561,18 @@ def site_timeline(
 def site_init(site: Annotated[Path, typer.Option(help="The site's site.yaml.")]) -> None:
     """Create the site's state folder and its ledger signing key; print the public key path."""
     from client.site import site_key_paths
+    from client.startup_checks import check_private_key_mode
     from shared import signing
     from shared.config import load_site
 
     cfg = load_site(site)
     priv, pub = site_key_paths(cfg.state_dir)
+    check_private_key_mode(priv, "The site's ledger signing key")
     if priv.exists():
         console.print(f"ledger key already exists: {priv}")
+        if not pub.exists():
+            signing.write_public(signing.load_private(priv), pub)
+            console.print(f"its public key file was missing: rebuilt {pub} from the private key")
     else:
         signing.generate(priv, pub)
         console.print(f"created ledger signing key {priv} (0600; never copy it off this host)")
@@ -924,8 +930,9 @@ def site_start(
     SuperNode asks the coordinator for work every site.yaml idle_poll_s (client/supernode_main.py).
     """
     import os
+    import shlex
 
-    from client.pinned_app import CLIENTAPP_MODES, LAUNCHER, launcher_env, write_launcher
+    from client.pinned_app import CLIENTAPP_MODES, LAUNCHER, SUPEREXEC_POLL_ENV, launcher_env, write_launcher
     from server.deployment import supernode_argv
     from shared.config import load_site
 
@@ -936,17 +943,38 @@ def site_start(
     if clientapp not in CLIENTAPP_MODES:
         raise typer.BadParameter(f"--clientapp is {clientapp!r}; choose one of {', '.join(CLIENTAPP_MODES)}.")
     cfg = load_site(site)
+    _check_site_files(cfg, site, ca=None if insecure else ca, node_key=None if insecure else node_key)
     argv = supernode_argv(site_yaml=site, superlink=superlink, ca=None if insecure else ca, port=port, node_key=None if insecure else node_key,
                           idle_poll_s=cfg.idle_poll_s, idle_poll_growth=cfg.idle_poll_growth)
     state_dir = cfg.state_dir
     bin_dir = state_dir / "bin"
     launcher = write_launcher(bin_dir, worker_dir=state_dir / "worker" if clientapp == "worker" else None)
     env = launcher_env(bin_dir)
-    if dry_run:
-        print(" ".join(argv))
+    if dry_run:  # one line a shell runs as site start would: the pinned launcher first on PATH
+        print(shlex.join(["env", *(f"{k}={env[k]}" for k in ("PATH", SUPEREXEC_POLL_ENV)), *argv]))
         print(f"{LAUNCHER}: {launcher} ({clientapp})")
         return
     os.execve(argv[0], argv, env)
+
+
+def _check_site_files(cfg: SiteConfig, site_yaml: Path, *, ca: Path | None, node_key: Path | None) -> None:
+    """Before a SuperNode starts (and with --dry-run): the CA and node key parse and the node key
+    and the site's own secrets are owner-only; site.yaml's coordinator key is the right kind of
+    key (a warning when it is not set: global models are then not verified)."""
+    from client.site import site_key_paths
+    from client.startup_checks import check_ca, check_node_key, check_private_key_mode, coordinator_key
+
+    if ca is not None:
+        check_ca(ca)
+    if node_key is not None:
+        check_node_key(node_key)
+    check_private_key_mode(site_key_paths(cfg.state_dir)[0], "The site's ledger signing key")
+    check_private_key_mode(cfg.state_dir / "noise-seed.key", "The site's noise seed")
+    if coordinator_key(cfg, str(site_yaml)) is None:
+        err_console.print(
+            f"[yellow]warning: {escape(str(site_yaml))} sets no coordinator_public_key: this site will train on global models "
+            "without checking that the coordinator signed them. Set it to the coordinator's model-signing.pub.pem.[/yellow]", soft_wrap=True,
+        )
 
 
 keys_app = _typer(help="Coordinator admin: consortium CA, TLS certificate, model-signing and site node keys.", no_args_is_help=True)

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from server.cli import app
 from server.keys import make_ca, make_server, make_site, verify_chain
+from tests.conftest import dry_run_command
 
 runner = CliRunner()
 
@@ -105,7 +106,7 @@ def test_site_start_uses_tls_its_node_key_and_the_pinned_clientapp(tmp_path: Pat
     node = runner.invoke(app, ["site", "start", "--site", str(site), "--superlink", "coord:9092", "--ca", str(tmp_path / "ca" / "ca.pem"),
                                "--node-key", str(priv), "--dry-run"], terminal_width=300)
     assert node.exit_code == 0, node.output
-    argv = node.stdout.splitlines()[0].split()
+    argv = dry_run_command(node.stdout)
     assert argv[argv.index("--root-certificates") + 1] == str((tmp_path / "ca" / "ca.pem").resolve())
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(priv.resolve())
     assert "--insecure" not in argv and any(a.startswith("site-config=") for a in argv)
