@@ -42,14 +42,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def friendly(fn: F) -> F:
-    """Turn FedrelapseError into a clear message and its exit code."""
+    """Turn FedrelapseError into a clear message on standard error and its exit code (standard
+    output stays for results: `site check --json > report.json` holds JSON or nothing)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except FedrelapseError as exc:
-            console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]

@@ -93,3 +93,21 @@ def test_an_unexpected_crash_does_not_print_the_rows_it_held(tmp_path: Path) -> 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert done.returncode != 0 and "RuntimeError" in done.stderr + done.stdout
     assert "PATX0005" not in done.stderr + done.stdout and "hopeless" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("case", ["missing-manifest", "bad-experiment", "audit-missing-key", "audit-missing-ledger"])
+def test_with_json_an_error_goes_to_stderr_and_stdout_holds_no_text(tmp_path: Path, case: str) -> None:
+    bad = tmp_path / "exp.yaml"
+    bad.write_text("name: x\nprivacy: {accountant: gdp}\n")
+    ledger = tmp_path / "privacy-ledger.jsonl"
+    ledger.write_text("")
+    command = {
+        "missing-manifest": ["site", "check", "--manifest", str(tmp_path / "none.csv"), "--json"],
+        "bad-experiment": ["site", "check", "--manifest", str(tmp_path / "none.csv"), "--experiment", str(bad), "--json"],
+        "audit-missing-key": ["audit", "verify", str(ledger), "--public-key", str(tmp_path / "none.pub.pem"), "--json"],
+        "audit-missing-ledger": ["audit", "verify", str(tmp_path / "none.jsonl"), "--json"],
+    }[case]
+    result = runner.invoke(app, command)
+    assert result.exit_code != 0
+    assert result.stdout == ""  # `… --json > report.json` never fills the file with an error sentence
+    assert result.stderr.strip()  # the error itself, for the person at the terminal
