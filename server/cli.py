@@ -552,6 +552,10 @@ def site_timeline(
     a, n0 = exp.alerts, exp.features.baseline_sessions
     if threshold is None:
         threshold = choose_threshold(site_timelines(s, net, which="train"), baseline_n=n0, slack=a.slack, lookback_days=a.lookback_days, grace_days=a.grace_days, max_false_alarms_per_month=a.max_false_alarms_per_month).threshold
+    if out is None:  # the site's own folder for them: the owner's only (0700), tightened if an older version made it 0755
+        from client.site_launcher import private_dir
+
+        private_dir(str(cfg.state_dir / "timelines"))
     target = out or cfg.state_dir / "timelines" / patient
     png, page = render_timeline(tl, sessions, threshold=threshold, alert_cfg=a, baseline_n=n0, out=target, site_name=cfg.name)
     console.print(f"wrote {page} and {png} (personal data: keep them at the site)")
