@@ -834,8 +834,9 @@ def server_start(
     """Run the coordinator's SuperLink: TLS and SuperNode authentication (only registered site
     keys may join); runtime dependency installation off."""
     import os
+    import shlex
 
-    from server.deployment import superlink_argv
+    from server.deployment import scripts_first_on_path, superlink_argv
 
     if keys is None and not insecure:
         raise typer.BadParameter("Give --keys (TLS) or, for a loopback test only, --insecure --no-node-auth.")
@@ -843,7 +844,7 @@ def server_start(
         raise typer.BadParameter("SuperNode authentication needs TLS; with --insecure (loopback test only) add --no-node-auth.")
     argv = superlink_argv(keys=None if insecure else keys, host=host, port=port, node_auth=not no_node_auth)
     if dry_run:
-        print(" ".join(argv))
+        print(shlex.join(argv))
     if no_node_auth:
         err_console.print("[yellow]warning: SuperNode authentication is OFF: any node that trusts the CA may join. Use this for a loopback test only.[/yellow]")
     else:
@@ -856,7 +857,7 @@ def server_start(
         )
     if dry_run:
         return
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, scripts_first_on_path(dict(os.environ)))  # the SuperLink starts flower-superexec by name
 
 
 @contextlib.contextmanager

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,6 +97,23 @@ def test_server_start_turns_supernode_authentication_on_and_says_what_to_do_next
     assert plain.exit_code != 0 and "--no-node-auth" in plain.output  # node auth cannot silently drop with TLS
     loopback = runner.invoke(app, ["server", "start", "--insecure", "--no-node-auth", "--dry-run"])
     assert loopback.exit_code == 0 and "--insecure" in loopback.stdout.splitlines()[0]
+
+
+def test_server_start_finds_flowers_scripts_without_an_activated_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_ca(tmp_path)
+    make_server(tmp_path)
+    started: list[tuple[str, dict[str, str]]] = []
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as from cron or systemd: the venv is not activated
+    monkeypatch.setattr(os, "execve", lambda exe, argv, env: started.append((exe, env)) or sys.exit(0))
+    monkeypatch.setattr(os, "execv", lambda exe, argv: started.append((exe, dict(os.environ))) or sys.exit(0))  # never really started
+
+    result = runner.invoke(app, ["server", "start", "--keys", str(tmp_path)], terminal_width=300)
+
+    assert result.exit_code == 0, result.output
+    (exe, env), = started
+    assert Path(exe).name == "flower-superlink"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # where flower-superexec is
+    assert (Path(sys.executable).parent / "flower-superexec").exists()
 
 
 def test_site_start_uses_tls_its_node_key_and_the_pinned_clientapp(tmp_path: Path) -> None:
