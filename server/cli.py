@@ -596,6 +596,8 @@ def site_approve(
     from client.approval import approve, summary
     from shared.config import load_experiment, load_site
 
+    if not approved_by.strip():  # before the question: approve() refuses it too
+        raise typer.BadParameter("--approved-by is empty; give the name (and role) of the person approving, e.g. --approved-by \"IT: Ola N.\".")
     cfg, exp = load_site(site), load_experiment(plan)
     table = Table(title=f"training plan for site {cfg.name}", show_header=False)
     for key, value in summary(exp):

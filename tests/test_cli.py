@@ -111,3 +111,21 @@ def test_with_json_an_error_goes_to_stderr_and_stdout_holds_no_text(tmp_path: Pa
     assert result.exit_code != 0
     assert result.stdout == ""  # `… --json > report.json` never fills the file with an error sentence
     assert result.stderr.strip()  # the error itself, for the person at the terminal
+
+
+@pytest.mark.parametrize("who", ["", "   "])
+def test_a_plan_approval_without_an_approver_is_refused_and_nothing_is_recorded(tmp_path: Path, who: str) -> None:
+    from client.approval import approve
+    from shared.config import load_experiment, load_site
+    from shared.errors import ConfigError
+
+    site = tmp_path / "site.yaml"
+    site.write_text(f"name: oslo\nmanifest: m.csv\nstate_dir: {tmp_path / 'state'}\n")
+    plan = Path(__file__).resolve().parents[1] / "configs" / "experiment.yaml"
+
+    result = runner.invoke(app, ["site", "approve", "--site", str(site), "--plan", str(plan), "--approved-by", who, "--yes"])
+
+    assert result.exit_code != 0 and "--approved-by" in result.output
+    with pytest.raises(ConfigError, match="approved-by"):
+        approve(load_site(site), load_experiment(plan), approved_by=who)
+    assert not (tmp_path / "state" / "approved-plans.json").exists()
