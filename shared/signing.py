@@ -22,7 +22,11 @@ from shared.errors import CryptoError
 def generate(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
     """Create a key pair; refuse to overwrite an existing private key."""
     if private_path.exists():
-        raise CryptoError(f"{private_path} already exists; refusing to overwrite a signing key (rotate it explicitly).")
+        raise CryptoError(
+            f"{private_path} already exists and is never overwritten; nothing was changed. To replace it, move it away "
+            f"deliberately and keep it: what it signed verifies only with its public key {public_path.name}, and whoever "
+            f"verifies (the DPO for a ledger key, every site for the model-signing key) needs the new public key."
+        )
     key = Ed25519PrivateKey.generate()
     private_path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())

@@ -38,8 +38,24 @@ def test_private_keys_are_0600_and_never_overwritten(tmp_path: Path) -> None:
     assert pub.read_text().startswith("ecdsa-sha2-nistp256 ")
     from shared.errors import CryptoError
 
-    with pytest.raises(CryptoError, match="refusing to overwrite"):
+    with pytest.raises(CryptoError, match="never overwritten.*keys site oslo --rotate"):
         make_site(tmp_path, "oslo")
+
+
+def test_a_second_keys_ca_or_keys_server_says_what_to_do_instead_of_a_rotate_command_that_does_not_exist(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["keys", "ca", "--keys", str(tmp_path)]).exit_code == 0
+    assert runner.invoke(app, ["keys", "server", "--keys", str(tmp_path)]).exit_code == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    ca = runner.invoke(app, ["keys", "ca", "--keys", str(tmp_path)], terminal_width=400)
+    server = runner.invoke(app, ["keys", "server", "--keys", str(tmp_path)], terminal_width=400)
+
+    ca_text, server_text = " ".join(ca.output.split()), " ".join(server.output.split())
+    assert ca.exit_code != 0 and server.exit_code != 0
+    assert "rotate it explicitly" not in ca_text + server_text
+    assert f"move the folder {tmp_path / 'ca'} away deliberately" in ca_text and "new consortium" in ca_text and "new ca.pem" in ca_text
+    assert "away deliberately" in server_text and "sites need nothing new" in server_text
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing was changed
 
 
 def test_keys_cli_creates_the_layout_and_explains_where_files_go(tmp_path: Path) -> None:
@@ -48,7 +64,7 @@ def test_keys_cli_creates_the_layout_and_explains_where_files_go(tmp_path: Path)
         assert result.exit_code == 0, result.output
     assert (tmp_path / "sites" / "bergen" / "node.key").exists()
     again = runner.invoke(app, ["keys", "ca", "--keys", str(tmp_path)])
-    assert again.exit_code == 5 and "refusing to overwrite" in again.output
+    assert again.exit_code == 5 and "never overwritten" in again.output
 
 
 def test_rotation_keeps_the_old_pair_aside_and_writes_a_new_one(tmp_path: Path) -> None:
