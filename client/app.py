@@ -24,19 +24,24 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app.error import Error
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
 from client import site as site_module
 from client.approval import is_approved
+from client.manifest import read_manifest
 from client.site import Refusal, Site, TrainResult
+from client.site_errors import withheld, without_paths
+from client.startup_checks import coordinator_key
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
-from shared import secure_records, signing
+from shared import secure_records
 from shared.config import ExperimentConfig, SecureAggregationConfig, SiteConfig, experiment_from_yaml_text, site_from_yaml_text
 from shared.errors import FedrelapseError, PolicyError
 from shared.faults import FaultPlan, InjectedCrash
@@ -99,10 +104,68 @@ def _import_training() -> None:
     importlib.import_module("client.dp_train")
 
 
+FileStat = tuple[int, int] | None  # (size, mtime_ns), None if the file cannot be read
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """The site's data as it is on disk now: its manifest's and every listed recording's
+    (size, mtime_ns). Another value means other data: a patient removed from the manifest
+    (consent withdrawn), a recording replaced; the next message then loads the data again."""
+
+    manifest: str
+    manifest_stat: FileStat
+    recordings: tuple[FileStat, ...]
+
+
+def _stat(path: str) -> FileStat:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 @functools.lru_cache(maxsize=site_cache_size())
-def _site(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
-    """One Site per (site, plan) per process: data and tensors are built once, not per round."""
+def _recordings(manifest: str, stat: FileStat) -> tuple[str, ...]:
+    """The recordings one version of a manifest lists (read once per version; none if it does not parse:
+    the Site that loads it then says what is wrong)."""
+    del stat  # part of the cache key only
+    try:
+        return tuple(str(row.audio_path) for row in read_manifest(manifest).rows)
+    except (OSError, ValueError, FedrelapseError):
+        return ()
+
+
+def data_identity(site_cfg: SiteConfig) -> DataIdentity:
+    """What :func:`site_for` keys a loaded Site on besides (site, plan): one stat per listed
+    file per message (4 ms per 1000 recordings on a loaded 2-core machine; a round's training
+    takes seconds), so an edited manifest or a replaced recording is never served from memory.
+    The ledger's data fingerprint covers the same files (manifest bytes, recordings)."""
+    manifest = str(site_cfg.manifest.absolute())
+    stat = _stat(manifest)
+    return DataIdentity(manifest, stat, tuple(_stat(f) for f in _recordings(manifest, stat)))
+
+
+def site_for(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
+    """This process's Site for (site, plan, data on disk now): built once, not per round, and
+    built again when the manifest or a recording changed since (the SuperNode keeps running)."""
+    return _site(site_cfg, exp, data_identity(site_cfg))
+
+
+@functools.lru_cache(maxsize=site_cache_size())
+def _site(site_cfg: SiteConfig, exp: ExperimentConfig, data: DataIdentity) -> Site:
+    """One Site per (site, plan, data identity) per process: data and tensors are built once, not per round."""
+    seen = _recordings_loaded.get(data.manifest)
+    if seen is not None and seen != data and seen.manifest_stat == data.manifest_stat:
+        # client.site memoises prepared data per manifest version only: a recording changed
+        # under an unchanged manifest, so that memo would hand back the old recording's features.
+        site_module._load.cache_clear()
+    _recordings_loaded[data.manifest] = data
     return Site(site_cfg, exp)
+
+
+_recordings_loaded: dict[str, DataIdentity] = {}  # manifest -> the data identity its last Site was built from
 
 
 def _reply(
@@ -117,7 +180,7 @@ def _reply(
         info[P.LEDGER_HEAD] = ledger_head
     if refusal is not None:
         info[P.REFUSAL_CODE] = refusal.code
-        info[P.REFUSAL_REASON] = refusal.reason
+        info[P.REFUSAL_REASON] = without_paths(refusal.reason)
     content[P.SITE] = info
     if arrays is not None:
         content[P.ARRAYS] = arrays
@@ -240,11 +303,20 @@ def parse_plan(plan_yaml: str) -> ExperimentConfig:
 
 
 def _plan(site_cfg: SiteConfig, req: Request) -> tuple[ExperimentConfig, Site] | Refusal:
+    """The plan and this site's data for it; an ``invalid`` refusal if either cannot be used.
+
+    A problem with the coordinator's plan is sent as it is (it is the coordinator's own text);
+    a problem with the site's data (its manifest, recordings, paths) is logged here and only
+    its class and a log reference are sent: its message may name patients or local files.
+    """
     try:
         exp = parse_plan(req.plan_yaml)
-        return exp, _site(site_cfg, exp)
     except FedrelapseError as exc:
         return Refusal("invalid", f"Site {site_cfg.name}: {exc}")
+    try:
+        return exp, site_for(site_cfg, exp)
+    except FedrelapseError as exc:
+        return Refusal("invalid", withheld(exc, site=site_cfg.name, doing="loading its data for this plan") + " `fedrelapse site check` shows the problem too.")
 
 
 def _check(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, secure: bool, needs_round: bool) -> Refusal | tuple[Request, Site]:
@@ -278,9 +350,9 @@ def check_model_signature(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request,
         log.warning("site=%s has no coordinator_public_key: global models are not verified", site_cfg.name)
         return None
     try:
-        key = signing.load_public(site_cfg.coordinator_public_key)
+        key = coordinator_key(site_cfg)
     except FedrelapseError as exc:
-        return Refusal("signature", f"Site {site_cfg.name}: {exc}")
+        return Refusal("signature", withheld(exc, site=site_cfg.name, doing="reading its coordinator_public_key (site.yaml) to verify the global model"))
     signature = cfg.get(P.MODEL_SIGNATURE, "")
     if not isinstance(signature, str) or not signature:
         return Refusal("signature", f"Site {site_cfg.name} refuses an unsigned global model.")
@@ -296,6 +368,8 @@ def restart_process_state() -> None:
     The ledger, keys and feature cache are on disk and survive, exactly as after a real restart.
     """
     _site.cache_clear()
+    _recordings.cache_clear()
+    _recordings_loaded.clear()
     parse_plan.cache_clear()
     _site_config.cache_clear()
     model_shapes.cache_clear()
@@ -374,8 +448,8 @@ def _train(site_name: str, site: Site, req: Request, faults: FaultPlan | None) -
     started = time.perf_counter()
     try:
         return site.train(req.arrays, run_id=req.run_id, server_round=req.server_round, total_rounds=req.total_rounds), started
-    except PolicyError as exc:  # e.g. a ledger that fails its integrity check
-        return Refusal("ledger", str(exc)), started
+    except PolicyError as exc:  # e.g. a ledger that fails its integrity check (its message names the ledger's path)
+        return Refusal("ledger", withheld(exc, site=site_name, doing="checking its privacy ledger before training")), started
 
 
 def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], faults: FaultPlan | None) -> Message:
@@ -395,7 +469,7 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
 
     def refuse(refusal: Refusal, evaluation: dict[str, float] | None = None) -> Message:
         log.warning("site=%s refused secure round %s: %s", site_cfg.name, cfg.get(P.SERVER_ROUND), refusal.code)
-        report = secure_records.encode(site_name=site_cfg.name, metrics=None, refusal_code=refusal.code, refusal_reason=refusal.reason, evaluation=evaluation)
+        report = secure_records.encode(site_name=site_cfg.name, metrics=None, refusal_code=refusal.code, refusal_reason=without_paths(refusal.reason), evaluation=evaluation)
         return _fitres(msg, zeros, 0, report)
 
     req = request_from(cfg, OrderedDict(), site_cfg.name, needs_round=True)
@@ -425,13 +499,28 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     return _fitres(msg, update, int(weight), report)
 
 
+def _site_name_of(context: Context, sim_sites: tuple[str, ...]) -> str:
+    """This node's site name for an error reply, or "this site" if its site.yaml cannot be read."""
+    try:
+        return site_config(site_config_path(context, sim_sites)).name
+    except Exception:  # noqa: BLE001 - the reply must go out whatever is wrong with site.yaml
+        return "this site"
+
+
 class _PicklesAsItsBuild(ClientApp):
-    """A ClientApp that pickles as the arguments that built it.
+    """The site's ClientApp: it pickles as the arguments that built it, and no exception's text leaves it.
 
     Flower's Simulation Engine sends the ClientApp to a Ray actor with every message, pickled
     by value (its handlers are closures): about 1 ms per message each way, and the actor
     unpickled a new app each time. Pickled as its build arguments, the actor builds it from
     this module instead, once per process (:func:`_rebuilt_client_app`).
+
+    Flower answers a ClientApp that raises with an error reply holding ``str(exception)``,
+    which can name a patient or a local path (an ``IsADirectoryError`` on a transcript did).
+    This app answers an unexpected exception itself: the full error is logged at the site
+    under a reference and the error reply names only the exception's class and that
+    reference (:func:`client.site_errors.withheld`). A test fault (InjectedCrash) is raised
+    as it is: its text is the test's.
     """
 
     def __init__(self, build_args: tuple[tuple[str, ...], FaultPlan | None, tuple[Mod, ...]], *, mods: list[Mod]) -> None:
@@ -440,6 +529,16 @@ class _PicklesAsItsBuild(ClientApp):
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return _rebuilt_client_app, self._build_args
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        try:
+            return super().__call__(message, context)
+        except InjectedCrash:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is answered, without its text
+            site = _site_name_of(context, self._build_args[0])
+            reason = withheld(exc, site=site, doing=f"its ClientApp, handling a {message.metadata.message_type} message,")
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
 def _rebuilt_client_app(sim_sites: tuple[str, ...], faults: FaultPlan | None, inner_mods: tuple[Mod, ...]) -> ClientApp:
@@ -508,7 +607,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         try:
             out = site.plan(run_id=req.run_id, total_rounds=req.total_rounds)
         except PolicyError as exc:
-            return _reply(msg, site_cfg.name, refusal=Refusal("ledger", str(exc)))
+            return _reply(msg, site_cfg.name, refusal=Refusal("ledger", withheld(exc, site=site_cfg.name, doing="checking its privacy ledger for the pre-flight query")))
         metrics = {M.EPSILON_RUN: float(out["epsilon_run"]), M.EPSILON_REMAINING: float(out["epsilon_remaining"]), M.NOISE_MULTIPLIER: float(out["noise_multiplier"]), M.DELTA: float(out["delta"])}
         refusal = Refusal(str(out["code"]), str(out["reason"])) if out["code"] != "ok" else None
         return _reply(msg, site_cfg.name, metrics=metrics, refusal=refusal)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import ExperimentConfig, SiteConfig
+from shared.errors import ConfigError
 
 
 def approvals_path(cfg: SiteConfig) -> Path:
@@ -49,10 +50,16 @@ def summary(exp: ExperimentConfig) -> list[tuple[str, str]]:
 
 
 def approve(cfg: SiteConfig, exp: ExperimentConfig, *, approved_by: str) -> str:
-    """Record the plan's hash as approved (atomic write); return the hash."""
+    """Record the plan's hash as approved (atomic write); return the hash. ``approved_by`` must
+    name someone: an approval nobody signed is no record at all."""
+    if not approved_by.strip():
+        raise ConfigError(
+            f"--approved-by is empty; give the name (and role) of the person approving plan {exp.plan_hash()[:16]} for site "
+            f"{cfg.name}, e.g. --approved-by \"IT: Ola N.\". Nothing was recorded."
+        )
     approvals = load_approvals(cfg)
     digest = exp.plan_hash()
-    approvals[digest] = {"experiment": exp.name, "approved_by": approved_by, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    approvals[digest] = {"experiment": exp.name, "approved_by": approved_by.strip(), "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     path = approvals_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

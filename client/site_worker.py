@@ -78,6 +78,18 @@ def execute(message: Any, context: Any, fab_content: bytes) -> Any:
     return load_pinned()(message=message, context=context)
 
 
+def error_reason(ex: Exception) -> str:
+    """What the coordinator reads about a task that raised: a refused bundle's own sentence (written
+    for the researcher, no site data), otherwise only the exception's class and a reference to
+    the full error in this site's log (:func:`client.site_errors.withheld`)."""
+    from client.pinned_app import BundleRefused
+    from client.site_errors import withheld
+
+    if isinstance(ex, BundleRefused):
+        return str(ex)
+    return withheld(ex, site="this site", doing="its ClientApp task")
+
+
 def run_task(argv: list[str], on_pulled: Callable[[str], None], exclusive: Callable[[Any], AbstractContextManager[None]]) -> int:
     """One ClientApp task, as Flower's ``run_clientapp`` runs it; returns its exit code.
 
@@ -105,7 +117,7 @@ def run_task(argv: list[str], on_pulled: Callable[[str], None], exclusive: Calla
             message, context, _run, fab = pull_task_input(client)
         except Exception as ex:  # noqa: BLE001 - no message, so no reply: the task fails, as in Flower
             log(40, "ClientApp could not pull its task", exc_info=ex)
-            push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=f"{type(ex)}:<'{ex}'>")
+            push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=error_reason(ex))
             return ExitCode.TASK_PROC_EXCEPTION
         on_pulled(base64.b64encode(message_to_proto(remove_content_from_message(message)).SerializeToString()).decode("ascii"))
         with exclusive(context):
@@ -113,8 +125,8 @@ def run_task(argv: list[str], on_pulled: Callable[[str], None], exclusive: Calla
             try:
                 reply = execute(message, context, fab.content)
                 sub_status, details = SubStatus.COMPLETED, ""
-            except Exception as ex:  # noqa: BLE001 - reported to the coordinator as Flower does
-                e_code, reason = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>"
+            except Exception as ex:  # noqa: BLE001 - reported to the coordinator as Flower does, but without its text
+                e_code, reason = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, error_reason(ex)
                 if isinstance(ex, LoadClientAppError):
                     e_code, reason = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "An exception was raised when attempting to load `ClientApp`"
                 log(40, "ClientApp raised an exception", exc_info=ex)

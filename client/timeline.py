@@ -11,6 +11,8 @@ import base64
 import datetime as dt
 import html
 import io
+import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -102,12 +104,12 @@ def render_timeline(tl: Timeline, sessions: list[PreparedSession], *, threshold:
         a.set_ylabel(name, fontsize=8)
     fig.autofmt_xdate()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new folder is the owner's only
     png = out.with_suffix(".png")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    png.write_bytes(buf.getvalue())
+    write_private(png, buf.getvalue())
     rows = "".join(
         f"<tr><td>{d:%Y-%m-%d}</td><td>{r:.2f}</td><td>{'ALERT' if f else ''}</td><td>{'' if y < 0 else int(y)}</td></tr>"
         for d, r, f, y in zip(dates, tl.risk, fired, tl.labels, strict=True)
@@ -122,5 +124,18 @@ threshold {threshold:.3f}.</p>
 <table><tr><th>date</th><th>risk</th><th>alert</th><th>label</th></tr>{rows}</table>
 """
     page_path = out.with_suffix(".html")
-    page_path.write_text(page, encoding="utf-8")
+    write_private(page_path, page.encode("utf-8"))
     return png, page_path
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` readable by its owner only (0600, whatever the umask), atomically: a
+    timeline names a patient and shows their risk, so it is personal data like the feature cache."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -4,8 +4,16 @@
 # Usage: bash deploy/setup.sh            (idempotent; re-run after pulling a new lock)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3.11}
-command -v "$PY" >/dev/null || PY=python3
+if [ -n "${PYTHON:-}" ]; then  # asked for explicitly: use it or stop, never another interpreter
+  PY=$PYTHON
+  if ! command -v "$PY" >/dev/null; then
+    echo "deploy/setup.sh: PYTHON=$PY is not an executable on PATH; set PYTHON to a Python 3.11 interpreter (e.g. PYTHON=/usr/bin/python3.11) or unset it to use python3.11 (or python3)." >&2
+    exit 1
+  fi
+else
+  PY=python3.11
+  command -v "$PY" >/dev/null || PY=python3
+fi
 VENV=${FEDRELAPSE_VENV:-.venv}
 LOCK=deploy/requirements.lock
 STAMP="$VENV/.fedrelapse-lock.sha256"

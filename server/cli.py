@@ -24,9 +24,17 @@ from shared.errors import FedrelapseError
 
 if TYPE_CHECKING:
     from server.node_registry import NodeRegistry
+    from shared.config import SiteConfig
 
-app = typer.Typer(help="fedrelapse: federated, differentially private speech relapse models.", no_args_is_help=True, add_completion=False)
-site_app = typer.Typer(help="Hospital IT and DPO: check data, keys, privacy budget.", no_args_is_help=True)
+
+def _typer(**kwargs: Any) -> typer.Typer:
+    """A command group whose crash report never prints local variables: on an unexpected error
+    typer would otherwise show every frame's locals (manifest rows, transcripts, keys)."""
+    return typer.Typer(pretty_exceptions_show_locals=False, **kwargs)
+
+
+app = _typer(help="fedrelapse: federated, differentially private speech relapse models.", no_args_is_help=True, add_completion=False)
+site_app = _typer(help="Hospital IT and DPO: check data, keys, privacy budget.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
 console = Console()
 err_console = Console(stderr=True)  # progress bars: stdout stays clean for --json
@@ -34,14 +42,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def friendly(fn: F) -> F:
-    """Turn FedrelapseError into a clear message and its exit code."""
+    """Turn FedrelapseError into a clear message on standard error and its exit code (standard
+    output stays for results: `site check --json > report.json` holds JSON or nothing)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except FedrelapseError as exc:
-            console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -226,7 +235,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     console.print(f"run folder: [bold]{out.resolve()}[/bold]")
 
 
-bench_app = typer.Typer(help="Researcher: benchmarks (ratios in one run; results for BENCHMARKS.md).", no_args_is_help=True)
+bench_app = _typer(help="Researcher: benchmarks (ratios in one run; results for BENCHMARKS.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 
@@ -543,6 +552,10 @@ def site_timeline(
     a, n0 = exp.alerts, exp.features.baseline_sessions
     if threshold is None:
         threshold = choose_threshold(site_timelines(s, net, which="train"), baseline_n=n0, slack=a.slack, lookback_days=a.lookback_days, grace_days=a.grace_days, max_false_alarms_per_month=a.max_false_alarms_per_month).threshold
+    if out is None:  # the site's own folder for them: the owner's only (0700), tightened if an older version made it 0755
+        from client.site_launcher import private_dir
+
+        private_dir(str(cfg.state_dir / "timelines"))
     target = out or cfg.state_dir / "timelines" / patient
     png, page = render_timeline(tl, sessions, threshold=threshold, alert_cfg=a, baseline_n=n0, out=target, site_name=cfg.name)
     console.print(f"wrote {page} and {png} (personal data: keep them at the site)")
@@ -553,13 +566,18 @@ def site_timeline(
 def site_init(site: Annotated[Path, typer.Option(help="The site's site.yaml.")]) -> None:
     """Create the site's state folder and its ledger signing key; print the public key path."""
     from client.site import site_key_paths
+    from client.startup_checks import check_private_key_mode
     from shared import signing
     from shared.config import load_site
 
     cfg = load_site(site)
     priv, pub = site_key_paths(cfg.state_dir)
+    check_private_key_mode(priv, "The site's ledger signing key")
     if priv.exists():
         console.print(f"ledger key already exists: {priv}")
+        if not pub.exists():
+            signing.write_public(signing.load_private(priv), pub)
+            console.print(f"its public key file was missing: rebuilt {pub} from the private key")
     else:
         signing.generate(priv, pub)
         console.print(f"created ledger signing key {priv} (0600; never copy it off this host)")
@@ -578,6 +596,8 @@ def site_approve(
     from client.approval import approve, summary
     from shared.config import load_experiment, load_site
 
+    if not approved_by.strip():  # before the question: approve() refuses it too
+        raise typer.BadParameter("--approved-by is empty; give the name (and role) of the person approving, e.g. --approved-by \"IT: Ola N.\".")
     cfg, exp = load_site(site), load_experiment(plan)
     table = Table(title=f"training plan for site {cfg.name}", show_header=False)
     for key, value in summary(exp):
@@ -657,7 +677,7 @@ def site_check(
         raise typer.Exit(3)
 
 
-audit_app = typer.Typer(help="DPO: verify ledgers offline, independently of the site's software; attack a simulated site.", no_args_is_help=True)
+audit_app = _typer(help="DPO: verify ledgers offline, independently of the site's software; attack a simulated site.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 
 
@@ -802,7 +822,7 @@ def audit_report(
         raise typer.Exit(1)
 
 
-server_app = typer.Typer(help="Coordinator admin: run the SuperLink.", no_args_is_help=True)
+server_app = _typer(help="Coordinator admin: run the SuperLink.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
 
 
@@ -819,8 +839,9 @@ def server_start(
     """Run the coordinator's SuperLink: TLS and SuperNode authentication (only registered site
     keys may join); runtime dependency installation off."""
     import os
+    import shlex
 
-    from server.deployment import superlink_argv
+    from server.deployment import scripts_first_on_path, superlink_argv
 
     if keys is None and not insecure:
         raise typer.BadParameter("Give --keys (TLS) or, for a loopback test only, --insecure --no-node-auth.")
@@ -828,7 +849,7 @@ def server_start(
         raise typer.BadParameter("SuperNode authentication needs TLS; with --insecure (loopback test only) add --no-node-auth.")
     argv = superlink_argv(keys=None if insecure else keys, host=host, port=port, node_auth=not no_node_auth)
     if dry_run:
-        print(" ".join(argv))
+        print(shlex.join(argv))
     if no_node_auth:
         err_console.print("[yellow]warning: SuperNode authentication is OFF: any node that trusts the CA may join. Use this for a loopback test only.[/yellow]")
     else:
@@ -841,7 +862,7 @@ def server_start(
         )
     if dry_run:
         return
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, scripts_first_on_path(dict(os.environ)))  # the SuperLink starts flower-superexec by name
 
 
 @contextlib.contextmanager
@@ -920,8 +941,9 @@ def site_start(
     SuperNode asks the coordinator for work every site.yaml idle_poll_s (client/supernode_main.py).
     """
     import os
+    import shlex
 
-    from client.pinned_app import CLIENTAPP_MODES, LAUNCHER, launcher_env, write_launcher
+    from client.pinned_app import CLIENTAPP_MODES, LAUNCHER, SUPEREXEC_POLL_ENV, launcher_env, write_launcher
     from server.deployment import supernode_argv
     from shared.config import load_site
 
@@ -932,20 +954,41 @@ def site_start(
     if clientapp not in CLIENTAPP_MODES:
         raise typer.BadParameter(f"--clientapp is {clientapp!r}; choose one of {', '.join(CLIENTAPP_MODES)}.")
     cfg = load_site(site)
+    _check_site_files(cfg, site, ca=None if insecure else ca, node_key=None if insecure else node_key)
     argv = supernode_argv(site_yaml=site, superlink=superlink, ca=None if insecure else ca, port=port, node_key=None if insecure else node_key,
                           idle_poll_s=cfg.idle_poll_s, idle_poll_growth=cfg.idle_poll_growth)
     state_dir = cfg.state_dir
     bin_dir = state_dir / "bin"
     launcher = write_launcher(bin_dir, worker_dir=state_dir / "worker" if clientapp == "worker" else None)
     env = launcher_env(bin_dir)
-    if dry_run:
-        print(" ".join(argv))
+    if dry_run:  # one line a shell runs as site start would: the pinned launcher first on PATH
+        print(shlex.join(["env", *(f"{k}={env[k]}" for k in ("PATH", SUPEREXEC_POLL_ENV)), *argv]))
         print(f"{LAUNCHER}: {launcher} ({clientapp})")
         return
     os.execve(argv[0], argv, env)
 
 
-keys_app = typer.Typer(help="Coordinator admin: consortium CA, TLS certificate, model-signing and site node keys.", no_args_is_help=True)
+def _check_site_files(cfg: SiteConfig, site_yaml: Path, *, ca: Path | None, node_key: Path | None) -> None:
+    """Before a SuperNode starts (and with --dry-run): the CA and node key parse and the node key
+    and the site's own secrets are owner-only; site.yaml's coordinator key is the right kind of
+    key (a warning when it is not set: global models are then not verified)."""
+    from client.site import site_key_paths
+    from client.startup_checks import check_ca, check_node_key, check_private_key_mode, coordinator_key
+
+    if ca is not None:
+        check_ca(ca)
+    if node_key is not None:
+        check_node_key(node_key)
+    check_private_key_mode(site_key_paths(cfg.state_dir)[0], "The site's ledger signing key")
+    check_private_key_mode(cfg.state_dir / "noise-seed.key", "The site's noise seed")
+    if coordinator_key(cfg, str(site_yaml)) is None:
+        err_console.print(
+            f"[yellow]warning: {escape(str(site_yaml))} sets no coordinator_public_key: this site will train on global models "
+            "without checking that the coordinator signed them. Set it to the coordinator's model-signing.pub.pem.[/yellow]", soft_wrap=True,
+        )
+
+
+keys_app = _typer(help="Coordinator admin: consortium CA, TLS certificate, model-signing and site node keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
 

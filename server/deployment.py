@@ -47,6 +47,13 @@ def _bin(name: str) -> str:
     return str(found)
 
 
+def scripts_first_on_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this interpreter's scripts folder first on ``PATH``: Flower's SuperLink and
+    SuperNode start ``flower-superexec`` (and it ``flwr-serverapp``) by name, which fails with
+    FileNotFoundError when the virtual environment is not activated."""
+    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+
+
 def _wait_healthy(port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout_s: float, ca: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     url, ctx = f"http://127.0.0.1:{port}/health", None
@@ -78,9 +85,8 @@ class LocalConsortium:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def _env(self, home: str) -> dict[str, str]:
-        env = dict(os.environ)
+        env = scripts_first_on_path(dict(os.environ))
         env.update(FLWR_HOME=str(self.workdir / home), FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
 
     def _spawn(self, args: list[str], home: str, log_name: str, *, pinned: bool = False) -> tuple[subprocess.Popen[bytes], Path]:

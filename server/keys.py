@@ -30,12 +30,13 @@ from shared.errors import CryptoError
 VALID_DAYS = 825
 
 
-def _write_private(path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> None:
+def _write_private(path: Path, key: ec.EllipticCurvePrivateKey, *, if_exists: str, fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> None:
+    """Write a new private key 0600; an existing one is never overwritten (``if_exists``: what to do instead)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise CryptoError(f"{path} already exists; refusing to overwrite a private key (rotate it explicitly).") from None
+        raise CryptoError(f"{path} already exists and is never overwritten; nothing was changed. {if_exists}") from None
     with os.fdopen(fd, "wb") as fh:
         fh.write(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
 
@@ -57,7 +58,12 @@ def _name(common: str) -> x509.Name:
 def make_ca(keys: Path, *, name: str = "fedrelapse consortium CA") -> Path:
     """Create the consortium CA; return the path of its certificate."""
     key = ec.generate_private_key(ec.SECP256R1())
-    _write_private(keys / "ca" / "ca.key", key)
+    _write_private(keys / "ca" / "ca.key", key, if_exists=(
+        f"There is no rotate command for the CA, because a new CA is a new consortium: every site's ca.pem, the coordinator's "
+        f"certificate and every site's node key would have to be replaced. Only if that is what you want, move the folder "
+        f"{keys / 'ca'} away deliberately (keep it until every site runs with the new ca.pem), run `fedrelapse keys ca` again, "
+        f"then reissue the coordinator's certificate (`fedrelapse keys server`) and give every site the new ca.pem."
+    ))
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name)).public_key(key.public_key())
@@ -78,7 +84,12 @@ def make_server(keys: Path, *, hosts: tuple[str, ...] = ("localhost", "127.0.0.1
     ca_key = _load_key(keys / "ca" / "ca.key")
     ca_cert = x509.load_pem_x509_certificate((keys / "ca" / "ca.pem").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
-    _write_private(keys / "server" / "server.key", key)
+    _write_private(keys / "server" / "server.key", key, if_exists=(
+        f"To reissue the coordinator's TLS certificate (e.g. for another --host), move {keys / 'server' / 'server.key'} and "
+        f"{keys / 'server' / 'server.pem'} away deliberately and run `fedrelapse keys server` again, then restart the SuperLink; "
+        f"sites need nothing new while the CA is the same. The model-signing key beside them is kept (a new one would "
+        f"have to be copied to every site)."
+    ))
     sans: list[x509.GeneralName] = []
     for h in hosts:
         try:
@@ -113,7 +124,8 @@ def make_site(keys: Path, name: str) -> tuple[Path, Path]:
     folder = _site_folder(keys, name)
     key = ec.generate_private_key(ec.SECP256R1())
     priv = folder / "node.key"
-    _write_private(priv, key, serialization.PrivateFormat.OpenSSH)  # the format flower-supernode reads
+    _write_private(priv, key, fmt=serialization.PrivateFormat.OpenSSH,  # the format flower-supernode reads
+                   if_exists=f"To replace site {name}'s key, rotate it: `fedrelapse keys site {name} --rotate` (section 7b of the hospital-IT runbook).")
     pub = folder / "node.pub"
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return priv, pub

@@ -22,15 +22,25 @@ from shared.errors import CryptoError
 def generate(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
     """Create a key pair; refuse to overwrite an existing private key."""
     if private_path.exists():
-        raise CryptoError(f"{private_path} already exists; refusing to overwrite a signing key (rotate it explicitly).")
+        raise CryptoError(
+            f"{private_path} already exists and is never overwritten; nothing was changed. To replace it, move it away "
+            f"deliberately and keep it: what it signed verifies only with its public key {public_path.name}, and whoever "
+            f"verifies (the DPO for a ledger key, every site for the model-signing key) needs the new public key."
+        )
     key = Ed25519PrivateKey.generate()
     private_path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
-    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    write_public(key, public_path)
     return key
+
+
+def write_public(key: Ed25519PrivateKey, public_path: Path) -> Path:
+    """Write the public half of ``key`` (PEM); e.g. to rebuild a lost .pub.pem from its private key."""
+    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return public_path
 
 
 def read_key(path: Path, load: Callable[[bytes], object], expected: type, *, missing: str, malformed: str, wrong_type: str) -> Any:
@@ -54,11 +64,18 @@ def load_private(path: Path) -> Ed25519PrivateKey:
     )
 
 
-def load_public(path: Path) -> Ed25519PublicKey:
+def load_public(path: Path, *, missing: str | None = None, what: str | None = None) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM file.
+
+    The errors assume a site's ledger public key (what a DPO verifies with) unless the caller
+    says otherwise: ``missing`` replaces the sentence for a file that does not exist, and
+    ``what`` names the key the file should hold (e.g. the coordinator's model-signing key).
+    """
+    should_be = f"; it should be {what}." if what else "."
     return read_key(
         path, serialization.load_pem_public_key, Ed25519PublicKey,
-        missing=f"Public key {path} does not exist; ask the site for its ledger public key.",
-        malformed=f"{path} is not a PEM public key", wrong_type=f"{path} is not an Ed25519 public key.",
+        missing=missing or f"Public key {path} does not exist; ask the site for its ledger public key.",
+        malformed=f"{path} is not a PEM public key" + (f"; it should be {what}" if what else ""), wrong_type=f"{path} is not an Ed25519 public key{should_be}",
     )
 
 

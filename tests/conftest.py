@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
+import re
+import shlex
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -96,6 +99,14 @@ def small_site(tiny_cohort: Path, folder: Path, n_rows: int = 14, edit: Callable
     return m
 
 
+def dry_run_command(stdout: str) -> list[str]:
+    """The SuperNode's argv in `site start --dry-run`'s first line (one shell command:
+    ``env PATH=… KEY=… program args``), without the ``env`` and its assignments."""
+    words = shlex.split(stdout.splitlines()[0])
+    assert words[0] == "env", words[:2]
+    return list(itertools.dropwhile(lambda w: re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w) is not None, words[1:]))
+
+
 def write_tone(path: Path, *, sr: int = 16000, seconds: float = 3.0, amp: float = 0.3, silent_gaps: bool = True) -> Path:
     """A voiced-like test signal: 150 Hz harmonic tone bursts separated by pauses."""
     t = np.arange(int(sr * seconds)) / sr
@@ -107,4 +118,4 @@ def write_tone(path: Path, *, sr: int = 16000, seconds: float = 3.0, amp: float 
     return path
 
 
-__all__ = ["ROOT", "small_site", "tiny_cohort_config", "tiny_experiment", "write_tone", "FederationConfig", "TrainingConfig"]
+__all__ = ["ROOT", "dry_run_command", "small_site", "tiny_cohort_config", "tiny_experiment", "write_tone", "FederationConfig", "TrainingConfig"]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from server.cli import app
@@ -86,3 +90,63 @@ def test_site_check_with_a_state_dir_that_is_a_file_blames_the_state_folder_not_
     assert result.exit_code == 3
     assert "state folder" in result.output and "afile is a file, not a folder" in result.output
     assert "cannot be read" not in result.output and "Traceback" not in result.output
+
+
+def _groups(group: typer.Typer) -> list[typer.Typer]:
+    return [group, *(g for info in group.registered_groups if info.typer_instance for g in _groups(info.typer_instance))]
+
+
+def test_no_command_group_prints_local_variables_in_a_crash_report() -> None:
+    assert all(g.pretty_exceptions_show_locals is False for g in _groups(app))
+
+
+def test_an_unexpected_crash_does_not_print_the_rows_it_held(tmp_path: Path) -> None:
+    script = (
+        "import server.cli as cli\n"
+        "@cli.site_app.command('boom')\n"
+        "def boom() -> None:\n"
+        "    row = {'patient_id': 'PATX0005', 'transcript': 'I feel hopeless'}\n"
+        "    raise RuntimeError('unexpected')\n"
+        "cli.app(['site', 'boom'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "200"}
+    env.pop("_TYPER_STANDARD_TRACEBACK", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode != 0 and "RuntimeError" in done.stderr + done.stdout
+    assert "PATX0005" not in done.stderr + done.stdout and "hopeless" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("case", ["missing-manifest", "bad-experiment", "audit-missing-key", "audit-missing-ledger"])
+def test_with_json_an_error_goes_to_stderr_and_stdout_holds_no_text(tmp_path: Path, case: str) -> None:
+    bad = tmp_path / "exp.yaml"
+    bad.write_text("name: x\nprivacy: {accountant: gdp}\n")
+    ledger = tmp_path / "privacy-ledger.jsonl"
+    ledger.write_text("")
+    command = {
+        "missing-manifest": ["site", "check", "--manifest", str(tmp_path / "none.csv"), "--json"],
+        "bad-experiment": ["site", "check", "--manifest", str(tmp_path / "none.csv"), "--experiment", str(bad), "--json"],
+        "audit-missing-key": ["audit", "verify", str(ledger), "--public-key", str(tmp_path / "none.pub.pem"), "--json"],
+        "audit-missing-ledger": ["audit", "verify", str(tmp_path / "none.jsonl"), "--json"],
+    }[case]
+    result = runner.invoke(app, command)
+    assert result.exit_code != 0
+    assert result.stdout == ""  # `… --json > report.json` never fills the file with an error sentence
+    assert result.stderr.strip()  # the error itself, for the person at the terminal
+
+
+@pytest.mark.parametrize("who", ["", "   "])
+def test_a_plan_approval_without_an_approver_is_refused_and_nothing_is_recorded(tmp_path: Path, who: str) -> None:
+    from client.approval import approve
+    from shared.config import load_experiment, load_site
+    from shared.errors import ConfigError
+
+    site = tmp_path / "site.yaml"
+    site.write_text(f"name: oslo\nmanifest: m.csv\nstate_dir: {tmp_path / 'state'}\n")
+    plan = Path(__file__).resolve().parents[1] / "configs" / "experiment.yaml"
+
+    result = runner.invoke(app, ["site", "approve", "--site", str(site), "--plan", str(plan), "--approved-by", who, "--yes"])
+
+    assert result.exit_code != 0 and "--approved-by" in result.output
+    with pytest.raises(ConfigError, match="approved-by"):
+        approve(load_site(site), load_experiment(plan), approved_by=who)
+    assert not (tmp_path / "state" / "approved-plans.json").exists()

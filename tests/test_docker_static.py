@@ -40,7 +40,10 @@ def test_each_site_gets_only_its_own_node_key_and_starts_after_its_key_is_regist
     for name in SITES:
         svc = compose["services"][name]
         keys = [v for v in svc["volumes"] if v.startswith("./keys")]
-        assert sorted(keys) == sorted(["./keys/ca/ca.pem:/consortium/ca.pem:ro", f"./keys/sites/{name}/node.key:/consortium/node.key:ro"]), name
+        assert sorted(keys) == sorted([
+            "./keys/ca/ca.pem:/consortium/ca.pem:ro", f"./keys/sites/{name}/node.key:/consortium/node.key:ro",
+            "./keys/server/model-signing.pub.pem:/consortium/model-signing.pub.pem:ro",  # public: sites verify every global model
+        ]), name
         assert svc["depends_on"]["register-sites"] == {"condition": "service_completed_successfully"}
     register = compose["services"]["register-sites"]
     script = register["entrypoint"][-1]
@@ -87,3 +90,15 @@ def test_entry_points_and_flags_exist_in_the_cli() -> None:
 def test_site_image_never_installs_the_gpl_synthesiser() -> None:
     run = " ".join(v for k, v in instructions(DOCKER / "site.Dockerfile") if k == "RUN")
     assert "grep -v '^espeakng-loader=='" in run
+
+
+def test_the_coordinator_key_synth_names_in_site_yaml_is_mounted_where_it_resolves_in_a_site_container() -> None:
+    from shared.synth import cohort
+
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    named = re.search(r'"coordinator_public_key": "([^"]+)"', Path(cohort.__file__).read_text())
+    assert named is not None
+    in_container = (Path("/site") / named.group(1)).resolve()  # site.yaml is /site/site.yaml in the container
+    for name in SITES:
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in compose["services"][name]["volumes"]}
+        assert mounts[str(in_container)] == "./keys/server/model-signing.pub.pem", name

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -65,3 +68,24 @@ def test_site_timeline_renders_one_patient_at_the_site(tiny_cohort: Path, tmp_pa
     assert "gamma-p0001" in page and "Decision support only" in page and (tmp_path / "tl.png").stat().st_size > 1000
     res = runner.invoke(app, [*args, "--patient", "nobody", "--out", str(tmp_path / "x")])
     assert res.exit_code == 3 and "nobody" in res.output
+
+
+def test_site_timelines_are_written_0600_in_a_0700_folder_whatever_the_umask(tiny_cohort: Path, tmp_path: Path) -> None:
+    exp = tiny_experiment()
+    (tmp_path / "exp.yaml").write_text(exp.to_yaml())
+    save_checkpoint(tmp_path / "model.safetensors", get_arrays(build_model(exp)), {})
+    state = tmp_path / "state"
+    shutil.copytree(tiny_cohort / "gamma" / "state" / "features", state / "features")  # cached features: no re-extraction
+    (state / "timelines").mkdir(mode=0o755)  # as an older version left it
+    site = tmp_path / "site.yaml"
+    site.write_text(f"name: gamma\nmanifest: {tiny_cohort / 'gamma' / 'manifest.csv'}\nstate_dir: {state}\n")
+    old = os.umask(0o022)
+    try:
+        res = runner.invoke(app, ["site", "timeline", "--site", str(site), "--model", str(tmp_path / "model.safetensors"), "--config", str(tmp_path / "exp.yaml"), "--patient", "gamma-p0001"])
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    folder = state / "timelines"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert sorted(p.name for p in folder.iterdir()) == ["gamma-p0001.html", "gamma-p0001.png"]  # no temporary file left
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.iterdir())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from typer.testing import CliRunner
 
 from server.cli import app
 from server.keys import make_ca, make_server, make_site, verify_chain
+from tests.conftest import dry_run_command
 
 runner = CliRunner()
 
@@ -35,8 +38,24 @@ def test_private_keys_are_0600_and_never_overwritten(tmp_path: Path) -> None:
     assert pub.read_text().startswith("ecdsa-sha2-nistp256 ")
     from shared.errors import CryptoError
 
-    with pytest.raises(CryptoError, match="refusing to overwrite"):
+    with pytest.raises(CryptoError, match="never overwritten.*keys site oslo --rotate"):
         make_site(tmp_path, "oslo")
+
+
+def test_a_second_keys_ca_or_keys_server_says_what_to_do_instead_of_a_rotate_command_that_does_not_exist(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["keys", "ca", "--keys", str(tmp_path)]).exit_code == 0
+    assert runner.invoke(app, ["keys", "server", "--keys", str(tmp_path)]).exit_code == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    ca = runner.invoke(app, ["keys", "ca", "--keys", str(tmp_path)], terminal_width=400)
+    server = runner.invoke(app, ["keys", "server", "--keys", str(tmp_path)], terminal_width=400)
+
+    ca_text, server_text = " ".join(ca.output.split()), " ".join(server.output.split())
+    assert ca.exit_code != 0 and server.exit_code != 0
+    assert "rotate it explicitly" not in ca_text + server_text
+    assert f"move the folder {tmp_path / 'ca'} away deliberately" in ca_text and "new consortium" in ca_text and "new ca.pem" in ca_text
+    assert "away deliberately" in server_text and "sites need nothing new" in server_text
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing was changed
 
 
 def test_keys_cli_creates_the_layout_and_explains_where_files_go(tmp_path: Path) -> None:
@@ -45,7 +64,7 @@ def test_keys_cli_creates_the_layout_and_explains_where_files_go(tmp_path: Path)
         assert result.exit_code == 0, result.output
     assert (tmp_path / "sites" / "bergen" / "node.key").exists()
     again = runner.invoke(app, ["keys", "ca", "--keys", str(tmp_path)])
-    assert again.exit_code == 5 and "refusing to overwrite" in again.output
+    assert again.exit_code == 5 and "never overwritten" in again.output
 
 
 def test_rotation_keeps_the_old_pair_aside_and_writes_a_new_one(tmp_path: Path) -> None:
@@ -96,6 +115,23 @@ def test_server_start_turns_supernode_authentication_on_and_says_what_to_do_next
     assert loopback.exit_code == 0 and "--insecure" in loopback.stdout.splitlines()[0]
 
 
+def test_server_start_finds_flowers_scripts_without_an_activated_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_ca(tmp_path)
+    make_server(tmp_path)
+    started: list[tuple[str, dict[str, str]]] = []
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as from cron or systemd: the venv is not activated
+    monkeypatch.setattr(os, "execve", lambda exe, argv, env: started.append((exe, env)) or sys.exit(0))
+    monkeypatch.setattr(os, "execv", lambda exe, argv: started.append((exe, dict(os.environ))) or sys.exit(0))  # never really started
+
+    result = runner.invoke(app, ["server", "start", "--keys", str(tmp_path)], terminal_width=300)
+
+    assert result.exit_code == 0, result.output
+    (exe, env), = started
+    assert Path(exe).name == "flower-superlink"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # where flower-superexec is
+    assert (Path(sys.executable).parent / "flower-superexec").exists()
+
+
 def test_site_start_uses_tls_its_node_key_and_the_pinned_clientapp(tmp_path: Path) -> None:
     make_ca(tmp_path)
     make_server(tmp_path)
@@ -105,7 +141,7 @@ def test_site_start_uses_tls_its_node_key_and_the_pinned_clientapp(tmp_path: Pat
     node = runner.invoke(app, ["site", "start", "--site", str(site), "--superlink", "coord:9092", "--ca", str(tmp_path / "ca" / "ca.pem"),
                                "--node-key", str(priv), "--dry-run"], terminal_width=300)
     assert node.exit_code == 0, node.output
-    argv = node.stdout.splitlines()[0].split()
+    argv = dry_run_command(node.stdout)
     assert argv[argv.index("--root-certificates") + 1] == str((tmp_path / "ca" / "ca.pem").resolve())
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(priv.resolve())
     assert "--insecure" not in argv and any(a.startswith("site-config=") for a in argv)

@@ -95,6 +95,39 @@ def test_site_yaml_is_validated_once_while_unchanged_and_an_edit_applies_at_the_
     app._site_config.cache_clear()
 
 
+def _patients(site: object) -> set[str]:
+    return {s.row.patient_id for s in site.data.sessions}  # type: ignore[attr-defined]
+
+
+def test_a_manifest_or_recording_changed_while_the_site_runs_is_loaded_again_at_the_next_message(tiny_cohort: Path, tmp_path: Path) -> None:
+    import client.app as app
+    from tests.conftest import small_site, tiny_experiment
+
+    (tmp_path / "site").mkdir()
+    manifest = small_site(tiny_cohort, tmp_path / "site", n_rows=56)  # 8 patients
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(f"name: alpha\nmanifest: {manifest}\nstate_dir: {tmp_path / 'state'}\n", encoding="utf-8")
+    cfg, exp = app.site_config(site_yaml), tiny_experiment()
+    app.restart_process_state()
+
+    first = app.site_for(cfg, exp)
+    again = app.site_for(cfg, exp)  # next message, nothing changed: the loaded site is reused
+    header, *rows = manifest.read_text(encoding="utf-8").splitlines()
+    withdrawn = sorted(_patients(first))[:4]  # consent withdrawn: their rows are removed, the SuperNode keeps running
+    manifest.write_text("\n".join([header, *(r for r in rows if r.split(",")[0] not in withdrawn)]) + "\n", encoding="utf-8")
+    after_withdrawal = app.site_for(cfg, exp)
+    kept = after_withdrawal.data.sessions[0].row.audio_path
+    other = next(s.row.audio_path for s in after_withdrawal.data.sessions if s.row.audio_path != kept)
+    kept.write_bytes(other.read_bytes())  # a recording replaced, manifest untouched
+    after_recording = app.site_for(cfg, exp)
+
+    assert again is first and len(_patients(first)) == 8
+    assert after_withdrawal is not first and _patients(after_withdrawal) == _patients(first) - set(withdrawn)
+    assert after_recording is not after_withdrawal
+    assert after_recording.data.fingerprint != after_withdrawal.data.fingerprint  # the new recording, not the memoised one
+    app.restart_process_state()
+
+
 def test_a_missing_or_invalid_site_yaml_is_an_error_at_every_message(tmp_path: Path) -> None:
     import client.app as app
     from shared.errors import ConfigError

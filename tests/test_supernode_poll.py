@@ -24,6 +24,7 @@ from server.keys import make_ca, make_server, make_site
 from shared import flower_pulls
 from shared.config import SiteConfig, load_site
 from shared.errors import ConfigError
+from tests.conftest import dry_run_command
 
 FLOWER_LOOP = '''
 import time
@@ -201,7 +202,7 @@ def test_site_start_runs_the_bounded_supernode_at_the_site_yaml_rate(tmp_path: P
                                     "--node-key", str(priv), "--dry-run"], terminal_width=300)
 
     assert node.exit_code == 0, node.output
-    argv = node.stdout.splitlines()[0].split()
+    argv = dry_run_command(node.stdout)
     assert argv[:8] == [sys.executable, "-P", "-m", "client.supernode_main", sm.FLAG, "1.5", sm.GROWTH_FLAG, "1"]
     assert "--auth-supernode-private-key" in argv and "--root-certificates" in argv and "--insecure" not in argv
 
