@@ -188,6 +188,7 @@ def plan(
     from client.site import Site
     from server.simulate import discover_sites
     from shared.config import load_experiment, load_site
+    from shared.errors import PolicyError
 
     exp = load_experiment(config)
     table = Table(title=f"plan: {exp.federation.rounds} rounds x {exp.training.local_steps} steps, target ε={exp.privacy.target_epsilon:g}")
@@ -196,14 +197,22 @@ def plan(
     refused = False
     for path in discover_sites(data):
         site = Site(load_site(path), exp)
-        p = site.plan(run_id="plan-preview", total_rounds=exp.federation.rounds)
+        try:
+            p = site.plan(run_id="plan-preview", total_rounds=exp.federation.rounds)
+        except PolicyError as exc:  # e.g. an ε no noise can reach: the site's refusal, not a crash
+            p = {"code": getattr(exc, "refusal_code", "ledger"), "reason": f"Site {site.cfg.name}: {exc}"}
         ok = p["code"] == "ok"
         refused |= not ok
-        table.add_row(site.cfg.name, str(site.train_set.n_patients), f"{site.sample_rate:.3f}", f"{float(p.get('noise_multiplier', 0)):.3f}", f"{float(p.get('epsilon_run', 0)):.2f}",
-                      f"{float(p.get('epsilon_spent', 0)):.2f}", f"{float(p.get('epsilon_remaining', 0)):.2f}", "ok" if ok else f"refuse: {p['reason']}")
+        table.add_row(site.cfg.name, str(site.train_set.n_patients), f"{site.sample_rate:.3f}", _num(p, "noise_multiplier", ".3f"), _num(p, "epsilon_run", ".2f"),
+                      _num(p, "epsilon_spent", ".2f"), _num(p, "epsilon_remaining", ".2f"), "ok" if ok else f"refuse ({p['code']}): {p['reason']}")
     console.print(table)
     if refused:
         raise typer.Exit(4)
+
+
+def _num(values: dict[str, Any], key: str, fmt: str) -> str:
+    """``values[key]`` formatted, or "-" when the site gave no such number (it refused first)."""
+    return format(float(values[key]), fmt) if key in values else "-"
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:

@@ -65,3 +65,14 @@ def test_bench_idle_poll_refuses_a_wait_that_is_not_a_number_before_starting_any
     result = runner.invoke(app, ["bench", "idle-poll", "--out", str(tmp_path / "o"), "--polls", "flower,fast"])
     assert result.exit_code == 2 and "--polls must be comma-separated seconds or 'flower'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_with_an_unreachable_epsilon_shows_each_sites_refusal_not_a_traceback(tiny_cohort: Path, tmp_path: Path) -> None:
+    from tests.conftest import tiny_experiment
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(tiny_experiment().with_privacy(target_epsilon=0.001).to_yaml())
+    result = runner.invoke(app, ["plan", "--config", str(exp), "--data", str(tiny_cohort / "alpha")], env={"COLUMNS": "400"})  # one site: quicker
+    assert result.exit_code == 4, result.output
+    assert "refuse (budget): Site alpha: `privacy.target_epsilon` ε=0.001 cannot be met" in result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, ValueError)
