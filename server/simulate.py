@@ -39,6 +39,20 @@ def discover_sites(data: Path) -> list[Path]:
     return found
 
 
+RUN_MARKERS = ("run.json", "summary.json", "metrics.json", "config.yaml", SIM_INFO, "checkpoints")
+
+
+def refuse_existing_run(out: Path) -> None:
+    """A :class:`ConfigError` when ``out`` already holds a run: a second run there would
+    overwrite some of its files and mix the two runs' checkpoints and metrics."""
+    found = [name for name in RUN_MARKERS if (out / name).exists()]
+    if found:
+        raise ConfigError(
+            f"The run folder {out} already holds a run ({', '.join(found)}); a new run there would overwrite it and mix the two. "
+            f"Give --out a new folder, or, to continue that run after it stopped, use `fedrelapse run --resume {out}`."
+        )
+
+
 def consortium_signing_key(data: Path) -> Path:
     """The simulated coordinator's model-signing key (``data/consortium/``), made on first use.
     Synthetic sites' site.yaml point their ``coordinator_public_key`` at its public half."""
@@ -107,6 +121,8 @@ def simulate(
     from server.sim_dispatch import linear_dispatch
 
     console = console or Console()
+    if resume is None:
+        refuse_existing_run(out)
     paths = discover_sites(data)
     sites = [load_site(p) for p in paths]
     if len(sites) < exp.federation.min_nodes:

@@ -76,3 +76,17 @@ def test_plan_with_an_unreachable_epsilon_shows_each_sites_refusal_not_a_traceba
     assert result.exit_code == 4, result.output
     assert "refuse (budget): Site alpha: `privacy.target_epsilon` ε=0.001 cannot be met" in result.output
     assert "Traceback" not in result.output and not isinstance(result.exception, ValueError)
+
+
+@pytest.mark.parametrize("marker", ["run.json", "summary.json", "checkpoints"])
+def test_simulate_into_a_folder_that_holds_a_run_is_refused_before_anything_runs(tmp_path: Path, marker: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    if marker == "checkpoints":
+        (run / marker).mkdir()
+    else:
+        (run / marker).write_text("{}")
+    result = runner.invoke(app, ["simulate", "--config", "configs/experiment.yaml", "--data", str(tmp_path / "no-cohort"), "--out", str(run)], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert f"{run} already holds a run ({marker})" in result.output and f"fedrelapse run --resume {run}" in result.output
+    assert sorted(p.name for p in run.iterdir()) == [marker]  # nothing written
