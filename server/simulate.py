@@ -30,12 +30,22 @@ if TYPE_CHECKING:
 
 
 def discover_sites(data: Path) -> list[Path]:
-    """site.yaml files of the hospitals under ``data`` (``data/<hospital>/site.yaml``)."""
+    """site.yaml files of the hospitals under ``data`` (``data/<hospital>/site.yaml``); two
+    with the same site ``name`` are a :class:`ConfigError` naming both files."""
     if (data / "site.yaml").is_file():
         return [data / "site.yaml"]
     found = sorted(data.glob("*/site.yaml"))
     if not found:
         raise ConfigError(f"No hospital folder with a site.yaml under {data}; run `fedrelapse synth --out {data}` first.")
+    named: dict[str, Path] = {}
+    for path in found:
+        name = load_site(path).name
+        if name in named:
+            raise ConfigError(
+                f"{named[name]} and {path} both name their site {name!r}; each site needs its own `name` in site.yaml "
+                f"(the coordinator tells sites, their metrics and refusals apart by it). Rename one of them."
+            )
+        named[name] = path
     return found
 
 

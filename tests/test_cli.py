@@ -90,3 +90,14 @@ def test_simulate_into_a_folder_that_holds_a_run_is_refused_before_anything_runs
     assert result.exit_code == 2, result.output
     assert f"{run} already holds a run ({marker})" in result.output and f"fedrelapse run --resume {run}" in result.output
     assert sorted(p.name for p in run.iterdir()) == [marker]  # nothing written
+
+
+def test_two_site_folders_with_the_same_site_name_are_refused_naming_both_files(tmp_path: Path) -> None:
+    for folder in ("oslo", "oslo-copy", "bergen"):
+        (tmp_path / folder).mkdir()
+        name = "bergen" if folder == "bergen" else "oslo"
+        (tmp_path / folder / "site.yaml").write_text(f"name: {name}\nmanifest: manifest.csv\n")
+    result = runner.invoke(app, ["simulate", "--config", "configs/experiment.yaml", "--data", str(tmp_path), "--out", str(tmp_path / "run")], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'oslo' / 'site.yaml'} and {tmp_path / 'oslo-copy' / 'site.yaml'} both name their site 'oslo'" in result.output
+    assert not (tmp_path / "run").exists()
