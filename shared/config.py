@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from shared.errors import ConfigError
-from shared.schema import build, load_yaml, read_config_text, spec, to_plain, yaml_mapping
+from shared.schema import build, load_yaml, read_config_text, spec, text_mapping, to_plain, yaml_mapping
 
 FEATURE_FORMAT = 2  # bump when extraction code changes what a config produces
 
@@ -332,11 +332,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
 
 def experiment_from_yaml_text(text: str, *, source: str) -> ExperimentConfig:
     """Validate an experiment sent as YAML text (the ServerApp's run config carries it)."""
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML ({exc}).") from None
-    return build(ExperimentConfig, data, source=source)
+    return build(ExperimentConfig, text_mapping(text, source), source=source)
 
 
 def load_site(path: str | Path) -> SiteConfig:

@@ -37,6 +37,9 @@ def test_shipped_configs_validate() -> None:
         ("name: x\nmodel: {name: transformer9000}\n", None),
         ("name: x\nmodel: {conv_channels: 10, groups: 4}\n", r"`model.conv_channels` \(10\) must be divisible by `model.groups` \(4\)"),
         ("name: [x\n", r"exp.yaml is not valid YAML at line 2, column 1"),
+        ("name: x\nprivacy:\n  target_epsilon: 3\nseed: 1\nprivacy:\n  enabled: true\n",
+         r"exp.yaml: key 'privacy' appears twice in the same section \(lines 2 and 5\); YAML would silently keep only the second"),
+        ("name: x\nfederation:\n  rounds: 3\n  rounds: 30\n", r"exp.yaml: key 'rounds' appears twice in the same section \(lines 3 and 4\)"),
     ],
 )
 def test_bad_experiment_yaml_is_a_clear_config_error(tmp_path: Path, text: str, message: str | None) -> None:
@@ -60,3 +63,19 @@ def test_configs_are_frozen() -> None:
     exp = load_experiment(ROOT / "configs" / "experiment.yaml")
     with pytest.raises(AttributeError):
         exp.privacy.target_epsilon = 100  # type: ignore[misc]
+
+
+def test_duplicate_keys_are_refused_in_site_yaml_and_in_a_plan_sent_as_text(tmp_path: Path) -> None:
+    from shared.config import experiment_from_yaml_text
+
+    site = tmp_path / "site.yaml"
+    site.write_text("name: oslo\nmanifest: m.csv\npolicy:\n  epsilon_cap_total: 5\n  epsilon_cap_total: 50\n")
+    with pytest.raises(ConfigError, match=rf"Config file {site}: key 'epsilon_cap_total' appears twice in the same section \(lines 4 and 5\)"):
+        load_site(site)
+    with pytest.raises(ConfigError, match=r"the plan: key 'name' appears twice in the same section \(lines 1 and 2\)"):
+        experiment_from_yaml_text("name: a\nname: b\n", source="the plan")
+
+
+def test_a_yaml_merge_key_overridden_by_an_explicit_key_is_not_a_duplicate(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x\nfederation:\n  <<: {rounds: 3, min_nodes: 2}\n  rounds: 4\n")
+    assert load_experiment(path).federation.rounds == 4
