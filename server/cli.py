@@ -81,7 +81,11 @@ def simulate(
     ray_address: Annotated[str | None, typer.Option(help="Join an existing Ray cluster (auto, or ray://head:10001; RAY_ADDRESS works too) instead of starting one here.")] = None,
     gpus_per_site: Annotated[float, typer.Option(help="Share of a GPU each simulated site gets (0.25: four sites per GPU).", min=0.0, max=1.0)] = 0.0,
 ) -> None:
-    """Run the federation in Flower's Simulation Engine and print a summary."""
+    """Run the federation in Flower's Simulation Engine and print a summary.
+
+    Exit code 0 when the run completed, 4 when a site refused it before start, 6 when it
+    ended incomplete (a round had no usable update).
+    """
     from server.app import new_run_id
     from server.simulate import simulate as run_sim
     from shared.config import load_experiment
@@ -95,6 +99,7 @@ def simulate(
         summary["baselines"] = base
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary, out)
+    _exit_with_run_status(summary)
 
 
 @app.command("run")
@@ -113,6 +118,7 @@ def run_cmd(
     so no privacy budget is spent twice. A finished run is reported and left as it is.
     Works for runs made by `fedrelapse simulate` and for deployed runs (the run folder has
     deployment.json; give --superlink and --keys: the run is submitted again with `flwr run`).
+    Exit code as `simulate`'s: 0 completed, 4 refused before start, 6 incomplete.
     """
     from server.app import DEPLOY_INFO
     from server.resume import finished_summary, read_run
@@ -123,6 +129,7 @@ def run_cmd(
         run_id, _ = read_run(resume)
         console.print(f"run {run_id} has already finished (status: {done.get('status')}); nothing to resume, nothing was changed.")
         print_summary(done, resume)
+        _exit_with_run_status(done)
         return
     if (resume / DEPLOY_INFO).is_file():
         summary = _resume_deployed(resume, config=config, superlink=superlink, keys=keys, timeout_s=timeout_s)
@@ -131,6 +138,7 @@ def run_cmd(
             raise typer.BadParameter(f"{resume} has no {DEPLOY_INFO}: it is not a deployed run, so --superlink/--keys do not apply.")
         summary = resume_simulation(resume, config=config, console=console)
     print_summary(summary, resume)
+    _exit_with_run_status(summary)
 
 
 def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, keys: Path | None, timeout_s: float) -> dict[str, Any]:
@@ -208,6 +216,25 @@ def plan(
     console.print(table)
     if refused:
         raise typer.Exit(4)
+
+
+EXIT_REFUSED = 4  # PolicyError's code: a site's policy refused the run before round 1 (as `plan` exits)
+EXIT_INCOMPLETE = 6  # FederationError's code: the run ended, but some round had no usable update
+
+
+def run_exit_code(summary: dict[str, Any]) -> int:
+    """The exit code of `simulate` and `run` for a run that ended with ``summary``: 0 completed,
+    4 refused before start, 6 incomplete (see the researcher runbook's exit-code table)."""
+    status = str(summary.get("status", ""))
+    if status == "completed":
+        return 0
+    return EXIT_REFUSED if status == "refused before start" else EXIT_INCOMPLETE
+
+
+def _exit_with_run_status(summary: dict[str, Any]) -> None:
+    code = run_exit_code(summary)
+    if code:
+        raise typer.Exit(code)
 
 
 def _num(values: dict[str, Any], key: str, fmt: str) -> str:

@@ -101,3 +101,22 @@ def test_two_site_folders_with_the_same_site_name_are_refused_naming_both_files(
     assert result.exit_code == 2, result.output
     assert f"{tmp_path / 'oslo' / 'site.yaml'} and {tmp_path / 'oslo-copy' / 'site.yaml'} both name their site 'oslo'" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def _ended(status: str) -> dict:
+    return {"run_id": "r-1", "status": status, "rounds_completed": 0, "rounds_planned": 2, "final_federated_auroc": None, "wall_time_s": 1.0, "sites": {}}
+
+
+@pytest.mark.parametrize(("status", "code"), [("completed", 0), ("refused before start", 4), ("incomplete: a round had no usable update", 6)])
+def test_simulate_and_run_exit_codes_say_how_the_run_ended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: str, code: int) -> None:
+    import server.resume
+    import server.simulate
+
+    monkeypatch.setattr(server.simulate, "simulate", lambda *a, **k: _ended(status))
+    simulated = runner.invoke(app, ["simulate", "--config", "configs/experiment.yaml", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert simulated.exit_code == code, simulated.output
+    assert f"status: {status}" in " ".join(simulated.output.split())
+    monkeypatch.setattr(server.resume, "finished_summary", lambda run: _ended(status))
+    monkeypatch.setattr(server.resume, "read_run", lambda run: ("r-1", None))
+    reported = runner.invoke(app, ["run", "--resume", str(tmp_path / "run")])  # a finished run: reported with the same code
+    assert reported.exit_code == code, reported.output
