@@ -20,6 +20,9 @@ from shared.errors import ConfigError
 from shared.schema import build, load_yaml, read_config_text, spec, text_mapping, to_plain, yaml_mapping
 
 FEATURE_FORMAT = 2  # bump when extraction code changes what a config produces
+# Names in the model registry (shared.models.MODELS, which imports torch, so it is not read
+# here); a test keeps the two equal. prosody_mel is speech_language's earlier name.
+MODEL_NAMES = ("speech_language", "prosody_mel")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +86,7 @@ class SpeechConfig:
 class ModelSpec:
     """Which architecture to build from the registry in :mod:`shared.models`."""
 
-    name: str = spec("speech_language", doc="Architecture name in the model registry.")
+    name: str = spec("speech_language", doc="Architecture name in the model registry (prosody_mel is an earlier name of speech_language).", choices=MODEL_NAMES)
     hidden: int = spec(32, doc="Width of the fusion head's hidden layer.", ge=4, le=1024)
     conv_channels: int = spec(16, doc="Channels of the log-mel convolution branch.", ge=4, le=256)
     groups: int = spec(4, doc="GroupNorm groups (DP-safe: no statistics across patients).", ge=1)
