@@ -200,7 +200,7 @@ def plan(
 
     exp = load_experiment(config)
     table = Table(title=f"plan: {exp.federation.rounds} rounds x {exp.training.local_steps} steps, target ε={exp.privacy.target_epsilon:g}")
-    for col in ("site", "training patients", "q", "σ", "ε this run", "ε spent so far", "all-time left", "verdict"):
+    for col in ("site", "training patients", "q", "σ", "ε this run", "ε spent so far", "all-time ε after", "all-time left now", "verdict"):
         table.add_column(col, justify="left" if col in ("site", "verdict") else "right")
     refused = False
     for path in discover_sites(data):
@@ -212,7 +212,7 @@ def plan(
         ok = p["code"] == "ok"
         refused |= not ok
         table.add_row(site.cfg.name, str(site.train_set.n_patients), f"{site.sample_rate:.3f}", _num(p, "noise_multiplier", ".3f"), _num(p, "epsilon_run", ".2f"),
-                      _num(p, "epsilon_spent", ".2f"), _num(p, "epsilon_remaining", ".2f"), "ok" if ok else f"refuse ({p['code']}): {p['reason']}")
+                      _num(p, "epsilon_spent", ".2f"), _num(p, "epsilon_after", ".2f"), _num(p, "epsilon_remaining", ".2f"), "ok" if ok else f"refuse ({p['code']}): {p['reason']}")
     console.print(table)
     if refused:
         raise typer.Exit(4)

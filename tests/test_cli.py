@@ -120,3 +120,23 @@ def test_simulate_and_run_exit_codes_say_how_the_run_ended(tmp_path: Path, monke
     monkeypatch.setattr(server.resume, "read_run", lambda run: ("r-1", None))
     reported = runner.invoke(app, ["run", "--resume", str(tmp_path / "run")])  # a finished run: reported with the same code
     assert reported.exit_code == code, reported.output
+
+
+def test_plan_shows_the_all_time_epsilon_after_the_run_that_the_site_checks_its_cap_against(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import client.site
+
+    class ComposingSite:  # spent 7.99 earlier; this run 7.99; composed under RDP: 11.25, under the cap of 12
+        def __init__(self, cfg: object, exp: object) -> None:
+            self.cfg, self.train_set, self.sample_rate = cfg, SimpleNamespace(n_patients=20), 0.4
+
+        def plan(self, *, run_id: str, total_rounds: int) -> dict:
+            return {"noise_multiplier": 0.8, "epsilon_run": 7.99, "epsilon_spent": 7.99, "epsilon_after": 11.25, "epsilon_remaining": 4.01, "delta": 1e-5, "code": "ok", "reason": ""}
+
+    monkeypatch.setattr(client.site, "Site", ComposingSite)
+    (tmp_path / "site.yaml").write_text("name: bergen\nmanifest: manifest.csv\n")
+    result = runner.invoke(app, ["plan", "--config", "configs/experiment.yaml", "--data", str(tmp_path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "all-time ε after" in result.output
+    assert [c.strip() for c in result.output.splitlines()[-2].split("│")[1:-1]] == ["bergen", "20", "0.400", "0.800", "7.99", "7.99", "11.25", "4.01", "ok"]
