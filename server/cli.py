@@ -193,8 +193,8 @@ def plan(
     A deployed coordinator asks the same question of every connected site before round 1
     (pre-flight) and does not start a run that a site would refuse.
     """
-    from client.site import Site
-    from server.simulate import discover_sites
+    from client.site import Site, load_site_data
+    from server.simulate import discover_sites, require_usable_sessions
     from shared.config import load_experiment, load_site
     from shared.errors import PolicyError
 
@@ -204,7 +204,9 @@ def plan(
         table.add_column(col, justify="left" if col in ("site", "verdict") else "right")
     refused = False
     for path in discover_sites(data):
-        site = Site(load_site(path), exp)
+        site_cfg = load_site(path)
+        require_usable_sessions(site_cfg, load_site_data(site_cfg, exp.features, exp.language, exp.speech), exp.features)  # memoised: Site reuses it
+        site = Site(site_cfg, exp)
         try:
             p = site.plan(run_id="plan-preview", total_rounds=exp.federation.rounds)
         except PolicyError as exc:  # e.g. an ε no noise can reach: the site's refusal, not a crash

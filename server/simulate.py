@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from client.audio import TOO_SHORT
 from server.resume import ResumePoint, finished_summary, load_resume_point, read_run
-from shared.config import ExperimentConfig, SiteConfig, load_experiment, load_site
-from shared.errors import ConfigError, FederationError
+from shared.config import ExperimentConfig, FeatureConfig, SiteConfig, load_experiment, load_site
+from shared.errors import ConfigError, DataError, FederationError
 from shared.faults import FaultPlan
 
 SIM_INFO = "simulation.json"  # where the cohort is, so `fedrelapse run --resume` can find it
@@ -27,6 +28,8 @@ SIM_INFO = "simulation.json"  # where the cohort is, so `fedrelapse run --resume
 if TYPE_CHECKING:
     from flwr.clientapp.typing import Mod
     from flwr.serverapp import Grid
+
+    from client.prepare import SiteData
 
 
 def discover_sites(data: Path) -> list[Path]:
@@ -83,8 +86,27 @@ def prepare_sites(sites: list[SiteConfig], exp: ExperimentConfig, console: Conso
         for site in sites:
             task = bar.add_task(f"site {site.name}: checking data, extracting features", total=None)
             data = prepare_site(site.manifest, exp.features, site.state_dir / "features", language=exp.language, speech=exp.speech, progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
+            require_usable_sessions(site, data, exp.features)
             reports.append({"site": site.name, **data.report()})
     return reports
+
+
+def require_usable_sessions(site: SiteConfig, data: SiteData, features: FeatureConfig) -> None:
+    """A :class:`DataError` when ``site`` has no usable session, saying when recordings were
+    skipped for being shorter than ``features.min_seconds`` (counts only: this message is
+    shown where the site's data is, on the machine that prepared it)."""
+    if data.sessions:
+        return
+    short = sum(p.field == "audio_path" and TOO_SHORT in p.message for p in data.problems)
+    why = (
+        f" {short} of its {data.manifest.total_rows} recordings are shorter than `features.min_seconds` ({features.min_seconds:g} s) "
+        f"of the experiment YAML and were skipped; lower features.min_seconds below the recordings' length."
+        if short else ""
+    )
+    raise DataError(
+        f"Site {site.name}: no usable session in {site.manifest}.{why} "
+        f"Run `fedrelapse site check --manifest {site.manifest} --experiment <this experiment YAML>` for each row's reason."
+    )
 
 
 def ray_backend_config(*, n_sites: int, cpus: int | None = None, ray_address: str | None = None, gpus_per_site: float = 0.0) -> dict[str, Any]:

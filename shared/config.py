@@ -40,6 +40,13 @@ class FeatureConfig:
         3, doc="A patient's first N sessions form their personal baseline.", ge=1, le=20
     )
 
+    def validate(self, source: str) -> None:
+        if self.min_seconds > self.max_seconds:
+            raise ConfigError(
+                f"{source}: `features.min_seconds` ({self.min_seconds:g}) is above `features.max_seconds` ({self.max_seconds:g}); "
+                f"recordings shorter than min_seconds are skipped and longer ones cropped to max_seconds, so lower min_seconds or raise max_seconds."
+            )
+
     def cache_key(self) -> str:
         """A short hash of every setting that changes extracted features."""
         blob = json.dumps({"format": FEATURE_FORMAT, **to_plain(self)}, sort_keys=True).encode()

@@ -140,3 +140,23 @@ def test_plan_shows_the_all_time_epsilon_after_the_run_that_the_site_checks_its_
     assert result.exit_code == 0, result.output
     assert "all-time ε after" in result.output
     assert [c.strip() for c in result.output.splitlines()[-2].split("│")[1:-1]] == ["bergen", "20", "0.400", "0.800", "7.99", "7.99", "11.25", "4.01", "ok"]
+
+
+@pytest.mark.parametrize("command", ["plan", "simulate"])
+def test_a_site_whose_recordings_are_all_shorter_than_min_seconds_is_told_so(tiny_cohort: Path, tmp_path: Path, command: str) -> None:
+    from dataclasses import replace
+
+    from tests.conftest import small_site, tiny_experiment
+
+    (tmp_path / "bergen").mkdir()
+    small_site(tiny_cohort, tmp_path / "bergen", n_rows=4)
+    (tmp_path / "bergen" / "site.yaml").write_text("name: bergen\nmanifest: manifest.csv\n")
+    exp = tiny_experiment()
+    exp = replace(exp, federation=replace(exp.federation, min_nodes=1), features=replace(exp.features, min_seconds=20.0, max_seconds=30.0))
+    (tmp_path / "exp.yaml").write_text(exp.to_yaml())
+    args = ["--config", str(tmp_path / "exp.yaml"), "--data", str(tmp_path)] + (["--out", str(tmp_path / "run")] if command == "simulate" else [])
+    result = runner.invoke(app, [command, *args], env={"COLUMNS": "400"})
+    assert result.exit_code == 3, result.output
+    assert "Site bergen: no usable session" in result.output
+    assert "4 of its 4 recordings are shorter than `features.min_seconds` (20 s)" in result.output
+    assert not (tmp_path / "run").exists()

@@ -80,3 +80,9 @@ def test_the_model_names_a_config_accepts_are_the_registrys_aliases_included() -
     from shared.models import MODELS
 
     assert set(MODEL_NAMES) == set(MODELS)
+
+
+def test_features_min_seconds_above_max_seconds_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x\nfeatures: {min_seconds: 20, max_seconds: 12}\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: `features.min_seconds` \(20\) is above `features.max_seconds` \(12\)"):
+        load_experiment(path)
