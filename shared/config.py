@@ -115,7 +115,7 @@ class PrivacyConfig:
 
     enabled: bool = spec(True, doc="Train with DP-SGD. false is for non-private baselines only.")
     target_epsilon: float = spec(8.0, doc="ε each site may spend on this run.", gt=0, le=100)
-    target_delta: float = spec(1e-5, doc="δ of the (ε, δ) guarantee, per site.", gt=0, lt=1)
+    target_delta: float = spec(1e-5, doc="δ of the (ε, δ) guarantee, per site; below 0.01 (δ should be well under 1 / the number of patients).", gt=0, lt=0.01)
     max_grad_norm: float = spec(1.0, doc="C: each patient's gradient is clipped to this L2 norm.", gt=0)
     accountant: str = spec("rdp", doc="Opacus accountant.", choices=("rdp", "prv"))
     secure_mode: bool = spec(False, doc="Cryptographically secure noise (slower; use in production).")
@@ -259,8 +259,6 @@ class ExperimentConfig:
     alerts: AlertConfig = spec(AlertConfig(), doc="Early-warning alert policy (evaluation and site timelines).")
 
     def validate(self, source: str) -> None:
-        if self.privacy.target_delta >= 1e-2:
-            raise ConfigError(f"{source}: `privacy.target_delta` {self.privacy.target_delta} is too large; use < 0.01.")
         if self.speech.enabled and not self.speech.model_path:
             raise ConfigError(f"{source}: `speech.encoder` is transformer but `speech.model_path` is empty; give the local folder of the encoder (it is never downloaded), or set `speech.encoder: none`.")
 

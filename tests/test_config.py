@@ -86,3 +86,10 @@ def test_features_min_seconds_above_max_seconds_is_refused(tmp_path: Path) -> No
     path = write(tmp_path, "name: x\nfeatures: {min_seconds: 20, max_seconds: 12}\n")
     with pytest.raises(ConfigError, match=r"exp.yaml: `features.min_seconds` \(20\) is above `features.max_seconds` \(12\)"):
         load_experiment(path)
+
+
+@pytest.mark.parametrize("delta", ["1.0", "0.05", "0.01"])
+def test_a_target_delta_of_0_01_or_more_gets_one_bound_and_one_message(tmp_path: Path, delta: str) -> None:
+    path = write(tmp_path, f"name: x\nprivacy: {{target_delta: {delta}}}\n")
+    with pytest.raises(ConfigError, match=rf"exp.yaml: `privacy.target_delta` is {float(delta)!r}; it must be < 0.01\.$"):
+        load_experiment(path)
