@@ -244,6 +244,21 @@ def _num(values: dict[str, Any], key: str, fmt: str) -> str:
     return format(float(values[key]), fmt) if key in values else "-"
 
 
+def _final_auroc(summary: dict[str, Any], out: Path) -> str:
+    """The final federated AUROC, or why there is none (from the last evaluated round's sites in metrics.json)."""
+    from server.run_folder import why_no_auroc
+
+    auc = summary.get("final_federated_auroc")
+    if auc is not None:
+        return format(auc, ".3f")
+    try:
+        rounds = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        rounds = []
+    evaluated = [r for r in rounds if isinstance(r, dict) and not r.get("evaluation_pending")]
+    return f"none: {why_no_auroc(evaluated[-1].get('sites') or {})}" if evaluated else "none (no round was evaluated)"
+
+
 def print_summary(summary: dict[str, Any], out: Path) -> None:
     table = Table(title=f"run {summary['run_id']}", show_header=True)
     table.add_column("site")
@@ -255,8 +270,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         delta = "-" if not e.get("delta") else f"{e['delta']:.0e}"
         table.add_row(site, eps, delta, f"{e.get('noise_multiplier') or 0:.2f}")
     console.print(table)
-    auc = summary.get("final_federated_auroc")
-    console.print(f"status: {summary['status']} · rounds {summary['rounds_completed']}/{summary['rounds_planned']} · final federated AUROC {auc if auc is None else format(auc, '.3f')} · wall time {summary['wall_time_s']:.1f} s")
+    console.print(f"status: {summary['status']} · rounds {summary['rounds_completed']}/{summary['rounds_planned']} · final federated AUROC {_final_auroc(summary, out)} · wall time {summary['wall_time_s']:.1f} s")
     for key, value in summary.get("baselines", {}).items():
         console.print(f"baseline {key}: {value}")
     for r in summary.get("refusals", []):

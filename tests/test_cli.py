@@ -160,3 +160,22 @@ def test_a_site_whose_recordings_are_all_shorter_than_min_seconds_is_told_so(tin
     assert "Site bergen: no usable session" in result.output
     assert "4 of its 4 recordings are shorter than `features.min_seconds` (20 s)" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_an_evaluation_suppressed_at_every_site_is_named_in_the_round_row_and_the_status_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    import server.cli
+    from server.federation import round_table
+    from server.run_folder import SUPPRESSED, RoundRecord
+
+    sites = {"bergen": {"epsilon-run": 4.0, "eval": SUPPRESSED}, "oslo": {"epsilon-run": 4.0, "eval": SUPPRESSED}}
+    (tmp_path / "metrics.json").write_text(json.dumps([{"round": 1, "auroc": None, "evaluation_pending": False, "sites": sites}]))
+    shown = Console(record=True, width=300)
+    monkeypatch.setattr(server.cli, "console", shown)
+    shown.print(round_table(RoundRecord(round=1, train_loss=0.6, auroc=None, auprc=None, eval_loss=None, patients_trained=10.0, sites=sites), header=True))
+    server.cli.print_summary({"run_id": "r-1", "status": "completed", "rounds_completed": 1, "rounds_planned": 1, "final_federated_auroc": None, "wall_time_s": 1.0, "sites": {}}, tmp_path)
+    text = shown.export_text()
+    assert "suppressed" in text.splitlines()[1] and " - " not in text.splitlines()[1]  # the round's row
+    assert "final federated AUROC none: suppressed at every site (fewer than k evaluation patients, or only one class)" in text
+    assert "AUROC None" not in text
