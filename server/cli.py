@@ -186,12 +186,14 @@ def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, k
 @friendly
 def plan(
     config: Annotated[Path, typer.Option(help="Experiment YAML.")],
-    data: Annotated[Path, typer.Option(help="Cohort folder with <hospital>/site.yaml (simulated consortium).")],
+    data: Annotated[Path | None, typer.Option(help="Cohort folder with <hospital>/site.yaml (simulated consortium); not needed with --hash-only.")] = None,
+    hash_only: Annotated[bool, typer.Option("--hash-only", help="Print only the plan hash (SHA-256 of the plan's canonical JSON: what run.json, checkpoints, ledgers and approvals record) and exit.")] = False,
 ) -> None:
     """Before a run: the ε each site would spend, its remaining budget, and any refusal.
 
     A deployed coordinator asks the same question of every connected site before round 1
-    (pre-flight) and does not start a run that a site would refuse.
+    (pre-flight) and does not start a run that a site would refuse. The plan hash is
+    printed under the table (or alone, with --hash-only).
     """
     from client.site import Site, load_site_data
     from server.simulate import discover_sites, require_usable_sessions
@@ -199,6 +201,11 @@ def plan(
     from shared.errors import PolicyError
 
     exp = load_experiment(config)
+    if hash_only:
+        print(exp.plan_hash())
+        return
+    if data is None:
+        raise typer.BadParameter("give --data (the cohort folder), or --hash-only to print only the plan hash.", param_hint="--data")
     table = Table(title=f"plan: {exp.federation.rounds} rounds x {exp.training.local_steps} steps, target ε={exp.privacy.target_epsilon:g}")
     for col in ("site", "training patients", "q", "σ", "ε this run", "ε spent so far", "all-time ε after", "all-time left now", "verdict"):
         table.add_column(col, justify="left" if col in ("site", "verdict") else "right")
@@ -216,6 +223,7 @@ def plan(
         table.add_row(site.cfg.name, str(site.train_set.n_patients), f"{site.sample_rate:.3f}", _num(p, "noise_multiplier", ".3f"), _num(p, "epsilon_run", ".2f"),
                       _num(p, "epsilon_spent", ".2f"), _num(p, "epsilon_after", ".2f"), _num(p, "epsilon_remaining", ".2f"), "ok" if ok else f"refuse ({p['code']}): {p['reason']}")
     console.print(table)
+    console.print(f"plan_hash: {exp.plan_hash()}")
     if refused:
         raise typer.Exit(4)
 
@@ -548,7 +556,7 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="Synthetic cohort folder (from `fedrelapse synth`).")],
     out: Annotated[Path, typer.Option(help="Folder for evaluation.json, evaluation.md and plots.")],
     config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
-    quick: Annotated[bool, typer.Option("--quick", help="Smaller grid (ε 8 and ∞; local, FedAvg, centralised; 3 rounds) for smoke tests.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller grid for smoke tests: local, FedAvg and centralised at ε 8 and ∞, plus three FedAvg ε=8 ablations (acoustic only, language only, no personal baseline); at most 3 rounds, 200 bootstrap resamples.")] = False,
 ) -> None:
     """The evaluation protocol: local-only, FedAvg, FedProx, FedAdam and centralised at
     ε ∈ {1, 3, 8, ∞}, plus ablations; AUROC/AUPRC with patient-bootstrap CIs, calibration,

@@ -179,3 +179,27 @@ def test_an_evaluation_suppressed_at_every_site_is_named_in_the_round_row_and_th
     assert "suppressed" in text.splitlines()[1] and " - " not in text.splitlines()[1]  # the round's row
     assert "final federated AUROC none: suppressed at every site (fewer than k evaluation patients, or only one class)" in text
     assert "AUROC None" not in text
+
+
+def test_plan_hash_only_prints_the_hash_that_run_json_and_ledgers_record_not_the_files_sha256(tmp_path: Path) -> None:
+    import hashlib
+
+    from shared.config import load_experiment
+
+    config = tmp_path / "exp.yaml"
+    config.write_text("name: x  # a comment\nfederation: {rounds: 3}\n")
+    result = runner.invoke(app, ["plan", "--config", str(config), "--hash-only"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == load_experiment(config).plan_hash() != hashlib.sha256(config.read_bytes()).hexdigest()
+    config.write_text("federation:\n  rounds: 3   # same plan, other bytes\nname: x\n")
+    assert runner.invoke(app, ["plan", "--config", str(config), "--hash-only"]).output == result.output
+
+
+def test_evaluate_quick_help_names_every_setting_of_the_quick_grid() -> None:
+    from server.evaluate import grid
+
+    names = {s.name for s in grid(quick=True)}
+    assert names == {"local/eps=8", "local/eps=inf", "fedavg/eps=8", "fedavg/eps=inf", "centralised/eps=8", "centralised/eps=inf",
+                     "fedavg/eps=8/acoustic", "fedavg/eps=8/language", "fedavg/eps=8/fused-nobaseline"}
+    help_text = " ".join(runner.invoke(app, ["evaluate", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert "local, FedAvg and centralised at ε 8 and ∞, plus three FedAvg ε=8 ablations (acoustic only, language only, no personal baseline)" in help_text
