@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -199,6 +200,7 @@ def plan(
     from server.simulate import discover_sites, require_usable_sessions
     from shared.config import load_experiment, load_site
     from shared.errors import PolicyError
+    from shared.privacy.accounting import FullSamplingWarning, full_sampling_message
 
     exp = load_experiment(config)
     if hash_only:
@@ -209,20 +211,26 @@ def plan(
     table = Table(title=f"plan: {exp.federation.rounds} rounds x {exp.training.local_steps} steps, target ε={exp.privacy.target_epsilon:g}")
     for col in ("site", "training patients", "q", "σ", "ε this run", "ε spent so far", "all-time ε after", "all-time left now", "verdict"):
         table.add_column(col, justify="left" if col in ("site", "verdict") else "right")
-    refused = False
+    refused, notes = False, []
     for path in discover_sites(data):
         site_cfg = load_site(path)
         require_usable_sessions(site_cfg, load_site_data(site_cfg, exp.features, exp.language, exp.speech), exp.features)  # memoised: Site reuses it
         site = Site(site_cfg, exp)
         try:
-            p = site.plan(run_id="plan-preview", total_rounds=exp.federation.rounds)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FullSamplingWarning)  # said below, naming the site
+                p = site.plan(run_id="plan-preview", total_rounds=exp.federation.rounds)
         except PolicyError as exc:  # e.g. an ε no noise can reach: the site's refusal, not a crash
             p = {"code": getattr(exc, "refusal_code", "ledger"), "reason": f"Site {site.cfg.name}: {exc}"}
+        if site.sample_rate >= 1.0:
+            notes.append(full_sampling_message(site.cfg.name))
         ok = p["code"] == "ok"
         refused |= not ok
         table.add_row(site.cfg.name, str(site.train_set.n_patients), f"{site.sample_rate:.3f}", _num(p, "noise_multiplier", ".3f"), _num(p, "epsilon_run", ".2f"),
                       _num(p, "epsilon_spent", ".2f"), _num(p, "epsilon_after", ".2f"), _num(p, "epsilon_remaining", ".2f"), "ok" if ok else f"refuse ({p['code']}): {p['reason']}")
     console.print(table)
+    for note in notes:
+        console.print(f"[yellow]warning: {escape(note)}[/yellow]", soft_wrap=True)
     console.print(f"plan_hash: {exp.plan_hash()}")
     if refused:
         raise typer.Exit(4)

@@ -203,3 +203,14 @@ def test_evaluate_quick_help_names_every_setting_of_the_quick_grid() -> None:
                      "fedavg/eps=8/acoustic", "fedavg/eps=8/language", "fedavg/eps=8/fused-nobaseline"}
     help_text = " ".join(runner.invoke(app, ["evaluate", "--help"], env={"COLUMNS": "400"}).output.split())
     assert "local, FedAvg and centralised at ε 8 and ∞, plus three FedAvg ε=8 ablations (acoustic only, language only, no personal baseline)" in help_text
+
+
+def test_plan_names_a_site_whose_sampling_rate_is_1(tiny_cohort: Path, tmp_path: Path) -> None:
+    from tests.conftest import small_site, tiny_experiment
+
+    (tmp_path / "tromso").mkdir()
+    small_site(tiny_cohort, tmp_path / "tromso")  # two patients: fewer than batch_patients, so q = 1
+    (tmp_path / "tromso" / "site.yaml").write_text("name: tromso\nmanifest: manifest.csv\n")
+    (tmp_path / "exp.yaml").write_text(tiny_experiment().to_yaml())
+    result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(tmp_path / "tromso")], env={"COLUMNS": "400"})
+    assert "warning: Site tromso: sampling rate q = 1" in " ".join(result.output.split()), result.output
