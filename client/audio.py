@@ -21,6 +21,9 @@ CLIP_WARN = 0.001  # share of samples at full scale that earns a warning
 CLIP_REFUSE = 0.05  # ... and that makes the recording unusable
 
 
+TOO_SHORT = "is too short"  # starts the report's reason for a recording under features.min_seconds (counted where a site has no usable session)
+
+
 class AudioProblem(Exception):
     """A recording that cannot be used; the message is a full sentence for the report."""
 
@@ -53,7 +56,7 @@ def decode(path: Path, *, target_rate: int, min_seconds: float) -> Decoded:
     x = data.mean(axis=1)  # (n,)
     seconds = x.shape[0] / rate
     if seconds < min_seconds:
-        raise AudioProblem(f"is too short ({seconds:.2f} s < {min_seconds} s)")
+        raise AudioProblem(f"{TOO_SHORT} ({seconds:.2f} s < {min_seconds} s)")
     if not np.isfinite(x).all():
         raise AudioProblem("holds NaN or infinite samples")
     peak = float(np.max(np.abs(x)))

@@ -13,13 +13,16 @@ import json
 import os
 from pathlib import Path
 
-from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon
+from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon, warn_full_sampling
 
 FILE = "sigma-cache.json"
 
 
-def calibrated_sigma(state_dir: Path, *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """Smallest σ for ``steps`` steps at rate q to spend ``target_epsilon`` (cached on disk, verified)."""
+def calibrated_sigma(state_dir: Path, *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str, site: str = "") -> float:
+    """Smallest σ for ``steps`` steps at rate q to spend ``target_epsilon`` (cached on disk, verified).
+
+    At q = 1 it warns (a :class:`FullSamplingWarning` naming ``site``) whether or not the σ
+    came from the cache, so a stored calibration does not hide the warning."""
     key = json.dumps([float(target_epsilon), float(target_delta), float(sample_rate), int(steps), accountant])
     path = state_dir / FILE
     stored = _read(path)
@@ -27,8 +30,9 @@ def calibrated_sigma(state_dir: Path, *, target_epsilon: float, target_delta: fl
     if isinstance(sigma, float) and sigma > 0:
         spent = epsilon([SubsampledGaussian(sigma, sample_rate, steps)], delta=target_delta, accountant=accountant)
         if spent <= target_epsilon:
+            warn_full_sampling(sample_rate, site=site)  # calibrate_noise, which warns, is not called
             return sigma
-    sigma = calibrate_noise(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
+    sigma = calibrate_noise(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps, accountant=accountant, site=site)
     stored[key] = sigma
     _write(path, stored)
     return sigma

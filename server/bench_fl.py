@@ -419,7 +419,7 @@ def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: 
     """
     from server.deployment import LocalConsortium
     from server.keys import make_ca, make_server
-    from shared.schema import to_plain
+    from shared.schema import load_yaml, to_plain
 
     mode = "worker" if site_worker else "per-message"
     cons = make_consortium(data, out / f"deploy-sites-{n_sites}-{mode}", n_sites)
@@ -430,7 +430,7 @@ def deployment_rounds(exp: ExperimentConfig, data: Path, out: Path, *, n_sites: 
     site_yamls = sorted(cons.glob("*/site.yaml"))
     threads = max(1, (os.cpu_count() or 1) // n_sites) if site_threads is None else site_threads
     for path in site_yamls:
-        cfg = yaml.safe_load(path.read_text())
+        cfg = load_yaml(path)  # duplicate keys refused, as everywhere else
         cfg["threads"] = threads
         cfg["coordinator_public_key"] = str((keys / "server" / "model-signing.pub.pem").resolve())
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))

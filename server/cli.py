@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -90,7 +91,11 @@ def simulate(
     ray_address: Annotated[str | None, typer.Option(help="Join an existing Ray cluster (auto, or ray://head:10001; RAY_ADDRESS works too) instead of starting one here.")] = None,
     gpus_per_site: Annotated[float, typer.Option(help="Share of a GPU each simulated site gets (0.25: four sites per GPU).", min=0.0, max=1.0)] = 0.0,
 ) -> None:
-    """Run the federation in Flower's Simulation Engine and print a summary."""
+    """Run the federation in Flower's Simulation Engine and print a summary.
+
+    Exit code 0 when the run completed, 4 when a site refused it before start, 6 when it
+    ended incomplete (a round had no usable update).
+    """
     from server.app import new_run_id
     from server.simulate import simulate as run_sim
     from shared.config import load_experiment
@@ -104,6 +109,7 @@ def simulate(
         summary["baselines"] = base
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary, out)
+    _exit_with_run_status(summary)
 
 
 @app.command("run")
@@ -122,6 +128,7 @@ def run_cmd(
     so no privacy budget is spent twice. A finished run is reported and left as it is.
     Works for runs made by `fedrelapse simulate` and for deployed runs (the run folder has
     deployment.json; give --superlink and --keys: the run is submitted again with `flwr run`).
+    Exit code as `simulate`'s: 0 completed, 4 refused before start, 6 incomplete.
     """
     from server.app import DEPLOY_INFO
     from server.resume import finished_summary, read_run
@@ -132,6 +139,7 @@ def run_cmd(
         run_id, _ = read_run(resume)
         console.print(f"run {run_id} has already finished (status: {done.get('status')}); nothing to resume, nothing was changed.")
         print_summary(done, resume)
+        _exit_with_run_status(done)
         return
     if (resume / DEPLOY_INFO).is_file():
         summary = _resume_deployed(resume, config=config, superlink=superlink, keys=keys, timeout_s=timeout_s)
@@ -140,6 +148,7 @@ def run_cmd(
             raise typer.BadParameter(f"{resume} has no {DEPLOY_INFO}: it is not a deployed run, so --superlink/--keys do not apply.")
         summary = resume_simulation(resume, config=config, console=console)
     print_summary(summary, resume)
+    _exit_with_run_status(summary)
 
 
 def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, keys: Path | None, timeout_s: float) -> dict[str, Any]:
@@ -187,32 +196,92 @@ def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, k
 @friendly
 def plan(
     config: Annotated[Path, typer.Option(help="Experiment YAML.")],
-    data: Annotated[Path, typer.Option(help="Cohort folder with <hospital>/site.yaml (simulated consortium).")],
+    data: Annotated[Path | None, typer.Option(help="Cohort folder with <hospital>/site.yaml (simulated consortium); not needed with --hash-only.")] = None,
+    hash_only: Annotated[bool, typer.Option("--hash-only", help="Print only the plan hash (SHA-256 of the plan's canonical JSON: what run.json, checkpoints, ledgers and approvals record) and exit.")] = False,
 ) -> None:
     """Before a run: the ε each site would spend, its remaining budget, and any refusal.
 
     A deployed coordinator asks the same question of every connected site before round 1
-    (pre-flight) and does not start a run that a site would refuse.
+    (pre-flight) and does not start a run that a site would refuse. The plan hash is
+    printed under the table (or alone, with --hash-only).
     """
-    from client.site import Site
-    from server.simulate import discover_sites
+    from client.site import Site, load_site_data
+    from server.simulate import discover_sites, require_usable_sessions
     from shared.config import load_experiment, load_site
+    from shared.errors import PolicyError
+    from shared.privacy.accounting import FullSamplingWarning, full_sampling_message
 
     exp = load_experiment(config)
+    if hash_only:
+        print(exp.plan_hash())
+        return
+    if data is None:
+        raise typer.BadParameter("give --data (the cohort folder), or --hash-only to print only the plan hash.", param_hint="--data")
     table = Table(title=f"plan: {exp.federation.rounds} rounds x {exp.training.local_steps} steps, target ε={exp.privacy.target_epsilon:g}")
-    for col in ("site", "training patients", "q", "σ", "ε this run", "ε spent so far", "all-time left", "verdict"):
+    for col in ("site", "training patients", "q", "σ", "ε this run", "ε spent so far", "all-time ε after", "all-time left now", "verdict"):
         table.add_column(col, justify="left" if col in ("site", "verdict") else "right")
-    refused = False
+    refused, notes = False, []
     for path in discover_sites(data):
-        site = Site(load_site(path), exp)
-        p = site.plan(run_id="plan-preview", total_rounds=exp.federation.rounds)
+        site_cfg = load_site(path)
+        require_usable_sessions(site_cfg, load_site_data(site_cfg, exp.features, exp.language, exp.speech), exp.features)  # memoised: Site reuses it
+        site = Site(site_cfg, exp)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FullSamplingWarning)  # said below, naming the site
+                p = site.plan(run_id="plan-preview", total_rounds=exp.federation.rounds)
+        except PolicyError as exc:  # e.g. an ε no noise can reach: the site's refusal, not a crash
+            p = {"code": getattr(exc, "refusal_code", "ledger"), "reason": f"Site {site.cfg.name}: {exc}"}
+        if site.sample_rate >= 1.0:
+            notes.append(full_sampling_message(site.cfg.name))
         ok = p["code"] == "ok"
         refused |= not ok
-        table.add_row(site.cfg.name, str(site.train_set.n_patients), f"{site.sample_rate:.3f}", f"{float(p.get('noise_multiplier', 0)):.3f}", f"{float(p.get('epsilon_run', 0)):.2f}",
-                      f"{float(p.get('epsilon_spent', 0)):.2f}", f"{float(p.get('epsilon_remaining', 0)):.2f}", "ok" if ok else f"refuse: {p['reason']}")
+        table.add_row(site.cfg.name, str(site.train_set.n_patients), f"{site.sample_rate:.3f}", _num(p, "noise_multiplier", ".3f"), _num(p, "epsilon_run", ".2f"),
+                      _num(p, "epsilon_spent", ".2f"), _num(p, "epsilon_after", ".2f"), _num(p, "epsilon_remaining", ".2f"), "ok" if ok else f"refuse ({p['code']}): {p['reason']}")
     console.print(table)
+    for note in notes:
+        console.print(f"[yellow]warning: {escape(note)}[/yellow]", soft_wrap=True)
+    console.print(f"plan_hash: {exp.plan_hash()}")
     if refused:
         raise typer.Exit(4)
+
+
+EXIT_REFUSED = 4  # PolicyError's code: a site's policy refused the run before round 1 (as `plan` exits)
+EXIT_INCOMPLETE = 6  # FederationError's code: the run ended, but some round had no usable update
+
+
+def run_exit_code(summary: dict[str, Any]) -> int:
+    """The exit code of `simulate` and `run` for a run that ended with ``summary``: 0 completed,
+    4 refused before start, 6 incomplete (see the researcher runbook's exit-code table)."""
+    status = str(summary.get("status", ""))
+    if status == "completed":
+        return 0
+    return EXIT_REFUSED if status == "refused before start" else EXIT_INCOMPLETE
+
+
+def _exit_with_run_status(summary: dict[str, Any]) -> None:
+    code = run_exit_code(summary)
+    if code:
+        raise typer.Exit(code)
+
+
+def _num(values: dict[str, Any], key: str, fmt: str) -> str:
+    """``values[key]`` formatted, or "-" when the site gave no such number (it refused first)."""
+    return format(float(values[key]), fmt) if key in values else "-"
+
+
+def _final_auroc(summary: dict[str, Any], out: Path) -> str:
+    """The final federated AUROC, or why there is none (from the last evaluated round's sites in metrics.json)."""
+    from server.run_folder import why_no_auroc
+
+    auc = summary.get("final_federated_auroc")
+    if auc is not None:
+        return format(auc, ".3f")
+    try:
+        rounds = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        rounds = []
+    evaluated = [r for r in rounds if isinstance(r, dict) and not r.get("evaluation_pending")]
+    return f"none: {why_no_auroc(evaluated[-1].get('sites') or {})}" if evaluated else "none (no round was evaluated)"
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -226,8 +295,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         delta = "-" if not e.get("delta") else f"{e['delta']:.0e}"
         table.add_row(site, eps, delta, f"{e.get('noise_multiplier') or 0:.2f}")
     console.print(table)
-    auc = summary.get("final_federated_auroc")
-    console.print(f"status: {summary['status']} · rounds {summary['rounds_completed']}/{summary['rounds_planned']} · final federated AUROC {auc if auc is None else format(auc, '.3f')} · wall time {summary['wall_time_s']:.1f} s")
+    console.print(f"status: {summary['status']} · rounds {summary['rounds_completed']}/{summary['rounds_planned']} · final federated AUROC {_final_auroc(summary, out)} · wall time {summary['wall_time_s']:.1f} s")
     for key, value in summary.get("baselines", {}).items():
         console.print(f"baseline {key}: {value}")
     for r in summary.get("refusals", []):
@@ -505,7 +573,7 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="Synthetic cohort folder (from `fedrelapse synth`).")],
     out: Annotated[Path, typer.Option(help="Folder for evaluation.json, evaluation.md and plots.")],
     config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
-    quick: Annotated[bool, typer.Option("--quick", help="Smaller grid (ε 8 and ∞; local, FedAvg, centralised; 3 rounds) for smoke tests.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller grid for smoke tests: local, FedAvg and centralised at ε 8 and ∞, plus three FedAvg ε=8 ablations (acoustic only, language only, no personal baseline); at most 3 rounds, 200 bootstrap resamples.")] = False,
 ) -> None:
     """The evaluation protocol: local-only, FedAvg, FedProx, FedAdam and centralised at
     ε ∈ {1, 3, 8, ∞}, plus ablations; AUROC/AUPRC with patient-bootstrap CIs, calibration,

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from server.aggregation import make_server_optimizer, server_step
 from server.resume import ResumePoint
-from server.run_folder import RoundRecord, RunFolder
+from server.run_folder import RoundRecord, RunFolder, why_no_auroc
 from server.secure_round import secure_train_round
 from server.strategy import PatientFedAvg, SiteReport, evaluation_reports, site_reports, wait_for_nodes
 from shared import metrics as M  # noqa: N812
@@ -218,9 +218,10 @@ def round_table(rec: RoundRecord, header: bool) -> Table:
     table = Table(show_header=header, box=None, pad_edge=False)
     table.add_column("round", justify="right", width=5)
     table.add_column("train loss", justify="right", width=10)
-    table.add_column("fed AUROC", justify="right", width=9)
+    table.add_column("fed AUROC", justify="right", width=10)
     for s in sites:
         table.add_column(f"ε {s}", justify="right", width=max(8, len(s) + 2))
     eps = [_fmt(rec.sites[s].get(M.EPSILON_RUN), ".2f") if "refused" not in rec.sites[s] else "refused" for s in sites]
-    table.add_row(str(rec.round), _fmt(rec.train_loss), _fmt(rec.auroc), *eps)
+    suppressed = rec.auroc is None and why_no_auroc(rec.sites).startswith("suppressed")
+    table.add_row(str(rec.round), _fmt(rec.train_loss), "suppressed" if suppressed else _fmt(rec.auroc), *eps)
     return table

@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,19 @@ def _clean(v: Any) -> Any:
     if isinstance(v, list):
         return [_clean(x) for x in v]
     return v
+
+
+SUPPRESSED = "suppressed (fewer than k patients or one class)"  # a site's `eval` in metrics.json
+
+
+def why_no_auroc(sites: Mapping[str, Mapping[str, Any]]) -> str:
+    """Why a round (its ``sites`` entries, as in metrics.json) has no federated AUROC."""
+    evaluated = [e for e in sites.values() if {"eval", "eval_auroc", "eval_error"} & set(e)]
+    if not evaluated:
+        return "no site evaluated the model"
+    if all(e.get("eval") == SUPPRESSED for e in evaluated):
+        return "suppressed at every site (fewer than k evaluation patients, or only one class)"
+    return "no site sent a usable evaluation"
 
 
 def checkpoint_path(root: Path, server_round: int) -> Path:
@@ -195,7 +208,7 @@ def _add_evaluation(sites: dict[str, dict[str, Any]], log: RoundLog) -> None:
     for r in log.evaluate:
         entry = sites.setdefault(r.site, {})
         if r.metrics.get(M.SUPPRESSED) == 1.0:
-            entry["eval"] = "suppressed (fewer than k patients or one class)"
+            entry["eval"] = SUPPRESSED
         elif M.AUROC in r.metrics:
             entry["eval_auroc"] = r.metrics[M.AUROC]
         elif r.error and "error" not in entry:  # why this site's evaluation is missing (a training failure is already its `error`)

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from client.audio import TOO_SHORT
 from server.resume import ResumePoint, finished_summary, load_resume_point, read_run
-from shared.config import ExperimentConfig, SiteConfig, load_experiment, load_site
-from shared.errors import ConfigError, FederationError
+from shared.config import ExperimentConfig, FeatureConfig, SiteConfig, load_experiment, load_site
+from shared.errors import ConfigError, DataError, FederationError
 from shared.faults import FaultPlan
 
 SIM_INFO = "simulation.json"  # where the cohort is, so `fedrelapse run --resume` can find it
@@ -28,15 +29,41 @@ if TYPE_CHECKING:
     from flwr.clientapp.typing import Mod
     from flwr.serverapp import Grid
 
+    from client.prepare import SiteData
+
 
 def discover_sites(data: Path) -> list[Path]:
-    """site.yaml files of the hospitals under ``data`` (``data/<hospital>/site.yaml``)."""
+    """site.yaml files of the hospitals under ``data`` (``data/<hospital>/site.yaml``); two
+    with the same site ``name`` are a :class:`ConfigError` naming both files."""
     if (data / "site.yaml").is_file():
         return [data / "site.yaml"]
     found = sorted(data.glob("*/site.yaml"))
     if not found:
         raise ConfigError(f"No hospital folder with a site.yaml under {data}; run `fedrelapse synth --out {data}` first.")
+    named: dict[str, Path] = {}
+    for path in found:
+        name = load_site(path).name
+        if name in named:
+            raise ConfigError(
+                f"{named[name]} and {path} both name their site {name!r}; each site needs its own `name` in site.yaml "
+                f"(the coordinator tells sites, their metrics and refusals apart by it). Rename one of them."
+            )
+        named[name] = path
     return found
+
+
+RUN_MARKERS = ("run.json", "summary.json", "metrics.json", "config.yaml", SIM_INFO, "checkpoints")
+
+
+def refuse_existing_run(out: Path) -> None:
+    """A :class:`ConfigError` when ``out`` already holds a run: a second run there would
+    overwrite some of its files and mix the two runs' checkpoints and metrics."""
+    found = [name for name in RUN_MARKERS if (out / name).exists()]
+    if found:
+        raise ConfigError(
+            f"The run folder {out} already holds a run ({', '.join(found)}); a new run there would overwrite it and mix the two. "
+            f"Give --out a new folder, or, to continue that run after it stopped, use `fedrelapse run --resume {out}`."
+        )
 
 
 def consortium_signing_key(data: Path) -> Path:
@@ -59,8 +86,27 @@ def prepare_sites(sites: list[SiteConfig], exp: ExperimentConfig, console: Conso
         for site in sites:
             task = bar.add_task(f"site {site.name}: checking data, extracting features", total=None)
             data = prepare_site(site.manifest, exp.features, site.state_dir / "features", language=exp.language, speech=exp.speech, progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
+            require_usable_sessions(site, data, exp.features)
             reports.append({"site": site.name, **data.report()})
     return reports
+
+
+def require_usable_sessions(site: SiteConfig, data: SiteData, features: FeatureConfig) -> None:
+    """A :class:`DataError` when ``site`` has no usable session, saying when recordings were
+    skipped for being shorter than ``features.min_seconds`` (counts only: this message is
+    shown where the site's data is, on the machine that prepared it)."""
+    if data.sessions:
+        return
+    short = sum(p.field == "audio_path" and TOO_SHORT in p.message for p in data.problems)
+    why = (
+        f" {short} of its {data.manifest.total_rows} recordings are shorter than `features.min_seconds` ({features.min_seconds:g} s) "
+        f"of the experiment YAML and were skipped; lower features.min_seconds below the recordings' length."
+        if short else ""
+    )
+    raise DataError(
+        f"Site {site.name}: no usable session in {site.manifest}.{why} "
+        f"Run `fedrelapse site check --manifest {site.manifest} --experiment <this experiment YAML>` for each row's reason."
+    )
 
 
 def ray_backend_config(*, n_sites: int, cpus: int | None = None, ray_address: str | None = None, gpus_per_site: float = 0.0) -> dict[str, Any]:
@@ -107,6 +153,8 @@ def simulate(
     from server.sim_dispatch import linear_dispatch
 
     console = console or Console()
+    if resume is None:
+        refuse_existing_run(out)
     paths = discover_sites(data)
     sites = [load_site(p) for p in paths]
     if len(sites) < exp.federation.min_nodes:

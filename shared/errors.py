@@ -31,6 +31,13 @@ class PolicyError(FedrelapseError):
     exit_code = 4
 
 
+class UnreachableEpsilonError(PolicyError):
+    """The plan's ε cannot be reached with any amount of noise (it is below what the
+    accountant can certify at the plan's δ). A site that meets it refuses with code ``budget``."""
+
+    refusal_code = "budget"
+
+
 class CryptoError(FedrelapseError):
     """A key, certificate or signature is missing or does not verify."""
 

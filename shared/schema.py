@@ -58,18 +58,63 @@ def read_config_text(path: str | Path) -> str:
         raise ConfigError(f"Config file {p} is not UTF-8 text; re-save it as UTF-8.") from exc
 
 
-def yaml_mapping(text: str, p: Path) -> dict[str, Any]:
-    """The YAML mapping in ``text`` read from file ``p`` (named in every :class:`ConfigError`)."""
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice (plain YAML keeps the last one, silently)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(problem=f"duplicate key {key!r}", problem_mark=again)
+        self.key, self.first_line, self.line = key, first.line + 1, again.line + 1
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping may not repeat a key.
+
+    ``yaml.safe_load`` keeps the last of two equal keys, so a second ``privacy:`` block
+    would silently replace the first (and reset its fields to their defaults)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; explicit keys may override it
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader refuses it itself
+                    continue
+                if first is not key_node.start_mark:
+                    raise DuplicateKeyError(key, first, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` parsed as YAML (duplicate keys refused); ``source`` names it in every :class:`ConfigError`."""
     try:
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{source}: key {exc.key!r} appears twice in the same section (lines {exc.first_line} and {exc.line}); "
+            f"YAML would silently keep only the second. Merge the two into one."
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"Config file {p} is not valid YAML{where}: {exc}.") from exc
+        raise ConfigError(f"{source} is not valid YAML{where}: {exc}.") from exc
+
+
+def yaml_mapping(text: str, p: Path) -> dict[str, Any]:
+    """The YAML mapping in ``text`` read from file ``p`` (named in every :class:`ConfigError`)."""
+    return text_mapping(text, f"Config file {p}")
+
+
+def text_mapping(text: str, source: str) -> dict[str, Any]:
+    """The YAML mapping in ``text``; ``source`` (e.g. "Config file X") names it in every :class:`ConfigError`."""
+    data = parse_yaml(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file {p} must hold a mapping of keys at the top level.")
+        raise ConfigError(f"{source} must hold a mapping of keys at the top level.")
     return data
 
 

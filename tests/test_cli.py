@@ -150,3 +150,154 @@ def test_a_plan_approval_without_an_approver_is_refused_and_nothing_is_recorded(
     with pytest.raises(ConfigError, match="approved-by"):
         approve(load_site(site), load_experiment(plan), approved_by=who)
     assert not (tmp_path / "state" / "approved-plans.json").exists()
+
+
+def test_plan_with_an_unreachable_epsilon_shows_each_sites_refusal_not_a_traceback(tiny_cohort: Path, tmp_path: Path) -> None:
+    from tests.conftest import tiny_experiment
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(tiny_experiment().with_privacy(target_epsilon=0.001).to_yaml())
+    result = runner.invoke(app, ["plan", "--config", str(exp), "--data", str(tiny_cohort / "alpha")], env={"COLUMNS": "400"})  # one site: quicker
+    assert result.exit_code == 4, result.output
+    assert "refuse (budget): Site alpha: `privacy.target_epsilon` ε=0.001 cannot be met" in result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, ValueError)
+
+
+@pytest.mark.parametrize("marker", ["run.json", "summary.json", "checkpoints"])
+def test_simulate_into_a_folder_that_holds_a_run_is_refused_before_anything_runs(tmp_path: Path, marker: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    if marker == "checkpoints":
+        (run / marker).mkdir()
+    else:
+        (run / marker).write_text("{}")
+    result = runner.invoke(app, ["simulate", "--config", "configs/experiment.yaml", "--data", str(tmp_path / "no-cohort"), "--out", str(run)], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert f"{run} already holds a run ({marker})" in result.output and f"fedrelapse run --resume {run}" in result.output
+    assert sorted(p.name for p in run.iterdir()) == [marker]  # nothing written
+
+
+def test_two_site_folders_with_the_same_site_name_are_refused_naming_both_files(tmp_path: Path) -> None:
+    for folder in ("oslo", "oslo-copy", "bergen"):
+        (tmp_path / folder).mkdir()
+        name = "bergen" if folder == "bergen" else "oslo"
+        (tmp_path / folder / "site.yaml").write_text(f"name: {name}\nmanifest: manifest.csv\n")
+    result = runner.invoke(app, ["simulate", "--config", "configs/experiment.yaml", "--data", str(tmp_path), "--out", str(tmp_path / "run")], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'oslo' / 'site.yaml'} and {tmp_path / 'oslo-copy' / 'site.yaml'} both name their site 'oslo'" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def _ended(status: str) -> dict:
+    return {"run_id": "r-1", "status": status, "rounds_completed": 0, "rounds_planned": 2, "final_federated_auroc": None, "wall_time_s": 1.0, "sites": {}}
+
+
+@pytest.mark.parametrize(("status", "code"), [("completed", 0), ("refused before start", 4), ("incomplete: a round had no usable update", 6)])
+def test_simulate_and_run_exit_codes_say_how_the_run_ended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: str, code: int) -> None:
+    import server.resume
+    import server.simulate
+
+    monkeypatch.setattr(server.simulate, "simulate", lambda *a, **k: _ended(status))
+    simulated = runner.invoke(app, ["simulate", "--config", "configs/experiment.yaml", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert simulated.exit_code == code, simulated.output
+    assert f"status: {status}" in " ".join(simulated.output.split())
+    monkeypatch.setattr(server.resume, "finished_summary", lambda run: _ended(status))
+    monkeypatch.setattr(server.resume, "read_run", lambda run: ("r-1", None))
+    reported = runner.invoke(app, ["run", "--resume", str(tmp_path / "run")])  # a finished run: reported with the same code
+    assert reported.exit_code == code, reported.output
+
+
+def test_plan_shows_the_all_time_epsilon_after_the_run_that_the_site_checks_its_cap_against(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import client.site
+
+    class ComposingSite:  # spent 7.99 earlier; this run 7.99; composed under RDP: 11.25, under the cap of 12
+        def __init__(self, cfg: object, exp: object) -> None:
+            self.cfg, self.train_set, self.sample_rate = cfg, SimpleNamespace(n_patients=20), 0.4
+
+        def plan(self, *, run_id: str, total_rounds: int) -> dict:
+            return {"noise_multiplier": 0.8, "epsilon_run": 7.99, "epsilon_spent": 7.99, "epsilon_after": 11.25, "epsilon_remaining": 4.01, "delta": 1e-5, "code": "ok", "reason": ""}
+
+    monkeypatch.setattr(client.site, "Site", ComposingSite)
+    monkeypatch.setattr(client.site, "load_site_data", lambda *a: SimpleNamespace(sessions=[object()]))
+    (tmp_path / "site.yaml").write_text("name: bergen\nmanifest: manifest.csv\n")
+    result = runner.invoke(app, ["plan", "--config", "configs/experiment.yaml", "--data", str(tmp_path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "all-time ε after" in result.output
+    row = next(line for line in result.output.splitlines() if "bergen" in line)
+    assert [c.strip() for c in row.split("│")[1:-1]] == ["bergen", "20", "0.400", "0.800", "7.99", "7.99", "11.25", "4.01", "ok"]
+
+
+@pytest.mark.parametrize("command", ["plan", "simulate"])
+def test_a_site_whose_recordings_are_all_shorter_than_min_seconds_is_told_so(tiny_cohort: Path, tmp_path: Path, command: str) -> None:
+    from dataclasses import replace
+
+    from tests.conftest import small_site, tiny_experiment
+
+    (tmp_path / "bergen").mkdir()
+    small_site(tiny_cohort, tmp_path / "bergen", n_rows=4)
+    (tmp_path / "bergen" / "site.yaml").write_text("name: bergen\nmanifest: manifest.csv\n")
+    exp = tiny_experiment()
+    exp = replace(exp, federation=replace(exp.federation, min_nodes=1), features=replace(exp.features, min_seconds=20.0, max_seconds=30.0))
+    (tmp_path / "exp.yaml").write_text(exp.to_yaml())
+    args = ["--config", str(tmp_path / "exp.yaml"), "--data", str(tmp_path)] + (["--out", str(tmp_path / "run")] if command == "simulate" else [])
+    result = runner.invoke(app, [command, *args], env={"COLUMNS": "400"})
+    assert result.exit_code == 3, result.output
+    assert "Site bergen: no usable session" in result.output
+    assert "4 of its 4 recordings are shorter than `features.min_seconds` (20 s)" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_evaluation_suppressed_at_every_site_is_named_in_the_round_row_and_the_status_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    import server.cli
+    from server.federation import round_table
+    from server.run_folder import SUPPRESSED, RoundRecord
+
+    sites = {"bergen": {"epsilon-run": 4.0, "eval": SUPPRESSED}, "oslo": {"epsilon-run": 4.0, "eval": SUPPRESSED}}
+    (tmp_path / "metrics.json").write_text(json.dumps([{"round": 1, "auroc": None, "evaluation_pending": False, "sites": sites}]))
+    shown = Console(record=True, width=300)
+    monkeypatch.setattr(server.cli, "console", shown)
+    shown.print(round_table(RoundRecord(round=1, train_loss=0.6, auroc=None, auprc=None, eval_loss=None, patients_trained=10.0, sites=sites), header=True))
+    server.cli.print_summary({"run_id": "r-1", "status": "completed", "rounds_completed": 1, "rounds_planned": 1, "final_federated_auroc": None, "wall_time_s": 1.0, "sites": {}}, tmp_path)
+    text = shown.export_text()
+    assert "suppressed" in text.splitlines()[1] and " - " not in text.splitlines()[1]  # the round's row
+    assert "final federated AUROC none: suppressed at every site (fewer than k evaluation patients, or only one class)" in text
+    assert "AUROC None" not in text
+
+
+def test_plan_hash_only_prints_the_hash_that_run_json_and_ledgers_record_not_the_files_sha256(tmp_path: Path) -> None:
+    import hashlib
+
+    from shared.config import load_experiment
+
+    config = tmp_path / "exp.yaml"
+    config.write_text("name: x  # a comment\nfederation: {rounds: 3}\n")
+    result = runner.invoke(app, ["plan", "--config", str(config), "--hash-only"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == load_experiment(config).plan_hash() != hashlib.sha256(config.read_bytes()).hexdigest()
+    config.write_text("federation:\n  rounds: 3   # same plan, other bytes\nname: x\n")
+    assert runner.invoke(app, ["plan", "--config", str(config), "--hash-only"]).output == result.output
+
+
+def test_evaluate_quick_help_names_every_setting_of_the_quick_grid() -> None:
+    from server.evaluate import grid
+
+    names = {s.name for s in grid(quick=True)}
+    assert names == {"local/eps=8", "local/eps=inf", "fedavg/eps=8", "fedavg/eps=inf", "centralised/eps=8", "centralised/eps=inf",
+                     "fedavg/eps=8/acoustic", "fedavg/eps=8/language", "fedavg/eps=8/fused-nobaseline"}
+    help_text = " ".join(runner.invoke(app, ["evaluate", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert "local, FedAvg and centralised at ε 8 and ∞, plus three FedAvg ε=8 ablations (acoustic only, language only, no personal baseline)" in help_text
+
+
+def test_plan_names_a_site_whose_sampling_rate_is_1(tiny_cohort: Path, tmp_path: Path) -> None:
+    from tests.conftest import small_site, tiny_experiment
+
+    (tmp_path / "tromso").mkdir()
+    small_site(tiny_cohort, tmp_path / "tromso")  # two patients: fewer than batch_patients, so q = 1
+    (tmp_path / "tromso" / "site.yaml").write_text("name: tromso\nmanifest: manifest.csv\n")
+    (tmp_path / "exp.yaml").write_text(tiny_experiment().to_yaml())
+    result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(tmp_path / "tromso")], env={"COLUMNS": "400"})
+    assert "warning: Site tromso: sampling rate q = 1" in " ".join(result.output.split()), result.output

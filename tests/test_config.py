@@ -34,19 +34,16 @@ def test_shipped_configs_validate() -> None:
         ("name: x\nfederation: {rounds: three}\n", r"`federation.rounds` must be an integer, got 'three'"),
         ("name: x\ntraining: {lr: 0.1}\n", r"unknown key\(s\) 'lr' in `training`; allowed keys are .*learning_rate"),
         ("seed: 1\n", r"required key `name` is missing"),
-        ("name: x\nmodel: {name: transformer9000}\n", None),
+        ("name: x\nmodel: {name: transformer9000}\n", r"exp.yaml: `model.name` is 'transformer9000'; allowed values are 'speech_language', 'prosody_mel'"),
         ("name: x\nmodel: {conv_channels: 10, groups: 4}\n", r"`model.conv_channels` \(10\) must be divisible by `model.groups` \(4\)"),
         ("name: [x\n", r"exp.yaml is not valid YAML at line 2, column 1"),
+        ("name: x\nprivacy:\n  target_epsilon: 3\nseed: 1\nprivacy:\n  enabled: true\n",
+         r"exp.yaml: key 'privacy' appears twice in the same section \(lines 2 and 5\); YAML would silently keep only the second"),
+        ("name: x\nfederation:\n  rounds: 3\n  rounds: 30\n", r"exp.yaml: key 'rounds' appears twice in the same section \(lines 3 and 4\)"),
     ],
 )
-def test_bad_experiment_yaml_is_a_clear_config_error(tmp_path: Path, text: str, message: str | None) -> None:
+def test_bad_experiment_yaml_is_a_clear_config_error(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
-    if message is None:  # unknown model: caught when the model is built, naming the choices
-        from shared.models import build_model
-
-        with pytest.raises(ConfigError, match=r"Unknown model 'transformer9000' in `model.name`; choose one of prosody_mel"):
-            build_model(load_experiment(path))
-        return
     with pytest.raises(ConfigError, match=message):
         load_experiment(path)
 
@@ -60,3 +57,39 @@ def test_configs_are_frozen() -> None:
     exp = load_experiment(ROOT / "configs" / "experiment.yaml")
     with pytest.raises(AttributeError):
         exp.privacy.target_epsilon = 100  # type: ignore[misc]
+
+
+def test_duplicate_keys_are_refused_in_site_yaml_and_in_a_plan_sent_as_text(tmp_path: Path) -> None:
+    from shared.config import experiment_from_yaml_text
+
+    site = tmp_path / "site.yaml"
+    site.write_text("name: oslo\nmanifest: m.csv\npolicy:\n  epsilon_cap_total: 5\n  epsilon_cap_total: 50\n")
+    with pytest.raises(ConfigError, match=rf"Config file {site}: key 'epsilon_cap_total' appears twice in the same section \(lines 4 and 5\)"):
+        load_site(site)
+    with pytest.raises(ConfigError, match=r"the plan: key 'name' appears twice in the same section \(lines 1 and 2\)"):
+        experiment_from_yaml_text("name: a\nname: b\n", source="the plan")
+
+
+def test_a_yaml_merge_key_overridden_by_an_explicit_key_is_not_a_duplicate(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x\nfederation:\n  <<: {rounds: 3, min_nodes: 2}\n  rounds: 4\n")
+    assert load_experiment(path).federation.rounds == 4
+
+
+def test_the_model_names_a_config_accepts_are_the_registrys_aliases_included() -> None:
+    from shared.config import MODEL_NAMES
+    from shared.models import MODELS
+
+    assert set(MODEL_NAMES) == set(MODELS)
+
+
+def test_features_min_seconds_above_max_seconds_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x\nfeatures: {min_seconds: 20, max_seconds: 12}\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: `features.min_seconds` \(20\) is above `features.max_seconds` \(12\)"):
+        load_experiment(path)
+
+
+@pytest.mark.parametrize("delta", ["1.0", "0.05", "0.01"])
+def test_a_target_delta_of_0_01_or_more_gets_one_bound_and_one_message(tmp_path: Path, delta: str) -> None:
+    path = write(tmp_path, f"name: x\nprivacy: {{target_delta: {delta}}}\n")
+    with pytest.raises(ConfigError, match=rf"exp.yaml: `privacy.target_delta` is {float(delta)!r}; it must be < 0.01\.$"):
+        load_experiment(path)

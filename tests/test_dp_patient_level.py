@@ -528,3 +528,14 @@ def test_a_model_grouped_probes_refuse_trains_with_functorch_after_a_warning() -
         assert not any("forward" in vars(m) for m in model.modules())
     for name, value in updates["functorch"].items():
         torch.testing.assert_close(updates["grouped"][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_an_epsilon_no_noise_can_reach_is_a_policy_error_that_says_what_to_raise() -> None:
+    from shared.errors import PolicyError, UnreachableEpsilonError
+
+    with pytest.raises(UnreachableEpsilonError) as caught:
+        calibrate_noise(target_epsilon=0.001, target_delta=1e-5, sample_rate=0.43, steps=6)
+    assert isinstance(caught.value, PolicyError) and caught.value.refusal_code == "budget"
+    message = str(caught.value)
+    assert "`privacy.target_epsilon` ε=0.001 cannot be met" in message and "6 DP-SGD steps" in message
+    assert "Raise `privacy.target_epsilon` above 0.0084" in message

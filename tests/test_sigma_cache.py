@@ -34,3 +34,23 @@ def test_an_edited_sigma_that_would_overspend_is_discarded(tmp_path: Path) -> No
 def test_a_damaged_cache_file_is_ignored(tmp_path: Path) -> None:
     (tmp_path / sc.FILE).write_text("{not json")
     assert sc.calibrated_sigma(tmp_path, **ASK) > 0
+
+
+def test_the_q_1_warning_names_each_site_and_is_given_for_a_cached_sigma_too(tmp_path: Path) -> None:
+    import warnings
+
+    from shared.privacy.accounting import FullSamplingWarning
+
+    full = {**ASK, "sample_rate": 1.0}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: each distinct message once per place
+        for site in ("bergen", "oslo", "london"):
+            sc.calibrated_sigma(tmp_path / site, **full, site=site)
+        first = list(caught)
+        with warnings.catch_warnings(record=True) as again:  # σ now comes from the disk cache
+            warnings.simplefilter("always")
+            sc.calibrated_sigma(tmp_path / "oslo", **full, site="oslo")
+    named = sorted(str(w.message).split(":")[0] for w in first if issubclass(w.category, FullSamplingWarning))
+    assert named == ["Site bergen", "Site london", "Site oslo"]
+    assert [str(w.message).split(":")[0] for w in again if issubclass(w.category, FullSamplingWarning)] == ["Site oslo"]
+    assert "lower training.batch_patients" in str(again[0].message)

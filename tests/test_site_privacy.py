@@ -284,3 +284,14 @@ def test_a_diverged_local_model_is_not_sent(site: Site) -> None:
     bad[first] = bad[first] * 1e30  # overflow to inf in the first step
     result = site.train(bad, run_id="r-div", server_round=1, total_rounds=2)
     assert isinstance(result, Refusal) and result.code == "diverged"
+
+
+def test_a_plan_whose_epsilon_no_noise_can_reach_is_refused_by_the_named_site_not_crashed(tiny_cohort: Path, tmp_path: Path) -> None:
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\n")
+    ctx = Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_yaml)}, state=RecordDict(), run_config={})
+    tiny_eps = tiny_experiment().with_privacy(target_epsilon=0.001).to_yaml()
+    reply = build_client_app()(_message("query", tiny_eps), ctx)
+    info = reply.content[P.SITE]
+    assert info[P.SITE_NAME] == "alpha" and info[P.REFUSAL_CODE]  # a structured refusal, not a crashed client
+    assert "`privacy.target_epsilon` ε=0.001 cannot be met" in str(info[P.REFUSAL_REASON])

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.errors import UnreachableEpsilonError
+
 ACCOUNTANTS = ("rdp", "prv")
 # Rényi orders: Opacus' defaults stop at 63, where the optimum sits for small ε (Opacus then
 # warns that the bound is loose); extending the grid only ever tightens the bound.
@@ -74,17 +76,42 @@ def _rdp_curve(noise_multiplier: float, sample_rate: float, steps: int) -> np.nd
     return curve
 
 
-def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+class FullSamplingWarning(UserWarning):
+    """q = 1: every patient is in every step, so there is no amplification by subsampling."""
+
+
+def warn_full_sampling(sample_rate: float, *, site: str = "", stacklevel: int = 2) -> None:
+    """Warn, naming ``site``, when q = 1. Each site's message differs, so Python's once-per-
+    message filter shows one per site and process instead of one for all sites."""
+    if sample_rate == 1.0:
+        warnings.warn(full_sampling_message(site), FullSamplingWarning, stacklevel=stacklevel + 1)
+
+
+def full_sampling_message(site: str = "") -> str:
+    """What a q = 1 site is told (and the researcher, where the site is known)."""
+    who = f"Site {site}" if site else "A site"
+    return (
+        f"{who}: sampling rate q = 1 (training.batch_patients ≥ its training patients): every patient is in every DP-SGD step, "
+        f"so there is no amplification by subsampling and σ must be much larger for the same ε; lower training.batch_patients "
+        f"or give the site more patients."
+    )
+
+
+def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str = "rdp", site: str = "") -> float:
     """Smallest σ (to Opacus' tolerance) so ``steps`` steps at rate q spend ``target_epsilon``.
 
     Memoised per process: a site asks the same question every round of a run, and each answer
-    is a bisection of ~20 RDP evaluations (most of a small site's round time).
+    is a bisection of ~20 RDP evaluations (most of a small site's round time). ``site`` names
+    the site in the :class:`FullSamplingWarning` given when q = 1.
+
+    Raises :class:`UnreachableEpsilonError` when no σ reaches ``target_epsilon``: converting
+    RDP to (ε, δ) costs at least log(1/δ)/(α_max - 1) (≈ 0.008 at δ = 1e-5 with our orders)
+    however much noise is added, so a plan with a smaller ε can never be met.
     """
     _check(accountant)
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}.")
-    if sample_rate == 1.0:
-        warnings.warn("Sampling rate q = 1: no amplification by subsampling; the site has very few patients.", stacklevel=2)
+    warn_full_sampling(sample_rate, site=site, stacklevel=2)
     return _calibrate(float(target_epsilon), float(target_delta), float(sample_rate), int(steps), accountant)
 
 
@@ -92,13 +119,37 @@ def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: 
 def _calibrate(target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            **({"alphas": list(RDP_ALPHAS)} if accountant == "rdp" else {}),
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=target_delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                **({"alphas": list(RDP_ALPHAS)} if accountant == "rdp" else {}),
+            )
         )
+    except ValueError as exc:
+        if "budget is too low" not in str(exc):  # Opacus' words when σ would exceed its MAX_SIGMA
+            raise
+        raise UnreachableEpsilonError(_unreachable(target_epsilon, target_delta, sample_rate, steps, accountant)) from None
+
+
+def _unreachable(target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str) -> str:
+    """Why no σ reaches ``target_epsilon``, with the smallest ε this accountant can certify."""
+    from opacus.accountants.utils import MAX_SIGMA
+
+    try:
+        with warnings.catch_warnings():  # "optimal order is the largest alpha": exactly the point here
+            warnings.simplefilter("ignore")
+            floor = epsilon([SubsampledGaussian(float(MAX_SIGMA), sample_rate, steps)], delta=target_delta, accountant=accountant)
+        least = f"; even with σ = {MAX_SIGMA:g} it spends ε ≈ {floor:.3g}"
+        fix = f"Raise `privacy.target_epsilon` above {floor:.2g}; fewer rounds or local steps lower the noise needed but not this floor"
+    except Exception:  # noqa: BLE001 - the explanation must not hide the refusal itself
+        least, fix = "", "Raise `privacy.target_epsilon`"
+    return (
+        f"`privacy.target_epsilon` ε={target_epsilon:g} cannot be met: no noise multiplier makes {steps} DP-SGD steps "
+        f"(federation.rounds × training.local_steps) at sampling rate q={sample_rate:.3g} spend so little at δ={target_delta:g} "
+        f"with the {accountant} accountant{least}. {fix}."
     )
