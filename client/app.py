@@ -440,6 +440,15 @@ def _evaluation_first(site: Site, req: Request) -> dict[str, float] | None:
         return None
 
 
+def policy_refusal(site_name: str, exc: PolicyError) -> Refusal:
+    """The structured refusal for a policy error: its code (``ledger`` unless the error names
+    another, e.g. ``budget`` for an ε no noise can reach) and its sentence, which the site's
+    own code wrote about its ledger, keys or budget (never patient data); local paths in it
+    are withheld when the reply is built. The site's log keeps the full text."""
+    log.warning("site=%s refuses: %s", site_name, exc)
+    return Refusal(getattr(exc, "refusal_code", "ledger"), f"Site {site_name}: {exc}")
+
+
 def _train(site_name: str, site: Site, req: Request, faults: FaultPlan | None) -> tuple[TrainResult | Refusal, float]:
     """One round of local training for a plain or SecAgg+ message; (result, compute start)."""
     if faults is not None:
@@ -448,8 +457,8 @@ def _train(site_name: str, site: Site, req: Request, faults: FaultPlan | None) -
     started = time.perf_counter()
     try:
         return site.train(req.arrays, run_id=req.run_id, server_round=req.server_round, total_rounds=req.total_rounds), started
-    except PolicyError as exc:  # e.g. a ledger that fails its integrity check (its message names the ledger's path)
-        return Refusal("ledger", withheld(exc, site=site_name, doing="checking its privacy ledger before training")), started
+    except PolicyError as exc:  # a ledger that fails its integrity check, an ε no noise reaches: our own sentences, no patient data (paths are withheld in _reply)
+        return policy_refusal(site_name, exc), started
 
 
 def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], faults: FaultPlan | None) -> Message:
@@ -607,7 +616,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         try:
             out = site.plan(run_id=req.run_id, total_rounds=req.total_rounds)
         except PolicyError as exc:
-            return _reply(msg, site_cfg.name, refusal=Refusal("ledger", withheld(exc, site=site_cfg.name, doing="checking its privacy ledger for the pre-flight query")))
+            return _reply(msg, site_cfg.name, refusal=policy_refusal(site_cfg.name, exc))
         metrics = {M.EPSILON_RUN: float(out["epsilon_run"]), M.EPSILON_REMAINING: float(out["epsilon_remaining"]), M.NOISE_MULTIPLIER: float(out["noise_multiplier"]), M.DELTA: float(out["delta"])}
         refusal = Refusal(str(out["code"]), str(out["reason"])) if out["code"] != "ok" else None
         return _reply(msg, site_cfg.name, metrics=metrics, refusal=refusal)

@@ -96,7 +96,11 @@ class Site:
             torch.set_num_threads(site.threads)
         self.data = load_site_data(site, exp.features, exp.language, exp.speech)
         if not self.data.sessions:
-            raise DataError(f"Site {site.name}: no usable session in {site.manifest}; run `fedrelapse site check`.")
+            from client.audio import TOO_SHORT
+
+            short = sum(p.field == "audio_path" and TOO_SHORT in p.message for p in self.data.problems)
+            why = f" {short} recording(s) are shorter than `features.min_seconds` ({exp.features.min_seconds:g} s) of the plan." if short else ""
+            raise DataError(f"Site {site.name}: no usable session in {site.manifest}.{why} Run `fedrelapse site check`.")
         train_ids, eval_ids = split_patients(self.data.sessions, eval_fraction=exp.training.eval_fraction, seed=exp.seed)
         tensors = build_tensors(self.data.sessions, baseline_sessions=exp.features.baseline_sessions)
         pick = lambda ids: torch.tensor([i for i, p in enumerate(tensors.patient_ids) if p in ids], dtype=torch.long)  # noqa: E731
@@ -126,7 +130,7 @@ class Site:
         p = self.exp.privacy
         steps = total_rounds * self.exp.training.local_steps
         target = min(p.target_epsilon, self.cfg.policy.epsilon_cap_run if cap_run is None else cap_run)
-        return calibrated_sigma(self.cfg.state_dir, target_epsilon=target, target_delta=self.delta, sample_rate=self.sample_rate, steps=steps, accountant=p.accountant)
+        return calibrated_sigma(self.cfg.state_dir, target_epsilon=target, target_delta=self.delta, sample_rate=self.sample_rate, steps=steps, accountant=p.accountant, site=self.cfg.name)
 
     def signing_key(self) -> Ed25519PrivateKey:
         """The site's ledger key (created on first use; its public half is for the DPO)."""

@@ -293,5 +293,5 @@ def test_a_plan_whose_epsilon_no_noise_can_reach_is_refused_by_the_named_site_no
     tiny_eps = tiny_experiment().with_privacy(target_epsilon=0.001).to_yaml()
     reply = build_client_app()(_message("query", tiny_eps), ctx)
     info = reply.content[P.SITE]
-    assert info[P.SITE_NAME] == "alpha" and info[P.REFUSAL_CODE]  # a structured refusal, not a crashed client
+    assert info[P.SITE_NAME] == "alpha" and info[P.REFUSAL_CODE] == "budget"  # a structured refusal with its own code, not a crashed client
     assert "`privacy.target_epsilon` ε=0.001 cannot be met" in str(info[P.REFUSAL_REASON])
