@@ -587,13 +587,24 @@ def evaluate(
     console.print(f"{len(report['results'])} settings; results in [bold]{out}[/bold]")
 
 
+def _checkpoint_plan_hash(path: Path) -> str:
+    """The plan_hash a run's checkpoint records in its metadata ("" if it records none or cannot be read here; loading reports that)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as fh:
+            return (fh.metadata() or {}).get("plan_hash", "")
+    except Exception:  # noqa: BLE001 - not a safetensors file: load_checkpoint below says so with the model's name
+        return ""
+
+
 @site_app.command("timeline")
 @friendly
 def site_timeline(
     site: Annotated[Path, typer.Option(help="The site's site.yaml.")],
     patient: Annotated[str, typer.Option("--patient", help="Patient id as in the manifest.")],
     model: Annotated[Path, typer.Option(help="A global model checkpoint (RUN/checkpoints/round-NNN.safetensors).")],
-    config: Annotated[Path, typer.Option(help="The experiment YAML the model was trained with.")] = Path("configs/experiment.yaml"),
+    config: Annotated[Path | None, typer.Option(help="The experiment YAML the model was trained with (default: the run folder's config.yaml beside checkpoints/).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output path without suffix (default: <state_dir>/timelines/<patient>).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Alert threshold; default: chosen on this site's training patients to meet alerts.max_false_alarms_per_month.")] = None,
 ) -> None:
@@ -606,7 +617,14 @@ def site_timeline(
     from shared.models import build_model
     from shared.params import load_checkpoint, set_arrays
 
+    if config is None:
+        config = model.resolve().parent.parent / "config.yaml"  # RUN/checkpoints/round-NNN.safetensors -> RUN/config.yaml
+        if not config.is_file():
+            raise typer.BadParameter(f"{model} is not in a run folder with its config.yaml ({config} does not exist); pass the experiment YAML the model was trained with as --config.")
     exp, cfg = load_experiment(config), load_site(site)
+    trained_with = _checkpoint_plan_hash(model)
+    if trained_with and trained_with != exp.plan_hash():
+        raise typer.BadParameter(f"{model} was trained with plan {trained_with[:16]}, but {config} is plan {exp.plan_hash()[:16]}; pass the run's own config.yaml (RUN/config.yaml) as --config.")
     net = build_model(exp)
     try:
         set_arrays(net, load_checkpoint(model))
@@ -727,8 +745,9 @@ def site_check(
         data = prepare_site(manifest, features, cache, language=language, speech=exp.speech if exp else None, progress=lambda d, t: bar.update(task, completed=d, total=t))
     report = data.report()
     problems = [p.render(data.manifest.path) for p in data.problems]
-    if as_json:
-        print(json.dumps({**report, "problems": problems}, indent=2))
+    if as_json:  # "problems": the lines as printed; "issues": the same, structured, with their severity
+        issues = [{"line": p.line, "field": p.field, "severity": p.severity, "problem": p.message} for p in data.problems]
+        print(json.dumps({**report, "problems": problems, "issues": issues}, indent=2))
     else:
         table = Table(title="site data report", show_header=False)
         for k, v in report.items():

@@ -301,3 +301,14 @@ def test_plan_names_a_site_whose_sampling_rate_is_1(tiny_cohort: Path, tmp_path:
     (tmp_path / "exp.yaml").write_text(tiny_experiment().to_yaml())
     result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(tmp_path / "tromso")], env={"COLUMNS": "400"})
     assert "warning: Site tromso: sampling rate q = 1" in " ".join(result.output.split()), result.output
+
+
+def test_site_check_json_gives_each_problem_with_its_severity(tmp_path: Path) -> None:
+    (tmp_path / "audio").mkdir()
+    write_tone(tmp_path / "audio" / "a.wav")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,session_id,recorded_at,audio_path,language,ward\np1,s1,2026-03-01,audio/a.wav,nb,x\np1,s2,2026-03-02,audio/none.wav,nb,x\n", encoding="utf-8")
+    result = runner.invoke(app, ["site", "check", "--manifest", str(manifest), "--state-dir", str(tmp_path / "state"), "--json"])
+    issues = json.loads(result.stdout)["issues"]
+    assert {(i["field"], i["severity"]) for i in issues} >= {("audio_path", "error"), ("header", "warning")}, issues
+    assert all(set(i) == {"line", "field", "severity", "problem"} for i in issues)

@@ -70,6 +70,22 @@ def test_site_timeline_renders_one_patient_at_the_site(tiny_cohort: Path, tmp_pa
     assert res.exit_code == 3 and "nobody" in res.output
 
 
+def test_site_timeline_takes_the_run_folders_config_and_refuses_another_plans(tiny_cohort: Path, tmp_path: Path) -> None:
+    exp = tiny_experiment()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(exp.to_yaml())
+    model = run / "checkpoints" / "round-002.safetensors"
+    save_checkpoint(model, get_arrays(build_model(exp)), {"plan_hash": exp.plan_hash()})
+    args = ["site", "timeline", "--site", str(tiny_cohort / "gamma" / "site.yaml"), "--model", str(model), "--patient", "gamma-p0001"]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "tl")])  # no --config: the run folder's
+    assert res.exit_code == 0, res.output
+    other = tmp_path / "other.yaml"
+    other.write_text(exp.with_privacy(target_epsilon=3.0).to_yaml())
+    res = runner.invoke(app, [*args, "--config", str(other), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "was trained with plan" in res.output and not (tmp_path / "x.html").exists()
+
+
 def test_site_timelines_are_written_0600_in_a_0700_folder_whatever_the_umask(tiny_cohort: Path, tmp_path: Path) -> None:
     exp = tiny_experiment()
     (tmp_path / "exp.yaml").write_text(exp.to_yaml())
