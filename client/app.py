@@ -37,7 +37,7 @@ from client import site as site_module
 from client.approval import is_approved
 from client.manifest import read_manifest
 from client.site import Refusal, Site, TrainResult
-from client.site_errors import withheld, without_paths
+from client.site_errors import PATH_WITHHELD, withheld, without_paths
 from client.startup_checks import coordinator_key
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
@@ -440,13 +440,16 @@ def _evaluation_first(site: Site, req: Request) -> dict[str, float] | None:
         return None
 
 
-def policy_refusal(site_name: str, exc: PolicyError) -> Refusal:
+def policy_refusal(site_cfg: SiteConfig, exc: PolicyError) -> Refusal:
     """The structured refusal for a policy error: its code (``ledger`` unless the error names
     another, e.g. ``budget`` for an ε no noise can reach) and its sentence, which the site's
     own code wrote about its ledger, keys or budget (never patient data); local paths in it
     are withheld when the reply is built. The site's log keeps the full text."""
-    log.warning("site=%s refuses: %s", site_name, exc)
-    return Refusal(getattr(exc, "refusal_code", "ledger"), f"Site {site_name}: {exc}")
+    log.warning("site=%s refuses: %s", site_cfg.name, exc)
+    text = str(exc)
+    for folder in sorted({str(site_cfg.state_dir.absolute()), str(site_cfg.state_dir.resolve()), str(site_cfg.state_dir)}, key=len, reverse=True):
+        text = text.replace(folder, PATH_WITHHELD)  # the site's own folder, whole, even where a space would end the pattern in without_paths
+    return Refusal(getattr(exc, "refusal_code", "ledger"), f"Site {site_cfg.name}: {text}")
 
 
 def _train(site_name: str, site: Site, req: Request, faults: FaultPlan | None) -> tuple[TrainResult | Refusal, float]:
@@ -458,7 +461,7 @@ def _train(site_name: str, site: Site, req: Request, faults: FaultPlan | None) -
     try:
         return site.train(req.arrays, run_id=req.run_id, server_round=req.server_round, total_rounds=req.total_rounds), started
     except PolicyError as exc:  # a ledger that fails its integrity check, an ε no noise reaches: our own sentences, no patient data (paths are withheld in _reply)
-        return policy_refusal(site_name, exc), started
+        return policy_refusal(site.cfg, exc), started
 
 
 def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], faults: FaultPlan | None) -> Message:
@@ -616,7 +619,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         try:
             out = site.plan(run_id=req.run_id, total_rounds=req.total_rounds)
         except PolicyError as exc:
-            return _reply(msg, site_cfg.name, refusal=policy_refusal(site_cfg.name, exc))
+            return _reply(msg, site_cfg.name, refusal=policy_refusal(site_cfg, exc))
         metrics = {M.EPSILON_RUN: float(out["epsilon_run"]), M.EPSILON_REMAINING: float(out["epsilon_remaining"]), M.NOISE_MULTIPLIER: float(out["noise_multiplier"]), M.DELTA: float(out["delta"])}
         refusal = Refusal(str(out["code"]), str(out["reason"])) if out["code"] != "ok" else None
         return _reply(msg, site_cfg.name, metrics=metrics, refusal=refusal)

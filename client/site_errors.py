@@ -17,7 +17,7 @@ import secrets
 log = logging.getLogger("fedrelapse.site")
 
 # An absolute POSIX path (at least two components), as it appears in an error message.
-_ABS_PATH = re.compile(r"(?<![\w.~])/(?:[^\s'\"`/]+/)+[^\s'\"`,;)]*")
+_ABS_PATH = re.compile(r"~/[^\s'\"`,;)]+|(?<![\w.~])/(?:[^\s'\"`/]+/)+[^\s'\"`,;)]*")  # ~/... too
 PATH_WITHHELD = "<local path withheld>"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -768,6 +769,15 @@ audit_app = _typer(help="DPO: verify ledgers offline, independently of the site'
 app.add_typer(audit_app, name="audit")
 
 
+def _finite(value: float) -> float | None:
+    """``value``, or None (JSON null) where it is NaN or infinite: ``--json`` must print valid JSON."""
+    return value if math.isfinite(value) else None
+
+
+def _four(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 @audit_app.command("verify")
 @friendly
 def audit_verify(
@@ -798,14 +808,15 @@ def audit_verify(
         results.append({
             "ledger": str(path), "ok": report.ok, "entries": len(report.entries),
             "issues": [{"line": i.line, "problem": i.message} for i in report.issues],
-            "epsilon_recorded": last.recorded_total if last else 0.0, "epsilon_rdp_independent": last.rdp if last else 0.0, "epsilon_pld_independent": last.pld if last else 0.0,
+            "epsilon_recorded": _finite(last.recorded_total if last else 0.0), "epsilon_rdp_independent": _finite(last.rdp if last else 0.0),
+            "epsilon_pld_independent": _finite(last.pld if last else 0.0),
         })
     if as_json:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
             mark = "[green]verified[/green]" if r["ok"] else "[red]PROBLEMS FOUND[/red]"
-            console.print(f"{r['ledger']}: {mark} · {r['entries']} entries · ε recorded {r['epsilon_recorded']:.4f}, independent RDP {r['epsilon_rdp_independent']:.4f}, PLD {r['epsilon_pld_independent']:.4f}")
+            console.print(f"{r['ledger']}: {mark} · {r['entries']} entries · ε recorded {_four(r['epsilon_recorded'])}, independent RDP {_four(r['epsilon_rdp_independent'])}, PLD {_four(r['epsilon_pld_independent'])}")
             for i in r["issues"]:
                 console.print(f"  [red]line {i['line']}: {escape(i['problem'])}[/red]")
     if failed:

@@ -144,18 +144,25 @@ def test_the_site_worker_sends_only_the_class_and_a_reference_when_a_task_raises
 
 @pytest.mark.parametrize("kind", ["query", "train"])
 def test_a_ledger_that_fails_its_check_is_refused_with_code_ledger_naming_the_line_not_the_path(tiny_cohort: Path, tmp_path: Path, kind: str) -> None:
-    ctx = _context(tiny_cohort, tmp_path)
-    ledger_file = tmp_path / "state" / "ledger" / "privacy-ledger.jsonl"
+    state = tmp_path / "hospital data" / "state"  # a space in the site's folder: the path must still be withheld whole
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {state}\n")
+    ctx = Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_yaml)}, state=RecordDict(), run_config={})
+    ledger_file = state / "ledger" / "privacy-ledger.jsonl"
     ledger_file.parent.mkdir(parents=True)
     ledger_file.write_text("42\n")  # not an entry: the site must refuse, and the researcher must learn why
     from client.site import site_key_paths
     from shared import signing
 
-    signing.generate(*site_key_paths(tmp_path / "state"))
+    signing.generate(*site_key_paths(state))
 
     reply = build_client_app()(_message(kind, tiny_experiment().to_yaml()), ctx)
 
     info = reply.content[P.SITE]
     assert info[P.REFUSAL_CODE] == "ledger"
     assert "line 1: not a valid ledger entry" in str(info[P.REFUSAL_REASON]) and "fedrelapse audit verify" in str(info[P.REFUSAL_REASON])
-    assert str(tmp_path) not in _everything_sent(reply) and PATH_WITHHELD in str(info[P.REFUSAL_REASON])
+    assert str(tmp_path) not in _everything_sent(reply) and "hospital data" not in _everything_sent(reply) and PATH_WITHHELD in str(info[P.REFUSAL_REASON])
+
+
+def test_a_home_relative_path_is_withheld_too() -> None:
+    assert without_paths("see ~/state/ledger/x.jsonl line 1") == f"see {PATH_WITHHELD} line 1"

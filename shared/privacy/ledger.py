@@ -73,7 +73,7 @@ class LedgerEntry:
         body = asdict(self)
         body["hash"] = entry_hash(body)
         body["signature"] = sign(key, body["hash"].encode())
-        return json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"  # a NaN/∞ entry fails here, not at every later read
 
 
 def entry_hash(body: dict[str, object]) -> str:
