@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 import resource
 import time
 from collections import OrderedDict
@@ -35,8 +34,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client import site as site_module
 from client.approval import is_approved
-from client.manifest import read_manifest
-from client.site import Refusal, Site, TrainResult
+from client.site import SITE_CACHE_ENV, DataIdentity, Refusal, Site, TrainResult, data_identity, site_cache_size  # noqa: F401 - SITE_CACHE_ENV: read by simulate and tests from here
 from client.site_errors import PATH_WITHHELD, withheld, without_paths
 from client.startup_checks import coordinator_key
 from shared import metrics as M  # noqa: N812
@@ -65,27 +63,6 @@ def site_config_path(context: Context, sim_sites: tuple[str, ...]) -> Path:
     return Path(sim_sites[int(context.node_config["partition-id"]) % len(sim_sites)])
 
 
-SITE_CACHE_ENV = "FEDRELAPSE_SITE_CACHE"
-
-
-def site_cache_size() -> int:
-    """How many (site, plan) pairs one process keeps loaded: 4, or ``$FEDRELAPSE_SITE_CACHE``.
-
-    A SuperNode serves one site, so 4 covers a few plans. A simulation actor serves many
-    sites in turn; with fewer slots than sites the LRU evicts every site before its next
-    round and each round reloads all data (3.4× round overhead at 10 sites), so
-    :func:`server.simulate.simulate` sets it to the number of sites.
-    """
-    raw = os.environ.get(SITE_CACHE_ENV, "4")
-    try:
-        size = int(raw)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise ValueError(f"${SITE_CACHE_ENV} is {raw!r}; set it to a whole number of sites of at least 1 (or unset it for 4).")
-    return size
-
-
 def site_config(path: Path) -> SiteConfig:
     """This node's ``site.yaml``, read at every message and validated again only when its text
     changed: an edit by the site's IT still applies from the next message, and an unchanged
@@ -104,49 +81,6 @@ def _import_training() -> None:
     importlib.import_module("client.dp_train")
 
 
-FileStat = tuple[int, int] | None  # (size, mtime_ns), None if the file cannot be read
-
-
-@dataclass(frozen=True)
-class DataIdentity:
-    """The site's data as it is on disk now: its manifest's and every listed recording's
-    (size, mtime_ns). Another value means other data: a patient removed from the manifest
-    (consent withdrawn), a recording replaced; the next message then loads the data again."""
-
-    manifest: str
-    manifest_stat: FileStat
-    recordings: tuple[FileStat, ...]
-
-
-def _stat(path: str) -> FileStat:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=site_cache_size())
-def _recordings(manifest: str, stat: FileStat) -> tuple[str, ...]:
-    """The recordings one version of a manifest lists (read once per version; none if it does not parse:
-    the Site that loads it then says what is wrong)."""
-    del stat  # part of the cache key only
-    try:
-        return tuple(str(row.audio_path) for row in read_manifest(manifest).rows)
-    except (OSError, ValueError, FedrelapseError):
-        return ()
-
-
-def data_identity(site_cfg: SiteConfig) -> DataIdentity:
-    """What :func:`site_for` keys a loaded Site on besides (site, plan): one stat per listed
-    file per message (4 ms per 1000 recordings on a loaded 2-core machine; a round's training
-    takes seconds), so an edited manifest or a replaced recording is never served from memory.
-    The ledger's data fingerprint covers the same files (manifest bytes, recordings)."""
-    manifest = str(site_cfg.manifest.absolute())
-    stat = _stat(manifest)
-    return DataIdentity(manifest, stat, tuple(_stat(f) for f in _recordings(manifest, stat)))
-
-
 def site_for(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
     """This process's Site for (site, plan, data on disk now): built once, not per round, and
     built again when the manifest or a recording changed since (the SuperNode keeps running)."""
@@ -156,16 +90,8 @@ def site_for(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site:
 @functools.lru_cache(maxsize=site_cache_size())
 def _site(site_cfg: SiteConfig, exp: ExperimentConfig, data: DataIdentity) -> Site:
     """One Site per (site, plan, data identity) per process: data and tensors are built once, not per round."""
-    seen = _recordings_loaded.get(data.manifest)
-    if seen is not None and seen != data and seen.manifest_stat == data.manifest_stat:
-        # client.site memoises prepared data per manifest version only: a recording changed
-        # under an unchanged manifest, so that memo would hand back the old recording's features.
-        site_module._load.cache_clear()
-    _recordings_loaded[data.manifest] = data
+    del data  # part of the cache key only (the Site's prepared data is memoised on the same identity)
     return Site(site_cfg, exp)
-
-
-_recordings_loaded: dict[str, DataIdentity] = {}  # manifest -> the data identity its last Site was built from
 
 
 def _reply(
@@ -368,8 +294,7 @@ def restart_process_state() -> None:
     The ledger, keys and feature cache are on disk and survive, exactly as after a real restart.
     """
     _site.cache_clear()
-    _recordings.cache_clear()
-    _recordings_loaded.clear()
+    site_module._recordings.cache_clear()
     parse_plan.cache_clear()
     _site_config.cache_clear()
     model_shapes.cache_clear()

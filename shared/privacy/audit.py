@@ -46,6 +46,11 @@ def independent_epsilon(mechanisms: list[tuple[float, float, int]], delta: float
     return float(rdp.get_epsilon(delta)), float(pld_acc.get_epsilon(delta))
 
 
+def _pld(mechanisms: dict[tuple[float, float], int], delta: float) -> float:
+    """The independent PLD ε of {(σ, q): steps} (seconds of work)."""
+    return independent_epsilon([(s, q, n) for (s, q), n in mechanisms.items()], delta)[1]
+
+
 @dataclass
 class EntryCheck:
     line: int
@@ -146,18 +151,15 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
         rdp = float(total_rdp.get_epsilon(e.delta)) if steps_by_mechanism else 0.0
         rdp_run = float(run_rdp[e.run_id].get_epsilon(e.delta)) if e.run_id in run_rdp else 0.0
         need_pld = line == rounds[-1][0] or (e.accountant == "prv" and line in run_ends)
-        pld = independent_epsilon([(s, q, n) for (s, q), n in steps_by_mechanism.items()], e.delta)[1] if need_pld else math.nan
+        pld = _pld(steps_by_mechanism, e.delta) if need_pld else math.nan
         report.checks.append(EntryCheck(line, e.run_id, e.round, e.epsilon_total, rdp, pld, e.epsilon_run, rdp_run))
-        def pld_of(mechanisms: dict[tuple[float, float], int], delta: float) -> float:
-            return independent_epsilon([(s, q, n) for (s, q), n in mechanisms.items()], delta)[1]
-
         for recorded, reference, mechanisms, what in ((e.epsilon_total, rdp, steps_by_mechanism, ""), (e.epsilon_run, rdp_run, run_mechanisms.get(e.run_id, {}), f" for run {e.run_id}")):
             # Above the RDP upper bound: not what the site's accountant gives. Below it: RDP can be loose (PRV is tighter by
             # design; at large ε RDP's small orders give no bound), so only a figure below the near-exact PLD is an under-count.
             if recorded > reference * (1 + tolerance) + (0.01 if e.accountant == "prv" else 1e-9):  # Opacus' PRV is accurate to 0.01 in ε
                 report.issues.append(Issue(line, f"recorded ε={recorded:.4f} ({e.accountant}){what} is above the independent RDP ε={reference:.4f} of its rounds by more than {tolerance:.0%}"))
             elif recorded < reference * (1 - tolerance) and mechanisms:
-                lower = pld if what == "" and not math.isnan(pld) else pld_of(mechanisms, e.delta)
+                lower = pld if what == "" and not math.isnan(pld) else _pld(mechanisms, e.delta)
                 if recorded < lower * (1 - 1e-3):
                     report.issues.append(Issue(line, f"recorded ε={recorded:.4f} ({e.accountant}){what} is below the independent RDP ε={reference:.4f} and the PLD lower figure {lower:.4f}: an under-count"))
         if e.accountant == "prv" and not math.isnan(pld) and e.epsilon_total > pld * (1 + tolerance) + 0.01:  # Opacus' PRV is accurate to 0.01 in ε
