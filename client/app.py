@@ -4,7 +4,9 @@ The experiment plan arrives in the message; the site's own ``site.yaml`` (from t
 SuperNode's node config, or the simulation's site list) says where its data lives.
 Replies carry only a DP-trained update, aggregate metrics and the site's name or refusal;
 in a with-next-round run a train reply also carries the site's k-suppressed evaluation of
-the model the message brought, evaluated after every check and before training.
+the model the message brought, evaluated after training (the round is charged first). A
+model's evaluation leaves once per run and round, only in a run the site has trained in
+(:mod:`client.releases`).
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class Request:
     plan_yaml: str
     arrays: OrderedDict[str, np.ndarray]  # the global model, unpacked (empty for the pre-flight query, and until the plan is read)
     packed: ArrayRecord | None = None  # the global model as it came (one float32 vector); unpacked once the plan's model is known
-    evaluate_first: bool = False  # evaluate the received model before training and send the evaluation with the reply (with-next-round)
+    evaluate_first: bool = False  # evaluate the received model and send the evaluation with the train reply (with-next-round)
 
 
 def _is_int(value: Any) -> bool:
@@ -350,18 +352,27 @@ def _evaluation(site: Site, arrays: dict[str, np.ndarray]) -> dict[str, float]:
     return {**site.evaluate(arrays), **_cost(started)}
 
 
-def _evaluation_first(site: Site, req: Request) -> dict[str, float] | None:
-    """With-next-round: the received model's evaluation, made before training (after every
-    check of the message); None when the message did not ask for one, or when the evaluation
-    failed: that failure is logged here, and the round's training still goes ahead (with
-    separate evaluation it would have cost only the evaluate message). The coordinator then
-    records that the reply carried no evaluation."""
+def _evaluation_with_train(site: Site, req: Request) -> dict[str, float] | None:
+    """With-next-round: the received model's evaluation (the model after round ``server_round - 1``),
+    sent with this train reply; None when the message did not ask for one.
+
+    Made after training, so that this message's round is charged first: an evaluation leaves
+    only in a run the site has paid into, once per model (:meth:`Site.reserve_evaluation`).
+    Training never changes the received arrays, so it is the model as received. A refused
+    release or a failed evaluation is logged here and gives None, and the update still goes
+    out; the coordinator records that the reply carried no evaluation (with none from any
+    site, it asks by an evaluate message, which then gets the refusal's reason)."""
     if not req.evaluate_first:
         return None
+    model_round = req.server_round - 1
     try:
+        refusal = site.reserve_evaluation(req.arrays, run_id=req.run_id, model_round=model_round)
+        if refusal is not None:
+            log.warning("site=%s sends no evaluation of round %d's model: %s", site.cfg.name, model_round, refusal.reason)
+            return None
         return _evaluation(site, req.arrays)
     except Exception:  # noqa: BLE001 - any failure of the evaluation alone must not cost the update
-        log.exception("site=%s could not evaluate the global model of round %d; the update is sent without an evaluation", site.cfg.name, req.server_round - 1)
+        log.exception("site=%s could not evaluate the global model of round %d; the update is sent without an evaluation", site.cfg.name, model_round)
         return None
 
 
@@ -395,9 +406,9 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     DP noise is added during local training (train_dp), before the mod masks the result.
     A refusing site still takes part in the protocol with weight 0 and a zero vector, so
     the other sites' round completes and the refusal reaches the researcher. Asked to
-    evaluate first (with-next-round), the site evaluates the received model once every
-    check has passed and sends the evaluation in ``fitres.metrics`` (``eval.<key>``), with
-    its refusal too if it then refuses to train.
+    evaluate first (with-next-round), the site evaluates the received model after training
+    (:func:`_evaluation_with_train`) and sends the evaluation in ``fitres.metrics``
+    (``eval.<key>``), with its refusal too if it refused to train.
     """
     cfg = msg.content.config_records[P.LEGACY_FITINS_CONFIG]
     incoming = parameters_to_ndarrays(compat.arrayrecord_to_parameters(msg.content.array_records[P.LEGACY_FITINS_ARRAYS], keep_input=True))
@@ -423,8 +434,8 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     if isinstance(checked, Refusal):
         return refuse(checked)
     req, site = checked
-    evaluation = _evaluation_first(site, req)
     result, started = _train(site_cfg.name, site, req, faults)
+    evaluation = _evaluation_with_train(site, req)
     if isinstance(result, Refusal):
         return refuse(result, evaluation)
     update = [flatten(result.arrays, layout)]  # one (N,) float32 vector, the global model's layout
@@ -510,7 +521,6 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         if isinstance(setup, Refusal):
             return _reply(msg, site_cfg.name, refusal=setup)
         req, site = setup
-        evaluation = _evaluation_first(site, req)  # after every check of the message, before training
         result, started = _train(site_cfg.name, site, req, faults)
         if faults is not None:
             try:
@@ -518,6 +528,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
             except InjectedCrash:
                 restart_process_state()
                 raise
+        evaluation = _evaluation_with_train(site, req)  # after training: the round is charged first
         if isinstance(result, Refusal):
             log.warning("site=%s refused round %s: %s", site_cfg.name, req.server_round, result.code)
             return _reply(msg, site_cfg.name, refusal=result, evaluation=evaluation, metrics=result.metrics or None, ledger_head=result.ledger_head)
@@ -532,6 +543,13 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         if isinstance(setup, Refusal):
             return _reply(msg, site_cfg.name, refusal=setup)
         req, site = setup
+        try:
+            refusal = site.reserve_evaluation(req.arrays, run_id=req.run_id, model_round=req.server_round)
+        except PolicyError as exc:  # a ledger that fails its integrity check
+            refusal = policy_refusal(site_cfg, exc)
+        if refusal is not None:
+            log.warning("site=%s refused to evaluate round %d's model: %s", site_cfg.name, req.server_round, refusal.code)
+            return _reply(msg, site_cfg.name, refusal=refusal)
         return _reply(msg, site_cfg.name, metrics=_evaluation(site, req.arrays))
 
     @client_app.query()

@@ -40,6 +40,8 @@ def summary(exp: ExperimentConfig) -> list[tuple[str, str]]:
         ("experiment", exp.name),
         ("model", f"{exp.model.name} (hidden {exp.model.hidden}, conv channels {exp.model.conv_channels})"),
         ("rounds x local steps", f"{f.rounds} x {t.local_steps}"),
+        ("training", f"{t.batch_patients} patients a step (expected), learning rate {t.learning_rate:g}, at most {t.max_sessions_per_patient} sessions a patient"),
+        ("held-out split", f"{t.eval_fraction:g} of your patients, drawn with seed {exp.seed} (another fraction or seed holds out other patients)"),
         ("privacy", f"patient-level DP, ε ≤ {p.target_epsilon:g} at δ = {p.target_delta:g} for the whole run, clip C = {p.max_grad_norm:g}" if p.enabled else "NO differential privacy"),
         ("metrics", f"aggregates over at least {f.min_patients_metric} patients"),
         ("evaluation", "none (fraction_evaluate 0)" if f.fraction_evaluate == 0

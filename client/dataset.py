@@ -50,15 +50,23 @@ class PatientTensors:
         )
 
 
-def split_patients(sessions: list[PreparedSession], *, eval_fraction: float, seed: int) -> tuple[set[str], set[str]]:
+def split_patients(sessions: list[PreparedSession], *, eval_fraction: float, seed: int, salt: bytes) -> tuple[set[str], set[str]]:
     """(train, eval) patient ids: deterministic, by patient never by session, stratified on
-    whether the patient has any worsening session."""
+    whether the patient has any worsening session.
+
+    Each stratum is ordered by a hash of ``salt`` (the site's secret), the plan's ``seed`` and
+    ``eval_fraction``, and the patient id. With the fraction in the key, two plans that differ
+    only in ``eval_fraction`` hold out unrelated sets, not nested ones: nested sets that differ
+    by one patient made the difference of two released evaluation losses that patient's own
+    loss (a red-team differencing attack). With the site's secret in it, the coordinator cannot
+    choose a seed that picks the held-out patients it wants. The same plan at the same site
+    always gets the same split."""
     ever: dict[str, bool] = defaultdict(bool)
     for s in sessions:
         ever[s.row.patient_id] |= s.row.label == 1
     train, held = set(), set()
     for group in (True, False):
-        ids = sorted((p for p, e in ever.items() if e is group), key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+        ids = sorted((p for p, e in ever.items() if e is group), key=lambda p: hashlib.sha256(salt + f"|{seed}|{eval_fraction!r}|{p}".encode()).hexdigest())
         n_eval = int(round(eval_fraction * len(ids)))
         held |= set(ids[:n_eval])
         train |= set(ids[n_eval:])

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from client import releases
 from client.dataset import PatientTensors, build_tensors, split_patients
 from client.manifest import read_manifest
 from client.predict import predict
@@ -31,6 +32,7 @@ from shared import metrics as M  # noqa: N812
 from shared import signing
 from shared.config import ExperimentConfig, FeatureConfig, LanguageConfig, SiteConfig, SpeechConfig
 from shared.errors import DataError, FedrelapseError, PolicyError
+from shared.model_signing import model_digest
 from shared.models import build_model
 from shared.params import get_arrays, set_arrays
 from shared.privacy import ledger
@@ -165,7 +167,7 @@ class Site:
             short = sum(p.field == "audio_path" and TOO_SHORT in p.message for p in self.data.problems)
             why = f" {short} recording(s) are shorter than `features.min_seconds` ({exp.features.min_seconds:g} s) of the plan." if short else ""
             raise DataError(f"Site {site.name}: no usable session in {site.manifest}.{why} Run `fedrelapse site check`.")
-        train_ids, eval_ids = split_patients(self.data.sessions, eval_fraction=exp.training.eval_fraction, seed=exp.seed)
+        train_ids, eval_ids = split_patients(self.data.sessions, eval_fraction=exp.training.eval_fraction, seed=exp.seed, salt=_site_secret(site.state_dir))
         tensors = build_tensors(self.data.sessions, baseline_sessions=exp.features.baseline_sessions)
         pick = lambda ids: torch.tensor([i for i, p in enumerate(tensors.patient_ids) if p in ids], dtype=torch.long)  # noqa: E731
         self.train_set: PatientTensors = tensors.subset(pick(train_ids))
@@ -303,16 +305,57 @@ class Site:
         return TrainResult(update, metrics, entry.hash)
 
     def _train_loss(self, stats: StepStats) -> dict[str, float]:
-        """The round's train loss as a metric, only when it covers at least k distinct patients.
+        """The round's train loss as a metric, only when it covers at least k distinct patients
+        and the site's policy releases metrics (``policy.release_metrics``).
 
         It is the mean of the sampled patients' losses, not DP-protected; with few patients
         sampled in the round (a plan with a small batch and few local steps) it would be one or
-        two patients' own loss on the global model, so below k it stays at the site.
+        two patients' own loss on the global model, so below k it stays at the site. It leaves
+        at most once per (run, round): only with a charged round's update.
         """
+        if not self.cfg.policy.release_metrics:
+            return {}
         if stats.patients < self.k:
             log.info("site=%s train loss over %d patients (< k=%d) not sent", self.cfg.name, stats.patients, self.k)
             return {}
         return {M.TRAIN_LOSS: stats.mean_loss}
+
+    def reserve_evaluation(self, arrays: dict[str, np.ndarray], *, run_id: str, model_round: int) -> Refusal | None:
+        """Claim the release of ``arrays``' evaluation as run ``run_id``'s model after round
+        ``model_round`` (:mod:`client.releases`), or the refusal that says why it may not leave.
+
+        With DP on, an evaluation leaves only if the site's policy releases metrics, its ledger
+        holds a charged round of this run, and no other model was evaluated under this run and
+        round (the same model again is allowed: it gives the same answer); the claim is fsync'd
+        before the metrics are computed. A plan without DP (which the site's policy must allow:
+        synthetic benchmark data only) is not limited.
+        """
+        name = self.cfg.name
+        if not self.cfg.policy.release_metrics:
+            return Refusal("metrics-withheld", f"Site {name} sends no evaluation metrics (its policy has release_metrics: false); only its DP-trained update and its ε leave it.")
+        if not self.exp.privacy.enabled:
+            return None
+        digest = model_digest(arrays)
+        with ledger.locked(self.ledger_path):
+            entries = ledger.read_entries(self.ledger_path, self._public_key())
+            if not any(e.kind == "round" and e.run_id == run_id for e in entries):
+                return Refusal(
+                    "evaluation-limit",
+                    f"Site {name} evaluates models only in a run it has trained in (its ledger holds no round of run {run_id}); "
+                    "an evaluation is an answer about its held-out patients that DP does not cover, so each costs a charged round.",
+                )
+            path = releases.releases_path(self.ledger_path)
+            before = releases.released(path).get((run_id, model_round))
+            if before == digest:
+                return None  # the same model again: the same answer, nothing new leaves
+            if before is not None:
+                return Refusal(
+                    "evaluation-limit",
+                    f"Site {name} already sent its evaluation of another model as round {model_round}'s model of run {run_id}; "
+                    "it evaluates one model per run and round.",
+                )
+            releases.record(path, run_id=run_id, model_round=model_round, model=digest)
+        return None
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         """Aggregate metrics on held-out patients; suppressed below k patients, or when either class (sessions with and without

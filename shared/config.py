@@ -295,6 +295,11 @@ class SitePolicy:
     epsilon_cap_run: float = spec(10.0, doc="ε cap for any single run.", gt=0)
     min_noise_multiplier: float = spec(0.5, doc="Smallest σ the site accepts for a DP-SGD step.", ge=0)
     min_patients_metric: int = spec(5, doc="k: no metric over fewer patients leaves the site.", ge=1)
+    release_metrics: bool = spec(
+        True,
+        doc="Send aggregate metrics (held-out evaluation, train loss) over at least k patients. They are not DP-protected; "
+        "the site sends each model's evaluation once, only in runs it has trained in. false: only the DP-trained update and ε leave the site.",
+    )
     allow_non_private: bool = spec(False, doc="Accept plans without DP. Only for synthetic benchmark data, never for patients.")
     require_secure_aggregation: bool = spec(False, doc="Train only in SecAgg+ rounds, so no update leaves the site unmasked.")
 

@@ -172,16 +172,24 @@ def test_a_train_message_that_does_not_ask_gets_no_evaluation(tiny_cohort: Path,
     assert P.EVALUATION not in reply.content and P.ARRAYS in reply.content
 
 
-def test_a_site_that_refuses_to_train_still_sends_its_evaluation(tiny_cohort: Path, tmp_path: Path) -> None:
+def test_a_site_that_refuses_to_train_still_sends_its_evaluation_once(tiny_cohort: Path, tmp_path: Path) -> None:
     app, ctx = build_client_app(), site_context(tiny_cohort, tmp_path)
-    app(site_message("train"), ctx)
+    app(site_message("train", evaluate_first=None), ctx)  # round 1 trained and charged, round 0's model not evaluated
 
     again = app(site_message("train"), ctx)  # round 1 again: the ledger refuses a replay
+    same = app(site_message("train"), ctx)
+    crafted = site_message("train")  # another model as round 0's: what a coordinator probing the held-out patients sends
+    other = {k: v + np.float32(0.1) for k, v in start_arrays().items()}
+    crafted.content[P.ARRAYS] = pack(other, layout(other))
+    third = app(crafted, ctx)
 
     assert again.content[P.SITE][P.REFUSAL_CODE] == "replay"
     assert P.ARRAYS not in again.content
     assert set(again.content[P.METRICS].keys()) == {M.EPSILON_RUN, M.EPSILON_TOTAL, M.DELTA, M.NOISE_MULTIPLIER}  # what the round was charged, nothing trained
-    assert again.content[P.EVALUATION][M.SUPPRESSED] == 1.0
+    assert again.content[P.EVALUATION][M.SUPPRESSED] == 1.0  # a run the site has paid into: round 0's model evaluated
+    assert dict(same.content[P.EVALUATION]).keys() == dict(again.content[P.EVALUATION]).keys()  # the same model again: the same answer
+    # ... and no other model's under the same run and round
+    assert third.content[P.SITE][P.REFUSAL_CODE] == "replay" and P.EVALUATION not in third.content
 
 
 @pytest.mark.parametrize(("case", "why"), [

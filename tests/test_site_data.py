@@ -396,3 +396,23 @@ def test_a_cache_write_that_fails_halfway_leaves_no_temporary_file(site: Path, m
         prepare_site(m, FeatureConfig(), site / "state")
 
     assert not [p for p in (site / "state").rglob("*") if p.is_file()]
+
+
+def _sessions(n_per_class: int) -> list:
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(row=SimpleNamespace(patient_id=f"P{i:03d}", label=int(i < n_per_class))) for i in range(2 * n_per_class)]
+
+
+def test_two_plans_differing_only_in_eval_fraction_do_not_hold_out_nested_sets() -> None:
+    """Nested held-out sets one patient apart made two released evaluation losses differ by
+    exactly that patient's loss (red-team differencing attack); the fraction is in the key."""
+    from client.dataset import split_patients
+
+    sessions = _sessions(20)
+    _, small = split_patients(sessions, eval_fraction=0.50, seed=0, salt=b"site-secret")
+    _, large = split_patients(sessions, eval_fraction=0.55, seed=0, salt=b"site-secret")
+    assert len(large) - len(small) == 2  # one more patient per class
+    assert len(large - small) > 2  # not the small set plus two patients
+    assert split_patients(sessions, eval_fraction=0.50, seed=0, salt=b"site-secret")[1] == small  # the same plan, the same split
+    assert split_patients(sessions, eval_fraction=0.50, seed=0, salt=b"other-site")[1] != small  # the coordinator cannot pick it by seed alone

@@ -151,6 +151,53 @@ def test_evaluation_metrics_are_suppressed_below_k_patients(site: Site) -> None:
     assert out == {M.SUPPRESSED: 1.0, M.NUM_PATIENTS: 0.0}
 
 
+def _crafted(seed: int) -> dict[str, np.ndarray]:
+    """Another model under the same label: what a coordinator probing the site would send."""
+    rng = np.random.default_rng(seed)
+    return {k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in start_arrays().items()}
+
+
+def test_a_site_evaluates_only_in_a_run_it_has_trained_in(site: Site) -> None:
+    """A fresh run id is free; an evaluation in it would be a free answer about the held-out patients."""
+    refused = site.reserve_evaluation(start_arrays(), run_id="never-trained", model_round=1)
+    assert isinstance(refused, Refusal) and refused.code == "evaluation-limit" and "never-trained" in refused.reason
+    assert not (site.ledger_path.parent / "evaluation-releases.jsonl").exists()
+
+
+def test_a_site_evaluates_one_model_per_run_and_round(site: Site) -> None:
+    """Many crafted models under one label was the red-team's bisection (64 free evaluations
+    recovered one session's marker); the same model again is answered (same answer, nothing new)."""
+    assert isinstance(site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2), TrainResult)
+    assert site.reserve_evaluation(start_arrays(), run_id="r1", model_round=1) is None
+    assert site.reserve_evaluation(start_arrays(), run_id="r1", model_round=1) is None  # the same model: a lost reply asked again
+    other = site.reserve_evaluation(_crafted(1), run_id="r1", model_round=1)
+    assert isinstance(other, Refusal) and other.code == "evaluation-limit"
+    assert site.reserve_evaluation(_crafted(2), run_id="r1", model_round=2) is None  # the next round's model: one more
+    # the record survives the process: a new Site on the same state folder refuses too
+    again = Site(site.cfg, site.exp)
+    assert isinstance(again.reserve_evaluation(_crafted(3), run_id="r1", model_round=2), Refusal)
+    lines = (site.ledger_path.parent / "evaluation-releases.jsonl").read_text().splitlines()
+    assert [(json.loads(x)["run_id"], json.loads(x)["round"]) for x in lines] == [("r1", 1), ("r1", 2)]
+
+
+def test_a_policy_without_metric_releases_sends_no_evaluation_and_no_train_loss(site: Site) -> None:
+    site.cfg = replace(site.cfg, policy=replace(site.cfg.policy, release_metrics=False))
+    _with_k(site, 1)
+    result = site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
+    assert isinstance(result, TrainResult) and M.TRAIN_LOSS not in result.metrics and M.EPSILON_RUN in result.metrics
+    refused = site.reserve_evaluation(start_arrays(), run_id="r1", model_round=1)
+    assert isinstance(refused, Refusal) and refused.code == "metrics-withheld"
+
+
+def test_an_evaluate_message_in_a_run_the_site_never_trained_in_is_refused(tiny_cohort: Path, tmp_path: Path) -> None:
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\n")
+    ctx = Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_yaml)}, state=RecordDict(), run_config={})
+    reply = build_client_app()(_message("evaluate", tiny_experiment().to_yaml()), ctx)
+    assert reply.content[P.SITE][P.REFUSAL_CODE] == "evaluation-limit"
+    assert P.METRICS not in reply.content
+
+
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: Flower stamps new messages with a task identity
 
 

@@ -1,0 +1,85 @@
+"""The site's record of evaluation releases: each global model's metrics leave at most once.
+
+A site's evaluation metrics (AUROC, AUPRC, loss over at least k held-out patients) are not
+DP-protected. k-suppression stops a metric that is about a few patients, but not a coordinator
+that crafts the global model it asks the site to evaluate: a model whose output is large only
+for sessions with one marker above a threshold turns the loss into a count of those sessions,
+and bisection over many evaluate messages then recovers one session's value (a red-team
+script did it in 64 free evaluate messages). The coordinator holds the model-signing key, so
+the signature cannot tell a crafted model from a trained one.
+
+What this module enforces, for every plan with DP on, bounds how many such answers a
+coordinator can get and ties them to spent budget:
+
+* one model per (run, round): once the site has sent its evaluation of a model as run R's
+  model after round r, another model under that label is refused. The same model again
+  (its digest, :func:`shared.model_signing.model_digest`) is evaluated again: on the same
+  held-out data it gives the same answer, so a reply lost in transit can be asked for again
+  without telling the coordinator anything new;
+* only in a run the site has paid into: its privacy ledger holds a charged round of that
+  run. A fresh run id costs at least one DP round before any evaluation leaves, so the
+  number of models evaluated is at most the number of charged rounds (plus one final
+  evaluation per run) that the site's approved plans and ε caps allow.
+
+A DPO who wants no un-noised output at all sets ``policy.release_metrics: false``; the site
+then sends only its DP-trained update and its ε. The record is one JSON line per release in
+``<state_dir>/ledger/evaluation-releases.jsonl``, written and fsync'd under the ledger's lock
+before the metrics are computed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+RELEASES_FILE = "evaluation-releases.jsonl"
+
+
+def releases_path(ledger_file: Path) -> Path:
+    """The release record beside the privacy ledger ``ledger_file``."""
+    return ledger_file.parent / RELEASES_FILE
+
+
+def released(path: Path) -> dict[tuple[str, int], str]:
+    """(run id, model round) -> the digest of the model whose evaluation left the site under
+    that label; lines that do not parse (a write cut short by a crash) are skipped: their
+    release never completed."""
+    if not path.exists():
+        return {}
+    out: dict[tuple[str, int], str] = {}
+    for raw in path.read_bytes().split(b"\n"):
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("run_id"), str) and isinstance(rec.get("round"), int) and isinstance(rec.get("model"), str):
+            out.setdefault((rec["run_id"], rec["round"]), rec["model"])
+    return out
+
+
+def record(path: Path, *, run_id: str, model_round: int, model: str) -> None:
+    """Append one release (``model``: the evaluated model's digest) and fsync file and folder. Call under the ledger's lock."""
+    line = json.dumps(
+        {"run_id": run_id, "round": model_round, "model": model, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}, sort_keys=True, separators=(",", ":"),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as fh:
+        if fh.tell() and not _ends_with_newline(path):  # a line cut short by a crash: start afresh on the next line
+            fh.write(b"\n")
+        fh.write(line.encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
