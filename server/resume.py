@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors import SafetensorError, safe_open
 
 from server.run_folder import RUN_INFO, RoundRecord, checkpoint_path
+from shared import metrics as M  # noqa: N812
 from shared.config import ExperimentConfig, load_experiment
 from shared.errors import ConfigError, CryptoError, FederationError
 from shared.model_signing import model_digest, verify_checkpoint
@@ -56,7 +57,7 @@ def read_run(run: Path) -> tuple[str, ExperimentConfig]:
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         run_id, started_hash = str(info["run_id"]), str(info["plan_hash"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # ValueError: not JSON, or not UTF-8
         raise ConfigError(f"{info_path} is not a readable run description ({exc}); the run cannot be resumed.") from None
     exp = load_experiment(config_path)
     if exp.plan_hash() != started_hash:
@@ -68,14 +69,112 @@ def read_run(run: Path) -> tuple[str, ExperimentConfig]:
 
 
 def finished_summary(run: Path) -> dict[str, Any] | None:
-    """The run's summary.json if the run has finished (then there is nothing to resume)."""
+    """The run's summary.json if the run has finished (then there is nothing to resume),
+    checked to have the shape the run folder writes (:func:`summary_problem`)."""
     path = run / "summary.json"
     if not path.is_file():
         return None
     try:
-        return dict(json.loads(path.read_text(encoding="utf-8")))
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; it was written by the coordinator as UTF-8 JSON, so it was edited or damaged. Restore it from a backup.") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); it was written atomically, so it was edited by hand.") from None
+    problem = summary_problem(summary)
+    if problem:
+        raise ConfigError(f"{path} is not a summary this version wrote: {problem}. It was edited or damaged; restore it from a backup.")
+    return dict(summary)
+
+
+def _number(value: Any, *, none: bool = True) -> bool:
+    """A JSON number (not a boolean), or null when ``none``."""
+    return (value is None and none) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), f"a {type(value).__name__}")
+
+
+def summary_problem(summary: Any) -> str | None:
+    """Why ``summary`` (summary.json, loaded) is not what :meth:`RunFolder.finish` writes, as far
+    as `run --resume` reads it to report a finished run; None if it is."""
+    if not isinstance(summary, dict):
+        return f"it holds {_kind(summary)}, expected an object"
+    for key in ("run_id", "status"):
+        if not isinstance(summary.get(key), str):
+            return f"field `{key}` is {_kind(summary.get(key))}, expected a string"
+    for key in ("rounds_completed", "rounds_planned"):
+        if not isinstance(summary.get(key), int) or isinstance(summary.get(key), bool):
+            return f"field `{key}` is {_kind(summary.get(key))}, expected a whole number"
+    for key, none in (("final_federated_auroc", True), ("final_federated_auprc", True), ("wall_time_s", False)):
+        if not _number(summary.get(key), none=none):
+            return f"field `{key}` is {_kind(summary.get(key))}, expected a number" + (" or null" if none else "")
+    sites = summary.get("sites")
+    if not isinstance(sites, dict):
+        return f"field `sites` is {_kind(sites)}, expected an object of sites"
+    for site, entry in sites.items():
+        if not isinstance(entry, dict):
+            return f"`sites.{site}` is {_kind(entry)}, expected an object"
+        for key in ("epsilon", "delta", "noise_multiplier"):
+            if not _number(entry.get(key)):
+                return f"`sites.{site}.{key}` is {_kind(entry.get(key))}, expected a number or null"
+    refusals = summary.get("refusals", [])
+    if not isinstance(refusals, list) or not all(isinstance(r, dict) and {"round", "site", "reason"} <= set(r) for r in refusals):
+        return "field `refusals` is not a list of objects with `round`, `site` and `reason`"
+    if not isinstance(summary.get("baselines", {}), dict):
+        return f"field `baselines` is {_kind(summary.get('baselines'))}, expected an object"
+    return None
+
+
+TEXT_ENTRIES = ("error", "ledger_head", "eval", "eval_error")  # a site's entry in a round: these are strings, `refused` an object, the rest numbers (or null)
+
+
+def round_problem(raw: Any) -> str | None:
+    """Why one element of metrics.json is not a round record as :class:`RunFolder` writes it
+    (field names and types, each site's entry), or None."""
+    if not isinstance(raw, dict):
+        return f"it is {_kind(raw)}, expected an object"
+    names = [f.name for f in fields(RoundRecord)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        return f"unknown field(s) {unknown}"
+    missing = [n for n in names if n not in raw]
+    if missing:
+        return f"field(s) {missing} are missing"
+    if not isinstance(raw["round"], int) or isinstance(raw["round"], bool):
+        return f"field `round` is {_kind(raw['round'])}, expected a whole number"
+    for key in ("train_loss", "auroc", "auprc", "eval_loss", "wall_s", "patients_trained"):
+        if not _number(raw[key], none=key != "patients_trained"):
+            return f"field `{key}` is {_kind(raw[key])}, expected a number"
+    for key in ("updated", "evaluation_pending"):
+        if not isinstance(raw[key], bool):
+            return f"field `{key}` is {_kind(raw[key])}, expected true or false"
+    if not isinstance(raw["note"], str):
+        return f"field `note` is {_kind(raw['note'])}, expected a string"
+    if not isinstance(raw["sites"], dict):
+        return f"field `sites` is {_kind(raw['sites'])}, expected an object of site entries"
+    for site, entry in raw["sites"].items():
+        problem = _site_entry_problem(entry)
+        if problem:
+            return f"`sites.{site}`: {problem}"
+    return None
+
+
+def _site_entry_problem(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return f"it is {_kind(entry)}, expected an object"
+    for key, value in entry.items():
+        if key == "refused":
+            if not (isinstance(value, dict) and isinstance(value.get("code"), str) and "reason" in value and isinstance(value["reason"], (str, type(None)))):
+                return "`refused` is not an object with a string `code` and `reason`"
+        elif key in TEXT_ENTRIES:
+            if not isinstance(value, str):
+                return f"`{key}` is {_kind(value)}, expected a string"
+        elif not _number(value):
+            return f"`{key}` is {_kind(value)}, expected a number or null"
+    if M.EPSILON_RUN in entry and not {M.DELTA, M.NOISE_MULTIPLIER} <= set(entry):
+        return f"`{M.EPSILON_RUN}` is given without `{M.DELTA}` and `{M.NOISE_MULTIPLIER}`"
+    return None
 
 
 def recorded_rounds(run: Path, planned: int) -> tuple[RoundRecord, ...]:
@@ -84,9 +183,18 @@ def recorded_rounds(run: Path, planned: int) -> tuple[RoundRecord, ...]:
     if not path.is_file():
         return ()
     try:
-        rounds = tuple(RoundRecord(**r) for r in json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as exc:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; the coordinator writes it as UTF-8 JSON, so it was edited or damaged. Restore it; the run cannot be resumed from it.") from None
+    except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not a metrics file this version wrote ({exc}); the run cannot be resumed.") from None
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path} holds {_kind(raw)}, expected a list of rounds; it was edited or damaged. Restore it; the run cannot be resumed from it.")
+    for i, r in enumerate(raw, start=1):
+        problem = round_problem(r)
+        if problem:
+            raise ConfigError(f"{path}: its round record {i} is not one this version writes ({problem}); it was edited or damaged. Restore it; the run cannot be resumed from it.")
+    rounds = tuple(RoundRecord(**r) for r in raw)
     numbers = [r.round for r in rounds]
     if numbers != list(range(1, len(numbers) + 1)) or len(numbers) > planned:
         raise ConfigError(f"{path} lists rounds {numbers}; expected 1..k with k <= {planned}. It was edited; the run cannot be resumed.")
@@ -131,7 +239,7 @@ def load_resume_point(run: Path, *, exp: ExperimentConfig | None = None, public_
             f"The experiment given ({exp.name}, plan hash {exp.plan_hash()[:16]}) is not the plan run {run_id} started with "
             f"({stored.plan_hash()[:16]}, {run / 'config.yaml'}); a run resumes only with its own plan. Start a new run for a new plan."
         )
-    if finished_summary(run) is not None:
+    if (run / "summary.json").is_file():  # whatever it holds (`run --resume` checks it before reporting it)
         raise FederationError(f"Run {run_id} in {run} has already finished (summary.json exists); there is nothing to resume.")
     rounds = recorded_rounds(run, stored.federation.rounds)
     if rounds:

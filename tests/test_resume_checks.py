@@ -179,3 +179,68 @@ def test_the_cli_asks_for_the_superlink_to_resume_a_deployed_run_and_checks_befo
     rewrite_checkpoint(checkpoint_path(run, 2), bump=True)  # altered weights: refused here, before any `flwr run`
     altered = CliRunner().invoke(app, ["run", "--resume", str(run), "--superlink", "127.0.0.1:1", "--keys", str(tmp_path / "keys")])
     assert altered.exit_code == CryptoError.exit_code and "do not match the digest" in " ".join(altered.output.split())
+
+
+def edit_metrics(run: Path, change: object) -> None:
+    """Apply ``change`` (a function of the loaded list) to metrics.json and write it back."""
+    path = run / "metrics.json"
+    rounds = json.loads(path.read_text(encoding="utf-8"))
+    rounds[0]["sites"] = {"alpha": {"epsilon-run": 1.0, "delta": 1e-5, "noise-multiplier": 1.1, "ledger_head": "a" * 64}}
+    change(rounds)  # type: ignore[operator]
+    path.write_text(json.dumps(rounds), encoding="utf-8")
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (lambda m: m[0].__setitem__("sites", []), "field `sites` is a list, expected an object"),
+    (lambda m: m[0].__setitem__("evaluation_pending", "yes"), "field `evaluation_pending` is a string, expected true or false"),
+    (lambda m: m[0].__setitem__("round", "1"), "field `round` is a string, expected a whole number"),
+    (lambda m: m[0].__setitem__("auroc", "0.9"), "field `auroc` is a string, expected a number"),
+    (lambda m: m[0].__setitem__("extra", 1), r"unknown field\(s\) \['extra'\]"),
+    (lambda m: m[0]["sites"].__setitem__("alpha", "x"), "`sites.alpha`: it is a string, expected an object"),
+    (lambda m: m[0]["sites"]["alpha"].__setitem__("epsilon-run", "0.5"), "`sites.alpha`: `epsilon-run` is a string, expected a number"),
+    (lambda m: m[0]["sites"]["alpha"].pop("delta"), "`sites.alpha`: `epsilon-run` is given without `delta`"),
+    (lambda m: m[0]["sites"]["alpha"].__setitem__("refused", {"code": "budget"}), "`sites.alpha`: `refused` is not an object with a string `code` and `reason`"),
+])
+def test_a_metrics_file_with_a_mistyped_round_is_refused_naming_the_field(tmp_path: Path, change: object, why: str) -> None:
+    run, key = crashed_run(tmp_path)
+    edit_metrics(run, change)
+    with pytest.raises(ConfigError, match=rf"metrics.json: its round record 1 is not one this version writes \({why}"):
+        load_resume_point(run, public_key=key.public_key())
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "run.json"])
+def test_a_run_file_that_is_not_utf8_is_refused_cleanly(tmp_path: Path, name: str) -> None:
+    run, key = crashed_run(tmp_path)
+    (run / name).write_bytes(b"\xff\xfe[]")
+    with pytest.raises(ConfigError, match=rf"{name} is not"):
+        load_resume_point(run, public_key=key.public_key())
+    result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+    assert result.exit_code == ConfigError.exit_code and name in " ".join(result.output.split()), result.output
+
+
+def finished_summary_of(run: Path) -> dict:
+    return {
+        "run_id": "run-x", "experiment": "tiny", "status": "completed", "rounds_completed": 2, "rounds_planned": 3,
+        "final_federated_auroc": 0.7, "final_federated_auprc": 0.5, "privacy": {"enabled": True, "target_epsilon": 8.0, "target_delta": 1e-5},
+        "sites": {"alpha": {"epsilon": 2.0, "delta": 1e-5, "noise_multiplier": 1.1}}, "refusals": [], "rounds_not_updated": [], "wall_time_s": 3.0,
+    }
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (lambda s: [1, 2], "it holds a list, expected an object"),
+    (lambda s: {k: v for k, v in s.items() if k != "sites"}, "field `sites` is null, expected an object of sites"),
+    (lambda s: s | {"final_federated_auroc": "0.99"}, "field `final_federated_auroc` is a string, expected a number or null"),
+    (lambda s: s | {"sites": {"alpha": {"epsilon": "2"}}}, "`sites.alpha.epsilon` is a string"),
+    (lambda s: s | {"refusals": [{"site": "a"}]}, "field `refusals` is not a list of objects"),
+])
+def test_resuming_a_finished_run_with_a_damaged_summary_is_refused_naming_the_field(tmp_path: Path, change: object, why: str) -> None:
+    run, _ = crashed_run(tmp_path)
+    (run / "summary.json").write_text(json.dumps(finished_summary_of(run)))
+    assert CliRunner().invoke(app, ["run", "--resume", str(run)]).exit_code == 0  # intact: reported, exit code of its status
+    (run / "summary.json").write_text(json.dumps(change(finished_summary_of(run))))  # type: ignore[operator]
+
+    result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "summary.json is not a summary this version wrote" in " ".join(result.output.split()) and why in " ".join(result.output.split())
