@@ -3,8 +3,11 @@
 Before anything is sent to a site, the run folder is checked: ``config.yaml`` still has the
 plan hash the run was started with (``run.json``), a plan given on the command line is the
 same plan, and the checkpoint of the last round in ``metrics.json`` carries this run's id,
-that round and that plan hash, its weights match the stored digest and the coordinator's
-signature verifies. Any mismatch refuses the resume with a sentence saying what and where.
+that round and that plan hash, its weights match the stored digest, the rounds in
+metrics.json are those it was written with (its records digest: earlier rounds whole, its own
+round's training part while its evaluation is pending) and the coordinator's signature over
+all that verifies; checkpoints/ holds exactly the recorded rounds. Any mismatch refuses the
+resume with a sentence saying what and where.
 
 Privacy does not depend on the coordinator getting this right: each site's ledger holds one
 signed entry per (run, round) and a site refuses (``replay``) to train or be charged for a
@@ -20,8 +23,9 @@ asks the sites to evaluate that round's model (the checkpoint it resumes from) f
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors import SafetensorError, safe_open
 
-from server.run_folder import RUN_INFO, RoundRecord, checkpoint_path
+from server.run_folder import LAST_PENDING, RECORDS_DIGEST, RUN_INFO, RoundRecord, checkpoint_path, records_digest
 from shared import metrics as M  # noqa: N812
 from shared.config import ExperimentConfig, load_experiment
 from shared.errors import ConfigError, CryptoError, FederationError
@@ -201,8 +205,12 @@ def recorded_rounds(run: Path, planned: int) -> tuple[RoundRecord, ...]:
     return rounds
 
 
-def load_checkpoint_checked(run: Path, *, run_id: str, server_round: int, exp: ExperimentConfig, public_key: Ed25519PublicKey | None) -> OrderedDict[str, np.ndarray]:
-    """The global model after ``server_round``, only if intact, signed and of this run and plan."""
+def load_checkpoint_checked(
+    run: Path, *, run_id: str, server_round: int, exp: ExperimentConfig, public_key: Ed25519PublicKey | None, rounds: tuple[RoundRecord, ...] | None = None,
+) -> OrderedDict[str, np.ndarray]:
+    """The global model after ``server_round``, only if intact, signed and of this run and plan;
+    with ``rounds`` (metrics.json's rounds 1..server_round), only if they are the rounds the
+    checkpoint was written with (:func:`server.run_folder.records_digest`)."""
     path = checkpoint_path(run, server_round)
     if not path.is_file():
         raise CryptoError(f"{path} is missing: round {server_round} is recorded in metrics.json but its checkpoint is not; the run cannot be resumed.")
@@ -222,13 +230,41 @@ def load_checkpoint_checked(run: Path, *, run_id: str, server_round: int, exp: E
             raise CryptoError(f"{path} records {key}={meta.get(key)!r}, expected {want!r}; it belongs to another run, round or plan.")
     if meta.get("digest") != model_digest(arrays):
         raise CryptoError(f"{path}: the weights do not match the digest stored with them; the checkpoint was altered or damaged.")
+    bound = meta.get(RECORDS_DIGEST)  # None: written before round records were bound (its signature has the older form)
+    if rounds is not None and bound is not None:
+        pending = meta.get(LAST_PENDING) == "true"
+        if records_digest([asdict(r) for r in rounds], last_pending=pending) != bound:
+            raise CryptoError(
+                f"{run / 'metrics.json'}: {'round 1 is' if server_round == 1 else f'rounds 1-{server_round} are'} not as recorded when {path} was written (its {RECORDS_DIGEST} differs); "
+                "metrics.json was edited (a refusal, an ε, `updated` or another figure). Restore it; the run is not resumed from an altered record."
+            )
     if public_key is None:
         if "signature" in meta:
             raise CryptoError(f"{path} is signed; give the coordinator's model-signing key so the signature can be checked before resuming.")
         return arrays
-    if not verify_checkpoint(public_key, arrays, meta.get("signature", ""), run_id=run_id, server_round=server_round, plan_hash=plan_hash):
+    if not verify_checkpoint(public_key, arrays, meta.get("signature", ""), run_id=run_id, server_round=server_round, plan_hash=plan_hash, records_digest=bound):
         raise CryptoError(f"{path}: the coordinator's signature does not verify (unsigned, altered, or signed with another key); the run is not resumed from it.")
     return arrays
+
+
+def check_checkpoints_listed(run: Path, recorded: int) -> None:
+    """A CryptoError unless checkpoints/ holds exactly rounds 1..``recorded`` (every round
+    recorded in metrics.json writes its checkpoint just before its record)."""
+    found = sorted(int(m.group(1)) for f in (run / "checkpoints").glob("round-*.safetensors") if (m := re.fullmatch(r"round-(\d+)\.safetensors", f.name)))
+    listed = {0: "no round", 1: "round 1"}.get(recorded, f"rounds 1-{recorded}")
+    beyond = [n for n in found if n > recorded]
+    if beyond:
+        raise CryptoError(
+            f"{run / 'checkpoints'} holds the checkpoint(s) of round(s) {beyond} but {run / 'metrics.json'} lists {listed}. Either metrics.json "
+            f"was edited (restore it), or the coordinator stopped between writing round {recorded + 1}'s checkpoint and its record: then move "
+            f"{checkpoint_path(run, recorded + 1)} out of checkpoints/ and resume again (that round runs again; sites that trained in it refuse it as a replay)."
+        )
+    missing = [n for n in range(1, recorded + 1) if n not in found]
+    if missing:
+        raise CryptoError(
+            f"{run / 'metrics.json'} lists {listed} but {run / 'checkpoints'} has no checkpoint of round(s) {missing}; each recorded round "
+            "writes one, so they were deleted or the folder is not this run's. Restore them; the run cannot be resumed."
+        )
 
 
 def load_resume_point(run: Path, *, exp: ExperimentConfig | None = None, public_key: Ed25519PublicKey | None = None) -> ResumePoint:
@@ -243,7 +279,8 @@ def load_resume_point(run: Path, *, exp: ExperimentConfig | None = None, public_
         raise FederationError(f"Run {run_id} in {run} has already finished (summary.json exists); there is nothing to resume.")
     rounds = recorded_rounds(run, stored.federation.rounds)
     if rounds:
-        arrays = load_checkpoint_checked(run, run_id=run_id, server_round=len(rounds), exp=stored, public_key=public_key)
+        arrays = load_checkpoint_checked(run, run_id=run_id, server_round=len(rounds), exp=stored, public_key=public_key, rounds=rounds)
     else:  # crashed before round 1 was recorded: the plan's seeded initial model
         arrays = get_arrays(build_model(stored))
+    check_checkpoints_listed(run, len(rounds))
     return ResumePoint(run_id=run_id, exp=stored, next_round=len(rounds) + 1, arrays=arrays, rounds=rounds)
