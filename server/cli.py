@@ -281,8 +281,13 @@ def _final_auroc(summary: dict[str, Any], out: Path) -> str:
         rounds = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         rounds = []
-    evaluated = [r for r in rounds if isinstance(r, dict) and not r.get("evaluation_pending")]
-    return f"none: {why_no_auroc(evaluated[-1].get('sites') or {})}" if evaluated else "none (no round was evaluated)"
+    evaluated = [r for r in rounds if isinstance(r, dict) and not r.get("evaluation_pending")] if isinstance(rounds, list) else []
+    if not evaluated:
+        return "none (no round was evaluated)"
+    sites = evaluated[-1].get("sites") or {}
+    if not isinstance(sites, dict) or not all(isinstance(e, dict) for e in sites.values()):
+        return "none (metrics.json does not say why: its last evaluated round's `sites` is not an object of site entries)"
+    return f"none: {why_no_auroc(sites)}"
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:

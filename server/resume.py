@@ -3,8 +3,11 @@
 Before anything is sent to a site, the run folder is checked: ``config.yaml`` still has the
 plan hash the run was started with (``run.json``), a plan given on the command line is the
 same plan, and the checkpoint of the last round in ``metrics.json`` carries this run's id,
-that round and that plan hash, its weights match the stored digest and the coordinator's
-signature verifies. Any mismatch refuses the resume with a sentence saying what and where.
+that round and that plan hash, its weights match the stored digest, the rounds in
+metrics.json are those it was written with (its records digest: earlier rounds whole, its own
+round's training part while its evaluation is pending) and the coordinator's signature over
+all that verifies; checkpoints/ holds exactly the recorded rounds. Any mismatch refuses the
+resume with a sentence saying what and where.
 
 Privacy does not depend on the coordinator getting this right: each site's ledger holds one
 signed entry per (run, round) and a site refuses (``replay``) to train or be charged for a
@@ -20,8 +23,9 @@ asks the sites to evaluate that round's model (the checkpoint it resumes from) f
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safetensors import SafetensorError, safe_open
 
-from server.run_folder import RUN_INFO, RoundRecord, checkpoint_path
+from server.run_folder import LAST_PENDING, RECORDS_DIGEST, RUN_INFO, RoundRecord, checkpoint_path, records_digest
+from shared import metrics as M  # noqa: N812
 from shared.config import ExperimentConfig, load_experiment
 from shared.errors import ConfigError, CryptoError, FederationError
 from shared.model_signing import model_digest, verify_checkpoint
@@ -56,7 +61,7 @@ def read_run(run: Path) -> tuple[str, ExperimentConfig]:
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         run_id, started_hash = str(info["run_id"]), str(info["plan_hash"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:  # ValueError: not JSON, or not UTF-8
         raise ConfigError(f"{info_path} is not a readable run description ({exc}); the run cannot be resumed.") from None
     exp = load_experiment(config_path)
     if exp.plan_hash() != started_hash:
@@ -68,14 +73,112 @@ def read_run(run: Path) -> tuple[str, ExperimentConfig]:
 
 
 def finished_summary(run: Path) -> dict[str, Any] | None:
-    """The run's summary.json if the run has finished (then there is nothing to resume)."""
+    """The run's summary.json if the run has finished (then there is nothing to resume),
+    checked to have the shape the run folder writes (:func:`summary_problem`)."""
     path = run / "summary.json"
     if not path.is_file():
         return None
     try:
-        return dict(json.loads(path.read_text(encoding="utf-8")))
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; it was written by the coordinator as UTF-8 JSON, so it was edited or damaged. Restore it from a backup.") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); it was written atomically, so it was edited by hand.") from None
+    problem = summary_problem(summary)
+    if problem:
+        raise ConfigError(f"{path} is not a summary this version wrote: {problem}. It was edited or damaged; restore it from a backup.")
+    return dict(summary)
+
+
+def _number(value: Any, *, none: bool = True) -> bool:
+    """A JSON number (not a boolean), or null when ``none``."""
+    return (value is None and none) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), f"a {type(value).__name__}")
+
+
+def summary_problem(summary: Any) -> str | None:
+    """Why ``summary`` (summary.json, loaded) is not what :meth:`RunFolder.finish` writes, as far
+    as `run --resume` reads it to report a finished run; None if it is."""
+    if not isinstance(summary, dict):
+        return f"it holds {_kind(summary)}, expected an object"
+    for key in ("run_id", "status"):
+        if not isinstance(summary.get(key), str):
+            return f"field `{key}` is {_kind(summary.get(key))}, expected a string"
+    for key in ("rounds_completed", "rounds_planned"):
+        if not isinstance(summary.get(key), int) or isinstance(summary.get(key), bool):
+            return f"field `{key}` is {_kind(summary.get(key))}, expected a whole number"
+    for key, none in (("final_federated_auroc", True), ("final_federated_auprc", True), ("wall_time_s", False)):
+        if not _number(summary.get(key), none=none):
+            return f"field `{key}` is {_kind(summary.get(key))}, expected a number" + (" or null" if none else "")
+    sites = summary.get("sites")
+    if not isinstance(sites, dict):
+        return f"field `sites` is {_kind(sites)}, expected an object of sites"
+    for site, entry in sites.items():
+        if not isinstance(entry, dict):
+            return f"`sites.{site}` is {_kind(entry)}, expected an object"
+        for key in ("epsilon", "delta", "noise_multiplier"):
+            if not _number(entry.get(key)):
+                return f"`sites.{site}.{key}` is {_kind(entry.get(key))}, expected a number or null"
+    refusals = summary.get("refusals", [])
+    if not isinstance(refusals, list) or not all(isinstance(r, dict) and {"round", "site", "reason"} <= set(r) for r in refusals):
+        return "field `refusals` is not a list of objects with `round`, `site` and `reason`"
+    if not isinstance(summary.get("baselines", {}), dict):
+        return f"field `baselines` is {_kind(summary.get('baselines'))}, expected an object"
+    return None
+
+
+TEXT_ENTRIES = ("error", "ledger_head", "eval", "eval_error")  # a site's entry in a round: these are strings, `refused` an object, the rest numbers (or null)
+
+
+def round_problem(raw: Any) -> str | None:
+    """Why one element of metrics.json is not a round record as :class:`RunFolder` writes it
+    (field names and types, each site's entry), or None."""
+    if not isinstance(raw, dict):
+        return f"it is {_kind(raw)}, expected an object"
+    names = [f.name for f in fields(RoundRecord)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        return f"unknown field(s) {unknown}"
+    missing = [n for n in names if n not in raw]
+    if missing:
+        return f"field(s) {missing} are missing"
+    if not isinstance(raw["round"], int) or isinstance(raw["round"], bool):
+        return f"field `round` is {_kind(raw['round'])}, expected a whole number"
+    for key in ("train_loss", "auroc", "auprc", "eval_loss", "wall_s", "patients_trained"):
+        if not _number(raw[key], none=key != "patients_trained"):
+            return f"field `{key}` is {_kind(raw[key])}, expected a number"
+    for key in ("updated", "evaluation_pending"):
+        if not isinstance(raw[key], bool):
+            return f"field `{key}` is {_kind(raw[key])}, expected true or false"
+    if not isinstance(raw["note"], str):
+        return f"field `note` is {_kind(raw['note'])}, expected a string"
+    if not isinstance(raw["sites"], dict):
+        return f"field `sites` is {_kind(raw['sites'])}, expected an object of site entries"
+    for site, entry in raw["sites"].items():
+        problem = _site_entry_problem(entry)
+        if problem:
+            return f"`sites.{site}`: {problem}"
+    return None
+
+
+def _site_entry_problem(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return f"it is {_kind(entry)}, expected an object"
+    for key, value in entry.items():
+        if key == "refused":
+            if not (isinstance(value, dict) and isinstance(value.get("code"), str) and "reason" in value and isinstance(value["reason"], (str, type(None)))):
+                return "`refused` is not an object with a string `code` and `reason`"
+        elif key in TEXT_ENTRIES:
+            if not isinstance(value, str):
+                return f"`{key}` is {_kind(value)}, expected a string"
+        elif not _number(value):
+            return f"`{key}` is {_kind(value)}, expected a number or null"
+    if M.EPSILON_RUN in entry and not {M.DELTA, M.NOISE_MULTIPLIER} <= set(entry):
+        return f"`{M.EPSILON_RUN}` is given without `{M.DELTA}` and `{M.NOISE_MULTIPLIER}`"
+    return None
 
 
 def recorded_rounds(run: Path, planned: int) -> tuple[RoundRecord, ...]:
@@ -84,17 +187,30 @@ def recorded_rounds(run: Path, planned: int) -> tuple[RoundRecord, ...]:
     if not path.is_file():
         return ()
     try:
-        rounds = tuple(RoundRecord(**r) for r in json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as exc:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; the coordinator writes it as UTF-8 JSON, so it was edited or damaged. Restore it; the run cannot be resumed from it.") from None
+    except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not a metrics file this version wrote ({exc}); the run cannot be resumed.") from None
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path} holds {_kind(raw)}, expected a list of rounds; it was edited or damaged. Restore it; the run cannot be resumed from it.")
+    for i, r in enumerate(raw, start=1):
+        problem = round_problem(r)
+        if problem:
+            raise ConfigError(f"{path}: its round record {i} is not one this version writes ({problem}); it was edited or damaged. Restore it; the run cannot be resumed from it.")
+    rounds = tuple(RoundRecord(**r) for r in raw)
     numbers = [r.round for r in rounds]
     if numbers != list(range(1, len(numbers) + 1)) or len(numbers) > planned:
         raise ConfigError(f"{path} lists rounds {numbers}; expected 1..k with k <= {planned}. It was edited; the run cannot be resumed.")
     return rounds
 
 
-def load_checkpoint_checked(run: Path, *, run_id: str, server_round: int, exp: ExperimentConfig, public_key: Ed25519PublicKey | None) -> OrderedDict[str, np.ndarray]:
-    """The global model after ``server_round``, only if intact, signed and of this run and plan."""
+def load_checkpoint_checked(
+    run: Path, *, run_id: str, server_round: int, exp: ExperimentConfig, public_key: Ed25519PublicKey | None, rounds: tuple[RoundRecord, ...] | None = None,
+) -> OrderedDict[str, np.ndarray]:
+    """The global model after ``server_round``, only if intact, signed and of this run and plan;
+    with ``rounds`` (metrics.json's rounds 1..server_round), only if they are the rounds the
+    checkpoint was written with (:func:`server.run_folder.records_digest`)."""
     path = checkpoint_path(run, server_round)
     if not path.is_file():
         raise CryptoError(f"{path} is missing: round {server_round} is recorded in metrics.json but its checkpoint is not; the run cannot be resumed.")
@@ -114,13 +230,41 @@ def load_checkpoint_checked(run: Path, *, run_id: str, server_round: int, exp: E
             raise CryptoError(f"{path} records {key}={meta.get(key)!r}, expected {want!r}; it belongs to another run, round or plan.")
     if meta.get("digest") != model_digest(arrays):
         raise CryptoError(f"{path}: the weights do not match the digest stored with them; the checkpoint was altered or damaged.")
+    bound = meta.get(RECORDS_DIGEST)  # None: written before round records were bound (its signature has the older form)
+    if rounds is not None and bound is not None:
+        pending = meta.get(LAST_PENDING) == "true"
+        if records_digest([asdict(r) for r in rounds], last_pending=pending) != bound:
+            raise CryptoError(
+                f"{run / 'metrics.json'}: {'round 1 is' if server_round == 1 else f'rounds 1-{server_round} are'} not as recorded when {path} was written (its {RECORDS_DIGEST} differs); "
+                "metrics.json was edited (a refusal, an ε, `updated` or another figure). Restore it; the run is not resumed from an altered record."
+            )
     if public_key is None:
         if "signature" in meta:
             raise CryptoError(f"{path} is signed; give the coordinator's model-signing key so the signature can be checked before resuming.")
         return arrays
-    if not verify_checkpoint(public_key, arrays, meta.get("signature", ""), run_id=run_id, server_round=server_round, plan_hash=plan_hash):
+    if not verify_checkpoint(public_key, arrays, meta.get("signature", ""), run_id=run_id, server_round=server_round, plan_hash=plan_hash, records_digest=bound):
         raise CryptoError(f"{path}: the coordinator's signature does not verify (unsigned, altered, or signed with another key); the run is not resumed from it.")
     return arrays
+
+
+def check_checkpoints_listed(run: Path, recorded: int) -> None:
+    """A CryptoError unless checkpoints/ holds exactly rounds 1..``recorded`` (every round
+    recorded in metrics.json writes its checkpoint just before its record)."""
+    found = sorted(int(m.group(1)) for f in (run / "checkpoints").glob("round-*.safetensors") if (m := re.fullmatch(r"round-(\d+)\.safetensors", f.name)))
+    listed = {0: "no round", 1: "round 1"}.get(recorded, f"rounds 1-{recorded}")
+    beyond = [n for n in found if n > recorded]
+    if beyond:
+        raise CryptoError(
+            f"{run / 'checkpoints'} holds the checkpoint(s) of round(s) {beyond} but {run / 'metrics.json'} lists {listed}. Either metrics.json "
+            f"was edited (restore it), or the coordinator stopped between writing round {recorded + 1}'s checkpoint and its record: then move "
+            f"{checkpoint_path(run, recorded + 1)} out of checkpoints/ and resume again (that round runs again; sites that trained in it refuse it as a replay)."
+        )
+    missing = [n for n in range(1, recorded + 1) if n not in found]
+    if missing:
+        raise CryptoError(
+            f"{run / 'metrics.json'} lists {listed} but {run / 'checkpoints'} has no checkpoint of round(s) {missing}; each recorded round "
+            "writes one, so they were deleted or the folder is not this run's. Restore them; the run cannot be resumed."
+        )
 
 
 def load_resume_point(run: Path, *, exp: ExperimentConfig | None = None, public_key: Ed25519PublicKey | None = None) -> ResumePoint:
@@ -131,11 +275,12 @@ def load_resume_point(run: Path, *, exp: ExperimentConfig | None = None, public_
             f"The experiment given ({exp.name}, plan hash {exp.plan_hash()[:16]}) is not the plan run {run_id} started with "
             f"({stored.plan_hash()[:16]}, {run / 'config.yaml'}); a run resumes only with its own plan. Start a new run for a new plan."
         )
-    if finished_summary(run) is not None:
+    if (run / "summary.json").is_file():  # whatever it holds (`run --resume` checks it before reporting it)
         raise FederationError(f"Run {run_id} in {run} has already finished (summary.json exists); there is nothing to resume.")
     rounds = recorded_rounds(run, stored.federation.rounds)
     if rounds:
-        arrays = load_checkpoint_checked(run, run_id=run_id, server_round=len(rounds), exp=stored, public_key=public_key)
+        arrays = load_checkpoint_checked(run, run_id=run_id, server_round=len(rounds), exp=stored, public_key=public_key, rounds=rounds)
     else:  # crashed before round 1 was recorded: the plan's seeded initial model
         arrays = get_arrays(build_model(stored))
+    check_checkpoints_listed(run, len(rounds))
     return ResumePoint(run_id=run_id, exp=stored, next_round=len(rounds) + 1, arrays=arrays, rounds=rounds)

@@ -10,12 +10,15 @@ Layout::
                                with its evaluation when the next round's replies bring it
     RUN/metrics.png            loss, federated AUROC and per-site ε over rounds
     RUN/checkpoints/round-NNN.safetensors   the global model after each round, with its
-                               digest and the coordinator's signature in the file's metadata
+                               digest, the digest of metrics.json's rounds so far
+                               (records_digest) and the coordinator's signature over both in
+                               the file's metadata
     RUN/summary.json           final AUROC, rounds, per-site ε and δ, wall time
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -88,6 +91,34 @@ def why_no_auroc(sites: Mapping[str, Mapping[str, Any]]) -> str:
     return "no site sent a usable evaluation"
 
 
+RECORDS_DIGEST = "records_digest"  # checkpoint metadata: records_digest() of metrics.json's rounds when the checkpoint was written (signed with it)
+LAST_PENDING = "records_last_pending"  # ... and whether its own round's evaluation was still to come ("true"/"false")
+EVALUATION_FIELDS = ("auroc", "auprc", "eval_loss", "evaluation_pending")  # what record_evaluation changes in a round record ...
+EVALUATION_ENTRIES = ("eval", "eval_auroc", "eval_error", "eval_compute_s")  # ... and in its site entries (_add_evaluation)
+
+
+def training_part(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A round record (as in metrics.json) without what its evaluation adds after its checkpoint
+    is written (with-next-round): the evaluation fields, and the evaluation keys of each site
+    entry (a site entry left empty is dropped)."""
+    sites = {}
+    for site, entry in record["sites"].items():
+        kept = {k: v for k, v in entry.items() if k not in EVALUATION_ENTRIES}
+        if kept:
+            sites[site] = kept
+    return {k: v for k, v in record.items() if k not in EVALUATION_FIELDS} | {"sites": sites}
+
+
+def records_digest(rows: Sequence[Mapping[str, Any]], *, last_pending: bool) -> str:
+    """SHA-256 of metrics.json's rounds (``rows``, as written) up to the round a checkpoint is
+    written for, which the checkpoint carries and its signature covers: every earlier round
+    whole (its evaluation has arrived by then) and its own round whole, or only its
+    :func:`training_part` while its evaluation is still to come (``last_pending``)."""
+    body = [*rows[:-1], training_part(rows[-1]) if last_pending else rows[-1]] if rows else []
+    text = json.dumps({"rounds": body, "last_pending": last_pending}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def checkpoint_path(root: Path, server_round: int) -> Path:
     return root / "checkpoints" / f"round-{server_round:03d}.safetensors"
 
@@ -144,11 +175,16 @@ class RunFolder:
             evaluation_pending=evaluation_pending,
         )
         self.rounds.append(rec)
-        meta = {"run_id": self.run_id, "round": str(server_round), "experiment": self.exp.name, "plan_hash": self.plan_hash, "digest": model_digest(arrays)}
+        rows = _clean([asdict(r) for r in self.rounds])
+        bound = records_digest(rows, last_pending=evaluation_pending)
+        meta = {
+            "run_id": self.run_id, "round": str(server_round), "experiment": self.exp.name, "plan_hash": self.plan_hash, "digest": model_digest(arrays),
+            RECORDS_DIGEST: bound, LAST_PENDING: "true" if evaluation_pending else "false",
+        }
         if self.signing_key is not None:
-            meta["signature"] = sign_checkpoint(self.signing_key, arrays, run_id=self.run_id, server_round=server_round, plan_hash=self.plan_hash)
+            meta["signature"] = sign_checkpoint(self.signing_key, arrays, run_id=self.run_id, server_round=server_round, plan_hash=self.plan_hash, records_digest=bound)
         save_checkpoint(checkpoint_path(self.root, server_round), arrays, meta)
-        write_json(self.root / "metrics.json", _clean([asdict(r) for r in self.rounds]))
+        write_json(self.root / "metrics.json", rows)
         return rec
 
     def record_evaluation(self, server_round: int, log: RoundLog, eval_metrics: dict[str, float] | None) -> RoundRecord:

@@ -7,14 +7,15 @@ averaged across sites: each site's own figure is kept as it reported it.
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -45,10 +46,12 @@ class RoundLog:
     evaluate: list[SiteReport] = field(default_factory=list)
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, poll_s: float = 0.5) -> list[int]:
+def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, poll_s: float = 0.5, *, give_up: bool = True) -> list[int]:
     """Connected node ids once at least ``minimum`` are there; FederationError after timeout.
 
     Flower's own sampling waits forever; a consortium run must fail with a reason instead.
+    With ``give_up=False`` the ids connected at the deadline are returned (perhaps fewer than
+    ``minimum``, perhaps none) instead of the error.
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -56,11 +59,27 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, poll_s: float = 0
         if len(nodes) >= minimum:
             return nodes
         if time.monotonic() > deadline:
+            if not give_up:
+                return nodes
             raise FederationError(
                 f"Only {len(nodes)} of the {minimum} sites required (`federation.min_nodes`) connected "
                 f"within {timeout_s:.0f} s; check that the site clients are running."
             )
         time.sleep(poll_s)
+
+
+def sample_connected(nodes: list[int], fraction: float, minimum: int) -> list[int]:
+    """The nodes asked in a phase, drawn from ``nodes`` (the ids connected when the phase starts):
+    Flower's rule (``int(len(nodes) * fraction)``, at least ``minimum``; all of them when fewer
+    are there) and its draw (``random.sample``, so seeding Python's ``random`` repeats it), but
+    without the unbounded wait of Flower's ``sample_nodes``, which asks the Grid again and sleeps
+    while fewer than ``minimum`` are connected: a site that left between the two looks hung the
+    coordinator. A site that left after this list was taken simply does not answer (its report
+    says so) and the round goes on without it."""
+    if fraction == 0.0:
+        return []
+    size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+    return random.sample(nodes, size)
 
 
 def short_reason(reason: str, limit: int = 200) -> str:
@@ -260,17 +279,40 @@ class PatientFedAvg(FedAvg):
         log(INFO, "\t\t└── Node wait timeout: %.0f s (refusals are reported per site)", self.node_wait_timeout_s)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout_s)
-        msgs = list(super().configure_train(server_round, arrays, config, grid))
-        self._sent[(server_round, "train")] = [m.metadata.dst_node_id for m in msgs]
-        return msgs
+        """Round ``server_round``'s train messages to the sampled sites (:func:`sample_connected`):
+        a round starts only when ``min_nodes`` are connected; FederationError after
+        ``node_wait_timeout_s`` without them (the recorded rounds stay; the run can be resumed)."""
+        try:
+            nodes = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout_s)
+        except FederationError as exc:
+            raise FederationError(
+                f"Round {server_round} was not started: {exc} The rounds recorded so far are kept; continue the run "
+                "with `fedrelapse run --resume RUN_FOLDER` once the sites are back."
+            ) from None
+        return self._messages(server_round, "train", sample_connected(nodes, self.fraction_train, self.min_train_nodes), nodes, arrays, config)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """The evaluate messages of the model after ``server_round``. The round is trained by
+        then, so when fewer than ``min_nodes`` are still connected after ``node_wait_timeout_s``
+        the sites that are there evaluate it (none: the round is recorded without an AUROC)
+        rather than the trained round being lost."""
         if self.fraction_evaluate == 0.0:
             return []
-        wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout_s)
-        msgs = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self._sent[(server_round, "evaluate")] = [m.metadata.dst_node_id for m in msgs]
+        nodes = wait_for_nodes(grid, self.min_available_nodes, self.node_wait_timeout_s, give_up=False)
+        if len(nodes) < self.min_available_nodes:
+            log(WARNING, "round %d: only %d of the %d sites required (`federation.min_nodes`) are connected after %.0f s; "
+                "the model is evaluated by those connected.", server_round, len(nodes), self.min_available_nodes, self.node_wait_timeout_s)
+        return self._messages(server_round, "evaluate", sample_connected(nodes, self.fraction_evaluate, self.min_evaluate_nodes), nodes, arrays, config)
+
+    def _messages(self, server_round: int, phase: str, chosen: list[int], connected: list[int], arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        """One message per chosen node (the same records, the round in the config, as FedAvg's
+        ``configure_*`` build them); the node ids asked are kept for :meth:`_silent`."""
+        log(INFO, "configure_%s: Sampled %s nodes (out of %s)", phase, len(chosen), len(connected))
+        config[P.SERVER_ROUND] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        kind = MessageType.TRAIN if phase == "train" else MessageType.EVALUATE
+        msgs = list(self._construct_messages(record, chosen, kind))
+        self._sent[(server_round, phase)] = [m.metadata.dst_node_id for m in msgs]
         return msgs
 
     def _silent(self, server_round: int, phase: str, replies: list[Message]) -> list[SiteReport]:

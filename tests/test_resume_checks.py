@@ -18,7 +18,8 @@ from server.cli import app
 from server.resume import load_resume_point
 from server.run_folder import RunFolder, checkpoint_path
 from server.simulate import SIM_INFO
-from server.strategy import RoundLog
+from server.strategy import RoundLog, SiteReport
+from shared import metrics as M  # noqa: N812
 from shared import signing
 from shared.config import load_experiment
 from shared.errors import ConfigError, CryptoError, FederationError
@@ -28,8 +29,9 @@ from shared.params import get_arrays
 from tests.conftest import tiny_experiment
 
 
-def crashed_run(tmp_path: Path, rounds_done: int = 2) -> tuple[Path, Ed25519PrivateKey]:
-    """A run folder as a coordinator leaves it when it dies after ``rounds_done`` rounds."""
+def crashed_run(tmp_path: Path, rounds_done: int = 2, *, with_site: bool = False) -> tuple[Path, Ed25519PrivateKey]:
+    """A run folder as a coordinator leaves it when it dies after ``rounds_done`` rounds
+    (``with_site``: each round trained by site alpha, ε and all)."""
     data = tmp_path / "data"
     key = signing.generate(data / "consortium" / "model-signing.key", data / "consortium" / "model-signing.pub.pem")
     exp = replace(tiny_experiment(), federation=replace(tiny_experiment().federation, rounds=3))
@@ -39,7 +41,8 @@ def crashed_run(tmp_path: Path, rounds_done: int = 2) -> tuple[Path, Ed25519Priv
     arrays = dict(get_arrays(build_model(exp)))
     for rnd in range(1, rounds_done + 1):
         arrays = {k: v + 0.01 * rnd for k, v in arrays.items()}
-        folder.record_round(rnd, RoundLog(), {}, {}, arrays, True)
+        log = RoundLog(train=[SiteReport(site="alpha", metrics={M.NUM_PATIENTS: 10.0, M.EPSILON_RUN: 1.0 * rnd, M.DELTA: 1e-5, M.NOISE_MULTIPLIER: 1.1})]) if with_site else RoundLog()
+        folder.record_round(rnd, log, {}, {}, arrays, True)
     return run, key
 
 
@@ -179,3 +182,146 @@ def test_the_cli_asks_for_the_superlink_to_resume_a_deployed_run_and_checks_befo
     rewrite_checkpoint(checkpoint_path(run, 2), bump=True)  # altered weights: refused here, before any `flwr run`
     altered = CliRunner().invoke(app, ["run", "--resume", str(run), "--superlink", "127.0.0.1:1", "--keys", str(tmp_path / "keys")])
     assert altered.exit_code == CryptoError.exit_code and "do not match the digest" in " ".join(altered.output.split())
+
+
+def edit_metrics(run: Path, change: object) -> None:
+    """Apply ``change`` (a function of the loaded list) to metrics.json and write it back."""
+    path = run / "metrics.json"
+    rounds = json.loads(path.read_text(encoding="utf-8"))
+    rounds[0]["sites"] = {"alpha": {"epsilon-run": 1.0, "delta": 1e-5, "noise-multiplier": 1.1, "ledger_head": "a" * 64}}
+    change(rounds)  # type: ignore[operator]
+    path.write_text(json.dumps(rounds), encoding="utf-8")
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (lambda m: m[0].__setitem__("sites", []), "field `sites` is a list, expected an object"),
+    (lambda m: m[0].__setitem__("evaluation_pending", "yes"), "field `evaluation_pending` is a string, expected true or false"),
+    (lambda m: m[0].__setitem__("round", "1"), "field `round` is a string, expected a whole number"),
+    (lambda m: m[0].__setitem__("auroc", "0.9"), "field `auroc` is a string, expected a number"),
+    (lambda m: m[0].__setitem__("extra", 1), r"unknown field\(s\) \['extra'\]"),
+    (lambda m: m[0]["sites"].__setitem__("alpha", "x"), "`sites.alpha`: it is a string, expected an object"),
+    (lambda m: m[0]["sites"]["alpha"].__setitem__("epsilon-run", "0.5"), "`sites.alpha`: `epsilon-run` is a string, expected a number"),
+    (lambda m: m[0]["sites"]["alpha"].pop("delta"), "`sites.alpha`: `epsilon-run` is given without `delta`"),
+    (lambda m: m[0]["sites"]["alpha"].__setitem__("refused", {"code": "budget"}), "`sites.alpha`: `refused` is not an object with a string `code` and `reason`"),
+])
+def test_a_metrics_file_with_a_mistyped_round_is_refused_naming_the_field(tmp_path: Path, change: object, why: str) -> None:
+    run, key = crashed_run(tmp_path)
+    edit_metrics(run, change)
+    with pytest.raises(ConfigError, match=rf"metrics.json: its round record 1 is not one this version writes \({why}"):
+        load_resume_point(run, public_key=key.public_key())
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "run.json"])
+def test_a_run_file_that_is_not_utf8_is_refused_cleanly(tmp_path: Path, name: str) -> None:
+    run, key = crashed_run(tmp_path)
+    (run / name).write_bytes(b"\xff\xfe[]")
+    with pytest.raises(ConfigError, match=rf"{name} is not"):
+        load_resume_point(run, public_key=key.public_key())
+    result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+    assert result.exit_code == ConfigError.exit_code and name in " ".join(result.output.split()), result.output
+
+
+def finished_summary_of(run: Path) -> dict:
+    return {
+        "run_id": "run-x", "experiment": "tiny", "status": "completed", "rounds_completed": 2, "rounds_planned": 3,
+        "final_federated_auroc": 0.7, "final_federated_auprc": 0.5, "privacy": {"enabled": True, "target_epsilon": 8.0, "target_delta": 1e-5},
+        "sites": {"alpha": {"epsilon": 2.0, "delta": 1e-5, "noise_multiplier": 1.1}}, "refusals": [], "rounds_not_updated": [], "wall_time_s": 3.0,
+    }
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (lambda s: [1, 2], "it holds a list, expected an object"),
+    (lambda s: {k: v for k, v in s.items() if k != "sites"}, "field `sites` is null, expected an object of sites"),
+    (lambda s: s | {"final_federated_auroc": "0.99"}, "field `final_federated_auroc` is a string, expected a number or null"),
+    (lambda s: s | {"sites": {"alpha": {"epsilon": "2"}}}, "`sites.alpha.epsilon` is a string"),
+    (lambda s: s | {"refusals": [{"site": "a"}]}, "field `refusals` is not a list of objects"),
+])
+def test_resuming_a_finished_run_with_a_damaged_summary_is_refused_naming_the_field(tmp_path: Path, change: object, why: str) -> None:
+    run, _ = crashed_run(tmp_path)
+    (run / "summary.json").write_text(json.dumps(finished_summary_of(run)))
+    assert CliRunner().invoke(app, ["run", "--resume", str(run)]).exit_code == 0  # intact: reported, exit code of its status
+    (run / "summary.json").write_text(json.dumps(change(finished_summary_of(run))))  # type: ignore[operator]
+
+    result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "summary.json is not a summary this version wrote" in " ".join(result.output.split()) and why in " ".join(result.output.split())
+
+
+def signed_digest_rewritten(run: Path, server_round: int) -> None:
+    """What an editor of metrics.json who also rewrites the checkpoint's records digest does."""
+    from server.run_folder import RECORDS_DIGEST, records_digest
+
+    rows = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    rewrite_checkpoint(checkpoint_path(run, server_round), change={RECORDS_DIGEST: records_digest(rows, last_pending=False)})
+
+
+@pytest.mark.parametrize(("change", "rewrite_digest", "why"), [
+    (lambda m: m[0].__setitem__("updated", False), False, "rounds 1-2 are not as recorded when"),
+    (lambda m: m[0]["sites"]["alpha"].__setitem__("refused", {"code": "budget", "reason": "forged"}), False, "rounds 1-2 are not as recorded when"),
+    (lambda m: m[1].__setitem__("patients_trained", 999.0), False, "rounds 1-2 are not as recorded when"),
+    (lambda m: m[0]["sites"]["alpha"].__setitem__("epsilon-run", 0.001), True, "signature does not verify"),
+])
+def test_an_edited_round_record_is_refused_by_the_signed_checkpoint(tmp_path: Path, change: object, rewrite_digest: bool, why: str) -> None:
+    # Arrange: a signed run folder whose round 1 named a site, then one figure edited
+    run, key = crashed_run(tmp_path, with_site=True)
+    path = run / "metrics.json"
+    rounds = json.loads(path.read_text(encoding="utf-8"))
+    change(rounds)  # type: ignore[operator]
+    path.write_text(json.dumps(rounds), encoding="utf-8")
+    if rewrite_digest:
+        signed_digest_rewritten(run, 2)
+
+    with pytest.raises(CryptoError, match=why):
+        load_resume_point(run, public_key=key.public_key())
+
+
+@pytest.mark.parametrize(("tamper", "why"), [
+    ("emptied", r"holds the checkpoint\(s\) of round\(s\) \[1, 2\] but .*metrics.json lists no round"),
+    ("last-round-dropped", r"holds the checkpoint\(s\) of round\(s\) \[2\] but .*metrics.json lists round 1"),
+    ("checkpoint-deleted", r"lists rounds 1-2 but .*checkpoints has no checkpoint of round\(s\) \[1\]"),
+])
+def test_checkpoints_and_metrics_listing_different_rounds_are_refused(tmp_path: Path, tamper: str, why: str) -> None:
+    run, key = crashed_run(tmp_path)
+    rounds = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    if tamper == "emptied":
+        (run / "metrics.json").write_text("[]")
+    elif tamper == "last-round-dropped":
+        (run / "metrics.json").write_text(json.dumps(rounds[:1]))
+    else:
+        checkpoint_path(run, 1).unlink()
+    with pytest.raises(CryptoError, match=why):
+        load_resume_point(run, public_key=key.public_key())
+
+
+def test_a_round_evaluated_after_its_checkpoint_verifies_and_its_evaluation_is_bound_by_the_next(tmp_path: Path) -> None:
+    # Arrange: with-next-round: round 1 recorded awaiting its evaluation, which round 2's replies bring
+    data = tmp_path / "data"
+    key = signing.generate(data / "consortium" / "model-signing.key", data / "consortium" / "model-signing.pub.pem")
+    exp = replace(tiny_experiment(), federation=replace(tiny_experiment().federation, rounds=3))
+    run = tmp_path / "run"
+    folder = RunFolder(run, exp, "run-x", signing_key=key)
+    arrays = dict(get_arrays(build_model(exp)))
+    trained = RoundLog(train=[SiteReport(site="alpha", metrics={M.NUM_PATIENTS: 10.0, M.EPSILON_RUN: 1.0, M.DELTA: 1e-5, M.NOISE_MULTIPLIER: 1.1})])
+    evaluated = [SiteReport(site="alpha", metrics={M.NUM_PATIENTS: 3.0, M.AUROC: 0.7}), SiteReport(site="beta", metrics={M.NUM_PATIENTS: 3.0, M.AUROC: 0.6})]
+    folder.record_round(1, trained, {M.NUM_PATIENTS: 10.0}, {}, arrays, True, evaluation_pending=True)
+
+    # Act / Assert: pending, then evaluated (the coordinator stopped before round 2's checkpoint): both verify
+    assert load_resume_point(run, public_key=key.public_key()).rounds[0].evaluation_pending
+    folder.record_evaluation(1, RoundLog(train=trained.train, evaluate=evaluated), {M.AUROC: 0.65})
+    point = load_resume_point(run, public_key=key.public_key())
+    assert not point.rounds[0].evaluation_pending and point.rounds[0].sites["beta"] == {"eval_auroc": 0.6}
+    # ... but its training figures are bound by round 1's checkpoint
+    rows = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    (run / "metrics.json").write_text(json.dumps([rows[0] | {"patients_trained": 99.0}]))
+    with pytest.raises(CryptoError, match="round 1 is not as recorded"):
+        load_resume_point(run, public_key=key.public_key())
+    (run / "metrics.json").write_text(json.dumps(rows))
+    # ... and once round 2 is recorded, its checkpoint binds round 1's evaluation too
+    folder.record_round(2, RoundLog(train=trained.train), {M.NUM_PATIENTS: 10.0}, {}, arrays, True, evaluation_pending=True)
+    rows = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    rows[0]["auroc"] = 0.99
+    (run / "metrics.json").write_text(json.dumps(rows))
+    with pytest.raises(CryptoError, match="rounds 1-2 are not as recorded"):
+        load_resume_point(run, public_key=key.public_key())

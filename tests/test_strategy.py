@@ -173,3 +173,69 @@ def test_an_update_that_cannot_be_decoded_is_rejected_with_the_site_named() -> N
 
     np.testing.assert_allclose(values(arrays)["w"], [2.0, 2.0])
     assert "cannot be decoded" in next(r for r in s.log[1].train if r.site == "broken").error
+
+
+class ShrinkingGrid:
+    """A Grid whose connected nodes are ``first`` on the first look and ``later`` ever after (a
+    site that crashed or left right after the coordinator saw it)."""
+
+    def __init__(self, first: list[int], later: list[int]) -> None:
+        self.first, self.later, self.looks = first, later, 0
+
+    def get_node_ids(self) -> list[int]:
+        self.looks += 1
+        return list(self.first if self.looks == 1 else self.later)
+
+
+def sites_asked(msgs: object) -> list[int]:
+    return sorted(m.metadata.dst_node_id for m in msgs)  # type: ignore[attr-defined]
+
+
+def test_a_site_leaving_after_the_node_check_does_not_hang_the_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Arrange: Flower's sample_nodes would look again, see 2 of 3 and sleep(1) with no deadline
+    from flwr.serverapp.strategy import strategy_utils
+
+    def flowers_unbounded_wait(_: float) -> None:
+        raise AssertionError("Flower's sample_nodes waited for nodes (it has no deadline)")
+
+    monkeypatch.setattr(strategy_utils, "sleep", flowers_unbounded_wait)
+    s = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=3, node_wait_timeout_s=0.2)
+
+    # Act
+    train = s.configure_train(1, ArrayRecord(), ConfigRecord(), ShrinkingGrid([1, 2, 3], [1, 2]))  # type: ignore[arg-type]
+    evaluate = s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), ShrinkingGrid([1, 2], [1, 2]))  # type: ignore[arg-type]
+
+    # Assert: training asks the three sites it saw (the one gone is reported silent); the trained
+    # round's model is evaluated by the two still there once node_wait_timeout_s has passed
+    assert sites_asked(train) == [1, 2, 3] and s._sent[(1, "train")] == [m.metadata.dst_node_id for m in train]
+    assert sites_asked(evaluate) == [1, 2]
+    assert all(m.content[P.CONFIG][P.SERVER_ROUND] == 1 for m in [*train, *evaluate])
+
+
+def test_a_round_without_min_nodes_is_not_started_and_says_how_to_continue() -> None:
+    from shared.errors import FederationError
+
+    s = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=3, node_wait_timeout_s=0.1)
+    with pytest.raises(FederationError, match=r"Round 4 was not started: Only 1 of the 3 sites .*`fedrelapse run --resume"):
+        s.configure_train(4, ArrayRecord(), ConfigRecord(), ShrinkingGrid([1], [1]))  # type: ignore[arg-type]
+
+
+def test_sites_are_sampled_as_flowers_sample_nodes_draws_them() -> None:
+    # Arrange: ten connected sites, half asked each round
+    import random
+
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+    grid = ShrinkingGrid(list(range(1, 11)), list(range(1, 11)))
+    s = PatientFedAvg(fraction_train=0.5, fraction_evaluate=0.3, min_nodes=2, node_wait_timeout_s=1.0)
+
+    # Act: the same seed of Python's random for ours and for Flower's
+    random.seed(11)
+    ours = [m.metadata.dst_node_id for m in s.configure_train(1, ArrayRecord(), ConfigRecord(), grid)]  # type: ignore[arg-type]
+    ours_eval = [m.metadata.dst_node_id for m in s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid)]  # type: ignore[arg-type]
+    random.seed(11)
+    flowers = sample_nodes(grid, 2, 5)[0]  # type: ignore[arg-type]
+    flowers_eval = sample_nodes(grid, 2, 3)[0]  # type: ignore[arg-type]
+
+    # Assert: the same sites in the same order, so seeded runs sample as before
+    assert ours == flowers and ours_eval == flowers_eval and len(set(ours)) == 5
