@@ -299,13 +299,13 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     for site, e in sorted(summary["sites"].items()):
         eps = "∞ (no DP)" if e.get("epsilon") is None else f"{e['epsilon']:.2f}"
         delta = "-" if not e.get("delta") else f"{e['delta']:.0e}"
-        table.add_row(site, eps, delta, f"{e.get('noise_multiplier') or 0:.2f}")
+        table.add_row(escape(site), eps, delta, f"{e.get('noise_multiplier') or 0:.2f}")
     console.print(table)
     console.print(f"status: {summary['status']} · rounds {summary['rounds_completed']}/{summary['rounds_planned']} · final federated AUROC {_final_auroc(summary, out)} · wall time {summary['wall_time_s']:.1f} s")
     for key, value in summary.get("baselines", {}).items():
         console.print(f"baseline {key}: {value}")
     for r in summary.get("refusals", []):
-        console.print(f"[yellow]refusal: round {r['round']} site {r['site']}: {r['reason']}[/yellow]")
+        console.print(f"[yellow]refusal: round {r['round']} site {escape(str(r['site']))}: {escape(str(r['reason']))}[/yellow]")
     console.print(f"run folder: [bold]{out.resolve()}[/bold]")
 
 

@@ -76,7 +76,7 @@ def run_federation(
         if refusals:
             console.print("[red]The run was not started: these sites would refuse it (their privacy policy decides, not the coordinator):[/red]")
             for r in refusals:
-                console.print(f"  [red]{r.site}: {r.refusal_reason or r.error}[/red]")
+                console.print(f"  [red]{escape(r.site)}: {escape(r.refusal_reason or r.error or '')}[/red]")
             return run.finish(status="refused before start", extra={"preflight_refusals": [{"site": r.site, "code": r.refusal_code, "reason": r.refusal_reason or r.error} for r in refusals]})
     phash = exp.plan_hash()
 
@@ -170,11 +170,11 @@ def print_site_problems(console: Console, rec: RoundRecord) -> None:
     model, printed under the round's row."""
     for site, entry in sorted(rec.sites.items()):
         if "refused" in entry:
-            console.print(f"  [yellow]site {site} refused round {rec.round}: {entry['refused']['reason']}[/yellow]")
+            console.print(f"  [yellow]site {escape(site)} refused round {rec.round}: {escape(str(entry['refused']['reason']))}[/yellow]")
         if "error" in entry:
-            console.print(f"  [red]site {site} failed in round {rec.round}: {entry['error']}[/red]")
+            console.print(f"  [red]site {escape(site)} failed in round {rec.round}: {escape(str(entry['error']))}[/red]")
         elif "eval_error" in entry:
-            console.print(f"  [yellow]site {site} sent no evaluation of round {rec.round}'s model: {entry['eval_error']}[/yellow]")
+            console.print(f"  [yellow]site {escape(site)} sent no evaluation of round {rec.round}'s model: {escape(str(entry['eval_error']))}[/yellow]")
 
 
 def pending_evaluation(rounds: list[RoundRecord]) -> int | None:
@@ -199,12 +199,12 @@ def preflight(grid: Grid, strategy: PatientFedAvg, exp: ExperimentConfig, run_id
     # The first message a freshly started site client handles (it loads its data first): it
     # gets the joining allowance when that is longer than a round's.
     replies = list(grid.send_and_receive(msgs, timeout=max(exp.federation.round_timeout_s, exp.federation.node_wait_timeout_s)))
-    reports = site_reports(replies, strategy.site_names)
+    reports = site_reports(replies, strategy.node_names)
     answered = {m.metadata.src_node_id for m in replies}
-    reports += [SiteReport(site=f"node-{n}", node=n, error="no reply to the pre-flight plan query") for n in nodes if n not in answered]
+    reports += [SiteReport(site=strategy.node_names.get(n, f"node-{n}"), node=n, error="no reply to the pre-flight plan query") for n in nodes if n not in answered]
     for r in reports:
         if r.metrics:
-            console.print(f"  plan: site {r.site} would spend ε={r.metrics.get(M.EPSILON_RUN, 0):.2f} (σ={r.metrics.get(M.NOISE_MULTIPLIER, 0):.2f}), all-time budget left {r.metrics.get(M.EPSILON_REMAINING, 0):.2f}")
+            console.print(f"  plan: site {escape(r.site)} would spend ε={r.metrics.get(M.EPSILON_RUN, 0):.2f} (σ={r.metrics.get(M.NOISE_MULTIPLIER, 0):.2f}), all-time budget left {r.metrics.get(M.EPSILON_REMAINING, 0):.2f}")
     return [r for r in reports if r.refusal_code or r.error]
 
 
@@ -220,7 +220,7 @@ def round_table(rec: RoundRecord, header: bool) -> Table:
     table.add_column("train loss", justify="right", width=10)
     table.add_column("fed AUROC", justify="right", width=10)
     for s in sites:
-        table.add_column(f"ε {s}", justify="right", width=max(8, len(s) + 2))
+        table.add_column(f"ε {escape(s)}", justify="right", width=max(8, len(s) + 2))
     eps = [_fmt(rec.sites[s].get(M.EPSILON_RUN), ".2f") if "refused" not in rec.sites[s] else "refused" for s in sites]
     suppressed = rec.auroc is None and why_no_auroc(rec.sites).startswith("suppressed")
     table.add_row(str(rec.round), _fmt(rec.train_loss), "suppressed" if suppressed else _fmt(rec.auroc), *eps)

@@ -41,7 +41,17 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from server.strategy import PatientFedAvg, RoundLog, SiteReport, weighted_mean
+from server.strategy import (
+    PatientFedAvg,
+    RoundLog,
+    SiteReport,
+    claim_name,
+    contested_names,
+    one_line,
+    short_reason,
+    site_record_problem,
+    weighted_mean,
+)
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared import secure_records
@@ -108,22 +118,30 @@ class _Tap:
 def _reports(replies: list[Message], asked: list[int], names: dict[int, str]) -> list[SiteReport]:
     """One report per site asked: its fitres.metrics, its error, or that it dropped out.
 
-    ``names`` (node id -> site name, from earlier replies) is updated, and names the sites
-    that drop out; a site never heard from is ``node-<id>``.
+    ``names`` (node id -> site name for the run, :func:`server.strategy.claim_name`) names the
+    sites that drop out; a site never heard from is ``node-<id>``. A report whose name is not
+    its node's is recorded as that node's error (its masked update is in the sum regardless).
     """
     out, answered = [], set()
+    contested = contested_names(
+        (m.metadata.src_node_id, secure_records.decode(m.content.config_records[P.LEGACY_FITRES_METRICS])[0].get(P.SITE_NAME)) for m in replies if not m.has_error()
+    )
     for msg in replies:
         node = msg.metadata.src_node_id
         answered.add(node)
         if msg.has_error():
-            out.append(SiteReport(site=names.get(node, f"node-{node}"), error=f"dropped out of secure aggregation: {msg.error.reason}"))
+            out.append(SiteReport(site=names.get(node, f"node-{node}"), node=node, error=f"dropped out of secure aggregation: {short_reason(str(msg.error.reason))}"))
             continue
         site, metrics = secure_records.decode(msg.content.config_records[P.LEGACY_FITRES_METRICS])
-        names[node] = site.get(P.SITE_NAME, f"node-{node}")
-        report = SiteReport(site=names[node], metrics=metrics, ledger_head=site.get(P.LEDGER_HEAD), node=node,
+        name, problem = claim_name(names, node, site.get(P.SITE_NAME), contested)
+        problem = problem or site_record_problem(site)
+        if problem:
+            out.append(SiteReport(site=name, node=node, error=f"malformed report rejected by the coordinator: {problem}"))
+            continue
+        report = SiteReport(site=name, metrics=metrics, ledger_head=site.get(P.LEDGER_HEAD), node=node,
                             evaluation=secure_records.decode_evaluation(msg.content.config_records[P.LEGACY_FITRES_METRICS]))
         if P.REFUSAL_CODE in site:
-            report.refusal_code, report.refusal_reason = site[P.REFUSAL_CODE], site.get(P.REFUSAL_REASON, "")
+            report.refusal_code, report.refusal_reason = site[P.REFUSAL_CODE], one_line(site.get(P.REFUSAL_REASON, ""))
             report.metrics = {}
         out.append(report)
     for node in asked:
@@ -139,7 +157,7 @@ def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggrega
     round_log = strategy.log.setdefault(server_round, RoundLog())
     needed = max(2, sa.reconstruction_threshold)
     if len(nodes) < needed:
-        round_log.train = [SiteReport(site=f"node-{n}", error="not trained: too few sites for secure aggregation") for n in nodes]
+        round_log.train = [SiteReport(site=strategy.node_names.get(n, f"node-{n}"), node=n, error="not trained: too few sites for secure aggregation") for n in nodes]
         return SecureRoundResult(None, None, halted=f"only {len(nodes)} site(s) were sampled; SecAgg+ needs at least {needed} (`federation.secure_aggregation.reconstruction_threshold`).")
     if (len(nodes) + 1) * sa.quantization_range >= MODULUS_RANGE:
         raise ConfigError(

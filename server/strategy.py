@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -82,21 +82,108 @@ def sample_connected(nodes: list[int], fraction: float, minimum: int) -> list[in
     return random.sample(nodes, size)
 
 
+TEXT_LIMIT = 500  # characters kept of a site's refusal reason or error (console, metrics.json, summary.json)
+NAME_LIMIT = 64  # characters a site name may have
+QUOTE_LIMIT = 40  # characters of a site-chosen record or key name quoted in a rejection
+
+# Terminal escape sequences (CSI, OSC up to its terminator, 8-bit CSI) and the characters a site's
+# text may not carry to a terminal or a file: C0/C1 controls, DEL, and invisible formatting
+# (zero-width, bidirectional overrides, line/paragraph separators).
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x9b[0-?]*[ -/]*[@-~]")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]")
+_SITE_NAME = re.compile(r"\w[\w .,'()&+-]*")  # letters and digits of any script, then also space . , ' ( ) & + -
+_RESERVED_NAME = re.compile(r"node-\d+")  # the coordinator's label for a node it has no name for
+_LEDGER_HEAD = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in hex (shared.privacy.ledger; GENESIS for an empty ledger)
+_REFUSAL_CODE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def one_line(text: str, limit: int = TEXT_LIMIT) -> str:
+    """A site's text (refusal reason, error) made safe to print and store: terminal escape
+    sequences removed, any other control or invisible character a space, at most ``limit``
+    characters (a longer text is cut and says how long it was)."""
+    text = _UNPRINTABLE.sub(" ", _ESCAPES.sub("", text)).strip()
+    return text if len(text) <= limit else f"{text[:limit]}… (cut from {len(text)} characters)"
+
+
+def quoted(names: Iterable[str], limit: int = 5) -> str:
+    """Site-chosen record or key names, cleaned and shortened, for a rejection sentence."""
+    names = list(names)
+    shown = [one_line(n, QUOTE_LIMIT) for n in names[:limit]]
+    return str(shown) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def short_reason(reason: str, limit: int = 200) -> str:
-    """The last line of a transport error (Flower sends whole tracebacks), without colour codes.
+    """The last line of a transport error (Flower sends whole tracebacks), without escape
+    sequences or control characters, at most ``limit`` characters.
 
     Only this line is kept in the run folder: a site's traceback names its files and code.
     """
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", reason).splitlines() if line.strip()]
+    lines = [line.strip() for line in _ESCAPES.sub("", reason).splitlines() if line.strip()]
     last = lines[-1].removesuffix("'>").strip() if lines else "no reason given"
-    return last if len(last) <= limit else last[: limit - 1] + "…"
+    return one_line(last, limit)
+
+
+def name_problem(name: object) -> str | None:
+    """Why a claimed site name is not accepted (None if it is): a name is printed and used as a
+    key of the run folder, so it is 1-64 letters, digits and ``_ .,'()&+-``, starting with a
+    letter, digit or ``_``; ``node-<id>`` is the coordinator's label for unnamed nodes."""
+    if not isinstance(name, str) or not name:
+        return "it gives no site name"
+    if len(name) > NAME_LIMIT:
+        return f"its site name has {len(name)} characters; at most {NAME_LIMIT} are accepted"
+    if not _SITE_NAME.fullmatch(name) or name != name.strip():
+        return f"its site name {name!r} has characters a site name may not have (letters, digits, space and _ .,'()&+- only)"  # repr shows control characters as \x escapes
+    if _RESERVED_NAME.fullmatch(name):
+        return f"its site name {name!r} is the coordinator's label for a node that gave no name"
+    return None
+
+
+def contested_names(claims: Iterable[tuple[int, object]]) -> dict[str, list[int]]:
+    """The names claimed by more than one node in one phase's replies ((node, claimed name)
+    pairs), each with the node ids that claimed it."""
+    by_name: dict[str, set[int]] = {}
+    for node, name in claims:
+        if isinstance(name, str):
+            by_name.setdefault(name, set()).add(node)
+    return {name: sorted(nodes) for name, nodes in by_name.items() if len(nodes) > 1}
+
+
+def claim_name(names: dict[int, str], node: int, claimed: object, contested: Mapping[str, list[int]]) -> tuple[str, str | None]:
+    """The name a reply from ``node`` is recorded under, and why the name it claims is refused
+    (None if it is accepted).
+
+    ``names`` maps node ids to site names for the whole run. A node's name is pinned the first
+    time it claims an acceptable one no other node holds (the pre-flight query, or its first
+    reply); later it must claim the same one. A pinned name stays its node's; a new name that
+    several nodes claim in one phase (``contested``) is given to none of them. A refused
+    claim is recorded under the node's own pinned name, or as ``node-<id>``.
+    """
+    pinned = names.get(node)
+    label = pinned or f"node-{node}"
+    problem = name_problem(claimed)
+    if problem:
+        return label, problem
+    if pinned == claimed:
+        return label, None
+    owner = next((n for n, s in names.items() if s == claimed), None)
+    whose = f", which is node {owner}'s in this run" if owner is not None else ""
+    if pinned is not None:
+        return label, f"node {node} is site {pinned!r} in this run and now claims the name {claimed!r}{whose}"
+    if owner is not None:
+        return label, f"node {node} claims the name {claimed!r}{whose}"
+    if claimed in contested:
+        return label, f"nodes {', '.join(map(str, contested[claimed]))} all claim the name {claimed!r} in the same phase; none of them is given it"
+    names[node] = str(claimed)  # checked above: a str
+    return names[node], None
 
 
 REPLY_RECORD_TYPES = {P.ARRAYS: ArrayRecord, P.METRICS: MetricRecord, P.SITE: ConfigRecord, P.EVALUATION: MetricRecord}
 
 
 def reply_problem(msg: Message, needs: tuple[str, ...] = ()) -> str | None:
-    """Why a reply's content cannot be used (records missing, extra or of the wrong type), or None.
+    """Why a reply's content cannot be used (records missing, extra or of the wrong type, a
+    ledger head or refusal code of the wrong form), or None. The site name is checked by
+    :func:`claim_name`.
 
     ``needs``: records a reply must carry unless it is a refusal (``arrays`` and ``metrics``
     for training, ``metrics`` for evaluation).
@@ -104,7 +191,7 @@ def reply_problem(msg: Message, needs: tuple[str, ...] = ()) -> str | None:
     content = msg.content
     extra = sorted(set(content.keys()) - P.ALLOWED_REPLY_RECORDS)
     if extra:
-        return f"unexpected record(s) {extra}; a site may send only {sorted(P.ALLOWED_REPLY_RECORDS)}"
+        return f"unexpected record(s) {quoted(extra)}; a site may send only {sorted(P.ALLOWED_REPLY_RECORDS)}"
     for name, kind in REPLY_RECORD_TYPES.items():
         if name in content and not isinstance(content[name], kind):
             return f"record {name!r} is a {type(content[name]).__name__}, expected a {kind.__name__}"
@@ -113,17 +200,32 @@ def reply_problem(msg: Message, needs: tuple[str, ...] = ()) -> str | None:
         return f"no {P.SITE!r} record naming the site"
     bad_keys = sorted(set(info.keys()) - P.ALLOWED_SITE_KEYS)
     if bad_keys:
-        return f"unexpected key(s) {bad_keys} in the {P.SITE!r} record"
+        return f"unexpected key(s) {quoted(bad_keys)} in the {P.SITE!r} record"
     if any(not isinstance(v, str) for v in info.values()):
         return f"the {P.SITE!r} record must hold strings only"
     for name in (P.METRICS, P.EVALUATION):
         problem = metric_record_problem(content.metric_records.get(name), name)
         if problem:
             return problem
+    problem = site_record_problem(info)  # type: ignore[arg-type]  # checked: strings only
+    if problem:
+        return problem
     if P.REFUSAL_CODE not in info:
         missing = [n for n in needs if n not in content]
         if missing:
             return f"neither a refusal nor the record(s) {missing}"
+    return None
+
+
+def site_record_problem(info: Mapping[str, str]) -> str | None:
+    """Why a site record's ledger head or refusal code cannot be used (None if both can): the
+    head is a SHA-256 in hex, the code a short lower-case word (``budget``, ``no-data``)."""
+    head = info.get(P.LEDGER_HEAD)
+    if head is not None and not _LEDGER_HEAD.fullmatch(head):
+        return f"its ledger head ({len(head)} characters) is not a SHA-256 in hex (64 characters 0-9a-f)"
+    code = info.get(P.REFUSAL_CODE)
+    if code is not None and not _REFUSAL_CODE.fullmatch(code):
+        return f"its refusal code {one_line(code, QUOTE_LIMIT)!r} is not a short lower-case word (a-z, 0-9, _ and -, at most 32)"
     return None
 
 
@@ -133,27 +235,28 @@ def metric_record_problem(record: MetricRecord | None, name: str) -> str | None:
     where = "" if name == P.METRICS else f" in the {name!r} record"
     for key, value in (record or {}).items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return f"metric {key!r}{where} is a {type(value).__name__}, expected one number"
+            return f"metric {one_line(key, QUOTE_LIMIT)!r}{where} is a {type(value).__name__}, expected one number"
         if value != value:
-            return f"metric {key!r}{where} is NaN"
+            return f"metric {one_line(key, QUOTE_LIMIT)!r}{where} is NaN"
     return None
 
 
-def site_report(msg: Message, names: dict[int, str], needs: tuple[str, ...] = ()) -> SiteReport:
+def site_report(msg: Message, names: dict[int, str], needs: tuple[str, ...] = (), *, contested: Mapping[str, list[int]] | None = None) -> SiteReport:
     """What one reply says: metrics, refusal, malformed content or transport error.
 
-    ``names`` maps node ids to the site names they gave in earlier replies; it is updated
-    here, so a site that crashes or stalls later is still named rather than shown as a node id.
+    ``names`` maps node ids to site names for the whole run (:func:`claim_name` pins them), so
+    a site that crashes or stalls later is still named rather than shown as a node id, and a
+    node cannot report under another site's name. ``contested``: names several nodes claim in
+    this phase (:func:`contested_names`). A refusal reason and an error are made one safe
+    line of at most :data:`TEXT_LIMIT` characters (:func:`one_line`).
     """
     node = msg.metadata.src_node_id
     if msg.has_error():
         return SiteReport(site=names.get(node, f"node-{node}"), error=f"the site's client failed (crashed or lost): {short_reason(str(msg.error.reason))}", node=node)
     info = msg.content.config_records.get(P.SITE, ConfigRecord())
-    claimed = info.get(P.SITE_NAME)
-    if isinstance(claimed, str) and claimed:
-        names[node] = claimed
-    report = SiteReport(site=claimed if isinstance(claimed, str) and claimed else names.get(node, f"node-{node}"), node=node)
-    problem = reply_problem(msg, needs)
+    name, name_issue = claim_name(names, node, info.get(P.SITE_NAME), contested or {})
+    report = SiteReport(site=name, node=node)
+    problem = reply_problem(msg, needs) or name_issue
     if problem:
         report.error = f"malformed reply rejected by the coordinator: {problem}"
         return report
@@ -161,12 +264,17 @@ def site_report(msg: Message, names: dict[int, str], needs: tuple[str, ...] = ()
         report.ledger_head = str(info[P.LEDGER_HEAD])
     if P.REFUSAL_CODE in info:
         report.refusal_code = str(info[P.REFUSAL_CODE])
-        report.refusal_reason = str(info.get(P.REFUSAL_REASON, ""))
+        report.refusal_reason = one_line(str(info.get(P.REFUSAL_REASON, "")))
     if P.METRICS in msg.content.metric_records:
         report.metrics = {k: float(v) for k, v in msg.content[P.METRICS].items()}  # type: ignore[arg-type]
     if P.EVALUATION in msg.content.metric_records:
         report.evaluation = {k: float(v) for k, v in msg.content[P.EVALUATION].items()}  # type: ignore[arg-type]
     return report
+
+
+def claims(replies: Iterable[Message]) -> list[tuple[int, object]]:
+    """(node id, claimed site name) of each reply that is not a transport error."""
+    return [(m.metadata.src_node_id, m.content.config_records.get(P.SITE, ConfigRecord()).get(P.SITE_NAME)) for m in replies if not m.has_error()]
 
 
 def evaluation_reports(train: Iterable[SiteReport]) -> list[SiteReport]:
@@ -187,7 +295,9 @@ def evaluation_reports(train: Iterable[SiteReport]) -> list[SiteReport]:
 def site_reports(replies: Iterable[Message], names: dict[int, str] | None = None, *, needs: tuple[str, ...] = ()) -> list[SiteReport]:
     """One :func:`site_report` per reply, sorted by site."""
     names = {} if names is None else names
-    return sorted((site_report(m, names, needs) for m in replies), key=lambda r: r.site)
+    replies = list(replies)
+    contested = contested_names(claims(replies))
+    return sorted((site_report(m, names, needs, contested=contested) for m in replies), key=lambda r: r.site)
 
 
 def weighted_average(updates: list[tuple[float, np.ndarray]]) -> ArrayRecord:
@@ -230,10 +340,9 @@ class PatientFedAvg(FedAvg):
         )
         self.node_wait_timeout_s = node_wait_timeout_s
         self.round_timeout_s = round_timeout_s
-        self.site_names: dict[int, str] = {}  # node id -> site name, learnt from every reply
         self.log: dict[int, RoundLog] = {}
         self._sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> node ids asked
-        self.node_names: dict[int, str] = {}  # node id -> site name, learnt from replies (names sites that later drop out)
+        self.node_names: dict[int, str] = {}  # node id -> site name for the whole run, pinned on first sight (claim_name), plain and SecAgg+ rounds alike
 
     expected: Layout | None = None  # parameter name -> shape of the global model, in its order (the packed layout)
     max_abs_value: float = 1e4
@@ -319,14 +428,15 @@ class PatientFedAvg(FedAvg):
         """One report per asked node that never replied (Flower just omits them)."""
         answered = {m.metadata.src_node_id for m in replies}
         return [
-            SiteReport(site=self.site_names.get(node, f"node-{node}"), node=node,
+            SiteReport(site=self.node_names.get(node, f"node-{node}"), node=node,
                        error=f"no reply within `federation.round_timeout_s` ({self.round_timeout_s:g} s); left out of this round")
             for node in self._sent.get((server_round, phase), []) if node not in answered
         ]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        pairs = [(m, site_report(m, self.site_names, (P.ARRAYS, P.METRICS))) for m in replies]
+        contested = contested_names(claims(replies))
+        pairs = [(m, site_report(m, self.node_names, (P.ARRAYS, P.METRICS), contested=contested)) for m in replies]
         reports = sorted([r for _, r in pairs] + self._silent(server_round, "train", replies), key=lambda r: r.site)
         self.log.setdefault(server_round, RoundLog()).train = reports
         updates: list[tuple[float, np.ndarray]] = []
@@ -352,7 +462,7 @@ class PatientFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        reports = sorted(site_reports(replies, self.site_names, needs=(P.METRICS,)) + self._silent(server_round, "evaluate", replies), key=lambda r: r.site)
+        reports = sorted(site_reports(replies, self.node_names, needs=(P.METRICS,)) + self._silent(server_round, "evaluate", replies), key=lambda r: r.site)
         return self.aggregate_evaluation(server_round, reports)
 
     def aggregate_evaluation(self, server_round: int, reports: list[SiteReport]) -> MetricRecord | None:

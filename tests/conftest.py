@@ -64,6 +64,75 @@ class RecordingGrid:
         return getattr(self._grid, name)
 
 
+class ScriptedGrid:
+    """A Grid whose nodes are functions (message -> reply content or Flower ``Error``; None: no
+    reply): drives ``server.federation.run_federation`` in-process against scripted sites."""
+
+    def __init__(self, sites: dict[int, Callable[[Message], Any]]) -> None:
+        self.sites = sites
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.sites)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        from flwr.app import Error
+
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            content = self.sites[node](m)
+            if content is None:
+                continue
+            reply = Message(content, reply_to=m) if isinstance(content, Error) else Message(content=content, reply_to=m)
+            reply.metadata.__dict__["_src_node_id"] = node
+            out.append(reply)
+        return out
+
+
+def scripted_site(name: str, *, patients: int = 20, epsilon_per_round: float = 1.0) -> Callable[[Message], Any]:
+    """An honest scripted site: answers the pre-flight query, trains (returns the model it got
+    plus a little noise) and evaluates, with the aggregate figures a site reports."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+
+    from shared import metrics as M  # noqa: N812
+    from shared import protocol as P  # noqa: N812
+    from shared.params import PACKED, packed_vector
+
+    rng = np.random.default_rng(len(name))
+
+    def behave(msg: Message) -> RecordDict:
+        kind = msg.metadata.message_type
+        if kind == MessageType.QUERY:
+            return RecordDict({P.SITE: ConfigRecord({P.SITE_NAME: name}), P.METRICS: MetricRecord({M.EPSILON_RUN: 8.0, M.EPSILON_REMAINING: 22.0, M.NOISE_MULTIPLIER: 1.1, M.DELTA: 1e-5})})
+        site = ConfigRecord({P.SITE_NAME: name, P.LEDGER_HEAD: "a" * 64})
+        evaluation = MetricRecord({M.NUM_PATIENTS: patients // 3, M.AUROC: 0.7, M.AUPRC: 0.5, M.EVAL_LOSS: 0.6, M.SUPPRESSED: 0.0})
+        if kind == MessageType.EVALUATE:
+            return RecordDict({P.SITE: site, P.METRICS: evaluation})
+        rnd = int(msg.content[P.CONFIG][P.SERVER_ROUND])
+        flat = packed_vector(msg.content[P.ARRAYS], what="the global model")
+        update = (flat + 0.01 * rng.standard_normal(flat.shape)).astype(np.float32)
+        eps = epsilon_per_round * rnd
+        metrics = MetricRecord({M.NUM_PATIENTS: patients, M.TRAIN_LOSS: 0.6, M.EPSILON_RUN: eps, M.EPSILON_TOTAL: eps, M.DELTA: 1e-5, M.NOISE_MULTIPLIER: 1.1})
+        out = RecordDict({P.SITE: site, P.ARRAYS: ArrayRecord({PACKED: Array(update)}), P.METRICS: metrics})
+        if msg.content[P.CONFIG].get(P.EVALUATE_FIRST):
+            out[P.EVALUATION] = evaluation
+        return out
+
+    return behave
+
+
+def scripted_experiment(*, rounds: int = 2, privacy: bool = True) -> ExperimentConfig:
+    """A plan small enough to run in-process against :class:`ScriptedGrid` sites in seconds."""
+    exp = load_experiment(ROOT / "configs" / "experiment.yaml")
+    return replace(
+        exp,
+        federation=replace(exp.federation, rounds=rounds, min_nodes=3, node_wait_timeout_s=2, round_timeout_s=5),
+        privacy=replace(exp.privacy, enabled=privacy),
+        model=replace(exp.model, hidden=4, conv_channels=4, groups=1),
+        language=replace(exp.language, encoder="none"),
+    )
+
+
 @pytest.fixture
 def task_identity() -> None:
     """Flower stamps new messages with the running task's identity; give tests that build messages one."""

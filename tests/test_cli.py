@@ -268,6 +268,25 @@ def test_an_evaluation_suppressed_at_every_site_is_named_in_the_round_row_and_th
     assert "AUROC None" not in text
 
 
+def test_the_summary_prints_a_stored_refusal_and_site_name_with_markup_as_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    import server.cli
+
+    shown = Console(record=True, width=300)
+    monkeypatch.setattr(server.cli, "console", shown)
+    summary = {
+        "run_id": "r-1", "status": "completed", "rounds_completed": 1, "rounds_planned": 1, "final_federated_auroc": 0.7, "wall_time_s": 1.0,
+        "sites": {"[b]beta[/]": {"epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.1}},
+        "refusals": [{"round": 1, "site": "gamma[/]", "code": "budget", "reason": "over budget [/] bye [link=https://evil.example]x[/link]"}],
+    }
+
+    server.cli.print_summary(summary, tmp_path)
+
+    text = shown.export_text()
+    assert "[b]beta[/]" in text and "refusal: round 1 site gamma[/]: over budget [/] bye [link=https://evil.example]x[/link]" in text
+
+
 def test_plan_hash_only_prints_the_hash_that_run_json_and_ledgers_record_not_the_files_sha256(tmp_path: Path) -> None:
     import hashlib
 

@@ -224,7 +224,9 @@ def train_reply(site: str, patients: float, evaluation: object | None) -> Messag
     })
     if evaluation is not None:
         content[P.EVALUATION] = evaluation  # type: ignore[assignment]
-    return Message(content=content, dst_node_id=1, message_type="train")
+    msg = Message(content=content, dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_src_node_id"] = 100 + sum(map(ord, site))  # one node per site (the coordinator pins names to nodes)
+    return msg
 
 
 def strategy() -> PatientFedAvg:

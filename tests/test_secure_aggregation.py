@@ -423,3 +423,72 @@ def test_refusing_site_takes_part_with_weight_zero_and_its_reason_arrives() -> N
     assert result.metrics["num-patients"] == total
     refused = [r for r in strategy.log[1].train if r.refusal_code]
     assert [(r.site, r.refusal_code, r.refusal_reason) for r in refused] == [("site0", "budget", "Site site0: over its cap.")]
+
+
+# --- SecAgg+ site reports: named by the run's one node -> name map, errors kept to one line ---
+
+
+def secure_reply(node: int, **report: Any) -> Message:
+    """A masked-vector stage reply from ``node`` as the coordinator reads it (its fitres.metrics)."""
+    from flwr.app import RecordDict
+
+    from shared import secure_records
+
+    msg = Message(content=RecordDict({P.LEGACY_FITRES_METRICS: secure_records.encode(**report)}), dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_secure_round_error_keeps_only_its_last_line_and_names_the_site_from_the_preflight(tmp_path: Path) -> None:
+    from flwr.app import Error
+
+    from server.federation import preflight
+    from server.secure_round import _reports
+    from server.strategy import PatientFedAvg
+    from tests.conftest import ScriptedGrid, scripted_experiment, scripted_site
+
+    strategy = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=3, node_wait_timeout_s=2)
+    exp = scripted_experiment()
+    preflight(ScriptedGrid({1001: scripted_site("site0"), 1002: scripted_site("site1"), 1003: scripted_site("site2")}), strategy, exp, "r", exp.to_yaml(), Console(quiet=True))  # type: ignore[arg-type]
+    trace = ("\x1b[36mray::ClientAppActor.run()\x1b[39m\nTraceback (most recent call last):\n  File \"/srv/hospital-oslo/client/site.py\", line 412, in train\n"
+             "    x = features[patient_id='P-00417']\nValueError: has 0 frames'>")
+    crashed = Message(Error(code=0, reason=trace), reply_to=secure_reply(1, site_name="x", metrics=None))
+    crashed.metadata.__dict__["_src_node_id"] = 1003
+
+    reports = _reports([secure_reply(1001, site_name="site0", metrics={"num-patients": 20.0}), crashed], [1001, 1002, 1003], strategy.node_names)
+
+    by_site = {r.site: r for r in reports}
+    assert set(by_site) == {"site0", "site1", "site2"}
+    assert by_site["site2"].error == "dropped out of secure aggregation: ValueError: has 0 frames" and by_site["site2"].node == 1003
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_secure_round_report_under_another_nodes_name_or_with_a_bad_ledger_head_is_that_nodes_error() -> None:
+    from server.secure_round import _reports
+
+    names = {1001: "site0", 1002: "site1", 1003: "site2"}
+    replies = [
+        secure_reply(1001, site_name="site0", metrics={"num-patients": 20.0, "epsilon-run": 1.0}, ledger_head="b" * 64),
+        secure_reply(1002, site_name="site1", metrics={"num-patients": 20.0}, ledger_head="h" * 4096),
+        secure_reply(1003, site_name="site0", metrics={"num-patients": 20.0, "epsilon-run": 0.01}),
+        secure_reply(1004, site_name="x" * 5000, metrics=None, refusal_code="budget", refusal_reason="R" * 9000),
+    ]
+
+    reports = {r.site: r for r in _reports(replies, [1001, 1002, 1003, 1004], names)}
+
+    assert reports["site0"].metrics["epsilon-run"] == 1.0 and reports["site0"].error is None
+    assert "ledger head (4096 characters) is not a SHA-256 in hex" in reports["site1"].error and not reports["site1"].metrics
+    assert reports["site2"].error.endswith("node 1003 is site 'site2' in this run and now claims the name 'site0', which is node 1001's in this run")
+    assert not reports["site2"].metrics
+    assert "its site name has 5000 characters" in reports["node-1004"].error and len(reports["node-1004"].error) < 200
+    assert names == {1001: "site0", 1002: "site1", 1003: "site2"}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_secure_round_refusal_reason_is_one_clean_line_of_bounded_length() -> None:
+    from server.secure_round import _reports
+
+    reports = _reports([secure_reply(1001, site_name="site0", metrics=None, refusal_code="budget", refusal_reason="over\x1b[2J [/] cap\n" + "R" * 9000)], [1001], {})
+
+    assert reports[0].refusal_reason == "over [/] cap " + "R" * 487 + "… (cut from 9013 characters)"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -28,13 +32,24 @@ def values(record: object) -> dict[str, np.ndarray]:
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: Flower stamps new messages with a task identity
 
 
+def from_node(msg: Message, node: int) -> Message:
+    """``msg`` as the reply of Flower node ``node``."""
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def node_of(site: str | None) -> int:
+    """The node id a test site replies from: one per name (the coordinator pins names to nodes)."""
+    return 100 + zlib.crc32((site or "").encode()) % 1_000_000
+
+
 def reply(site: str, w: np.ndarray, patients: float) -> Message:
     content = RecordDict({
         P.ARRAYS: packed(w.astype(np.float32)),
         P.METRICS: MetricRecord({M.NUM_PATIENTS: patients, M.TRAIN_LOSS: 0.5}),
         P.SITE: ConfigRecord({P.SITE_NAME: site}),
     })
-    return Message(content=content, dst_node_id=1, message_type="train")
+    return from_node(Message(content=content, dst_node_id=1, message_type="train"), node_of(site))
 
 
 def strategy() -> PatientFedAvg:
@@ -73,7 +88,7 @@ def bare(site: str | None, **records: object) -> Message:
     content = RecordDict({k: v for k, v in records.items()})  # type: ignore[misc]
     if site is not None:
         content[P.SITE] = ConfigRecord({P.SITE_NAME: site})
-    return Message(content=content, dst_node_id=1, message_type="train")
+    return from_node(Message(content=content, dst_node_id=1, message_type="train"), node_of(site))
 
 
 def malformed(case: str) -> Message:
@@ -146,7 +161,7 @@ def test_the_average_is_bit_for_bit_what_flowers_aggregation_gives() -> None:
         update = {k: rng.standard_normal(shape).astype(np.float32) for k, shape in names.items()}
         metrics = MetricRecord({M.NUM_PATIENTS: patients, M.TRAIN_LOSS: 0.5})
         content = RecordDict({P.ARRAYS: pack(update, names), P.METRICS: metrics, P.SITE: ConfigRecord({P.SITE_NAME: site})})
-        replies.append(Message(content=content, dst_node_id=1, message_type="train"))
+        replies.append(from_node(Message(content=content, dst_node_id=1, message_type="train"), node_of(site)))
         per_parameter.append(RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}), P.METRICS: metrics}))
     s = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, node_wait_timeout_s=1.0)
     s.expected = names
@@ -239,3 +254,219 @@ def test_sites_are_sampled_as_flowers_sample_nodes_draws_them() -> None:
 
     # Assert: the same sites in the same order, so seeded runs sample as before
     assert ours == flowers and ours_eval == flowers_eval and len(set(ours)) == 5
+
+
+# --- what a site says is made safe to print and store, and bound to the node that said it ---
+
+
+def refusal(site: str, reason: str, node: int, **extra: str) -> Message:
+    """A refusal reply of ``site`` from Flower node ``node``."""
+    info = ConfigRecord({P.SITE_NAME: site, P.REFUSAL_CODE: "budget", P.REFUSAL_REASON: reason, **extra})
+    return from_node(Message(content=RecordDict({P.SITE: info}), dst_node_id=1, message_type="train"), node)
+
+
+def test_a_refusal_reason_is_one_line_without_escape_sequences_or_control_characters() -> None:
+    s = strategy()
+
+    s.aggregate_train(1, [refusal("beta", "budget [b]x[/b]\x1b]0;TITLE\x07 \x1bc\x1b[1A\nnext\x9b2J\x7f\u202eend", node=2)])
+
+    reason = s.log[1].train[0].refusal_reason
+    assert reason == "budget [b]x[/b]  c next  end"  # markup is kept as text: the console escapes it
+
+
+def test_a_long_refusal_reason_or_transport_error_is_cut_saying_how_long_it_was() -> None:
+    from flwr.app import Error
+
+    s = strategy()
+    first = refusal("beta", "R" * 100_000, node=2)
+    crashed = from_node(Message(Error(code=0, reason="Traceback\n" + "E" * 50_000 + "'>"), reply_to=reply("gamma", np.ones(2), 1)), 3)
+
+    s.aggregate_train(1, [first, crashed])
+
+    by_site = {r.site: r for r in s.log[1].train}
+    assert by_site["beta"].refusal_reason == "R" * 500 + "… (cut from 100000 characters)"
+    assert len(by_site["node-3"].error) < 300 and "(cut from 50000 characters)" in by_site["node-3"].error
+
+
+def test_names_a_site_chose_are_quoted_cleaned_and_short_in_a_rejection() -> None:
+    s = strategy()
+    evil = bare("evil", **{P.ARRAYS: packed(np.ones(2, np.float32)), P.METRICS: MetricRecord({M.NUM_PATIENTS: 1.0})})
+    for i in range(8):
+        evil.content[f"[/x]\x1b[2J{i}" + "y" * 10_000] = ConfigRecord({"a": 1})
+
+    s.aggregate_train(1, [evil])
+
+    error = s.log[1].train[0].error
+    assert error.startswith("malformed reply rejected by the coordinator: unexpected record(s) ['[/x]0yyy")
+    assert "\x1b" not in error and "and 3 more" in error and len(error) < 600
+
+
+@pytest.mark.parametrize("name", ["oslo-university", "site_3", "Haukeland", "Tromsø", "St. Olav's hospital (Trondheim)", "a" * 64])
+def test_honest_site_names_are_accepted(name: str) -> None:
+    s = strategy()
+
+    s.aggregate_train(1, [reply(name, np.ones(2), 10)])
+
+    assert s.log[1].train[0].site == name and s.log[1].train[0].error is None
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("beta\x1b]0;PWNED\x1b\\\x1b[1A", "has characters a site name may not have"),
+    ("beta\x9b1A", "has characters a site name may not have"),
+    ("al\u202epha", "has characters a site name may not have"),
+    ("[/]", "has characters a site name may not have"),
+    (" alpha", "has characters a site name may not have"),
+    ("a" * 65, "has 65 characters; at most 64"),
+    ("node-7", "the coordinator's label for a node that gave no name"),
+    ("", "gives no site name"),
+])
+def test_a_site_name_with_control_characters_too_long_or_reserved_is_rejected_and_named_by_node(name: str, why: str) -> None:
+    s = strategy()
+
+    s.aggregate_train(1, [from_node(reply(name, np.ones(2), 10), 5)])
+
+    report = s.log[1].train[0]
+    assert report.site == "node-5" and report.error.startswith("malformed reply rejected by the coordinator: ") and why in report.error
+    assert "\x1b" not in report.error and "\x9b" not in report.error and 5 not in s.node_names
+
+
+@pytest.mark.parametrize(("head", "ok"), [("0" * 64, True), ("ab12" * 16, True), ("h" * 4096, False), ("A" * 64, False), ("a" * 63, False)])
+def test_a_ledger_head_must_be_a_sha256_in_hex(head: str, ok: bool) -> None:
+    s = strategy()
+    msg = reply("beta", np.ones(2), 10)
+    msg.content[P.SITE][P.LEDGER_HEAD] = head
+
+    s.aggregate_train(1, [msg])
+
+    report = s.log[1].train[0]
+    assert (report.ledger_head == head and report.error is None) if ok else ("is not a SHA-256 in hex" in report.error and head not in report.error)
+
+
+def test_a_node_cannot_report_under_a_name_pinned_to_another_node() -> None:
+    s = strategy()
+    s.aggregate_train(1, [from_node(reply("alpha", np.ones(2), 10), 1), from_node(reply("beta", np.ones(2), 10), 2)])
+    impostor = from_node(reply("alpha", np.full(2, 9.0), 10), 3)
+    impostor.content[P.METRICS][M.EPSILON_RUN] = 0.01
+
+    arrays, metrics = s.aggregate_train(2, [from_node(reply("alpha", np.ones(2), 10), 1), from_node(reply("beta", np.ones(2), 10), 2), impostor])
+
+    np.testing.assert_allclose(values(arrays)["w"], [1.0, 1.0])  # the impostor's update is not averaged
+    assert metrics[M.NUM_PATIENTS] == 20
+    by_site = {r.site: r for r in s.log[2].train}
+    assert set(by_site) == {"alpha", "beta", "node-3"} and by_site["alpha"].error is None
+    assert by_site["node-3"].error == "malformed reply rejected by the coordinator: node 3 claims the name 'alpha', which is node 1's in this run"
+    assert s.node_names == {1: "alpha", 2: "beta"}
+
+
+def test_a_node_cannot_change_the_name_it_was_pinned_to() -> None:
+    s = strategy()
+    s.aggregate_train(1, [from_node(reply("alpha", np.ones(2), 10), 1), from_node(reply("mallory", np.ones(2), 10), 3)])
+
+    s.aggregate_train(2, [from_node(reply("alpha", np.ones(2), 10), 1), from_node(refusal("beta", "faked", node=3), 3)])
+
+    by_site = {r.site: r for r in s.log[2].train}
+    assert set(by_site) == {"alpha", "mallory"} and by_site["mallory"].refusal_code is None
+    assert by_site["mallory"].error.endswith("node 3 is site 'mallory' in this run and now claims the name 'beta'")
+
+
+def test_two_nodes_claiming_one_new_name_in_the_same_phase_are_given_neither() -> None:
+    s = strategy()
+
+    arrays, _ = s.aggregate_train(1, [from_node(reply("alpha", np.ones(2), 10), 1), from_node(reply("alpha", np.full(2, 5.0), 10), 3), from_node(reply("beta", np.ones(2), 10), 2)])
+
+    np.testing.assert_allclose(values(arrays)["w"], [1.0, 1.0])
+    by_site = {r.site: r for r in s.log[1].train}
+    assert set(by_site) == {"beta", "node-1", "node-3"} and s.node_names == {2: "beta"}
+    assert all(by_site[n].error.endswith("nodes 1, 3 all claim the name 'alpha' in the same phase; none of them is given it") for n in ("node-1", "node-3"))
+
+
+# --- the coordinator's run against scripted sites (conftest.ScriptedGrid) ---------------------
+
+
+def run_scripted(sites: dict[int, object], tmp_path: Path, **kw: object) -> tuple[dict, str, Path]:
+    """run_federation against scripted sites; the summary, what the console printed (plain
+    text: any escape sequence in it came from a site) and the run folder."""
+    import io
+
+    from rich.console import Console
+
+    from server.federation import run_federation
+    from tests.conftest import ScriptedGrid, scripted_experiment
+
+    buf = io.StringIO()
+    out = tmp_path / "run"
+    summary = run_federation(ScriptedGrid(sites), scripted_experiment(**kw), out, "scripted", console=Console(file=buf, width=200, color_system=None))  # type: ignore[arg-type]
+    return summary, buf.getvalue(), out
+
+
+def test_site_text_with_rich_markup_or_escape_sequences_is_printed_as_text_and_the_run_finishes(tmp_path: Path) -> None:
+    from flwr.app import Error, MessageType
+
+    from tests.conftest import scripted_site
+
+    def refuses(msg: Message) -> object:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return scripted_site("beta")(msg)
+        return RecordDict({P.SITE: ConfigRecord({P.SITE_NAME: "beta", P.REFUSAL_CODE: "budget", P.REFUSAL_REASON: "over [/] budget \x1bc [link=https://evil.example/x]runbook[/link]"})})
+
+    def odd(msg: Message) -> object:
+        content = scripted_site("gamma")(msg)
+        if msg.metadata.message_type == MessageType.TRAIN and int(msg.content[P.CONFIG][P.SERVER_ROUND]) == 1:
+            content["[/x]"] = ConfigRecord({"a": 1})  # type: ignore[index]
+        if msg.metadata.message_type == MessageType.TRAIN and int(msg.content[P.CONFIG][P.SERVER_ROUND]) == 2:
+            return Error(code=0, reason="Traceback...\nClientAppException occurred. Message: bad shape [/b]'>")
+        return content
+
+    summary, printed, out = run_scripted({1: scripted_site("alpha"), 2: refuses, 3: odd}, tmp_path)
+
+    assert summary["status"] == "completed" and (out / "summary.json").is_file()
+    assert "\x1b" not in printed
+    assert "site beta refused round 1: over [/] budget  c [link=https://evil.example/x]runbook[/link]" in printed
+    assert "site gamma failed in round 1: malformed reply rejected by the coordinator: unexpected record(s) ['[/x]']" in printed
+    assert "site gamma failed in round 2: the site's client failed (crashed or lost): ClientAppException occurred. Message: bad shape [/b]" in printed
+
+
+def test_a_preflight_refusal_with_markup_is_printed_as_text_and_the_summary_written(tmp_path: Path) -> None:
+    from flwr.app import MessageType
+
+    from tests.conftest import scripted_site
+
+    def refuses(msg: Message) -> object:
+        if msg.metadata.message_type == MessageType.QUERY:
+            return RecordDict({P.SITE: ConfigRecord({P.SITE_NAME: "gamma", P.REFUSAL_CODE: "budget", P.REFUSAL_REASON: "ε cap [/] reached"})})
+        return scripted_site("gamma")(msg)
+
+    summary, printed, out = run_scripted({1: scripted_site("alpha"), 2: scripted_site("beta"), 3: refuses}, tmp_path)
+
+    assert summary["status"] == "refused before start" and (out / "summary.json").is_file()
+    assert "gamma: ε cap [/] reached" in printed
+
+
+def test_an_impostor_site_is_named_by_its_node_and_the_real_sites_figures_are_kept(tmp_path: Path) -> None:
+    from flwr.app import MessageType
+
+    from tests.conftest import scripted_site
+
+    def impostor(msg: Message) -> object:  # answers the pre-flight as mallory, then trains as alpha
+        content = scripted_site("mallory" if msg.metadata.message_type == MessageType.QUERY else "alpha")(msg)
+        if msg.metadata.message_type == MessageType.TRAIN:
+            content[P.METRICS][M.EPSILON_RUN] = 0.01  # type: ignore[index]
+            content[P.SITE][P.LEDGER_HEAD] = "f" * 64  # type: ignore[index]
+        return content
+
+    summary, _, out = run_scripted({1: scripted_site("alpha"), 2: scripted_site("beta"), 3: impostor}, tmp_path)
+
+    assert summary["sites"]["alpha"]["epsilon"] == 2.0 and summary["sites"]["alpha"]["ledger_head"] == "a" * 64
+    rounds = json.loads((out / "metrics.json").read_text())
+    assert set(rounds[1]["sites"]) == {"alpha", "beta", "mallory"} and rounds[1]["patients_trained"] == 40
+    assert rounds[1]["sites"]["mallory"]["error"].endswith("node 3 is site 'mallory' in this run and now claims the name 'alpha', which is node 1's in this run")
+
+
+def test_two_nodes_giving_one_name_at_the_preflight_stop_the_run_naming_both(tmp_path: Path) -> None:
+    from tests.conftest import scripted_site
+
+    summary, printed, _ = run_scripted({1: scripted_site("alpha"), 2: scripted_site("beta"), 3: scripted_site("alpha")}, tmp_path)
+
+    assert summary["status"] == "refused before start"
+    assert {r["site"] for r in summary["preflight_refusals"]} == {"node-1", "node-3"}
+    assert "nodes 1, 3 all claim the name 'alpha' in the same phase" in " ".join(printed.split())
