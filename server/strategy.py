@@ -83,7 +83,6 @@ def sample_connected(nodes: list[int], fraction: float, minimum: int) -> list[in
 
 
 TEXT_LIMIT = 500  # characters kept of a site's refusal reason or error (console, metrics.json, summary.json)
-NAME_LIMIT = 64  # characters a site name may have
 QUOTE_LIMIT = 40  # characters of a site-chosen record or key name quoted in a rejection
 
 # Terminal escape sequences (CSI, OSC up to its terminator, 8-bit CSI) and the characters a site's
@@ -91,8 +90,6 @@ QUOTE_LIMIT = 40  # characters of a site-chosen record or key name quoted in a r
 # (zero-width, bidirectional overrides, line/paragraph separators).
 _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x9b[0-?]*[ -/]*[@-~]")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]")
-_SITE_NAME = re.compile(r"\w[\w .,'()&+-]*")  # letters and digits of any script, then also space . , ' ( ) & + -
-_RESERVED_NAME = re.compile(r"node-\d+")  # the coordinator's label for a node it has no name for
 _LEDGER_HEAD = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in hex (shared.privacy.ledger; GENESIS for an empty ledger)
 _REFUSAL_CODE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
@@ -123,21 +120,6 @@ def short_reason(reason: str, limit: int = 200) -> str:
     return one_line(last, limit)
 
 
-def name_problem(name: object) -> str | None:
-    """Why a claimed site name is not accepted (None if it is): a name is printed and used as a
-    key of the run folder, so it is 1-64 letters, digits and ``_ .,'()&+-``, starting with a
-    letter, digit or ``_``; ``node-<id>`` is the coordinator's label for unnamed nodes."""
-    if not isinstance(name, str) or not name:
-        return "it gives no site name"
-    if len(name) > NAME_LIMIT:
-        return f"its site name has {len(name)} characters; at most {NAME_LIMIT} are accepted"
-    if not _SITE_NAME.fullmatch(name) or name != name.strip():
-        return f"its site name {name!r} has characters a site name may not have (letters, digits, space and _ .,'()&+- only)"  # repr shows control characters as \x escapes
-    if _RESERVED_NAME.fullmatch(name):
-        return f"its site name {name!r} is the coordinator's label for a node that gave no name"
-    return None
-
-
 def contested_names(claims: Iterable[tuple[int, object]]) -> dict[str, list[int]]:
     """The names claimed by more than one node in one phase's replies ((node, claimed name)
     pairs), each with the node ids that claimed it."""
@@ -160,7 +142,7 @@ def claim_name(names: dict[int, str], node: int, claimed: object, contested: Map
     """
     pinned = names.get(node)
     label = pinned or f"node-{node}"
-    problem = name_problem(claimed)
+    problem = P.name_problem(claimed)
     if problem:
         return label, problem
     if pinned == claimed:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from shared.errors import ConfigError
+from shared.protocol import name_problem
 from shared.schema import build, load_yaml, read_config_text, spec, text_mapping, to_plain, yaml_mapping
 
 FEATURE_FORMAT = 2  # bump when extraction code changes what a config produces
@@ -356,4 +357,8 @@ def load_site(path: str | Path) -> SiteConfig:
 def site_from_yaml_text(text: str, path: str | Path) -> SiteConfig:
     """``site.yaml`` whose ``text`` was read from ``path``: the checks and errors of :func:`load_site`."""
     p = Path(path)
-    return build(SiteConfig, yaml_mapping(text, p), source=str(p)).resolved(p.resolve().parent)
+    cfg = build(SiteConfig, yaml_mapping(text, p), source=str(p))
+    problem = name_problem(cfg.name)
+    if problem:  # the coordinator would reject every reply of this site; say so here, before anything starts
+        raise ConfigError(f"{p}: field 'name': {problem}. The coordinator shows the name to researchers and keys the run folder on it; choose one such as 'oslo-university'.")
+    return cfg.resolved(p.resolve().parent)

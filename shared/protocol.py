@@ -25,6 +25,8 @@ one tensor per name (safetensors).
 
 from __future__ import annotations
 
+import re
+
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
@@ -67,3 +69,25 @@ LEGACY_FITINS_CONFIG = "fitins.config"
 LEGACY_FITRES_METRICS = "fitres.metrics"  # the site's report (shared.secure_records), sent in the clear
 METRIC_PREFIX = "metric."  # fitres.metrics key prefix of a shared.metrics value
 EVAL_PREFIX = "eval."  # fitres.metrics key prefix of an evaluation value (the EVALUATION record's content)
+
+
+# --- site names: shown on the researcher's console and keys of the run folder ---
+
+NAME_LIMIT = 64  # characters a site name may have
+_SITE_NAME = re.compile(r"\w[\w .,'()&+-]*")  # letters and digits of any script, then also space . , ' ( ) & + -
+_RESERVED_NAME = re.compile(r"node-\d+")  # the coordinator's label for a node it has no name for
+
+
+def name_problem(name: object) -> str | None:
+    """Why a claimed site name is not accepted (None if it is): a name is printed and used as a
+    key of the run folder, so it is 1-64 letters, digits and ``_ .,'()&+-``, starting with a
+    letter, digit or ``_``; ``node-<id>`` is the coordinator's label for unnamed nodes."""
+    if not isinstance(name, str) or not name:
+        return "it gives no site name"
+    if len(name) > NAME_LIMIT:
+        return f"its site name has {len(name)} characters; at most {NAME_LIMIT} are accepted"
+    if not _SITE_NAME.fullmatch(name) or name != name.strip():
+        return f"its site name {name!r} has characters a site name may not have (letters, digits, space and _ .,'()&+- only)"  # repr shows control characters as \x escapes
+    if _RESERVED_NAME.fullmatch(name):
+        return f"its site name {name!r} is the coordinator's label for a node that gave no name"
+    return None

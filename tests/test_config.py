@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from shared.config import load_experiment, load_site
 from shared.errors import ConfigError
@@ -93,3 +94,13 @@ def test_a_target_delta_of_0_01_or_more_gets_one_bound_and_one_message(tmp_path:
     path = write(tmp_path, f"name: x\nprivacy: {{target_delta: {delta}}}\n")
     with pytest.raises(ConfigError, match=rf"exp.yaml: `privacy.target_delta` is {float(delta)!r}; it must be < 0.01\.$"):
         load_experiment(path)
+
+
+@pytest.mark.parametrize("name", ["node-3", "x" * 65, "oslo\tuniversity", " oslo"])
+def test_a_site_name_the_coordinator_would_reject_is_refused_when_site_yaml_is_read(tmp_path: Path, name: str) -> None:
+    from shared.config import load_site
+
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "manifest": "manifest.csv"}))
+    with pytest.raises(ConfigError, match=r"site\.yaml: field 'name'"):
+        load_site(path)
