@@ -181,7 +181,7 @@ def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggrega
         model = unflatten(flat, layout, what="the unmasked sum")
     except ValueError as exc:
         return SecureRoundResult(None, None, halted=f"{exc} Not applied.")
-    problem = strategy.update_problem(model, MetricRecord({M.NUM_PATIENTS: total}))
+    problem = strategy.values_problem(model)  # the total weight is a sum, not one site's capped weight
     if problem is None:
         bad = [n for n, v in model.items() if float(np.abs(v).max(initial=0.0)) > sa.clipping_range * (1 + 1e-6)]
         problem = f"parameter {bad[0]!r} lies outside ±clipping_range" if bad else None
