@@ -203,12 +203,13 @@ class RunFolder:
         return rec
 
     def epsilon_by_site(self) -> dict[str, dict[str, float]]:
-        """Each site's latest reported (ε, δ) for this run, as the site's ledger stated it."""
+        """Each site's latest reported (ε, δ) for this run, as the site's ledger stated it (δ or
+        σ None where a round's entry lacks it: folders written before replies had to carry all four)."""
         out: dict[str, dict[str, float]] = {}
         for rec in self.rounds:
             for site, entry in rec.sites.items():
                 if M.EPSILON_RUN in entry:
-                    out[site] = {"epsilon": entry[M.EPSILON_RUN], "delta": entry[M.DELTA], "noise_multiplier": entry[M.NOISE_MULTIPLIER]}
+                    out[site] = {"epsilon": entry[M.EPSILON_RUN], "delta": entry.get(M.DELTA), "noise_multiplier": entry.get(M.NOISE_MULTIPLIER)}
                     if "ledger_head" in entry:
                         out[site]["ledger_head"] = entry["ledger_head"]
         return out

@@ -19,17 +19,35 @@ plan model's layout before it is unpacked and range-checked.
 Halting: when fewer than ``reconstruction_threshold`` neighbours of a site survive a
 stage, Flower logs "Secure aggregation halted" and returns normally without an aggregate.
 We detect it (aggregate_fit never ran) and fail the round loudly; the model is not updated.
+A sum with fewer than max(2, ``reconstruction_threshold``) contributors (sites of non-zero
+weight) is not applied either: with one it would be that site's own update. Any exception
+inside the workflow halts the round the same way instead of stopping the coordinator.
+
+Replies: Flower's workflow reads each stage's replies without checking them. :class:`_Tap`
+checks every reply against the stage the coordinator's own message named (the ``stage``
+key it sent, never guessed from the reply) before Flower sees it, and turns a malformed
+one into that node's error reply, which Flower treats as a dropout. Dropping a site is what
+the protocol is built for: its pairwise masks are removed with its neighbours' shares of
+its key, while its private mask is never reconstructed, so a masked vector the coordinator
+saw but left out of the sum stays masked. The masked-vector stage's reply is also held to
+the checks of a plain train reply (``fitres.metrics``: the same record structure, train
+loss, privacy figures) and its weight (``fitres.num_examples``) must be a whole number from
+0 to ``max_weight``, 0 exactly for a refusal and equal to the clear-text ``num-patients``
+otherwise (a larger weight would be clipped inside the sum and corrupt the model).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common import FitIns, FitRes, Parameters, Scalar, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -60,6 +78,18 @@ from shared.errors import ConfigError
 from shared.params import PACKED, packed_vector, unflatten
 
 MODULUS_RANGE = 2**32  # SecAgg+ mask modulus (Flower's default; must exceed sites × quantization_range)
+
+log = logging.getLogger("fedrelapse.server")
+
+# What Flower's workflow reads from each stage's replies (in its secaggplus_configs record):
+# key -> type of the value, or of each item of a list value.
+STAGE_REPLY_KEYS: dict[str, dict[str, type]] = {
+    Stage.SETUP: {Key.PUBLIC_KEY_1: bytes, Key.PUBLIC_KEY_2: bytes},
+    Stage.SHARE_KEYS: {Key.DESTINATION_LIST: int, Key.CIPHERTEXT_LIST: bytes},
+    Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS: bytes},
+    Stage.UNMASK: {Key.NODE_ID_LIST: int, Key.SHARE_LIST: bytes},
+}
+LIST_KEYS = {Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST, Key.MASKED_PARAMETERS, Key.NODE_ID_LIST, Key.SHARE_LIST}
 
 @dataclass(frozen=True)
 class SecureRoundResult:
@@ -98,17 +128,64 @@ class _CollectSum(Strategy):
         return None
 
 
-class _Tap:
-    """Grid wrapper that keeps the masked-vector stage's replies (site reports ride there)."""
+def _stage(msg: Message) -> str | None:
+    """The SecAgg+ stage an outgoing message asks for (the ``stage`` key the workflow sends)."""
+    record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    stage = record.get(Key.STAGE) if record is not None else None
+    return stage if isinstance(stage, str) else None
 
-    def __init__(self, grid: Grid) -> None:
+
+def stage_reply_problem(stage: str | None, reply: Message, *, sampled: set[int]) -> str | None:
+    """Why a reply cannot be handed to Flower's workflow for ``stage``: the keys it reads are
+    missing or of the wrong type, paired lists differ in length, an unmask reply names a node
+    outside the round; None if it can."""
+    if stage not in STAGE_REPLY_KEYS:
+        return f"a reply to a message of no SecAgg+ stage ({stage!r})"
+    record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    if record is None:
+        return f"no {RECORD_KEY_CONFIGS!r} record in its {stage} reply"
+    lengths = []
+    for key, kind in STAGE_REPLY_KEYS[stage].items():
+        value = record.get(key)
+        items = value if key in LIST_KEYS and isinstance(value, list) else [value]
+        if value is None or (key in LIST_KEYS) != isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in items):
+            return f"its {stage} reply's {key!r} is {'missing' if value is None else 'of the wrong type'}"
+        lengths.append(len(items))
+    if len(set(lengths)) > 1:
+        return f"its {stage} reply's lists differ in length {lengths}"
+    if stage == Stage.UNMASK and not set(record[Key.NODE_ID_LIST]) <= sampled:  # type: ignore[arg-type]
+        return "its unmask reply holds shares of a node outside this round"
+    return None
+
+
+class _Tap:
+    """Grid wrapper between Flower's SecAgg+ workflow and the sites: each reply is checked for
+    the stage the coordinator's message named (``check``: stage, reply -> why not usable);
+    a malformed one reaches the workflow as that node's error reply (a dropout). Keeps the
+    masked-vector stage's replies, where the site reports ride."""
+
+    def __init__(self, grid: Grid, check: Callable[[str | None, Message], str | None]) -> None:
         self._grid = grid
+        self._check = check
         self.masked_replies: list[Message] = []
+        self.rejected: dict[int, str] = {}  # node -> why one of its replies was dropped (its first)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        if any(not m.has_error() and P.LEGACY_FITRES_METRICS in m.content.config_records for m in replies):
-            self.masked_replies = replies
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        replies = []
+        for reply in self._grid.send_and_receive(list(sent.values()), timeout=timeout):
+            node = reply.metadata.src_node_id
+            stage = _stage(sent[node]) if node in sent else None
+            problem = None if reply.has_error() else self._check(stage, reply)
+            if problem is not None:
+                log.warning("SecAgg+ %s stage: the reply of node %d is dropped: %s", stage, node, problem)
+                self.rejected.setdefault(node, problem)
+                if node not in sent:
+                    continue
+                reply = Message(Error(code=ErrorCode.UNKNOWN, reason=f"its reply was rejected by the coordinator: {problem}"), reply_to=sent[node])
+            replies.append(reply)
+            if stage == Stage.COLLECT_MASKED_VECTORS:
+                self.masked_replies.append(reply)
         return replies
 
     def __getattr__(self, name: str) -> Any:
@@ -146,8 +223,40 @@ def _reports(replies: list[Message], asked: list[int], names: dict[int, str]) ->
         out.append(report)
     for node in asked:
         if node not in answered:
-            out.append(SiteReport(site=names.get(node, f"node-{node}"), error="no masked update (dropped out of secure aggregation before the masked-vector stage ended)"))
+            out.append(SiteReport(site=names.get(node, f"node-{node}"), error="no masked update (dropped out of secure aggregation before the masked-vector stage ended)", node=node))
     return sorted(out, key=lambda r: r.site)
+
+
+def masked_reply_problem(reply: Message, *, strategy: PatientFedAvg, sa: SecureAggregationConfig, n_values: int) -> str | None:
+    """Why a masked-vector stage reply may not enter the sum, or None: the masked vector is
+    the quantised weight then one (n_values,) vector, as integers; ``fitres`` can be read; the
+    weight is a whole number from 0 to ``max_weight`` (0 exactly for a refusal, the clear-text
+    ``num-patients`` otherwise); the report passes the checks of a plain train reply."""
+    try:
+        vector = [bytes_to_ndarray(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]  # type: ignore[union-attr]
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes are, the reply is unusable
+        return f"its masked vector cannot be decoded ({type(exc).__name__})"
+    shapes = [tuple(v.shape) for v in vector]
+    if shapes != [(1,), (n_values,)] or any(v.dtype.kind not in "iu" for v in vector):
+        return f"its masked vector has arrays of shapes {shapes}; a masked packed model is [(1,), ({n_values},)] of integers"
+    try:
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    except Exception as exc:  # noqa: BLE001
+        return f"its fitres records cannot be read ({type(exc).__name__}: {exc})"
+    weight = fitres.num_examples
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not (np.isfinite(weight) and weight == int(weight) and 0 <= weight <= sa.max_weight):
+        return f"its weight fitres.num_examples is {weight!r}; it must be a whole number from 0 to {sa.max_weight:g} (`federation.secure_aggregation.max_weight`)"
+    record = reply.content.config_records[P.LEGACY_FITRES_METRICS]
+    problem = secure_records.problem(record)
+    if problem:
+        return problem
+    site, metrics = secure_records.decode(record)
+    if P.REFUSAL_CODE in site:
+        if weight != 0:
+            return f"it refuses the round but weights its vector by {weight!r}; a refusal's weight is 0"
+    elif metrics.get(M.NUM_PATIENTS) != weight or weight < 1:
+        return f"its clear-text {M.NUM_PATIENTS} ({metrics.get(M.NUM_PATIENTS)!r}) is not its weight in the sum (fitres.num_examples {weight!r})"
+    return strategy.metrics_problem(metrics)
 
 
 def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggregationConfig, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> SecureRoundResult:
@@ -177,9 +286,26 @@ def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggrega
         num_shares=sa.num_shares, reconstruction_threshold=sa.reconstruction_threshold, max_weight=sa.max_weight,
         clipping_range=sa.clipping_range, quantization_range=sa.quantization_range, modulus_range=MODULUS_RANGE, timeout=sa.stage_timeout_s,
     )
-    tap = _Tap(grid)
-    workflow(tap, context)  # type: ignore[arg-type]
+    n_values = int(sum(int(np.prod(shape)) for shape in layout.values()))
+
+    def check(stage: str | None, reply: Message) -> str | None:
+        problem = stage_reply_problem(stage, reply, sampled=set(nodes))
+        if problem is None and stage == Stage.COLLECT_MASKED_VECTORS:
+            problem = masked_reply_problem(reply, strategy=strategy, sa=sa, n_values=n_values)
+        return problem
+
+    tap = _Tap(grid, check)
+    try:
+        workflow(tap, context)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - a reply the checks missed must not stop the coordinator: the round halts
+        log.exception("round %d: SecAgg+ workflow failed", server_round)
+        round_log.train = _reports(tap.masked_replies, nodes, strategy.node_names)
+        text = " ".join(str(exc).split())[:200]
+        return SecureRoundResult(None, None, halted=f"secure aggregation failed on a reply it could not process ({type(exc).__name__}: {text}); nothing was aggregated.")
     reports = _reports(tap.masked_replies, nodes, strategy.node_names)
+    for r in reports:  # a site dropped before the masked-vector stage for a malformed reply: say why
+        if r.node in tap.rejected and r.error and r.error.startswith("no masked update"):
+            r.error = f"dropped out of secure aggregation: its reply was rejected by the coordinator: {tap.rejected[r.node]}"
     round_log.train = reports
     contributed = [r for r in reports if r.refusal_code is None and r.error is None and r.metrics.get(M.NUM_PATIENTS, 0) > 0]
     if not collector.aggregated or collector.aggregate is None:
@@ -190,6 +316,11 @@ def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggrega
         ))
     if not contributed:
         return SecureRoundResult(None, None)
+    if len(contributed) < needed:  # a sum of one is that site's update: never applied, never published
+        return SecureRoundResult(None, None, halted=(
+            f"only {len(contributed)} site(s) contributed a non-zero weight to the secure sum; a sum of fewer than {needed} "
+            f"(max(2, `federation.secure_aggregation.reconstruction_threshold`)) would reveal a single site's update. Not applied."
+        ))
     total = float(sum(r.metrics[M.NUM_PATIENTS] for r in contributed))
     values = parameters_to_ndarrays(collector.aggregate)
     if len(values) != 1:
@@ -199,7 +330,7 @@ def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggrega
         model = unflatten(flat, layout, what="the unmasked sum")
     except ValueError as exc:
         return SecureRoundResult(None, None, halted=f"{exc} Not applied.")
-    problem = strategy.update_problem(model, MetricRecord({M.NUM_PATIENTS: total}))
+    problem = strategy.values_problem(model)  # the total weight is a sum, not one site's capped weight
     if problem is None:
         bad = [n for n, v in model.items() if float(np.abs(v).max(initial=0.0)) > sa.clipping_range * (1 + 1e-6)]
         problem = f"parameter {bad[0]!r} lies outside ±clipping_range" if bad else None

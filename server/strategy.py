@@ -7,6 +7,7 @@ averaged across sites: each site's own figure is kept as it reported it.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -22,6 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
+from shared.config import FederationConfig
 from shared.errors import FederationError
 from shared.params import PACKED, Layout, packed_vector, unflatten
 
@@ -223,6 +225,79 @@ def metric_record_problem(record: MetricRecord | None, name: str) -> str | None:
     return None
 
 
+PRIVACY_KEYS = (M.EPSILON_RUN, M.EPSILON_TOTAL, M.DELTA, M.NOISE_MULTIPLIER)  # a DP train reply's figures, sent together or not at all
+EPSILON_SLACK = 1e-6  # relative float slack for epsilon-total >= epsilon-run (both are composed by the site's accountant)
+
+
+def whole_count_problem(key: str, value: float, *, low: float, high: float, where: str = "") -> str | None:
+    """Why ``value`` is not a whole number of patients in [low, high] (``key`` names it), or None."""
+    if not (math.isfinite(value) and value == int(value) and low <= value <= high):
+        return f"metric {key!r}{where} is {value!r}; it must be a whole number of patients from {low:g} to {high:g}"
+    return None
+
+
+def privacy_problem(metrics: Mapping[str, float]) -> str | None:
+    """Why a DP run's privacy figures in a train reply (or a refusal carrying them) are not
+    plausible, or None: all four of :data:`PRIVACY_KEYS` or none; ε finite and ≥ 0; the
+    site's all-time ε (its accountant composes every run's rounds) not below this run's;
+    0 < δ < 1; σ finite and > 0."""
+    present = [k for k in PRIVACY_KEYS if k in metrics]
+    if not present:
+        return None
+    if len(present) < len(PRIVACY_KEYS):
+        return f"privacy figure(s) {[k for k in PRIVACY_KEYS if k not in metrics]} missing; a DP reply carries {list(PRIVACY_KEYS)} together or none"
+    for key in (M.EPSILON_RUN, M.EPSILON_TOTAL):
+        if not (math.isfinite(metrics[key]) and metrics[key] >= 0):
+            return f"metric {key!r} is {metrics[key]!r}; in a DP run ε must be finite and ≥ 0"
+    eps_run, eps_total = metrics[M.EPSILON_RUN], metrics[M.EPSILON_TOTAL]
+    if eps_total < eps_run * (1 - EPSILON_SLACK):
+        return f"metric {M.EPSILON_TOTAL!r} ({eps_total!r}) is below {M.EPSILON_RUN!r} ({eps_run!r}); a site's all-time ε includes this run's"
+    if not 0 < metrics[M.DELTA] < 1:
+        return f"metric {M.DELTA!r} is {metrics[M.DELTA]!r}; δ must lie strictly between 0 and 1"
+    if not (math.isfinite(metrics[M.NOISE_MULTIPLIER]) and metrics[M.NOISE_MULTIPLIER] > 0):
+        return f"metric {M.NOISE_MULTIPLIER!r} is {metrics[M.NOISE_MULTIPLIER]!r}; σ must be finite and > 0"
+    return None
+
+
+def train_metrics_problem(metrics: Mapping[str, float], *, private: bool) -> str | None:
+    """Why a train reply's aggregate metrics are not plausible (train loss finite and ≥ 0;
+    with ``private`` (privacy.enabled), :func:`privacy_problem`), or None. The weight is
+    checked with the update (:meth:`PatientFedAvg.update_problem`)."""
+    loss = metrics.get(M.TRAIN_LOSS)
+    if loss is not None and not (math.isfinite(loss) and loss >= 0):
+        return f"metric {M.TRAIN_LOSS!r} is {loss!r}; it must be finite and ≥ 0"
+    return privacy_problem(metrics) if private else None
+
+
+def evaluation_problem(metrics: Mapping[str, float], *, k: int, max_patients: float) -> str | None:
+    """Why a site's evaluation report cannot be averaged or written, or None: ``suppressed``
+    is exactly 0 or 1; unsuppressed, the report is over a whole number of patients from k
+    (``federation.min_patients_metric``) to ``max_patients``, AUROC and AUPRC lie in [0, 1]
+    and the eval loss is finite and ≥ 0."""
+    suppressed = metrics.get(M.SUPPRESSED)
+    if suppressed not in (0.0, 1.0):
+        return f"metric {M.SUPPRESSED!r} is {suppressed!r}; it must be 0 or 1"
+    if suppressed == 1.0:
+        return None
+    problem = whole_count_problem(M.NUM_PATIENTS, metrics.get(M.NUM_PATIENTS, 0.0), low=k, high=max_patients)
+    if problem:
+        return f"{problem} (`federation.min_patients_metric` to `federation.secure_aggregation.max_weight`)"
+    for key in (M.AUROC, M.AUPRC):
+        if key in metrics and not 0.0 <= metrics[key] <= 1.0:
+            return f"metric {key!r} is {metrics[key]!r}; it must lie in [0, 1]"
+    loss = metrics.get(M.EVAL_LOSS)
+    if loss is not None and not (math.isfinite(loss) and loss >= 0):
+        return f"metric {M.EVAL_LOSS!r} is {loss!r}; it must be finite and ≥ 0"
+    return None
+
+
+def reject_reply(report: SiteReport, problem: str) -> None:
+    """Mark a report whose reply failed a plausibility check as malformed: its figures (and the
+    evaluation riding with it) are dropped, the site is named with why."""
+    report.error = f"malformed reply rejected by the coordinator: {problem}"
+    report.metrics, report.evaluation = {}, None
+
+
 def site_report(msg: Message, names: dict[int, str], needs: tuple[str, ...] = (), *, contested: Mapping[str, list[int]] | None = None) -> SiteReport:
     """What one reply says: metrics, refusal, malformed content or transport error.
 
@@ -285,8 +360,12 @@ def site_reports(replies: Iterable[Message], names: dict[int, str] | None = None
 def weighted_average(updates: list[tuple[float, np.ndarray]]) -> ArrayRecord:
     """The weighted average of decoded packed updates (each (N,) float32), as one packed
     record: the operations of Flower's ``aggregate_arrayrecords`` in the same order (so the
-    same bits, element by element), on vectors decoded once."""
-    total = sum(w for w, _ in updates)
+    same bits, element by element), on vectors decoded once. The weights are summed in
+    float64; a total that is not finite and positive is refused (ValueError)."""
+    with np.errstate(over="ignore"):  # an overflowing total is refused below, not warned about
+        total = float(np.sum(np.array([w for w, _ in updates], dtype=np.float64)))
+    if updates and not (math.isfinite(total) and total > 0):
+        raise ValueError(f"The weights of a federated average sum to {total!r}; they must sum to a finite positive number.")
     out: np.ndarray | None = None
     for weight, flat in updates:
         factor = weight / total
@@ -306,10 +385,20 @@ def weighted_mean(reports: list[SiteReport], key: str) -> float | None:
     return sum(w * v for w, v in pairs) / total if total else None
 
 
+_FEDERATION = FederationConfig()  # the defaults of the settings the strategy reads
+
+
 class PatientFedAvg(FedAvg):
     """FedAvg weighted by each site's number of training patients."""
 
-    def __init__(self, *, fraction_train: float, fraction_evaluate: float, min_nodes: int, node_wait_timeout_s: float, round_timeout_s: float = 1800.0) -> None:
+    def __init__(
+        self, *, fraction_train: float, fraction_evaluate: float, min_nodes: int, node_wait_timeout_s: float, round_timeout_s: float = 1800.0,
+        private: bool = True, min_patients_metric: int = _FEDERATION.min_patients_metric, max_weight: float = _FEDERATION.secure_aggregation.max_weight,
+    ) -> None:
+        """``private``: the plan's privacy.enabled (train replies must then carry plausible ε, δ,
+        σ); ``min_patients_metric``: k, the fewest evaluation patients an unsuppressed report may
+        cover; ``max_weight``: the largest patient count a site may claim
+        (``federation.secure_aggregation.max_weight``, in plain rounds too)."""
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -321,6 +410,9 @@ class PatientFedAvg(FedAvg):
             configrecord_key=P.CONFIG,
         )
         self.node_wait_timeout_s = node_wait_timeout_s
+        self.private = private
+        self.min_patients_metric = min_patients_metric
+        self.max_weight = max_weight
         self.round_timeout_s = round_timeout_s
         self.log: dict[int, RoundLog] = {}
         self._sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> node ids asked
@@ -346,7 +438,25 @@ class PatientFedAvg(FedAvg):
 
     def update_problem(self, values: dict[str, np.ndarray], metrics: MetricRecord) -> str | None:
         """Why an update already unpacked to name -> array cannot be averaged (names, shapes,
-        NaN/Inf, range, weight), or None; :meth:`checked_update` decodes a packed one first."""
+        NaN/Inf, range, weight), or None; :meth:`checked_update` decodes a packed one first.
+
+        The weight must be a whole number of patients from 1 to ``max_weight``: an honest site
+        sends its training-patient count, and a larger claim would let one site's update
+        outweigh every other's (or overflow the total)."""
+        problem = self.values_problem(values)
+        if problem:
+            return problem
+        weight = metrics.get(M.NUM_PATIENTS)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            return f"weight {M.NUM_PATIENTS} is {weight!r}; it must be a positive number"
+        if not (math.isfinite(weight) and weight == int(weight) and 1 <= weight <= self.max_weight):
+            return (f"weight {M.NUM_PATIENTS} is {weight!r}; it must be a whole number of training patients from 1 to "
+                    f"{self.max_weight:g} (`federation.secure_aggregation.max_weight`)")
+        return None
+
+    def values_problem(self, values: dict[str, np.ndarray]) -> str | None:
+        """Why a model (an update or the unmasked sum, name -> array) cannot be used: names,
+        shapes, dtype, NaN/Inf or range; None if it can."""
         if self.expected is not None:
             if list(values) != list(self.expected):
                 return "parameter names differ from the global model's"
@@ -360,10 +470,15 @@ class PatientFedAvg(FedAvg):
                 return f"parameter {k!r} holds NaN or infinite values"
             if v.size and float(np.abs(v).max()) > self.max_abs_value:
                 return f"parameter {k!r} exceeds the allowed range ±{self.max_abs_value:g}"
-        weight = metrics.get(M.NUM_PATIENTS)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not np.isfinite(weight) or weight <= 0:
-            return f"weight {M.NUM_PATIENTS} is {weight!r}; it must be a positive number"
         return None
+
+    def metrics_problem(self, metrics: Mapping[str, float]) -> str | None:
+        """Why a train reply's metrics are implausible for this plan (:func:`train_metrics_problem`)."""
+        return train_metrics_problem(metrics, private=self.private)
+
+    def evaluation_problem(self, metrics: Mapping[str, float]) -> str | None:
+        """Why an evaluation report is unusable for this plan (:func:`evaluation_problem`)."""
+        return evaluation_problem(metrics, k=self.min_patients_metric, max_patients=self.max_weight)
 
     def summary(self) -> None:
         super().summary()
@@ -423,6 +538,9 @@ class PatientFedAvg(FedAvg):
         self.log.setdefault(server_round, RoundLog()).train = reports
         updates: list[tuple[float, np.ndarray]] = []
         for m, report in pairs:
+            if report.error is None and (problem := self.metrics_problem(report.metrics)):  # a refusal's figures too (a replay refusal sends them)
+                log(INFO, "round %d: rejected the reply of site %s: %s", server_round, report.site, problem)
+                reject_reply(report, problem)
             if report.error or report.refusal_code:
                 continue
             values, problem = self.checked_update(m.content[P.ARRAYS], m.content[P.METRICS], site=report.site)
@@ -453,8 +571,12 @@ class PatientFedAvg(FedAvg):
 
         The reports come from evaluate replies, or (with-next-round) from round
         ``server_round + 1``'s train replies (:func:`evaluation_reports`)."""
+        for r in reports:
+            if r.metrics and (problem := self.evaluation_problem(r.metrics)):  # dropped: neither averaged nor written, only named
+                log(INFO, "round %d: rejected the evaluation of site %s: %s", server_round, r.site, problem)
+                r.metrics, r.error = {}, f"evaluation rejected by the coordinator: {problem}"
         self.log.setdefault(server_round, RoundLog()).evaluate = reports
-        usable = [r for r in reports if r.metrics.get(M.SUPPRESSED, 1.0) == 0.0 and r.metrics.get(M.NUM_PATIENTS, 0.0) > 0]
+        usable = [r for r in reports if r.error is None and r.metrics.get(M.SUPPRESSED) == 0.0]
         if not usable:
             return None
         out = MetricRecord({M.NUM_PATIENTS: sum(r.metrics[M.NUM_PATIENTS] for r in usable)})

@@ -37,6 +37,24 @@ def encode(
     return out
 
 
+def problem(record: ConfigRecord) -> str | None:
+    """Why a ``fitres.metrics`` record is malformed (the structural checks a plain reply's
+    ``site``, ``metrics`` and ``evaluation`` records get), or None: site keys hold text,
+    ``metric.``/``eval.`` keys one number each (not a bool, not NaN), and nothing else."""
+    for key, value in record.items():
+        if key in _SITE_KEYS:
+            if not isinstance(value, str):
+                return f"{key!r} is a {type(value).__name__}, expected text"
+        elif key.startswith((P.METRIC_PREFIX, P.EVAL_PREFIX)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return f"{key!r} is a {type(value).__name__}, expected one number"
+            if value != value:
+                return f"{key!r} is NaN"
+        else:
+            return f"unexpected key {key!r} in {P.LEGACY_FITRES_METRICS!r}"
+    return None
+
+
 def decode(record: ConfigRecord) -> tuple[dict[str, str], dict[str, float]]:
     """(site keys, metrics) from a ``fitres.metrics`` record; unknown keys are dropped."""
     site = {k: str(record[k]) for k in _SITE_KEYS if k in record}

@@ -492,3 +492,214 @@ def test_a_secure_round_refusal_reason_is_one_clean_line_of_bounded_length() -> 
     reports = _reports([secure_reply(1001, site_name="site0", metrics=None, refusal_code="budget", refusal_reason="over\x1b[2J [/] cap\n" + "R" * 9000)], [1001], {})
 
     assert reports[0].refusal_reason == "over [/] cap " + "R" * 487 + "… (cut from 9013 characters)"
+
+
+# --- in-process, fake training: what the coordinator accepts into the sum -------------------
+
+FAKE = {"w": (50,)}  # a 50-value model: the checks, not the training, are under test
+FAKE_SA = SecureAggregationConfig(enabled=True, num_shares=3, reconstruction_threshold=2, max_weight=1000.0, clipping_range=8.0)
+DP = {"epsilon-run": 1.0, "epsilon-total": 2.0, "delta": 1e-5, "noise-multiplier": 1.1}
+
+
+def fake_sites(specs: list[dict[str, Any]]) -> Any:
+    """A ClientApp of sites that skip their own checks: each spec may set ``weight``
+    (fitres.num_examples), ``value`` (every value of its update), ``metrics`` (its clear-text
+    report), ``evaluation`` and ``refuse``; the update goes through Flower's real secaggplus_mod."""
+    from flwr.clientapp import ClientApp
+
+    from client.app import _fitres, secure_aggregation_mod
+    from shared import secure_records
+
+    app = ClientApp(mods=[secure_aggregation_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        spec = specs[int(context.node_config["partition-id"])]
+        incoming = parameters_to_ndarrays(compat.arrayrecord_to_parameters(msg.content.array_records[P.LEGACY_FITINS_ARRAYS], keep_input=True))
+        name = f"site{context.node_config['partition-id']}"
+        if spec.get("refuse"):
+            return _fitres(msg, [np.zeros_like(incoming[0])], spec.get("weight", 0), secure_records.encode(site_name=name, metrics=None, refusal_code="budget", refusal_reason="over its cap"))
+        weight = spec.get("weight", 20)
+        metrics = spec.get("metrics", {"num-patients": float(weight), "train-loss": 0.5, **DP})
+        report = secure_records.encode(site_name=name, metrics=metrics, evaluation=spec.get("evaluation"))
+        return _fitres(msg, [np.full_like(incoming[0], spec.get("value", 1.0))], weight, report)
+
+    return app
+
+
+def fake_round(specs: list[dict[str, Any]], *, wrap: Any = None, sa: SecureAggregationConfig = FAKE_SA) -> tuple[Any, Any]:
+    """One SecAgg+ round over ``specs``: (SecureRoundResult, the strategy with its log)."""
+    from flwr.app import ConfigRecord
+
+    from server.bench import LoopbackGrid
+    from server.secure_round import secure_train_round
+    from server.strategy import PatientFedAvg
+    from shared.params import pack
+
+    grid = LoopbackGrid(fake_sites(specs), len(specs))
+    strategy = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=len(specs), node_wait_timeout_s=5)
+    strategy.expected = FAKE
+    arrays = pack({"w": np.zeros(50, np.float32)}, FAKE)
+    result = secure_train_round(wrap(grid) if wrap else grid, strategy=strategy, sa=sa, server_round=1, arrays=arrays, config=ConfigRecord({P.RUN_ID: "fake", P.TOTAL_ROUNDS: 1}))
+    return result, strategy
+
+
+def model_values(result: Any) -> np.ndarray:
+    from shared.params import PACKED
+
+    return result.arrays[PACKED].numpy()
+
+
+def errors(strategy: Any) -> dict[str, str | None]:
+    return {r.site: r.error for r in strategy.log[1].train}
+
+
+@pytest.mark.parametrize(("metrics", "why"), [
+    ({"num-patients": 20.0, "train-loss": float("nan"), **DP}, "'metric.train-loss' is NaN"),
+    ({"num-patients": 20.0, "train-loss": 0.5, **DP, "epsilon-run": float("nan")}, "'metric.epsilon-run' is NaN"),
+    ({"num-patients": 20.0, "train-loss": -1.0, **DP}, "metric 'train-loss' is -1.0"),
+    ({"num-patients": 20.0, "train-loss": 0.5, "epsilon-run": 1.0}, "privacy figure(s) ['epsilon-total', 'delta', 'noise-multiplier'] missing"),
+    ({"num-patients": 20.0, "train-loss": 0.5, **DP, "delta": 0.0}, "metric 'delta' is 0.0"),
+    ({"num-patients": 1e9, "train-loss": 0.5, **DP}, "clear-text num-patients (1000000000.0) is not its weight in the sum (fitres.num_examples 20)"),
+])
+def test_a_secure_report_failing_a_plain_reply_check_is_left_out_of_the_sum(metrics: dict[str, float], why: str) -> None:
+    # Arrange: two honest sites (value 1) and one whose clear-text report is implausible (value 7)
+    specs = [{"value": 1.0}, {"value": 1.0}, {"value": 7.0, "metrics": metrics}]
+
+    # Act
+    result, strategy = fake_round(specs)
+
+    # Assert: its masked vector never entered the sum; it is named with why
+    assert result.halted is None and result.metrics["num-patients"] == 40
+    np.testing.assert_allclose(model_values(result), 1.0, atol=1e-3)
+    bad = [e for e in errors(strategy).values() if e]
+    assert len(bad) == 1 and "rejected by the coordinator" in bad[0] and why in bad[0]
+
+
+def test_a_secure_evaluation_out_of_range_is_dropped_as_an_eval_error() -> None:
+    from server.strategy import evaluation_reports
+
+    specs = [{"evaluation": {"suppressed": 0.0, "num-patients": 10.0, "auroc": 0.7}}, {"evaluation": {"suppressed": 0.0, "num-patients": 10.0, "auroc": 0.7}},
+             {"evaluation": {"suppressed": 0.0, "num-patients": 1e9, "auroc": 7.0}}]
+    result, strategy = fake_round(specs)
+
+    out = strategy.aggregate_evaluation(0, evaluation_reports(strategy.log[1].train))
+
+    assert result.arrays is not None  # the update is fine: only the evaluation is dropped
+    assert out is not None and out["auroc"] == pytest.approx(0.7) and out["num-patients"] == 20
+    dropped = [r for r in strategy.log[0].evaluate if r.error]
+    assert [r.site for r in dropped] == ["site2"] and "metric 'num-patients' is 1000000000.0" in dropped[0].error and not dropped[0].metrics
+
+
+@pytest.mark.parametrize("weight", [10**6, 1001])
+def test_a_weight_above_max_weight_never_enters_the_sum(weight: int) -> None:
+    # Arrange: the site's weight would be clipped inside the sum (every parameter → ≈ 0.008 before)
+    specs = [{"value": 1.0}, {"value": 1.0}, {"value": 7.9, "weight": weight, "metrics": {"num-patients": float(weight), "train-loss": 0.5, **DP}}]
+
+    result, strategy = fake_round(specs)
+
+    assert result.halted is None
+    np.testing.assert_allclose(model_values(result), 1.0, atol=1e-3)
+    assert "it must be a whole number from 0 to 1000 (`federation.secure_aggregation.max_weight`)" in (errors(strategy)["node-1003"] or "")
+
+
+def test_a_refusal_with_a_non_zero_weight_is_left_out() -> None:
+    result, strategy = fake_round([{"value": 1.0}, {"value": 1.0}, {"refuse": True, "weight": 20}])
+
+    np.testing.assert_allclose(model_values(result), 1.0, atol=1e-3)
+    assert "a refusal's weight is 0" in (errors(strategy)["node-1003"] or "")
+
+
+def tamper_node(node: int, change: Any) -> Any:
+    """A Grid wrapper that lets ``change`` edit node ``node``'s replies before the coordinator reads them."""
+    class Tampering:
+        def __init__(self, grid: Any) -> None:
+            self._grid = grid
+
+        def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+            for r in replies:
+                if not r.has_error() and r.metadata.src_node_id == node:
+                    change(r)
+            return replies
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._grid, name)
+
+    return Tampering
+
+
+def _short_vector(r: Message) -> None:
+    from flwr.common import ndarray_to_bytes
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    cfg = r.content.config_records.get(RECORD_KEY_CONFIGS)
+    if cfg is not None and Key.MASKED_PARAMETERS in cfg:
+        cfg[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(np.zeros(3, dtype=np.int64))]
+
+
+def _no_vector(r: Message) -> None:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    cfg = r.content.config_records.get(RECORD_KEY_CONFIGS)
+    if cfg is not None and Key.MASKED_PARAMETERS in cfg:
+        del cfg[Key.MASKED_PARAMETERS]
+
+
+def _report_on_unmask_reply(r: Message) -> None:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from shared import secure_records
+
+    cfg = r.content.config_records.get(RECORD_KEY_CONFIGS)
+    if cfg is not None and Key.NODE_ID_LIST in cfg:
+        r.content.config_records[P.LEGACY_FITRES_METRICS] = secure_records.encode(site_name="site2", metrics={"num-patients": 20.0})
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (_short_vector, "its masked vector has arrays of shapes [(3,)]"),
+    (_no_vector, "reply's 'masked_params' is missing"),
+    (_report_on_unmask_reply, None),
+])
+def test_a_malformed_stage_reply_is_that_sites_dropout_not_a_coordinator_crash(change: Any, why: str | None) -> None:
+    result, strategy = fake_round([{"value": 1.0}, {"value": 1.0}, {"value": 1.0}], wrap=tamper_node(1003, change))
+
+    assert result.halted is None and result.arrays is not None
+    np.testing.assert_allclose(model_values(result), 1.0, atol=1e-3)
+    if why is None:  # the unmask stage is known by the coordinator's message, so an extra record there changes nothing
+        assert result.metrics["num-patients"] == 60 and not any(errors(strategy).values())
+    else:
+        assert result.metrics["num-patients"] == 40 and why in (errors(strategy)["node-1003"] or "")
+
+
+def test_an_exception_inside_the_secagg_workflow_halts_the_round_with_a_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.secure_round as secure_round
+
+    class Broken:
+        def __init__(self, **_: Any) -> None:
+            pass
+
+        def __call__(self, grid: Any, context: Any) -> None:
+            raise KeyError("fitres.metrics")
+
+    monkeypatch.setattr(secure_round, "SecAggPlusWorkflow", Broken)
+    result, strategy = fake_round([{}, {}, {}])
+
+    assert result.arrays is None and result.halted is not None
+    assert result.halted.startswith("secure aggregation failed on a reply it could not process (KeyError: 'fitres.metrics')")
+    assert len(strategy.log[1].train) == 3 and all(r.error for r in strategy.log[1].train)
+
+
+def test_a_sum_with_a_single_contributor_is_not_applied() -> None:
+    # Arrange: two of three sites refuse (weight 0): the 'sum' would be site0's own update
+    result, strategy = fake_round([{"value": 1.0}, {"refuse": True}, {"refuse": True}])
+
+    assert result.arrays is None
+    assert result.halted is not None and result.halted.startswith("only 1 site(s) contributed a non-zero weight to the secure sum")
+    assert "max(2, `federation.secure_aggregation.reconstruction_threshold`)" in result.halted
+    # with t = 3 of 5 shares, a sum of two contributors is not applied either; three are
+    sa = replace(FAKE_SA, num_shares=5, reconstruction_threshold=3)
+    two, _ = fake_round([{"value": 1.0}, {"value": 1.0}, {"refuse": True}, {"refuse": True}, {"refuse": True}], sa=sa)
+    three, _ = fake_round([{"value": 1.0}, {"value": 1.0}, {"value": 1.0}, {"refuse": True}, {"refuse": True}], sa=sa)
+    assert two.arrays is None and two.halted is not None and two.halted.startswith("only 2 site(s)")
+    assert three.halted is None and three.arrays is not None

@@ -77,11 +77,140 @@ def test_malformed_updates_are_rejected_with_the_site_named(bad: np.ndarray, why
     assert evil.error and "update rejected by the coordinator" in evil.error and why in evil.error
 
 
-def test_a_non_positive_weight_is_rejected() -> None:
+@pytest.mark.parametrize("weight", [0, -3.0, 2.5, 1001.0, 1e12, 1e308, float("inf")])
+def test_a_weight_that_is_not_a_whole_patient_count_up_to_max_weight_is_rejected(weight: float) -> None:
+    # Arrange: an honest site, and one claiming an implausible number of patients (max_weight 1000)
     s = strategy()
-    arrays, _ = s.aggregate_train(1, [reply("zero", np.array([2.0, 2.0]), 0)])
-    assert arrays is None
-    assert "must be a positive number" in s.log[1].train[0].error
+
+    # Act
+    arrays, metrics = s.aggregate_train(1, [reply("good", np.array([2.0, 2.0]), 10), reply("big", np.array([9999.0, 9999.0]), weight)])
+
+    # Assert: the claim does not outweigh the honest update; the site is named with the field
+    np.testing.assert_allclose(values(arrays)["w"], [2.0, 2.0])
+    assert metrics[M.NUM_PATIENTS] == 10
+    big = next(r for r in s.log[1].train if r.site == "big")
+    assert "whole number of training patients from 1 to 1000 (`federation.secure_aggregation.max_weight`)" in big.error
+
+
+def test_two_sites_at_the_weight_cap_average_normally_and_an_overflowing_total_is_refused() -> None:
+    from server.strategy import weighted_average
+
+    s = strategy()
+    arrays, _ = s.aggregate_train(1, [reply("a", np.array([1.0, 1.0]), 1000), reply("b", np.array([3.0, 3.0]), 1000)])
+    np.testing.assert_allclose(values(arrays)["w"], [2.0, 2.0])
+    with pytest.raises(ValueError, match="finite positive number"):
+        weighted_average([(1e308, np.ones(2, np.float32)), (1e308, np.ones(2, np.float32))])
+
+
+def dp_reply(site: str, **changes: float | None) -> Message:
+    """A DP train reply with plausible privacy figures, then ``changes`` (None: key removed)."""
+    msg = reply(site, np.array([2.0, 2.0]), 10)
+    figures = {M.EPSILON_RUN: 1.0, M.EPSILON_TOTAL: 3.0, M.DELTA: 1e-5, M.NOISE_MULTIPLIER: 1.1}
+    for key, value in {**figures, **changes}.items():
+        if value is not None:
+            msg.content[P.METRICS][key] = value
+    return msg
+
+
+@pytest.mark.parametrize(("changes", "why"), [
+    ({M.DELTA: None}, "privacy figure(s) ['delta'] missing"),
+    ({M.NOISE_MULTIPLIER: None}, "privacy figure(s) ['noise-multiplier'] missing"),
+    ({M.EPSILON_TOTAL: None, M.DELTA: None}, "['epsilon-total', 'delta'] missing"),
+    ({M.EPSILON_RUN: float("inf")}, "metric 'epsilon-run' is inf; in a DP run ε must be finite and ≥ 0"),
+    ({M.EPSILON_RUN: -5.0}, "metric 'epsilon-run' is -5.0"),
+    ({M.EPSILON_TOTAL: 0.5}, "metric 'epsilon-total' (0.5) is below 'epsilon-run' (1.0)"),
+    ({M.DELTA: 0.0}, "metric 'delta' is 0.0; δ must lie strictly between 0 and 1"),
+    ({M.DELTA: 1.0}, "metric 'delta' is 1.0"),
+    ({M.NOISE_MULTIPLIER: -1.0}, "metric 'noise-multiplier' is -1.0; σ must be finite and > 0"),
+    ({M.NOISE_MULTIPLIER: 0.0}, "metric 'noise-multiplier' is 0.0"),
+    ({M.TRAIN_LOSS: float("inf")}, "metric 'train-loss' is inf; it must be finite and ≥ 0"),
+    ({M.TRAIN_LOSS: -1.0}, "metric 'train-loss' is -1.0"),
+])
+def test_implausible_privacy_figures_make_a_dp_reply_malformed(changes: dict[str, float | None], why: str) -> None:
+    s = strategy()
+
+    arrays, _ = s.aggregate_train(1, [dp_reply("good"), dp_reply("liar", **changes)])
+
+    np.testing.assert_allclose(values(arrays)["w"], [2.0, 2.0])
+    liar = next(r for r in s.log[1].train if r.site == "liar")
+    assert liar.error == f"malformed reply rejected by the coordinator: {liar.error.split(': ', 1)[1]}" and why in liar.error
+    assert liar.metrics == {}
+    good = next(r for r in s.log[1].train if r.site == "good")
+    assert good.error is None and good.metrics[M.EPSILON_RUN] == 1.0
+
+
+def test_privacy_figures_are_checked_on_a_refusal_and_only_in_dp_runs() -> None:
+    # A replay refusal sends all four figures; one that sends ε without δ is malformed too.
+    s = strategy()
+    refusal = dp_reply("replayer", **{M.DELTA: None})
+    del refusal.content[P.ARRAYS]
+    refusal.content[P.SITE][P.REFUSAL_CODE] = "replay"
+    s.aggregate_train(1, [dp_reply("good"), refusal])
+    assert "privacy figure(s) ['delta'] missing" in next(r for r in s.log[1].train if r.site == "replayer").error
+    # A non-private plan: the site's figures of a non-private run (ε ∞, δ 0, σ 0) are what it should send.
+    plain = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, node_wait_timeout_s=1.0, private=False)
+    plain.expected = W
+    arrays, _ = plain.aggregate_train(1, [dp_reply("np", **{M.EPSILON_RUN: float("inf"), M.EPSILON_TOTAL: float("inf"), M.DELTA: 0.0, M.NOISE_MULTIPLIER: 0.0})])
+    assert arrays is not None and plain.log[1].train[0].error is None
+
+
+def test_epsilon_total_may_fall_short_of_epsilon_run_by_float_rounding_only() -> None:
+    s = strategy()
+    arrays, _ = s.aggregate_train(1, [dp_reply("a", **{M.EPSILON_RUN: 2.0, M.EPSILON_TOTAL: 2.0 * (1 - 1e-9)})])
+    assert arrays is not None and s.log[1].train[0].error is None
+
+
+def eval_reply(site: str, metrics: dict[str, float]) -> Message:
+    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord({P.SITE_NAME: site})})
+    return Message(content=content, dst_node_id=1, message_type="evaluate")
+
+
+GOOD_EVAL = {M.SUPPRESSED: 0.0, M.NUM_PATIENTS: 10.0, M.AUROC: 0.7, M.AUPRC: 0.5, M.EVAL_LOSS: 0.6}
+
+
+@pytest.mark.parametrize(("changes", "why"), [
+    ({M.AUROC: 7.0, M.NUM_PATIENTS: 1000.0}, "metric 'auroc' is 7.0; it must lie in [0, 1]"),
+    ({M.AUPRC: -3.0}, "metric 'auprc' is -3.0"),
+    ({M.EVAL_LOSS: float("inf")}, "metric 'eval-loss' is inf"),
+    ({M.EVAL_LOSS: -0.1}, "metric 'eval-loss' is -0.1"),
+    ({M.NUM_PATIENTS: 1.0, M.AUROC: 1.0}, "metric 'num-patients' is 1.0; it must be a whole number of patients from 5 to 1000"),
+    ({M.NUM_PATIENTS: float("inf")}, "metric 'num-patients' is inf"),
+    ({M.NUM_PATIENTS: 1e9}, "metric 'num-patients' is 1000000000.0"),
+    ({M.NUM_PATIENTS: 7.5}, "metric 'num-patients' is 7.5"),
+    ({M.SUPPRESSED: 0.5}, "metric 'suppressed' is 0.5; it must be 0 or 1"),
+    ({M.SUPPRESSED: None}, "metric 'suppressed' is None"),
+])
+def test_an_implausible_evaluation_is_dropped_as_that_sites_eval_error(changes: dict[str, float | None], why: str) -> None:
+    # Arrange: k = 5; one honest site and one whose evaluation is out of range or below k
+    s = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, node_wait_timeout_s=1.0)  # k: the default 5
+    bad = {k: v for k, v in {**GOOD_EVAL, **changes}.items() if v is not None}
+
+    # Act
+    out = s.aggregate_evaluate(1, [eval_reply("good", GOOD_EVAL), eval_reply("liar", bad)])
+
+    # Assert: the federated figures are the honest site's; the liar's evaluation is only named
+    assert out is not None and out[M.AUROC] == pytest.approx(0.7) and out[M.NUM_PATIENTS] == 10
+    liar = next(r for r in s.log[1].evaluate if r.site == "liar")
+    assert liar.metrics == {} and liar.error.startswith("evaluation rejected by the coordinator: ") and why in liar.error
+
+
+def test_a_rejected_evaluation_is_written_only_as_its_eval_error(tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    from server.run_folder import RunFolder
+    from shared.models import build_model
+    from shared.params import get_arrays
+    from tests.conftest import tiny_experiment
+
+    s = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, node_wait_timeout_s=1.0)  # k: the default 5
+    em = s.aggregate_evaluate(1, [eval_reply("good", GOOD_EVAL), eval_reply("liar", {**GOOD_EVAL, M.NUM_PATIENTS: 1.0, M.AUROC: 1.0})])
+    folder = RunFolder(Path(str(tmp_path)) / "run", tiny_experiment(), "run-x")
+    folder.record_round(1, s.log[1], {}, dict(em or {}), get_arrays(build_model(tiny_experiment())), True)
+
+    stored = json.loads((Path(str(tmp_path)) / "run" / "metrics.json").read_text())[0]
+    assert stored["auroc"] == pytest.approx(0.7)
+    assert set(stored["sites"]["liar"]) == {"eval_error"} and "num-patients" in stored["sites"]["liar"]["eval_error"]
 
 
 def bare(site: str | None, **records: object) -> Message:
