@@ -325,20 +325,3 @@ def test_a_round_evaluated_after_its_checkpoint_verifies_and_its_evaluation_is_b
     (run / "metrics.json").write_text(json.dumps(rows))
     with pytest.raises(CryptoError, match="rounds 1-2 are not as recorded"):
         load_resume_point(run, public_key=key.public_key())
-
-
-def test_a_folder_whose_round_has_epsilon_without_delta_still_resumes_and_finishes(tmp_path: Path) -> None:
-    """Folders written before a DP reply had to carry ε, δ and σ together may hold ε alone;
-    the summary gives δ and σ as None instead of failing every finish and resume."""
-    from server.strategy import SiteReport
-
-    exp = replace(tiny_experiment(), federation=replace(tiny_experiment().federation, rounds=3))
-    folder = RunFolder(tmp_path / "run", exp, "run-x")
-    log = RoundLog(train=[SiteReport(site="beta", metrics={"epsilon-run": 1.0, "num-patients": 10.0})])
-    folder.record_round(1, log, {}, {}, dict(get_arrays(build_model(exp))), True)
-
-    point = load_resume_point(tmp_path / "run")
-    summary = RunFolder(tmp_path / "run", exp, "run-x", previous=point.rounds).finish(status="completed")
-
-    assert summary["sites"]["beta"] == {"epsilon": 1.0, "delta": None, "noise_multiplier": None}
-    assert (tmp_path / "run" / "summary.json").exists()

@@ -162,7 +162,7 @@ def test_epsilon_total_may_fall_short_of_epsilon_run_by_float_rounding_only() ->
 
 def eval_reply(site: str, metrics: dict[str, float]) -> Message:
     content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord({P.SITE_NAME: site})})
-    return Message(content=content, dst_node_id=1, message_type="evaluate")
+    return from_node(Message(content=content, dst_node_id=1, message_type="evaluate"), node_of(site))
 
 
 GOOD_EVAL = {M.SUPPRESSED: 0.0, M.NUM_PATIENTS: 10.0, M.AUROC: 0.7, M.AUPRC: 0.5, M.EVAL_LOSS: 0.6}
