@@ -54,10 +54,21 @@ def clip_and_sum(grad_samples: list[torch.Tensor], *, max_grad_norm: float) -> t
     but with one norm and one matrix-vector product over a (B, D) float32 copy instead of three
     operations per parameter. Norms and sums are float32 whatever the rows' dtype (bf16 under
     autocast), so rounding cannot push a row past C.
+
+    A row whose norm is not finite (an entry is NaN or ±Inf, or its squares overflow float32)
+    counts as a zero gradient: that patient contributes nothing to this step. Scaled as it is,
+    it would make the whole sum NaN (C / ∞ = 0, and 0 · ∞ = NaN), so one patient's data would
+    decide the step's output alone, beyond the sensitivity C the noise is calibrated to; zeroed,
+    every row adds at most C whatever its values. Its factor is 0 (C / ∞ = 0 already; a NaN
+    norm's NaN factor is set to 0) and the non-finite entries of the (B, D) copy are set to 0, so
+    0 · entry is 0: two in-place elementwise ops, no read back to the host and no data-dependent
+    branch (finite rows are left as they are). The returned norms are left as computed: NaN or
+    Inf for such rows.
     """
     flat = torch.cat([g.reshape(g.shape[0], math.prod(g.shape[1:])) for g in grad_samples], dim=1).float()  # (B, D); cat promotes mixed dtypes
-    norms = torch.linalg.vector_norm(flat, dim=1)  # (B,)
-    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # (B,)
+    norms = torch.linalg.vector_norm(flat, dim=1)  # (B,): NaN or Inf for a row with a NaN/Inf entry
+    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0).nan_to_num_(nan=0.0)  # (B,): 0 for a non-finite norm
+    flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (B, D), in place (flat is cat's own copy): 0 · NaN or 0 · ∞ would be NaN
     return factors @ flat, norms  # (D,), (B,)
 
 

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import secrets
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -242,7 +241,16 @@ class Site:
         return ledger_public_key(self.cfg.state_dir)
 
     def train(self, arrays: dict[str, np.ndarray], *, run_id: str, server_round: int, total_rounds: int) -> TrainResult | Refusal:
-        """One round of local training; with DP on, the signed ledger entry is fsync'd first."""
+        """One round of local training; with DP on, the round is charged before training starts.
+
+        Once the round passes its checks (not a replay, within the caps, σ at least the site's
+        minimum), its signed ledger entry is written and fsync'd before any patient's data is
+        touched, so whatever training then does (diverges, raises, is killed) the round stays
+        charged and a retry of the same (run, round) is a ``replay``. A diverged round is
+        refused with the figures it was charged, as a replay is. Charging a round whose update
+        never leaves over-counts ε, which is safe; charging only rounds that end well would make
+        "diverged or not" a free, repeatable answer about the training data.
+        """
         from client.dp_train import make_optimizer, train_dp, train_plain  # Opacus: only a training process imports it
 
         exp, t = self.exp, self.exp.training
@@ -280,28 +288,36 @@ class Site:
             refusal = self._check(sigma=sigma, eps_run=eps_run, eps_total=eps_total, cap_total=cap_total, cap_run=cap_run, what=f"round {server_round}")
             if refusal:
                 return refusal
-            started = time.perf_counter()
-            stats = train_dp(
-                model, self.train_set, steps=t.local_steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
-                max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device, secure_mode=p.secure_mode, prox_mu=t.prox_mu,
-                grads=t.per_patient_grads,
-            )
-            update = get_arrays(model)
-            if not all(np.isfinite(v).all() for v in update.values()):  # checked before anything leaves
-                return Refusal("diverged", f"Site {self.cfg.name}: local training in round {server_round} produced NaN/Inf parameters; no update is sent (lower the learning rate).")
             entry = ledger.LedgerEntry(
                 site=self.cfg.name, dataset=self.data.fingerprint, run_id=run_id, round=server_round,
                 plan_hash=plan_hash(exp), accountant=p.accountant, delta=self.delta, noise_multiplier=sigma, sample_rate=q,
                 steps=t.local_steps, max_grad_norm=p.max_grad_norm, epsilon_run=eps_run, epsilon_total=eps_total,
-                time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), wall_time_s=round(time.perf_counter() - started, 3),
+                time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), wall_time_s=0.0,  # written before training: its duration is not known yet
                 key_id=signing.fingerprint(key.public_key()), prev_hash=ledger.head_hash(entries),
             )
-            ledger.append(self.ledger_path, entry, key)  # durable before the update leaves
+            ledger.append(self.ledger_path, entry, key)  # charged, durably, before training touches any patient's data
+        # Training runs outside the lock. The lock makes "not yet in the ledger, within the caps,
+        # append" one atomic step, and that is all it must cover now that the entry is written
+        # first: a second process of this site sent the same (run, round) waits for the append,
+        # then finds the entry and refuses a replay, so the entry is appended once and the round
+        # trained once. Another run's round, a pre-flight query or `site budget` does not wait for
+        # this training; it accounts after this entry, as it would after a finished round.
+        charged = {M.EPSILON_RUN: eps_run, M.EPSILON_TOTAL: eps_total, M.DELTA: self.delta, M.NOISE_MULTIPLIER: sigma}
+        stats = train_dp(  # an exception here leaves the round charged: over-counting is safe, under-counting is not
+            model, self.train_set, steps=t.local_steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
+            max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device, secure_mode=p.secure_mode, prox_mu=t.prox_mu,
+            grads=t.per_patient_grads,
+        )
+        update = get_arrays(model)
+        if not all(np.isfinite(v).all() for v in update.values()):  # checked before anything leaves
+            log.info("site=%s run=%s round=%d diverged (charged): sigma=%.3f q=%.3f eps_run=%.3f", self.cfg.name, run_id, server_round, sigma, q, eps_run)
+            return Refusal(
+                "diverged", f"Site {self.cfg.name}: local training in round {server_round} produced NaN/Inf parameters; no update is sent (lower the learning rate). "
+                "The round is charged (its ledger entry was written before training) and is not trained again.",
+                metrics=charged, ledger_head=entry.hash,
+            )
         log.info("site=%s run=%s round=%d trained: sigma=%.3f q=%.3f eps_run=%.3f", self.cfg.name, run_id, server_round, sigma, q, eps_run)
-        metrics = {
-            M.NUM_PATIENTS: float(self.train_set.n_patients), **self._train_loss(stats), M.EPSILON_RUN: eps_run,
-            M.EPSILON_TOTAL: eps_total, M.DELTA: self.delta, M.NOISE_MULTIPLIER: sigma,
-        }
+        metrics = {M.NUM_PATIENTS: float(self.train_set.n_patients), **self._train_loss(stats), **charged}
         return TrainResult(update, metrics, entry.hash)
 
     def _train_loss(self, stats: StepStats) -> dict[str, float]:

@@ -427,6 +427,52 @@ def test_fused_clipping_bounds_each_row_in_float32_even_for_bf16_rows() -> None:
         assert float(alone.norm()) <= 0.5 * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_row_holding_nan_or_inf_adds_nothing_and_the_clipped_sum_stays_finite(bad: float) -> None:
+    """One patient's non-finite gradient counts as a zero row: the sum is the other rows' clipped sum, so it cannot decide the step alone."""
+    # Arrange: row 3 (scale 5, over C) gets one non-finite entry in its third parameter
+    _, samples = _grad_samples(8)
+    poisoned = [s.clone() for s in samples]
+    poisoned[2][3, 0, 0] = bad
+    others = [torch.cat([s[:3], s[4:]]) for s in samples]
+    # Act
+    summed, norms = clip_and_sum(poisoned, max_grad_norm=0.5)
+    expected, _ = clip_and_sum(others, max_grad_norm=0.5)
+    # Assert
+    assert torch.isfinite(summed).all()
+    torch.testing.assert_close(summed, expected, rtol=1e-6, atol=1e-7)
+    assert not torch.isfinite(norms[3]) and torch.isfinite(norms[[0, 1, 2, 4, 5, 6, 7]]).all()  # the norms say which rows were dropped
+
+
+@pytest.mark.parametrize("path", ["step_rows", "grad_sample and step", "step_rows in secure mode"])
+def test_a_patient_row_holding_nan_or_inf_leaves_every_dp_step_path_finite(path: str) -> None:
+    """The fused step, Opacus' step through our clip_and_accumulate, and secure mode's fallback all drop a non-finite row (σ = 0: exact comparison)."""
+    # Arrange: row 1 NaN in the first parameter, row 5 +Inf in the scalar parameter
+    params, samples = _grad_samples(8)
+    poisoned = [s.clone() for s in samples]
+    poisoned[0][1, 0, 0, 0] = float("nan")
+    poisoned[3][5] = float("inf")
+    finite_rows = [torch.cat([s[:1], s[2:5], s[6:]]) for s in samples]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+    def optimizer(ps: list[torch.nn.Parameter]) -> CpuNoiseDPOptimizer:
+        return CpuNoiseDPOptimizer(torch.optim.SGD(ps, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=4, secure_mode=path.endswith("secure mode"))
+
+    # Act
+    if path == "grad_sample and step":
+        opt = optimizer(params)
+        for p, s in zip(params, poisoned, strict=True):
+            p.grad_sample = s
+        opt.step()
+    else:
+        optimizer(params).step_rows(poisoned)
+    optimizer(reference).step_rows(finite_rows)
+    # Assert
+    for mine, expected in zip(params, reference, strict=True):
+        assert torch.isfinite(mine).all()
+        torch.testing.assert_close(mine.detach(), expected.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_fused_step_equals_opacus_step_and_noise_has_std_sigma_c() -> None:
     """The whole step (clip, noise, averaging by the expected batch): σ = 0 gives Opacus' update; σ > 0 adds N(0, (σC/B)²) per coordinate."""
     from opacus.optimizers import DPOptimizer

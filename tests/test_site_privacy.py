@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.app import build_client_app
@@ -324,13 +325,135 @@ def test_the_approval_summary_names_the_evaluation_mode() -> None:
     assert dict(summary(replace(exp, federation=replace(exp.federation, fraction_evaluate=0.0))))["evaluation"] == "none (fraction_evaluate 0)"
 
 
-def test_a_diverged_local_model_is_not_sent(site: Site) -> None:
+@pytest.fixture
+def diverging(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Local training that ends with a NaN parameter: the real DP-SGD steps run on the patients' data, then one weight is NaN
+    (``.undo()`` on the returned patch ends it).
+
+    (A plan's learning rate is at most 10 and a patient's non-finite gradient row is dropped, so a finite model hardly
+    diverges by itself: see the overflow test below.)
+    """
+    from client import dp_train
+
+    original = dp_train.train_dp
+
+    def train_then_diverge(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        stats = original(model, *args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")
+        return stats
+
+    monkeypatch.setattr(dp_train, "train_dp", train_then_diverge)
+    return monkeypatch
+
+
+@pytest.mark.usefixtures("diverging")
+def test_a_diverged_round_is_charged_once_refused_with_its_epsilon_and_nothing_is_sent(site: Site) -> None:
+    # Act
+    result = site.train(start_arrays(), run_id="r-div", server_round=1, total_rounds=2)
+    # Assert
+    assert isinstance(result, Refusal) and result.code == "diverged" and "charged" in result.reason
+    (entry,) = ledger.read_entries(site.ledger_path)  # DP-SGD ran on the patients' data: the round is accounted
+    assert (entry.run_id, entry.round) == ("r-div", 1)
+    assert result.metrics == {M.EPSILON_RUN: entry.epsilon_run, M.EPSILON_TOTAL: entry.epsilon_total, M.DELTA: entry.delta, M.NOISE_MULTIPLIER: entry.noise_multiplier}
+    assert result.ledger_head == entry.hash and entry.epsilon_run > 0
+
+
+def test_a_model_that_overflows_on_patient_data_trains_without_those_rows_and_is_charged(site: Site) -> None:
+    """A forward pass that overflows gives NaN gradient rows; they count as zero rows, so the update is finite, sent and charged
+    (kept, they made the clipped sum NaN and the round a 'diverged' refusal decided by those patients' data)."""
+    # Arrange
     site.exp = replace(site.exp, training=replace(site.exp.training, learning_rate=10.0, optimizer="sgd"))
     bad = start_arrays()
     first = next(iter(bad))
-    bad[first] = bad[first] * 1e30  # overflow to inf in the first step
-    result = site.train(bad, run_id="r-div", server_round=1, total_rounds=2)
-    assert isinstance(result, Refusal) and result.code == "diverged"
+    bad[first] = bad[first] * 1e30  # overflows to inf in the forward pass
+    # Act
+    result = site.train(bad, run_id="r-big", server_round=1, total_rounds=2)
+    # Assert
+    assert isinstance(result, TrainResult)
+    assert all(np.isfinite(v).all() for v in result.arrays.values())
+    assert [(e.run_id, e.round) for e in ledger.read_entries(site.ledger_path)] == [("r-big", 1)]
+
+
+def test_a_retried_diverged_round_is_a_replay_that_writes_nothing_and_the_ledger_verifies(site: Site, diverging: pytest.MonkeyPatch) -> None:
+    from client.site import ledger_public_key
+    from shared.privacy.audit import verify_ledger
+
+    # Arrange
+    first = site.train(start_arrays(), run_id="r-div", server_round=1, total_rounds=2)
+    written = site.ledger_path.read_bytes()
+    # Act
+    again = site.train(start_arrays(), run_id="r-div", server_round=1, total_rounds=2)
+    after_replay = site.ledger_path.read_bytes()
+    diverging.undo()  # training recovers: the run's next round trains
+    second = site.train(start_arrays(), run_id="r-div", server_round=2, total_rounds=2)
+    # Assert
+    assert isinstance(first, Refusal) and first.code == "diverged"
+    assert isinstance(again, Refusal) and again.code == "replay"
+    assert again.metrics == first.metrics and again.ledger_head == first.ledger_head
+    assert after_replay == written  # the replay wrote nothing
+    assert isinstance(second, TrainResult)
+    report = verify_ledger(site.ledger_path, ledger_public_key(site.cfg.state_dir))
+    assert report.ok, report.issues
+    assert [(e.run_id, e.round) for e in report.entries] == [("r-div", 1), ("r-div", 2)]
+
+
+def test_the_round_is_in_the_ledger_before_training_touches_patient_data(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    from client import dp_train
+
+    seen: list[list[tuple[str, int]]] = []
+    original = dp_train.train_dp
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append([(e.run_id, e.round) for e in ledger.read_entries(site.ledger_path)])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dp_train, "train_dp", spy)
+    assert isinstance(site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2), TrainResult)
+    assert seen == [[("r1", 1)]]
+
+
+def test_a_round_whose_training_crashes_stays_charged_and_its_retry_is_a_replay(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    from client import dp_train
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    # Arrange
+    monkeypatch.setattr(dp_train, "train_dp", crash)
+    # Act
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
+    monkeypatch.undo()
+    again = site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
+    # Assert
+    assert [(e.run_id, e.round) for e in ledger.read_entries(site.ledger_path)] == [("r1", 1)]
+    assert isinstance(again, Refusal) and again.code == "replay"
+
+
+def test_two_processes_sent_the_same_round_charge_and_train_it_once(site: Site) -> None:
+    """Training runs outside the ledger lock; the lock still makes check-and-append atomic (flock: each open() is its own lock holder, as another process's is)."""
+    import threading
+
+    # Arrange
+    other = Site(site.cfg, site.exp)
+    start = threading.Barrier(2)
+    results: list[TrainResult | Refusal] = []
+
+    def train(s: Site) -> None:
+        start.wait()
+        results.append(s.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2))
+
+    # Act
+    threads = [threading.Thread(target=train, args=(s,)) for s in (site, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Assert
+    assert sorted(type(r).__name__ for r in results) == ["Refusal", "TrainResult"]
+    assert next(r for r in results if isinstance(r, Refusal)).code == "replay"
+    assert [(e.run_id, e.round) for e in ledger.read_entries(site.ledger_path)] == [("r1", 1)]
 
 
 def test_a_plan_whose_epsilon_no_noise_can_reach_is_refused_by_the_named_site_not_crashed(tiny_cohort: Path, tmp_path: Path) -> None:

@@ -4,9 +4,11 @@ One ``round`` entry per (run, round) records the mechanism applied to the datase
 it; ``policy`` entries record a DPO raising or lowering a cap. Each entry carries the SHA-256
 of the previous one and the site key's signature over its own hash, so editing, deleting,
 inserting or reordering entries is detected, and nobody without the site key can forge one.
-A round's entry is written and fsync'd *before* the update leaves the site. A final line
-without its newline that is not a complete entry is a write that crashed before completing:
-the update it describes never left, so readers drop it, and ``fedrelapse audit verify``
+A round's entry is written and fsync'd once the round has passed the site's checks and
+*before* its training touches any patient's data, so a round that then diverges, crashes or is
+killed stays charged (a retry is refused as a replay) and no update can leave uncharged. A
+final line without its newline that is not a complete entry is a write that crashed before
+completing: its round was never trained, so readers drop it, and ``fedrelapse audit verify``
 reports it (cutting a last entry short looks the same). A complete entry is counted whether or
 not its newline is there, and every line must be byte for byte the canonical JSON written here.
 """
@@ -57,7 +59,7 @@ class LedgerEntry:
     cap_run: float | None = None  # policy entries: the per-run cap from now on
     note: str = ""  # policy entries: who changed what and why
     time: str  # ISO 8601, UTC
-    wall_time_s: float = 0.0  # local training time of the round
+    wall_time_s: float = 0.0  # 0.0: the entry is written before the round trains (entries of earlier versions, written after training, hold its seconds)
     key_id: str = ""  # fingerprint of the signing key
     prev_hash: str
 
@@ -212,8 +214,9 @@ def append(path: Path, entry: LedgerEntry, key: Ed25519PrivateKey) -> None:
     """Append one signed entry and fsync file and folder before returning. Call under :func:`locked`.
 
     A partial last line (a write that crashed) is cut off first, so it cannot glue itself to
-    the new entry; its update never left the site, so nothing is under-counted. A complete
-    last entry without its newline gets the newline instead: readers count it.
+    the new entry; its round never trained (the site trains only after the append returns), so
+    nothing is under-counted. A complete last entry without its newline gets the newline
+    instead: readers count it.
     """
     if path.exists() and path.stat().st_size:
         with open(path, "r+b") as fh:
