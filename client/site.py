@@ -11,6 +11,7 @@ import datetime as dt
 import functools
 import hashlib
 import logging
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -222,7 +223,7 @@ class Site:
             "noise_multiplier": sigma, "epsilon_run": eps_run, "epsilon_spent": spent, "epsilon_after": after,
             "epsilon_remaining": max(0.0, cap_total - spent), "delta": self.delta, "code": "ok", "reason": "",
         }
-        refusal = self._check(sigma=sigma, eps_run=eps_run, eps_total=after, cap_total=cap_total, cap_run=cap_run, what="this run")
+        refusal = self._weight_refusal() or self._check(sigma=sigma, eps_run=eps_run, eps_total=after, cap_total=cap_total, cap_run=cap_run, what="this run")
         if refusal:
             out.update(code=refusal.code, reason=refusal.reason)
         return out
@@ -236,6 +237,20 @@ class Site:
         if eps_total > cap_total * 1.001:
             return Refusal("budget", f"Site {name}: {what} would bring this dataset to ε={eps_total:.2f} over all runs, above the all-time cap {cap_total:g} at δ={self.delta:g}; refused.")
         return None
+
+    def _weight_refusal(self) -> Refusal | None:
+        """A refusal when this site's update weight (its training patients) exceeds the plan's
+        ``federation.secure_aggregation.max_weight``: the coordinator rejects such an update in
+        plain rounds and SecAgg+ cannot sum it, so the round would be charged for nothing.
+        The reason names the cap, not the count."""
+        cap = self.exp.federation.secure_aggregation.max_weight
+        if self.train_set.n_patients <= cap:
+            return None
+        log.info("site=%s has %d training patients, above max_weight %g", self.cfg.name, self.train_set.n_patients, cap)
+        return Refusal(
+            "max-weight", f"Site {self.cfg.name} has more training patients than the plan's `federation.secure_aggregation.max_weight` ({cap:g}), "
+            "the largest update weight the coordinator accepts; ask the researcher to raise it. Nothing was trained or charged.",
+        )
 
     def _public_key(self) -> Ed25519PublicKey | None:
         return ledger_public_key(self.cfg.state_dir)
@@ -257,6 +272,9 @@ class Site:
         if self.train_set.n_patients < self.k:
             log.info("site=%s refuses to train: %d training patients, fewer than k=%d", self.cfg.name, self.train_set.n_patients, self.k)
             return Refusal("no-data", f"Site {self.cfg.name} has fewer than k={self.k} training patients (the count stays at the site: its log has it).")
+        too_many = self._weight_refusal()
+        if too_many:  # before anything is charged: the coordinator (and SecAgg+) would reject the update
+            return too_many
         model = build_model(exp).to(self.device)
         set_arrays(model, arrays)
         gen = torch.Generator().manual_seed(_round_seed(_site_secret(self.cfg.state_dir), run_id, server_round))
@@ -333,6 +351,9 @@ class Site:
             return {}
         if stats.patients < self.k:
             log.info("site=%s train loss over %d patients (< k=%d) not sent", self.cfg.name, stats.patients, self.k)
+            return {}
+        if not math.isfinite(stats.mean_loss):  # the coordinator would reject the whole reply; the update still goes
+            log.warning("site=%s train loss is %s; not sent", self.cfg.name, stats.mean_loss)
             return {}
         return {M.TRAIN_LOSS: stats.mean_loss}
 

@@ -199,6 +199,25 @@ def test_an_evaluate_message_in_a_run_the_site_never_trained_in_is_refused(tiny_
     assert P.METRICS not in reply.content
 
 
+def test_a_site_above_the_plans_max_weight_refuses_before_anything_is_charged(site: Site) -> None:
+    """The coordinator rejects an update weighing more than max_weight (and SecAgg+ cannot sum it):
+    training it anyway would spend the round's ε on an update nobody uses."""
+    fed = site.exp.federation
+    site.exp = replace(site.exp, federation=replace(fed, secure_aggregation=replace(fed.secure_aggregation, max_weight=site.train_set.n_patients - 1)))
+    refused = site.train(start_arrays(), run_id="r1", server_round=1, total_rounds=2)
+    assert isinstance(refused, Refusal) and refused.code == "max-weight" and str(site.train_set.n_patients) not in refused.reason
+    assert not site.ledger_path.exists() or not ledger.read_entries(site.ledger_path)
+    assert site.plan(run_id="r1", total_rounds=2)["code"] == "max-weight"
+
+
+def test_a_non_finite_train_loss_is_not_sent_and_the_update_still_is(site: Site) -> None:
+    from client.dp_train import StepStats
+
+    _with_k(site, 1)
+    assert site._train_loss(StepStats(steps=2, mean_loss=float("nan"), mean_batch=3.0, patients=5)) == {}
+    assert site._train_loss(StepStats(steps=2, mean_loss=0.4, mean_batch=3.0, patients=5)) == {M.TRAIN_LOSS: 0.4}
+
+
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: Flower stamps new messages with a task identity
 
 
