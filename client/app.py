@@ -126,7 +126,7 @@ class Request:
     total_rounds: int
     plan_yaml: str
     arrays: OrderedDict[str, np.ndarray]  # the global model, unpacked (empty for the pre-flight query, and until the plan is read)
-    packed: ArrayRecord | None = None  # the global model as it came (one float32 vector); unpacked once the plan's model is known
+    packed: ArrayRecord | list[np.ndarray] | None = None  # the global model as it came (one float32 vector: a record, or SecAgg+'s fitins list); unpacked once the plan's model is known
     evaluate_first: bool = False  # evaluate the received model before training and send the evaluation with the reply (with-next-round)
 
 
@@ -228,29 +228,32 @@ def parse_plan(plan_yaml: str) -> ExperimentConfig:
     return experiment_from_yaml_text(plan_yaml, source="training plan from the coordinator")
 
 
-def _plan(site_cfg: SiteConfig, req: Request) -> tuple[ExperimentConfig, Site] | Refusal:
-    """The plan and this site's data for it; an ``invalid`` refusal if either cannot be used.
+def _plan(site_cfg: SiteConfig, req: Request) -> ExperimentConfig | Refusal:
+    """The coordinator's plan, or an ``invalid`` refusal sent as it is (the coordinator's own text).
 
-    A problem with the coordinator's plan is sent as it is (it is the coordinator's own text);
-    a problem with the site's data (its manifest, recordings, paths) is logged here and only
-    its class and a log reference are sent: its message may name patients or local files.
+    Parsing is cheap and touches no data: every check of the plan against the site's policy
+    runs on its result before :func:`_site_data` loads anything.
     """
     try:
-        exp = parse_plan(req.plan_yaml)
+        return parse_plan(req.plan_yaml)
     except FedrelapseError as exc:
         return Refusal("invalid", f"Site {site_cfg.name}: {exc}")
+
+
+def _site_data(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site | Refusal:
+    """This site's data prepared for the plan (features extracted, language model loaded), or an
+    ``invalid`` refusal. A problem with the site's data (its manifest, recordings, paths) is
+    logged here and only its class and a log reference are sent: its message may name
+    patients or local files."""
     try:
-        return exp, site_for(site_cfg, exp)
+        return site_for(site_cfg, exp)
     except FedrelapseError as exc:
         return Refusal("invalid", withheld(exc, site=site_cfg.name, doing="loading its data for this plan") + " `fedrelapse site check` shows the problem too.")
 
 
-def _check(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, secure: bool, needs_round: bool) -> Refusal | tuple[Request, Site]:
-    """The site's own checks of a plan and model, the same for plain and SecAgg+ messages."""
-    planned = _plan(site_cfg, req)
-    if isinstance(planned, Refusal):
-        return planned
-    exp, site = planned
+def _refused_by_policy(site_cfg: SiteConfig, exp: ExperimentConfig, *, kind: str, secure: bool) -> Refusal | None:
+    """Whether the site's own policy allows this plan (approval, secure aggregation): read from
+    site.yaml and the approvals file only, so a plan it refuses costs no data work."""
     if site_cfg.require_approved_plans and not is_approved(site_cfg, exp):
         return Refusal("unapproved-plan", f"Site {site_cfg.name} has not approved plan {exp.plan_hash()[:16]} ({exp.name}); its IT must run `fedrelapse site approve` first.")
     if site_cfg.policy.require_secure_aggregation:
@@ -258,6 +261,24 @@ def _check(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, 
             return Refusal("no-secagg", f"Site {site_cfg.name} sends updates only under secure aggregation (policy require_secure_aggregation); the plan has federation.secure_aggregation.enabled = false.")
         if kind == MessageType.TRAIN and not secure:
             return Refusal("no-secagg", f"Site {site_cfg.name} sends updates only under secure aggregation (policy require_secure_aggregation); this round was not a SecAgg+ round.")
+    return None
+
+
+def _check(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, secure: bool, needs_round: bool) -> Refusal | tuple[Request, Site]:
+    """The site's own checks of a plan and model, the same for plain and SecAgg+ messages.
+
+    Order matters for cost: the plan is parsed and held against the site's policy before any
+    data work (feature extraction, loading a language model the plan names), so a plan the
+    site refuses costs it milliseconds, not a feature cache."""
+    exp = _plan(site_cfg, req)
+    if isinstance(exp, Refusal):
+        return exp
+    refusal = _refused_by_policy(site_cfg, exp, kind=kind, secure=secure)
+    if refusal:
+        return refusal
+    site = _site_data(site_cfg, exp)
+    if isinstance(site, Refusal):
+        return site
     if needs_round:
         if req.packed is not None:
             arrays = unpack_model(site_cfg.name, req.packed, model_shapes(exp), req.server_round)
@@ -412,14 +433,7 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     req = request_from(cfg, OrderedDict(), site_cfg.name, needs_round=True)
     if isinstance(req, Refusal):
         return refuse(req)
-    planned = _plan(site_cfg, req)
-    if isinstance(planned, Refusal):
-        return refuse(planned)
-    layout = model_shapes(planned[0])
-    arrays = unpack_model(site_cfg.name, incoming, layout, req.server_round)
-    if isinstance(arrays, Refusal):
-        return refuse(arrays)
-    checked = _check(site_cfg, cfg, replace(req, arrays=arrays), kind=MessageType.TRAIN, secure=True, needs_round=True)
+    checked = _check(site_cfg, cfg, replace(req, packed=incoming), kind=MessageType.TRAIN, secure=True, needs_round=True)
     if isinstance(checked, Refusal):
         return refuse(checked)
     req, site = checked
@@ -427,7 +441,7 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     result, started = _train(site_cfg.name, site, req, faults)
     if isinstance(result, Refusal):
         return refuse(result, evaluation)
-    update = [flatten(result.arrays, layout)]  # one (N,) float32 vector, the global model's layout
+    update = [flatten(result.arrays, model_shapes(site.exp))]  # one (N,) float32 vector, the global model's layout
     weight = result.metrics[M.NUM_PATIENTS]
     problem = check_secure_update(update, incoming, weight, site.exp.federation.secure_aggregation)
     if problem:
