@@ -264,16 +264,37 @@ def _refused_by_policy(site_cfg: SiteConfig, exp: ExperimentConfig, *, kind: str
     return None
 
 
+def _mismatch(site_name: str, what: str) -> Refusal:
+    return Refusal("plan-mismatch", f"Site {site_name}: {what}; the site follows the plan it was sent, so nothing was trained or charged.")
+
+
+def _rounds_mismatch(site_name: str, exp: ExperimentConfig, req: Request) -> Refusal | None:
+    """Refuse a message whose round count is not the plan's.
+
+    The site calibrates σ for ``total-rounds`` × ``training.local_steps`` steps, so a smaller
+    count would train this round with less noise than the approved plan, and a larger one would
+    let the coordinator train (and charge) rounds beyond it; a huge one made the pre-flight's σ
+    search take minutes. The plan's ``federation.rounds`` is the only count the site uses.
+    """
+    rounds = exp.federation.rounds
+    if req.total_rounds != rounds:
+        return _mismatch(site_name, f"the coordinator's message says {P.CONFIG}[{P.TOTAL_ROUNDS!r}] = {req.total_rounds}, but the plan has `federation.rounds` = {rounds}")
+    if req.server_round > rounds:  # request_from bounds it by total-rounds already; the plan is the bound that counts
+        return _mismatch(site_name, f"round {req.server_round} lies beyond the plan's `federation.rounds` = {rounds}")
+    return None
+
+
 def _check(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, secure: bool, needs_round: bool) -> Refusal | tuple[Request, Site]:
     """The site's own checks of a plan and model, the same for plain and SecAgg+ messages.
 
-    Order matters for cost: the plan is parsed and held against the site's policy before any
-    data work (feature extraction, loading a language model the plan names), so a plan the
-    site refuses costs it milliseconds, not a feature cache."""
+    Order matters for cost: the plan is parsed and held against the site's policy, and the
+    message against the plan (its round count), before any data work (feature extraction,
+    loading a language model the plan names) or σ search, so a plan or message the site
+    refuses costs it milliseconds, not a feature cache."""
     exp = _plan(site_cfg, req)
     if isinstance(exp, Refusal):
         return exp
-    refusal = _refused_by_policy(site_cfg, exp, kind=kind, secure=secure)
+    refusal = _refused_by_policy(site_cfg, exp, kind=kind, secure=secure) or _rounds_mismatch(site_cfg.name, exp, req)
     if refusal:
         return refusal
     site = _site_data(site_cfg, exp)

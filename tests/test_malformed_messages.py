@@ -40,6 +40,10 @@ def message(case: str) -> Message:
         cfg[P.SERVER_ROUND] = "one"
     elif case == "round-beyond-total":
         cfg[P.SERVER_ROUND] = 3
+    elif case == "total-below-plan":  # σ would be calibrated for 1 round: less noise than the approved plan's
+        cfg[P.TOTAL_ROUNDS] = 1
+    elif case == "rounds-beyond-plan":  # rounds 3..50 of a 2-round plan would be trained and charged
+        cfg[P.TOTAL_ROUNDS], cfg[P.SERVER_ROUND] = 50, 3
     elif case == "no-plan":
         del cfg[P.PLAN_YAML]
     elif case == "plan-not-yaml":
@@ -65,6 +69,8 @@ def message(case: str) -> Message:
     ("config-as-metrics", "malformed", "no 'config' config record"),
     ("round-is-text", "malformed", "'server-round'] must be a whole number from 1 to 2, got 'one'"),
     ("round-beyond-total", "malformed", "from 1 to 2, got 3"),
+    ("total-below-plan", "plan-mismatch", "config['total-rounds'] = 1, but the plan has `federation.rounds` = 2"),
+    ("rounds-beyond-plan", "plan-mismatch", "config['total-rounds'] = 50, but the plan has `federation.rounds` = 2"),
     ("no-plan", "malformed", "'plan-yaml'] must be a non-empty string"),
     ("plan-not-yaml", "invalid", "is not valid YAML"),
     ("no-model", "malformed", "no 'arrays' array record"),
@@ -80,4 +86,28 @@ def test_a_malformed_request_is_refused_with_a_reason_and_nothing_is_charged(tin
     assert info[P.REFUSAL_CODE] == code, info[P.REFUSAL_REASON]
     assert why in str(info[P.REFUSAL_REASON])
     assert P.ARRAYS not in reply.content
+    assert not (tmp_path / "state" / "ledger" / "privacy-ledger.jsonl").exists()
+
+
+@pytest.mark.parametrize("kind", ["query", "train", "evaluate"])
+def test_a_round_count_other_than_the_plans_is_refused_before_any_sigma_search(tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """total-rounds = 100000 under a PRV plan kept a site busy for a minute and GBs in its σ
+    search; the plan's federation.rounds is the only round count the site may use."""
+    from dataclasses import replace
+
+    from client import site as site_module
+
+    searched: list[int] = []
+    monkeypatch.setattr(site_module, "calibrated_sigma", lambda *a, **k: searched.append(k.get("steps", 0)) or 1.0)
+    exp = tiny_experiment()
+    plan = replace(exp, privacy=replace(exp.privacy, accountant="prv")).to_yaml()
+    msg = message("ok")
+    msg.content[P.CONFIG][P.PLAN_YAML] = plan
+    msg.content[P.CONFIG][P.TOTAL_ROUNDS] = 100_000
+    reply = build_client_app()(Message(content=msg.content, dst_node_id=1, message_type=kind), context(tiny_cohort, tmp_path))
+    info = reply.content[P.SITE]
+    assert info[P.REFUSAL_CODE] == "plan-mismatch", info[P.REFUSAL_REASON]
+    assert "100000" in str(info[P.REFUSAL_REASON]) and "`federation.rounds` = 2" in str(info[P.REFUSAL_REASON])
+    assert searched == []
+    assert P.ARRAYS not in reply.content and P.METRICS not in reply.content
     assert not (tmp_path / "state" / "ledger" / "privacy-ledger.jsonl").exists()
