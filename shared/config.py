@@ -248,7 +248,9 @@ class ExperimentConfig:
     """A whole federated experiment, as the researcher writes it."""
 
     name: str = spec(doc="Experiment name, used in run ids and reports.")
-    seed: int = spec(0, doc="Seed for model initialisation, splits and sampling.")
+    seed: int = spec(
+        0, doc="Seed for model initialisation, splits and sampling; a whole number from 0 to 2**63 - 1 (the range every seeded generator accepts alike).", ge=0, le=2**63 - 1
+    )
     federation: FederationConfig = spec(FederationConfig(), doc="Rounds and sampling.")
     privacy: PrivacyConfig = spec(PrivacyConfig(), doc="Patient-level DP.")
     training: TrainingConfig = spec(TrainingConfig(), doc="Local training.")

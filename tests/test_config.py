@@ -40,6 +40,8 @@ def test_shipped_configs_validate() -> None:
         ("name: x\nprivacy:\n  target_epsilon: 3\nseed: 1\nprivacy:\n  enabled: true\n",
          r"exp.yaml: key 'privacy' appears twice in the same section \(lines 2 and 5\); YAML would silently keep only the second"),
         ("name: x\nfederation:\n  rounds: 3\n  rounds: 30\n", r"exp.yaml: key 'rounds' appears twice in the same section \(lines 3 and 4\)"),
+        ("name: x\nseed: 18446744073709551616\n", r"exp.yaml: `seed` is 18446744073709551616; it must be <= 9223372036854775807"),  # torch refused it at every round
+        ("name: x\nseed: -1\n", r"exp.yaml: `seed` is -1; it must be >= 0"),  # torch reads -1 as 2**64 - 1
     ],
 )
 def test_bad_experiment_yaml_is_a_clear_config_error(tmp_path: Path, text: str, message: str) -> None:
@@ -93,3 +95,11 @@ def test_a_target_delta_of_0_01_or_more_gets_one_bound_and_one_message(tmp_path:
     path = write(tmp_path, f"name: x\nprivacy: {{target_delta: {delta}}}\n")
     with pytest.raises(ConfigError, match=rf"exp.yaml: `privacy.target_delta` is {float(delta)!r}; it must be < 0.01\.$"):
         load_experiment(path)
+
+
+def test_the_largest_seed_a_plan_accepts_seeds_the_model(tmp_path: Path) -> None:
+    from shared.models import build_model
+
+    exp = load_experiment(write(tmp_path, f"name: x\nseed: {2**63 - 1}\n"))
+    assert exp.seed == 2**63 - 1
+    build_model(exp)  # torch.manual_seed accepts it

@@ -48,6 +48,8 @@ def message(case: str) -> Message:
         del cfg[P.PLAN_YAML]
     elif case == "plan-not-yaml":
         cfg[P.PLAN_YAML] = "name: [unclosed"
+    elif case == "seed-beyond-torch":  # it passed the pre-flight, then every train and evaluate failed
+        cfg[P.PLAN_YAML] = tiny_experiment().to_yaml().replace("seed: 0", f"seed: {2**64}")
     elif case == "no-model":
         del content[P.ARRAYS]
     elif case == "wrong-length":
@@ -73,6 +75,7 @@ def message(case: str) -> Message:
     ("rounds-beyond-plan", "plan-mismatch", "config['total-rounds'] = 50, but the plan has `federation.rounds` = 2"),
     ("no-plan", "malformed", "'plan-yaml'] must be a non-empty string"),
     ("plan-not-yaml", "invalid", "is not valid YAML"),
+    ("seed-beyond-torch", "invalid", "training plan from the coordinator: `seed` is 18446744073709551616; it must be <= 9223372036854775807."),
     ("no-model", "malformed", "no 'arrays' array record"),
     ("wrong-length", "invalid-model", f"The global model of round 1 holds {N_VALUES - 5} values; the plan's model has {N_VALUES}."),
     ("float64-model", "malformed", "The global model of round 1 is a float64 array of shape"),
