@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
 
 from client import site as site_module
@@ -218,7 +218,7 @@ def _setup(msg: Message, context: Context, sim_sites: tuple[str, ...], *, needs_
     if isinstance(req, Refusal):
         return site_cfg, req
     cfg = msg.content.config_records[P.CONFIG]
-    return site_cfg, _check(site_cfg, cfg, req, kind=msg.metadata.message_type, secure=False, needs_round=needs_round)
+    return site_cfg, _check(site_cfg, cfg, req, kind=msg.metadata.message_type, secagg_setup=None, needs_round=needs_round)
 
 
 @functools.lru_cache(maxsize=8)
@@ -284,17 +284,49 @@ def _rounds_mismatch(site_name: str, exp: ExperimentConfig, req: Request) -> Ref
     return None
 
 
-def _check(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, secure: bool, needs_round: bool) -> Refusal | tuple[Request, Site]:
-    """The site's own checks of a plan and model, the same for plain and SecAgg+ messages.
+# The SecAgg+ setup values a site holds against its plan: Flower's key, the plan's field.
+# server.secure_round passes these plan fields to SecAggPlusWorkflow unchanged, and Flower sends
+# them to the sites as they are for the plans shared.config admits (an odd integer num_shares
+# >= 3, an integer threshold >= 2 below it; a float or a threshold of 1 would be scaled by the
+# number of sites, and an even num_shares widened). The modulus is not a plan setting.
+_SECAGG_SETUP_FIELDS = (
+    (Key.SHARE_NUMBER, "num_shares"), (Key.THRESHOLD, "reconstruction_threshold"), (Key.CLIPPING_RANGE, "clipping_range"),
+    (Key.TARGET_RANGE, "quantization_range"), (Key.MAX_WEIGHT, "max_weight"),
+)
+
+
+def _secagg_mismatch(site_name: str, exp: ExperimentConfig, setup: ConfigRecord) -> Refusal | None:
+    """Refuse a SecAgg+ round whose setup values (kept by Flower's mod, see
+    :func:`secure_aggregation_mod`) are not the plan's: with a threshold of 1 the coordinator
+    and any one neighbour could unmask this site's update; a larger clipping range or maximum
+    weight would change how it is quantised."""
+    sa = exp.federation.secure_aggregation
+    if not sa.enabled:
+        return _mismatch(site_name, "this round is a SecAgg+ round, but the plan has `federation.secure_aggregation.enabled` = false")
+    for key, name in _SECAGG_SETUP_FIELDS:
+        sent, planned = setup.get(key), getattr(sa, name)
+        if isinstance(sent, bool) or not isinstance(sent, (int, float)) or sent != planned:
+            return _mismatch(site_name, f"the coordinator's SecAgg+ setup has {key} = {sent!r}, but the plan's `federation.secure_aggregation.{name}` is {planned!r}")
+    return None
+
+
+def _check(
+    site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, secagg_setup: ConfigRecord | None, needs_round: bool,
+) -> Refusal | tuple[Request, Site]:
+    """The site's own checks of a plan and model, the same for plain and SecAgg+ messages;
+    ``secagg_setup`` is a SecAgg+ round's setup state (None: a plain message).
 
     Order matters for cost: the plan is parsed and held against the site's policy, and the
-    message against the plan (its round count), before any data work (feature extraction,
-    loading a language model the plan names) or σ search, so a plan or message the site
-    refuses costs it milliseconds, not a feature cache."""
+    message against the plan (its round count, a SecAgg+ round's setup values), before any
+    data work (feature extraction, loading a language model the plan names) or σ search, so
+    a plan or message the site refuses costs it milliseconds, not a feature cache."""
     exp = _plan(site_cfg, req)
     if isinstance(exp, Refusal):
         return exp
-    refusal = _refused_by_policy(site_cfg, exp, kind=kind, secure=secure) or _rounds_mismatch(site_cfg.name, exp, req)
+    refusal = (
+        _refused_by_policy(site_cfg, exp, kind=kind, secure=secagg_setup is not None) or _rounds_mismatch(site_cfg.name, exp, req)
+        or (_secagg_mismatch(site_cfg.name, exp, secagg_setup) if secagg_setup is not None else None)
+    )
     if refusal:
         return refusal
     site = _site_data(site_cfg, exp)
@@ -356,6 +388,16 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     Every message carrying the SecAgg+ record goes through the mod, which replaces the
     update by its masked vector before the reply leaves; so the train handler's SecAgg+
     path (which answers in the legacy ``fitres`` form) can never send an unmasked update.
+
+    The SETUP stage's values (share_num, threshold, clipping_range, target_range, max_weight)
+    are held against the plan, but not here: that stage carries only them, no plan, run id or
+    round (the plan first arrives with the masked-vector stage's ``fitins.config``). The mod
+    keeps them in ``context.state`` (``RECORD_KEY_STATE``) and :func:`_secure_train` compares
+    them with the plan it then receives, before it trains (``plan-mismatch``). Refusing there
+    is as safe as refusing at SETUP: a refusing site masks a zero vector with weight 0, so
+    whatever threshold its secrets were shared with, unmasking it reveals nothing; and unlike
+    an error at SETUP (which the coordinator sees only as a dropout), the refusal reaches the
+    researcher with its reason.
     """
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, call_next)
@@ -454,7 +496,8 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     req = request_from(cfg, OrderedDict(), site_cfg.name, needs_round=True)
     if isinstance(req, Refusal):
         return refuse(req)
-    checked = _check(site_cfg, cfg, replace(req, packed=incoming), kind=MessageType.TRAIN, secure=True, needs_round=True)
+    setup = context.state.config_records.get(RECORD_KEY_STATE, ConfigRecord())  # this round's SETUP values, kept by Flower's mod
+    checked = _check(site_cfg, cfg, replace(req, packed=incoming), kind=MessageType.TRAIN, secagg_setup=setup, needs_round=True)
     if isinstance(checked, Refusal):
         return refuse(checked)
     req, site = checked
