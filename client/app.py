@@ -161,6 +161,9 @@ def request_from(cfg: ConfigRecord, arrays: OrderedDict[str, np.ndarray], site_n
     for key in (P.RUN_ID, P.PLAN_YAML):
         if not isinstance(cfg.get(key), str) or not cfg[key]:
             return _malformed(site_name, f"{P.CONFIG}[{key!r}] must be a non-empty string, got {type(cfg.get(key)).__name__}")
+    run_id_problem = P.run_id_problem(str(cfg[P.RUN_ID]))  # it goes into every ledger entry and log line of the run
+    if run_id_problem is not None:
+        return _malformed(site_name, f"{P.CONFIG}[{P.RUN_ID!r}] {run_id_problem}")
     total = cfg.get(P.TOTAL_ROUNDS)
     if not _is_int(total) or total < 1:
         return _malformed(site_name, f"{P.CONFIG}[{P.TOTAL_ROUNDS!r}] must be a whole number >= 1, got {total!r}")

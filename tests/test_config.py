@@ -42,6 +42,8 @@ def test_shipped_configs_validate() -> None:
         ("name: x\nfederation:\n  rounds: 3\n  rounds: 30\n", r"exp.yaml: key 'rounds' appears twice in the same section \(lines 3 and 4\)"),
         ("name: x\nseed: 18446744073709551616\n", r"exp.yaml: `seed` is 18446744073709551616; it must be <= 9223372036854775807"),  # torch refused it at every round
         ("name: x\nseed: -1\n", r"exp.yaml: `seed` is -1; it must be >= 0"),  # torch reads -1 as 2**64 - 1
+        ("name: " + "n" * 101 + "\n", r"exp.yaml: `name` is 101 characters long; it must be at most 100 printable characters, because it starts every run id"),
+        ('name: "relapse\\nstudy"\n', r"exp.yaml: `name` holds a control or line-break character; it must be at most 100 printable characters"),
     ],
 )
 def test_bad_experiment_yaml_is_a_clear_config_error(tmp_path: Path, text: str, message: str) -> None:

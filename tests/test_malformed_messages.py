@@ -3,6 +3,7 @@ traceback, and nothing is trained or charged."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,14 @@ def message(case: str) -> Message:
         del cfg[P.PLAN_YAML]
     elif case == "plan-not-yaml":
         cfg[P.PLAN_YAML] = "name: [unclosed"
+    elif case == "run-id-5MB":  # it became a 5 MB line of the site's signed ledger
+        cfg[P.RUN_ID] = "x" * 5_000_000
+    elif case == "run-id-129":
+        cfg[P.RUN_ID] = "r" * 129
+    elif case == "run-id-newline":  # a forged log line after it
+        cfg[P.RUN_ID] = 'a"\n{"kind":"policy"}'
+    elif case == "run-id-rtl-override":  # reverses how the rest of a log line reads
+        cfg[P.RUN_ID] = "run-\u202e1-dliab"
     elif case == "seed-beyond-torch":  # it passed the pre-flight, then every train and evaluate failed
         cfg[P.PLAN_YAML] = tiny_experiment().to_yaml().replace("seed: 0", f"seed: {2**64}")
     elif case == "no-model":
@@ -74,6 +83,10 @@ def message(case: str) -> Message:
     ("total-below-plan", "plan-mismatch", "config['total-rounds'] = 1, but the plan has `federation.rounds` = 2"),
     ("rounds-beyond-plan", "plan-mismatch", "config['total-rounds'] = 50, but the plan has `federation.rounds` = 2"),
     ("no-plan", "malformed", "'plan-yaml'] must be a non-empty string"),
+    ("run-id-5MB", "malformed", "config['run-id'] is 5000000 characters long; at most 128 are allowed; nothing was trained or charged."),
+    ("run-id-129", "malformed", "config['run-id'] is 129 characters long; at most 128 are allowed"),
+    ("run-id-newline", "malformed", "config['run-id'] holds the non-printable character U+000A at position 3; only printable characters are allowed"),
+    ("run-id-rtl-override", "malformed", "config['run-id'] holds the non-printable character U+202E at position 5"),
     ("plan-not-yaml", "invalid", "is not valid YAML"),
     ("seed-beyond-torch", "invalid", "training plan from the coordinator: `seed` is 18446744073709551616; it must be <= 9223372036854775807."),
     ("no-model", "malformed", "no 'arrays' array record"),
@@ -114,3 +127,30 @@ def test_a_round_count_other_than_the_plans_is_refused_before_any_sigma_search(t
     assert searched == []
     assert P.ARRAYS not in reply.content and P.METRICS not in reply.content
     assert not (tmp_path / "state" / "ledger" / "privacy-ledger.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["relapse-demo", "Bærum – relapse study (pilot 2)", "n" * 100])
+def test_every_run_id_the_coordinator_makes_is_one_sites_accept(name: str) -> None:
+    """Run ids are "<experiment name>-<UTC time>" (benchmarks add a suffix to the name); an
+    experiment name the plan accepts (at most 100 printable characters) always makes one."""
+    from dataclasses import replace
+
+    from client.app import Request, request_from
+    from server.app import check_run_id, new_run_id
+    from shared.config import experiment_from_yaml_text
+
+    exp = experiment_from_yaml_text(replace(tiny_experiment(), name=name).to_yaml(), source="plan")
+    for run_id in (new_run_id(exp.name), new_run_id(f"{exp.name}-bench-nodp")):
+        cfg = ConfigRecord({P.RUN_ID: run_id, P.SERVER_ROUND: 1, P.TOTAL_ROUNDS: 2, P.PLAN_YAML: exp.to_yaml()})
+        assert isinstance(request_from(cfg, OrderedDict(), "alpha", needs_round=True), Request), run_id
+        assert check_run_id(run_id) == run_id
+
+
+def test_a_run_id_sites_would_refuse_stops_the_coordinator_before_any_site_is_asked() -> None:
+    from server.app import check_run_id
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"The run id \(run config `run-id`, or the experiment `name` plus the time\) is 129 characters long; at most 128 are allowed; every site would refuse it"):
+        check_run_id("r" * 129)
+    with pytest.raises(ConfigError, match="non-printable character U\\+000A"):
+        check_run_id("run\n1")
