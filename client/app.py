@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.constant import ErrorCode
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
 
 from client import site as site_module
@@ -128,7 +128,7 @@ class Request:
     total_rounds: int
     plan_yaml: str
     arrays: OrderedDict[str, np.ndarray]  # the global model, unpacked (empty for the pre-flight query, and until the plan is read)
-    packed: ArrayRecord | None = None  # the global model as it came (one float32 vector); unpacked once the plan's model is known
+    packed: ArrayRecord | list[np.ndarray] | None = None  # the global model as it came (one float32 vector: a record, or SecAgg+'s fitins list); unpacked once the plan's model is known
     evaluate_first: bool = False  # evaluate the received model and send the evaluation with the train reply (with-next-round)
 
 
@@ -163,6 +163,9 @@ def request_from(cfg: ConfigRecord, arrays: OrderedDict[str, np.ndarray], site_n
     for key in (P.RUN_ID, P.PLAN_YAML):
         if not isinstance(cfg.get(key), str) or not cfg[key]:
             return _malformed(site_name, f"{P.CONFIG}[{key!r}] must be a non-empty string, got {type(cfg.get(key)).__name__}")
+    run_id_problem = P.run_id_problem(str(cfg[P.RUN_ID]))  # it goes into every ledger entry and log line of the run
+    if run_id_problem is not None:
+        return _malformed(site_name, f"{P.CONFIG}[{P.RUN_ID!r}] {run_id_problem}")
     total = cfg.get(P.TOTAL_ROUNDS)
     if not _is_int(total) or total < 1:
         return _malformed(site_name, f"{P.CONFIG}[{P.TOTAL_ROUNDS!r}] must be a whole number >= 1, got {total!r}")
@@ -220,7 +223,7 @@ def _setup(msg: Message, context: Context, sim_sites: tuple[str, ...], *, needs_
     if isinstance(req, Refusal):
         return site_cfg, req
     cfg = msg.content.config_records[P.CONFIG]
-    return site_cfg, _check(site_cfg, cfg, req, kind=msg.metadata.message_type, secure=False, needs_round=needs_round)
+    return site_cfg, _check(site_cfg, cfg, req, kind=msg.metadata.message_type, secagg_setup=None, needs_round=needs_round)
 
 
 @functools.lru_cache(maxsize=8)
@@ -230,29 +233,32 @@ def parse_plan(plan_yaml: str) -> ExperimentConfig:
     return experiment_from_yaml_text(plan_yaml, source="training plan from the coordinator")
 
 
-def _plan(site_cfg: SiteConfig, req: Request) -> tuple[ExperimentConfig, Site] | Refusal:
-    """The plan and this site's data for it; an ``invalid`` refusal if either cannot be used.
+def _plan(site_cfg: SiteConfig, req: Request) -> ExperimentConfig | Refusal:
+    """The coordinator's plan, or an ``invalid`` refusal sent as it is (the coordinator's own text).
 
-    A problem with the coordinator's plan is sent as it is (it is the coordinator's own text);
-    a problem with the site's data (its manifest, recordings, paths) is logged here and only
-    its class and a log reference are sent: its message may name patients or local files.
+    Parsing is cheap and touches no data: every check of the plan against the site's policy
+    runs on its result before :func:`_site_data` loads anything.
     """
     try:
-        exp = parse_plan(req.plan_yaml)
+        return parse_plan(req.plan_yaml)
     except FedrelapseError as exc:
         return Refusal("invalid", f"Site {site_cfg.name}: {exc}")
+
+
+def _site_data(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site | Refusal:
+    """This site's data prepared for the plan (features extracted, language model loaded), or an
+    ``invalid`` refusal. A problem with the site's data (its manifest, recordings, paths) is
+    logged here and only its class and a log reference are sent: its message may name
+    patients or local files."""
     try:
-        return exp, site_for(site_cfg, exp)
+        return site_for(site_cfg, exp)
     except FedrelapseError as exc:
         return Refusal("invalid", withheld(exc, site=site_cfg.name, doing="loading its data for this plan") + " `fedrelapse site check` shows the problem too.")
 
 
-def _check(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, secure: bool, needs_round: bool) -> Refusal | tuple[Request, Site]:
-    """The site's own checks of a plan and model, the same for plain and SecAgg+ messages."""
-    planned = _plan(site_cfg, req)
-    if isinstance(planned, Refusal):
-        return planned
-    exp, site = planned
+def _refused_by_policy(site_cfg: SiteConfig, exp: ExperimentConfig, *, kind: str, secure: bool) -> Refusal | None:
+    """Whether the site's own policy allows this plan (approval, secure aggregation): read from
+    site.yaml and the approvals file only, so a plan it refuses costs no data work."""
     if site_cfg.require_approved_plans and not is_approved(site_cfg, exp):
         return Refusal("unapproved-plan", f"Site {site_cfg.name} has not approved plan {exp.plan_hash()[:16]} ({exp.name}); its IT must run `fedrelapse site approve` first.")
     if site_cfg.policy.require_secure_aggregation:
@@ -260,6 +266,77 @@ def _check(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, 
             return Refusal("no-secagg", f"Site {site_cfg.name} sends updates only under secure aggregation (policy require_secure_aggregation); the plan has federation.secure_aggregation.enabled = false.")
         if kind == MessageType.TRAIN and not secure:
             return Refusal("no-secagg", f"Site {site_cfg.name} sends updates only under secure aggregation (policy require_secure_aggregation); this round was not a SecAgg+ round.")
+    return None
+
+
+def _mismatch(site_name: str, what: str) -> Refusal:
+    return Refusal("plan-mismatch", f"Site {site_name}: {what}; the site follows the plan it was sent, so nothing was trained or charged.")
+
+
+def _rounds_mismatch(site_name: str, exp: ExperimentConfig, req: Request) -> Refusal | None:
+    """Refuse a message whose round count is not the plan's.
+
+    The site calibrates σ for ``total-rounds`` × ``training.local_steps`` steps, so a smaller
+    count would train this round with less noise than the approved plan, and a larger one would
+    let the coordinator train (and charge) rounds beyond it; a huge one made the pre-flight's σ
+    search take minutes. The plan's ``federation.rounds`` is the only count the site uses.
+    """
+    rounds = exp.federation.rounds
+    if req.total_rounds != rounds:
+        return _mismatch(site_name, f"the coordinator's message says {P.CONFIG}[{P.TOTAL_ROUNDS!r}] = {req.total_rounds}, but the plan has `federation.rounds` = {rounds}")
+    if req.server_round > rounds:  # request_from bounds it by total-rounds already; the plan is the bound that counts
+        return _mismatch(site_name, f"round {req.server_round} lies beyond the plan's `federation.rounds` = {rounds}")
+    return None
+
+
+# The SecAgg+ setup values a site holds against its plan: Flower's key, the plan's field.
+# server.secure_round passes these plan fields to SecAggPlusWorkflow unchanged, and Flower sends
+# them to the sites as they are for the plans shared.config admits (an odd integer num_shares
+# >= 3, an integer threshold >= 2 below it; a float or a threshold of 1 would be scaled by the
+# number of sites, and an even num_shares widened). The modulus is not a plan setting.
+_SECAGG_SETUP_FIELDS = (
+    (Key.SHARE_NUMBER, "num_shares"), (Key.THRESHOLD, "reconstruction_threshold"), (Key.CLIPPING_RANGE, "clipping_range"),
+    (Key.TARGET_RANGE, "quantization_range"), (Key.MAX_WEIGHT, "max_weight"),
+)
+
+
+def _secagg_mismatch(site_name: str, exp: ExperimentConfig, setup: ConfigRecord) -> Refusal | None:
+    """Refuse a SecAgg+ round whose setup values (kept by Flower's mod, see
+    :func:`secure_aggregation_mod`) are not the plan's: with a threshold of 1 the coordinator
+    and any one neighbour could unmask this site's update; a larger clipping range or maximum
+    weight would change how it is quantised."""
+    sa = exp.federation.secure_aggregation
+    if not sa.enabled:
+        return _mismatch(site_name, "this round is a SecAgg+ round, but the plan has `federation.secure_aggregation.enabled` = false")
+    for key, name in _SECAGG_SETUP_FIELDS:
+        sent, planned = setup.get(key), getattr(sa, name)
+        if isinstance(sent, bool) or not isinstance(sent, (int, float)) or sent != planned:
+            return _mismatch(site_name, f"the coordinator's SecAgg+ setup has {key} = {sent!r}, but the plan's `federation.secure_aggregation.{name}` is {planned!r}")
+    return None
+
+
+def _check(
+    site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, *, kind: str, secagg_setup: ConfigRecord | None, needs_round: bool,
+) -> Refusal | tuple[Request, Site]:
+    """The site's own checks of a plan and model, the same for plain and SecAgg+ messages;
+    ``secagg_setup`` is a SecAgg+ round's setup state (None: a plain message).
+
+    Order matters for cost: the plan is parsed and held against the site's policy, and the
+    message against the plan (its round count, a SecAgg+ round's setup values), before any
+    data work (feature extraction, loading a language model the plan names) or σ search, so
+    a plan or message the site refuses costs it milliseconds, not a feature cache."""
+    exp = _plan(site_cfg, req)
+    if isinstance(exp, Refusal):
+        return exp
+    refusal = (
+        _refused_by_policy(site_cfg, exp, kind=kind, secure=secagg_setup is not None) or _rounds_mismatch(site_cfg.name, exp, req)
+        or (_secagg_mismatch(site_cfg.name, exp, secagg_setup) if secagg_setup is not None else None)
+    )
+    if refusal:
+        return refusal
+    site = _site_data(site_cfg, exp)
+    if isinstance(site, Refusal):
+        return site
     if needs_round:
         if req.packed is not None:
             arrays = unpack_model(site_cfg.name, req.packed, model_shapes(exp), req.server_round)
@@ -316,6 +393,16 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     Every message carrying the SecAgg+ record goes through the mod, which replaces the
     update by its masked vector before the reply leaves; so the train handler's SecAgg+
     path (which answers in the legacy ``fitres`` form) can never send an unmasked update.
+
+    The SETUP stage's values (share_num, threshold, clipping_range, target_range, max_weight)
+    are held against the plan, but not here: that stage carries only them, no plan, run id or
+    round (the plan first arrives with the masked-vector stage's ``fitins.config``). The mod
+    keeps them in ``context.state`` (``RECORD_KEY_STATE``) and :func:`_secure_train` compares
+    them with the plan it then receives, before it trains (``plan-mismatch``). Refusing there
+    is as safe as refusing at SETUP: a refusing site masks a zero vector with weight 0, so
+    whatever threshold its secrets were shared with, unmasking it reveals nothing; and unlike
+    an error at SETUP (which the coordinator sees only as a dropout), the refusal reaches the
+    researcher with its reason.
     """
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, call_next)
@@ -423,14 +510,8 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     req = request_from(cfg, OrderedDict(), site_cfg.name, needs_round=True)
     if isinstance(req, Refusal):
         return refuse(req)
-    planned = _plan(site_cfg, req)
-    if isinstance(planned, Refusal):
-        return refuse(planned)
-    layout = model_shapes(planned[0])
-    arrays = unpack_model(site_cfg.name, incoming, layout, req.server_round)
-    if isinstance(arrays, Refusal):
-        return refuse(arrays)
-    checked = _check(site_cfg, cfg, replace(req, arrays=arrays), kind=MessageType.TRAIN, secure=True, needs_round=True)
+    setup = context.state.config_records.get(RECORD_KEY_STATE, ConfigRecord())  # this round's SETUP values, kept by Flower's mod
+    checked = _check(site_cfg, cfg, replace(req, packed=incoming), kind=MessageType.TRAIN, secagg_setup=setup, needs_round=True)
     if isinstance(checked, Refusal):
         return refuse(checked)
     req, site = checked
@@ -438,7 +519,7 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     evaluation = _evaluation_with_train(site, req)
     if isinstance(result, Refusal):
         return refuse(result, evaluation)
-    update = [flatten(result.arrays, layout)]  # one (N,) float32 vector, the global model's layout
+    update = [flatten(result.arrays, model_shapes(site.exp))]  # one (N,) float32 vector, the global model's layout
     weight = result.metrics[M.NUM_PATIENTS]
     problem = check_secure_update(update, incoming, weight, site.exp.federation.secure_aggregation)
     if problem:

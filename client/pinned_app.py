@@ -9,7 +9,8 @@ bundles verified by the Flower Hub (``valid_license``), which an offline consort
 This module is Flower's ClientApp process with two steps replaced:
 
 * installing the bundle -> :func:`check_bundle`: the bundle is read, never extracted; it must
-  carry configuration only (no Python or other code) and name ``client.app:app``;
+  carry configuration only (no Python or other code), stay within small size limits (1 MiB a
+  file, 16 MiB in all, checked before anything is decompressed) and name ``client.app:app``;
 * loading the ClientApp -> the pinned, installed :data:`PINNED_CLIENTAPP`.
 
 It also retries a pull of the task's message objects from its SuperNode every 0.05–0.1 s
@@ -31,6 +32,7 @@ import stat
 import sys
 import tomllib
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from types import ModuleType
@@ -47,6 +49,12 @@ LAUNCHER = "flwr-clientapp"  # the name flower-superexec spawns (flwr.supercore.
 # What a configuration-only bundle may hold: its pyproject.toml, Flower's hash list, and text.
 _ALLOWED_NAMES = frozenset({"pyproject.toml", ".info/CONTENT", "LICENSE"})
 _ALLOWED_SUFFIXES = frozenset({".md"})
+# Sizes a configuration-only bundle stays far below (the consortium's pyproject.toml is about
+# 1 KB): checked on the archive's declared sizes before anything is decompressed, and the one
+# file read (pyproject.toml) is read no further than its limit, so a deflate bomb (1 MB that
+# inflates to 1 GB) is refused in milliseconds instead of filling the site's memory.
+MAX_BUNDLE_FILE_BYTES = 1 << 20  # 1 MiB per file
+MAX_BUNDLE_TOTAL_BYTES = 16 << 20  # 16 MiB for all files together
 
 
 class BundleRefused(PolicyError):
@@ -76,8 +84,9 @@ def check_bundle(fab: bytes) -> dict[str, object]:
             )
         if "pyproject.toml" not in names:
             raise BundleRefused("The app bundle has no pyproject.toml; this site refuses it.")
+        check_sizes(archive)
         try:
-            config = tomllib.loads(archive.read("pyproject.toml").decode("utf-8"))
+            config = tomllib.loads(_read_small(archive, "pyproject.toml").decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise BundleRefused(f"The app bundle's pyproject.toml does not parse ({exc}); this site refuses it.") from None
     component = config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {}).get("clientapp")
@@ -87,6 +96,35 @@ def check_bundle(fab: bytes) -> dict[str, object]:
             f"Submit the consortium's deploy/flower-app bundle (code changes are installed by each hospital's IT, not shipped)."
         )
     return config
+
+
+def check_sizes(archive: zipfile.ZipFile) -> None:
+    """Refuse a bundle whose files (as the archive declares them) exceed the size limits."""
+    total = 0
+    for info in archive.infolist():
+        if info.file_size > MAX_BUNDLE_FILE_BYTES:
+            raise BundleRefused(
+                f"The app bundle's {info.filename} is {info.file_size:,} bytes uncompressed, above the {MAX_BUNDLE_FILE_BYTES:,}-byte limit "
+                f"for one file of a configuration-only bundle; this site refuses it without reading it."
+            )
+        total += info.file_size
+    if total > MAX_BUNDLE_TOTAL_BYTES:
+        raise BundleRefused(
+            f"The app bundle's files add up to {total:,} bytes uncompressed, above the {MAX_BUNDLE_TOTAL_BYTES:,}-byte limit "
+            f"for a configuration-only bundle; this site refuses it without reading them."
+        )
+
+
+def _read_small(archive: zipfile.ZipFile, name: str) -> bytes:
+    """A member's bytes, read no further than the per-file limit (whatever size the archive declares)."""
+    try:
+        with archive.open(name) as fh:
+            data = fh.read(MAX_BUNDLE_FILE_BYTES + 1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:  # a corrupt entry, or one whose declared size or CRC lies
+        raise BundleRefused(f"The app bundle's {name} cannot be read ({exc}); this site refuses it.") from None
+    if len(data) > MAX_BUNDLE_FILE_BYTES:
+        raise BundleRefused(f"The app bundle's {name} is larger than the {MAX_BUNDLE_FILE_BYTES:,}-byte limit for one file; this site refuses it.")
+    return data
 
 
 def load_pinned() -> ClientApp:

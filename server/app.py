@@ -50,7 +50,20 @@ def resume_from_run_config(folder: str, *, out: str, run_id: str, experiment: st
 
 
 def new_run_id(name: str) -> str:
+    """``<name>-<UTC time>``: at most 117 characters for a valid experiment name (shared.config)."""
     return f"{name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
+
+
+def check_run_id(run_id: str) -> str:
+    """The run id, if every site will accept it (:func:`shared.protocol.run_id_problem`); else a
+    ConfigError before any site is contacted."""
+    problem = P.run_id_problem(run_id)
+    if problem is not None:
+        raise ConfigError(
+            f"The run id (run config `{P.RC_RUN_ID}`, or the experiment `name` plus the time) {problem}; every site would refuse it. "
+            f"Give a `{P.RC_RUN_ID}` of at most {P.MAX_RUN_ID_CHARS} printable characters."
+        )
+    return run_id
 
 
 # In simulation the Grid is in-process: a look for replies costs microseconds, so look often
@@ -84,6 +97,7 @@ def build_server_app(
             cfg = exp or load_experiment(Path(str(rc[P.RC_EXPERIMENT])))
             folder = out or Path(str(rc[P.RC_OUT]))
             rid = run_id or str(rc.get(P.RC_RUN_ID, "")) or new_run_id(cfg.name)
+        check_run_id(rid)
         if exp is None:  # deployed: record how to submit this run again if the coordinator stops
             folder.mkdir(parents=True, exist_ok=True)
             write_json(folder / DEPLOY_INFO, {"engine": "deployment", "run_id": rid, "signing_key": str(key_path.resolve()) if key_path else ""})

@@ -17,13 +17,16 @@ from typing import Any
 import yaml
 
 from shared.errors import ConfigError
-from shared.protocol import name_problem
+from shared.protocol import MAX_RUN_ID_CHARS, name_problem
 from shared.schema import build, load_yaml, read_config_text, spec, text_mapping, to_plain, yaml_mapping
 
 FEATURE_FORMAT = 2  # bump when extraction code changes what a config produces
 # Names in the model registry (shared.models.MODELS, which imports torch, so it is not read
 # here); a test keeps the two equal. prosody_mel is speech_language's earlier name.
 MODEL_NAMES = ("speech_language", "prosody_mel")
+# An experiment name starts its run ids (server.app.new_run_id adds 17 characters, a benchmark
+# suffix up to 11 more): 100 keeps every id within the 128 characters sites accept.
+MAX_NAME_CHARS = 100
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,8 +251,10 @@ class AlertConfig:
 class ExperimentConfig:
     """A whole federated experiment, as the researcher writes it."""
 
-    name: str = spec(doc="Experiment name, used in run ids and reports.")
-    seed: int = spec(0, doc="Seed for model initialisation, splits and sampling.")
+    name: str = spec(doc="Experiment name, used in run ids and reports; at most 100 printable characters.")
+    seed: int = spec(
+        0, doc="Seed for model initialisation, splits and sampling; a whole number from 0 to 2**63 - 1 (the range every seeded generator accepts alike).", ge=0, le=2**63 - 1
+    )
     federation: FederationConfig = spec(FederationConfig(), doc="Rounds and sampling.")
     privacy: PrivacyConfig = spec(PrivacyConfig(), doc="Patient-level DP.")
     training: TrainingConfig = spec(TrainingConfig(), doc="Local training.")
@@ -260,6 +265,12 @@ class ExperimentConfig:
     alerts: AlertConfig = spec(AlertConfig(), doc="Early-warning alert policy (evaluation and site timelines).")
 
     def validate(self, source: str) -> None:
+        if len(self.name) > MAX_NAME_CHARS or not self.name.isprintable():
+            what = f"is {len(self.name)} characters long" if len(self.name) > MAX_NAME_CHARS else "holds a control or line-break character"
+            raise ConfigError(
+                f"{source}: `name` {what}; it must be at most {MAX_NAME_CHARS} printable characters, because it starts every run id, "
+                f"which sites write into their ledgers and accept only up to {MAX_RUN_ID_CHARS} printable characters. Shorten or retype it."
+            )
         if self.speech.enabled and not self.speech.model_path:
             raise ConfigError(f"{source}: `speech.encoder` is transformer but `speech.model_path` is empty; give the local folder of the encoder (it is never downloaded), or set `speech.encoder: none`.")
 

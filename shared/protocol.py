@@ -1,4 +1,5 @@
-"""Names of the records and keys in messages between the ServerApp and ClientApps.
+"""Names of the records and keys in messages between the ServerApp and ClientApps, and the
+rule a run id follows (:func:`run_id_problem`).
 
 What a ClientApp may put in a reply is exactly: the ``arrays`` record (a DP-trained update),
 the ``metrics`` record (aggregate metrics, keys in :mod:`shared.metrics`), the ``site``
@@ -37,7 +38,7 @@ ALLOWED_REPLY_RECORDS = frozenset({ARRAYS, METRICS, SITE, EVALUATION})
 # ConfigRecord keys the server sends.
 SERVER_ROUND = "server-round"
 TOTAL_ROUNDS = "total-rounds"
-RUN_ID = "run-id"
+RUN_ID = "run-id"  # at most MAX_RUN_ID_CHARS printable characters (run_id_problem); it is written into every ledger entry and log line
 PLAN_YAML = "plan-yaml"
 MODEL_SIGNATURE = "model-signature"  # Ed25519 over model digest, run id, round and plan hash
 EVALUATE_FIRST = "evaluate-first"  # bool in a train message: evaluate the model it carries, then train (with-next-round)
@@ -52,7 +53,7 @@ ALLOWED_SITE_KEYS = frozenset({SITE_NAME, REFUSAL_CODE, REFUSAL_REASON, LEDGER_H
 # Run-config keys (pyproject [tool.flwr.app.config], overridable with --run-config).
 RC_EXPERIMENT = "experiment"
 RC_OUT = "out"
-RC_RUN_ID = "run-id"
+RC_RUN_ID = "run-id"  # at most MAX_RUN_ID_CHARS printable characters (run_id_problem); it is written into every ledger entry and log line
 RC_SIGNING_KEY = "signing-key"  # coordinator's model-signing private key (path on the coordinator)
 RC_RESUME = "resume"  # run folder of a deployed run to continue (path on the coordinator); empty: a new run
 
@@ -90,4 +91,28 @@ def name_problem(name: object) -> str | None:
         return f"its site name {name!r} has characters a site name may not have (letters, digits, space and _ .,'()&+- only)"  # repr shows control characters as \x escapes
     if _RESERVED_NAME.fullmatch(name):
         return f"its site name {name!r} is the coordinator's label for a node that gave no name"
+    return None
+
+
+# A run id goes into the site's signed ledger (one entry per round) and its log lines, so a
+# site refuses one that is long or could forge a line. The coordinator's own ids are
+# "<experiment name>-<UTC time>" (server.app.new_run_id: at most 100 + 17 characters, the
+# name's limit in shared.config) or the run config's `run-id`, checked before any site is asked.
+MAX_RUN_ID_CHARS = 128
+
+
+def run_id_problem(run_id: str) -> str | None:
+    """Why ``run_id`` may not be used (a phrase that never repeats the id), or None.
+
+    Allowed: 1 to :data:`MAX_RUN_ID_CHARS` printable characters (letters, digits, punctuation
+    and symbols of any script, and the ASCII space); no control, format or line-separator
+    characters (a newline, an ANSI escape, a right-to-left override).
+    """
+    if not run_id:
+        return "is empty"
+    if len(run_id) > MAX_RUN_ID_CHARS:
+        return f"is {len(run_id)} characters long; at most {MAX_RUN_ID_CHARS} are allowed"
+    bad = next((i for i, ch in enumerate(run_id) if not ch.isprintable()), None)
+    if bad is not None:
+        return f"holds the non-printable character U+{ord(run_id[bad]):04X} at position {bad + 1}; only printable characters are allowed"
     return None

@@ -41,6 +41,10 @@ def test_shipped_configs_validate() -> None:
         ("name: x\nprivacy:\n  target_epsilon: 3\nseed: 1\nprivacy:\n  enabled: true\n",
          r"exp.yaml: key 'privacy' appears twice in the same section \(lines 2 and 5\); YAML would silently keep only the second"),
         ("name: x\nfederation:\n  rounds: 3\n  rounds: 30\n", r"exp.yaml: key 'rounds' appears twice in the same section \(lines 3 and 4\)"),
+        ("name: x\nseed: 18446744073709551616\n", r"exp.yaml: `seed` is 18446744073709551616; it must be <= 9223372036854775807"),  # torch refused it at every round
+        ("name: x\nseed: -1\n", r"exp.yaml: `seed` is -1; it must be >= 0"),  # torch reads -1 as 2**64 - 1
+        ("name: " + "n" * 101 + "\n", r"exp.yaml: `name` is 101 characters long; it must be at most 100 printable characters, because it starts every run id"),
+        ('name: "relapse\\nstudy"\n', r"exp.yaml: `name` holds a control or line-break character; it must be at most 100 printable characters"),
     ],
 )
 def test_bad_experiment_yaml_is_a_clear_config_error(tmp_path: Path, text: str, message: str) -> None:
@@ -104,3 +108,11 @@ def test_a_site_name_the_coordinator_would_reject_is_refused_when_site_yaml_is_r
     path.write_text(yaml.safe_dump({"name": name, "manifest": "manifest.csv"}))
     with pytest.raises(ConfigError, match=r"site\.yaml: field 'name'"):
         load_site(path)
+
+
+def test_the_largest_seed_a_plan_accepts_seeds_the_model(tmp_path: Path) -> None:
+    from shared.models import build_model
+
+    exp = load_experiment(write(tmp_path, f"name: x\nseed: {2**63 - 1}\n"))
+    assert exp.seed == 2**63 - 1
+    build_model(exp)  # torch.manual_seed accepts it

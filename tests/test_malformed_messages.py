@@ -3,6 +3,7 @@ traceback, and nothing is trained or charged."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,24 @@ def message(case: str) -> Message:
         cfg[P.SERVER_ROUND] = "one"
     elif case == "round-beyond-total":
         cfg[P.SERVER_ROUND] = 3
+    elif case == "total-below-plan":  # σ would be calibrated for 1 round: less noise than the approved plan's
+        cfg[P.TOTAL_ROUNDS] = 1
+    elif case == "rounds-beyond-plan":  # rounds 3..50 of a 2-round plan would be trained and charged
+        cfg[P.TOTAL_ROUNDS], cfg[P.SERVER_ROUND] = 50, 3
     elif case == "no-plan":
         del cfg[P.PLAN_YAML]
     elif case == "plan-not-yaml":
         cfg[P.PLAN_YAML] = "name: [unclosed"
+    elif case == "run-id-5MB":  # it became a 5 MB line of the site's signed ledger
+        cfg[P.RUN_ID] = "x" * 5_000_000
+    elif case == "run-id-129":
+        cfg[P.RUN_ID] = "r" * 129
+    elif case == "run-id-newline":  # a forged log line after it
+        cfg[P.RUN_ID] = 'a"\n{"kind":"policy"}'
+    elif case == "run-id-rtl-override":  # reverses how the rest of a log line reads
+        cfg[P.RUN_ID] = "run-\u202e1-dliab"
+    elif case == "seed-beyond-torch":  # it passed the pre-flight, then every train and evaluate failed
+        cfg[P.PLAN_YAML] = tiny_experiment().to_yaml().replace("seed: 0", f"seed: {2**64}")
     elif case == "no-model":
         del content[P.ARRAYS]
     elif case == "wrong-length":
@@ -65,8 +80,15 @@ def message(case: str) -> Message:
     ("config-as-metrics", "malformed", "no 'config' config record"),
     ("round-is-text", "malformed", "'server-round'] must be a whole number from 1 to 2, got 'one'"),
     ("round-beyond-total", "malformed", "from 1 to 2, got 3"),
+    ("total-below-plan", "plan-mismatch", "config['total-rounds'] = 1, but the plan has `federation.rounds` = 2"),
+    ("rounds-beyond-plan", "plan-mismatch", "config['total-rounds'] = 50, but the plan has `federation.rounds` = 2"),
     ("no-plan", "malformed", "'plan-yaml'] must be a non-empty string"),
+    ("run-id-5MB", "malformed", "config['run-id'] is 5000000 characters long; at most 128 are allowed; nothing was trained or charged."),
+    ("run-id-129", "malformed", "config['run-id'] is 129 characters long; at most 128 are allowed"),
+    ("run-id-newline", "malformed", "config['run-id'] holds the non-printable character U+000A at position 3; only printable characters are allowed"),
+    ("run-id-rtl-override", "malformed", "config['run-id'] holds the non-printable character U+202E at position 5"),
     ("plan-not-yaml", "invalid", "is not valid YAML"),
+    ("seed-beyond-torch", "invalid", "training plan from the coordinator: `seed` is 18446744073709551616; it must be <= 9223372036854775807."),
     ("no-model", "malformed", "no 'arrays' array record"),
     ("wrong-length", "invalid-model", f"The global model of round 1 holds {N_VALUES - 5} values; the plan's model has {N_VALUES}."),
     ("float64-model", "malformed", "The global model of round 1 is a float64 array of shape"),
@@ -81,3 +103,54 @@ def test_a_malformed_request_is_refused_with_a_reason_and_nothing_is_charged(tin
     assert why in str(info[P.REFUSAL_REASON])
     assert P.ARRAYS not in reply.content
     assert not (tmp_path / "state" / "ledger" / "privacy-ledger.jsonl").exists()
+
+
+@pytest.mark.parametrize("kind", ["query", "train", "evaluate"])
+def test_a_round_count_other_than_the_plans_is_refused_before_any_sigma_search(tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """total-rounds = 100000 under a PRV plan kept a site busy for a minute and GBs in its σ
+    search; the plan's federation.rounds is the only round count the site may use."""
+    from dataclasses import replace
+
+    from client import site as site_module
+
+    searched: list[int] = []
+    monkeypatch.setattr(site_module, "calibrated_sigma", lambda *a, **k: searched.append(k.get("steps", 0)) or 1.0)
+    exp = tiny_experiment()
+    plan = replace(exp, privacy=replace(exp.privacy, accountant="prv")).to_yaml()
+    msg = message("ok")
+    msg.content[P.CONFIG][P.PLAN_YAML] = plan
+    msg.content[P.CONFIG][P.TOTAL_ROUNDS] = 100_000
+    reply = build_client_app()(Message(content=msg.content, dst_node_id=1, message_type=kind), context(tiny_cohort, tmp_path))
+    info = reply.content[P.SITE]
+    assert info[P.REFUSAL_CODE] == "plan-mismatch", info[P.REFUSAL_REASON]
+    assert "100000" in str(info[P.REFUSAL_REASON]) and "`federation.rounds` = 2" in str(info[P.REFUSAL_REASON])
+    assert searched == []
+    assert P.ARRAYS not in reply.content and P.METRICS not in reply.content
+    assert not (tmp_path / "state" / "ledger" / "privacy-ledger.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["relapse-demo", "Bærum – relapse study (pilot 2)", "n" * 100])
+def test_every_run_id_the_coordinator_makes_is_one_sites_accept(name: str) -> None:
+    """Run ids are "<experiment name>-<UTC time>" (benchmarks add a suffix to the name); an
+    experiment name the plan accepts (at most 100 printable characters) always makes one."""
+    from dataclasses import replace
+
+    from client.app import Request, request_from
+    from server.app import check_run_id, new_run_id
+    from shared.config import experiment_from_yaml_text
+
+    exp = experiment_from_yaml_text(replace(tiny_experiment(), name=name).to_yaml(), source="plan")
+    for run_id in (new_run_id(exp.name), new_run_id(f"{exp.name}-bench-nodp")):
+        cfg = ConfigRecord({P.RUN_ID: run_id, P.SERVER_ROUND: 1, P.TOTAL_ROUNDS: 2, P.PLAN_YAML: exp.to_yaml()})
+        assert isinstance(request_from(cfg, OrderedDict(), "alpha", needs_round=True), Request), run_id
+        assert check_run_id(run_id) == run_id
+
+
+def test_a_run_id_sites_would_refuse_stops_the_coordinator_before_any_site_is_asked() -> None:
+    from server.app import check_run_id
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"The run id \(run config `run-id`, or the experiment `name` plus the time\) is 129 characters long; at most 128 are allowed; every site would refuse it"):
+        check_run_id("r" * 129)
+    with pytest.raises(ConfigError, match="non-printable character U\\+000A"):
+        check_run_id("run\n1")

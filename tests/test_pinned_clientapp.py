@@ -99,3 +99,44 @@ def test_the_launcher_comes_first_on_the_supernodes_path_and_runs_this_interpret
     assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1"  # tasks start within 0.1 s, not Flower's 1 s
     assert launcher_env(tmp_path / "bin", {"PATH": os.defpath, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "2"})["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"
     assert write_launcher(tmp_path / "bin") == launcher  # rewriting is idempotent
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_a_deflate_bomb_bundle_is_refused_by_its_declared_sizes_before_anything_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MB bundle whose pyproject.toml inflated to 1 GB took 15 s and 2 GB of memory to refuse."""
+    import zipfile
+
+    mib = 1 << 20  # the per-file limit; 16 MiB in all
+    config = (APP_DIR / "pyproject.toml").read_bytes()
+    padded = config + b"#" * (2 * mib) + b"\n"  # the consortium's own settings, then a 2 MiB comment
+    bomb = _zip({"pyproject.toml": padded})
+    many = _zip({"pyproject.toml": config, **{f"doc{i}.md": b"#" * mib for i in range(17)}})  # 17 files of 1 MiB
+    assert len(bomb) < 20_000 and len(many) < 100_000  # each compresses ~500:1
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: pytest.fail(f"{name} was decompressed"))
+    with pytest.raises(BundleRefused, match=rf"pyproject\.toml is {len(padded):,} bytes uncompressed, above the 1,048,576-byte limit"):
+        check_bundle(bomb)
+    with pytest.raises(BundleRefused, match=rf"files add up to {len(config) + 17 * mib:,} bytes uncompressed, above the 16,777,216-byte limit"):
+        check_bundle(many)
+
+
+def test_a_bundle_whose_declared_size_lies_is_refused_not_read_past_it() -> None:
+    """The size checks trust the archive's directory; a pyproject.toml that inflates past the size
+    it declares is cut there by zipfile and then fails its CRC: refused, with a sentence."""
+    import struct
+
+    bundle = bytearray(_zip({"pyproject.toml": (APP_DIR / "pyproject.toml").read_bytes() + b"#" * (2 << 20)}))
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # local header, central directory: uncompressed size
+        at = bundle.index(signature) + offset
+        bundle[at:at + 4] = struct.pack("<I", 1000)
+    with pytest.raises(BundleRefused, match=r"The app bundle's pyproject\.toml cannot be read \(.*CRC.*\); this site refuses it"):
+        check_bundle(bytes(bundle))

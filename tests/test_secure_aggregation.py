@@ -360,9 +360,12 @@ def test_site_requiring_secure_aggregation_refuses_a_plain_plan(tiny_cohort: Pat
     (site_dir / "site.yaml").write_text(yaml.safe_dump(cfg))
     site_cfg = load_site(site_dir / "site.yaml")
 
+    honest_setup = ConfigRecord({"share_num": SA.num_shares, "threshold": SA.reconstruction_threshold, "clipping_range": SA.clipping_range,
+                                 "target_range": SA.quantization_range, "max_weight": SA.max_weight})  # what SecAggPlusWorkflow sends for SA
+
     def _setup_from(cfg: ConfigRecord, kind: str, *, secure: bool) -> tuple[None, object]:
         req = request_from(cfg, OrderedDict(), site_cfg.name, needs_round=False)
-        return None, _check(site_cfg, cfg, req, kind=kind, secure=secure, needs_round=False)
+        return None, _check(site_cfg, cfg, req, kind=kind, secagg_setup=honest_setup if secure else None, needs_round=False)
 
     plain_plan = ConfigRecord({P.PLAN_YAML: tiny_experiment().to_yaml(), P.RUN_ID: "r", P.TOTAL_ROUNDS: 1})
     _, query = _setup_from(plain_plan, MessageType.QUERY, secure=False)
@@ -703,3 +706,78 @@ def test_a_sum_with_a_single_contributor_is_not_applied() -> None:
     three, _ = fake_round([{"value": 1.0}, {"value": 1.0}, {"value": 1.0}, {"refuse": True}, {"refuse": True}], sa=sa)
     assert two.arrays is None and two.halted is not None and two.halted.startswith("only 2 site(s)")
     assert three.halted is None and three.arrays is not None
+
+
+# --- the SecAgg+ setup the coordinator sends must be the approved plan's ---------------------
+
+
+class TamperedSetup:
+    """A coordinator's Grid that rewrites the SecAgg+ SETUP stage's parameters on the way out."""
+
+    def __init__(self, grid: Any, values: dict[str, int | float]) -> None:
+        self._grid, self.values = grid, values
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+        messages = list(messages)
+        for msg in messages:
+            cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+            if cfg is not None and cfg.get(Key.STAGE) == Stage.SETUP:
+                cfg.update(self.values)
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("plan_sa", "tamper", "why"), [
+    (SA, {}, None),  # what an honest coordinator sends for this plan: accepted
+    (SA, {"threshold": 1}, "threshold = 1, but the plan's `federation.secure_aggregation.reconstruction_threshold` is 2"),
+    (SA, {"share_num": 5}, "share_num = 5, but the plan's `federation.secure_aggregation.num_shares` is 3"),
+    (SA, {"clipping_range": 1e6}, "clipping_range = 1000000.0, but the plan's `federation.secure_aggregation.clipping_range` is 8.0"),
+    (SA, {"max_weight": 1e9}, "max_weight = 1000000000.0, but the plan's `federation.secure_aggregation.max_weight` is 20.0"),
+    (SA, {"target_range": 2**20}, "target_range = 1048576, but the plan's `federation.secure_aggregation.quantization_range` is 4194304"),
+    (replace(SA, enabled=False), {}, "this round is a SecAgg+ round, but the plan has `federation.secure_aggregation.enabled` = false"),
+])
+def test_a_site_refuses_secagg_setup_values_other_than_its_plans(
+    tiny_cohort: Path, tmp_path: Path, plan_sa: SecureAggregationConfig, tamper: dict[str, int | float], why: str | None,
+) -> None:
+    """With threshold 1 the coordinator and any one neighbour could unmask a site; the site
+    learns the setup values only from the SETUP stage (which carries no plan) and holds them
+    against the plan when the round's plan arrives, before it trains: a mismatch is a
+    plan-mismatch refusal with weight 0 that reaches the researcher, nothing is charged."""
+    from flwr.app import ConfigRecord
+
+    from client.app import build_client_app
+    from server.bench import LoopbackGrid
+    from server.secure_round import secure_train_round
+    from server.strategy import PatientFedAvg
+    from shared.params import get_arrays, layout, pack
+
+    sites = []
+    for name in ("alpha", "beta", "gamma"):
+        shutil.copytree(tiny_cohort / name, tmp_path / name, ignore=shutil.ignore_patterns("ledger", "keys", "noise-seed.key", "approved-plans.json"))
+        cfg = yaml.safe_load((tmp_path / name / "site.yaml").read_text())
+        cfg.pop("coordinator_public_key", None)  # unsigned models: this coordinator has no signing key
+        (tmp_path / name / "site.yaml").write_text(yaml.safe_dump(cfg))
+        sites.append(str(tmp_path / name / "site.yaml"))
+    exp = secure_experiment(plan_sa, rounds=1, min_nodes=3)
+    grid = LoopbackGrid(build_client_app(tuple(sites)), len(sites))
+    shapes = layout(get_arrays(build_model(exp)))
+    strategy = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=3, node_wait_timeout_s=5)
+    strategy.expected = shapes
+    config = ConfigRecord({P.RUN_ID: "secagg-setup", P.TOTAL_ROUNDS: 1, P.PLAN_YAML: exp.to_yaml()})
+    result = secure_train_round(TamperedSetup(grid, tamper), strategy=strategy, sa=SA, server_round=1, arrays=pack(get_arrays(build_model(exp)), shapes), config=config)  # type: ignore[arg-type]
+    reports = strategy.log[1].train
+    assert sorted(r.site for r in reports) == ["alpha", "beta", "gamma"]
+    if why is None:
+        assert [(r.site, r.refusal_code, r.error) for r in reports if r.refusal_code or r.error] == []
+        assert result.arrays is not None and result.halted is None
+        return
+    for r in reports:
+        assert r.refusal_code == "plan-mismatch", (r.site, r.refusal_code, r.refusal_reason, r.error)
+        assert why in str(r.refusal_reason)
+    assert result.arrays is None
+    assert not any((tmp_path / name / "state" / "ledger" / "privacy-ledger.jsonl").exists() for name in ("alpha", "beta", "gamma"))

@@ -334,6 +334,44 @@ def test_site_trains_only_approved_plans_when_its_policy_requires_it(tiny_cohort
     assert build_client_app()(_message("train", other, rnd=2), ctx).content[P.SITE][P.REFUSAL_CODE] == "unapproved-plan"
 
 
+def _secure_train_message(plan: str) -> Message:
+    """A SecAgg+ round's train message as the secaggplus mod hands it to the handler (legacy fitins)."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    vector = pack(start_arrays(), layout(start_arrays()))[PACKED].numpy()
+    config = {P.RUN_ID: "r-msg", P.SERVER_ROUND: 1, P.TOTAL_ROUNDS: 2, P.PLAN_YAML: plan}
+    return Message(content=compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([vector]), config), keep_input=True), dst_node_id=1, message_type="train")
+
+
+def test_an_unapproved_plan_is_refused_before_the_site_does_any_data_work(tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feature extraction (and loading a language model the plan names) costs minutes and GBs of
+    cache: a plan the site has not approved must be refused before any of it starts."""
+    from client import app as client_app
+    from shared import secure_records
+    from shared.errors import DataError
+
+    loaded: list[str] = []
+
+    def site_for(site_cfg: object, exp: object) -> Site:
+        loaded.append("site data")
+        raise DataError("the site's data was loaded for an unapproved plan")
+
+    monkeypatch.setattr(client_app, "site_for", site_for)
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\nrequire_approved_plans: true\n")
+    ctx = Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_yaml)}, state=RecordDict(), run_config={})
+    plan = replace(tiny_experiment(), features=replace(tiny_experiment().features, n_mels=40)).to_yaml()
+    for kind in ("query", "train", "evaluate"):
+        info = build_client_app()(_message(kind, plan), ctx).content[P.SITE]
+        assert info[P.REFUSAL_CODE] == "unapproved-plan", (kind, info[P.REFUSAL_REASON])
+    secure = client_app._secure_train(_secure_train_message(plan), ctx, (), None)  # noqa: SLF001 - the SecAgg+ round's handler, without the mod
+    site, _ = secure_records.decode(secure.content.config_records[P.LEGACY_FITRES_METRICS])
+    assert site[P.REFUSAL_CODE] == "unapproved-plan", site
+    assert loaded == []
+    assert not (tmp_path / "state" / "features").exists()
+
+
 def test_the_approval_summary_names_the_evaluation_mode() -> None:
     from client.approval import summary
 
