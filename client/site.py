@@ -447,7 +447,8 @@ def _site_secret(state_dir: Path) -> bytes:
     """32 random bytes kept at the site (0600), created on first use.
 
     Sampling and noise are seeded from this secret, never from public values: a coordinator
-    that could reproduce the noise could subtract it and undo DP.
+    that could reproduce the noise could subtract it and undo DP. It also salts the held-out
+    split (:func:`client.dataset.split_patients`), so a Site creates it when it loads.
     """
     path = state_dir / "noise-seed.key"
     if not path.exists():
