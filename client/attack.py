@@ -73,8 +73,8 @@ def membership_audit(site: Site, *, epsilons: tuple[float, ...], steps: int, see
 
     Deterministic for a fixed ``seed`` (and device): initialisation, Poisson sampling,
     session bounding and DP noise all come from seeded generators. Nothing is written to the
-    site's state (no ledger entry, no key; the noise secret is the one loading the Site
-    creates if the site has none yet, as its held-out split is salted with it).
+    site's state (no ledger entry, no noise secret, no key: ``audit attack`` loads the Site
+    read-only).
     """
     exp, t, p = site.exp, site.exp.training, site.exp.privacy
     if steps < 1:

@@ -34,6 +34,8 @@ import json
 import os
 from pathlib import Path
 
+from shared.privacy.ledger import append_durably
+
 RELEASES_FILE = "evaluation-releases.jsonl"
 
 
@@ -65,18 +67,8 @@ def record(path: Path, *, run_id: str, model_round: int, model: str) -> None:
         {"run_id": run_id, "round": model_round, "model": model, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}, sort_keys=True, separators=(",", ":"),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "ab") as fh:
-        if fh.tell() and not _ends_with_newline(path):  # a line cut short by a crash: start afresh on the next line
-            fh.write(b"\n")
-        fh.write(line.encode() + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    cut_short = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)  # a line cut short by a crash: start afresh on the next line
+    append_durably(path, (b"\n" if cut_short else b"") + line.encode() + b"\n", mode=0o600)
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -155,7 +155,9 @@ def plan_hash(exp: ExperimentConfig) -> str:
 class Site:
     """A site's data, split and model for one experiment."""
 
-    def __init__(self, site: SiteConfig, exp: ExperimentConfig) -> None:
+    def __init__(self, site: SiteConfig, exp: ExperimentConfig, *, read_only: bool = False) -> None:
+        """``read_only``: write nothing to the site's state folder (the DPO's ``audit attack``); a
+        site without its noise secret yet then gets a held-out split of this object's own."""
         self.cfg = site
         self.exp = exp
         if site.threads:  # per process: one site per SuperNode's worker or ClientApp process
@@ -167,7 +169,7 @@ class Site:
             short = sum(p.field == "audio_path" and TOO_SHORT in p.message for p in self.data.problems)
             why = f" {short} recording(s) are shorter than `features.min_seconds` ({exp.features.min_seconds:g} s) of the plan." if short else ""
             raise DataError(f"Site {site.name}: no usable session in {site.manifest}.{why} Run `fedrelapse site check`.")
-        train_ids, eval_ids = split_patients(self.data.sessions, eval_fraction=exp.training.eval_fraction, seed=exp.seed, salt=_site_secret(site.state_dir))
+        train_ids, eval_ids = split_patients(self.data.sessions, eval_fraction=exp.training.eval_fraction, seed=exp.seed, salt=_split_salt(site.state_dir, create=not read_only))
         tensors = build_tensors(self.data.sessions, baseline_sessions=exp.features.baseline_sessions)
         pick = lambda ids: torch.tensor([i for i, p in enumerate(tensors.patient_ids) if p in ids], dtype=torch.long)  # noqa: E731
         self.train_set: PatientTensors = tensors.subset(pick(train_ids))
@@ -441,6 +443,14 @@ def ledger_public_key(state_dir: Path) -> Ed25519PublicKey | None:
             "checked; restore the key from the site's backup. The site refuses to train until a DPO has checked the ledger (`fedrelapse audit verify`)."
         )
     return None
+
+
+def _split_salt(state_dir: Path, *, create: bool) -> bytes:
+    """The held-out split's salt: the site's noise secret (created if ``create``), else, for a
+    site that has none yet and must not be written to, a random salt of this process's own."""
+    if create or (state_dir / "noise-seed.key").exists():
+        return _site_secret(state_dir)
+    return secrets.token_bytes(32)
 
 
 def _site_secret(state_dir: Path) -> bytes:

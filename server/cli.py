@@ -859,7 +859,7 @@ def audit_attack(
     except ValueError:
         raise ConfigError(f"--epsilons must be comma-separated numbers such as 1,3,8; got {epsilons!r}.") from None
     exp = load_experiment(config)
-    s = Site(load_site(site), exp)
+    s = Site(load_site(site), exp, read_only=True)  # the audit writes nothing to the site's state
     n_steps = steps if steps is not None else exp.federation.rounds * exp.training.local_steps
     with err_console.status(f"site {s.cfg.name}: training {1 + len(targets)} models x {n_steps} steps and attacking each"):
         result = membership_audit(s, epsilons=targets, steps=n_steps, seed=seed)

@@ -227,8 +227,15 @@ def append(path: Path, entry: LedgerEntry, key: Ed25519PrivateKey) -> None:
                     fh.write(b"\n")  # a complete entry that lost only its newline: it is counted, so it stays
                 else:
                     fh.truncate(data.rfind(b"\n") + 1)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(entry.to_line(key))
+    append_durably(path, entry.to_line(key).encode("utf-8"))
+
+
+def append_durably(path: Path, data: bytes, *, mode: int = 0o666) -> None:
+    """Append ``data`` to ``path`` (created with ``mode``, less the umask) and fsync the file and
+    its folder: on disk when this returns, whatever crashes next."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode)
+    with os.fdopen(fd, "ab") as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     dir_fd = os.open(path.parent, os.O_RDONLY)
