@@ -203,10 +203,12 @@ class Site:
     def signing_key(self) -> Ed25519PrivateKey:
         """The site's ledger key (created on first use; its public half is for the DPO)."""
         priv, pub = site_key_paths(self.cfg.state_dir)
-        if not priv.exists():
-            log.info("site=%s creating ledger signing key %s", self.cfg.name, priv)
-            return signing.generate(priv, pub)
-        return signing.load_private(priv)
+        priv.parent.mkdir(parents=True, exist_ok=True)
+        with ledger.locked(priv):  # one creator: two processes of a site starting their first round together both saw no key
+            if not priv.exists():
+                log.info("site=%s creating ledger signing key %s", self.cfg.name, priv)
+                return signing.generate(priv, pub)
+            return signing.load_private(priv)
 
     def plan(self, *, run_id: str, total_rounds: int) -> dict[str, float | str]:
         """What this run would cost here, checked against the policy before anything runs."""

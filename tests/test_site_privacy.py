@@ -522,3 +522,30 @@ def test_a_plan_whose_epsilon_no_noise_can_reach_is_refused_by_the_named_site_no
     info = reply.content[P.SITE]
     assert info[P.SITE_NAME] == "alpha" and info[P.REFUSAL_CODE] == "budget"  # a structured refusal with its own code, not a crashed client
     assert "`privacy.target_epsilon` ε=0.001 cannot be met" in str(info[P.REFUSAL_REASON])
+
+
+def test_processes_creating_the_site_key_together_get_one_key(site: Site, tmp_path: Path) -> None:
+    """Two worker processes starting a site's first round both saw no key; the loser of the create used to raise."""
+    import threading
+
+    from cryptography.hazmat.primitives import serialization
+
+    for attempt in range(8):
+        s = Site(replace(site.cfg, state_dir=tmp_path / f"fresh-{attempt}"), site.exp)
+        start = threading.Barrier(4)
+        keys: list[bytes] = []
+        errors: list[BaseException] = []
+
+        def make(s: Site = s, start: threading.Barrier = start, keys: list[bytes] = keys, errors: list[BaseException] = errors) -> None:
+            start.wait()
+            try:
+                keys.append(s.signing_key().public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        threads = [threading.Thread(target=make) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(keys) == 4 and len(set(keys)) == 1
