@@ -279,13 +279,12 @@ def _rounds_mismatch(site_name: str, exp: ExperimentConfig, req: Request) -> Ref
     The site calibrates σ for ``total-rounds`` × ``training.local_steps`` steps, so a smaller
     count would train this round with less noise than the approved plan, and a larger one would
     let the coordinator train (and charge) rounds beyond it; a huge one made the pre-flight's σ
-    search take minutes. The plan's ``federation.rounds`` is the only count the site uses.
+    search take minutes. The plan's ``federation.rounds`` is the only count the site uses; with
+    it equal to ``total-rounds``, :func:`request_from`'s bound on ``server-round`` is the plan's.
     """
     rounds = exp.federation.rounds
     if req.total_rounds != rounds:
         return _mismatch(site_name, f"the coordinator's message says {P.CONFIG}[{P.TOTAL_ROUNDS!r}] = {req.total_rounds}, but the plan has `federation.rounds` = {rounds}")
-    if req.server_round > rounds:  # request_from bounds it by total-rounds already; the plan is the bound that counts
-        return _mismatch(site_name, f"round {req.server_round} lies beyond the plan's `federation.rounds` = {rounds}")
     return None
 
 

@@ -298,7 +298,7 @@ class Site:
             if done is not None:  # the figures it was charged go back, so a resumed run's summary shows what the ledger holds
                 return Refusal(
                     "replay", f"Site {self.cfg.name} already accounted round {server_round} of run {run_id}; it is not trained or charged twice.",
-                    metrics={M.EPSILON_RUN: done.epsilon_run, M.EPSILON_TOTAL: done.epsilon_total, M.DELTA: done.delta, M.NOISE_MULTIPLIER: done.noise_multiplier},
+                    metrics=_charged(done),
                     ledger_head=ledger.head_hash(entries),
                 )
             cap_total, cap_run = ledger.current_caps(entries, cap_total=self.cfg.policy.epsilon_cap_total, cap_run=self.cfg.policy.epsilon_cap_run)
@@ -324,7 +324,7 @@ class Site:
         # then finds the entry and refuses a replay, so the entry is appended once and the round
         # trained once. Another run's round, a pre-flight query or `site budget` does not wait for
         # this training; it accounts after this entry, as it would after a finished round.
-        charged = {M.EPSILON_RUN: eps_run, M.EPSILON_TOTAL: eps_total, M.DELTA: self.delta, M.NOISE_MULTIPLIER: sigma}
+        charged = _charged(entry)
         stats = train_dp(  # an exception here leaves the round charged: over-counting is safe, under-counting is not
             model, self.train_set, steps=t.local_steps, sample_rate=q, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
             max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=self.device, secure_mode=p.secure_mode, prox_mu=t.prox_mu,
@@ -447,10 +447,19 @@ def ledger_public_key(state_dir: Path) -> Ed25519PublicKey | None:
     return None
 
 
+NOISE_SEED_FILE = "noise-seed.key"  # the site secret, in its state folder
+
+
+def _charged(entry: ledger.LedgerEntry) -> dict[str, float]:
+    """The privacy figures a round was charged, as its ledger entry holds them (sent with its
+    update, and with a ``replay`` or ``diverged`` refusal)."""
+    return {M.EPSILON_RUN: entry.epsilon_run, M.EPSILON_TOTAL: entry.epsilon_total, M.DELTA: entry.delta, M.NOISE_MULTIPLIER: entry.noise_multiplier}
+
+
 def _split_salt(state_dir: Path, *, create: bool) -> bytes:
     """The held-out split's salt: the site's noise secret (created if ``create``), else, for a
     site that has none yet and must not be written to, a random salt of this process's own."""
-    if create or (state_dir / "noise-seed.key").exists():
+    if create or (state_dir / NOISE_SEED_FILE).exists():
         return _site_secret(state_dir)
     return secrets.token_bytes(32)
 
@@ -462,7 +471,7 @@ def _site_secret(state_dir: Path) -> bytes:
     that could reproduce the noise could subtract it and undo DP. It also salts the held-out
     split (:func:`client.dataset.split_patients`), so a Site creates it when it loads.
     """
-    path = state_dir / "noise-seed.key"
+    path = state_dir / NOISE_SEED_FILE
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
