@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant, create_accountant
@@ -585,3 +586,31 @@ def test_an_epsilon_no_noise_can_reach_is_a_policy_error_that_says_what_to_raise
     message = str(caught.value)
     assert "`privacy.target_epsilon` ε=0.001 cannot be met" in message and "6 DP-SGD steps" in message
     assert "Raise `privacy.target_epsilon` above 0.0084" in message
+
+
+def test_an_epsilon_below_the_rdp_floor_is_refused_without_a_sigma_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opacus learns it by doubling σ to 1e6, and RDP at σ ≈ 1e5–1e6 costs seconds an evaluation: 25 s per refusal."""
+    from opacus.accountants import utils
+    from opacus.accountants.analysis import rdp
+
+    from shared.errors import UnreachableEpsilonError
+    from shared.privacy.accounting import rdp_epsilon_floor
+
+    _calibrate.cache_clear()
+
+    def searched(**_: object) -> float:
+        raise AssertionError("the σ search ran")
+
+    monkeypatch.setattr(utils, "get_noise_multiplier", searched)
+    monkeypatch.setattr(rdp, "compute_rdp", searched)
+    floor = rdp_epsilon_floor(delta=1e-5)
+    with pytest.raises(UnreachableEpsilonError, match=r"however much noise is added it spends at least ε ≈ 0\.00837"):
+        calibrate_noise(target_epsilon=floor, target_delta=1e-5, sample_rate=0.5, steps=6)
+    monkeypatch.undo()
+    # The floor is Opacus' own conversion at zero RDP, and no σ spends less.
+    assert floor == pytest.approx(rdp.get_privacy_spent(orders=list(RDP_ALPHAS), rdp=np.zeros(len(RDP_ALPHAS)), delta=1e-5)[0], rel=1e-12)
+    for sigma in (0.8, 5.0, 1e3):
+        assert epsilon([SubsampledGaussian(sigma, 0.5, 6)], delta=1e-5) >= floor
+    assert rdp_epsilon_floor(delta=1e-3) < floor  # a looser δ costs less
+    with pytest.raises(ValueError, match="delta must be in"):
+        rdp_epsilon_floor(delta=0.0)
