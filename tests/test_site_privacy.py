@@ -526,12 +526,14 @@ def test_a_plan_whose_epsilon_no_noise_can_reach_is_refused_by_the_named_site_no
 
 def test_processes_creating_the_site_key_together_get_one_key(site: Site, tmp_path: Path) -> None:
     """Two worker processes starting a site's first round both saw no key; the loser of the create used to raise."""
+    import copy
     import threading
 
     from cryptography.hazmat.primitives import serialization
 
     for attempt in range(8):
-        s = Site(replace(site.cfg, state_dir=tmp_path / f"fresh-{attempt}"), site.exp)
+        s = copy.copy(site)  # the same loaded data (a new Site would prepare it again for its new state folder: 4 s in the suite)
+        s.cfg = replace(site.cfg, state_dir=tmp_path / f"fresh-{attempt}")
         start = threading.Barrier(4)
         keys: list[bytes] = []
         errors: list[BaseException] = []
