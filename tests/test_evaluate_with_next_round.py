@@ -118,6 +118,7 @@ def site_message(kind: str, *, rnd: int = 1, evaluate_first: object = True, plan
     return Message(content=content, dst_node_id=1, message_type=kind)
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_a_train_reply_brings_the_sites_evaluation_of_the_received_model_in_its_own_record(tiny_cohort: Path, tmp_path: Path) -> None:
     app, ctx = build_client_app(), site_context(tiny_cohort, tmp_path)
 
@@ -139,6 +140,7 @@ def test_a_train_reply_brings_the_sites_evaluation_of_the_received_model_in_its_
     assert M.SUPPRESSED not in c[P.METRICS] and M.AUROC not in c[P.METRICS]
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_the_evaluation_carries_the_aggregate_when_the_site_has_k_evaluation_patients(tiny_cohort: Path, tmp_path: Path) -> None:
     ctx = site_context(tiny_cohort, tmp_path)
     site_yaml = Path(str(ctx.node_config[P.NC_SITE_CONFIG]))
@@ -152,6 +154,7 @@ def test_the_evaluation_carries_the_aggregate_when_the_site_has_k_evaluation_pat
     assert evaluation[M.SUPPRESSED] == 0.0 and evaluation[M.NUM_PATIENTS] >= 2 and 0.0 <= evaluation[M.AUROC] <= 1.0
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_a_failed_evaluation_still_sends_the_update_without_an_evaluation(tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from client.site import Site
 
@@ -166,12 +169,14 @@ def test_a_failed_evaluation_still_sends_the_update_without_an_evaluation(tiny_c
     assert P.ARRAYS in reply.content and P.METRICS in reply.content and P.EVALUATION not in reply.content
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_a_train_message_that_does_not_ask_gets_no_evaluation(tiny_cohort: Path, tmp_path: Path) -> None:
     reply = build_client_app()(site_message("train", evaluate_first=None), site_context(tiny_cohort, tmp_path))
 
     assert P.EVALUATION not in reply.content and P.ARRAYS in reply.content
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_a_site_that_refuses_to_train_still_sends_its_evaluation_once(tiny_cohort: Path, tmp_path: Path) -> None:
     app, ctx = build_client_app(), site_context(tiny_cohort, tmp_path)
     app(site_message("train", evaluate_first=None), ctx)  # round 1 trained and charged, round 0's model not evaluated
@@ -196,6 +201,7 @@ def test_a_site_that_refuses_to_train_still_sends_its_evaluation_once(tiny_cohor
     ("flag-is-text", "config['evaluate-first'] must be true or false, got str"),
     ("no-plan", "config['plan-yaml'] must be a non-empty string"),
 ])
+@pytest.mark.usefixtures("alpha_state")
 def test_a_malformed_message_is_refused_without_an_evaluation(tiny_cohort: Path, tmp_path: Path, case: str, why: str) -> None:
     msg = site_message("train", evaluate_first="yes" if case == "flag-is-text" else True)
     if case == "no-plan":

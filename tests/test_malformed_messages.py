@@ -95,6 +95,7 @@ def message(case: str) -> Message:
     ("one-array-per-parameter", "malformed", "a packed model is one array named 'model'"),
     ("nan-model", "invalid-model", "NaN or infinite"),
 ])
+@pytest.mark.usefixtures("alpha_state")
 def test_a_malformed_request_is_refused_with_a_reason_and_nothing_is_charged(tiny_cohort: Path, tmp_path: Path, case: str, code: str, why: str) -> None:
     reply = build_client_app()(message(case), context(tiny_cohort, tmp_path))
     info = reply.content[P.SITE]
@@ -105,6 +106,7 @@ def test_a_malformed_request_is_refused_with_a_reason_and_nothing_is_charged(tin
     assert not (tmp_path / "state" / "ledger" / "privacy-ledger.jsonl").exists()
 
 
+@pytest.mark.usefixtures("alpha_state")
 @pytest.mark.parametrize("kind", ["query", "train", "evaluate"])
 def test_a_round_count_other_than_the_plans_is_refused_before_any_sigma_search(tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """total-rounds = 100000 under a PRV plan kept a site busy for a minute and GBs in its σ

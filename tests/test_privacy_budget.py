@@ -40,12 +40,13 @@ def train_rounds(site: Site, run_id: str, rounds: int) -> list[TrainResult | Ref
 
 
 @pytest.fixture
-def trained(tiny_cohort: Path, tmp_path: Path) -> Site:
+def trained(tiny_cohort: Path, tmp_path: Path, alpha_state: Path) -> Site:
     site = make_site(tiny_cohort, tmp_path)
     train_rounds(site, "run-a", 2)
     return site
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_all_time_cap_refuses_a_run_that_would_cross_it(tiny_cohort: Path, tmp_path: Path) -> None:
     site = make_site(tiny_cohort, tmp_path, epsilon_cap_total=9.0)
     assert all(isinstance(r, TrainResult) for r in train_rounds(site, "run-a", 2))  # ε = 8
@@ -55,6 +56,7 @@ def test_all_time_cap_refuses_a_run_that_would_cross_it(tiny_cohort: Path, tmp_p
     assert planned["code"] == "budget" and planned["epsilon_remaining"] == pytest.approx(9.0 - planned["epsilon_spent"])
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_minimum_sigma_in_policy_refuses_weak_noise(tiny_cohort: Path, tmp_path: Path) -> None:
     site = make_site(tiny_cohort, tmp_path, min_noise_multiplier=50.0)
     result = site.train(arrays(), run_id="r", server_round=1, total_rounds=2)
@@ -298,6 +300,7 @@ def test_independent_accountants_agree_with_opacus_on_a_grid() -> None:
                 assert pld <= ours * 1.001
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_a_plan_without_dp_is_refused_unless_the_policy_allows_it(tiny_cohort: Path, tmp_path: Path) -> None:
     site = make_site(tiny_cohort, tmp_path)
     site.exp = tiny_experiment().with_privacy(enabled=False)

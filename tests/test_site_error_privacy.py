@@ -54,6 +54,7 @@ def _everything_sent(reply: Message) -> str:
     return " ".join(parts)
 
 
+@pytest.mark.usefixtures("alpha_state")
 @pytest.mark.parametrize(("kind", "method"), [("train", "train"), ("evaluate", "evaluate"), ("query", "plan")])
 def test_an_exception_at_the_site_is_answered_without_its_text_and_logged_here_in_full(
     tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, kind: str, method: str,
@@ -79,6 +80,7 @@ def test_an_exception_at_the_site_is_answered_without_its_text_and_logged_here_i
     assert logged and logged[0].exc_info is not None and PATIENT in str(logged[0].exc_info[1])  # the full error stays here
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_a_missing_coordinator_key_is_refused_without_the_sites_path(tiny_cohort: Path, tmp_path: Path) -> None:
     ctx = _context(tiny_cohort, tmp_path, extra="coordinator_public_key: consortium/model-signing.pub.pem\n")
 

@@ -25,9 +25,9 @@ from tests.conftest import tiny_experiment
 
 
 @pytest.fixture
-def site(tiny_cohort: Path, tmp_path: Path) -> Site:
+def site(tiny_cohort: Path, alpha_state: Path) -> Site:
     cfg = load_site(tiny_cohort / "alpha" / "site.yaml")
-    return Site(replace(cfg, state_dir=tmp_path / "state"), tiny_experiment())
+    return Site(replace(cfg, state_dir=alpha_state), tiny_experiment())
 
 
 def start_arrays() -> dict[str, np.ndarray]:
@@ -190,6 +190,7 @@ def test_a_policy_without_metric_releases_sends_no_evaluation_and_no_train_loss(
     assert isinstance(refused, Refusal) and refused.code == "metrics-withheld"
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_an_evaluate_message_in_a_run_the_site_never_trained_in_is_refused(tiny_cohort: Path, tmp_path: Path) -> None:
     site_yaml = tmp_path / "site.yaml"
     site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\n")
@@ -229,6 +230,7 @@ def _message(kind: str, plan: str, rnd: int = 1) -> Message:
     return Message(content=content, dst_node_id=1, message_type=kind)
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_clientapp_replies_carry_only_update_aggregates_and_site_name(tiny_cohort: Path, tmp_path: Path) -> None:
     site_yaml = tmp_path / "site.yaml"
     site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\n")
@@ -262,6 +264,7 @@ def test_clientapp_replies_carry_only_update_aggregates_and_site_name(tiny_cohor
         assert str(tiny_cohort) not in blob
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_clientapp_refuses_an_invalid_plan_with_a_structured_reason(tiny_cohort: Path, tmp_path: Path) -> None:
     site_yaml = tmp_path / "site.yaml"
     site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\n")
@@ -311,6 +314,7 @@ def test_site_verifies_the_coordinators_signature_before_training(tiny_cohort: P
         assert not (tmp_path / "state" / "ledger" / "privacy-ledger.jsonl").exists()  # nothing trained, nothing charged
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_site_trains_only_approved_plans_when_its_policy_requires_it(tiny_cohort: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -513,6 +517,7 @@ def test_two_processes_sent_the_same_round_charge_and_train_it_once(site: Site) 
     assert [(e.run_id, e.round) for e in ledger.read_entries(site.ledger_path)] == [("r1", 1)]
 
 
+@pytest.mark.usefixtures("alpha_state")
 def test_a_plan_whose_epsilon_no_noise_can_reach_is_refused_by_the_named_site_not_crashed(tiny_cohort: Path, tmp_path: Path) -> None:
     site_yaml = tmp_path / "site.yaml"
     site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\n")
