@@ -135,7 +135,7 @@ def _bad_host(host: str, why: str) -> ConfigError:
 
 def _dns_name(host: str) -> str:
     """``host`` as a certificate's DNS name holds it (IDNA-encoded if international), or a ConfigError."""
-    import idna  # installed with httpx/requests (deploy/requirements.lock); UTS #46, unlike the stdlib codec
+    import idna  # a declared dependency (pyproject.toml, pinned in deploy/requirements.lock); UTS #46, unlike the stdlib codec
 
     dns = host[:-1] if host.endswith(".") else host  # a fully qualified name's final dot
     if not dns.strip():
