@@ -1109,13 +1109,18 @@ def keys_ca(keys: Annotated[Path, typer.Option(help="Keys folder.")] = Path("key
 @friendly
 def keys_server(
     keys: Annotated[Path, typer.Option(help="Keys folder.")] = Path("keys"),
-    host: Annotated[list[str] | None, typer.Option(help="DNS name or IP the sites connect to (repeatable).")] = None,
+    host: Annotated[list[str] | None, typer.Option(help="DNS name or IP the sites connect to (repeatable; an international name is IDNA-encoded).")] = None,
+    ask_ca_passphrase: Annotated[bool, typer.Option("--ask-ca-passphrase", help="ca.key is encrypted: ask for its passphrase (not stored).")] = False,
 ) -> None:
     """Coordinator TLS certificate (signed by the CA) and the model-signing key."""
-    from server.keys import make_server
+    from server.keys import certificate_names, make_server, names_in
 
-    cert = make_server(keys, hosts=tuple(host or ["localhost", "127.0.0.1"]))
+    hosts = tuple(host or ["localhost", "127.0.0.1"])
+    certificate_names(hosts)  # a bad --host is refused before the passphrase is asked for
+    passphrase = typer.prompt("Passphrase of ca.key", hide_input=True).encode() if ask_ca_passphrase else None
+    cert = make_server(keys, hosts=hosts, ca_passphrase=passphrase)
     console.print(f"TLS certificate: {cert} and key {keys / 'server' / 'server.key'}  → stay on the coordinator")
+    console.print(f"names in the certificate: {', '.join(names_in(cert))}  → the sites give one of these as --superlink HOST:PORT", soft_wrap=True)
     console.print(f"model-signing public key: {keys / 'server' / 'model-signing.pub.pem'}  → copy to every site")
 
 

@@ -169,3 +169,92 @@ def test_site_start_runs_the_site_worker_by_default_and_can_switch_it_off(tmp_pa
     assert per_message.exit_code == 0 and "(per-message)" in per_message.stdout
     assert "from client.pinned_app import main" in per_message_text and "site_launcher" not in per_message_text
     assert unknown.exit_code != 0 and "per-message" in unknown.output
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _encrypt(path: Path, passphrase: bytes) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(path.read_bytes(), None)
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(passphrase)))
+
+
+def test_keys_server_puts_an_international_host_in_the_certificate_idna_encoded_and_says_the_name_sites_use(tmp_path: Path) -> None:
+    make_ca(tmp_path)
+
+    result = runner.invoke(app, ["keys", "server", "--keys", str(tmp_path), "--host", "Sykehus-ø.no", "--host", "127.0.0.1"], terminal_width=300)
+
+    assert result.exit_code == 0, result.output
+    cert = x509.load_pem_x509_certificate((tmp_path / "server" / "server.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["xn--sykehus--d5a.no"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert verify_chain(tmp_path / "ca" / "ca.pem", tmp_path / "server" / "server.pem")
+    assert "xn--sykehus--d5a.no" in result.output  # the name the sites give as --superlink
+
+
+@pytest.mark.parametrize("host", ["", " ", "coordinator example.org", "-coordinator.example.org", "a..b", "ø" * 70 + ".no", "coordinator.example.org:9092", "*.example.org"])
+def test_keys_server_refuses_a_host_the_certificate_cannot_hold_before_writing_anything(tmp_path: Path, host: str) -> None:
+    make_ca(tmp_path)
+    before = _files(tmp_path)
+
+    result = runner.invoke(app, ["keys", "server", "--keys", str(tmp_path), "--host", "localhost", "--host", host], terminal_width=300)
+
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "--host" in text and "nothing was written" in text.lower() and isinstance(result.exception, SystemExit)  # a message, no traceback
+    assert _files(tmp_path) == before and not (tmp_path / "server").exists()
+    long_name = "coordinator." + "a" * 60 + ".example.org"  # longer than a certificate's 64-character common name
+    again = runner.invoke(app, ["keys", "server", "--keys", str(tmp_path), "--host", long_name])
+    assert again.exit_code == 0, again.output  # nothing half-written blocks the corrected command
+
+
+def test_a_passphrase_protected_ca_key_is_asked_for_instead_of_a_traceback(tmp_path: Path) -> None:
+    make_ca(tmp_path)
+    _encrypt(tmp_path / "ca" / "ca.key", b"offline-pass")
+    before = _files(tmp_path)
+
+    plain = runner.invoke(app, ["keys", "server", "--keys", str(tmp_path)], terminal_width=300)
+    wrong = runner.invoke(app, ["keys", "server", "--keys", str(tmp_path), "--ask-ca-passphrase"], input="nope\n", terminal_width=300)
+
+    assert plain.exit_code == 5 and isinstance(plain.exception, SystemExit), plain.output
+    assert "passphrase" in plain.output and "--ask-ca-passphrase" in plain.output
+    assert wrong.exit_code == 5 and "does not decrypt" in " ".join(wrong.output.split()), wrong.output
+    assert _files(tmp_path) == before
+    right = runner.invoke(app, ["keys", "server", "--keys", str(tmp_path), "--ask-ca-passphrase"], input="offline-pass\n")
+    assert right.exit_code == 0, right.output
+    assert verify_chain(tmp_path / "ca" / "ca.pem", tmp_path / "server" / "server.pem")
+
+
+def test_with_ca_key_kept_offline_keys_server_asks_for_it_and_keys_ca_keeps_the_consortiums_ca_pem(tmp_path: Path) -> None:
+    make_ca(tmp_path)
+    (tmp_path / "ca" / "ca.key").unlink()  # moved offline, as advised
+    ca_pem = (tmp_path / "ca" / "ca.pem").read_bytes()
+
+    server = runner.invoke(app, ["keys", "server", "--keys", str(tmp_path)], terminal_width=300)
+    ca = runner.invoke(app, ["keys", "ca", "--keys", str(tmp_path)], terminal_width=300)
+
+    server_text = " ".join(server.output.split())
+    assert server.exit_code == 5 and "offline" in server_text and "create the CA first" not in server_text
+    assert not (tmp_path / "server").exists()
+    assert ca.exit_code == 5 and "never overwritten" in ca.output
+    assert (tmp_path / "ca" / "ca.pem").read_bytes() == ca_pem and not (tmp_path / "ca" / "ca.key").exists()
+
+
+def test_keys_server_that_fails_half_way_takes_back_the_files_it_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared import signing
+
+    make_ca(tmp_path)
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(signing, "write_public", disk_full)  # the last file: model-signing.pub.pem
+    with pytest.raises(OSError, match="No space"):
+        make_server(tmp_path)
+    assert not (tmp_path / "server").exists()  # server.key, server.pem, model-signing.key taken back
+    monkeypatch.undo()
+    assert make_server(tmp_path).is_file()  # the retry is not refused

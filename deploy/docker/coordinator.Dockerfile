@@ -12,12 +12,15 @@ COPY server server
 COPY client client
 COPY shared shared
 COPY configs configs
-COPY deploy deploy
+COPY deploy/flower-app deploy/flower-app
+COPY deploy/torchaudio_compat.py deploy/torchaudio_compat.py
 RUN pip install --no-deps . && python deploy/torchaudio_compat.py
 USER fedrelapse
-# Keys (from `fedrelapse keys ca` / `keys server` / `keys site`) are mounted read-only at /keys.
-# SuperNode authentication is on (the default of `server start`): register each site's key with
-# `fedrelapse server register-site NAME --keys /keys --superlink localhost:9092` (compose: register-sites).
+# No key is ever in the image (root .dockerignore). Mount read-only at /keys only what `server start`
+# reads: keys/ca/ca.pem at /keys/ca/ca.pem and the coordinator's own keys/server/ folder at /keys/server
+# (server.key, server.pem, model-signing.key). Never ca/ca.key (keep it offline) nor a site's node.key.
+# SuperNode authentication is on (the default of `server start`): register each site's key from the host,
+# `fedrelapse server register-site NAME --keys keys --superlink localhost:9092` (compose: register-sites).
 EXPOSE 9092
 HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
   CMD python -c "import ssl,urllib.request; urllib.request.urlopen('https://localhost:9092/health', context=ssl.create_default_context(cafile='/keys/ca/ca.pem'), timeout=4)"

@@ -1,5 +1,7 @@
 # fedrelapse hospital site: SuperNode + the installed ClientApp (no code is ever downloaded).
 #   docker build -f deploy/docker/site.Dockerfile -t fedrelapse-site .
+# The image holds code only: the root .dockerignore keeps keys and site data out of the build context;
+# they are mounted at run time (below).
 FROM python:3.11.7-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 FLWR_TELEMETRY_ENABLED=0
 RUN apt-get update && apt-get install -y --no-install-recommends libsndfile1 && rm -rf /var/lib/apt/lists/* \
@@ -14,7 +16,7 @@ COPY server server
 COPY client client
 COPY shared shared
 COPY configs configs
-COPY deploy deploy
+COPY deploy/torchaudio_compat.py deploy/torchaudio_compat.py
 RUN pip install --no-deps . && python deploy/torchaudio_compat.py
 USER fedrelapse
 # Mounted: /site/site.yaml (+ manifest and recordings, read-only), /site/state (ledger, keys, cache,
