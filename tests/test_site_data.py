@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from client.features import FeatureCache
-from client.manifest import read_manifest
+from client.manifest import MAX_VALUE_CHARS, read_manifest
 from client.prepare import prepare_site
 from shared.config import FeatureConfig
 from shared.errors import DataError
@@ -325,7 +326,7 @@ def locked(monkeypatch: pytest.MonkeyPatch, method: str, name: str) -> None:
 def test_a_transcript_path_that_is_a_folder_or_unreadable_keeps_the_session_with_a_warning(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (site / "transcripts").mkdir()
     (site / "locked.txt").write_text("Hei.", encoding="utf-8")
-    locked(monkeypatch, "read_bytes", "locked.txt")
+    locked(monkeypatch, "stat", "locked.txt")
     m = write_manifest(site, [row("s1", "audio/good.wav", "transcripts"), row("s2", "audio/good.wav", "locked.txt")])
 
     man = read_manifest(m)
@@ -416,3 +417,48 @@ def test_two_plans_differing_only_in_eval_fraction_do_not_hold_out_nested_sets()
     assert len(large - small) > 2  # not the small set plus two patients
     assert split_patients(sessions, eval_fraction=0.50, seed=0, salt=b"site-secret")[1] == small  # the same plan, the same split
     assert split_patients(sessions, eval_fraction=0.50, seed=0, salt=b"other-site")[1] != small  # the coordinator cannot pick it by seed alone
+
+
+def test_a_control_character_in_a_path_field_is_an_error_of_its_row_not_a_crash(site: Path) -> None:
+    """A NUL in a path made pathlib raise ValueError ('embedded null byte') and `site check` crash."""
+    m = site / "manifest.jsonl"
+    m.write_text("\n".join([
+        jsonl_row("s1", audio_path="audio/x\u0000.wav"),
+        jsonl_row("s2", transcript=None, transcript_path="good\u0000.txt"),
+        jsonl_row("s3", audio_path="audio/good\u0007.wav"),
+        jsonl_row("s4"),
+    ]) + "\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert [r.session_id for r in man.rows] == ["s4"]
+    errors = {(p.line, p.field): p.message for p in man.problems if p.severity == "error"}
+    assert set(errors) == {(1, "audio_path"), (2, "transcript_path"), (3, "audio_path")}
+    assert "control character U+0000" in errors[(1, "audio_path")] and "row skipped" in errors[(1, "audio_path")]
+    assert "control character U+0007" in errors[(3, "audio_path")]
+
+
+def test_a_path_through_a_symbolic_link_loop_is_an_error_of_its_row(site: Path) -> None:
+    (site / "loop-a").symlink_to("loop-b")
+    (site / "loop-b").symlink_to("loop-a")
+    m = write_manifest(site, [row("s1", "loop-a/x.wav"), row("s2", "audio/good.wav")])
+
+    man = read_manifest(m)
+
+    assert [r.session_id for r in man.rows] == ["s2"]
+    assert [(p.line, p.field) for p in man.problems if p.severity == "error"] == [(2, "audio_path")]
+
+
+def test_a_transcript_path_that_is_a_pipe_or_over_16_mib_keeps_the_session_without_reading_it(site: Path) -> None:
+    """A FIFO blocked `site check` for ever and a 300 MB file was read whole (a CSV value is capped at 16 MiB)."""
+    os.mkfifo(site / "pipe.txt")
+    with (site / "big.txt").open("wb") as fh:
+        fh.truncate(MAX_VALUE_CHARS + 1)  # sparse: no disk, no time
+    m = write_manifest(site, [row("s1", "audio/good.wav", "pipe.txt"), row("s2", "audio/good.wav", "big.txt"), row("s3", "audio/good.wav", "good.txt")])
+
+    man = read_manifest(m)
+
+    assert [(r.session_id, r.transcript) for r in man.rows] == [("s1", None), ("s2", None), ("s3", "Det var en fin dag.\n")]
+    warnings = {(p.line, p.field): p.message for p in man.problems if p.severity == "warning"}
+    assert "is not a regular file" in warnings[(2, "transcript_path")]
+    assert "larger than 16 MiB" in warnings[(3, "transcript_path")]
