@@ -93,6 +93,7 @@ def read_manifest(path: str | Path) -> Manifest:
         row = _validate_row(line, rec, base, manifest.problems, seen)
         if row is not None:
             manifest.rows.append(row)
+    manifest.problems += _case_variants(manifest.rows)
     return manifest
 
 
@@ -334,6 +335,11 @@ def _validate_row(line: int, rec: dict[str, str], base: Path, problems: list[Pro
     if errors:
         problems.extend(errors)
         return None
+    for col in ("patient_id", "session_id"):  # the privacy unit: one person must have one id
+        rec[col] = unicodedata.normalize("NFC", rec[col])  # 'Å' typed as one character or as 'A' + ring
+        hidden = _hidden_character(rec[col])
+        if hidden:
+            err(col, f"holds {hidden}; row skipped. An id with such a character looks like another id but counts as another patient or session: retype it")
     sid = rec["session_id"]
     if sid in seen:
         err("session_id", f"{sid!r} duplicates line {seen[sid]}; row skipped")
@@ -380,6 +386,40 @@ def _path_text(rel: str, fieldname: str, line: int, errors: list[Problem]) -> bo
         " (a file name has none: fix the path where the manifest was exported)"
     )))
     return False
+
+
+# Unicode categories of characters an id may not hold: control, format (zero-width space, joiners,
+# direction marks), surrogate, private-use and unassigned characters, line and paragraph
+# separators; spaces other than the ordinary one (no-break, thin, ...) are refused separately.
+_HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def _hidden_character(text: str) -> str | None:
+    """The first character of an id that cannot be seen or told apart, in words, or None."""
+    for i, ch in enumerate(text, start=1):
+        category = unicodedata.category(ch)
+        if category in _HIDDEN or (category == "Zs" and ch != " "):
+            name = unicodedata.name(ch, "")
+            kind = "a control character" if category == "Cc" else "an invisible character"
+            return f"{kind} (U+{ord(ch):04X}{' ' + name if name else ''} at position {i})"
+    return None
+
+
+def _case_variants(rows: list[SessionRow]) -> list[Problem]:
+    """A warning for each patient_id that differs from an earlier one only in upper/lower case
+    (given at the first row that spells it so): they count as two patients."""
+    first: dict[str, SessionRow] = {}
+    warned: set[str] = set()
+    out = []
+    for r in rows:
+        earlier = first.setdefault(r.patient_id.casefold(), r)
+        if earlier.patient_id != r.patient_id and r.patient_id not in warned:
+            warned.add(r.patient_id)
+            out.append(Problem(r.line, "patient_id", (
+                f"{r.patient_id!r} differs from {earlier.patient_id!r} (line {earlier.line}) only in upper/lower case,"
+                " so the two count as two patients; if they are one person, spell the id the same way in every row"
+            ), "warning"))
+    return out
 
 
 def _inside(base: Path, rel: str, fieldname: str, line: int, errors: list[Problem]) -> Path | None:

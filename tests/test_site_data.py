@@ -6,6 +6,7 @@ import csv
 import errno
 import json
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -462,3 +463,80 @@ def test_a_transcript_path_that_is_a_pipe_or_over_16_mib_keeps_the_session_witho
     warnings = {(p.line, p.field): p.message for p in man.problems if p.severity == "warning"}
     assert "is not a regular file" in warnings[(2, "transcript_path")]
     assert "larger than 16 MiB" in warnings[(3, "transcript_path")]
+
+
+def test_ids_are_compared_in_unicode_nfc_so_one_person_typed_two_ways_is_one_patient(site: Path) -> None:
+    """'Åse' as one character (NFC, most exports) and as 'A' + a combining ring (NFD, some macOS
+    exports) counted as two patients: one person, two privacy units."""
+    nfc, nfd = unicodedata.normalize("NFC", "Åse-1"), unicodedata.normalize("NFD", "Åse-1")
+    m = write_manifest(site, [row("s1", "audio/good.wav", patient=nfc), row("s2", "audio/good.wav", patient=nfd), row(nfd + "-s3", "audio/good.wav")])
+
+    man = read_manifest(m)
+
+    assert [r.patient_id for r in man.rows[:2]] == [nfc, nfc]
+    assert man.rows[2].session_id == nfc + "-s3"
+
+
+def test_an_id_with_an_invisible_or_control_character_is_an_error_of_its_row(site: Path) -> None:
+    m = write_manifest(site, [
+        row("s1", "audio/good.wav", patient="Åse-1\u200b"),  # zero-width space: looks like 'Åse-1'
+        row("s2", "audio/good.wav", patient="Åse\u00a01"),  # no-break space
+        row("s3\u0007", "audio/good.wav"),
+        row("s4", "audio/good.wav", patient="Åse 1"),  # an ordinary space is fine
+    ])
+
+    man = read_manifest(m)
+
+    assert [r.session_id for r in man.rows] == ["s4"]
+    errors = {(p.line, p.field): p.message for p in man.problems if p.severity == "error"}
+    assert set(errors) == {(2, "patient_id"), (3, "patient_id"), (4, "session_id")}
+    assert "U+200B ZERO WIDTH SPACE at position 6" in errors[(2, "patient_id")] and "row skipped" in errors[(2, "patient_id")]
+    assert "U+00A0 NO-BREAK SPACE" in errors[(3, "patient_id")]
+    assert "U+0007" in errors[(4, "session_id")]
+
+
+def test_patient_ids_that_differ_only_in_case_are_a_warning_naming_both_lines(site: Path) -> None:
+    m = write_manifest(site, [row("s1", "audio/good.wav", patient="Åse-1"), row("s2", "audio/good.wav", patient="OTHER"), row("s3", "audio/good.wav", patient="åse-1"), row("s4", "audio/good.wav", patient="åse-1")])
+
+    man = read_manifest(m)
+
+    assert len(man.rows) == 4
+    warnings = [(p.line, p.field, p.message) for p in man.problems if p.field == "patient_id"]
+    assert len(warnings) == 1 and warnings[0][:2] == (4, "patient_id"), warnings
+    assert "line 2" in warnings[0][2] and "only in upper/lower case" in warnings[0][2]
+
+
+def test_one_recording_under_two_patients_skips_every_session_of_both_naming_both_lines(site: Path) -> None:
+    """The same recording under two patient ids may be one person counted twice in the privacy
+    guarantee (sensitivity 2C, not C): neither id's sessions are used until the manifest is fixed."""
+    a = site / "audio"
+    write_tone(a / "b.wav", seconds=2.0)
+    write_tone(a / "c.wav", seconds=2.5)
+    (a / "copy.wav").write_bytes((a / "good.wav").read_bytes())  # another name, the same bytes
+    m = write_manifest(site, [
+        row("s1", "audio/good.wav", patient="A"),
+        row("s2", "audio/b.wav", patient="A"),
+        row("s3", "audio/copy.wav", patient="B"),
+        row("s4", "audio/c.wav", patient="C"),
+    ])
+
+    data = prepare_site(m, FeatureConfig(), site / "state")
+
+    assert [s.row.session_id for s in data.sessions] == ["s4"]
+    assert data.report()["patients"] == 1 and data.report()["skipped_rows"] == 3
+    errors = {p.line: p.message for p in data.problems if p.severity == "error"}
+    assert set(errors) == {2, 3, 4}
+    assert "line 4" in errors[2] and "line 2" in errors[4] and "same recording" in errors[4]
+    assert "lines 2 and 4" in errors[3] and "'A'" in errors[3] and "'B'" in errors[3]
+
+
+def test_one_recording_under_two_sessions_of_one_patient_keeps_the_first(site: Path) -> None:
+    (site / "audio" / "copy.wav").write_bytes((site / "audio" / "good.wav").read_bytes())
+    m = write_manifest(site, [row("s1", "audio/good.wav"), row("s2", "audio/copy.wav")])
+
+    data = prepare_site(m, FeatureConfig(), site / "state")
+
+    assert [s.row.session_id for s in data.sessions] == ["s1"]
+    assert [p.render(m) for p in data.problems if p.severity == "error"] == [
+        "manifest.csv:3 [audio_path] is the same recording (identical content) as line 2 (session 's1'); one recording is one session, so this row is skipped: list it once"
+    ]
