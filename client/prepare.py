@@ -262,7 +262,7 @@ def add_speech_embeddings(data: SiteData, cfg: SpeechConfig, cache_root: Path, *
     rows = [s.row for s in data.sessions]
     values, hits = speech_embeddings(
         [s.audio_sha256 for s in data.sessions],
-        lambda i: decode(rows[i].audio_path, target_rate=SAMPLE_RATE, min_seconds=min_seconds).samples,
+        lambda i: decode(rows[i].audio_path, target_rate=SAMPLE_RATE, min_seconds=min_seconds, max_seconds=cfg.max_seconds).samples,  # the encoder crops to max_seconds
         cfg,
         cache_root=cache_root,
     )

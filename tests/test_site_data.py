@@ -540,3 +540,118 @@ def test_one_recording_under_two_sessions_of_one_patient_keeps_the_first(site: P
     assert [p.render(m) for p in data.problems if p.severity == "error"] == [
         "manifest.csv:3 [audio_path] is the same recording (identical content) as line 2 (session 's1'); one recording is one session, so this row is skipped: list it once"
     ]
+
+
+def _tone_at(path: Path, rate: int, seconds: float = 1.2) -> Path:
+    n = int(rate * seconds) if rate >= 1000 else 48000
+    sf.write(path, (0.3 * np.sin(np.arange(n) * 2 * np.pi * 150 / max(rate, 1000))).astype(np.float32), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.mark.parametrize("rate", [2, 11127, 44101, 500000])
+def test_a_recording_at_an_odd_or_out_of_range_sample_rate_is_refused_before_any_filter_is_built(site: Path, monkeypatch: pytest.MonkeyPatch, rate: int) -> None:
+    """11127 Hz (coprime with 16000) needed a 16000 x 11141 filter: 4.5 GiB, then a crash; 2 Hz
+    made a 96 KB file 6.7 hours of audio, 3.1 GiB once resampled."""
+    from client.audio import AudioProblem, decode
+
+    def no_filter(orig: int, new: int) -> object:
+        raise AssertionError(f"a resampling filter {orig} -> {new} Hz was built")
+
+    monkeypatch.setattr("shared.resample._resampler", no_filter)
+    path = _tone_at(site / "audio" / f"odd-{rate}.wav", rate)
+
+    with pytest.raises(AudioProblem, match=f"sample rate of {rate} Hz"):
+        decode(path, target_rate=16000, min_seconds=1.0)
+
+
+@pytest.mark.parametrize("target", [8000, 16000])
+def test_the_usual_sample_rates_are_resampled_to_either_feature_rate(site: Path, target: int) -> None:
+    from client.audio import decode
+
+    for rate in (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000):
+        decoded = decode(_tone_at(site / "audio" / f"r{rate}.wav", rate), target_rate=target, min_seconds=1.0)
+        assert decoded.sample_rate == target and decoded.original_rate == rate
+        assert abs(decoded.samples.shape[0] - 1.2 * target) <= 1, rate
+
+
+def test_the_resampler_refuses_a_rate_pair_whose_filter_would_be_huge() -> None:
+    from shared.resample import _resampler, filter_size, resample
+
+    with pytest.raises(ValueError, match="11127 Hz to 16000 Hz needs a filter bank of 178,256,000 coefficients"):
+        resample(np.zeros(100, np.float32), 11127, 16000)
+    for orig, new in [(44100, 16000), (11025, 16000), (8000, 16000), (22050, 8000)]:  # the bound follows torchaudio's filter
+        assert _resampler(orig, new).kernel.numel() == filter_size(orig, new)
+
+
+def test_a_resampling_failure_is_an_audio_problem_of_the_recording(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.audio import AudioProblem, decode
+
+    def out_of_memory(x: np.ndarray, orig: int, new: int) -> np.ndarray:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr("client.audio.resample", out_of_memory)
+    with pytest.raises(AudioProblem, match="cannot be resampled from 44100 Hz to 16000 Hz"):
+        decode(_tone_at(site / "audio" / "r44k.wav", 44100), target_rate=16000, min_seconds=1.0)
+
+
+def test_decode_with_max_seconds_resamples_only_that_much_and_gives_the_same_samples(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.audio
+    from client.audio import decode
+
+    path = _tone_at(site / "audio" / "long.wav", 44100, seconds=5.0)
+    full = decode(path, target_rate=16000, min_seconds=1.0)
+    lengths: list[int] = []
+    real = client.audio.resample
+    monkeypatch.setattr("client.audio.resample", lambda x, orig, new: lengths.append(x.shape[0]) or real(x, orig, new))
+
+    cropped = decode(path, target_rate=16000, min_seconds=1.0, max_seconds=2.0)
+
+    assert lengths and lengths[0] <= 2.1 * 44100 + 1
+    assert cropped.seconds == full.seconds == 5.0
+    assert cropped.samples.shape[0] >= 2 * 16000
+    np.testing.assert_allclose(cropped.samples[: 2 * 16000], full.samples[: 2 * 16000], atol=1e-6)
+
+
+def test_a_raw_recording_is_an_error_of_its_row_saying_raw_is_not_supported(site: Path) -> None:
+    """soundfile's TypeError ('samplerate must be specified') for a .raw file crashed the whole check."""
+    write_tone(site / "audio" / "other.wav", seconds=2.0)
+    (site / "audio" / "other.wav").rename(site / "audio" / "rec.raw")
+    m = write_manifest(site, [row("s1", "audio/good.wav"), row("s2", "audio/rec.raw")])
+
+    usable, errors = problems_for(m)
+
+    assert usable == 1
+    assert len(errors) == 1 and errors[0].startswith("manifest.csv:3 [audio_path] rec.raw is headerless RAW audio") and "not supported" in errors[0]
+
+
+def test_any_exception_of_the_decoder_is_an_audio_problem(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.audio import AudioProblem, decode
+
+    def odd(*args: object, **kwargs: object) -> object:
+        raise ValueError("something soundfile did not expect")
+
+    monkeypatch.setattr(sf, "read", odd)
+    with pytest.raises(AudioProblem, match=r"cannot be decoded \(ValueError: something soundfile did not expect\)"):
+        decode(site / "audio" / "good.wav", target_rate=16000, min_seconds=1.0)
+
+
+def test_a_float_recording_with_a_sample_far_beyond_full_scale_is_refused(site: Path) -> None:
+    """One float sample of 1e30 passed every check and gave NaN in 6432 of 19200 log-mel values."""
+    from client.audio import AudioProblem, decode
+
+    x, sr = sf.read(site / "audio" / "good.wav", dtype="float32")
+    x[1000] = 1e30
+    sf.write(site / "audio" / "spike.wav", x, sr, subtype="FLOAT")
+
+    with pytest.raises(AudioProblem, match=r"far beyond full scale \(peak 1e\+30"):
+        decode(site / "audio" / "spike.wav", target_rate=16000, min_seconds=1.0)
+
+
+def test_features_that_come_out_non_finite_are_an_audio_problem() -> None:
+    from client.audio import AudioProblem, Decoded
+    from client.features import extract
+
+    x = (0.3 * np.sin(np.arange(32000) * 2 * np.pi * 150 / 16000)).astype(np.float32)
+    x[1000] = 1e20  # finite, within the decoder's checks if they were looser: its power overflows float32
+    with pytest.raises(AudioProblem, match="non-finite features"):
+        extract(Decoded(x, 16000, 16000, 2.0, ()), FeatureConfig())
