@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torchaudio.transforms as T  # noqa: N812
 
-from client.audio import Decoded
+from client.audio import AudioProblem, Decoded
 from shared.config import FeatureConfig
 from shared.markers import N_ACOUSTIC
 
@@ -50,7 +50,10 @@ def extract(decoded: Decoded, cfg: FeatureConfig) -> RecordingFeatures:
     fixed = torch.zeros(cfg.n_mels, n_frames(cfg))
     k = min(fixed.shape[1], logmel.shape[1])
     fixed[:, :k] = logmel[:, :k] / 4.0
-    return RecordingFeatures(fixed.numpy().astype(np.float16), prosodic_markers(x, sr, cfg), decoded.seconds, decoded.original_rate, decoded.notes)
+    mel_image, markers = fixed.numpy().astype(np.float16), prosodic_markers(x, sr, cfg)
+    if not (np.isfinite(mel_image).all() and np.isfinite(markers).all()):  # never cached, never trained on
+        raise AudioProblem("gives non-finite features (NaN or infinite values: extreme sample values overflowed); copy it again from its source, or re-export it as 16-bit WAV or FLAC")
+    return RecordingFeatures(mel_image, markers, decoded.seconds, decoded.original_rate, decoded.notes)
 
 
 def prosodic_markers(x: torch.Tensor, sr: int, cfg: FeatureConfig) -> np.ndarray:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import errno
 import io
 import json
+import os
 import re
 import stat
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +93,7 @@ def read_manifest(path: str | Path) -> Manifest:
         row = _validate_row(line, rec, base, manifest.problems, seen)
         if row is not None:
             manifest.rows.append(row)
+    manifest.problems += _case_variants(manifest.rows)
     return manifest
 
 
@@ -331,6 +335,11 @@ def _validate_row(line: int, rec: dict[str, str], base: Path, problems: list[Pro
     if errors:
         problems.extend(errors)
         return None
+    for col in ("patient_id", "session_id"):  # the privacy unit: one person must have one id
+        rec[col] = unicodedata.normalize("NFC", rec[col])  # 'Å' typed as one character or as 'A' + ring
+        hidden = _hidden_character(rec[col])
+        if hidden:
+            err(col, f"holds {hidden}; row skipped. An id with such a character looks like another id but counts as another patient or session: retype it")
     sid = rec["session_id"]
     if sid in seen:
         err("session_id", f"{sid!r} duplicates line {seen[sid]}; row skipped")
@@ -343,7 +352,7 @@ def _validate_row(line: int, rec: dict[str, str], base: Path, problems: list[Pro
         when = dt.datetime.min
     if when.tzinfo is None and when != dt.datetime.min:
         when = when.replace(tzinfo=dt.UTC)
-    audio = _inside(base, rec["audio_path"], "audio_path", line, errors)
+    audio = _inside(base, rec["audio_path"], "audio_path", line, errors) if _path_text(rec["audio_path"], "audio_path", line, errors) else None
     unusable = _not_a_file(audio) if audio is not None else None
     if unusable:
         err("audio_path", f"{rec['audio_path']!r} {unusable}; row skipped")
@@ -366,10 +375,61 @@ def _validate_row(line: int, rec: dict[str, str], base: Path, problems: list[Pro
     return SessionRow(line, rec["patient_id"], sid, when, audio, rec["language"], label, transcript, onset_raw == "1")
 
 
+def _path_text(rel: str, fieldname: str, line: int, errors: list[Problem]) -> bool:
+    """Whether ``rel`` is free of control characters (a NUL, say), which no file name at a site
+    should hold and which pathlib refuses with a ValueError; an error of the row if not."""
+    bad = next((i for i, ch in enumerate(rel) if unicodedata.category(ch) == "Cc"), None)
+    if bad is None:
+        return True
+    errors.append(Problem(line, fieldname, (
+        f"holds the control character U+{ord(rel[bad]):04X} at position {bad + 1}; row skipped"
+        " (a file name has none: fix the path where the manifest was exported)"
+    )))
+    return False
+
+
+# Unicode categories of characters an id may not hold: control, format (zero-width space, joiners,
+# direction marks), surrogate, private-use and unassigned characters, line and paragraph
+# separators; spaces other than the ordinary one (no-break, thin, ...) are refused separately.
+_HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def _hidden_character(text: str) -> str | None:
+    """The first character of an id that cannot be seen or told apart, in words, or None."""
+    for i, ch in enumerate(text, start=1):
+        category = unicodedata.category(ch)
+        if category in _HIDDEN or (category == "Zs" and ch != " "):
+            name = unicodedata.name(ch, "")
+            kind = "a control character" if category == "Cc" else "an invisible character"
+            return f"{kind} (U+{ord(ch):04X}{' ' + name if name else ''} at position {i})"
+    return None
+
+
+def _case_variants(rows: list[SessionRow]) -> list[Problem]:
+    """A warning for each patient_id that differs from an earlier one only in upper/lower case
+    (given at the first row that spells it so): they count as two patients."""
+    first: dict[str, SessionRow] = {}
+    warned: set[str] = set()
+    out = []
+    for r in rows:
+        earlier = first.setdefault(r.patient_id.casefold(), r)
+        if earlier.patient_id != r.patient_id and r.patient_id not in warned:
+            warned.add(r.patient_id)
+            out.append(Problem(r.line, "patient_id", (
+                f"{r.patient_id!r} differs from {earlier.patient_id!r} (line {earlier.line}) only in upper/lower case,"
+                " so the two count as two patients; if they are one person, spell the id the same way in every row"
+            ), "warning"))
+    return out
+
+
 def _inside(base: Path, rel: str, fieldname: str, line: int, errors: list[Problem]) -> Path | None:
     """Resolve ``rel`` against the manifest folder, refusing paths that escape it."""
     candidate = Path(rel)
-    resolved = (base / candidate).resolve()
+    try:
+        resolved = (base / candidate).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symbolic-link loop (RuntimeError before Python 3.13); a character the system refuses
+        errors.append(Problem(line, fieldname, f"{rel!r} cannot be followed to a file (a symbolic-link loop, or a character the system refuses); row skipped"))
+        return None
     if candidate.is_absolute() or not resolved.is_relative_to(base):
         errors.append(Problem(line, fieldname, f"{rel!r} points outside the manifest's folder; refused (use a path relative to {base.name}/)"))
         return None
@@ -383,16 +443,37 @@ def _transcript(rec: dict[str, str], base: Path, line: int, errors: list[Problem
     if not rel:
         problems.append(Problem(line, "transcript_path", "no transcript; language markers unavailable for this session", "warning"))
         return None
-    path = _inside(base, rel, "transcript_path", line, errors)
+    path = _inside(base, rel, "transcript_path", line, errors) if _path_text(rel, "transcript_path", line, errors) else None
     if path is None:
         return None
+    unusable = _not_a_file(path)
     try:
-        return path.read_bytes().decode("utf-8")
+        raw = _small_file(path, MAX_TRANSCRIPT_BYTES) if unusable is None else None
     except OSError as exc:
-        problems.append(Problem(line, "transcript_path", f"{rel!r} {_why_unreadable(exc)}; session kept without language markers", "warning"))
+        unusable = _why_unreadable(exc)
+    if unusable is not None or raw is None:
+        why = unusable or f"is larger than {MAX_TRANSCRIPT_BYTES // 2**20} MiB, too large for a transcript (is it the right file?)"
+        problems.append(Problem(line, "transcript_path", f"{rel!r} {why}; session kept without language markers", "warning"))
+        return None
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         problems.append(Problem(line, "transcript_path", f"{rel!r} is not UTF-8 (byte {exc.start}); session kept without language markers; re-save as UTF-8", "warning"))
     return None
+
+
+MAX_TRANSCRIPT_BYTES = 16 * 1024 * 1024  # as a transcript in the CSV itself (MAX_VALUE_CHARS)
+
+
+def _small_file(path: Path, limit: int) -> bytes | None:
+    """The bytes of the regular file ``path``, or None if it holds more than ``limit``. Opened
+    without blocking, so a named pipe swapped in after the check cannot hang the caller."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "is not a regular file")
+        data = fh.read(limit + 1)
+    return data if len(data) <= limit else None
 
 
 def _not_a_file(path: Path) -> str | None:
@@ -401,6 +482,8 @@ def _not_a_file(path: Path) -> str | None:
         mode = path.stat().st_mode
     except OSError as exc:
         return _why_unreadable(exc)
+    except ValueError as exc:  # a character the system refuses in a file name
+        return f"cannot be used as a file name ({exc})"
     if stat.S_ISDIR(mode):
         return "is a folder, not a file"
     return None if stat.S_ISREG(mode) else "is not a regular file"

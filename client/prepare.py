@@ -104,12 +104,14 @@ def prepare_site(
     data = SiteData(manifest=manifest, problems=list(manifest.problems))
     cache = _feature_cache(cache_root, cfg)
     total = len(manifest.rows)
+    digests: dict[int, str] = {}  # manifest line -> SHA-256 of its recording's bytes
     for i, row in enumerate(manifest.rows):
-        session = _prepare_recording(row, cfg, cache, cache_root, data)
+        session = _prepare_recording(row, cfg, cache, cache_root, data, digests)
         if session is not None:
             data.sessions.append(session)
         if progress:
             progress(i + 1, total)
+    _one_recording_one_session(manifest.rows, digests, data)
     with _state_folder(cache_root, every_error=False):  # language and speech caches live there too
         if language is not None and data.sessions:
             add_language_markers(data, language, cache_root)
@@ -119,13 +121,14 @@ def prepare_site(
     return data
 
 
-def _prepare_recording(row: SessionRow, cfg: FeatureConfig, cache: FeatureCache, cache_root: Path, data: SiteData) -> PreparedSession | None:
-    """One row's features (from the cache, or decoded and cached), or None with its problem in ``data``.
+def _prepare_recording(row: SessionRow, cfg: FeatureConfig, cache: FeatureCache, cache_root: Path, data: SiteData, digests: dict[int, str]) -> PreparedSession | None:
+    """One row's features (from the cache, or decoded and cached), or None with its problem in
+    ``data``; the recording's hash goes into ``digests`` (by line) even when it cannot be used.
 
     Only reading the recording is blamed on the row; a failure to write the cache is the state
     folder's and raises :class:`DataError` (see :func:`_state_folder`)."""
     try:
-        digest = FeatureCache.audio_hash(row.audio_path)
+        digest = digests[row.line] = FeatureCache.audio_hash(row.audio_path)
         feats = cache.get(digest)
         cached = feats is not None
         if feats is None:
@@ -144,6 +147,45 @@ def _prepare_recording(row: SessionRow, cfg: FeatureConfig, cache: FeatureCache,
     for severity, note in feats.notes:
         data.problems.append(Problem(row.line, "audio_path", note, severity))
     return PreparedSession(row, feats, digest, feats.original_rate)
+
+
+def _one_recording_one_session(rows: list[SessionRow], digests: dict[int, str], data: SiteData) -> None:
+    """Skip, with an error naming both lines, a row whose recording (same bytes) an earlier row
+    already lists. Under another patient_id the two ids may be one person, who would then be two
+    privacy units (twice the sensitivity the guarantee assumes), so every session of both ids is
+    skipped until the manifest gives the recording one patient. The manifest's text cannot show
+    this; the recordings' hashes, computed here for the feature cache, can."""
+    first: dict[str, SessionRow] = {}
+    skipped: dict[int, Problem] = {}
+    shared: list[tuple[SessionRow, SessionRow]] = []
+    for row in rows:
+        digest = digests.get(row.line)
+        earlier = first.setdefault(digest, row) if digest is not None else row
+        if earlier is row:
+            continue
+        if earlier.patient_id == row.patient_id:
+            skipped[row.line] = Problem(row.line, "audio_path", (
+                f"is the same recording (identical content) as line {earlier.line} (session {earlier.session_id!r});"
+                " one recording is one session, so this row is skipped: list it once"
+            ))
+        else:
+            shared.append((earlier, row))
+    for a, b in shared:
+        for this, other in ((a, b), (b, a)):
+            skipped[this.line] = Problem(this.line, "audio_path", (
+                f"is the same recording (identical content) as line {other.line}, which lists it under patient {other.patient_id!r};"
+                f" if {this.patient_id!r} and {other.patient_id!r} are one person, they would count as two patients in the privacy"
+                " guarantee, so every session of both is skipped: list each recording under the one patient_id of its speaker"
+            ))
+        for r in rows:
+            if r.patient_id in (a.patient_id, b.patient_id) and r.line not in skipped:
+                other_id = b.patient_id if r.patient_id == a.patient_id else a.patient_id
+                skipped[r.line] = Problem(r.line, "patient_id", (
+                    f"patient {r.patient_id!r} shares a recording with patient {other_id!r} (lines {a.line} and {b.line});"
+                    " every session of both is skipped until each recording is listed under one patient_id"
+                ))
+    data.problems.extend(skipped.values())
+    data.sessions = [s for s in data.sessions if s.row.line not in skipped]
 
 
 def _feature_cache(cache_root: Path, cfg: FeatureConfig) -> FeatureCache:
@@ -220,7 +262,7 @@ def add_speech_embeddings(data: SiteData, cfg: SpeechConfig, cache_root: Path, *
     rows = [s.row for s in data.sessions]
     values, hits = speech_embeddings(
         [s.audio_sha256 for s in data.sessions],
-        lambda i: decode(rows[i].audio_path, target_rate=SAMPLE_RATE, min_seconds=min_seconds).samples,
+        lambda i: decode(rows[i].audio_path, target_rate=SAMPLE_RATE, min_seconds=min_seconds, max_seconds=cfg.max_seconds).samples,  # the encoder crops to max_seconds
         cfg,
         cache_root=cache_root,
     )

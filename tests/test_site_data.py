@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from client.features import FeatureCache
-from client.manifest import read_manifest
+from client.manifest import MAX_VALUE_CHARS, read_manifest
 from client.prepare import prepare_site
 from shared.config import FeatureConfig
 from shared.errors import DataError
@@ -325,7 +327,7 @@ def locked(monkeypatch: pytest.MonkeyPatch, method: str, name: str) -> None:
 def test_a_transcript_path_that_is_a_folder_or_unreadable_keeps_the_session_with_a_warning(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (site / "transcripts").mkdir()
     (site / "locked.txt").write_text("Hei.", encoding="utf-8")
-    locked(monkeypatch, "read_bytes", "locked.txt")
+    locked(monkeypatch, "stat", "locked.txt")
     m = write_manifest(site, [row("s1", "audio/good.wav", "transcripts"), row("s2", "audio/good.wav", "locked.txt")])
 
     man = read_manifest(m)
@@ -416,3 +418,240 @@ def test_two_plans_differing_only_in_eval_fraction_do_not_hold_out_nested_sets()
     assert len(large - small) > 2  # not the small set plus two patients
     assert split_patients(sessions, eval_fraction=0.50, seed=0, salt=b"site-secret")[1] == small  # the same plan, the same split
     assert split_patients(sessions, eval_fraction=0.50, seed=0, salt=b"other-site")[1] != small  # the coordinator cannot pick it by seed alone
+
+
+def test_a_control_character_in_a_path_field_is_an_error_of_its_row_not_a_crash(site: Path) -> None:
+    """A NUL in a path made pathlib raise ValueError ('embedded null byte') and `site check` crash."""
+    m = site / "manifest.jsonl"
+    m.write_text("\n".join([
+        jsonl_row("s1", audio_path="audio/x\u0000.wav"),
+        jsonl_row("s2", transcript=None, transcript_path="good\u0000.txt"),
+        jsonl_row("s3", audio_path="audio/good\u0007.wav"),
+        jsonl_row("s4"),
+    ]) + "\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert [r.session_id for r in man.rows] == ["s4"]
+    errors = {(p.line, p.field): p.message for p in man.problems if p.severity == "error"}
+    assert set(errors) == {(1, "audio_path"), (2, "transcript_path"), (3, "audio_path")}
+    assert "control character U+0000" in errors[(1, "audio_path")] and "row skipped" in errors[(1, "audio_path")]
+    assert "control character U+0007" in errors[(3, "audio_path")]
+
+
+def test_a_path_through_a_symbolic_link_loop_is_an_error_of_its_row(site: Path) -> None:
+    (site / "loop-a").symlink_to("loop-b")
+    (site / "loop-b").symlink_to("loop-a")
+    m = write_manifest(site, [row("s1", "loop-a/x.wav"), row("s2", "audio/good.wav")])
+
+    man = read_manifest(m)
+
+    assert [r.session_id for r in man.rows] == ["s2"]
+    assert [(p.line, p.field) for p in man.problems if p.severity == "error"] == [(2, "audio_path")]
+
+
+def test_a_transcript_path_that_is_a_pipe_or_over_16_mib_keeps_the_session_without_reading_it(site: Path) -> None:
+    """A FIFO blocked `site check` for ever and a 300 MB file was read whole (a CSV value is capped at 16 MiB)."""
+    os.mkfifo(site / "pipe.txt")
+    with (site / "big.txt").open("wb") as fh:
+        fh.truncate(MAX_VALUE_CHARS + 1)  # sparse: no disk, no time
+    m = write_manifest(site, [row("s1", "audio/good.wav", "pipe.txt"), row("s2", "audio/good.wav", "big.txt"), row("s3", "audio/good.wav", "good.txt")])
+
+    man = read_manifest(m)
+
+    assert [(r.session_id, r.transcript) for r in man.rows] == [("s1", None), ("s2", None), ("s3", "Det var en fin dag.\n")]
+    warnings = {(p.line, p.field): p.message for p in man.problems if p.severity == "warning"}
+    assert "is not a regular file" in warnings[(2, "transcript_path")]
+    assert "larger than 16 MiB" in warnings[(3, "transcript_path")]
+
+
+def test_ids_are_compared_in_unicode_nfc_so_one_person_typed_two_ways_is_one_patient(site: Path) -> None:
+    """'Åse' as one character (NFC, most exports) and as 'A' + a combining ring (NFD, some macOS
+    exports) counted as two patients: one person, two privacy units."""
+    nfc, nfd = unicodedata.normalize("NFC", "Åse-1"), unicodedata.normalize("NFD", "Åse-1")
+    m = write_manifest(site, [row("s1", "audio/good.wav", patient=nfc), row("s2", "audio/good.wav", patient=nfd), row(nfd + "-s3", "audio/good.wav")])
+
+    man = read_manifest(m)
+
+    assert [r.patient_id for r in man.rows[:2]] == [nfc, nfc]
+    assert man.rows[2].session_id == nfc + "-s3"
+
+
+def test_an_id_with_an_invisible_or_control_character_is_an_error_of_its_row(site: Path) -> None:
+    m = write_manifest(site, [
+        row("s1", "audio/good.wav", patient="Åse-1\u200b"),  # zero-width space: looks like 'Åse-1'
+        row("s2", "audio/good.wav", patient="Åse\u00a01"),  # no-break space
+        row("s3\u0007", "audio/good.wav"),
+        row("s4", "audio/good.wav", patient="Åse 1"),  # an ordinary space is fine
+    ])
+
+    man = read_manifest(m)
+
+    assert [r.session_id for r in man.rows] == ["s4"]
+    errors = {(p.line, p.field): p.message for p in man.problems if p.severity == "error"}
+    assert set(errors) == {(2, "patient_id"), (3, "patient_id"), (4, "session_id")}
+    assert "U+200B ZERO WIDTH SPACE at position 6" in errors[(2, "patient_id")] and "row skipped" in errors[(2, "patient_id")]
+    assert "U+00A0 NO-BREAK SPACE" in errors[(3, "patient_id")]
+    assert "U+0007" in errors[(4, "session_id")]
+
+
+def test_patient_ids_that_differ_only_in_case_are_a_warning_naming_both_lines(site: Path) -> None:
+    m = write_manifest(site, [row("s1", "audio/good.wav", patient="Åse-1"), row("s2", "audio/good.wav", patient="OTHER"), row("s3", "audio/good.wav", patient="åse-1"), row("s4", "audio/good.wav", patient="åse-1")])
+
+    man = read_manifest(m)
+
+    assert len(man.rows) == 4
+    warnings = [(p.line, p.field, p.message) for p in man.problems if p.field == "patient_id"]
+    assert len(warnings) == 1 and warnings[0][:2] == (4, "patient_id"), warnings
+    assert "line 2" in warnings[0][2] and "only in upper/lower case" in warnings[0][2]
+
+
+def test_one_recording_under_two_patients_skips_every_session_of_both_naming_both_lines(site: Path) -> None:
+    """The same recording under two patient ids may be one person counted twice in the privacy
+    guarantee (sensitivity 2C, not C): neither id's sessions are used until the manifest is fixed."""
+    a = site / "audio"
+    write_tone(a / "b.wav", seconds=2.0)
+    write_tone(a / "c.wav", seconds=2.5)
+    (a / "copy.wav").write_bytes((a / "good.wav").read_bytes())  # another name, the same bytes
+    m = write_manifest(site, [
+        row("s1", "audio/good.wav", patient="A"),
+        row("s2", "audio/b.wav", patient="A"),
+        row("s3", "audio/copy.wav", patient="B"),
+        row("s4", "audio/c.wav", patient="C"),
+    ])
+
+    data = prepare_site(m, FeatureConfig(), site / "state")
+
+    assert [s.row.session_id for s in data.sessions] == ["s4"]
+    assert data.report()["patients"] == 1 and data.report()["skipped_rows"] == 3
+    errors = {p.line: p.message for p in data.problems if p.severity == "error"}
+    assert set(errors) == {2, 3, 4}
+    assert "line 4" in errors[2] and "line 2" in errors[4] and "same recording" in errors[4]
+    assert "lines 2 and 4" in errors[3] and "'A'" in errors[3] and "'B'" in errors[3]
+
+
+def test_one_recording_under_two_sessions_of_one_patient_keeps_the_first(site: Path) -> None:
+    (site / "audio" / "copy.wav").write_bytes((site / "audio" / "good.wav").read_bytes())
+    m = write_manifest(site, [row("s1", "audio/good.wav"), row("s2", "audio/copy.wav")])
+
+    data = prepare_site(m, FeatureConfig(), site / "state")
+
+    assert [s.row.session_id for s in data.sessions] == ["s1"]
+    assert [p.render(m) for p in data.problems if p.severity == "error"] == [
+        "manifest.csv:3 [audio_path] is the same recording (identical content) as line 2 (session 's1'); one recording is one session, so this row is skipped: list it once"
+    ]
+
+
+def _tone_at(path: Path, rate: int, seconds: float = 1.2) -> Path:
+    n = int(rate * seconds) if rate >= 1000 else 48000
+    sf.write(path, (0.3 * np.sin(np.arange(n) * 2 * np.pi * 150 / max(rate, 1000))).astype(np.float32), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.mark.parametrize("rate", [2, 11127, 44101, 500000])
+def test_a_recording_at_an_odd_or_out_of_range_sample_rate_is_refused_before_any_filter_is_built(site: Path, monkeypatch: pytest.MonkeyPatch, rate: int) -> None:
+    """11127 Hz (coprime with 16000) needed a 16000 x 11141 filter: 4.5 GiB, then a crash; 2 Hz
+    made a 96 KB file 6.7 hours of audio, 3.1 GiB once resampled."""
+    from client.audio import AudioProblem, decode
+
+    def no_filter(orig: int, new: int) -> object:
+        raise AssertionError(f"a resampling filter {orig} -> {new} Hz was built")
+
+    monkeypatch.setattr("shared.resample._resampler", no_filter)
+    path = _tone_at(site / "audio" / f"odd-{rate}.wav", rate)
+
+    with pytest.raises(AudioProblem, match=f"sample rate of {rate} Hz"):
+        decode(path, target_rate=16000, min_seconds=1.0)
+
+
+@pytest.mark.parametrize("target", [8000, 16000])
+def test_the_usual_sample_rates_are_resampled_to_either_feature_rate(site: Path, target: int) -> None:
+    from client.audio import decode
+
+    for rate in (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000):
+        decoded = decode(_tone_at(site / "audio" / f"r{rate}.wav", rate), target_rate=target, min_seconds=1.0)
+        assert decoded.sample_rate == target and decoded.original_rate == rate
+        assert abs(decoded.samples.shape[0] - 1.2 * target) <= 1, rate
+
+
+def test_the_resampler_refuses_a_rate_pair_whose_filter_would_be_huge() -> None:
+    from shared.resample import _resampler, filter_size, resample
+
+    with pytest.raises(ValueError, match="11127 Hz to 16000 Hz needs a filter bank of 178,256,000 coefficients"):
+        resample(np.zeros(100, np.float32), 11127, 16000)
+    for orig, new in [(44100, 16000), (11025, 16000), (8000, 16000), (22050, 8000)]:  # the bound follows torchaudio's filter
+        assert _resampler(orig, new).kernel.numel() == filter_size(orig, new)
+
+
+def test_a_resampling_failure_is_an_audio_problem_of_the_recording(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.audio import AudioProblem, decode
+
+    def out_of_memory(x: np.ndarray, orig: int, new: int) -> np.ndarray:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr("client.audio.resample", out_of_memory)
+    with pytest.raises(AudioProblem, match="cannot be resampled from 44100 Hz to 16000 Hz"):
+        decode(_tone_at(site / "audio" / "r44k.wav", 44100), target_rate=16000, min_seconds=1.0)
+
+
+def test_decode_with_max_seconds_resamples_only_that_much_and_gives_the_same_samples(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import client.audio
+    from client.audio import decode
+
+    path = _tone_at(site / "audio" / "long.wav", 44100, seconds=5.0)
+    full = decode(path, target_rate=16000, min_seconds=1.0)
+    lengths: list[int] = []
+    real = client.audio.resample
+    monkeypatch.setattr("client.audio.resample", lambda x, orig, new: lengths.append(x.shape[0]) or real(x, orig, new))
+
+    cropped = decode(path, target_rate=16000, min_seconds=1.0, max_seconds=2.0)
+
+    assert lengths and lengths[0] <= 2.1 * 44100 + 1
+    assert cropped.seconds == full.seconds == 5.0
+    assert cropped.samples.shape[0] >= 2 * 16000
+    np.testing.assert_allclose(cropped.samples[: 2 * 16000], full.samples[: 2 * 16000], atol=1e-6)
+
+
+def test_a_raw_recording_is_an_error_of_its_row_saying_raw_is_not_supported(site: Path) -> None:
+    """soundfile's TypeError ('samplerate must be specified') for a .raw file crashed the whole check."""
+    write_tone(site / "audio" / "other.wav", seconds=2.0)
+    (site / "audio" / "other.wav").rename(site / "audio" / "rec.raw")
+    m = write_manifest(site, [row("s1", "audio/good.wav"), row("s2", "audio/rec.raw")])
+
+    usable, errors = problems_for(m)
+
+    assert usable == 1
+    assert len(errors) == 1 and errors[0].startswith("manifest.csv:3 [audio_path] rec.raw is headerless RAW audio") and "not supported" in errors[0]
+
+
+def test_any_exception_of_the_decoder_is_an_audio_problem(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from client.audio import AudioProblem, decode
+
+    def odd(*args: object, **kwargs: object) -> object:
+        raise ValueError("something soundfile did not expect")
+
+    monkeypatch.setattr(sf, "read", odd)
+    with pytest.raises(AudioProblem, match=r"cannot be decoded \(ValueError: something soundfile did not expect\)"):
+        decode(site / "audio" / "good.wav", target_rate=16000, min_seconds=1.0)
+
+
+def test_a_float_recording_with_a_sample_far_beyond_full_scale_is_refused(site: Path) -> None:
+    """One float sample of 1e30 passed every check and gave NaN in 6432 of 19200 log-mel values."""
+    from client.audio import AudioProblem, decode
+
+    x, sr = sf.read(site / "audio" / "good.wav", dtype="float32")
+    x[1000] = 1e30
+    sf.write(site / "audio" / "spike.wav", x, sr, subtype="FLOAT")
+
+    with pytest.raises(AudioProblem, match=r"far beyond full scale \(peak 1e\+30"):
+        decode(site / "audio" / "spike.wav", target_rate=16000, min_seconds=1.0)
+
+
+def test_features_that_come_out_non_finite_are_an_audio_problem() -> None:
+    from client.audio import AudioProblem, Decoded
+    from client.features import extract
+
+    x = (0.3 * np.sin(np.arange(32000) * 2 * np.pi * 150 / 16000)).astype(np.float32)
+    x[1000] = 1e20  # finite, within the decoder's checks if they were looser: its power overflows float32
+    with pytest.raises(AudioProblem, match="non-finite features"):
+        extract(Decoded(x, 16000, 16000, 2.0, ()), FeatureConfig())
