@@ -17,7 +17,7 @@ import json
 import re
 import stat
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shared.errors import DataError
@@ -54,6 +54,7 @@ class SessionRow:
     label: int | None
     transcript: str | None
     relapse_onset: bool = False  # the clinically recorded start of an acute relapse (evaluation only)
+    transcript_path: Path | None = None  # the transcript's file, if it came from one (a site worker watches it for edits)
 
 
 @dataclass
@@ -89,7 +90,7 @@ def read_manifest(path: str | Path) -> Manifest:
     for line, rec in records:
         row = _validate_row(line, rec, base, manifest.problems, seen)
         if row is not None:
-            manifest.rows.append(row)
+            manifest.rows.append(replace(row, transcript_path=_transcript_file(rec, base)))
     return manifest
 
 
@@ -393,6 +394,12 @@ def _transcript(rec: dict[str, str], base: Path, line: int, errors: list[Problem
     except UnicodeDecodeError as exc:
         problems.append(Problem(line, "transcript_path", f"{rel!r} is not UTF-8 (byte {exc.start}); session kept without language markers; re-save as UTF-8", "warning"))
     return None
+
+
+def _transcript_file(rec: dict[str, str], base: Path) -> Path | None:
+    """The file a valid row's transcript was read from (None for an inline transcript or none)."""
+    rel = rec.get("transcript_path", "")
+    return (base / rel).resolve() if rel and not rec.get("transcript") else None
 
 
 def _not_a_file(path: Path) -> str | None:

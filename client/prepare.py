@@ -57,13 +57,15 @@ class SiteData:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Identifies the dataset for the privacy ledger: manifest bytes + audio hashes.
+        """Identifies the dataset for the privacy ledger: manifest bytes + audio hashes + transcript hashes.
 
         Computed once, after preparation, so every round's ledger entry names the data that
         was actually loaded (not a manifest edited on disk since) without re-reading it."""
         h = hashlib.sha256(self.manifest.path.read_bytes())
         for s in sorted(self.sessions, key=lambda s: s.row.session_id):
             h.update(s.audio_sha256.encode())
+            if s.row.transcript is not None:  # a transcript file redacted with the manifest unchanged is other data
+                h.update(hashlib.sha256(s.row.transcript.encode()).hexdigest().encode())
         return h.hexdigest()
 
     def report(self) -> dict[str, object]:
