@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -141,6 +142,9 @@ def _close_gaps(mask: np.ndarray, *, max_gap: int) -> np.ndarray:
     return out
 
 
+_SEVERITIES = ("error", "warning", "info")  # of a decoder note (client.manifest.Problem.severity)
+
+
 class FeatureCache:
     """Content-addressed store: ``<root>/<config hash>/<sha[:2]>/<sha>.npz``."""
 
@@ -160,15 +164,33 @@ class FeatureCache:
         return self.dir / digest[:2] / f"{digest}.npz"
 
     def get(self, digest: str) -> RecordingFeatures | None:
+        """The cached features, or None (a miss: they are extracted again and the entry replaced)
+        when there are none, or the entry cannot be read (truncated, not an .npz) or holds what
+        extraction with these settings never writes (see :meth:`_usable`)."""
         p = self._path(digest)
         if not p.exists():
             return None
         try:
             with np.load(p) as z:
                 notes = tuple(tuple(n.split("\t", 1)) for n in z["notes"].tolist())
-                return RecordingFeatures(z["mel"], z["markers"], float(z["seconds"]), int(z["rate"]), notes)  # type: ignore[arg-type]
-        except (OSError, ValueError, KeyError):
-            return None  # a damaged entry is recomputed, never trusted
+                feats = RecordingFeatures(z["mel"], z["markers"], float(z["seconds"]), int(z["rate"]), notes)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - BadZipFile, EOFError, a missing array...: a damaged entry is recomputed, never trusted
+            return None
+        return feats if self._usable(feats) else None
+
+    def _usable(self, feats: RecordingFeatures) -> bool:
+        """Whether a cached entry could have come from :func:`extract` with these settings: the
+        shapes, finite values, a duration of at least ``min_seconds`` (the decoder's check, which a
+        hit skips) and (severity, text) notes."""
+        return (
+            feats.mel.shape == (self.cfg.n_mels, n_frames(self.cfg))
+            and feats.markers.shape == (N_ACOUSTIC,)
+            and bool(np.isfinite(feats.mel).all() and np.isfinite(feats.markers).all())
+            and math.isfinite(feats.seconds)
+            and feats.seconds >= self.cfg.min_seconds
+            and feats.original_rate > 0
+            and all(len(n) == 2 and n[0] in _SEVERITIES for n in feats.notes)
+        )
 
     def put(self, digest: str, feats: RecordingFeatures) -> None:
         p = self._path(digest)
