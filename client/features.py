@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 import torchaudio.transforms as T  # noqa: N812
 
 from client.audio import Decoded
+from client.vector_cache import sweep_stale_temps, write_atomically
 from shared.config import FeatureConfig
 from shared.markers import N_ACOUSTIC
 
@@ -146,11 +145,13 @@ _SEVERITIES = ("error", "warning", "info")  # of a decoder note (client.manifest
 
 
 class FeatureCache:
-    """Content-addressed store: ``<root>/<config hash>/<sha[:2]>/<sha>.npz``."""
+    """Content-addressed store: ``<root>/<config hash>/<sha[:2]>/<sha>.npz``. Opening it sweeps
+    away the temporary files of a process killed mid-write (:func:`sweep_stale_temps`)."""
 
     def __init__(self, root: Path, cfg: FeatureConfig) -> None:
         self.dir = root / cfg.cache_key()
         self.cfg = cfg
+        sweep_stale_temps(self.dir)
 
     @staticmethod
     def audio_hash(path: Path) -> str:
@@ -193,13 +194,8 @@ class FeatureCache:
         )
 
     def put(self, digest: str, feats: RecordingFeatures) -> None:
-        p = self._path(digest)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, mel=feats.mel, markers=feats.markers, seconds=np.float32(feats.seconds), rate=np.int32(feats.original_rate), notes=np.array(["\t".join(n) for n in feats.notes], dtype=str))
-            os.replace(tmp, p)  # atomic: readers see the old file or the whole new one
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)  # a full disk must not keep half-written entries
-            raise
+        notes = np.array(["\t".join(n) for n in feats.notes], dtype=str)
+        write_atomically(  # a full disk keeps no half-written entry
+            self._path(digest),
+            lambda fh: np.savez(fh, mel=feats.mel, markers=feats.markers, seconds=np.float32(feats.seconds), rate=np.int32(feats.original_rate), notes=notes),
+        )

@@ -469,3 +469,19 @@ def test_a_well_formed_feature_cache_entry_with_impossible_values_is_a_miss(site
     assert cache.get(entry.stem) is not None  # recomputed and written back
     assert (len(data.sessions), data.cache_hits) == (1, 0)
     assert data.sessions[0].features.mel.shape == feats.mel.shape and np.isfinite(data.sessions[0].features.markers).all()
+
+
+def test_temporary_files_of_a_killed_feature_writer_are_swept_when_the_cache_opens(site: Path) -> None:
+    """Red team 17: a process killed between mkstemp and os.replace left *.tmp files for ever."""
+    import os
+    import time
+
+    folder = FeatureCache(site / "state", FeatureConfig()).dir / "ab"
+    folder.mkdir(parents=True)
+    stale, fresh = folder / "tmpkilled.tmp", folder / "tmpwriting.tmp"
+    stale.write_bytes(b"half"), fresh.write_bytes(b"half")
+    os.utime(stale, (time.time() - 3600,) * 2)
+
+    FeatureCache(site / "state", FeatureConfig())
+
+    assert (stale.exists(), fresh.exists()) == (False, True)
