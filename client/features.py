@@ -175,9 +175,9 @@ class FeatureCache:
             with np.load(p) as z:
                 notes = tuple(tuple(n.split("\t", 1)) for n in z["notes"].tolist())
                 feats = RecordingFeatures(z["mel"], z["markers"], float(z["seconds"]), int(z["rate"]), notes)  # type: ignore[arg-type]
-        except Exception:  # noqa: BLE001 - BadZipFile, EOFError, a missing array...: a damaged entry is recomputed, never trusted
+            return feats if self._usable(feats) else None
+        except Exception:  # noqa: BLE001 - BadZipFile, EOFError, a missing array, text where numbers belong...: recomputed, never trusted
             return None
-        return feats if self._usable(feats) else None
 
     def _usable(self, feats: RecordingFeatures) -> bool:
         """Whether a cached entry could have come from :func:`extract` with these settings: the

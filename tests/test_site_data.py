@@ -449,8 +449,9 @@ def test_a_truncated_feature_cache_entry_is_a_miss_and_is_replaced(site: Path) -
         {"seconds": 0.5},  # shorter than min_seconds: the duration check must hold on hits too
         {"seconds": float("nan")},
         {"notes": ("warning",)},  # a note without its text
+        {"mel": np.full((FeatureConfig().n_mels, n_frames(FeatureConfig())), "x")},  # text where numbers belong
     ],
-    ids=["mel-shape", "mel-nan", "markers-nan", "markers-shape", "too-short", "seconds-nan", "note"],
+    ids=["mel-shape", "mel-nan", "markers-nan", "markers-shape", "too-short", "seconds-nan", "note", "mel-text"],
 )
 def test_a_well_formed_feature_cache_entry_with_impossible_values_is_a_miss(site: Path, damage: dict[str, object]) -> None:
     """Red team d02(b): an entry of the wrong shape, with NaN markers or 0.5 s long was used as is."""
