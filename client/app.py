@@ -372,7 +372,7 @@ def restart_process_state() -> None:
     The ledger, keys and feature cache are on disk and survive, exactly as after a real restart.
     """
     _site.cache_clear()
-    site_module._recordings.cache_clear()
+    site_module._listed_files.cache_clear()
     parse_plan.cache_clear()
     _site_config.cache_clear()
     model_shapes.cache_clear()

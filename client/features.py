@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import tempfile
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import torchaudio.transforms as T  # noqa: N812
 
 from client.audio import AudioProblem, Decoded
+from client.vector_cache import sweep_stale_temps, write_atomically
 from shared.config import FeatureConfig
 from shared.markers import N_ACOUSTIC
 
@@ -144,12 +144,17 @@ def _close_gaps(mask: np.ndarray, *, max_gap: int) -> np.ndarray:
     return out
 
 
+_SEVERITIES = ("error", "warning", "info")  # of a decoder note (client.manifest.Problem.severity)
+
+
 class FeatureCache:
-    """Content-addressed store: ``<root>/<config hash>/<sha[:2]>/<sha>.npz``."""
+    """Content-addressed store: ``<root>/<config hash>/<sha[:2]>/<sha>.npz``. Opening it sweeps
+    away the temporary files of a process killed mid-write (:func:`sweep_stale_temps`)."""
 
     def __init__(self, root: Path, cfg: FeatureConfig) -> None:
         self.dir = root / cfg.cache_key()
         self.cfg = cfg
+        sweep_stale_temps(self.dir)
 
     @staticmethod
     def audio_hash(path: Path) -> str:
@@ -163,24 +168,37 @@ class FeatureCache:
         return self.dir / digest[:2] / f"{digest}.npz"
 
     def get(self, digest: str) -> RecordingFeatures | None:
+        """The cached features, or None (a miss: they are extracted again and the entry replaced)
+        when there are none, or the entry cannot be read (truncated, not an .npz) or holds what
+        extraction with these settings never writes (see :meth:`_usable`)."""
         p = self._path(digest)
         if not p.exists():
             return None
         try:
             with np.load(p) as z:
                 notes = tuple(tuple(n.split("\t", 1)) for n in z["notes"].tolist())
-                return RecordingFeatures(z["mel"], z["markers"], float(z["seconds"]), int(z["rate"]), notes)  # type: ignore[arg-type]
-        except (OSError, ValueError, KeyError):
-            return None  # a damaged entry is recomputed, never trusted
+                feats = RecordingFeatures(z["mel"], z["markers"], float(z["seconds"]), int(z["rate"]), notes)  # type: ignore[arg-type]
+            return feats if self._usable(feats) else None
+        except Exception:  # noqa: BLE001 - BadZipFile, EOFError, a missing array, text where numbers belong...: recomputed, never trusted
+            return None
+
+    def _usable(self, feats: RecordingFeatures) -> bool:
+        """Whether a cached entry could have come from :func:`extract` with these settings: the
+        shapes, finite values, a duration of at least ``min_seconds`` (the decoder's check, which a
+        hit skips) and (severity, text) notes."""
+        return (
+            feats.mel.shape == (self.cfg.n_mels, n_frames(self.cfg))
+            and feats.markers.shape == (N_ACOUSTIC,)
+            and bool(np.isfinite(feats.mel).all() and np.isfinite(feats.markers).all())
+            and math.isfinite(feats.seconds)
+            and feats.seconds >= self.cfg.min_seconds
+            and feats.original_rate > 0
+            and all(len(n) == 2 and n[0] in _SEVERITIES for n in feats.notes)
+        )
 
     def put(self, digest: str, feats: RecordingFeatures) -> None:
-        p = self._path(digest)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, mel=feats.mel, markers=feats.markers, seconds=np.float32(feats.seconds), rate=np.int32(feats.original_rate), notes=np.array(["\t".join(n) for n in feats.notes], dtype=str))
-            os.replace(tmp, p)  # atomic: readers see the old file or the whole new one
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)  # a full disk must not keep half-written entries
-            raise
+        notes = np.array(["\t".join(n) for n in feats.notes], dtype=str)
+        write_atomically(  # a full disk keeps no half-written entry
+            self._path(digest),
+            lambda fh: np.savez(fh, mel=feats.mel, markers=feats.markers, seconds=np.float32(feats.seconds), rate=np.int32(feats.original_rate), notes=notes),
+        )

@@ -20,7 +20,7 @@ import re
 import stat
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shared.errors import DataError
@@ -57,6 +57,7 @@ class SessionRow:
     label: int | None
     transcript: str | None
     relapse_onset: bool = False  # the clinically recorded start of an acute relapse (evaluation only)
+    transcript_path: Path | None = None  # the transcript's file, if it came from one (a site worker watches it for edits)
 
 
 @dataclass
@@ -92,7 +93,7 @@ def read_manifest(path: str | Path) -> Manifest:
     for line, rec in records:
         row = _validate_row(line, rec, base, manifest.problems, seen)
         if row is not None:
-            manifest.rows.append(row)
+            manifest.rows.append(replace(row, transcript_path=_transcript_file(rec, base)))
     manifest.problems += _case_variants(manifest.rows)
     return manifest
 
@@ -474,6 +475,12 @@ def _small_file(path: Path, limit: int) -> bytes | None:
             raise OSError(errno.EINVAL, "is not a regular file")
         data = fh.read(limit + 1)
     return data if len(data) <= limit else None
+
+
+def _transcript_file(rec: dict[str, str], base: Path) -> Path | None:
+    """The file a valid row's transcript was read from (None for an inline transcript or none)."""
+    rel = rec.get("transcript_path", "")
+    return (base / rel).resolve() if rel and not rec.get("transcript") else None
 
 
 def _not_a_file(path: Path) -> str | None:

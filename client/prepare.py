@@ -57,13 +57,15 @@ class SiteData:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Identifies the dataset for the privacy ledger: manifest bytes + audio hashes.
+        """Identifies the dataset for the privacy ledger: manifest bytes + audio hashes + transcript hashes.
 
         Computed once, after preparation, so every round's ledger entry names the data that
         was actually loaded (not a manifest edited on disk since) without re-reading it."""
         h = hashlib.sha256(self.manifest.path.read_bytes())
         for s in sorted(self.sessions, key=lambda s: s.row.session_id):
             h.update(s.audio_sha256.encode())
+            if s.row.transcript is not None:  # a transcript file redacted with the manifest unchanged is other data
+                h.update(hashlib.sha256(s.row.transcript.encode()).hexdigest().encode())
         return h.hexdigest()
 
     def report(self) -> dict[str, object]:
@@ -248,9 +250,14 @@ def _is_under(filename: object, folder: Path) -> bool:
 _DURATION, _SPEECH_RATIO = ACOUSTIC_MARKERS.index("duration_s"), ACOUSTIC_MARKERS.index("speech_ratio")
 
 
+def voiced_seconds(features: RecordingFeatures) -> float:
+    """Voiced time of a recording: the language markers' rate denominator, and part of their cache key."""
+    return float(features.markers[_DURATION] * features.markers[_SPEECH_RATIO])
+
+
 def add_language_markers(data: SiteData, cfg: LanguageConfig, cache_root: Path) -> None:
     """Fill each session's ``text_markers`` from its transcript (NaN where there is none)."""
-    voiced = [float(s.features.markers[_DURATION] * s.features.markers[_SPEECH_RATIO]) for s in data.sessions]
+    voiced = [voiced_seconds(s.features) for s in data.sessions]
     values, hits = language_markers([s.row.transcript for s in data.sessions], [s.row.language for s in data.sessions], voiced, cfg, cache_root=cache_root)
     data.sessions = [replace(s, text_markers=v) for s, v in zip(data.sessions, values, strict=True)]
     data.text_cache_hits = hits

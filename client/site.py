@@ -82,18 +82,21 @@ def site_cache_size() -> int:
     return size
 
 
-FileStat = tuple[int, int] | None  # (size, mtime_ns), None if the file cannot be read
+FileStat = tuple[int, int, int, int] | None  # (size, mtime_ns, inode, ctime_ns), None if the file cannot be read
 
 
 @dataclass(frozen=True)
 class DataIdentity:
-    """The site's data as it is on disk now: its manifest's and every listed recording's
-    (size, mtime_ns). Another value means other data: a patient removed from the manifest
-    (consent withdrawn), a recording replaced; the next message then loads the data again."""
+    """The site's data as it is on disk now: the stat of its manifest and of every recording and
+    transcript file it lists. Another value means other data: a patient removed from the manifest
+    (consent withdrawn), a recording replaced or a transcript redacted; the next message then loads
+    the data again. The inode and change time see what size and mtime miss: two recordings of one
+    size and mtime swapped (files unpacked from one archive), or a file rewritten with its mtime kept
+    (``cp -p``, ``rsync -t``, ``touch -r``)."""
 
     manifest: str
     manifest_stat: FileStat
-    recordings: tuple[FileStat, ...]
+    files: tuple[FileStat, ...]  # the recordings, then the transcript files, in manifest order
 
 
 def _stat(path: str) -> FileStat:
@@ -101,33 +104,35 @@ def _stat(path: str) -> FileStat:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 @functools.lru_cache(maxsize=site_cache_size())
-def _recordings(manifest: str, stat: FileStat) -> tuple[str, ...]:
-    """The recordings one version of a manifest lists (read once per version; none if it does not parse:
-    the Site that loads it then says what is wrong)."""
+def _listed_files(manifest: str, stat: FileStat) -> tuple[str, ...]:
+    """The recordings, then the transcript files, one version of a manifest lists (read once per
+    version; none if it does not parse: the Site that loads it then says what is wrong)."""
     del stat  # part of the cache key only
     try:
-        return tuple(str(row.audio_path) for row in read_manifest(manifest).rows)
+        rows = read_manifest(manifest).rows
     except (OSError, ValueError, FedrelapseError):
         return ()
+    return (*(str(r.audio_path) for r in rows), *(str(r.transcript_path) for r in rows if r.transcript_path is not None))
 
 
 def data_identity(site_cfg: SiteConfig) -> DataIdentity:
     """What prepared site data (:func:`load_site_data`) and a ClientApp's loaded Site are keyed on: one stat per listed
     file per message (4 ms per 1000 recordings on a loaded 2-core machine; a round's training
-    takes seconds), so an edited manifest or a replaced recording is never served from memory.
-    The ledger's data fingerprint covers the same files (manifest bytes, recordings)."""
+    takes seconds), so an edited manifest, a replaced recording or an edited transcript is never
+    served from memory. The ledger's data fingerprint covers the same data (manifest bytes,
+    recordings, transcripts)."""
     manifest = str(site_cfg.manifest.absolute())
     stat = _stat(manifest)
-    return DataIdentity(manifest, stat, tuple(_stat(f) for f in _recordings(manifest, stat)))
+    return DataIdentity(manifest, stat, tuple(_stat(f) for f in _listed_files(manifest, stat)))
 
 
 @functools.lru_cache(maxsize=8)
 def _load(manifest: Path, data: DataIdentity, cfg: FeatureConfig, language: LanguageConfig | None, speech: SpeechConfig | None, cache_root: Path) -> SiteData:
-    """Site data, memoised per process while the manifest and its recordings are unchanged on disk (rounds reuse it)."""
+    """Site data, memoised per process while the manifest and the files it lists are unchanged on disk (rounds reuse it)."""
     del data  # part of the cache key only
     return prepare_site(manifest, cfg, cache_root, language=language, speech=speech)
 

@@ -738,11 +738,14 @@ def site_check(
     state_dir: Annotated[Path | None, typer.Option(help="Where the feature cache lives (default: <manifest folder>/state).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Also list informational notes.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Then remove from the state folder's caches what no usable session uses (patients whose consent was withdrawn, other feature settings); needs --experiment. Prints counts only.")] = False,
 ) -> None:
     """Validate every row and recording, fill the feature cache, print the site data report."""
     from client.prepare import prepare_site
     from shared.config import FeatureConfig, LanguageConfig, load_experiment
 
+    if prune and experiment is None:  # the built-in feature settings would pass for current and the plan's features be removed
+        raise typer.BadParameter("--prune needs --experiment: the plan's feature settings say which cached features are current.", param_hint="--prune")
     exp = load_experiment(experiment) if experiment else None
     features, language = (exp.features, exp.language) if exp else (FeatureConfig(), LanguageConfig())
     cache = (state_dir or manifest.resolve().parent / "state") / "features"
@@ -750,6 +753,8 @@ def site_check(
         task = bar.add_task("checking recordings", total=None)
         data = prepare_site(manifest, features, cache, language=language, speech=exp.speech if exp else None, progress=lambda d, t: bar.update(task, completed=d, total=t))
     report = data.report()
+    if prune:
+        report |= _prune_report(data, features, cache)
     problems = [p.render(data.manifest.path) for p in data.problems]
     if as_json:  # "problems": the lines as printed; "issues": the same, structured, with their severity
         issues = [{"line": p.line, "field": p.field, "severity": p.severity, "problem": p.message} for p in data.problems]
@@ -768,6 +773,15 @@ def site_check(
             console.print(f"[dim]{hidden} informational note(s) (e.g. resampling) hidden; --verbose shows them.[/dim]")
     if not data.sessions:
         raise typer.Exit(3)
+
+
+def _prune_report(data: Any, features: Any, cache: Path) -> dict[str, int]:
+    """``site check --prune``: remove what no usable session uses from the caches; the counts for the report (never ids)."""
+    from dataclasses import asdict
+
+    from client.cache_retention import prune_caches
+
+    return {f"pruned_{k}": v for k, v in asdict(prune_caches(data, features, cache)).items()}
 
 
 audit_app = _typer(help="DPO: verify ledgers offline, independently of the site's software; attack a simulated site.", no_args_is_help=True)

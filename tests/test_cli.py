@@ -331,3 +331,56 @@ def test_site_check_json_gives_each_problem_with_its_severity(tmp_path: Path) ->
     issues = json.loads(result.stdout)["issues"]
     assert {(i["field"], i["severity"]) for i in issues} >= {("audio_path", "error"), ("header", "warning")}, issues
     assert all(set(i) == {"line", "field", "severity", "problem"} for i in issues)
+
+
+def _withdrawal_site(tmp_path: Path) -> tuple[Path, Path]:
+    """A site of three patients (one recording each) and an experiment without a sentence encoder."""
+    (tmp_path / "audio").mkdir()
+    rows = []
+    for i, who in enumerate(("kari-0001", "ola-0002", "withdrawn-0003")):
+        write_tone(tmp_path / "audio" / f"{who}.wav", amp=0.1 + 0.1 * i)
+        rows.append(f"{who},{who}-s1,2026-03-01,audio/{who}.wav,nb")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,session_id,recorded_at,audio_path,language\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text("name: t\nlanguage: {encoder: none}\n", encoding="utf-8")
+    return manifest, experiment
+
+
+def test_site_check_prune_removes_the_features_of_withdrawn_patients_and_prints_only_counts(tmp_path: Path) -> None:
+    """Red team d16: no command removed the cached features of a patient whose rows left the manifest."""
+    import re
+
+    from client.features import FeatureCache
+
+    manifest, experiment = _withdrawal_site(tmp_path)
+    check = ["site", "check", "--manifest", str(manifest), "--experiment", str(experiment), "--state-dir", str(tmp_path / "state")]
+    assert runner.invoke(app, check).exit_code == 0
+    digest = {who: FeatureCache.audio_hash(tmp_path / "audio" / f"{who}.wav") for who in ("kari-0001", "ola-0002", "withdrawn-0003")}
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    manifest.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # consent withdrawn: the row is removed
+
+    result = runner.invoke(app, [*check, "--prune"])
+    again = runner.invoke(app, [*check, "--prune", "--json"])
+
+    assert result.exit_code == 0, result.output
+    assert re.search(r"pruned_feature_entries\s*│\s*1\s*│", result.output), result.output
+    assert "withdrawn" not in result.output and digest["withdrawn-0003"][:12] not in result.output
+    assert sorted(p.stem for p in (tmp_path / "state" / "features").rglob("*.npz")) == sorted([digest["kari-0001"], digest["ola-0002"]])
+    report = json.loads(again.output[again.output.index("{"):])
+    assert {k: v for k, v in report.items() if k.startswith("pruned_")} == {
+        "pruned_feature_entries": 0, "pruned_settings_folders": 0, "pruned_language_marker_entries": 0, "pruned_speech_embeddings": 0,
+    }
+
+
+def test_site_check_prune_without_an_experiment_is_refused_and_removes_nothing(tmp_path: Path) -> None:
+    """Without the plan's feature settings the check would take the built-in ones for current and remove the plan's folder."""
+    manifest, experiment = _withdrawal_site(tmp_path)
+    state = tmp_path / "state"
+    runner.invoke(app, ["site", "check", "--manifest", str(manifest), "--experiment", str(experiment), "--state-dir", str(state)])
+    before = sorted(state.rglob("*"))
+
+    result = runner.invoke(app, ["site", "check", "--manifest", str(manifest), "--state-dir", str(state), "--prune"])
+
+    assert result.exit_code == 2 and "--experiment" in result.output and "Traceback" not in result.output
+    assert sorted(state.rglob("*")) == before

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from client.features import FeatureCache
+from client.features import FeatureCache, n_frames
 from client.manifest import MAX_VALUE_CHARS, read_manifest
 from client.prepare import prepare_site
 from shared.config import FeatureConfig
@@ -655,3 +655,73 @@ def test_features_that_come_out_non_finite_are_an_audio_problem() -> None:
     x[1000] = 1e20  # finite, within the decoder's checks if they were looser: its power overflows float32
     with pytest.raises(AudioProblem, match="non-finite features"):
         extract(Decoded(x, 16000, 16000, 2.0, ()), FeatureConfig())
+
+
+def _cached_entry(site: Path) -> tuple[Path, FeatureCache]:
+    """The manifest of one good row, checked once so its features are cached; and the cache."""
+    m = write_manifest(site, [row("s1", "audio/good.wav", "good.txt")])
+    prepare_site(m, FeatureConfig(), site / "state")
+    return m, FeatureCache(site / "state", FeatureConfig())
+
+
+def test_a_truncated_feature_cache_entry_is_a_miss_and_is_replaced(site: Path) -> None:
+    """Red team d02(a): a half-copied .npz made `site check` die with a BadZipFile traceback."""
+    m, cache = _cached_entry(site)
+    (entry,) = cache.dir.rglob("*.npz")
+    good = entry.read_bytes()
+    entry.write_bytes(good[: len(good) // 2])
+
+    data = prepare_site(m, FeatureConfig(), site / "state")
+
+    assert (len(data.sessions), data.cache_hits) == (1, 0)
+    assert cache.get(entry.stem) is not None  # recomputed and written back whole
+    assert prepare_site(m, FeatureConfig(), site / "state").cache_hits == 1
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"mel": np.zeros((3, 5), np.float16)},  # another shape than (n_mels, n_frames)
+        {"mel": np.full((FeatureConfig().n_mels, n_frames(FeatureConfig())), np.nan, np.float16)},
+        {"markers": np.full(10, np.nan, np.float32)},
+        {"markers": np.zeros(3, np.float32)},
+        {"seconds": 0.5},  # shorter than min_seconds: the duration check must hold on hits too
+        {"seconds": float("nan")},
+        {"notes": ("warning",)},  # a note without its text
+        {"mel": np.full((FeatureConfig().n_mels, n_frames(FeatureConfig())), "x")},  # text where numbers belong
+    ],
+    ids=["mel-shape", "mel-nan", "markers-nan", "markers-shape", "too-short", "seconds-nan", "note", "mel-text"],
+)
+def test_a_well_formed_feature_cache_entry_with_impossible_values_is_a_miss(site: Path, damage: dict[str, object]) -> None:
+    """Red team d02(b): an entry of the wrong shape, with NaN markers or 0.5 s long was used as is."""
+    from dataclasses import replace
+
+    m, cache = _cached_entry(site)
+    (entry,) = cache.dir.rglob("*.npz")
+    feats = cache.get(entry.stem)
+    assert feats is not None
+    fields = {k: v for k, v in damage.items() if k != "notes"}
+    notes = (damage["notes"],) if "notes" in damage else feats.notes
+    cache.put(entry.stem, replace(feats, notes=notes, **fields))  # type: ignore[arg-type]
+
+    data = prepare_site(m, FeatureConfig(), site / "state")
+
+    assert cache.get(entry.stem) is not None  # recomputed and written back
+    assert (len(data.sessions), data.cache_hits) == (1, 0)
+    assert data.sessions[0].features.mel.shape == feats.mel.shape and np.isfinite(data.sessions[0].features.markers).all()
+
+
+def test_temporary_files_of_a_killed_feature_writer_are_swept_when_the_cache_opens(site: Path) -> None:
+    """Red team 17: a process killed between mkstemp and os.replace left *.tmp files for ever."""
+    import os
+    import time
+
+    folder = FeatureCache(site / "state", FeatureConfig()).dir / "ab"
+    folder.mkdir(parents=True)
+    stale, fresh = folder / "tmpkilled.tmp", folder / "tmpwriting.tmp"
+    stale.write_bytes(b"half"), fresh.write_bytes(b"half")
+    os.utime(stale, (time.time() - 3600,) * 2)
+
+    FeatureCache(site / "state", FeatureConfig())
+
+    assert (stale.exists(), fresh.exists()) == (False, True)

@@ -218,3 +218,73 @@ def test_site_yaml_threads_must_be_a_count(tmp_path: Path) -> None:
     path.write_text("name: oslo\nmanifest: m.csv\nthreads: -2\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="threads"):
         load_site(path)
+
+
+def _two_recording_site(folder: Path) -> Path:
+    """site.yaml of a site with two same-length recordings (equal sizes) and transcript files."""
+    import csv
+
+    from tests.conftest import write_tone
+
+    (folder / "audio").mkdir(parents=True)
+    for i, amp in enumerate((0.3, 0.1)):
+        write_tone(folder / "audio" / f"r{i}.wav", amp=amp)
+        (folder / f"r{i}.txt").write_text(f"Transcript number {i}.\n", encoding="utf-8")
+    with (folder / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["patient_id", "session_id", "recorded_at", "audio_path", "transcript_path", "language", "label"])
+        for i in range(2):
+            w.writerow([f"p{i}", f"s{i}", "2026-03-01T09:30", f"audio/r{i}.wav", f"r{i}.txt", "nb", "0"])
+    (folder / "site.yaml").write_text("name: alpha\nmanifest: manifest.csv\nstate_dir: state\n", encoding="utf-8")
+    return folder / "site.yaml"
+
+
+def test_two_recordings_of_one_size_and_mtime_swapped_are_loaded_again_with_a_new_ledger_fingerprint(tmp_path: Path) -> None:
+    """Red team d13(b): the memo was keyed on (size, mtime_ns) only, so a swap of two recordings
+    unpacked from one archive (same size, same mtime) kept serving the old features and fingerprint."""
+    import os
+
+    import client.app as app
+    from client.features import FeatureCache
+    from client.site import load_site_data
+    from shared.config import FeatureConfig, load_site
+
+    site = load_site(_two_recording_site(tmp_path))
+    a, b = tmp_path / "audio" / "r0.wav", tmp_path / "audio" / "r1.wav"
+    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    app.restart_process_state()
+    first = load_site_data(site, FeatureConfig())
+
+    a.rename(tmp_path / "swap"), b.rename(a), (tmp_path / "swap").rename(b)
+    again = load_site_data(site, FeatureConfig())
+
+    assert again is not first
+    assert again.sessions[0].audio_sha256 == FeatureCache.audio_hash(a) != first.sessions[0].audio_sha256
+    assert again.fingerprint != first.fingerprint
+    app.restart_process_state()
+
+
+def test_a_transcript_rewritten_in_place_with_its_size_and_mtime_kept_is_read_again(tmp_path: Path) -> None:
+    """Red team d13(a): transcript files were no part of the memo's key, so a redacted transcript kept feeding the old text."""
+    import os
+    import time
+
+    import client.app as app
+    from client.site import load_site_data
+    from shared.config import FeatureConfig, load_site
+
+    site = load_site(_two_recording_site(tmp_path))
+    transcript = tmp_path / "r0.txt"
+    app.restart_process_state()
+    first = load_site_data(site, FeatureConfig())
+    before = transcript.stat()
+
+    time.sleep(0.05)  # past the file system's coarse clock tick, as any real edit is
+    transcript.write_text("[REDACTED] number 0.\n", encoding="utf-8")  # the same size
+    os.utime(transcript, ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = load_site_data(site, FeatureConfig())
+
+    assert transcript.stat().st_size == before.st_size and transcript.stat().st_mtime_ns == before.st_mtime_ns
+    assert [s.row.transcript for s in again.sessions] == ["[REDACTED] number 0.\n", "Transcript number 1.\n"]
+    assert again.fingerprint != first.fingerprint  # the ledger names the text trained on
+    app.restart_process_state()
