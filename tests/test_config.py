@@ -150,3 +150,11 @@ def test_yaml_aliases_that_repeat_a_section_a_few_times_are_still_read(tmp_path:
     path = write(tmp_path, "name: x\nlanguage: &l {}\nfederation: &f {rounds: 3}\nx-copy: [*f, *f, *f]\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) 'x-copy'"):  # read, then refused for what it is, not for its aliases
         load_experiment(path)
+
+
+@pytest.mark.parametrize("cap", ["epsilon_cap_total", "epsilon_cap_run"])
+def test_an_infinite_epsilon_cap_in_site_yaml_is_refused_as_no_cap_at_all(tmp_path: Path, cap: str) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(f"name: oslo\nmanifest: m.csv\npolicy:\n  {cap}: .inf\n")
+    with pytest.raises(ConfigError, match=rf"site.yaml: `policy.{cap}` is inf; it must be a finite ε \(e.g. 10\)"):
+        load_site(path)
