@@ -617,7 +617,7 @@ def site_timeline(
     """Clinician view of one patient's risk, alerts and markers over time (HTML + PNG), at the site only."""
     from client.early_warning import choose_threshold
     from client.site import Site
-    from client.timeline import patient_timeline, render_timeline, site_timelines
+    from client.timeline import patient_timeline, render_timeline, site_timelines, timeline_name
     from shared.config import load_experiment, load_site
     from shared.errors import DataError
     from shared.models import build_model
@@ -648,9 +648,9 @@ def site_timeline(
         from client.site_launcher import private_dir
 
         private_dir(str(cfg.state_dir / "timelines"))
-    target = out or cfg.state_dir / "timelines" / patient
+    target = out or cfg.state_dir / "timelines" / timeline_name(patient)  # never another patient's file, never outside the folder
     png, page = render_timeline(tl, sessions, threshold=threshold, alert_cfg=a, baseline_n=n0, out=target, site_name=cfg.name)
-    console.print(f"wrote {page} and {png} (personal data: keep them at the site)")
+    console.print(f"wrote {escape(str(page))} and {escape(str(png))} (personal data: keep them at the site)")
 
 
 @site_app.command("init")
