@@ -57,6 +57,15 @@ def read_config_text(path: str | Path) -> str:
         raise ConfigError(f"Config file {p} does not exist; check the path.") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"Config file {p} is not UTF-8 text; re-save it as UTF-8.") from exc
+    except IsADirectoryError:
+        raise ConfigError(f"Config file {p} is a folder; give the YAML file itself.") from None
+    except PermissionError as exc:
+        raise ConfigError(
+            f"Config file {p} cannot be read by this user ({exc.strerror}); run the command as the user it belongs to "
+            f"(e.g. the site's service user), or let this user read it."
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"Config file {p} cannot be read ({exc.strerror or exc}); check the path.") from None
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
