@@ -17,6 +17,7 @@ from typing import Any
 
 from shared.config import ExperimentConfig, SiteConfig
 from shared.errors import ConfigError
+from shared.privacy.ledger import locked
 
 
 def approvals_path(cfg: SiteConfig) -> Path:
@@ -24,8 +25,31 @@ def approvals_path(cfg: SiteConfig) -> Path:
 
 
 def load_approvals(cfg: SiteConfig) -> dict[str, Any]:
+    """The approved plans by hash ({} before the first approval), or a :class:`ConfigError` that
+    names a file that cannot be read or is not an approvals file (a crash, an edit)."""
     path = approvals_path(cfg)
-    return json.loads(path.read_text()) if path.exists() else {}
+    fix = (
+        "Keep it (it records who approved which plan): move it aside, and approve the plans this site runs again "
+        "with `fedrelapse site approve`; until then no plan counts as approved here."
+    )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"Approved plans file {path} is not UTF-8 JSON. {fix}") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"Approved plans file {path} cannot be read ({exc.strerror or exc}); run the command as the site's user, "
+            f"who owns {cfg.state_dir}."
+        ) from None
+    try:
+        approvals = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"Approved plans file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); a crash or an edit may have cut it short. {fix}") from None
+    if not isinstance(approvals, dict):
+        raise ConfigError(f"Approved plans file {path} holds a {type(approvals).__name__}, not the plans by hash. {fix}")
+    return approvals
 
 
 def is_approved(cfg: SiteConfig, exp: ExperimentConfig) -> bool:
@@ -52,20 +76,37 @@ def summary(exp: ExperimentConfig) -> list[tuple[str, str]]:
 
 
 def approve(cfg: SiteConfig, exp: ExperimentConfig, *, approved_by: str) -> str:
-    """Record the plan's hash as approved (atomic write); return the hash. ``approved_by`` must
+    """Record the plan's hash as approved (under a lock, written atomically and fsynced); return the hash. ``approved_by`` must
     name someone: an approval nobody signed is no record at all."""
     if not approved_by.strip():
         raise ConfigError(
             f"--approved-by is empty; give the name (and role) of the person approving plan {exp.plan_hash()[:16]} for site "
             f"{cfg.name}, e.g. --approved-by \"IT: Ola N.\". Nothing was recorded."
         )
-    approvals = load_approvals(cfg)
     digest = exp.plan_hash()
-    approvals[digest] = {"experiment": exp.name, "approved_by": approved_by.strip(), "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     path = approvals_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(approvals, fh, indent=2)
-    os.replace(tmp, path)
+    with locked(path):  # one approval at a time: a read-modify-write without it lost approvals made together
+        approvals = load_approvals(cfg)
+        approvals[digest] = {"experiment": exp.name, "approved_by": approved_by.strip(), "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        _replace_durably(path, (json.dumps(approvals, indent=2) + "\n").encode("utf-8"))
     return digest
+
+
+def _replace_durably(path: Path, data: bytes) -> None:
+    """Write ``path`` atomically and on disk when this returns (file and folder fsynced): a crash
+    leaves the old file or the new one, never an empty one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from pathlib import Path
 from typing import Any
 
 from client.site import ledger_path, ledger_public_key, site_key_paths
@@ -17,7 +18,10 @@ from shared.privacy.accounting import epsilon
 def budget_status(cfg: SiteConfig) -> dict[str, Any]:
     """Spent and remaining ε per run and overall, at the policy's δ, from the verified ledger."""
     path = ledger_path(cfg.state_dir)
-    entries = ledger.read_entries(path, ledger_public_key(cfg.state_dir))
+    try:
+        entries = ledger.read_entries(path, ledger_public_key(cfg.state_dir))
+    except OSError as exc:
+        raise PolicyError(_ledger_os_error(cfg, path, exc, "read")) from None
     delta = cfg.policy.delta
     rounds = [e for e in entries if e.kind == "round"]
     cap_total, cap_run = ledger.current_caps(entries, cap_total=cfg.policy.epsilon_cap_total, cap_run=cfg.policy.epsilon_cap_run)
@@ -40,11 +44,24 @@ def change_caps(cfg: SiteConfig, *, cap_total: float | None, cap_run: float | No
     priv, pub = site_key_paths(cfg.state_dir)
     key = signing.load_private(priv) if priv.exists() else signing.generate(priv, pub)
     path = ledger_path(cfg.state_dir)
-    with ledger.locked(path):
-        entries = ledger.read_entries(path, key.public_key())
-        entry = ledger.LedgerEntry(
-            kind="policy", site=cfg.name, dataset="", delta=cfg.policy.delta, cap_total=cap_total, cap_run=cap_run, note=note,
-            time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), key_id=signing.fingerprint(key.public_key()),
-            prev_hash=ledger.head_hash(entries),
-        )
-        ledger.append(path, entry, key)
+    try:
+        with ledger.locked(path):
+            entries = ledger.read_entries(path, key.public_key())
+            entry = ledger.LedgerEntry(
+                kind="policy", site=cfg.name, dataset="", delta=cfg.policy.delta, cap_total=cap_total, cap_run=cap_run, note=note,
+                time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), key_id=signing.fingerprint(key.public_key()),
+                prev_hash=ledger.head_hash(entries),
+            )
+            ledger.append(path, entry, key)
+    except OSError as exc:
+        raise PolicyError(_ledger_os_error(cfg, path, exc, "written")) from None
+
+
+def _ledger_os_error(cfg: SiteConfig, path: Path, exc: OSError, doing: str) -> str:
+    """The sentence for a ledger this user cannot read or write (another user's file, a file in the way, a full disk)."""
+    where = f" on {exc.filename}" if exc.filename and str(exc.filename) != str(path) else ""
+    return (
+        f"The ledger {path} cannot be {doing} ({exc.strerror or exc}{where}). Run `fedrelapse site budget` as the site's user, "
+        f"who owns {cfg.state_dir}; {'nothing was changed' if doing == 'read' else 'the cap change was not recorded'}. "
+        f"To read a copy elsewhere, use `fedrelapse audit verify`."
+    )

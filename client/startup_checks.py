@@ -32,8 +32,8 @@ def check_private_key_mode(path: Path, what: str) -> None:
     """Refuse a private key that users other than its owner may read or write."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        return  # the caller says what a missing file means
+    except (FileNotFoundError, NotADirectoryError):
+        return  # the caller says what a missing file (or a file where a folder should be) means
     if mode & 0o077:
         raise CryptoError(
             f"{what} {path} has mode {mode:04o}: other users on this host can read it. A private key must be readable "

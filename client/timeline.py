@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import html
 import io
 import os
@@ -65,11 +66,33 @@ def patient_timeline(site: Site, model: torch.nn.Module, patient_id: str) -> tup
     raise KeyError(f"Patient {patient_id!r} has no usable session at site {site.cfg.name}; check the id against the manifest (`fedrelapse site check`).")
 
 
+MAX_NAME_BYTES = 200  # file systems allow 255; room for ".html" and a temporary file's affixes
+
+
+def timeline_name(patient_id: str) -> str:
+    """The file name (without suffix) of a patient's timeline: one name per id, inside its folder.
+
+    Letters, digits, ``-``, ``_`` and ``.`` stay as they are (``gamma-p0001``, ``alpha.p0000``);
+    every other character, and a leading ``.``, becomes ``%XX`` per UTF-8 byte. No two ids get the
+    same name (``%`` itself is encoded), and none can be ``.``, ``..``, a hidden file or hold a
+    ``/``. A name longer than :data:`MAX_NAME_BYTES` keeps its start and ends with a hash of the id.
+    """
+    name = "".join(
+        c if (c.isalnum() or c in "-_.") and c.isprintable() and not (i == 0 and c == ".") else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for i, c in enumerate(patient_id)
+    )
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(patient_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        name = name.encode("utf-8")[: MAX_NAME_BYTES - 20].decode("utf-8", "ignore") + "~" + digest
+    return name or "%"  # an empty id (the manifest refuses one) still names a file
+
+
 PLOTTED = ("speech_ratio", "pause_time_ratio", "syllable_rate", "f0_sd_st", "coherence_mean", "words_per_voiced_s")
 
 
 def render_timeline(tl: Timeline, sessions: list[PreparedSession], *, threshold: float, alert_cfg: AlertConfig, baseline_n: int, out: Path, site_name: str) -> tuple[Path, Path]:
-    """Write ``<out>.png`` and a self-contained ``<out>.html`` for one patient."""
+    """Write ``<out>.png`` and a self-contained ``<out>.html`` for one patient (the suffixes are added
+    to ``out``'s whole name: ``alpha.p0000`` gives ``alpha.p0000.html``, not ``alpha.html``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +128,7 @@ def render_timeline(tl: Timeline, sessions: list[PreparedSession], *, threshold:
     fig.autofmt_xdate()
     fig.tight_layout()
     out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new folder is the owner's only
-    png = out.with_suffix(".png")
+    png = out.with_name(out.name + ".png")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -123,7 +146,7 @@ threshold {threshold:.3f}.</p>
 <img alt="risk and markers over time" style="width:100%" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">
 <table><tr><th>date</th><th>risk</th><th>alert</th><th>label</th></tr>{rows}</table>
 """
-    page_path = out.with_suffix(".html")
+    page_path = out.with_name(out.name + ".html")
     write_private(page_path, page.encode("utf-8"))
     return png, page_path
 

@@ -54,6 +54,13 @@ def friendly(fn: F) -> F:
         except FedrelapseError as exc:
             err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except PermissionError as exc:  # a file of another user that no check above named: still a sentence, not a traceback
+            what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+            err_console.print(
+                f"[bold red]error:[/bold red] {escape(what)}. Run fedrelapse as the user that owns these files (e.g. the site's "
+                "service user), or let this user read and write them.", soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -617,7 +624,7 @@ def site_timeline(
     """Clinician view of one patient's risk, alerts and markers over time (HTML + PNG), at the site only."""
     from client.early_warning import choose_threshold
     from client.site import Site
-    from client.timeline import patient_timeline, render_timeline, site_timelines
+    from client.timeline import patient_timeline, render_timeline, site_timelines, timeline_name
     from shared.config import load_experiment, load_site
     from shared.errors import DataError
     from shared.models import build_model
@@ -648,9 +655,9 @@ def site_timeline(
         from client.site_launcher import private_dir
 
         private_dir(str(cfg.state_dir / "timelines"))
-    target = out or cfg.state_dir / "timelines" / patient
+    target = out or cfg.state_dir / "timelines" / timeline_name(patient)  # never another patient's file, never outside the folder
     png, page = render_timeline(tl, sessions, threshold=threshold, alert_cfg=a, baseline_n=n0, out=target, site_name=cfg.name)
-    console.print(f"wrote {page} and {png} (personal data: keep them at the site)")
+    console.print(f"wrote {escape(str(page))} and {escape(str(png))} (personal data: keep them at the site)")
 
 
 @site_app.command("init")
@@ -666,14 +673,14 @@ def site_init(site: Annotated[Path, typer.Option(help="The site's site.yaml.")])
     priv, pub = site_key_paths(cfg.state_dir)
     check_private_key_mode(priv, "The site's ledger signing key")
     if priv.exists():
-        console.print(f"ledger key already exists: {priv}")
+        console.print(f"ledger key already exists: {escape(str(priv))}")
         if not pub.exists():
             signing.write_public(signing.load_private(priv), pub)
-            console.print(f"its public key file was missing: rebuilt {pub} from the private key")
+            console.print(f"its public key file was missing: rebuilt {escape(str(pub))} from the private key")
     else:
         signing.generate(priv, pub)
-        console.print(f"created ledger signing key {priv} (0600; never copy it off this host)")
-    console.print(f"give this public key to your DPO for `fedrelapse audit verify`: [bold]{pub}[/bold] (id {signing.fingerprint(signing.load_public(pub))})")
+        console.print(f"created ledger signing key {escape(str(priv))} (0600; never copy it off this host)")
+    console.print(f"give this public key to your DPO for `fedrelapse audit verify`: [bold]{escape(str(pub))}[/bold] (id {signing.fingerprint(signing.load_public(pub))})")
 
 
 @site_app.command("approve")
@@ -693,11 +700,11 @@ def site_approve(
     cfg, exp = load_site(site), load_experiment(plan)
     table = Table(title=f"training plan for site {cfg.name}", show_header=False)
     for key, value in summary(exp):
-        table.add_row(key, value)
+        table.add_row(key, escape(value))
     console.print(table)
     if not yes and not typer.confirm("Approve this plan for this site?", default=False):
         raise typer.Exit(1)
-    console.print(f"approved plan {approve(cfg, exp, approved_by=approved_by)} (recorded in {cfg.state_dir / 'approved-plans.json'})")
+    console.print(f"approved plan {approve(cfg, exp, approved_by=approved_by)} (recorded in {escape(str(cfg.state_dir / 'approved-plans.json'))})")
 
 
 @site_app.command("budget")
@@ -724,10 +731,10 @@ def site_budget(
     table.add_column("rounds", justify="right")
     table.add_column("ε (run)", justify="right")
     for run in status["runs"]:
-        table.add_row(run["run_id"], str(run["rounds"]), f"{run['epsilon']:.3f}")
+        table.add_row(escape(run["run_id"]), str(run["rounds"]), f"{run['epsilon']:.3f}")
     console.print(table)
     console.print(f"all runs: ε spent {status['epsilon_spent']:.3f} of cap {status['cap_total']:g} (remaining {status['epsilon_remaining']:.3f}); per-run cap {status['cap_run']:g}")
-    console.print(f"ledger: {status['ledger']} · {status['entries']} entries · head {status['head'][:16]}")
+    console.print(f"ledger: {escape(status['ledger'])} · {status['entries']} entries · head {status['head'][:16]}")
 
 
 @site_app.command("check")
@@ -762,7 +769,7 @@ def site_check(
     else:
         table = Table(title="site data report", show_header=False)
         for k, v in report.items():
-            table.add_row(k, str(v))
+            table.add_row(k, escape(str(v)))  # paths as they are: `site [old]` is not markup
         console.print(table)
         colour = {"error": "red", "warning": "yellow", "info": "dim"}
         shown = [(p, line) for p, line in zip(data.problems, problems, strict=True) if verbose or p.severity != "info"]
@@ -835,7 +842,7 @@ def audit_verify(
     else:
         for r in results:
             mark = "[green]verified[/green]" if r["ok"] else "[red]PROBLEMS FOUND[/red]"
-            console.print(f"{r['ledger']}: {mark} · {r['entries']} entries · ε recorded {_four(r['epsilon_recorded'])}, independent RDP {_four(r['epsilon_rdp_independent'])}, PLD {_four(r['epsilon_pld_independent'])}")
+            console.print(f"{escape(r['ledger'])}: {mark} · {r['entries']} entries · ε recorded {_four(r['epsilon_recorded'])}, independent RDP {_four(r['epsilon_rdp_independent'])}, PLD {_four(r['epsilon_pld_independent'])}")
             for i in r["issues"]:
                 console.print(f"  [red]line {i['line']}: {escape(i['problem'])}[/red]")
     if failed:
@@ -889,7 +896,7 @@ def audit_attack(
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-        console.print(f"results: [bold]{out}[/bold]")
+        console.print(f"results: [bold]{escape(str(out))}[/bold]")
 
 
 @audit_app.command("report")

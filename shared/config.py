@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,15 @@ class SitePolicy:
     )
     allow_non_private: bool = spec(False, doc="Accept plans without DP. Only for synthetic benchmark data, never for patients.")
     require_secure_aggregation: bool = spec(False, doc="Train only in SecAgg+ rounds, so no update leaves the site unmasked.")
+
+    def validate(self, source: str) -> None:
+        for name in ("epsilon_cap_total", "epsilon_cap_run"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ConfigError(
+                    f"{source}: `policy.{name}` is {value}; it must be a finite ε (e.g. 10). An infinite cap is no cap at all, "
+                    f"and `fedrelapse site budget` refuses one too. Ask your DPO for the cap."
+                )
 
 
 @dataclass(frozen=True, kw_only=True)

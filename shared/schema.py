@@ -8,6 +8,7 @@ new field needs no parsing code. Nothing past the entry point reads raw dicts.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -56,6 +57,15 @@ def read_config_text(path: str | Path) -> str:
         raise ConfigError(f"Config file {p} does not exist; check the path.") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"Config file {p} is not UTF-8 text; re-save it as UTF-8.") from exc
+    except IsADirectoryError:
+        raise ConfigError(f"Config file {p} is a folder; give the YAML file itself.") from None
+    except PermissionError as exc:
+        raise ConfigError(
+            f"Config file {p} cannot be read by this user ({exc.strerror}); run the command as the user it belongs to "
+            f"(e.g. the site's service user), or let this user read it."
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"Config file {p} cannot be read ({exc.strerror or exc}); check the path.") from None
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -66,11 +76,53 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
         self.key, self.first_line, self.line = key, first.line + 1, again.line + 1
 
 
+MAX_ALIAS_VALUES = 10_000
+"""How many values a document's aliases may add when expanded: plenty for repeating a section,
+far below an alias bomb (a few hundred bytes that expand to millions of values)."""
+
+
+class AliasBombError(yaml.YAMLError):
+    """A document whose aliases expand to more than :data:`MAX_ALIAS_VALUES` values."""
+
+
+def _alias_values(root: yaml.Node) -> int:
+    """How many values the aliases under ``root`` add when expanded (each node once per use,
+    counted without expanding anything: a node's expanded size is remembered)."""
+    size: dict[int, int] = {}
+    open_: set[int] = set()  # the nodes being counted: the ancestors of the one on top
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: no recursion limit, whatever the nesting
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            size[key] = 1 + sum(size.get(id(k), 1) for k in _children(node))  # .get: a node inside itself counts once
+            open_.discard(key)
+        elif key not in size and key not in open_:
+            open_.add(key)
+            stack.append((node, True))
+            stack.extend((k, False) for k in _children(node))
+    return size[id(root)] - len(size)  # expanded minus written
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a mapping may not repeat a key.
+    """PyYAML's safe loader, except that a mapping may not repeat a key and aliases may not
+    expand to more than :data:`MAX_ALIAS_VALUES` values.
 
     ``yaml.safe_load`` keeps the last of two equal keys, so a second ``privacy:`` block
     would silently replace the first (and reset its fields to their defaults)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        if _alias_values(node) > MAX_ALIAS_VALUES:
+            raise AliasBombError(f"aliases expand to more than {MAX_ALIAS_VALUES} values")
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
@@ -96,6 +148,12 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(
             f"{source}: key {exc.key!r} appears twice in the same section (lines {exc.first_line} and {exc.line}); "
             f"YAML would silently keep only the second. Merge the two into one."
+        ) from None
+    except AliasBombError:
+        raise ConfigError(
+            f"{source}: its YAML aliases (*name) expand to more than {MAX_ALIAS_VALUES} values, which no config needs "
+            f"(a few hundred bytes of nested aliases can expand to millions). Write the values out, or repeat sections "
+            f"with fewer, flatter aliases."
         ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -128,7 +186,7 @@ def build(cls: type[T], data: Any, *, source: str, path: str = "") -> T:
     if unknown:
         where = f"`{path}`" if path else "the top level"
         raise ConfigError(
-            f"{source}: unknown key(s) {', '.join(map(repr, unknown))} in {where}; "
+            f"{source}: unknown key(s) {', '.join(map(_short, unknown))} in {where}; "
             f"allowed keys are {', '.join(sorted(fields))}."
         )
     kwargs: dict[str, Any] = {}
@@ -159,8 +217,20 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 80, 80
+MAX_SHOWN = 200
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, at most :data:`MAX_SHOWN` characters: a config value in an error message
+    is there to be recognised, and a huge one (or an alias bomb) must not flood the terminal."""
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
 def _show(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{_short(value)} ({type(value).__name__})"
 
 
 def _coerce(hint: Any, value: Any, *, source: str, key: str) -> Any:
@@ -208,7 +278,7 @@ def _check_bounds(f: dataclasses.Field[Any], value: Any, *, source: str, key: st
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(
-            f"{source}: `{key}` is {value!r}; allowed values are {', '.join(map(repr, choices))}."
+            f"{source}: `{key}` is {_short(value)}; allowed values are {', '.join(map(repr, choices))}."
         )
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return

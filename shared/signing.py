@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -28,9 +28,12 @@ def generate(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
             f"verifies (the DPO for a ledger key, every site for the model-signing key) needs the new public key."
         )
     key = Ed25519PrivateKey.generate()
-    private_path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        private_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise CryptoError(_cannot_create(private_path, exc)) from None
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
     write_public(key, public_path)
@@ -39,17 +42,60 @@ def generate(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
 
 def write_public(key: Ed25519PrivateKey, public_path: Path) -> Path:
     """Write the public half of ``key`` (PEM); e.g. to rebuild a lost .pub.pem from its private key."""
-    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    try:
+        public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    except OSError as exc:
+        raise CryptoError(_cannot_create(public_path, exc)) from None
     return public_path
+
+
+def _cannot_create(path: Path, exc: OSError) -> str:
+    """Why a key file cannot be written, and what to do, in one sentence."""
+    blocker = _file_in_the_way(path.parent)
+    why = f"{blocker} is a file, not a folder: move it or change the path" if blocker else exc.strerror or str(exc)
+    return (
+        f"{path} cannot be created ({why}). Run the command as the user the site runs as (for coordinator keys, the "
+        f"coordinator's admin user), who must be able to write to {path.parent}."
+    )
+
+
+def _cannot_read(path: Path, exc: OSError) -> str:
+    """Why a key file cannot be read (it exists, or a folder on its path is not one), and what to do."""
+    if isinstance(exc, IsADirectoryError):
+        return f"{path} is a folder; give the key file itself."
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        return f"{path} cannot be read: {blocker} is a file, not a folder; check the path."
+    if isinstance(exc, PermissionError):
+        return (
+            f"{path} cannot be read by this user ({exc.strerror}); run the command as the user that owns the key "
+            f"(e.g. the site's service user). Do not make a private key readable by others."
+        )
+    return f"{path} cannot be read ({exc.strerror or exc}); check the path."
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The first of ``folder`` and its parents that exists but is not a folder, if any."""
+    return next((p for p in [*reversed(folder.parents), folder] if os.path.exists(p) and not os.path.isdir(p)), None)
 
 
 def read_key(path: Path, load: Callable[[bytes], object], expected: type, *, missing: str, malformed: str, wrong_type: str) -> Any:
     """A key file parsed by ``load``, or a CryptoError saying what is wrong and what to do."""
     try:
-        key = load(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CryptoError(missing) from None
-    except ValueError as exc:
+    except OSError as exc:
+        raise CryptoError(_cannot_read(path, exc)) from None
+    try:
+        key = load(data)
+    except TypeError:  # the only one with password=None: "Password was not given but private key is encrypted"
+        raise CryptoError(
+            f"{path} is protected by a passphrase, and fedrelapse reads keys without one (the file's mode, 0600, protects it). "
+            f"Write it without the passphrase with `openssl pkey -in {path} -out <new file>` (it asks for the passphrase), "
+            f"`chmod 600` the new file and put it in place of {path}."
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise CryptoError(f"{malformed} ({exc}).") from exc
     if not isinstance(key, expected):
         raise CryptoError(wrong_type)

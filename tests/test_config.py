@@ -116,3 +116,45 @@ def test_the_largest_seed_a_plan_accepts_seeds_the_model(tmp_path: Path) -> None
     exp = load_experiment(write(tmp_path, f"name: x\nseed: {2**63 - 1}\n"))
     assert exp.seed == 2**63 - 1
     build_model(exp)  # torch.manual_seed accepts it
+
+
+def _alias_bomb(levels: int) -> str:
+    """A YAML value of 9**levels strings written in a few hundred bytes (each level repeats the last nine times)."""
+    parts = ["&a0 [" + ", ".join(["xxxxxxxxxxxxxxxx"] * 9) + "]"]
+    parts += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(parts) + "]"
+
+
+def test_a_value_of_the_wrong_type_is_shown_shortened_in_the_error(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("name: [" + ", ".join(["patient-0001"] * 5000) + "]\nmanifest: m.csv\n")
+    with pytest.raises(ConfigError, match=r"site.yaml: `name` must be text, got \['patient-0001', .*\.\.\..* \(list\)\.$") as err:
+        load_site(path)
+    assert len(str(err.value)) < 400
+
+
+@pytest.mark.parametrize("where", ["site", "plan"])
+def test_a_yaml_alias_bomb_is_refused_naming_the_file_before_it_is_expanded(tmp_path: Path, where: str) -> None:
+    from shared.config import experiment_from_yaml_text
+
+    text = f"name: {_alias_bomb(6)}\n"  # 531441 values from 300 bytes, where text belongs
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"aliases \(\*name\) expand to more than 10000 values") as err:
+        load_site(path) if where == "site" else experiment_from_yaml_text(text, source="the plan")
+    assert str(err.value).startswith(f"Config file {path}:" if where == "site" else "the plan:")
+    assert len(str(err.value)) < 400
+
+
+def test_yaml_aliases_that_repeat_a_section_a_few_times_are_still_read(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: x\nlanguage: &l {}\nfederation: &f {rounds: 3}\nx-copy: [*f, *f, *f]\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'x-copy'"):  # read, then refused for what it is, not for its aliases
+        load_experiment(path)
+
+
+@pytest.mark.parametrize("cap", ["epsilon_cap_total", "epsilon_cap_run"])
+def test_an_infinite_epsilon_cap_in_site_yaml_is_refused_as_no_cap_at_all(tmp_path: Path, cap: str) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(f"name: oslo\nmanifest: m.csv\npolicy:\n  {cap}: .inf\n")
+    with pytest.raises(ConfigError, match=rf"site.yaml: `policy.{cap}` is inf; it must be a finite ε \(e.g. 10\)"):
+        load_site(path)

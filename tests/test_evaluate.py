@@ -8,6 +8,7 @@ import shutil
 import stat
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -105,3 +106,46 @@ def test_site_timelines_are_written_0600_in_a_0700_folder_whatever_the_umask(tin
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert sorted(p.name for p in folder.iterdir()) == ["gamma-p0001.html", "gamma-p0001.png"]  # no temporary file left
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.iterdir())
+
+
+def _tiny_timeline(patient_id: str) -> tuple:
+    import datetime as dt
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from client.early_warning import Timeline
+    from shared.markers import N_SESSION
+
+    n = 4
+    sessions = [SimpleNamespace(row=SimpleNamespace(recorded_at=dt.datetime(2026, 3, 1) + dt.timedelta(days=7 * i)), markers=np.zeros(N_SESSION, np.float32)) for i in range(n)]
+    return Timeline(patient_id, np.arange(n) * 7.0, np.linspace(0.1, 0.6, n), np.zeros(n), None), sessions
+
+
+@pytest.mark.parametrize("pid", ["alpha.p0000", "2024.017", "../../etc/x", "a/b", "..", ".", ".hidden", "åse 1%2F", "p\x00q", "x" * 300])
+def test_a_timeline_file_name_stays_in_its_folder_whatever_the_patient_id(pid: str) -> None:
+    from client.timeline import timeline_name
+
+    name = timeline_name(pid)
+    assert "/" not in name and "\x00" not in name and not name.startswith(".") and 0 < len(name.encode()) <= 200
+    assert Path("timelines", name).parent == Path("timelines")
+
+
+def test_timeline_file_names_of_different_patients_differ() -> None:
+    from client.timeline import timeline_name
+
+    ids = ["alpha.p0000", "alpha.p0001", "alpha", "alpha.html", "a/b", "a%2Fb", "a_b", "..", ".", "%2E%2E", "x" * 300, "x" * 299 + "y"]
+    assert len({timeline_name(i) for i in ids}) == len(ids)
+    assert timeline_name("gamma-p0001") == "gamma-p0001"  # a plain id is the file name
+
+
+def test_patients_whose_ids_differ_after_a_dot_get_a_timeline_each(tmp_path: Path) -> None:
+    from client.timeline import render_timeline
+    from shared.config import AlertConfig
+
+    for pid in ("alpha.p0000", "alpha.p0001"):
+        tl, sessions = _tiny_timeline(pid)
+        png, page = render_timeline(tl, sessions, threshold=0.5, alert_cfg=AlertConfig(), baseline_n=2, out=tmp_path / pid, site_name="alpha")
+        assert (png.name, page.name) == (f"{pid}.png", f"{pid}.html")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha.p0000.html", "alpha.p0000.png", "alpha.p0001.html", "alpha.p0001.png"]
+    assert "<title>Patient alpha.p0000</title>" in (tmp_path / "alpha.p0000.html").read_text()
