@@ -43,7 +43,7 @@ from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared import secure_records
 from shared.config import ExperimentConfig, SecureAggregationConfig, SiteConfig, experiment_from_yaml_text, site_from_yaml_text
-from shared.errors import FedrelapseError, PolicyError
+from shared.errors import ConfigError, FedrelapseError, PolicyError
 from shared.faults import FaultPlan, InjectedCrash
 from shared.model_signing import verify_model
 from shared.models import build_model
@@ -259,8 +259,13 @@ def _site_data(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site | Refusal:
 def _refused_by_policy(site_cfg: SiteConfig, exp: ExperimentConfig, *, kind: str, secure: bool) -> Refusal | None:
     """Whether the site's own policy allows this plan (approval, secure aggregation): read from
     site.yaml and the approvals file only, so a plan it refuses costs no data work."""
-    if site_cfg.require_approved_plans and not is_approved(site_cfg, exp):
-        return Refusal("unapproved-plan", f"Site {site_cfg.name} has not approved plan {exp.plan_hash()[:16]} ({exp.name}); its IT must run `fedrelapse site approve` first.")
+    if site_cfg.require_approved_plans:
+        try:
+            approved = is_approved(site_cfg, exp)
+        except ConfigError as exc:  # a damaged or unreadable approvals file: no plan counts as approved; its path stays here
+            return Refusal("unapproved-plan", withheld(exc, site=site_cfg.name, doing="reading its approved plans") + " Until its IT repairs that file, no plan counts as approved.")
+        if not approved:
+            return Refusal("unapproved-plan", f"Site {site_cfg.name} has not approved plan {exp.plan_hash()[:16]} ({exp.name}); its IT must run `fedrelapse site approve` first.")
     if site_cfg.policy.require_secure_aggregation:
         if kind == MessageType.QUERY and not exp.federation.secure_aggregation.enabled:
             return Refusal("no-secagg", f"Site {site_cfg.name} sends updates only under secure aggregation (policy require_secure_aggregation); the plan has federation.secure_aggregation.enabled = false.")

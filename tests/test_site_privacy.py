@@ -338,6 +338,23 @@ def test_site_trains_only_approved_plans_when_its_policy_requires_it(tiny_cohort
     assert build_client_app()(_message("train", other, rnd=2), ctx).content[P.SITE][P.REFUSAL_CODE] == "unapproved-plan"
 
 
+def test_a_damaged_approvals_file_refuses_every_plan_without_sending_its_path(tiny_cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A cut-short approved-plans.json raised ConfigError inside the handler: the reply was the
+    catch-all 'invalid'. It is an unapproved-plan refusal now, its path logged here only."""
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(f"name: alpha\nmanifest: {tiny_cohort / 'alpha' / 'manifest.csv'}\nstate_dir: {tmp_path / 'state'}\nrequire_approved_plans: true\n")
+    (tmp_path / "state").mkdir()
+    approvals = tmp_path / "state" / "approved-plans.json"
+    approvals.write_text('{"abc": {"approved_by": "IT"')  # a crash cut it short
+    ctx = Context(run_id=1, node_id=1, node_config={P.NC_SITE_CONFIG: str(site_yaml)}, state=RecordDict(), run_config={})
+    for kind in ("query", "train", "evaluate"):
+        info = build_client_app()(_message(kind, tiny_experiment().to_yaml()), ctx).content[P.SITE]
+        assert info[P.REFUSAL_CODE] == "unapproved-plan", (kind, info[P.REFUSAL_REASON])
+        assert str(tmp_path) not in str(info[P.REFUSAL_REASON]) and "ConfigError" in str(info[P.REFUSAL_REASON])
+    assert str(approvals) in caplog.text  # the full error stays in the site's log
+    assert approvals.read_text() == '{"abc": {"approved_by": "IT"'  # kept for IT to inspect
+
+
 def _secure_train_message(plan: str) -> Message:
     """A SecAgg+ round's train message as the secaggplus mod hands it to the handler (legacy fitins)."""
     from flwr.common import FitIns, ndarrays_to_parameters
