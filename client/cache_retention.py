@@ -8,7 +8,9 @@ recording's features behind. Pruning keeps exactly what the checked data uses:
 - ``<settings hash>/``: this plan's features, kept for the recordings of usable sessions; the
   folders of other feature settings are removed whole (rebuilt from the audio if used again);
 - ``text-<hash>/``: language markers, kept for the transcripts of usable sessions;
-- ``speech-<hash>/``: speech embeddings, kept for the recordings of usable sessions.
+- ``speech-<hash>/``: speech embeddings, kept for the recordings of usable sessions;
+- ``<state_dir>/timelines/``: clinician timelines (``site timeline``), kept for patients with a
+  usable session (a file whose name is no patient's timeline name is left alone).
 
 Files and folders of any other name are left alone. What it returns are counts only: never a
 key, a path or an id.
@@ -20,7 +22,7 @@ import contextlib
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from client.features import FeatureCache
@@ -41,17 +43,20 @@ class Pruned:
     settings_folders: int  # folders of other feature settings, removed whole
     language_marker_entries: int
     speech_embeddings: int
+    timeline_files: int = 0  # a patient's .html and .png under <state_dir>/timelines
 
     @property
     def total(self) -> int:
-        return self.feature_entries + self.settings_folders + self.language_marker_entries + self.speech_embeddings
+        return self.feature_entries + self.settings_folders + self.language_marker_entries + self.speech_embeddings + self.timeline_files
 
 
-def prune_caches(data: SiteData, cfg: FeatureConfig, cache_root: Path) -> Pruned:
+def prune_caches(data: SiteData, cfg: FeatureConfig, cache_root: Path, *, timelines: Path | None = None) -> Pruned:
     """Remove every cache entry under ``cache_root`` that no usable session of ``data`` (checked
-    with feature settings ``cfg``) uses; return how many of each kind were removed."""
+    with feature settings ``cfg``) uses, and from ``timelines`` (the site's timeline folder) the
+    timelines of patients without one; return how many of each kind were removed."""
     try:
-        return _prune(data, cfg, cache_root)
+        pruned = _prune(data, cfg, cache_root)
+        return replace(pruned, timeline_files=_prune_timelines(data, timelines)) if timelines is not None else pruned
     except OSError as exc:
         raise DataError(
             f"Pruning the feature cache {cache_root} stopped: {exc.strerror or exc}. Some entries may be left; let the user that runs"
@@ -76,6 +81,27 @@ def _prune(data: SiteData, cfg: FeatureConfig, cache_root: Path) -> Pruned:
         elif _SPEECH.fullmatch(folder.name):
             embeddings += _prune_entries(folder, ".npy", audio)
     return Pruned(features, folders, markers, embeddings)
+
+
+def _prune_timelines(data: SiteData, folder: Path) -> int:
+    """Remove ``<folder>/<name>.html|.png`` whose ``name`` is a timeline name (as ``site timeline``
+    writes them) of no patient with a usable session; other files stay."""
+    from client.timeline import timeline_name
+
+    if not folder.is_dir():
+        return 0
+    keep = {timeline_name(s.row.patient_id) for s in data.sessions}
+    removed = 0
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix in (".html", ".png") and entry.is_file() and not entry.is_symlink() and entry.stem not in keep and _is_timeline_name(entry.stem):
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _is_timeline_name(stem: str) -> bool:
+    """Whether ``stem`` is a name :func:`client.timeline.timeline_name` gives some patient id."""
+    return bool(stem) and re.fullmatch(r"(?:[^\W]|[-_.]|%[0-9A-F]{2})+(?:~[0-9a-f]{16})?", stem) is not None and not stem.startswith(".")
 
 
 def _folders(root: Path) -> Iterator[Path]:

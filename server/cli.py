@@ -745,7 +745,7 @@ def site_check(
     state_dir: Annotated[Path | None, typer.Option(help="Where the feature cache lives (default: <manifest folder>/state).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Also list informational notes.")] = False,
-    prune: Annotated[bool, typer.Option("--prune", help="Then remove from the state folder's caches what no usable session uses (patients whose consent was withdrawn, other feature settings); needs --experiment. Prints counts only.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Then remove from the state folder's caches and timelines what no usable session uses (patients whose consent was withdrawn, other feature settings); needs --experiment. Prints counts only.")] = False,
 ) -> None:
     """Validate every row and recording, fill the feature cache, print the site data report."""
     from client.prepare import prepare_site
@@ -788,7 +788,7 @@ def _prune_report(data: Any, features: Any, cache: Path) -> dict[str, int]:
 
     from client.cache_retention import prune_caches
 
-    return {f"pruned_{k}": v for k, v in asdict(prune_caches(data, features, cache)).items()}
+    return {f"pruned_{k}": v for k, v in asdict(prune_caches(data, features, cache, timelines=cache.parent / "timelines")).items()}
 
 
 audit_app = _typer(help="DPO: verify ledgers offline, independently of the site's software; attack a simulated site.", no_args_is_help=True)

@@ -76,3 +76,26 @@ def test_pruning_removes_the_folders_of_other_feature_settings_and_leaves_unknow
 def _entry(folder: Path, key: str) -> Path:
     (folder / key[:2]).mkdir(parents=True, exist_ok=True)
     return folder / key[:2] / f"{key}.npy"
+
+
+def test_pruning_removes_the_timelines_of_patients_no_longer_listed_and_leaves_other_files(tmp_path: Path) -> None:
+    from client.timeline import timeline_name
+
+    manifest, root = _site(tmp_path, n=3)
+    data = prepare_site(manifest, FeatureConfig(), root)
+    timelines = tmp_path / "state" / "timelines"
+    timelines.mkdir()
+    for pid in ("p0", "p1", "p2", "alpha.p7", "wi/th\u00e6"):  # p0..p2 listed; the others withdrawn
+        for suffix in (".html", ".png"):
+            (timelines / (timeline_name(pid) + suffix)).write_text("timeline")
+    (timelines / "notes.txt").write_text("IT's own file")
+    (timelines / ".hidden.html").write_text("not a timeline name")
+    _manifest(tmp_path, 2)  # p2's consent withdrawn: the manifest lists p0 and p1 only
+    kept = prepare_site(manifest, FeatureConfig(), root)
+    assert len(data.sessions) == 3 and len(kept.sessions) == 2
+
+    pruned = prune_caches(kept, FeatureConfig(), root, timelines=timelines)
+
+    assert pruned.timeline_files == 6
+    assert sorted(p.name for p in timelines.iterdir()) == [".hidden.html", "notes.txt", "p0.html", "p0.png", "p1.html", "p1.png"]
+    assert prune_caches(kept, FeatureConfig(), root, timelines=timelines).timeline_files == 0

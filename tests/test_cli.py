@@ -359,17 +359,24 @@ def test_site_check_prune_removes_the_features_of_withdrawn_patients_and_prints_
     digest = {who: FeatureCache.audio_hash(tmp_path / "audio" / f"{who}.wav") for who in ("kari-0001", "ola-0002", "withdrawn-0003")}
     lines = manifest.read_text(encoding="utf-8").splitlines()
     manifest.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # consent withdrawn: the row is removed
+    timelines = tmp_path / "state" / "timelines"
+    timelines.mkdir()
+    for who in ("kari-0001", "withdrawn-0003"):  # as `site timeline` names them
+        (timelines / f"{who}.html").write_text("timeline")
+        (timelines / f"{who}.png").write_text("timeline")
 
     result = runner.invoke(app, [*check, "--prune"])
     again = runner.invoke(app, [*check, "--prune", "--json"])
 
     assert result.exit_code == 0, result.output
     assert re.search(r"pruned_feature_entries\s*│\s*1\s*│", result.output), result.output
+    assert re.search(r"pruned_timeline_files\s*│\s*2\s*│", result.output), result.output
+    assert sorted(p.name for p in timelines.iterdir()) == ["kari-0001.html", "kari-0001.png"]
     assert "withdrawn" not in result.output and digest["withdrawn-0003"][:12] not in result.output
     assert sorted(p.stem for p in (tmp_path / "state" / "features").rglob("*.npz")) == sorted([digest["kari-0001"], digest["ola-0002"]])
     report = json.loads(again.output[again.output.index("{"):])
     assert {k: v for k, v in report.items() if k.startswith("pruned_")} == {
-        "pruned_feature_entries": 0, "pruned_settings_folders": 0, "pruned_language_marker_entries": 0, "pruned_speech_embeddings": 0,
+        "pruned_feature_entries": 0, "pruned_settings_folders": 0, "pruned_language_marker_entries": 0, "pruned_speech_embeddings": 0, "pruned_timeline_files": 0,
     }
 
 
