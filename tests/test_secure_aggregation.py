@@ -8,6 +8,7 @@ threshold, the round halts and fails loudly; round 3 runs normally).
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soundfile as sf
 import yaml
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -260,10 +262,22 @@ def five_sites(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         shutil.copytree(tiny_cohort / src, root / name, ignore=fresh)
         cfg = yaml.safe_load((root / name / "site.yaml").read_text())
         (root / name / "site.yaml").write_text(yaml.safe_dump({**cfg, "name": name}))
-    # delta lists every alpha patient twice (under new ids): about twice alpha's weight.
+    # delta lists every alpha patient twice (under new ids, with recordings of their own: the site
+    # refuses one recording under two patients): about twice alpha's weight.
     manifest = root / "delta" / "manifest.csv"
-    header, *rows = manifest.read_text().splitlines()
-    manifest.write_text("\n".join([header, *rows, *(",".join(["dup-" + r.split(",")[0], "dup-" + r.split(",")[1], *r.split(",")[2:]]) for r in rows)]) + "\n")
+    with manifest.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields, rows = list(reader.fieldnames or ()), list(reader)
+    dups = []
+    for r in rows:
+        audio = Path(r["audio_path"])
+        samples, rate = sf.read(manifest.parent / audio, dtype="float32")
+        sf.write(manifest.parent / audio.with_name("dup-" + audio.name), 0.98 * samples, rate)
+        dups.append({**r, "patient_id": "dup-" + r["patient_id"], "session_id": "dup-" + r["session_id"], "audio_path": str(audio.with_name("dup-" + audio.name))})
+    with manifest.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows([*rows, *dups])
     return root
 
 
