@@ -64,6 +64,7 @@ def run_federation(
     strategy.summary()
     initial = get_arrays(build_model(exp))
     strategy.expected = shapes = layout(initial)  # the packed wire format's layout (never sent: sites build it from the plan)
+    strategy.set_move_bound(optimizer=exp.training.optimizer, learning_rate=exp.training.learning_rate, local_steps=exp.training.local_steps)
     model = resume.arrays if resume else initial  # the global model, name -> array
     arrays = pack(model, shapes)  # ... and as it travels: one float32 vector
     first_round = resume.next_round if resume else 1

@@ -334,8 +334,10 @@ def secure_train_round(grid: Grid, *, strategy: PatientFedAvg, sa: SecureAggrega
     if problem is None:
         bad = [n for n, v in model.items() if float(np.abs(v).max(initial=0.0)) > sa.clipping_range * (1 + 1e-6)]
         problem = f"parameter {bad[0]!r} lies outside ±clipping_range" if bad else None
+    if problem is None:  # a weighted average of models the plan's training made moves no further than each (plus quantisation)
+        problem = strategy.move_problem(flat, server_round, tolerance=2 * sa.clipping_range / sa.quantization_range, clip=sa.clipping_range)
     if problem:
-        return SecureRoundResult(None, None, halted=f"the unmasked sum failed the coordinator's range/shape check: {problem}.")
+        return SecureRoundResult(None, None, halted=f"the unmasked sum failed the coordinator's check: {problem}.")
     metrics = MetricRecord({M.NUM_PATIENTS: total})
     loss = weighted_mean(contributed, M.TRAIN_LOSS)
     if loss is not None:

@@ -388,6 +388,16 @@ def weighted_mean(reports: list[SiteReport], key: str) -> float | None:
 _FEDERATION = FederationConfig()  # the defaults of the settings the strategy reads
 
 
+def _parameter_at(shapes: Layout, index: int) -> str:
+    """The name of the parameter holding value ``index`` of a packed model."""
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        if index < size:
+            return name
+        index -= size
+    return f"value {index}"
+
+
 class PatientFedAvg(FedAvg):
     """FedAvg weighted by each site's number of training patients."""
 
@@ -417,9 +427,43 @@ class PatientFedAvg(FedAvg):
         self.log: dict[int, RoundLog] = {}
         self._sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> node ids asked
         self.node_names: dict[int, str] = {}  # node id -> site name for the whole run, pinned on first sight (claim_name), plain and SecAgg+ rounds alike
+        self._global: dict[int, np.ndarray] = {}  # round -> the packed global model its train messages carried, (N,) float64
 
     expected: Layout | None = None  # parameter name -> shape of the global model, in its order (the packed layout)
     max_abs_value: float = 1e4
+    # The most the plan's local training moves any parameter in a round (shared.update_bounds), and
+    # the rule in words; None: no bound (SGD), only the range check.
+    max_move: float | None = None
+    move_rule: str = ""
+
+    def set_move_bound(self, *, optimizer: str, learning_rate: float, local_steps: int) -> None:
+        """Check every trained model against what ``local_steps`` steps of ``optimizer`` at
+        ``learning_rate`` (the plan's training) can move a parameter (:meth:`move_problem`)."""
+        from shared.update_bounds import max_parameter_move
+
+        self.max_move = max_parameter_move(optimizer=optimizer, learning_rate=learning_rate, local_steps=local_steps)
+        self.move_rule = f"{local_steps} {optimizer.capitalize()} step(s) at learning rate {learning_rate:g}"
+
+    def move_problem(self, flat: np.ndarray, server_round: int, *, tolerance: float = 0.0, clip: float | None = None) -> str | None:
+        """Why a trained model (packed, (N,)) cannot have come from this round's global model by the
+        plan's training: a parameter moved further than :attr:`max_move` (plus ``tolerance``, e.g.
+        SecAgg+ quantisation, and float32 rounding); None if it can, or when there is no bound.
+        ``clip``: the models were clipped to ±clip (SecAgg+), so the global model is compared
+        clipped too (clipping never lengthens a move)."""
+        start = self._global.get(server_round)
+        if self.max_move is None or start is None or flat.shape != start.shape:
+            return None
+        if clip is not None:
+            start = np.clip(start, -clip, clip)
+        moved = np.abs(flat.astype(np.float64) - start)
+        worst = int(np.argmax(moved)) if moved.size else 0
+        rounding = 64 * 2.0**-23 * (1.0 + float(np.abs(start).max(initial=0.0)) + self.max_move)  # float32 training: 64 ulps
+        allowed = self.max_move + tolerance + rounding
+        if moved.size == 0 or moved[worst] <= allowed:
+            return None
+        name = _parameter_at(self.layout(), worst) if self.expected is not None else f"value {worst}"
+        return (f"parameter {name!r} moved {moved[worst]:.4g} from the round's global model; the plan's training "
+                f"({self.move_rule}) moves a parameter by at most {self.max_move:.4g}")
 
     def layout(self) -> Layout:
         if self.expected is None:
@@ -495,6 +539,8 @@ class PatientFedAvg(FedAvg):
                 f"Round {server_round} was not started: {exc} The rounds recorded so far are kept; continue the run "
                 "with `fedrelapse run --resume RUN_FOLDER` once the sites are back."
             ) from None
+        if self.max_move is not None:  # the round the replies answer: what move_problem measures from
+            self._global = {server_round: packed_vector(arrays, what="the global model").astype(np.float64)}
         return self._messages(server_round, "train", sample_connected(nodes, self.fraction_train, self.min_train_nodes), nodes, arrays, config)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -544,6 +590,8 @@ class PatientFedAvg(FedAvg):
             if report.error or report.refusal_code:
                 continue
             values, problem = self.checked_update(m.content[P.ARRAYS], m.content[P.METRICS], site=report.site)
+            if values is not None and problem is None:
+                problem = self.move_problem(values, server_round)
             if values is None or problem is not None:
                 log(INFO, "round %d: rejected the update of site %s: %s", server_round, report.site, problem)
                 report.error = f"update rejected by the coordinator: {problem}"

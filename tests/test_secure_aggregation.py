@@ -544,8 +544,9 @@ def fake_sites(specs: list[dict[str, Any]]) -> Any:
     return app
 
 
-def fake_round(specs: list[dict[str, Any]], *, wrap: Any = None, sa: SecureAggregationConfig = FAKE_SA) -> tuple[Any, Any]:
-    """One SecAgg+ round over ``specs``: (SecureRoundResult, the strategy with its log)."""
+def fake_round(specs: list[dict[str, Any]], *, wrap: Any = None, sa: SecureAggregationConfig = FAKE_SA, move_bound: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """One SecAgg+ round over ``specs``: (SecureRoundResult, the strategy with its log);
+    ``move_bound``: the plan's training, for the strategy's move check (none without it)."""
     from flwr.app import ConfigRecord
 
     from server.bench import LoopbackGrid
@@ -556,6 +557,8 @@ def fake_round(specs: list[dict[str, Any]], *, wrap: Any = None, sa: SecureAggre
     grid = LoopbackGrid(fake_sites(specs), len(specs))
     strategy = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=len(specs), node_wait_timeout_s=5)
     strategy.expected = FAKE
+    if move_bound is not None:
+        strategy.set_move_bound(**move_bound)
     arrays = pack({"w": np.zeros(50, np.float32)}, FAKE)
     result = secure_train_round(wrap(grid) if wrap else grid, strategy=strategy, sa=sa, server_round=1, arrays=arrays, config=ConfigRecord({P.RUN_ID: "fake", P.TOTAL_ROUNDS: 1}))
     return result, strategy
@@ -618,6 +621,22 @@ def test_a_weight_above_max_weight_never_enters_the_sum(weight: int) -> None:
     assert result.halted is None
     np.testing.assert_allclose(model_values(result), 1.0, atol=1e-3)
     assert "it must be a whole number from 0 to 1000 (`federation.secure_aggregation.max_weight`)" in (errors(strategy)["node-1003"] or "")
+
+
+def test_an_average_that_moved_further_than_the_plans_training_can_halts_the_round() -> None:
+    """A poisoning site is hidden in the sum, but the average of models the plan's training made
+    moves no parameter further than each of them can: 10 Adam steps at 0.01, at most 0.1017."""
+    plan = {"optimizer": "adam", "learning_rate": 0.01, "local_steps": 10}
+
+    honest, _ = fake_round([{"value": 0.1}, {"value": -0.1}, {"value": 0.1}], move_bound=plan)
+    poisoned, strategy = fake_round([{"value": 0.1}, {"value": 0.1}, {"value": 5.0}], move_bound=plan)
+
+    assert honest.halted is None
+    np.testing.assert_allclose(model_values(honest), 0.1 / 3, atol=1e-3)
+    assert poisoned.arrays is None and poisoned.halted == (
+        "the unmasked sum failed the coordinator's check: parameter 'w' moved 1.733 from the round's global model; "
+        "the plan's training (10 Adam step(s) at learning rate 0.01) moves a parameter by at most 0.1017."
+    )
 
 
 def test_a_refusal_with_a_non_zero_weight_is_left_out() -> None:

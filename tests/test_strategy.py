@@ -599,3 +599,40 @@ def test_two_nodes_giving_one_name_at_the_preflight_stop_the_run_naming_both(tmp
     assert summary["status"] == "refused before start"
     assert {r["site"] for r in summary["preflight_refusals"]} == {"node-1", "node-3"}
     assert "nodes 1, 3 all claim the name 'alpha' in the same phase" in " ".join(printed.split())
+
+
+def test_a_model_moved_further_than_the_plans_training_can_is_rejected_and_an_honest_one_kept() -> None:
+    """In range (±1e4) but 5.0 from the global model: 10 Adam steps at learning rate 0.01 move a
+    parameter by at most 0.10165 (shared.update_bounds), so it was not made by the plan's training."""
+    from tests.conftest import ScriptedGrid
+
+    s = strategy()
+    s.set_move_bound(optimizer="adam", learning_rate=0.01, local_steps=10)
+    start = np.array([2.0, -1.0])
+    grid = ScriptedGrid({node_of(n): (lambda m: None) for n in ("near", "edge", "far")})
+    list(s.configure_train(1, packed(start.astype(np.float32)), ConfigRecord(), grid))  # the round's global model, as sent
+    bound = s.max_move
+    assert bound == pytest.approx(0.10165, abs=1e-5)
+
+    arrays, metrics = s.aggregate_train(1, [
+        reply("near", start + [0.05, -0.03], 10),
+        reply("edge", start + [bound, -bound], 10),  # the most the plan's training can do: kept
+        reply("far", start + [0.0, 5.0], 10),
+    ])
+
+    np.testing.assert_allclose(values(arrays)["w"], start + [(0.05 + bound) / 2, (-0.03 - bound) / 2], rtol=1e-6)
+    assert metrics[M.NUM_PATIENTS] == 20
+    far = next(r for r in s.log[1].train if r.site == "far")
+    assert far.error == ("update rejected by the coordinator: parameter 'w' moved 5 from the round's global model; the plan's "
+                         "training (10 Adam step(s) at learning rate 0.01) moves a parameter by at most 0.1017")
+
+
+def test_sgd_plans_have_no_move_bound_and_only_the_range_check_applies() -> None:
+    from tests.conftest import ScriptedGrid
+
+    s = strategy()
+    s.set_move_bound(optimizer="sgd", learning_rate=0.01, local_steps=10)
+    grid = ScriptedGrid({node_of("far"): lambda m: None})
+    list(s.configure_train(1, packed(np.zeros(2, dtype=np.float32)), ConfigRecord(), grid))
+    arrays, _ = s.aggregate_train(1, [reply("far", np.array([0.0, 5.0]), 10)])
+    np.testing.assert_allclose(values(arrays)["w"], [0.0, 5.0])
