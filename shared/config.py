@@ -304,7 +304,7 @@ class SitePolicy:
 
     unit: str = spec("patient", doc="Privacy unit. Only patient-level DP is supported.", choices=("patient",))
     delta: float = spec(1e-5, doc="δ at which this site accounts ε (the stricter of this and the plan's).", gt=0, lt=0.01)
-    epsilon_cap_total: float = spec(30.0, doc="All-time ε cap per dataset, over every run.", gt=0)
+    epsilon_cap_total: float = spec(30.0, doc="All-time ε cap of the site's one ledger: every run and every version of its data.", gt=0)
     epsilon_cap_run: float = spec(10.0, doc="ε cap for any single run.", gt=0)
     min_noise_multiplier: float = spec(0.5, doc="Smallest σ the site accepts for a DP-SGD step.", ge=0)
     min_patients_metric: int = spec(5, doc="k: no metric over fewer patients leaves the site.", ge=1)
