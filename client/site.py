@@ -423,7 +423,7 @@ class Site:
 
 
 def ledger_path(state_dir: Path) -> Path:
-    return state_dir / "ledger" / "privacy-ledger.jsonl"
+    return state_dir / "ledger" / ledger.LEDGER_FILE
 
 
 def site_key_paths(state_dir: Path) -> tuple[Path, Path]:

@@ -818,14 +818,15 @@ def audit_verify(
     """
     from shared import signing
     from shared.privacy.audit import verify_ledger
+    from shared.privacy.ledger import LEDGER_FILE
 
     key = signing.load_public(public_key) if public_key else None
     failed = False
     results = []
     for path in ledgers:
-        if path.is_dir():
-            found = sorted(path.glob("*.jsonl"))
-            raise typer.BadParameter(f"{path} is a folder; give the ledger file itself" + (f", e.g. {found[0]}." if found else " (<state_dir>/ledger/privacy-ledger.jsonl)."))
+        if path.is_dir():  # a ledger folder or a state_dir: name the privacy ledger, never evaluation-releases.jsonl (another format)
+            hint = next((p for p in (path / LEDGER_FILE, path / "ledger" / LEDGER_FILE) if p.is_file()), None)
+            raise typer.BadParameter(f"{path} is a folder; give the ledger file itself" + (f", e.g. {hint}." if hint else f" (<state_dir>/ledger/{LEDGER_FILE})."))
         if not path.is_file():
             raise typer.BadParameter(f"{path} does not exist.")
         report = verify_ledger(path, key, tolerance=tolerance)

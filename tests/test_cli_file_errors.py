@@ -171,3 +171,14 @@ def test_site_check_report_prints_a_manifest_path_with_brackets_as_it_is(tmp_pat
     code, out = _run("site", "check", "--manifest", manifest, "--state-dir", tmp_path / "state")
     assert str(manifest) in out, out
     assert json.loads(runner.invoke(app, ["site", "check", "--manifest", str(manifest), "--state-dir", str(tmp_path / "state"), "--json"]).stdout)["manifest"] == str(manifest)
+
+
+@pytest.mark.parametrize("given", ["ledger-folder", "state-dir"])
+def test_audit_verify_given_a_folder_suggests_the_privacy_ledger_not_the_release_log(tmp_path: Path, given: str) -> None:
+    led = ledger_path(tmp_path / "state")
+    led.parent.mkdir(parents=True)
+    led.write_text("")
+    (led.parent / "evaluation-releases.jsonl").write_text("")  # sorts first; another format: verifying it is a false tamper alarm
+    folder = led.parent if given == "ledger-folder" else tmp_path / "state"
+    code, out = _run("audit", "verify", folder)
+    assert code == 2 and f"{folder} is a folder; give the ledger file itself, e.g. {led}." in out, out
