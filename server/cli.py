@@ -173,6 +173,7 @@ def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, k
     from shared import signing
     from shared.config import load_experiment
     from shared.errors import ConfigError, FederationError
+    from shared.flower_env import without_flower_telemetry
 
     if not superlink or keys is None:
         raise typer.BadParameter(f"{run} is a deployed run: give --superlink HOST:PORT (the running SuperLink) and --keys (the consortium keys folder) to resume it.")
@@ -191,7 +192,7 @@ def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, k
     values = {P.RC_EXPERIMENT: config, P.RC_OUT: None, P.RC_RUN_ID: "", P.RC_SIGNING_KEY: key, P.RC_RESUME: run}
     with tempfile.TemporaryDirectory(prefix="fedrelapse-flwr-home-") as home:  # the researcher's ~/.flwr is left alone
         write_connection(Path(home), address=superlink, ca=ca, name="coordinator")
-        env = {**os.environ, "FLWR_HOME": home, "FLWR_TELEMETRY_ENABLED": "0"}
+        env = without_flower_telemetry({**os.environ, "FLWR_HOME": home})
         proc = subprocess.run(flwr_run_argv(APP_DIR, "coordinator", values), env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     summary = finished_summary(run)
     if proc.returncode != 0 or summary is None:
@@ -967,14 +968,16 @@ def server_start(
     import shlex
 
     from server.deployment import scripts_first_on_path, superlink_argv
+    from shared.flower_env import TELEMETRY_ENV
 
     if keys is None and not insecure:
         raise typer.BadParameter("Give --keys (TLS) or, for a loopback test only, --insecure --no-node-auth.")
     if insecure and not no_node_auth:
         raise typer.BadParameter("SuperNode authentication needs TLS; with --insecure (loopback test only) add --no-node-auth.")
     argv = superlink_argv(keys=None if insecure else keys, host=host, port=port, node_auth=not no_node_auth)
-    if dry_run:
-        print(shlex.join(argv))
+    env = scripts_first_on_path(dict(os.environ))  # the SuperLink starts flower-superexec by name; telemetry off
+    if dry_run:  # one line a shell runs as server start would
+        print(shlex.join(["env", f"{TELEMETRY_ENV}={env[TELEMETRY_ENV]}", *argv]))
     if no_node_auth:
         err_console.print("[yellow]warning: SuperNode authentication is OFF: any node that trusts the CA may join. Use this for a loopback test only.[/yellow]")
     else:
@@ -987,7 +990,7 @@ def server_start(
         )
     if dry_run:
         return
-    os.execve(argv[0], argv, scripts_first_on_path(dict(os.environ)))  # the SuperLink starts flower-superexec by name
+    os.execve(argv[0], argv, env)
 
 
 @contextlib.contextmanager
@@ -1071,6 +1074,7 @@ def site_start(
     from client.pinned_app import CLIENTAPP_MODES, LAUNCHER, SUPEREXEC_POLL_ENV, launcher_env, write_launcher
     from server.deployment import supernode_argv
     from shared.config import load_site
+    from shared.flower_env import TELEMETRY_ENV
 
     if ca is None and not insecure:
         raise typer.BadParameter("Give --ca (the consortium ca.pem) or, for a loopback test only, --insecure.")
@@ -1087,7 +1091,7 @@ def site_start(
     launcher = write_launcher(bin_dir, worker_dir=state_dir / "worker" if clientapp == "worker" else None)
     env = launcher_env(bin_dir)
     if dry_run:  # one line a shell runs as site start would: the pinned launcher first on PATH
-        print(shlex.join(["env", *(f"{k}={env[k]}" for k in ("PATH", SUPEREXEC_POLL_ENV)), *argv]))
+        print(shlex.join(["env", *(f"{k}={env[k]}" for k in ("PATH", SUPEREXEC_POLL_ENV, TELEMETRY_ENV)), *argv]))
         print(f"{LAUNCHER}: {launcher} ({clientapp})")
         return
     os.execve(argv[0], argv, env)
@@ -1182,6 +1186,9 @@ def _progress() -> Progress:
 
 
 def main() -> None:
+    from shared.flower_env import disable_flower_telemetry_here
+
+    disable_flower_telemetry_here()  # before anything imports Flower: simulations run it in this process
     app()
 
 
