@@ -720,6 +720,11 @@ def site_budget(
     from client.budget import budget_status, change_caps
     from shared.config import load_site
 
+    for option, value in (("--set-total-cap", set_total_cap), ("--set-run-cap", set_run_cap)):
+        if value is not None and not (math.isfinite(value) and value > 0):  # a usage mistake, not a ledger problem (exit 4)
+            raise typer.BadParameter(f"{option} is {value:g}; give a positive, finite ε (e.g. 10). Nothing was recorded.", param_hint=option)
+    if reason.strip() and set_total_cap is None and set_run_cap is None:
+        raise typer.BadParameter("--reason goes with --set-total-cap or --set-run-cap (the cap change it explains); nothing was recorded.", param_hint="--reason")
     cfg = load_site(site)
     if set_total_cap is not None or set_run_cap is not None:
         if not reason.strip():

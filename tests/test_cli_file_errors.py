@@ -182,3 +182,20 @@ def test_audit_verify_given_a_folder_suggests_the_privacy_ledger_not_the_release
     folder = led.parent if given == "ledger-folder" else tmp_path / "state"
     code, out = _run("audit", "verify", folder)
     assert code == 2 and f"{folder} is a folder; give the ledger file itself, e.g. {led}." in out, out
+
+
+@pytest.mark.parametrize("option", ["--set-run-cap", "--set-total-cap"])
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_an_invalid_cap_is_a_usage_error_not_a_ledger_failure(tmp_path: Path, option: str, value: str) -> None:
+    """It exited 4, which the DPO runbook documents as "the ledger fails its integrity check"."""
+    site = _site(tmp_path)
+    code, out = _run("site", "budget", "--site", site, option, value, "--reason", "x")
+    assert code == 2 and f"{option} is {value}; give a positive, finite ε" in out, out
+    assert not ledger_path(tmp_path / "state").exists()
+
+
+def test_a_reason_without_a_cap_change_is_a_usage_error(tmp_path: Path) -> None:
+    """It was silently ignored (exit 0): the DPO believed a change was recorded."""
+    code, out = _run("site", "budget", "--site", _site(tmp_path), "--reason", "A. Berg (DPO): annual review")
+    assert code == 2 and "--reason goes with --set-total-cap or --set-run-cap" in out, out
+    assert not ledger_path(tmp_path / "state").exists()
