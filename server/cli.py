@@ -665,7 +665,7 @@ def site_timeline(
 @friendly
 def site_init(site: Annotated[Path, typer.Option(help="The site's site.yaml.")]) -> None:
     """Create the site's state folder and its ledger signing key; print the public key path."""
-    from client.site import site_key_paths
+    from client.site import new_ledger_key, site_key_paths
     from client.startup_checks import check_private_key_mode
     from shared import signing
     from shared.config import load_site
@@ -679,7 +679,7 @@ def site_init(site: Annotated[Path, typer.Option(help="The site's site.yaml.")])
             signing.write_public(signing.load_private(priv), pub)
             console.print(f"its public key file was missing: rebuilt {escape(str(pub))} from the private key")
     else:
-        signing.generate(priv, pub)
+        new_ledger_key(cfg.state_dir)  # refused where the ledger holds entries: the old key must be restored
         console.print(f"created ledger signing key {escape(str(priv))} (0600; never copy it off this host)")
     console.print(f"give this public key to your DPO for `fedrelapse audit verify`: [bold]{escape(str(pub))}[/bold] (id {signing.fingerprint(signing.load_public(pub))})")
 

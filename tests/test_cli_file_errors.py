@@ -199,3 +199,28 @@ def test_a_reason_without_a_cap_change_is_a_usage_error(tmp_path: Path) -> None:
     code, out = _run("site", "budget", "--site", _site(tmp_path), "--reason", "A. Berg (DPO): annual review")
     assert code == 2 and "--reason goes with --set-total-cap or --set-run-cap" in out, out
     assert not ledger_path(tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("how", ["site-init", "cap-change", "first-round"])
+def test_a_lost_ledger_key_is_never_replaced_while_the_ledger_holds_entries(tmp_path: Path, how: str) -> None:
+    """`site init` made a new key silently, after which every old entry failed its signature check."""
+    from types import SimpleNamespace
+
+    from client.site import Site
+    from shared.config import load_site
+    from shared.errors import PolicyError
+
+    site = _site_with_ledger(tmp_path)
+    priv, pub = site_key_paths(tmp_path / "state")
+    old_pub = pub.read_bytes()
+    priv.unlink()
+    if how != "first-round":  # the first round also checks the ledger with the public key, which it still has
+        pub.unlink()
+    if how == "first-round":  # the path a training round takes
+        with pytest.raises(PolicyError, match="restore|Restore"):
+            Site.signing_key(SimpleNamespace(cfg=load_site(site)))  # type: ignore[arg-type]
+    else:
+        args = ["site", "init", "--site", site] if how == "site-init" else ["site", "budget", "--site", site, "--set-run-cap", "4", "--reason", "DPO"]
+        code, out = _run(*args)
+        assert code == 4 and f"The site's ledger signing key {priv} is missing but the ledger" in out and "from the site's backup" in out, out
+    assert not priv.exists() and (pub.read_bytes() == old_pub if how == "first-round" else not pub.exists())
