@@ -779,11 +779,11 @@ def site_check(
         console.print(table)
         colour = {"error": "red", "warning": "yellow", "info": "dim"}
         shown = [(p, line) for p, line in zip(data.problems, problems, strict=True) if verbose or p.severity != "info"]
-        for p, line in shown:
-            console.print(f"[{colour[p.severity]}]{p.severity}: {escape(line)}[/]")
+        for p, line in shown:  # one line each, never wrapped (`site check > r.txt` is grepped by line number)
+            console.print(f"[{colour[p.severity]}]{p.severity}: {escape(line)}[/]", soft_wrap=True)
         hidden = len(problems) - len(shown)
         if hidden:
-            console.print(f"[dim]{hidden} informational note(s) (e.g. resampling) hidden; --verbose shows them.[/dim]")
+            console.print(f"[dim]{hidden} informational note(s) (e.g. resampling) hidden; --verbose shows them.[/dim]", soft_wrap=True)
     if not data.sessions:
         raise typer.Exit(3)
 

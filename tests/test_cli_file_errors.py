@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from rich.console import Console
 from typer.testing import CliRunner
 
 from client.site import ledger_path, site_key_paths
@@ -224,3 +225,21 @@ def test_a_lost_ledger_key_is_never_replaced_while_the_ledger_holds_entries(tmp_
         code, out = _run(*args)
         assert code == 4 and f"The site's ledger signing key {priv} is missing but the ledger" in out and "from the site's backup" in out, out
     assert not priv.exists() and (pub.read_bytes() == old_pub if how == "first-round" else not pub.exists())
+
+
+def test_site_check_prints_each_problem_on_one_line_when_stdout_is_not_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`site check > r.txt` wrapped problems at 80 columns (41 problems became 106 lines), so a
+    grep by manifest line found half a message."""
+    from server import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=80, force_terminal=False))  # as redirected to a file
+    rows = "".join(f"p{i},s{i},2026-03-01,audio/a_recording_with_a_rather_long_name_number_{i}.wav,nb\n" for i in range(1, 4))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("patient_id,session_id,recorded_at,audio_path,language\n" + rows, encoding="utf-8")
+
+    result = runner.invoke(app, ["site", "check", "--manifest", str(manifest), "--state-dir", str(tmp_path / "state")])
+
+    lines = result.stdout.splitlines()
+    for i in range(1, 4):
+        assert f"error: m.csv:{i + 1} [audio_path] 'audio/a_recording_with_a_rather_long_name_number_{i}.wav' does not exist; row skipped" in lines, result.stdout
+    assert max(len(line) for line in lines if "│" in line) <= 80  # the report table still fits the width
