@@ -30,7 +30,7 @@ from client.prepare import SiteData, prepare_site
 from client.sigma_cache import calibrated_sigma
 from shared import metrics as M  # noqa: N812
 from shared import signing
-from shared.config import ExperimentConfig, FeatureConfig, LanguageConfig, SiteConfig, SpeechConfig
+from shared.config import ExperimentConfig, FeatureConfig, LanguageConfig, SiteConfig, SpeechConfig, metric_k
 from shared.errors import DataError, FedrelapseError, PolicyError
 from shared.model_signing import model_digest
 from shared.models import build_model
@@ -196,7 +196,7 @@ class Site:
     @property
     def k(self) -> int:
         """Smallest group a metric may describe: the stricter of policy and plan."""
-        return max(self.cfg.policy.min_patients_metric, self.exp.federation.min_patients_metric)
+        return metric_k(self.cfg, self.exp)
 
     def noise_multiplier(self, total_rounds: int, cap_run: float | None = None) -> float:
         """σ that makes the whole run meet the plan's ε (within the per-run cap in force) at δ."""

@@ -700,7 +700,7 @@ def site_approve(
         raise typer.BadParameter("--approved-by is empty; give the name (and role) of the person approving, e.g. --approved-by \"IT: Ola N.\".")
     cfg, exp = load_site(site), load_experiment(plan)
     table = Table(title=f"training plan for site {cfg.name}", show_header=False)
-    for key, value in summary(exp):
+    for key, value in summary(exp, cfg):
         table.add_row(key, escape(value))
     console.print(table)
     if not yes and not typer.confirm("Approve this plan for this site?", default=False):
