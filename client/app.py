@@ -107,6 +107,8 @@ def _reply(
     if ledger_head:
         info[P.LEDGER_HEAD] = ledger_head
     if refusal is not None:
+        kind, cfg = msg.metadata.message_type, msg.content.config_records.get(P.CONFIG)
+        log_refusal(site_name, 0 if kind == MessageType.QUERY else cfg.get(P.SERVER_ROUND) if cfg is not None else None, refusal.code, kind)
         info[P.REFUSAL_CODE] = refusal.code
         info[P.REFUSAL_REASON] = without_paths(refusal.reason)
     content[P.SITE] = info
@@ -117,6 +119,14 @@ def _reply(
     if evaluation is not None:
         content[P.EVALUATION] = MetricRecord(evaluation)
     return Message(content=content, reply_to=msg)
+
+
+def log_refusal(site_name: str, server_round: object, code: str, kind: str) -> None:
+    """The site's one log line for each refusal it sends: site, round (``?`` where the message
+    has no usable one; 0 for the pre-flight query), code and message kind. Never the reason:
+    the researcher gets that, IT finds the code here."""
+    shown = server_round if isinstance(server_round, int) and not isinstance(server_round, bool) else "?"
+    log.warning("site=%s refused round %s: %s (%s)", site_name, shown, code, kind)
 
 
 @dataclass(frozen=True)
@@ -507,7 +517,7 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     site_cfg = site_config(site_config_path(context, sim_sites))
 
     def refuse(refusal: Refusal, evaluation: dict[str, float] | None = None) -> Message:
-        log.warning("site=%s refused secure round %s: %s", site_cfg.name, cfg.get(P.SERVER_ROUND), refusal.code)
+        log_refusal(site_cfg.name, cfg.get(P.SERVER_ROUND), refusal.code, "secure train")
         report = secure_records.encode(site_name=site_cfg.name, metrics=None, refusal_code=refusal.code, refusal_reason=without_paths(refusal.reason), evaluation=evaluation)
         return _fitres(msg, zeros, 0, report)
 
@@ -615,7 +625,6 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
                 raise
         evaluation = _evaluation_with_train(site, req)  # after training: the round is charged first
         if isinstance(result, Refusal):
-            log.warning("site=%s refused round %s: %s", site_cfg.name, req.server_round, result.code)
             return _reply(msg, site_cfg.name, refusal=result, evaluation=evaluation, metrics=result.metrics or None, ledger_head=result.ledger_head)
         return _reply(
             msg, site_cfg.name, arrays=pack(result.arrays, model_shapes(site.exp)), metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head,
@@ -633,7 +642,6 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
         except PolicyError as exc:  # a ledger that fails its integrity check
             refusal = policy_refusal(site_cfg, exc)
         if refusal is not None:
-            log.warning("site=%s refused to evaluate round %d's model: %s", site_cfg.name, req.server_round, refusal.code)
             return _reply(msg, site_cfg.name, refusal=refusal)
         return _reply(msg, site_cfg.name, metrics=_evaluation(site, req.arrays))
 

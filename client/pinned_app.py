@@ -41,6 +41,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.client_app import LoadClientAppError
 
 from shared.errors import PolicyError
+from shared.flower_env import without_flower_telemetry
 from shared.flower_pulls import FIRST_RETRY_S, LOCAL_RETRY_CAP_S, shorten_first_retry
 
 PINNED_CLIENTAPP = "client.app:app"
@@ -208,8 +209,9 @@ SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1
 
 def launcher_env(bin_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
     """The SuperNode's environment: the pinned launcher first on ``PATH``, then this interpreter's
-    scripts; superexec looks for tasks every 0.1 s unless ``$FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` says otherwise."""
-    env = dict(os.environ if base is None else base)
+    scripts; superexec looks for tasks every 0.1 s unless ``$FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` says otherwise;
+    Flower's telemetry off (inherited by superexec, every ClientApp and the site worker)."""
+    env = without_flower_telemetry(dict(os.environ if base is None else base))
     env["PATH"] = os.pathsep.join([str(bin_dir.resolve()), str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
     return env

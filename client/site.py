@@ -30,7 +30,7 @@ from client.prepare import SiteData, prepare_site
 from client.sigma_cache import calibrated_sigma
 from shared import metrics as M  # noqa: N812
 from shared import signing
-from shared.config import ExperimentConfig, FeatureConfig, LanguageConfig, SiteConfig, SpeechConfig
+from shared.config import ExperimentConfig, FeatureConfig, LanguageConfig, SiteConfig, SpeechConfig, metric_k
 from shared.errors import DataError, FedrelapseError, PolicyError
 from shared.model_signing import model_digest
 from shared.models import build_model
@@ -196,7 +196,7 @@ class Site:
     @property
     def k(self) -> int:
         """Smallest group a metric may describe: the stricter of policy and plan."""
-        return max(self.cfg.policy.min_patients_metric, self.exp.federation.min_patients_metric)
+        return metric_k(self.cfg, self.exp)
 
     def noise_multiplier(self, total_rounds: int, cap_run: float | None = None) -> float:
         """σ that makes the whole run meet the plan's ε (within the per-run cap in force) at δ."""
@@ -211,8 +211,9 @@ class Site:
         priv.parent.mkdir(parents=True, exist_ok=True)
         with ledger.locked(priv):  # one creator: two processes of a site starting their first round together both saw no key
             if not priv.exists():
-                log.info("site=%s creating ledger signing key %s", self.cfg.name, priv)
-                return signing.generate(priv, pub)
+                key = new_ledger_key(self.cfg.state_dir)
+                log.info("site=%s created ledger signing key %s", self.cfg.name, priv)
+                return key
             return signing.load_private(priv)
 
     def plan(self, *, run_id: str, total_rounds: int) -> dict[str, float | str]:
@@ -423,7 +424,7 @@ class Site:
 
 
 def ledger_path(state_dir: Path) -> Path:
-    return state_dir / "ledger" / "privacy-ledger.jsonl"
+    return state_dir / "ledger" / ledger.LEDGER_FILE
 
 
 def site_key_paths(state_dir: Path) -> tuple[Path, Path]:
@@ -450,6 +451,21 @@ def ledger_public_key(state_dir: Path) -> Ed25519PublicKey | None:
             "checked; restore the key from the site's backup. The site refuses to train until a DPO has checked the ledger (`fedrelapse audit verify`)."
         )
     return None
+
+
+def new_ledger_key(state_dir: Path) -> Ed25519PrivateKey:
+    """Create the site's ledger key pair, the only way fedrelapse does (`site init`, a first round,
+    a first cap change). Refused with :class:`PolicyError` when the ledger already holds entries:
+    they were signed by the lost key, and under a new one every one of them fails its signature check."""
+    priv, pub = site_key_paths(state_dir)
+    path = ledger_path(state_dir)
+    if path.is_file() and path.stat().st_size:
+        raise PolicyError(
+            f"The site's ledger signing key {priv} is missing but the ledger {path} already holds entries it signed; a new key would make "
+            f"every one of them fail its signature check, so none was created. Restore {priv.name} (mode 0600) and {pub.name} from the "
+            "site's backup into that folder; without a backup, call your DPO before anything else (docs/runbook-dpo.md, \"The site's signing key\")."
+        )
+    return signing.generate(priv, pub)
 
 
 NOISE_SEED_FILE = "noise-seed.key"  # the site secret, in its state folder

@@ -173,6 +173,7 @@ def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, k
     from shared import signing
     from shared.config import load_experiment
     from shared.errors import ConfigError, FederationError
+    from shared.flower_env import without_flower_telemetry
 
     if not superlink or keys is None:
         raise typer.BadParameter(f"{run} is a deployed run: give --superlink HOST:PORT (the running SuperLink) and --keys (the consortium keys folder) to resume it.")
@@ -191,7 +192,7 @@ def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, k
     values = {P.RC_EXPERIMENT: config, P.RC_OUT: None, P.RC_RUN_ID: "", P.RC_SIGNING_KEY: key, P.RC_RESUME: run}
     with tempfile.TemporaryDirectory(prefix="fedrelapse-flwr-home-") as home:  # the researcher's ~/.flwr is left alone
         write_connection(Path(home), address=superlink, ca=ca, name="coordinator")
-        env = {**os.environ, "FLWR_HOME": home, "FLWR_TELEMETRY_ENABLED": "0"}
+        env = without_flower_telemetry({**os.environ, "FLWR_HOME": home})
         proc = subprocess.run(flwr_run_argv(APP_DIR, "coordinator", values), env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     summary = finished_summary(run)
     if proc.returncode != 0 or summary is None:
@@ -664,7 +665,7 @@ def site_timeline(
 @friendly
 def site_init(site: Annotated[Path, typer.Option(help="The site's site.yaml.")]) -> None:
     """Create the site's state folder and its ledger signing key; print the public key path."""
-    from client.site import site_key_paths
+    from client.site import new_ledger_key, site_key_paths
     from client.startup_checks import check_private_key_mode
     from shared import signing
     from shared.config import load_site
@@ -678,7 +679,7 @@ def site_init(site: Annotated[Path, typer.Option(help="The site's site.yaml.")])
             signing.write_public(signing.load_private(priv), pub)
             console.print(f"its public key file was missing: rebuilt {escape(str(pub))} from the private key")
     else:
-        signing.generate(priv, pub)
+        new_ledger_key(cfg.state_dir)  # refused where the ledger holds entries: the old key must be restored
         console.print(f"created ledger signing key {escape(str(priv))} (0600; never copy it off this host)")
     console.print(f"give this public key to your DPO for `fedrelapse audit verify`: [bold]{escape(str(pub))}[/bold] (id {signing.fingerprint(signing.load_public(pub))})")
 
@@ -699,7 +700,7 @@ def site_approve(
         raise typer.BadParameter("--approved-by is empty; give the name (and role) of the person approving, e.g. --approved-by \"IT: Ola N.\".")
     cfg, exp = load_site(site), load_experiment(plan)
     table = Table(title=f"training plan for site {cfg.name}", show_header=False)
-    for key, value in summary(exp):
+    for key, value in summary(exp, cfg):
         table.add_row(key, escape(value))
     console.print(table)
     if not yes and not typer.confirm("Approve this plan for this site?", default=False):
@@ -719,6 +720,11 @@ def site_budget(
     from client.budget import budget_status, change_caps
     from shared.config import load_site
 
+    for option, value in (("--set-total-cap", set_total_cap), ("--set-run-cap", set_run_cap)):
+        if value is not None and not (math.isfinite(value) and value > 0):  # a usage mistake, not a ledger problem (exit 4)
+            raise typer.BadParameter(f"{option} is {value:g}; give a positive, finite ε (e.g. 10). Nothing was recorded.", param_hint=option)
+    if reason.strip() and set_total_cap is None and set_run_cap is None:
+        raise typer.BadParameter("--reason goes with --set-total-cap or --set-run-cap (the cap change it explains); nothing was recorded.", param_hint="--reason")
     cfg = load_site(site)
     if set_total_cap is not None or set_run_cap is not None:
         if not reason.strip():
@@ -773,11 +779,11 @@ def site_check(
         console.print(table)
         colour = {"error": "red", "warning": "yellow", "info": "dim"}
         shown = [(p, line) for p, line in zip(data.problems, problems, strict=True) if verbose or p.severity != "info"]
-        for p, line in shown:
-            console.print(f"[{colour[p.severity]}]{p.severity}: {escape(line)}[/]")
+        for p, line in shown:  # one line each, never wrapped (`site check > r.txt` is grepped by line number)
+            console.print(f"[{colour[p.severity]}]{p.severity}: {escape(line)}[/]", soft_wrap=True)
         hidden = len(problems) - len(shown)
         if hidden:
-            console.print(f"[dim]{hidden} informational note(s) (e.g. resampling) hidden; --verbose shows them.[/dim]")
+            console.print(f"[dim]{hidden} informational note(s) (e.g. resampling) hidden; --verbose shows them.[/dim]", soft_wrap=True)
     if not data.sessions:
         raise typer.Exit(3)
 
@@ -818,14 +824,15 @@ def audit_verify(
     """
     from shared import signing
     from shared.privacy.audit import verify_ledger
+    from shared.privacy.ledger import LEDGER_FILE
 
     key = signing.load_public(public_key) if public_key else None
     failed = False
     results = []
     for path in ledgers:
-        if path.is_dir():
-            found = sorted(path.glob("*.jsonl"))
-            raise typer.BadParameter(f"{path} is a folder; give the ledger file itself" + (f", e.g. {found[0]}." if found else " (<state_dir>/ledger/privacy-ledger.jsonl)."))
+        if path.is_dir():  # a ledger folder or a state_dir: name the privacy ledger, never evaluation-releases.jsonl (another format)
+            hint = next((p for p in (path / LEDGER_FILE, path / "ledger" / LEDGER_FILE) if p.is_file()), None)
+            raise typer.BadParameter(f"{path} is a folder; give the ledger file itself" + (f", e.g. {hint}." if hint else f" (<state_dir>/ledger/{LEDGER_FILE})."))
         if not path.is_file():
             raise typer.BadParameter(f"{path} does not exist.")
         report = verify_ledger(path, key, tolerance=tolerance)
@@ -966,14 +973,16 @@ def server_start(
     import shlex
 
     from server.deployment import scripts_first_on_path, superlink_argv
+    from shared.flower_env import TELEMETRY_ENV
 
     if keys is None and not insecure:
         raise typer.BadParameter("Give --keys (TLS) or, for a loopback test only, --insecure --no-node-auth.")
     if insecure and not no_node_auth:
         raise typer.BadParameter("SuperNode authentication needs TLS; with --insecure (loopback test only) add --no-node-auth.")
     argv = superlink_argv(keys=None if insecure else keys, host=host, port=port, node_auth=not no_node_auth)
-    if dry_run:
-        print(shlex.join(argv))
+    env = scripts_first_on_path(dict(os.environ))  # the SuperLink starts flower-superexec by name; telemetry off
+    if dry_run:  # one line a shell runs as server start would
+        print(shlex.join(["env", f"{TELEMETRY_ENV}={env[TELEMETRY_ENV]}", *argv]))
     if no_node_auth:
         err_console.print("[yellow]warning: SuperNode authentication is OFF: any node that trusts the CA may join. Use this for a loopback test only.[/yellow]")
     else:
@@ -986,7 +995,7 @@ def server_start(
         )
     if dry_run:
         return
-    os.execve(argv[0], argv, scripts_first_on_path(dict(os.environ)))  # the SuperLink starts flower-superexec by name
+    os.execve(argv[0], argv, env)
 
 
 @contextlib.contextmanager
@@ -1070,6 +1079,7 @@ def site_start(
     from client.pinned_app import CLIENTAPP_MODES, LAUNCHER, SUPEREXEC_POLL_ENV, launcher_env, write_launcher
     from server.deployment import supernode_argv
     from shared.config import load_site
+    from shared.flower_env import TELEMETRY_ENV
 
     if ca is None and not insecure:
         raise typer.BadParameter("Give --ca (the consortium ca.pem) or, for a loopback test only, --insecure.")
@@ -1086,7 +1096,7 @@ def site_start(
     launcher = write_launcher(bin_dir, worker_dir=state_dir / "worker" if clientapp == "worker" else None)
     env = launcher_env(bin_dir)
     if dry_run:  # one line a shell runs as site start would: the pinned launcher first on PATH
-        print(shlex.join(["env", *(f"{k}={env[k]}" for k in ("PATH", SUPEREXEC_POLL_ENV)), *argv]))
+        print(shlex.join(["env", *(f"{k}={env[k]}" for k in ("PATH", SUPEREXEC_POLL_ENV, TELEMETRY_ENV)), *argv]))
         print(f"{LAUNCHER}: {launcher} ({clientapp})")
         return
     os.execve(argv[0], argv, env)
@@ -1181,6 +1191,9 @@ def _progress() -> Progress:
 
 
 def main() -> None:
+    from shared.flower_env import disable_flower_telemetry_here
+
+    disable_flower_telemetry_here()  # before anything imports Flower: simulations run it in this process
     app()
 
 

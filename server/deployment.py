@@ -27,6 +27,7 @@ from client.supernode_main import IDLE_GROWTH
 from server.node_registry import NodeRegistry, write_connection
 from shared import protocol as P  # noqa: N812
 from shared.errors import FederationError
+from shared.flower_env import without_flower_telemetry
 
 APP_DIR = Path(__file__).resolve().parents[1] / "deploy" / "flower-app"
 FEDERATION = "fedrelapse-local"
@@ -50,8 +51,8 @@ def _bin(name: str) -> str:
 def scripts_first_on_path(env: dict[str, str]) -> dict[str, str]:
     """``env`` with this interpreter's scripts folder first on ``PATH``: Flower's SuperLink and
     SuperNode start ``flower-superexec`` (and it ``flwr-serverapp``) by name, which fails with
-    FileNotFoundError when the virtual environment is not activated."""
-    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    FileNotFoundError when the virtual environment is not activated. Flower's telemetry off."""
+    return without_flower_telemetry({**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
 
 
 def _wait_healthy(port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout_s: float, ca: Path | None = None) -> None:
@@ -86,7 +87,7 @@ class LocalConsortium:
 
     def _env(self, home: str) -> dict[str, str]:
         env = scripts_first_on_path(dict(os.environ))
-        env.update(FLWR_HOME=str(self.workdir / home), FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+        env.update(FLWR_HOME=str(self.workdir / home), PYTHONUNBUFFERED="1")  # telemetry off: scripts_first_on_path
         return env
 
     def _spawn(self, args: list[str], home: str, log_name: str, *, pinned: bool = False) -> tuple[subprocess.Popen[bytes], Path]:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.errors import FederationError
+from shared.flower_env import without_flower_telemetry
 from shared.signing import read_key
 
 CONNECTION = "fedrelapse"
@@ -66,9 +67,7 @@ class NodeRegistry:
     connection: str = CONNECTION
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0")
-        return env
+        return without_flower_telemetry({**os.environ, "FLWR_HOME": str(self.home)})
 
     def _flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
         here = Path(sys.executable).parent / "flwr"

@@ -22,6 +22,7 @@ from server.resume import ResumePoint, finished_summary, load_resume_point, read
 from shared.config import ExperimentConfig, FeatureConfig, SiteConfig, load_experiment, load_site
 from shared.errors import ConfigError, DataError, FederationError
 from shared.faults import FaultPlan
+from shared.flower_env import disable_flower_telemetry_here
 
 SIM_INFO = "simulation.json"  # where the cohort is, so `fedrelapse run --resume` can find it
 
@@ -168,6 +169,7 @@ def simulate(
     # every actor keeps all the sites it serves loaded (inherited by the local Ray's workers)
     os.environ["FEDRELAPSE_SITE_CACHE"] = str(max(4, len(sites)))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    disable_flower_telemetry_here()  # run_simulation and its Ray workers post no usage events
     logging.getLogger("flwr").setLevel(logging.ERROR)  # run_simulation's deprecation banner is noise here
     with linear_dispatch():  # Flower's own dispatch costs N² per 0.1 s (see server.sim_dispatch)
         run_simulation(

@@ -370,6 +370,11 @@ def experiment_from_yaml_text(text: str, *, source: str) -> ExperimentConfig:
     return build(ExperimentConfig, text_mapping(text, source), source=source)
 
 
+def metric_k(site: SiteConfig, exp: ExperimentConfig) -> int:
+    """The k a site applies to a plan: no metric over fewer patients leaves it (the stricter of its policy and the plan)."""
+    return max(site.policy.min_patients_metric, exp.federation.min_patients_metric)
+
+
 def load_site(path: str | Path) -> SiteConfig:
     """Read ``site.yaml``; relative paths resolve against the file's folder."""
     return site_from_yaml_text(read_config_text(path), path)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from rich.console import Console
 from typer.testing import CliRunner
 
 from client.site import ledger_path, site_key_paths
@@ -171,3 +172,74 @@ def test_site_check_report_prints_a_manifest_path_with_brackets_as_it_is(tmp_pat
     code, out = _run("site", "check", "--manifest", manifest, "--state-dir", tmp_path / "state")
     assert str(manifest) in out, out
     assert json.loads(runner.invoke(app, ["site", "check", "--manifest", str(manifest), "--state-dir", str(tmp_path / "state"), "--json"]).stdout)["manifest"] == str(manifest)
+
+
+@pytest.mark.parametrize("given", ["ledger-folder", "state-dir"])
+def test_audit_verify_given_a_folder_suggests_the_privacy_ledger_not_the_release_log(tmp_path: Path, given: str) -> None:
+    led = ledger_path(tmp_path / "state")
+    led.parent.mkdir(parents=True)
+    led.write_text("")
+    (led.parent / "evaluation-releases.jsonl").write_text("")  # sorts first; another format: verifying it is a false tamper alarm
+    folder = led.parent if given == "ledger-folder" else tmp_path / "state"
+    code, out = _run("audit", "verify", folder)
+    assert code == 2 and f"{folder} is a folder; give the ledger file itself, e.g. {led}." in out, out
+
+
+@pytest.mark.parametrize("option", ["--set-run-cap", "--set-total-cap"])
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_an_invalid_cap_is_a_usage_error_not_a_ledger_failure(tmp_path: Path, option: str, value: str) -> None:
+    """It exited 4, which the DPO runbook documents as "the ledger fails its integrity check"."""
+    site = _site(tmp_path)
+    code, out = _run("site", "budget", "--site", site, option, value, "--reason", "x")
+    assert code == 2 and f"{option} is {value}; give a positive, finite ε" in out, out
+    assert not ledger_path(tmp_path / "state").exists()
+
+
+def test_a_reason_without_a_cap_change_is_a_usage_error(tmp_path: Path) -> None:
+    """It was silently ignored (exit 0): the DPO believed a change was recorded."""
+    code, out = _run("site", "budget", "--site", _site(tmp_path), "--reason", "A. Berg (DPO): annual review")
+    assert code == 2 and "--reason goes with --set-total-cap or --set-run-cap" in out, out
+    assert not ledger_path(tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("how", ["site-init", "cap-change", "first-round"])
+def test_a_lost_ledger_key_is_never_replaced_while_the_ledger_holds_entries(tmp_path: Path, how: str) -> None:
+    """`site init` made a new key silently, after which every old entry failed its signature check."""
+    from types import SimpleNamespace
+
+    from client.site import Site
+    from shared.config import load_site
+    from shared.errors import PolicyError
+
+    site = _site_with_ledger(tmp_path)
+    priv, pub = site_key_paths(tmp_path / "state")
+    old_pub = pub.read_bytes()
+    priv.unlink()
+    if how != "first-round":  # the first round also checks the ledger with the public key, which it still has
+        pub.unlink()
+    if how == "first-round":  # the path a training round takes
+        with pytest.raises(PolicyError, match="restore|Restore"):
+            Site.signing_key(SimpleNamespace(cfg=load_site(site)))  # type: ignore[arg-type]
+    else:
+        args = ["site", "init", "--site", site] if how == "site-init" else ["site", "budget", "--site", site, "--set-run-cap", "4", "--reason", "DPO"]
+        code, out = _run(*args)
+        assert code == 4 and f"The site's ledger signing key {priv} is missing but the ledger" in out and "from the site's backup" in out, out
+    assert not priv.exists() and (pub.read_bytes() == old_pub if how == "first-round" else not pub.exists())
+
+
+def test_site_check_prints_each_problem_on_one_line_when_stdout_is_not_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`site check > r.txt` wrapped problems at 80 columns (41 problems became 106 lines), so a
+    grep by manifest line found half a message."""
+    from server import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=80, force_terminal=False))  # as redirected to a file
+    rows = "".join(f"p{i},s{i},2026-03-01,audio/a_recording_with_a_rather_long_name_number_{i}.wav,nb\n" for i in range(1, 4))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("patient_id,session_id,recorded_at,audio_path,language\n" + rows, encoding="utf-8")
+
+    result = runner.invoke(app, ["site", "check", "--manifest", str(manifest), "--state-dir", str(tmp_path / "state")])
+
+    lines = result.stdout.splitlines()
+    for i in range(1, 4):
+        assert f"error: m.csv:{i + 1} [audio_path] 'audio/a_recording_with_a_rather_long_name_number_{i}.wav' does not exist; row skipped" in lines, result.stdout
+    assert max(len(line) for line in lines if "│" in line) <= 80  # the report table still fits the width

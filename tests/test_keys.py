@@ -103,16 +103,16 @@ def test_server_start_turns_supernode_authentication_on_and_says_what_to_do_next
     make_server(tmp_path)
     server = runner.invoke(app, ["server", "start", "--keys", str(tmp_path), "--dry-run"], terminal_width=300)
     assert server.exit_code == 0, server.output
-    argv = server.stdout.splitlines()[0].split()
+    argv = dry_run_command(server.stdout)
     assert argv[0].endswith("flower-superlink") and "--enable-supernode-auth" in argv and "--ssl-certfile" in argv
     assert "--insecure" not in argv and "--disable-runtime-dependency-installation" in argv
     assert "fedrelapse server register-site NAME" in server.output  # the operator's next step
     off = runner.invoke(app, ["server", "start", "--keys", str(tmp_path), "--no-node-auth", "--dry-run"], terminal_width=300)
-    assert off.exit_code == 0 and "--enable-supernode-auth" not in off.stdout.splitlines()[0] and "authentication is OFF" in off.output
+    assert off.exit_code == 0 and "--enable-supernode-auth" not in dry_run_command(off.stdout) and "authentication is OFF" in off.output
     plain = runner.invoke(app, ["server", "start", "--insecure", "--dry-run"])
     assert plain.exit_code != 0 and "--no-node-auth" in plain.output  # node auth cannot silently drop with TLS
     loopback = runner.invoke(app, ["server", "start", "--insecure", "--no-node-auth", "--dry-run"])
-    assert loopback.exit_code == 0 and "--insecure" in loopback.stdout.splitlines()[0]
+    assert loopback.exit_code == 0 and "--insecure" in dry_run_command(loopback.stdout)
 
 
 def test_server_start_finds_flowers_scripts_without_an_activated_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,6 +120,7 @@ def test_server_start_finds_flowers_scripts_without_an_activated_venv(tmp_path: 
     make_server(tmp_path)
     started: list[tuple[str, dict[str, str]]] = []
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as from cron or systemd: the venv is not activated
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")  # the caller's own setting does not turn it back on
     monkeypatch.setattr(os, "execve", lambda exe, argv, env: started.append((exe, env)) or sys.exit(0))
     monkeypatch.setattr(os, "execv", lambda exe, argv: started.append((exe, dict(os.environ))) or sys.exit(0))  # never really started
 
@@ -129,6 +130,7 @@ def test_server_start_finds_flowers_scripts_without_an_activated_venv(tmp_path: 
     (exe, env), = started
     assert Path(exe).name == "flower-superlink"
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # where flower-superexec is
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
     assert (Path(sys.executable).parent / "flower-superexec").exists()
 
 
@@ -258,3 +260,21 @@ def test_keys_server_that_fails_half_way_takes_back_the_files_it_wrote(tmp_path:
     assert not (tmp_path / "server").exists()  # server.key, server.pem, model-signing.key taken back
     monkeypatch.undo()
     assert make_server(tmp_path).is_file()  # the retry is not refused
+
+
+@pytest.mark.parametrize("role", ["server", "site"])
+def test_the_dry_run_line_turns_flowers_telemetry_off(tmp_path: Path, role: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Natively, Flower's SuperLink and SuperNode post usage events to telemetry.flower.ai unless
+    FLWR_TELEMETRY_ENABLED=0; the site promises it connects to its coordinator only."""
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
+    site = tmp_path / "site.yaml"
+    site.write_text(f"name: oslo\nmanifest: m.csv\nstate_dir: {tmp_path / 'state'}\n")
+    args = {"server": ["server", "start", "--insecure", "--no-node-auth", "--dry-run"],
+            "site": ["site", "start", "--site", str(site), "--superlink", "127.0.0.1:9092", "--insecure", "--dry-run"]}[role]
+
+    result = runner.invoke(app, args, terminal_width=300)
+
+    assert result.exit_code == 0, result.output
+    line = result.stdout.splitlines()[0]
+    assert line.startswith("env ") and " FLWR_TELEMETRY_ENABLED=0 " in line, line
+    assert dry_run_command(result.stdout)[0].endswith(("flower-superlink", sys.executable))

@@ -156,3 +156,54 @@ def test_a_run_id_sites_would_refuse_stops_the_coordinator_before_any_site_is_as
         check_run_id("r" * 129)
     with pytest.raises(ConfigError, match="non-printable character U\\+000A"):
         check_run_id("run\n1")
+
+
+def _refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "fedrelapse.clientapp" and " refused round " in r.getMessage()]
+
+
+@pytest.mark.usefixtures("alpha_state")
+@pytest.mark.parametrize("kind", ["train", "evaluate", "query"])
+@pytest.mark.parametrize(("case", "code", "shown"), [
+    ("no-config", "malformed", "?"),
+    ("round-is-text", "malformed", "?"),
+    ("total-below-plan", "plan-mismatch", "1"),
+    ("plan-not-yaml", "invalid", "1"),
+    ("nan-model", "invalid-model", "1"),
+    ("unapproved", "unapproved-plan", "1"),
+])
+def test_every_refusal_decided_in_the_message_setup_is_logged_once_at_the_site(
+    tiny_cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str, case: str, code: str, shown: str,
+) -> None:
+    """Only training's own refusals were logged (`site=oslo refused round 3: budget`); a site
+    that refused every message as unsigned or malformed left nothing in IT's log."""
+    msg = message(case)
+    if kind == "query":
+        if case in ("round-is-text", "nan-model"):
+            pytest.skip("the pre-flight query reads no round and no model")
+        shown = "0"  # the pre-flight query belongs to no round
+    caplog.set_level("WARNING", logger="fedrelapse.clientapp")
+
+    ctx = context(tiny_cohort, tmp_path)
+    if case == "unapproved":  # a site that trains approved plans only, and approved none
+        with (tmp_path / "site.yaml").open("a") as f:
+            f.write("require_approved_plans: true\n")
+
+    reply = build_client_app()(Message(content=msg.content, dst_node_id=1, message_type=kind), ctx)
+
+    assert reply.content[P.SITE][P.REFUSAL_CODE] == code
+    assert _refusal_lines(caplog) == [f"site=alpha refused round {shown}: {code} ({kind})"]
+
+
+@pytest.mark.usefixtures("alpha_state")
+def test_a_training_refusal_is_logged_once_per_reply(tiny_cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from client import app as app_module
+    from client.site import Refusal
+
+    monkeypatch.setattr(app_module, "_train", lambda *a, **k: (Refusal("budget", "Site alpha: the budget is spent."), 0.0))
+    caplog.set_level("WARNING", logger="fedrelapse.clientapp")
+
+    reply = build_client_app()(message("ok"), context(tiny_cohort, tmp_path))
+
+    assert reply.content[P.SITE][P.REFUSAL_CODE] == "budget"
+    assert _refusal_lines(caplog) == ["site=alpha refused round 1: budget (train)"]

@@ -101,6 +101,17 @@ def test_the_launcher_comes_first_on_the_supernodes_path_and_runs_this_interpret
     assert write_launcher(tmp_path / "bin") == launcher  # rewriting is idempotent
 
 
+def test_the_supernode_and_every_clientapp_it_starts_have_flowers_telemetry_off(tmp_path: Path) -> None:
+    """The SuperNode's environment is inherited by flower-superexec, the launcher and the site worker."""
+    from server.deployment import LocalConsortium
+    from server.node_registry import NodeRegistry
+
+    assert launcher_env(tmp_path / "bin", {"PATH": os.defpath})["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert launcher_env(tmp_path / "bin", {"PATH": os.defpath, "FLWR_TELEMETRY_ENABLED": "1"})["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert LocalConsortium(tmp_path, [])._env("home")["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert NodeRegistry(tmp_path)._env()["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
 def _zip(files: dict[str, bytes]) -> bytes:
     import io
     import zipfile
@@ -140,3 +151,15 @@ def test_a_bundle_whose_declared_size_lies_is_refused_not_read_past_it() -> None
         bundle[at:at + 4] = struct.pack("<I", 1000)
     with pytest.raises(BundleRefused, match=r"The app bundle's pyproject\.toml cannot be read \(.*CRC.*\); this site refuses it"):
         check_bundle(bytes(bundle))
+
+
+def test_flowers_telemetry_goes_off_in_process_even_after_flower_read_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `fedrelapse` (main) and simulate() call: Flower reads the variable once, at import."""
+    import flwr.supercore.telemetry as telemetry
+
+    from shared.flower_env import disable_flower_telemetry_here
+
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
+    monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "1")
+    disable_flower_telemetry_here()
+    assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0" and telemetry.FLWR_TELEMETRY_ENABLED == "0"

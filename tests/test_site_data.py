@@ -298,7 +298,7 @@ def test_jsonl_values_of_the_wrong_type_are_errors_of_their_field_not_stringifie
     assert set(errors) == {(1, "session_id"), (1, "label"), (1, "audio_path"), (1, "language")}
     assert "not an object" in errors[(1, "session_id")] and "not true/false" in errors[(1, "label")]
     assert "not a number" in errors[(1, "audio_path")] and "not a list" in errors[(1, "language")]
-    assert any("unknown column(s) ward" in p.message for p in man.problems)
+    assert any("unknown key(s) ward" in p.message for p in man.problems)
 
 
 def test_a_key_repeated_in_one_jsonl_object_is_an_error(site: Path) -> None:
@@ -725,3 +725,20 @@ def test_temporary_files_of_a_killed_feature_writer_are_swept_when_the_cache_ope
     FeatureCache(site / "state", FeatureConfig())
 
     assert (stale.exists(), fresh.exists()) == (False, True)
+
+
+def test_an_unknown_jsonl_key_is_reported_at_the_first_record_that_has_it(site: Path) -> None:
+    """It was `m.jsonl:1 [header] unknown column(s) extra are ignored`: JSONL has no header,
+    and line 1 did not have the key."""
+    m = site / "manifest.jsonl"
+    lines = [jsonl_row(f"s{i}") for i in range(1, 7)] + [jsonl_row("s7", extra="x"), jsonl_row("s8", extra="y", ward=3)]
+    m.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    warnings = [p.render(m) for p in man.problems if p.severity == "warning"]
+    assert warnings == [
+        "manifest.jsonl:7 [row] unknown key(s) extra are ignored (here and in every later record)",
+        "manifest.jsonl:8 [row] unknown key(s) ward are ignored (here and in every later record)",
+    ]
+    assert len(man.rows) == 8

@@ -16,7 +16,7 @@ from client.app import build_client_app
 from client.site import Refusal, Site, TrainResult
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
-from shared.config import load_site
+from shared.config import SiteConfig, load_site
 from shared.errors import PolicyError
 from shared.models import build_model
 from shared.params import PACKED, get_arrays, layout, pack, unpack
@@ -396,11 +396,35 @@ def test_an_unapproved_plan_is_refused_before_the_site_does_any_data_work(tiny_c
 def test_the_approval_summary_names_the_evaluation_mode() -> None:
     from client.approval import summary
 
-    exp = tiny_experiment()
-    lines = dict(summary(exp))
+    exp, site = tiny_experiment(), SiteConfig(name="oslo", manifest=Path("m.csv"))
+    lines = dict(summary(exp, site))
     assert "(with-next-round)" in lines["evaluation"]
-    assert "(separate)" in dict(summary(replace(exp, federation=replace(exp.federation, evaluation="separate"))))["evaluation"]
-    assert dict(summary(replace(exp, federation=replace(exp.federation, fraction_evaluate=0.0))))["evaluation"] == "none (fraction_evaluate 0)"
+    assert "(separate)" in dict(summary(replace(exp, federation=replace(exp.federation, evaluation="separate")), site))["evaluation"]
+    assert dict(summary(replace(exp, federation=replace(exp.federation, fraction_evaluate=0.0)), site))["evaluation"] == "none (fraction_evaluate 0)"
+
+
+def test_the_approval_summary_shows_the_k_the_site_applies_secure_aggregation_noise_and_encoders() -> None:
+    """It showed the plan's k (say 3) where the site applies its policy's 10, and said nothing
+    of secure aggregation, secure noise or the encoders the plan runs at the site."""
+    from client.approval import summary
+    from shared.config import SecureAggregationConfig, SitePolicy
+
+    exp = tiny_experiment()
+    plain = replace(exp, federation=replace(exp.federation, min_patients_metric=3), privacy=replace(exp.privacy, secure_mode=False),
+                    language=replace(exp.language, encoder="lsa"))
+    secure = replace(exp, federation=replace(exp.federation, min_patients_metric=12, secure_aggregation=SecureAggregationConfig(enabled=True, num_shares=5, reconstruction_threshold=3)),
+                     privacy=replace(exp.privacy, secure_mode=True), speech=replace(exp.speech, encoder="transformer", model_path="/srv/models/wav2vec2"))
+    strict = SiteConfig(name="oslo", manifest=Path("m.csv"), policy=SitePolicy(min_patients_metric=10, require_secure_aggregation=True))
+
+    lines, other = dict(summary(plain, strict)), dict(summary(secure, strict))
+
+    assert lines["metrics"].startswith("aggregates over at least 10 patients") and "the plan 3" in lines["metrics"]
+    assert other["metrics"].startswith("aggregates over at least 12 patients")
+    assert lines["secure aggregation"].startswith("off") and "this site will refuse to train" in lines["secure aggregation"]
+    assert other["secure aggregation"].startswith("on (SecAgg+)") and "5 shares, any 3 unmask" in other["secure aggregation"]
+    assert "secure_mode: false" in lines["privacy noise"] and "secure_mode: true" in other["privacy noise"]
+    assert lines["language encoder"].startswith("LSA") and lines["speech encoder"] == "none"
+    assert other["language encoder"].startswith("transformer all-MiniLM-L6-v2") and other["speech encoder"].startswith("/srv/models/wav2vec2 (transformer")
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from shared.signing import sign, verify
 GENESIS = "0" * 64
 FORMAT_VERSION = 2
 KINDS = ("round", "policy")
+LEDGER_FILE = "privacy-ledger.jsonl"  # <state_dir>/ledger/<this>: the file `fedrelapse audit verify` checks
 
 
 @dataclass(frozen=True, kw_only=True)
