@@ -68,7 +68,7 @@ def summary(exp: ExperimentConfig, site: SiteConfig) -> list[tuple[str, str]]:
         ("rounds x local steps", f"{f.rounds} x {t.local_steps}"),
         ("training", f"{t.batch_patients} patients a step (expected), learning rate {t.learning_rate:g}, at most {t.max_sessions_per_patient} sessions a patient"),
         ("held-out split", f"{t.eval_fraction:g} of your patients, drawn with seed {exp.seed} (another fraction or seed holds out other patients)"),
-        ("privacy", f"patient-level DP, ε ≤ {p.target_epsilon:g} at δ = {p.target_delta:g} for the whole run, clip C = {p.max_grad_norm:g}" if p.enabled else "NO differential privacy"),
+        ("privacy", _privacy_line(exp, site)),
         ("privacy noise", ("cryptographically secure (privacy.secure_mode: true)" if p.secure_mode else "ordinary pseudo-random (privacy.secure_mode: false): faster, but not for production")
          if p.enabled else "none"),
         ("secure aggregation", f"on (SecAgg+): the coordinator sees only the sum; {sa.num_shares} shares, any {sa.reconstruction_threshold} unmask" if sa.enabled
@@ -81,6 +81,24 @@ def summary(exp: ExperimentConfig, site: SiteConfig) -> list[tuple[str, str]]:
         ("language encoder", _language_encoder(exp.language)),
         ("speech encoder", f"{exp.speech.model_path} (transformer, {exp.speech.embedding_dim} dimensions; a local folder at your site, never downloaded)" if exp.speech.enabled else "none"),
     ]
+
+
+def _privacy_line(exp: ExperimentConfig, site: SiteConfig) -> str:
+    """The plan's DP guarantee as this site will account it: at the stricter δ of policy and plan,
+    and at most the per-run cap of site.yaml (a cap recorded with `site budget` applies instead)."""
+    p, policy = exp.privacy, site.policy
+    if not p.enabled:
+        return "NO differential privacy" + ("" if policy.allow_non_private else " (your policy does not allow it: this site will refuse to train)")
+    delta = min(p.target_delta, policy.delta)
+    eps = min(p.target_epsilon, policy.epsilon_cap_run)
+    stricter = []
+    if delta < p.target_delta:
+        stricter.append(f"δ {delta:g} from your policy (the plan asks {p.target_delta:g})")
+    if eps < p.target_epsilon:
+        stricter.append(f"ε {eps:g} from your per-run cap in site.yaml (the plan asks {p.target_epsilon:g}; more noise, same steps)")
+    why = f"; {', '.join(stricter)}" if stricter else ""
+    return (f"patient-level DP, ε ≤ {eps:g} at δ = {delta:g} for the whole run, clip C = {p.max_grad_norm:g}{why}"
+            " (a per-run cap set with `fedrelapse site budget` applies instead of site.yaml's)")
 
 
 def _language_encoder(lang: LanguageConfig) -> str:

@@ -427,6 +427,23 @@ def test_the_approval_summary_shows_the_k_the_site_applies_secure_aggregation_no
     assert other["language encoder"].startswith("transformer all-MiniLM-L6-v2") and other["speech encoder"].startswith("/srv/models/wav2vec2 (transformer")
 
 
+def test_the_approval_summary_shows_the_epsilon_and_delta_the_site_will_account() -> None:
+    """It showed the plan's ε and δ, while the site accounts at the stricter δ and trains to at most its per-run cap."""
+    from client.approval import summary
+    from shared.config import SitePolicy
+
+    exp = tiny_experiment().with_privacy(target_epsilon=8.0, target_delta=1e-5)
+    lenient = SiteConfig(name="oslo", manifest=Path("m.csv"), policy=SitePolicy(epsilon_cap_run=10.0, delta=1e-5))
+    strict = SiteConfig(name="oslo", manifest=Path("m.csv"), policy=SitePolicy(epsilon_cap_run=4.0, delta=1e-6))
+    no_dp = SiteConfig(name="oslo", manifest=Path("m.csv"), policy=SitePolicy(allow_non_private=False))
+
+    assert dict(summary(exp, lenient))["privacy"].startswith("patient-level DP, ε ≤ 8 at δ = 1e-05 for the whole run, clip C = ")
+    line = dict(summary(exp, strict))["privacy"]
+    assert line.startswith("patient-level DP, ε ≤ 4 at δ = 1e-06 for the whole run")
+    assert "δ 1e-06 from your policy (the plan asks 1e-05)" in line and "ε 4 from your per-run cap in site.yaml (the plan asks 8" in line
+    assert dict(summary(exp.with_privacy(enabled=False), no_dp))["privacy"] == "NO differential privacy (your policy does not allow it: this site will refuse to train)"
+
+
 @pytest.fixture
 def diverging(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """Local training that ends with a NaN parameter: the real DP-SGD steps run on the patients' data, then one weight is NaN
