@@ -145,7 +145,7 @@ def run_cmd(
     done = finished_summary(resume)
     if done is not None:
         run_id, _ = read_run(resume)
-        console.print(f"run {run_id} has already finished (status: {done.get('status')}); nothing to resume, nothing was changed.")
+        console.print(f"run {escape(run_id)} has already finished (status: {escape(str(done.get('status')))}); nothing to resume, nothing was changed.")
         print_summary(done, resume)
         _exit_with_run_status(done)
         return
@@ -299,7 +299,7 @@ def _final_auroc(summary: dict[str, Any], out: Path) -> str:
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
-    table = Table(title=f"run {summary['run_id']}", show_header=True)
+    table = Table(title=f"run {escape(str(summary['run_id']))}", show_header=True)
     table.add_column("site")
     table.add_column("ε spent (this run)", justify="right")
     table.add_column("δ", justify="right")
@@ -309,12 +309,12 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         delta = "-" if not e.get("delta") else f"{e['delta']:.0e}"
         table.add_row(escape(site), eps, delta, f"{e.get('noise_multiplier') or 0:.2f}")
     console.print(table)
-    console.print(f"status: {summary['status']} · rounds {summary['rounds_completed']}/{summary['rounds_planned']} · final federated AUROC {_final_auroc(summary, out)} · wall time {summary['wall_time_s']:.1f} s")
+    console.print(f"status: {escape(str(summary['status']))} · rounds {summary['rounds_completed']}/{summary['rounds_planned']} · final federated AUROC {_final_auroc(summary, out)} · wall time {summary['wall_time_s']:.1f} s")
     for key, value in summary.get("baselines", {}).items():
-        console.print(f"baseline {key}: {value}")
+        console.print(f"baseline {escape(str(key))}: {escape(str(value))}")
     for r in summary.get("refusals", []):
         console.print(f"[yellow]refusal: round {r['round']} site {escape(str(r['site']))}: {escape(str(r['reason']))}[/yellow]")
-    console.print(f"run folder: [bold]{out.resolve()}[/bold]")
+    console.print(f"run folder: [bold]{escape(str(out.resolve()))}[/bold]")
 
 
 bench_app = _typer(help="Researcher: benchmarks (ratios in one run; results for BENCHMARKS.md).", no_args_is_help=True)

@@ -23,6 +23,7 @@ asks the sites to evaluate that round's model (the checkpoint it resumes from) f
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
@@ -84,6 +85,10 @@ def finished_summary(run: Path) -> dict[str, Any] | None:
         raise ConfigError(f"{path} is not UTF-8 text; it was written by the coordinator as UTF-8 JSON, so it was edited or damaged. Restore it from a backup.") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); it was written atomically, so it was edited by hand.") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is not a summary this version wrote: it is nested too deeply to read. It was edited or damaged; restore it from a backup.") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise ConfigError(f"{path} is not a summary this version wrote: {exc}. It was edited or damaged; restore it from a backup.") from None
     problem = summary_problem(summary)
     if problem:
         raise ConfigError(f"{path} is not a summary this version wrote: {problem}. It was edited or damaged; restore it from a backup.")
@@ -91,11 +96,22 @@ def finished_summary(run: Path) -> dict[str, Any] | None:
 
 
 def _number(value: Any, *, none: bool = True) -> bool:
-    """A JSON number (not a boolean), or null when ``none``."""
-    return (value is None and none) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    """A finite JSON number (not a boolean; an integer below 2**53 in magnitude, so it converts
+    to a float exactly and never overflows one), or null when ``none``."""
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) < 2**53
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _kind(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**53:
+        return f"an integer of {len(str(abs(value)))} digits (too large)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} (not finite)"
     return "null" if value is None else {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), f"a {type(value).__name__}")
 
 

@@ -8,10 +8,11 @@ new field needs no parsing code. Nothing past the entry point reads raw dicts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import reprlib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -203,7 +204,19 @@ def build(cls: type[T], data: Any, *, source: str, path: str = "") -> T:
     post = getattr(obj, "validate", None)
     if callable(post):
         post(source)
+    for key, value in _floats(kwargs, path):  # no setting (timeouts included) takes .inf or .nan for "unbounded"
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: `{key}` is {value!r}; it must be a finite number.")
     return obj
+
+
+def _floats(values: Mapping[str, Any], path: str) -> Iterator[tuple[str, float]]:
+    for name, value in values.items():
+        key = f"{path}.{name}" if path else name
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, v in items:
+            if isinstance(v, float):
+                yield (key if i is None else f"{key}[{i}]"), v
 
 
 def to_plain(obj: Any) -> Any:
@@ -261,7 +274,11 @@ def _coerce(hint: Any, value: Any, *, source: str, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: `{key}` must be a number, got {_show(value)}.")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            raise ConfigError(f"{source}: `{key}` is an integer of {len(str(abs(value)))} digits, too large for a number; it must be a finite number.") from None
+        return number  # .inf / .nan are refused by build() after the class's own validate (which may say more)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: `{key}` must be text, got {_show(value)}.")

@@ -44,6 +44,9 @@ def test_shipped_configs_validate() -> None:
         ("name: x\nseed: 18446744073709551616\n", r"exp.yaml: `seed` is 18446744073709551616; it must be <= 9223372036854775807"),  # torch refused it at every round
         ("name: x\nseed: -1\n", r"exp.yaml: `seed` is -1; it must be >= 0"),  # torch reads -1 as 2**64 - 1
         ("name: " + "n" * 101 + "\n", r"exp.yaml: `name` is 101 characters long; it must be at most 100 printable characters, because it starts every run id"),
+        ("name: x\ntraining: {learning_rate: 1" + "0" * 400 + "}\n", r"exp.yaml: `training.learning_rate` is an integer of 401 digits, too large"),  # was OverflowError
+        ("name: x\nfeatures: {max_seconds: .inf}\n", r"exp.yaml: `features.max_seconds` is inf; it must be a finite number"),  # `plan` failed with OverflowError
+        ("name: x\nfederation: {round_timeout_s: .inf}\n", r"exp.yaml: `federation.round_timeout_s` is inf; it must be a finite number"),
         ('name: "relapse\\nstudy"\n', r"exp.yaml: `name` holds a control or line-break character; it must be at most 100 printable characters"),
     ],
 )

@@ -180,6 +180,15 @@ def test_a_last_entry_cut_short_is_not_counted_by_the_site_but_reported_by_the_a
         ("signature-number", "field 'signature'"),
         ("nan-cap", "not a finite number"),
         ("unknown-field", "unknown field"),
+        ("overlong-line", "longer than any entry"),  # checked before JSON parsing
+        ("deep-nesting", "nested too deeply"),  # RecursionError in json
+        ("5000-digit-number", "digits"),  # ValueError in json
+        ("huge-int-sigma", "field 'noise_multiplier' is an integer of 401 digits"),  # OverflowError later
+        ("huge-int-epsilon", "field 'epsilon_total' is an integer"),
+        ("huge-steps", "field 'steps'"),  # OverflowError inside dp-accounting
+        ("too-many-steps", "not a step count"),
+        ("naive-time", "with a timezone"),  # TypeError comparing datetimes
+        ("time-not-iso", "field 'time'"),
     ],
 )
 def test_malformed_or_non_canonical_lines_are_reported_by_line_never_crash(trained: Site, tamper: str, problem: str, tmp_path: Path) -> None:
@@ -200,6 +209,15 @@ def test_malformed_or_non_canonical_lines_are_reported_by_line_never_crash(train
         "signature-number": canonical(body | {"signature": 5}),
         "nan-cap": canonical(body | {"cap_run": float("nan")}),
         "unknown-field": canonical(body | {"extra": 1}),
+        "overlong-line": "[" * 70_000 + "\n",
+        "deep-nesting": "[" * 5_000 + "]" * 5_000 + "\n",
+        "5000-digit-number": canonical(body)[:-2] + ',"zz":' + "9" * 5_000 + "}\n",
+        "huge-int-sigma": canonical(body | {"noise_multiplier": 10**400}),
+        "huge-int-epsilon": canonical(body | {"epsilon_total": 10**400}),
+        "huge-steps": canonical(body | {"steps": 10**30}),
+        "too-many-steps": canonical(body | {"steps": 2 * 10**9}),
+        "naive-time": canonical(body | {"time": "2025-01-01T00:05:00"}),
+        "time-not-iso": canonical(body | {"time": "yesterday"}),
     }[tamper]
     if raw is None:
         trained.ledger_path.write_bytes(lines[0].replace('"kind"', '"k\xff"').encode("latin-1") + "".join(lines[1:]).encode())

@@ -235,6 +235,8 @@ def finished_summary_of(run: Path) -> dict:
     (lambda s: s | {"final_federated_auroc": "0.99"}, "field `final_federated_auroc` is a string, expected a number or null"),
     (lambda s: s | {"sites": {"alpha": {"epsilon": "2"}}}, "`sites.alpha.epsilon` is a string"),
     (lambda s: s | {"refusals": [{"site": "a"}]}, "field `refusals` is not a list of objects"),
+    (lambda s: s | {"wall_time_s": 10**400}, "field `wall_time_s` is an integer of 401 digits (too large)"),  # was OverflowError
+    (lambda s: s | {"sites": {"alpha": {"epsilon": 10**400}}}, "`sites.alpha.epsilon` is an integer of 401 digits"),
 ])
 def test_resuming_a_finished_run_with_a_damaged_summary_is_refused_naming_the_field(tmp_path: Path, change: object, why: str) -> None:
     run, _ = crashed_run(tmp_path)
@@ -247,6 +249,33 @@ def test_resuming_a_finished_run_with_a_damaged_summary_is_refused_naming_the_fi
     assert result.exit_code == ConfigError.exit_code, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "summary.json is not a summary this version wrote" in " ".join(result.output.split()) and why in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ('{"x":' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),  # was RecursionError
+    ('{"wall_time_s":' + "9" * 5_000 + "}", "digits"),  # was ValueError
+])
+def test_a_summary_json_nested_too_deeply_or_with_a_5000_digit_number_is_refused_cleanly(tmp_path: Path, text: str, why: str) -> None:
+    run, _ = crashed_run(tmp_path)
+    (run / "summary.json").write_text(text)
+    result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "summary.json is not a summary this version wrote" in " ".join(result.output.split()) and why in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(("change", "shown"), [
+    ({"status": "completed [/bold]"}, "status: completed [/bold]"),  # was MarkupError
+    ({"status": "[blink red]completed[/]"}, "status: [blink red]completed[/]"),  # was shown as "status: completed" with exit code 6
+    ({"baselines": {"k": "[/]"}}, "baseline k: [/]"),  # was MarkupError
+])
+def test_a_finished_run_s_summary_text_is_printed_as_written_never_as_markup(tmp_path: Path, change: dict, shown: str) -> None:
+    run, _ = crashed_run(tmp_path)
+    (run / "summary.json").write_text(json.dumps(finished_summary_of(run) | change))
+    result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert shown in result.output, result.output
+    assert result.exit_code == (0 if change.get("status", "completed") == "completed" else 6), result.output
 
 
 def signed_digest_rewritten(run: Path, server_round: int) -> None:

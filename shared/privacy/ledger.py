@@ -15,6 +15,7 @@ not its newline is there, and every line must be byte for byte the canonical JSO
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import hashlib
 import json
@@ -154,8 +155,19 @@ for _f in fields(LedgerEntry):
     _FIELD_TYPES[_f.name] = {"int": (int,), "str": (str,), "float": (int, float), "float | None": (int, float, type(None))}[str(_f.type)]
 
 
+MAX_LINE_BYTES = 64 * 1024  # a real entry is well under 2 KiB: a longer line is refused before JSON parsing
+MAX_INT = 2**53  # integers (and integers in float fields) must be below this in magnitude: exact as floats, never overflowing
+MAX_STEPS = 10**9  # far above any real round's optimizer steps; larger values overflow the accountant
+
+
 def _parse_line(raw: bytes) -> tuple[LedgerEntry, str, str] | str:
-    """(entry, stored hash, signature) of one ledger line, or why it is not a valid entry."""
+    """(entry, stored hash, signature) of one ledger line, or why it is not a valid entry.
+
+    Hostile input (a huge line, deep nesting, a 5,000-digit number, an integer too large for
+    a float, a time without a timezone) is a problem of its line, never an exception.
+    """
+    if len(raw) > MAX_LINE_BYTES:
+        return f"not a valid ledger entry (the line is {len(raw)} bytes, longer than any entry: at most {MAX_LINE_BYTES})"
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -164,6 +176,10 @@ def _parse_line(raw: bytes) -> tuple[LedgerEntry, str, str] | str:
         body = json.loads(text)
     except json.JSONDecodeError as exc:
         return f"not a valid ledger entry (not JSON: {exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return "not a valid ledger entry (not JSON an entry can hold: nested too deeply)"
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        return f"not a valid ledger entry (not JSON an entry can hold: {exc})"
     if not isinstance(body, dict):
         return f"not a valid ledger entry (a JSON {type(body).__name__}, not an object)"
     for key in ("hash", "signature"):
@@ -178,6 +194,16 @@ def _parse_line(raw: bytes) -> tuple[LedgerEntry, str, str] | str:
             return f"not a valid ledger entry (field {key!r} is {value!r}, not of its type)"
         if isinstance(value, float) and not math.isfinite(value):
             return f"not a valid ledger entry (field {key!r} is {value!r}, not a finite number)"
+        if isinstance(value, int) and abs(value) >= MAX_INT:
+            return f"not a valid ledger entry (field {key!r} is an integer of {len(str(abs(value)))} digits, too large: at most 2**53)"
+    if not 0 <= fields_.get("steps", 0) <= MAX_STEPS:
+        return f"not a valid ledger entry (field 'steps' is {fields_['steps']!r}, not a step count from 0 to {MAX_STEPS})"
+    try:
+        when = dt.datetime.fromisoformat(fields_["time"])
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None or when.utcoffset() is None:
+        return f"not a valid ledger entry (field 'time' is {fields_['time']!r}, not an ISO 8601 time with a timezone)"
     if json.dumps(body, sort_keys=True, separators=(",", ":")) != text:
         return "the line is not the canonical form the site writes (key order, spacing, duplicate keys or line ends were changed): it was edited"
     return LedgerEntry(**fields_), body["hash"], body["signature"]
