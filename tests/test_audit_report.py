@@ -194,3 +194,22 @@ def test_report_includes_empirical_attack_results(tmp_path: Path) -> None:
     data = ReportData(title="t", generated="2026-11-25T00:00:00+00:00", public_key=None, key_fingerprint="", policy=None, attacks=[attack])
     page = render_html(data)
     assert "Empirical privacy audit" in page and "0.915" in page and "dp-eps1" in page and "ε ≥ 2.51" in page
+
+
+HOSTILE = "<script>alert(document.domain)</script><img src=x onerror=alert(1)>"
+
+
+def _attack(**over: object) -> dict:
+    return {"site": "oslo", "members": 42, "non_members": 18, "steps": 300, "fpr_target": 0.1, "epsilon_lower_bound_max": 2.51,
+            "settings": [{"setting": "dp-eps1", "epsilon_accounted": 0.995, "attack_auc": 0.52, "tpr_at_fpr": 0.143, "epsilon_lower_bound": 0.0}], **over}
+
+
+def test_a_hostile_attack_file_puts_no_live_markup_into_the_html() -> None:
+    attack = _attack(site=HOSTILE, fpr_target=HOSTILE, members=HOSTILE)
+    attack["settings"][0]["setting"] = HOSTILE
+    data = ReportData(title="t", generated="2026-11-25T00:00:00+00:00", public_key=None, key_fingerprint="", policy=None, attacks=[attack])
+    page = render_html(data)
+    assert "<script" not in page.lower() and "<img src=x" not in page
+    assert "&lt;script&gt;alert(document.domain)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in page
+    assert page.count("&lt;script&gt;") == 4  # site, members, the table header (fpr_target), the setting
+    parse_html(page)

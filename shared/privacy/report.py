@@ -534,11 +534,11 @@ def _cls(status: str) -> str:
 
 
 def _table(head: list[str] | None, rows: list[list[str]], num: set[int] | frozenset[int] = frozenset()) -> str:
-    """Cells are HTML already escaped by the caller."""
+    """Body cells are HTML already escaped by the caller; header cells are plain text and escaped here."""
     if head is None:
         body = "".join(f"<tr><th scope='row'>{r[0]}</th>" + "".join(f"<td>{c}</td>" for c in r[1:]) + "</tr>" for r in rows)
         return f"<table><tbody>{body}</tbody></table>"
-    h = "".join(f"<th>{c}</th>" for c in head)
+    h = "".join(f"<th>{_e(c)}</th>" for c in head)
     body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in num else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -653,7 +653,7 @@ def render_html(data: ReportData) -> str:
                        _e(f"{r['attack_auc']:.3f}"), _e(f"{r['tpr_at_fpr']:.3f}"), _e(f"{r['epsilon_lower_bound']:.2f}")] for r in att.get("settings", [])]
             best = float(att.get("epsilon_lower_bound_max", 0.0))
             parts.append(f"<h3>Site {_e(att.get('site', '?'))}: {_e(att.get('members', '?'))} member and {_e(att.get('non_members', '?'))} held-out patients, "
-                         f"{_e(att.get('steps', '?'))} steps (the largest bound these counts allow: ε ≥ {best:.2f})</h3>")
+                         f"{_e(att.get('steps', '?'))} steps (the largest bound these counts allow: ε ≥ {_e(f'{best:.2f}')})</h3>")
             parts.append(_table(["training", "accounted ε", "attack AUC", f"TPR at FPR ≤ {att.get('fpr_target', 0.1)}", "empirical ε lower bound"], rows_a, {1, 2, 3, 4}))
         parts.append("</section>")
     parts.append("<section id='meaning'><h2>What the numbers mean, in plain language</h2><div class='plain'>")
