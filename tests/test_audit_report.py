@@ -213,3 +213,20 @@ def test_a_hostile_attack_file_puts_no_live_markup_into_the_html() -> None:
     assert "&lt;script&gt;alert(document.domain)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in page
     assert page.count("&lt;script&gt;") == 4  # site, members, the table header (fpr_target), the setting
     parse_html(page)
+
+
+@pytest.mark.parametrize(("content", "field"), [
+    ([_attack()], "JSON list"),
+    (_attack(settings=[{"setting": "x"}]), "settings[0].attack_auc"),
+    (_attack(epsilon_lower_bound_max="lots"), "epsilon_lower_bound_max"),
+    (_attack(fpr_target=HOSTILE), "fpr_target"),
+    (_attack(settings=[{**_attack()["settings"][0], "tpr_at_fpr": "0.1"}]), "settings[0].tpr_at_fpr"),
+])
+def test_a_malformed_attack_file_is_a_usage_error_naming_the_file_and_the_field(trained: Site, tmp_path: Path, content: object, field: str) -> None:
+    bad = tmp_path / "attack.json"
+    bad.write_text(json.dumps(content))
+    result = runner.invoke(app, ["audit", "report", str(trained.ledger_path), "--out", str(tmp_path / "r.html"), "--attack", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    said = re.sub(r"[\s│╭╮╰╯─]+", "", result.output)
+    assert re.sub(r"\s+", "", str(bad)) in said and field.replace(" ", "") in said

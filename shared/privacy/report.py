@@ -164,6 +164,46 @@ class ReportData:
         return PROBLEMS if PROBLEMS in states else UNSIGNED if UNSIGNED in states else VERIFIED
 
 
+_ATTACK_NUMBERS = ("fpr_target", "epsilon_lower_bound_max", "confidence", "delta")
+_ATTACK_COUNTS = ("members", "non_members", "steps")
+_SETTING_NUMBERS = ("attack_auc", "tpr_at_fpr", "epsilon_lower_bound")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def check_attack(obj: object) -> dict[str, Any]:
+    """``obj`` (a parsed `fedrelapse audit attack` results file) if it has the shape the report reads; else ValueError naming the field."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"the file holds a JSON {type(obj).__name__}, not the object `audit attack` writes")
+    if "site" in obj and not isinstance(obj["site"], str):
+        raise ValueError(f"field 'site' must be text, got {obj['site']!r}")
+    for name in _ATTACK_NUMBERS:
+        if name in obj and not _is_number(obj[name]):
+            raise ValueError(f"field {name!r} must be a number, got {obj[name]!r}")
+    for name in _ATTACK_COUNTS:
+        if name in obj and not (isinstance(obj[name], int) and not isinstance(obj[name], bool)):
+            raise ValueError(f"field {name!r} must be a whole number, got {obj[name]!r}")
+    settings = obj.get("settings")
+    if not isinstance(settings, list):
+        raise ValueError("field 'settings' is missing or not a list")
+    for i, row in enumerate(settings):
+        where = f"settings[{i}]"
+        if not isinstance(row, dict):
+            raise ValueError(f"field {where} must be an object, got {row!r}")
+        if not isinstance(row.get("setting"), str):
+            raise ValueError(f"field {where}.setting is missing or not text")
+        for name in _SETTING_NUMBERS:
+            if name not in row:
+                raise ValueError(f"field {where}.{name} is missing")
+            if not _is_number(row[name]):
+                raise ValueError(f"field {where}.{name} must be a number, got {row[name]!r}")
+        if row.get("epsilon_accounted") is not None and not _is_number(row["epsilon_accounted"]):
+            raise ValueError(f"field {where}.epsilon_accounted must be a number or null, got {row['epsilon_accounted']!r}")
+    return obj
+
+
 def build_report(ledgers: list[Path], *, public_key: Path | None, policy: SitePolicy | None, title: str, attacks: list[dict[str, Any]] | None = None) -> ReportData:
     """Verify every ledger and gather what the report shows. Reads files; writes nothing."""
     key = signing.load_public(public_key) if public_key is not None else None
