@@ -230,3 +230,19 @@ def test_a_malformed_attack_file_is_a_usage_error_naming_the_file_and_the_field(
     assert result.exception is None or isinstance(result.exception, SystemExit)
     said = re.sub(r"[\s│╭╮╰╯─]+", "", result.output)
     assert re.sub(r"\s+", "", str(bad)) in said and field.replace(" ", "") in said
+
+
+def test_an_entry_dated_9999_12_31_is_reported_and_left_out_of_the_plot(trained: Site, public_key: Path, tmp_path: Path) -> None:
+    lines = trained.ledger_path.read_text().splitlines(keepends=True)
+    body = json.loads(lines[-1])
+    body["time"] = "9999-12-31T23:59:00+00:00"  # valid ISO 8601; verify reports the altered entry
+    lines[-1] = json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
+    far = tmp_path / "ledger.jsonl"
+    far.write_text("".join(lines))
+    out = tmp_path / "report.html"
+    result = runner.invoke(app, ["audit", "report", str(far), "--out", str(out), "--pdf", str(tmp_path / "report.pdf"), "--public-key", str(public_key)])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # exit 1 for the problem, no traceback
+    assert "problems found" in result.output and out.is_file()
+    text = out.read_text()
+    assert "9999-12-31" in text and text.count("data:image/png;base64,") >= 2

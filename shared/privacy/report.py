@@ -441,16 +441,32 @@ def _label(text: str) -> str:
     return text.replace("$", r"\$")  # no mathtext from ledger strings
 
 
+_EARLIEST, _LATEST = dt.datetime.min.replace(tzinfo=dt.UTC), dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
 def _pad(lo: dt.datetime, hi: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """``lo`` and ``hi`` widened a little, never past the dates Python can hold (a ledger time can be 9999-12-31)."""
     pad = max((hi - lo) * 0.04, dt.timedelta(minutes=1))
-    return lo - pad, hi + pad
+    return (lo - pad if lo - _EARLIEST > pad else _EARLIEST), (hi + pad if _LATEST - hi > pad else _LATEST)
+
+
+PLOT_YEARS = (1970, 2999)  # times outside are left out of the plot (verify reports them); matplotlib cannot place 9999-12-31 plus a margin
+
+
+def _plottable(when: dt.datetime | None) -> bool:
+    return when is not None and PLOT_YEARS[0] <= when.year <= PLOT_YEARS[1]
 
 
 def timeline_figure(led: LedgerSummary) -> Figure:
     """ε over time: one line per run, all runs together, and the caps as they changed."""
     fig, ax = plt.subplots(figsize=(9.5, 5.2), layout="constrained")
-    rows = [r for r in led.rounds if r.time is not None]
-    caps = [c for c in led.cap_timeline[1:] if c[0] is not None]
+    rows = [r for r in led.rounds if _plottable(r.time)]
+    caps = [c for c in led.cap_timeline[1:] if _plottable(c[0])]
+    left_out = sum(1 for r in led.rounds if r.time is not None and not _plottable(r.time)) + \
+        sum(1 for c in led.cap_timeline[1:] if c[0] is not None and not _plottable(c[0]))
+    if left_out:
+        fig.text(0.01, 0.005, f"{left_out} entr{'y' if left_out == 1 else 'ies'} with a time outside {PLOT_YEARS[0]}–{PLOT_YEARS[1]} left out of this plot",
+                 fontsize=8, color=CAP_TOTAL_COLOUR, ha="left", va="bottom")
     times = [r.time for r in rows] + [c[0] for c in caps]
     if not times:
         ax.text(0.5, 0.5, "No training round recorded", ha="center", va="center", transform=ax.transAxes, fontsize=14)
@@ -459,7 +475,7 @@ def timeline_figure(led: LedgerSummary) -> Figure:
     lo, hi = _pad(min(times), max(times))  # type: ignore[type-var]
     top = 0.0
     for i, run in enumerate(led.runs):
-        pts = [(r.time, r.epsilon_run) for r in run.rounds if r.time is not None]
+        pts = [(r.time, r.epsilon_run) for r in run.rounds if _plottable(r.time)]
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
