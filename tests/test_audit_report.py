@@ -246,3 +246,16 @@ def test_an_entry_dated_9999_12_31_is_reported_and_left_out_of_the_plot(trained:
     assert "problems found" in result.output and out.is_file()
     text = out.read_text()
     assert "9999-12-31" in text and text.count("data:image/png;base64,") >= 2
+
+
+def test_after_a_garbage_line_the_report_numbers_entries_by_file_line_as_verify_does(trained: Site, public_key: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "ledger.jsonl"
+    bad.write_text("garbage\n" + trained.ledger_path.read_text())
+    (led,) = build_report([bad], public_key=public_key, policy=trained.cfg.policy, title="t").ledgers
+    assert [i.line for i in led.issues] == [1]
+    assert [r.line for r in led.rounds] == [2, 3] and [c.line for c in led.cap_changes] == [4]
+    assert all(r.check is not None and r.check.line == r.line for r in led.rounds)  # the independent RDP / PLD column is filled
+    page = render_html(build_report([bad], public_key=public_key, policy=trained.cfg.policy, title="t"))
+    mech = page[page.index("Mechanisms, round by round"):page.index("Training plans")]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", mech)[1:]]
+    assert [c[0] for c in cells] == ["2", "3"] and all(c[-1] != "-" and " / " in c[-1] for c in cells)

@@ -35,7 +35,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from shared import signing  # noqa: E402
 from shared.config import SitePolicy  # noqa: E402
 from shared.privacy.audit import EntryCheck, VerifyReport, independent_epsilon, verify_ledger  # noqa: E402
-from shared.privacy.ledger import Issue, LedgerEntry, current_caps, head_hash, parse  # noqa: E402
+from shared.privacy.ledger import Issue, LedgerEntry, current_caps, head_hash, parse_numbered  # noqa: E402
 
 VERIFIED = "verified"
 UNSIGNED = "signatures not checked"
@@ -47,7 +47,7 @@ _NO_KEY_LINE = 0  # verify_ledger reports the missing public key as an issue on 
 class RoundRow:
     """One accounted round: the mechanism applied and ε after it."""
 
-    line: int
+    line: int  # the line in the ledger file, as `audit verify` numbers it
     run_id: str
     round: int
     time: dt.datetime | None
@@ -98,7 +98,7 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class CapChange:
-    line: int
+    line: int  # the line in the ledger file, as `audit verify` numbers it
     time: dt.datetime | None
     time_text: str
     cap_total: float | None
@@ -217,12 +217,18 @@ def build_report(ledgers: list[Path], *, public_key: Path | None, policy: SitePo
     return data
 
 
-def _verify(path: Path, key: Ed25519PublicKey | None) -> VerifyReport:
+def _verify(path: Path, key: Ed25519PublicKey | None) -> tuple[VerifyReport, list[int]]:
+    """verify_ledger's report, and each of its entries' line number in the file (the numbers its issues and checks use)."""
+    numbered, issues = parse_numbered(path, key)
+    lines = [no for no, _ in numbered]
     try:
-        return verify_ledger(path, key)
+        report = verify_ledger(path, key)
     except Exception as exc:  # a malformed ledger must still give a report that says so
-        entries, issues = parse(path, key)
-        return VerifyReport(path, entries, [*issues, Issue(0, f"verification could not finish ({type(exc).__name__}: {exc}); treat this ledger as unverified")])
+        return VerifyReport(path, [e for _, e in numbered], [*issues, Issue(0, f"verification could not finish ({type(exc).__name__}: {exc}); treat this ledger as unverified")]), lines
+    if len(lines) != len(report.entries):  # the file changed between the two reads
+        report.issues.append(Issue(0, "the ledger changed while it was read; run the report again"))
+        lines = list(range(1, len(report.entries) + 1))
+    return report, lines
 
 
 def _time(text: str) -> dt.datetime | None:
@@ -244,7 +250,7 @@ def _independent(rounds: list[RoundRow]) -> tuple[float, float]:
 
 
 def _summarise(path: Path, key: Ed25519PublicKey | None, policy: SitePolicy | None) -> LedgerSummary:
-    report = _verify(path, key)
+    report, lines = _verify(path, key)
     entries: list[LedgerEntry] = report.entries
     issues = [i for i in report.issues if not (key is None and i.line == _NO_KEY_LINE and "public key" in i.message)]
     checks = {(c.run_id, c.round, c.line): c for c in report.checks}
@@ -254,7 +260,7 @@ def _summarise(path: Path, key: Ed25519PublicKey | None, policy: SitePolicy | No
     cap_run = policy.epsilon_cap_run if policy else None
     timeline: list[tuple[dt.datetime | None, float | None, float | None]] = [(None, cap_total, cap_run)]
     cap_run_at: dict[str, float | None] = {}
-    for no, e in enumerate(entries, start=1):  # verify_ledger numbers its checks by entry, from 1
+    for no, e in zip(lines, entries, strict=True):  # file line numbers, as verify_ledger's issues and checks use
         if e.kind == "policy":
             cap_total = e.cap_total if e.cap_total is not None else cap_total
             cap_run = e.cap_run if e.cap_run is not None else cap_run
@@ -657,7 +663,7 @@ def _ledger_html(led: LedgerSummary, n: int) -> str:
         rows = [[_e(r.line), _e(_when(r.time_text)), f"<code>{_e(r.run_id)}</code>", _e(r.round), f"{r.noise_multiplier:.4f}", f"{r.sample_rate:.4f}",
                  _e(r.steps), f"{r.max_grad_norm:g}", _e(fmt_eps(r.epsilon_run)), _e(fmt_eps(r.epsilon_total)),
                  (f"{_e(fmt_eps(r.check.rdp))} / {_e(fmt_eps(r.check.pld))}" if r.check else "-")] for r in led.rounds]
-        out.append(_table(["entry", "time (UTC)", "run", "round", "σ", "q", "steps", "C", "ε run", "ε all runs", "independent RDP / PLD"],
+        out.append(_table(["line", "time (UTC)", "run", "round", "σ", "q", "steps", "C", "ε run", "ε all runs", "independent RDP / PLD"],
                           rows, {0, 3, 4, 5, 6, 7, 8, 9, 10}))
         out.append("<h3>Training plans</h3><p class='muted'>The SHA-256 of the researcher's training plan each round ran; it equals "
                    "<code>sha256sum config.yaml</code> of the run folder.</p>")
@@ -670,7 +676,7 @@ def _ledger_html(led: LedgerSummary, n: int) -> str:
     if led.cap_changes:
         rows = [[_e(c.line), _e(_when(c.time_text)), _e(_fmt_cap(c.cap_total) if c.cap_total is not None else "unchanged"),
                  _e(_fmt_cap(c.cap_run) if c.cap_run is not None else "unchanged"), _e(c.note or "(no note)"), f"<code>{_e(c.key_id)}</code>"] for c in led.cap_changes]
-        out.append(_table(["entry", "time (UTC)", "all-time cap from then", "per-run cap from then", "note", "key id"], rows, {0, 2, 3}))
+        out.append(_table(["line", "time (UTC)", "all-time cap from then", "per-run cap from then", "note", "key id"], rows, {0, 2, 3}))
     else:
         out.append("<p>No cap change is recorded: the caps are those of the site's site.yaml.</p>")
     out.append("</section>")
@@ -865,7 +871,7 @@ def render_pdf(data: ReportData, path: Path) -> None:
                           _delta(r.delta), _fmt_cap(r.cap_run), {True: "yes", False: "NO", None: "?"}[r.within_cap]] for r in led.runs])
                 t.keep(len(led.rounds) + 3)
                 t.line("Mechanisms, round by round", weight="bold")
-                t.table(["entry", "time (UTC)", "run", "round", "σ", "q", "steps", "C", "ε run", "ε all", "RDP / PLD"],
+                t.table(["line", "time (UTC)", "run", "round", "σ", "q", "steps", "C", "ε run", "ε all", "RDP / PLD"],
                         [[str(r.line), _when(r.time_text), r.run_id, str(r.round), f"{r.noise_multiplier:.4f}", f"{r.sample_rate:.4f}", str(r.steps),
                           f"{r.max_grad_norm:g}", fmt_eps(r.epsilon_run), fmt_eps(r.epsilon_total),
                           f"{fmt_eps(r.check.rdp)} / {fmt_eps(r.check.pld)}" if r.check else "-"] for r in led.rounds])
@@ -876,7 +882,7 @@ def render_pdf(data: ReportData, path: Path) -> None:
             t.line("Cap changes", weight="bold")
             if led.cap_changes:
                 for c in led.cap_changes:  # notes in full: they are the DPO's record of why
-                    t.bullet(f"entry {c.line}, {_when(c.time_text)} UTC: all-time cap {_fmt_cap(c.cap_total) if c.cap_total is not None else 'unchanged'}, "
+                    t.bullet(f"line {c.line}, {_when(c.time_text)} UTC: all-time cap {_fmt_cap(c.cap_total) if c.cap_total is not None else 'unchanged'}, "
                              f"per-run cap {_fmt_cap(c.cap_run) if c.cap_run is not None else 'unchanged'}. Note: {c.note or '(no note)'}")
             else:
                 t.para("None recorded: the caps are those of the site's site.yaml.")
