@@ -259,3 +259,9 @@ def test_after_a_garbage_line_the_report_numbers_entries_by_file_line_as_verify_
     mech = page[page.index("Mechanisms, round by round"):page.index("Training plans")]
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", mech)[1:]]
     assert [c[0] for c in cells] == ["2", "3"] and all(c[-1] != "-" and " / " in c[-1] for c in cells)
+
+
+def test_the_report_says_to_compare_the_plan_hash_with_run_json_not_sha256sum(report: ReportData) -> None:
+    words = " ".join(parse_html(render_html(report)).text)
+    assert "It is not sha256sum config.yaml: compare it with plan_hash in the run folder's run.json" in words
+    assert "it equals sha256sum" not in words

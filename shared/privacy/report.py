@@ -665,8 +665,9 @@ def _ledger_html(led: LedgerSummary, n: int) -> str:
                  (f"{_e(fmt_eps(r.check.rdp))} / {_e(fmt_eps(r.check.pld))}" if r.check else "-")] for r in led.rounds]
         out.append(_table(["line", "time (UTC)", "run", "round", "σ", "q", "steps", "C", "ε run", "ε all runs", "independent RDP / PLD"],
                           rows, {0, 3, 4, 5, 6, 7, 8, 9, 10}))
-        out.append("<h3>Training plans</h3><p class='muted'>The SHA-256 of the researcher's training plan each round ran; it equals "
-                   "<code>sha256sum config.yaml</code> of the run folder.</p>")
+        out.append("<h3>Training plans</h3><p class='muted'>The SHA-256 of the researcher's training plan each round ran (its canonical JSON, "
+                   "not the file's bytes). It is <strong>not</strong> <code>sha256sum config.yaml</code>: compare it with <code>plan_hash</code> "
+                   "in the run folder's <code>run.json</code> (and the site's <code>approved-plans.json</code>).</p>")
         plans: dict[str, list[RoundRow]] = {}
         for r in led.rounds:
             plans.setdefault(r.plan_hash, []).append(r)
