@@ -265,3 +265,21 @@ def test_the_report_says_to_compare_the_plan_hash_with_run_json_not_sha256sum(re
     words = re.sub(r"\s+", " ", "".join(parse_html(render_html(report)).text))
     assert "It is not sha256sum config.yaml: compare it with plan_hash in the run folder's run.json" in words
     assert "it equals sha256sum" not in words
+
+
+@pytest.mark.parametrize("minutes", [2, 3, 6327, 2_500_000])
+def test_the_epsilon_over_time_plot_draws_without_a_date_locator_warning(report: ReportData, minutes: int) -> None:
+    import datetime as dt
+    import warnings
+
+    from shared.privacy.report import _png, timeline_figure
+
+    (led,) = report.ledgers
+    t0 = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    step = dt.timedelta(minutes=minutes) / max(len(led.rounds) - 1, 1)
+    rounds = [replace(r, time=t0 + i * step) for i, r in enumerate(led.rounds)]
+    runs = [replace(run, rounds=[x for x in rounds if x.run_id == run.run_id]) for run in led.runs]
+    led = replace(led, rounds=rounds, runs=runs, cap_timeline=led.cap_timeline[:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _png(timeline_figure(led))

@@ -503,6 +503,10 @@ def timeline_figure(led: LedgerSummary) -> Figure:
     ax.set_xlim(lo, hi)
     ax.set_ylim(0, top * 1.12 if top > 0 else 1)
     locator = mdates.AutoDateLocator(tz=dt.UTC, maxticks=8)
+    # intervals that keep every span within 8 ticks (matplotlib's own leave gaps, e.g. 2-4 minutes, and warn on stderr)
+    locator.intervald[mdates.SECONDLY] = locator.intervald[mdates.MINUTELY] = [1, 2, 5, 10, 15, 20, 30, 60, 120]
+    locator.intervald[mdates.HOURLY] = [1, 2, 3, 4, 6, 12, 24, 48]
+    locator.intervald[mdates.MONTHLY] = [1, 2, 3, 4, 6, 12, 24]
     ax.xaxis.set_major_locator(locator)  # dates spelled out: "05" alone could be a day or an hour
     span = hi - lo
     fmt = "%d %b %Y" if span > dt.timedelta(days=3) else "%d %b %H:%M" if span > dt.timedelta(minutes=30) else "%d %b %H:%M:%S"
