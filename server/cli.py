@@ -923,7 +923,7 @@ def audit_report(
     The report is written in every case and says which.
     """
     from shared.config import load_site
-    from shared.privacy.report import VERIFIED, build_report, fmt_eps, render_html, render_pdf
+    from shared.privacy.report import VERIFIED, build_report, check_attack, fmt_eps, render_html, render_pdf
 
     for path in ledgers:
         if not path.is_file():
@@ -932,9 +932,11 @@ def audit_report(
     attacks = []
     for path in attack or []:
         try:
-            attacks.append(json.loads(path.read_text()))
+            attacks.append(check_attack(json.loads(path.read_text())))
         except (OSError, json.JSONDecodeError) as exc:
             raise typer.BadParameter(f"{path} is not a readable `audit attack` results file ({exc}).") from None
+        except ValueError as exc:
+            raise typer.BadParameter(f"{path} is not an `audit attack` results file: {exc}.") from None
     data = build_report(ledgers, public_key=public_key, policy=policy, title=title, attacks=attacks)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(data), encoding="utf-8")

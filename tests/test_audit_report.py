@@ -194,3 +194,92 @@ def test_report_includes_empirical_attack_results(tmp_path: Path) -> None:
     data = ReportData(title="t", generated="2026-11-25T00:00:00+00:00", public_key=None, key_fingerprint="", policy=None, attacks=[attack])
     page = render_html(data)
     assert "Empirical privacy audit" in page and "0.915" in page and "dp-eps1" in page and "ε ≥ 2.51" in page
+
+
+HOSTILE = "<script>alert(document.domain)</script><img src=x onerror=alert(1)>"
+
+
+def _attack(**over: object) -> dict:
+    return {"site": "oslo", "members": 42, "non_members": 18, "steps": 300, "fpr_target": 0.1, "epsilon_lower_bound_max": 2.51,
+            "settings": [{"setting": "dp-eps1", "epsilon_accounted": 0.995, "attack_auc": 0.52, "tpr_at_fpr": 0.143, "epsilon_lower_bound": 0.0}], **over}
+
+
+def test_a_hostile_attack_file_puts_no_live_markup_into_the_html() -> None:
+    attack = _attack(site=HOSTILE, fpr_target=HOSTILE, members=HOSTILE)
+    attack["settings"][0]["setting"] = HOSTILE
+    data = ReportData(title="t", generated="2026-11-25T00:00:00+00:00", public_key=None, key_fingerprint="", policy=None, attacks=[attack])
+    page = render_html(data)
+    assert "<script" not in page.lower() and "<img src=x" not in page
+    assert "&lt;script&gt;alert(document.domain)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;" in page
+    assert page.count("&lt;script&gt;") == 4  # site, members, the table header (fpr_target), the setting
+    parse_html(page)
+
+
+@pytest.mark.parametrize(("content", "field"), [
+    ([_attack()], "JSON list"),
+    (_attack(settings=[{"setting": "x"}]), "settings[0].attack_auc"),
+    (_attack(epsilon_lower_bound_max="lots"), "epsilon_lower_bound_max"),
+    (_attack(fpr_target=HOSTILE), "fpr_target"),
+    (_attack(settings=[{**_attack()["settings"][0], "tpr_at_fpr": "0.1"}]), "settings[0].tpr_at_fpr"),
+])
+def test_a_malformed_attack_file_is_a_usage_error_naming_the_file_and_the_field(trained: Site, tmp_path: Path, content: object, field: str) -> None:
+    bad = tmp_path / "attack.json"
+    bad.write_text(json.dumps(content))
+    result = runner.invoke(app, ["audit", "report", str(trained.ledger_path), "--out", str(tmp_path / "r.html"), "--attack", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    said = re.sub(r"[\s│╭╮╰╯─]+", "", result.output)
+    assert re.sub(r"\s+", "", str(bad)) in said and field.replace(" ", "") in said
+
+
+def test_an_entry_dated_9999_12_31_is_reported_and_left_out_of_the_plot(trained: Site, public_key: Path, tmp_path: Path) -> None:
+    lines = trained.ledger_path.read_text().splitlines(keepends=True)
+    body = json.loads(lines[-1])
+    body["time"] = "9999-12-31T23:59:00+00:00"  # valid ISO 8601; verify reports the altered entry
+    lines[-1] = json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
+    far = tmp_path / "ledger.jsonl"
+    far.write_text("".join(lines))
+    out = tmp_path / "report.html"
+    result = runner.invoke(app, ["audit", "report", str(far), "--out", str(out), "--pdf", str(tmp_path / "report.pdf"), "--public-key", str(public_key)])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # exit 1 for the problem, no traceback
+    assert "problems found" in result.output and out.is_file()
+    text = out.read_text()
+    assert "9999-12-31" in text and text.count("data:image/png;base64,") >= 2
+
+
+def test_after_a_garbage_line_the_report_numbers_entries_by_file_line_as_verify_does(trained: Site, public_key: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "ledger.jsonl"
+    bad.write_text("garbage\n" + trained.ledger_path.read_text())
+    (led,) = build_report([bad], public_key=public_key, policy=trained.cfg.policy, title="t").ledgers
+    assert [i.line for i in led.issues] == [1]
+    assert [r.line for r in led.rounds] == [2, 3] and [c.line for c in led.cap_changes] == [4]
+    assert all(r.check is not None and r.check.line == r.line for r in led.rounds)  # the independent RDP / PLD column is filled
+    page = render_html(build_report([bad], public_key=public_key, policy=trained.cfg.policy, title="t"))
+    mech = page[page.index("Mechanisms, round by round"):page.index("Training plans")]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", mech)[1:]]
+    assert [c[0] for c in cells] == ["2", "3"] and all(c[-1] != "-" and " / " in c[-1] for c in cells)
+
+
+def test_the_report_says_to_compare_the_plan_hash_with_run_json_not_sha256sum(report: ReportData) -> None:
+    words = re.sub(r"\s+", " ", "".join(parse_html(render_html(report)).text))
+    assert "It is not sha256sum config.yaml: compare it with plan_hash in the run folder's run.json" in words
+    assert "it equals sha256sum" not in words
+
+
+@pytest.mark.parametrize("minutes", [2, 3, 6327, 2_500_000])
+def test_the_epsilon_over_time_plot_draws_without_a_date_locator_warning(report: ReportData, minutes: int) -> None:
+    import datetime as dt
+    import warnings
+
+    from shared.privacy.report import _png, timeline_figure
+
+    (led,) = report.ledgers
+    t0 = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    step = dt.timedelta(minutes=minutes) / max(len(led.rounds) - 1, 1)
+    rounds = [replace(r, time=t0 + i * step) for i, r in enumerate(led.rounds)]
+    runs = [replace(run, rounds=[x for x in rounds if x.run_id == run.run_id]) for run in led.runs]
+    led = replace(led, rounds=rounds, runs=runs, cap_timeline=led.cap_timeline[:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _png(timeline_figure(led))

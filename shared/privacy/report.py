@@ -35,7 +35,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from shared import signing  # noqa: E402
 from shared.config import SitePolicy  # noqa: E402
 from shared.privacy.audit import EntryCheck, VerifyReport, independent_epsilon, verify_ledger  # noqa: E402
-from shared.privacy.ledger import Issue, LedgerEntry, current_caps, head_hash, parse  # noqa: E402
+from shared.privacy.ledger import Issue, LedgerEntry, current_caps, head_hash, parse_numbered  # noqa: E402
 
 VERIFIED = "verified"
 UNSIGNED = "signatures not checked"
@@ -47,7 +47,7 @@ _NO_KEY_LINE = 0  # verify_ledger reports the missing public key as an issue on 
 class RoundRow:
     """One accounted round: the mechanism applied and ε after it."""
 
-    line: int
+    line: int  # the line in the ledger file, as `audit verify` numbers it
     run_id: str
     round: int
     time: dt.datetime | None
@@ -98,7 +98,7 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class CapChange:
-    line: int
+    line: int  # the line in the ledger file, as `audit verify` numbers it
     time: dt.datetime | None
     time_text: str
     cap_total: float | None
@@ -164,6 +164,46 @@ class ReportData:
         return PROBLEMS if PROBLEMS in states else UNSIGNED if UNSIGNED in states else VERIFIED
 
 
+_ATTACK_NUMBERS = ("fpr_target", "epsilon_lower_bound_max", "confidence", "delta")
+_ATTACK_COUNTS = ("members", "non_members", "steps")
+_SETTING_NUMBERS = ("attack_auc", "tpr_at_fpr", "epsilon_lower_bound")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def check_attack(obj: object) -> dict[str, Any]:
+    """``obj`` (a parsed `fedrelapse audit attack` results file) if it has the shape the report reads; else ValueError naming the field."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"the file holds a JSON {type(obj).__name__}, not the object `audit attack` writes")
+    if "site" in obj and not isinstance(obj["site"], str):
+        raise ValueError(f"field 'site' must be text, got {obj['site']!r}")
+    for name in _ATTACK_NUMBERS:
+        if name in obj and not _is_number(obj[name]):
+            raise ValueError(f"field {name!r} must be a number, got {obj[name]!r}")
+    for name in _ATTACK_COUNTS:
+        if name in obj and not (isinstance(obj[name], int) and not isinstance(obj[name], bool)):
+            raise ValueError(f"field {name!r} must be a whole number, got {obj[name]!r}")
+    settings = obj.get("settings")
+    if not isinstance(settings, list):
+        raise ValueError("field 'settings' is missing or not a list")
+    for i, row in enumerate(settings):
+        where = f"settings[{i}]"
+        if not isinstance(row, dict):
+            raise ValueError(f"field {where} must be an object, got {row!r}")
+        if not isinstance(row.get("setting"), str):
+            raise ValueError(f"field {where}.setting is missing or not text")
+        for name in _SETTING_NUMBERS:
+            if name not in row:
+                raise ValueError(f"field {where}.{name} is missing")
+            if not _is_number(row[name]):
+                raise ValueError(f"field {where}.{name} must be a number, got {row[name]!r}")
+        if row.get("epsilon_accounted") is not None and not _is_number(row["epsilon_accounted"]):
+            raise ValueError(f"field {where}.epsilon_accounted must be a number or null, got {row['epsilon_accounted']!r}")
+    return obj
+
+
 def build_report(ledgers: list[Path], *, public_key: Path | None, policy: SitePolicy | None, title: str, attacks: list[dict[str, Any]] | None = None) -> ReportData:
     """Verify every ledger and gather what the report shows. Reads files; writes nothing."""
     key = signing.load_public(public_key) if public_key is not None else None
@@ -177,12 +217,18 @@ def build_report(ledgers: list[Path], *, public_key: Path | None, policy: SitePo
     return data
 
 
-def _verify(path: Path, key: Ed25519PublicKey | None) -> VerifyReport:
+def _verify(path: Path, key: Ed25519PublicKey | None) -> tuple[VerifyReport, list[int]]:
+    """verify_ledger's report, and each of its entries' line number in the file (the numbers its issues and checks use)."""
+    numbered, issues = parse_numbered(path, key)
+    lines = [no for no, _ in numbered]
     try:
-        return verify_ledger(path, key)
+        report = verify_ledger(path, key)
     except Exception as exc:  # a malformed ledger must still give a report that says so
-        entries, issues = parse(path, key)
-        return VerifyReport(path, entries, [*issues, Issue(0, f"verification could not finish ({type(exc).__name__}: {exc}); treat this ledger as unverified")])
+        return VerifyReport(path, [e for _, e in numbered], [*issues, Issue(0, f"verification could not finish ({type(exc).__name__}: {exc}); treat this ledger as unverified")]), lines
+    if len(lines) != len(report.entries):  # the file changed between the two reads
+        report.issues.append(Issue(0, "the ledger changed while it was read; run the report again"))
+        lines = list(range(1, len(report.entries) + 1))
+    return report, lines
 
 
 def _time(text: str) -> dt.datetime | None:
@@ -204,7 +250,7 @@ def _independent(rounds: list[RoundRow]) -> tuple[float, float]:
 
 
 def _summarise(path: Path, key: Ed25519PublicKey | None, policy: SitePolicy | None) -> LedgerSummary:
-    report = _verify(path, key)
+    report, lines = _verify(path, key)
     entries: list[LedgerEntry] = report.entries
     issues = [i for i in report.issues if not (key is None and i.line == _NO_KEY_LINE and "public key" in i.message)]
     checks = {(c.run_id, c.round, c.line): c for c in report.checks}
@@ -214,7 +260,7 @@ def _summarise(path: Path, key: Ed25519PublicKey | None, policy: SitePolicy | No
     cap_run = policy.epsilon_cap_run if policy else None
     timeline: list[tuple[dt.datetime | None, float | None, float | None]] = [(None, cap_total, cap_run)]
     cap_run_at: dict[str, float | None] = {}
-    for no, e in enumerate(entries, start=1):  # verify_ledger numbers its checks by entry, from 1
+    for no, e in zip(lines, entries, strict=True):  # file line numbers, as verify_ledger's issues and checks use
         if e.kind == "policy":
             cap_total = e.cap_total if e.cap_total is not None else cap_total
             cap_run = e.cap_run if e.cap_run is not None else cap_run
@@ -401,16 +447,32 @@ def _label(text: str) -> str:
     return text.replace("$", r"\$")  # no mathtext from ledger strings
 
 
+_EARLIEST, _LATEST = dt.datetime.min.replace(tzinfo=dt.UTC), dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
 def _pad(lo: dt.datetime, hi: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """``lo`` and ``hi`` widened a little, never past the dates Python can hold (a ledger time can be 9999-12-31)."""
     pad = max((hi - lo) * 0.04, dt.timedelta(minutes=1))
-    return lo - pad, hi + pad
+    return (lo - pad if lo - _EARLIEST > pad else _EARLIEST), (hi + pad if _LATEST - hi > pad else _LATEST)
+
+
+PLOT_YEARS = (1970, 2999)  # times outside are left out of the plot (verify reports them); matplotlib cannot place 9999-12-31 plus a margin
+
+
+def _plottable(when: dt.datetime | None) -> bool:
+    return when is not None and PLOT_YEARS[0] <= when.year <= PLOT_YEARS[1]
 
 
 def timeline_figure(led: LedgerSummary) -> Figure:
     """ε over time: one line per run, all runs together, and the caps as they changed."""
     fig, ax = plt.subplots(figsize=(9.5, 5.2), layout="constrained")
-    rows = [r for r in led.rounds if r.time is not None]
-    caps = [c for c in led.cap_timeline[1:] if c[0] is not None]
+    rows = [r for r in led.rounds if _plottable(r.time)]
+    caps = [c for c in led.cap_timeline[1:] if _plottable(c[0])]
+    left_out = sum(1 for r in led.rounds if r.time is not None and not _plottable(r.time)) + \
+        sum(1 for c in led.cap_timeline[1:] if c[0] is not None and not _plottable(c[0]))
+    if left_out:
+        fig.text(0.01, 0.005, f"{left_out} entr{'y' if left_out == 1 else 'ies'} with a time outside {PLOT_YEARS[0]}–{PLOT_YEARS[1]} left out of this plot",
+                 fontsize=8, color=CAP_TOTAL_COLOUR, ha="left", va="bottom")
     times = [r.time for r in rows] + [c[0] for c in caps]
     if not times:
         ax.text(0.5, 0.5, "No training round recorded", ha="center", va="center", transform=ax.transAxes, fontsize=14)
@@ -419,7 +481,7 @@ def timeline_figure(led: LedgerSummary) -> Figure:
     lo, hi = _pad(min(times), max(times))  # type: ignore[type-var]
     top = 0.0
     for i, run in enumerate(led.runs):
-        pts = [(r.time, r.epsilon_run) for r in run.rounds if r.time is not None]
+        pts = [(r.time, r.epsilon_run) for r in run.rounds if _plottable(r.time)]
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -441,6 +503,10 @@ def timeline_figure(led: LedgerSummary) -> Figure:
     ax.set_xlim(lo, hi)
     ax.set_ylim(0, top * 1.12 if top > 0 else 1)
     locator = mdates.AutoDateLocator(tz=dt.UTC, maxticks=8)
+    # intervals that keep every span within 8 ticks (matplotlib's own leave gaps, e.g. 2-4 minutes, and warn on stderr)
+    locator.intervald[mdates.SECONDLY] = locator.intervald[mdates.MINUTELY] = [1, 2, 5, 10, 15, 20, 30, 60, 120]
+    locator.intervald[mdates.HOURLY] = [1, 2, 3, 4, 6, 12, 24, 48]
+    locator.intervald[mdates.MONTHLY] = [1, 2, 3, 4, 6, 12, 24]
     ax.xaxis.set_major_locator(locator)  # dates spelled out: "05" alone could be a day or an hour
     span = hi - lo
     fmt = "%d %b %Y" if span > dt.timedelta(days=3) else "%d %b %H:%M" if span > dt.timedelta(minutes=30) else "%d %b %H:%M:%S"
@@ -534,11 +600,11 @@ def _cls(status: str) -> str:
 
 
 def _table(head: list[str] | None, rows: list[list[str]], num: set[int] | frozenset[int] = frozenset()) -> str:
-    """Cells are HTML already escaped by the caller."""
+    """Body cells are HTML already escaped by the caller; header cells are plain text and escaped here."""
     if head is None:
         body = "".join(f"<tr><th scope='row'>{r[0]}</th>" + "".join(f"<td>{c}</td>" for c in r[1:]) + "</tr>" for r in rows)
         return f"<table><tbody>{body}</tbody></table>"
-    h = "".join(f"<th>{c}</th>" for c in head)
+    h = "".join(f"<th>{_e(c)}</th>" for c in head)
     body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in num else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -601,10 +667,11 @@ def _ledger_html(led: LedgerSummary, n: int) -> str:
         rows = [[_e(r.line), _e(_when(r.time_text)), f"<code>{_e(r.run_id)}</code>", _e(r.round), f"{r.noise_multiplier:.4f}", f"{r.sample_rate:.4f}",
                  _e(r.steps), f"{r.max_grad_norm:g}", _e(fmt_eps(r.epsilon_run)), _e(fmt_eps(r.epsilon_total)),
                  (f"{_e(fmt_eps(r.check.rdp))} / {_e(fmt_eps(r.check.pld))}" if r.check else "-")] for r in led.rounds]
-        out.append(_table(["entry", "time (UTC)", "run", "round", "σ", "q", "steps", "C", "ε run", "ε all runs", "independent RDP / PLD"],
+        out.append(_table(["line", "time (UTC)", "run", "round", "σ", "q", "steps", "C", "ε run", "ε all runs", "independent RDP / PLD"],
                           rows, {0, 3, 4, 5, 6, 7, 8, 9, 10}))
-        out.append("<h3>Training plans</h3><p class='muted'>The SHA-256 of the researcher's training plan each round ran; it equals "
-                   "<code>sha256sum config.yaml</code> of the run folder.</p>")
+        out.append("<h3>Training plans</h3><p class='muted'>The SHA-256 of the researcher's training plan each round ran (its canonical JSON, "
+                   "not the file's bytes). It is <strong>not</strong> <code>sha256sum config.yaml</code>: compare it with <code>plan_hash</code> "
+                   "in the run folder's <code>run.json</code> (and the site's <code>approved-plans.json</code>).</p>")
         plans: dict[str, list[RoundRow]] = {}
         for r in led.rounds:
             plans.setdefault(r.plan_hash, []).append(r)
@@ -614,7 +681,7 @@ def _ledger_html(led: LedgerSummary, n: int) -> str:
     if led.cap_changes:
         rows = [[_e(c.line), _e(_when(c.time_text)), _e(_fmt_cap(c.cap_total) if c.cap_total is not None else "unchanged"),
                  _e(_fmt_cap(c.cap_run) if c.cap_run is not None else "unchanged"), _e(c.note or "(no note)"), f"<code>{_e(c.key_id)}</code>"] for c in led.cap_changes]
-        out.append(_table(["entry", "time (UTC)", "all-time cap from then", "per-run cap from then", "note", "key id"], rows, {0, 2, 3}))
+        out.append(_table(["line", "time (UTC)", "all-time cap from then", "per-run cap from then", "note", "key id"], rows, {0, 2, 3}))
     else:
         out.append("<p>No cap change is recorded: the caps are those of the site's site.yaml.</p>")
     out.append("</section>")
@@ -653,7 +720,7 @@ def render_html(data: ReportData) -> str:
                        _e(f"{r['attack_auc']:.3f}"), _e(f"{r['tpr_at_fpr']:.3f}"), _e(f"{r['epsilon_lower_bound']:.2f}")] for r in att.get("settings", [])]
             best = float(att.get("epsilon_lower_bound_max", 0.0))
             parts.append(f"<h3>Site {_e(att.get('site', '?'))}: {_e(att.get('members', '?'))} member and {_e(att.get('non_members', '?'))} held-out patients, "
-                         f"{_e(att.get('steps', '?'))} steps (the largest bound these counts allow: ε ≥ {best:.2f})</h3>")
+                         f"{_e(att.get('steps', '?'))} steps (the largest bound these counts allow: ε ≥ {_e(f'{best:.2f}')})</h3>")
             parts.append(_table(["training", "accounted ε", "attack AUC", f"TPR at FPR ≤ {att.get('fpr_target', 0.1)}", "empirical ε lower bound"], rows_a, {1, 2, 3, 4}))
         parts.append("</section>")
     parts.append("<section id='meaning'><h2>What the numbers mean, in plain language</h2><div class='plain'>")
@@ -809,7 +876,7 @@ def render_pdf(data: ReportData, path: Path) -> None:
                           _delta(r.delta), _fmt_cap(r.cap_run), {True: "yes", False: "NO", None: "?"}[r.within_cap]] for r in led.runs])
                 t.keep(len(led.rounds) + 3)
                 t.line("Mechanisms, round by round", weight="bold")
-                t.table(["entry", "time (UTC)", "run", "round", "σ", "q", "steps", "C", "ε run", "ε all", "RDP / PLD"],
+                t.table(["line", "time (UTC)", "run", "round", "σ", "q", "steps", "C", "ε run", "ε all", "RDP / PLD"],
                         [[str(r.line), _when(r.time_text), r.run_id, str(r.round), f"{r.noise_multiplier:.4f}", f"{r.sample_rate:.4f}", str(r.steps),
                           f"{r.max_grad_norm:g}", fmt_eps(r.epsilon_run), fmt_eps(r.epsilon_total),
                           f"{fmt_eps(r.check.rdp)} / {fmt_eps(r.check.pld)}" if r.check else "-"] for r in led.rounds])
@@ -820,7 +887,7 @@ def render_pdf(data: ReportData, path: Path) -> None:
             t.line("Cap changes", weight="bold")
             if led.cap_changes:
                 for c in led.cap_changes:  # notes in full: they are the DPO's record of why
-                    t.bullet(f"entry {c.line}, {_when(c.time_text)} UTC: all-time cap {_fmt_cap(c.cap_total) if c.cap_total is not None else 'unchanged'}, "
+                    t.bullet(f"line {c.line}, {_when(c.time_text)} UTC: all-time cap {_fmt_cap(c.cap_total) if c.cap_total is not None else 'unchanged'}, "
                              f"per-run cap {_fmt_cap(c.cap_run) if c.cap_run is not None else 'unchanged'}. Note: {c.note or '(no note)'}")
             else:
                 t.para("None recorded: the caps are those of the site's site.yaml.")
