@@ -352,3 +352,27 @@ def test_audit_rdp_curves_equal_dp_accountings_own_composition() -> None:
         curve = curve + steps * _rdp_per_step(q, sigma)
         for delta in (1e-5, 1e-7):
             assert _rdp_epsilon(curve, delta) == pytest.approx(acc.get_epsilon(delta), rel=1e-12)
+
+
+def test_a_ledger_of_under_counted_entries_is_flagged_throughout_with_a_few_pld_evaluations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every entry recording ε = 0 (forged, or `bench ledger`'s) made one PLD evaluation per entry
+    and level (seconds each, growing with the rounds): hours for 10⁴ entries. An earlier entry's
+    PLD ε is a floor for every later one, so each is flagged without a new evaluation."""
+    from server.bench import ledger_throughput
+    from shared import signing
+    from shared.privacy import audit
+
+    ledger_throughput(tmp_path, 120)  # 120 signed rounds in 3 runs of 50, 50 and 20, every ε recorded as 0
+    calls: list[int] = []
+    pld = audit._pld
+
+    def counted(mechanisms: dict, delta: float) -> float:
+        calls.append(sum(mechanisms.values()))
+        return pld(mechanisms, delta)
+
+    monkeypatch.setattr(audit, "_pld", counted)
+    report = verify_ledger(tmp_path / "ledger.jsonl", signing.load_public(tmp_path / "k.pub.pem"))
+
+    flagged = {i.line for i in report.issues if "an under-count" in i.message}
+    assert flagged == set(range(1, 121))
+    assert len(calls) <= 3 + 2  # the first entry (all rounds, its run), each later run's first entry, the newest entry

@@ -133,6 +133,11 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
     run_mechanisms: dict[str, dict[tuple[float, float], int]] = {}
     last_total = 0.0
     last_run: dict[str, float] = {}
+    # The largest PLD ε computed so far over all rounds / over each run's rounds: a later entry adds
+    # rounds, so its PLD ε is at least this; an ε recorded below it is an under-count with no new PLD
+    # (seconds each; a ledger of forged ε = 0 entries made one per entry, hours for 10⁴ entries).
+    pld_floor_total = 0.0
+    pld_floor_run: dict[str, float] = {}
 
     for line, e in numbered:
         try:
@@ -173,6 +178,8 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
         rdp_run = _rdp_epsilon(run_rdp[e.run_id], e.delta) if e.run_id in run_rdp else 0.0
         need_pld = line == rounds[-1][0] or (e.accountant == "prv" and line in run_ends)
         pld = _pld(steps_by_mechanism, e.delta) if need_pld else math.nan
+        if not math.isnan(pld):
+            pld_floor_total = max(pld_floor_total, pld)
         report.checks.append(EntryCheck(line, e.run_id, e.round, e.epsilon_total, rdp, pld, e.epsilon_run, rdp_run))
         for recorded, reference, mechanisms, what in ((e.epsilon_total, rdp, steps_by_mechanism, ""), (e.epsilon_run, rdp_run, run_mechanisms.get(e.run_id, {}), f" for run {e.run_id}")):
             # Above the RDP upper bound: not what the site's accountant gives. Below it: RDP can be loose (PRV is tighter by
@@ -180,7 +187,15 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
             if recorded > reference * (1 + tolerance) + (0.01 if e.accountant == "prv" else 1e-9):  # Opacus' PRV is accurate to 0.01 in ε
                 report.issues.append(Issue(line, f"recorded ε={recorded:.4f} ({e.accountant}){what} is above the independent RDP ε={reference:.4f} of its rounds by more than {tolerance:.0%}"))
             elif recorded < reference * (1 - tolerance) and mechanisms:
-                lower = pld if what == "" and not math.isnan(pld) else _pld(mechanisms, e.delta)
+                floor = pld_floor_total if what == "" else pld_floor_run.get(e.run_id, 0.0)
+                if recorded < floor * (1 - 1e-3):
+                    lower = floor  # already below an earlier entry's PLD ε, which this entry's can only exceed
+                else:
+                    lower = pld if what == "" and not math.isnan(pld) else _pld(mechanisms, e.delta)
+                    if what == "":
+                        pld_floor_total = max(pld_floor_total, lower)
+                    else:
+                        pld_floor_run[e.run_id] = max(floor, lower)
                 if recorded < lower * (1 - 1e-3):
                     report.issues.append(Issue(line, f"recorded ε={recorded:.4f} ({e.accountant}){what} is below the independent RDP ε={reference:.4f} and the PLD lower figure {lower:.4f}: an under-count"))
         if e.accountant == "prv" and not math.isnan(pld) and e.epsilon_total > pld * (1 + tolerance) + 0.01:  # Opacus' PRV is accurate to 0.01 in ε
