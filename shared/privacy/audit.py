@@ -92,6 +92,7 @@ class VerifyReport:
     entries: list[LedgerEntry] = field(default_factory=list)
     issues: list[Issue] = field(default_factory=list)
     checks: list[EntryCheck] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # each entry's line in the file, the numbers issues and checks use
 
     @property
     def ok(self) -> bool:
@@ -114,7 +115,7 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"The tolerance must be a fraction of at least 0 (0.02 is 2 %), got {tolerance}.")
     numbered, issues = parse_numbered(path, public_key)
-    report = VerifyReport(path, [e for _, e in numbered], list(issues))
+    report = VerifyReport(path, [e for _, e in numbered], list(issues), lines=[no for no, _ in numbered])
     if public_key is None:
         report.issues.append(Issue(0, "no public key given: signatures were not checked"))
     tail = unfinished_tail(path)

@@ -217,18 +217,14 @@ def build_report(ledgers: list[Path], *, public_key: Path | None, policy: SitePo
     return data
 
 
-def _verify(path: Path, key: Ed25519PublicKey | None) -> tuple[VerifyReport, list[int]]:
-    """verify_ledger's report, and each of its entries' line number in the file (the numbers its issues and checks use)."""
-    numbered, issues = parse_numbered(path, key)
-    lines = [no for no, _ in numbered]
+def _verify(path: Path, key: Ed25519PublicKey | None) -> VerifyReport:
+    """verify_ledger's report (its ``lines``: each entry's line in the file, the numbers its issues and checks use)."""
     try:
-        report = verify_ledger(path, key)
+        return verify_ledger(path, key)
     except Exception as exc:  # a malformed ledger must still give a report that says so
-        return VerifyReport(path, [e for _, e in numbered], [*issues, Issue(0, f"verification could not finish ({type(exc).__name__}: {exc}); treat this ledger as unverified")]), lines
-    if len(lines) != len(report.entries):  # the file changed between the two reads
-        report.issues.append(Issue(0, "the ledger changed while it was read; run the report again"))
-        lines = list(range(1, len(report.entries) + 1))
-    return report, lines
+        numbered, issues = parse_numbered(path, key)
+        return VerifyReport(path, [e for _, e in numbered], [*issues, Issue(0, f"verification could not finish ({type(exc).__name__}: {exc}); treat this ledger as unverified")],
+                            lines=[no for no, _ in numbered])
 
 
 def _time(text: str) -> dt.datetime | None:
@@ -250,7 +246,7 @@ def _independent(rounds: list[RoundRow]) -> tuple[float, float]:
 
 
 def _summarise(path: Path, key: Ed25519PublicKey | None, policy: SitePolicy | None) -> LedgerSummary:
-    report, lines = _verify(path, key)
+    report = _verify(path, key)
     entries: list[LedgerEntry] = report.entries
     issues = [i for i in report.issues if not (key is None and i.line == _NO_KEY_LINE and "public key" in i.message)]
     checks = {(c.run_id, c.round, c.line): c for c in report.checks}
@@ -260,7 +256,7 @@ def _summarise(path: Path, key: Ed25519PublicKey | None, policy: SitePolicy | No
     cap_run = policy.epsilon_cap_run if policy else None
     timeline: list[tuple[dt.datetime | None, float | None, float | None]] = [(None, cap_total, cap_run)]
     cap_run_at: dict[str, float | None] = {}
-    for no, e in zip(lines, entries, strict=True):  # file line numbers, as verify_ledger's issues and checks use
+    for no, e in zip(report.lines, entries, strict=True):  # file line numbers, as verify_ledger's issues and checks use
         if e.kind == "policy":
             cap_total = e.cap_total if e.cap_total is not None else cap_total
             cap_run = e.cap_run if e.cap_run is not None else cap_run
