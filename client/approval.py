@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from client.vector_cache import write_atomically
 from shared.config import ExperimentConfig, LanguageConfig, SiteConfig, metric_k
 from shared.errors import ConfigError
 from shared.privacy.ledger import locked
@@ -121,25 +120,6 @@ def approve(cfg: SiteConfig, exp: ExperimentConfig, *, approved_by: str) -> str:
     with locked(path):  # one approval at a time: a read-modify-write without it lost approvals made together
         approvals = load_approvals(cfg)
         approvals[digest] = {"experiment": exp.name, "approved_by": approved_by.strip(), "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-        _replace_durably(path, (json.dumps(approvals, indent=2) + "\n").encode("utf-8"))
+        text = (json.dumps(approvals, indent=2) + "\n").encode("utf-8")
+        write_atomically(path, lambda fh: fh.write(text), durable=True)
     return digest
-
-
-def _replace_durably(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically and on disk when this returns (file and folder fsynced): a crash
-    leaves the old file or the new one, never an empty one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

@@ -47,18 +47,29 @@ def sweep_stale_temps(directory: Path, *, older_than_s: float = STALE_TEMP_S) ->
     return removed
 
 
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_atomically(path: Path, write: Callable[[BinaryIO], object], *, durable: bool = False) -> None:
     """Write ``path`` through a temporary file in its folder and ``os.replace``; ``write(fh)``
-    fills it. On any failure (a full disk) the temporary file is removed and the error raised."""
+    fills it. On any failure (a full disk) the temporary file is removed and the error raised.
+    ``durable``: the file and its folder are also fsynced, so the new file is on disk when this
+    returns (a crash leaves the old file or the new one, never an empty one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 class VectorCache:
