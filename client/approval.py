@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from client.vector_cache import write_atomically
+from shared.atomic import write_atomically
 from shared.config import ExperimentConfig, LanguageConfig, SiteConfig, metric_k
 from shared.errors import ConfigError
 from shared.privacy.ledger import locked

@@ -18,7 +18,8 @@ import torch
 import torchaudio.transforms as T  # noqa: N812
 
 from client.audio import AudioProblem, Decoded
-from client.vector_cache import sweep_stale_temps, write_atomically
+from client.vector_cache import sweep_stale_temps
+from shared.atomic import write_atomically
 from shared.config import FeatureConfig
 from shared.markers import N_ACOUSTIC
 
@@ -198,7 +199,9 @@ class FeatureCache:
 
     def put(self, digest: str, feats: RecordingFeatures) -> None:
         notes = np.array(["\t".join(n) for n in feats.notes], dtype=str)
+        path = self._path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(  # a full disk keeps no half-written entry
-            self._path(digest),
+            path,
             lambda fh: np.savez(fh, mel=feats.mel, markers=feats.markers, seconds=np.float32(feats.seconds), rate=np.int32(feats.original_rate), notes=notes),
         )

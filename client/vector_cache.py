@@ -4,19 +4,19 @@
 one); an unreadable entry, or one of the wrong shape, is a miss and is recomputed, never
 trusted. Transcript markers and speech embeddings both live in one of these. A write that
 fails removes its temporary file; one left by a process killed mid-write is swept away the
-next time a cache of that folder opens (:func:`sweep_stale_temps`).
+next time a cache of that folder opens (:func:`sweep_stale_temps`). Writes go through
+:func:`shared.atomic.write_atomically`.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
+
+from shared.atomic import write_atomically
 
 STALE_TEMP_S = 600.0  # a temporary file this old is a dead writer's: a write takes milliseconds
 
@@ -47,31 +47,6 @@ def sweep_stale_temps(directory: Path, *, older_than_s: float = STALE_TEMP_S) ->
     return removed
 
 
-def write_atomically(path: Path, write: Callable[[BinaryIO], object], *, durable: bool = False) -> None:
-    """Write ``path`` through a temporary file in its folder and ``os.replace``; ``write(fh)``
-    fills it. On any failure (a full disk) the temporary file is removed and the error raised.
-    ``durable``: the file and its folder are also fsynced, so the new file is on disk when this
-    returns (a crash leaves the old file or the new one, never an empty one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if durable:
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-
 class VectorCache:
     def __init__(self, directory: Path, shape: tuple[int, ...], *, finite: bool = False) -> None:
         self.dir, self.shape, self.finite = directory, shape, finite  # finite: NaN/Inf entries are misses too
@@ -90,4 +65,6 @@ class VectorCache:
         return v
 
     def put(self, key: str, value: np.ndarray) -> None:
-        write_atomically(self._path(key), lambda fh: np.save(fh, value))
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda fh: np.save(fh, value))
