@@ -40,6 +40,7 @@ from types import ModuleType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.client_app import LoadClientAppError
 
+from shared.atomic import write_atomically
 from shared.errors import PolicyError
 from shared.flower_env import without_flower_telemetry
 from shared.flower_pulls import FIRST_RETRY_S, LOCAL_RETRY_CAP_S, shorten_first_retry
@@ -187,17 +188,16 @@ def write_launcher(bin_dir: Path, *, worker_dir: Path | None = None) -> Path:
         raise OSError(f"The Python interpreter path {sys.executable} is too long for a #! line; install fedrelapse under a shorter path.")
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / LAUNCHER
-    tmp = path.with_suffix(".tmp")
     if worker_dir is None:
-        tmp.write_text(f"#!{sys.executable}\n# Written by fedrelapse: the site's pinned ClientApp (client/pinned_app.py).\nfrom client.pinned_app import main\n\nmain()\n")
+        script = f"#!{sys.executable}\n# Written by fedrelapse: the site's pinned ClientApp (client/pinned_app.py).\nfrom client.pinned_app import main\n\nmain()\n"
     else:
         root = str(Path(__file__).resolve().parents[1])  # where this fedrelapse is installed: the launcher imports it from there only
-        tmp.write_text(
+        script = (
             f"#!{sys.executable} -IS\n# Written by fedrelapse: hands each ClientApp task to the site worker (client/site_launcher.py).\n"
             f"import sys\n\nsys.path.insert(0, {root!r})\nfrom client.site_launcher import main\n\nmain({str(worker_dir.resolve())!r})\n"
         )
-    tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
-    tmp.replace(path)
+    data = script.encode()
+    write_atomically(path, lambda fh: fh.write(data), mode=stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     return path
 
 

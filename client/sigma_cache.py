@@ -10,9 +10,9 @@ than the target (a damaged or edited file) is discarded and recalibrated.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from shared.atomic import AS_OPEN, write_atomically
 from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon, warn_full_sampling
 
 FILE = "sigma-cache.json"
@@ -48,6 +48,5 @@ def _read(path: Path) -> dict[str, object]:
 
 def _write(path: Path, data: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    tmp.replace(path)  # atomic: concurrent processes of one site never see half a file
+    text = json.dumps(data, sort_keys=True).encode("utf-8")
+    write_atomically(path, lambda fh: fh.write(text), mode=AS_OPEN)  # atomic: concurrent processes of one site never see half a file

@@ -12,8 +12,6 @@ import datetime as dt
 import hashlib
 import html
 import io
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from client.dp_train import predict
 from client.early_warning import Timeline, alerts, cusum
 from client.prepare import PreparedSession
 from client.site import Site
+from shared.atomic import write_atomically
 from shared.config import AlertConfig
 from shared.markers import SESSION_MARKERS
 
@@ -154,11 +153,4 @@ threshold {threshold:.3f}.</p>
 def write_private(path: Path, data: bytes) -> None:
     """Write ``path`` readable by its owner only (0600, whatever the umask), atomically: a
     timeline names a patient and shows their risk, so it is personal data like the feature cache."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda fh: fh.write(data), mode=0o600, prefix=f".{path.name}.")  # a hidden temporary file, 0600 from the start

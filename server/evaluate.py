@@ -40,6 +40,7 @@ from server.aggregation import make_server_optimizer, server_step, weighted_aver
 from server.baselines import concat
 from server.simulate import discover_sites
 from shared import metrics as M  # noqa: N812
+from shared.atomic import AS_OPEN, write_atomically
 from shared.config import ExperimentConfig, load_site
 from shared.models import build_model
 from shared.params import get_arrays, set_arrays
@@ -260,9 +261,8 @@ def write_report(out: Path, exp: ExperimentConfig, harness: Harness, results: li
     """Write what is measured so far (after every setting: a stopped run keeps its results)."""
     sizes = {s.cfg.name: {"train_patients": s.train_set.n_patients, "eval_patients": s.eval_set.n_patients} for s in harness.sites}
     report = {"experiment": exp.name, "rounds": exp.federation.rounds, "sites": sizes, "quick": quick, "complete": final, "results": results}
-    tmp = out / "evaluation.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out / "evaluation.json")
+    text = (json.dumps(report, indent=1) + "\n").encode("utf-8")
+    write_atomically(out / "evaluation.json", lambda fh: fh.write(text), mode=AS_OPEN)
     (out / "evaluation.md").write_text(markdown_table(report), encoding="utf-8")
     if final:
         plot(report, out / "auroc_by_epsilon.png")

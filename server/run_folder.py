@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server.strategy import RoundLog
 from shared import metrics as M  # noqa: N812
+from shared.atomic import write_atomically
 from shared.config import ExperimentConfig
 from shared.model_signing import model_digest, sign_checkpoint
 from shared.params import save_checkpoint
@@ -56,12 +55,11 @@ class RoundRecord:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False, allow_nan=False, default=_nan_to_none)
-        fh.write("\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON (UTF-8, mode 0600), atomically: a value that cannot be serialised
+    (NaN, an unknown type) raises before anything is written, and any failure leaves the old
+    file as it was and no temporary file."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False, default=_nan_to_none) + "\n"
+    write_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def _nan_to_none(obj: Any) -> Any:

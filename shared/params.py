@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 from torch import nn
+
+from shared.atomic import write_atomically
 
 
 def get_arrays(model: nn.Module) -> OrderedDict[str, np.ndarray]:
@@ -46,10 +48,10 @@ def set_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
 
 
 def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically."""
-    tmp = path.with_suffix(".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    """Write a safetensors file atomically, mode 0600 (as safetensors' own ``save_file`` creates
+    it); a failed write leaves the old file as it was and no temporary file."""
+    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)
+    write_atomically(path, lambda fh: fh.write(data))
 
 
 def load_checkpoint(path: Path) -> dict[str, np.ndarray]:
