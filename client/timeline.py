@@ -69,18 +69,27 @@ MAX_NAME_BYTES = 200  # file systems allow 255; room for ".html" and a temporary
 
 
 def timeline_name(patient_id: str) -> str:
-    """The file name (without suffix) of a patient's timeline: one name per id, inside its folder.
+    """The file name (without suffix) of a patient's timeline: one name per id, inside its folder,
+    also on a file system that ignores upper/lower case (macOS, a Windows share).
 
     Letters, digits, ``-``, ``_`` and ``.`` stay as they are (``gamma-p0001``, ``alpha.p0000``);
     every other character, and a leading ``.``, becomes ``%XX`` per UTF-8 byte. No two ids get the
     same name (``%`` itself is encoded), and none can be ``.``, ``..``, a hidden file or hold a
-    ``/``. A name longer than :data:`MAX_NAME_BYTES` keeps its start and ends with a hash of the id.
+    ``/``. An id with an upper-case letter (or a letter that upper/lower-case folding maps onto
+    another, such as ``ß``, ``ς`` or ``ı``) gets a name ending in ``~`` and 16 hex digits of a hash
+    of the id (``P0001`` gives ``P0001~`` and the hash); so does a name longer than
+    :data:`MAX_NAME_BYTES`, which keeps only its start. So ids that differ only in case get names
+    that differ in more than case (``p0001`` and ``P0001~…``), and a lower-case id keeps the name
+    it always had.
     """
     name = "".join(
         c if (c.isalnum() or c in "-_.") and c.isprintable() and not (i == 0 and c == ".") else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
         for i, c in enumerate(patient_id)
     )
-    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+    # Letters kept as they are must be each one's own case fold, both ways (the %XX escapes' hex
+    # digits are always upper case, and "%" is never kept, so they cannot be confused)
+    caseless = all(c.casefold() == c == c.upper().casefold() for c in patient_id if c.isalnum())
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES or not caseless:
         digest = hashlib.sha256(patient_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         name = name.encode("utf-8")[: MAX_NAME_BYTES - 20].decode("utf-8", "ignore") + "~" + digest
     return name or "%"  # an empty id (the manifest refuses one) still names a file

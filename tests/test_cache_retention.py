@@ -99,3 +99,19 @@ def test_pruning_removes_the_timelines_of_patients_no_longer_listed_and_leaves_o
     assert pruned.timeline_files == 6
     assert sorted(p.name for p in timelines.iterdir()) == [".hidden.html", "notes.txt", "p0.html", "p0.png", "p1.html", "p1.png"]
     assert prune_caches(kept, FeatureConfig(), root, timelines=timelines).timeline_files == 0
+
+
+def test_pruning_removes_the_old_plain_name_timeline_of_an_upper_case_id_and_keeps_its_new_one(tmp_path: Path) -> None:
+    """Older versions named P0001's timeline P0001.html; it is now P0001~<hash>.html (one file per
+    patient where upper/lower case are not told apart), and --prune removes the old file."""
+    from types import SimpleNamespace
+
+    from client.cache_retention import _prune_timelines
+    from client.timeline import timeline_name
+
+    data = SimpleNamespace(sessions=[SimpleNamespace(row=SimpleNamespace(patient_id=pid)) for pid in ("P0001", "p0002")])
+    for name in ("P0001", timeline_name("P0001"), "p0002"):
+        (tmp_path / f"{name}.html").write_text("timeline")
+
+    assert _prune_timelines(data, tmp_path) == 1  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{timeline_name('P0001')}.html", "p0002.html"])

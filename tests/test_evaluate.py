@@ -139,6 +139,32 @@ def test_timeline_file_names_of_different_patients_differ() -> None:
     assert timeline_name("gamma-p0001") == "gamma-p0001"  # a plain id is the file name
 
 
+def test_timeline_file_names_of_ids_that_differ_only_in_case_differ_in_more_than_case() -> None:
+    """Before: P01 and p01 got P01.html and p01.html, one file on macOS or a Windows share."""
+    from client.timeline import timeline_name
+
+    ids = ["P01", "p01", "Åse-01", "åse-01", "ÅSE-01", "straße", "STRASSE", "strasse", "ıd", "id", "ID", "σς", "σσ", "ΣΣ",
+           "a/b", "A/B", "alpha.P0000", "alpha.p0000", "x" * 300, "X" * 300, "x" * 299 + "X"]
+
+    names = [timeline_name(i) for i in ids]
+
+    assert len({n.casefold() for n in names}) == len(ids), names  # as macOS compares names
+    assert len({n.upper() for n in names}) == len(ids), names  # as Windows (NTFS) compares them
+
+
+def test_a_lower_case_id_keeps_its_timeline_file_name_and_an_upper_case_one_gets_a_hash() -> None:
+    """Timelines already written for lower-case ids stay where `site timeline` and `--prune` look."""
+    import hashlib
+
+    from client.cache_retention import _is_timeline_name
+    from client.timeline import timeline_name
+
+    kept = {"gamma-p0001": "gamma-p0001", "alpha.p0000": "alpha.p0000", "åse-01": "åse-01", "2024.017": "2024.017", "a/b": "a%2Fb", ".hidden": "%2Ehidden"}
+    assert {i: timeline_name(i) for i in kept} == kept
+    assert timeline_name("P0001") == "P0001~" + hashlib.sha256(b"P0001").hexdigest()[:16]
+    assert all(_is_timeline_name(timeline_name(i)) for i in ("P0001", "Åse-01", "X" * 300))
+
+
 def test_patients_whose_ids_differ_after_a_dot_get_a_timeline_each(tmp_path: Path) -> None:
     from client.timeline import render_timeline
     from shared.config import AlertConfig
