@@ -228,6 +228,7 @@ def _refuse_line_breaks(path: Path, row: _CsvRow, rec: dict[str, str]) -> None:
 def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Problem], int]:
     records, problems, columns, skipped = [], [], set(), 0
     unknown: dict[str, int] = {}  # key -> the line of the first record that has it
+    first_record: int | None = None  # its line
     # Only "\n" ends a JSONL line (str.splitlines would also split at U+2028, U+0085, ...
     # inside a transcript); a "\r" before it is JSON whitespace and is tolerated.
     for i, line in enumerate(text.split("\n"), start=1):
@@ -243,6 +244,8 @@ def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Probl
             problems.append(Problem(i, "row", "must be a JSON object; row skipped"))
             skipped += 1
             continue
+        if first_record is None:
+            first_record = i
         columns |= set(obj)
         for key in obj:
             if key not in REQUIRED + OPTIONAL:
@@ -256,7 +259,8 @@ def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Probl
     for line in sorted(set(unknown.values())):  # JSONL has no header: each unknown key at the first record that has it
         keys = ", ".join(sorted(k for k, first in unknown.items() if first == line))
         problems.append(Problem(line, "row", f"unknown key(s) {keys} are ignored (here and in every later record)", "warning"))
-    problems += [p for p in _column_problems(sorted(columns & set(REQUIRED + OPTIONAL))) if p.severity == "warning"]
+    if first_record is not None and not columns & {"transcript", "transcript_path"}:  # no header to report it at: the first record
+        problems.append(Problem(first_record, "row", "has no transcript_path or transcript key, and no later record has one; language markers will be unavailable", "warning"))
     return records, problems, skipped
 
 

@@ -742,3 +742,28 @@ def test_an_unknown_jsonl_key_is_reported_at_the_first_record_that_has_it(site: 
         "manifest.jsonl:8 [row] unknown key(s) ward are ignored (here and in every later record)",
     ]
     assert len(man.rows) == 8
+
+
+def test_a_jsonl_manifest_without_transcripts_is_reported_at_its_first_record_not_at_a_header(site: Path) -> None:
+    """It was `m.jsonl:1 [header] no transcript_path or transcript column; ...`: JSONL has no
+    header, and line 1 here is not even a record."""
+    m = site / "manifest.jsonl"
+    rows = [jsonl_row(f"s{i}", transcript=None) for i in (1, 2)]
+    m.write_text("\n{broken\n" + "\n".join(r.replace('"transcript": null, ', "") for r in rows) + "\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert [p.render(m) for p in man.problems if p.field in ("header", "row") and p.severity == "warning"] == [
+        "manifest.jsonl:3 [row] has no transcript_path or transcript key, and no later record has one; language markers will be unavailable",
+    ]
+    assert len(man.rows) == 2
+
+
+def test_a_jsonl_manifest_where_some_record_has_a_transcript_gives_no_such_warning(site: Path) -> None:
+    m = site / "manifest.jsonl"
+    m.write_text(jsonl_row("s1").replace('"transcript": "Hei.", ', "") + "\n" + jsonl_row("s2") + "\n", encoding="utf-8")
+
+    man = read_manifest(m)
+
+    assert not [p for p in man.problems if p.field in ("header", "row")]
+    assert [(p.line, p.field) for p in man.problems if p.severity == "warning"] == [(1, "transcript_path")]  # that row's own
