@@ -79,20 +79,27 @@ def finished_summary(run: Path) -> dict[str, Any] | None:
     path = run / "summary.json"
     if not path.is_file():
         return None
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text; it was written by the coordinator as UTF-8 JSON, so it was edited or damaged. Restore it from a backup.") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); it was written atomically, so it was edited by hand.") from None
-    except RecursionError:
-        raise ConfigError(f"{path} is not a summary this version wrote: it is nested too deeply to read. It was edited or damaged; restore it from a backup.") from None
-    except ValueError as exc:  # e.g. an integer with more digits than Python converts
-        raise ConfigError(f"{path} is not a summary this version wrote: {exc}. It was edited or damaged; restore it from a backup.") from None
+    summary = _written_json(path, "a summary", "restore it from a backup.")
     problem = summary_problem(summary)
     if problem:
         raise ConfigError(f"{path} is not a summary this version wrote: {problem}. It was edited or damaged; restore it from a backup.")
     return dict(summary)
+
+
+def _written_json(path: Path, what: str, remedy: str) -> Any:
+    """The JSON in ``path``, a file the run folder writes (UTF-8, atomically); a ConfigError naming
+    it as not ``what`` this version wrote, with why and ``remedy``, when it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        why = "it is not UTF-8 text (the coordinator writes UTF-8 JSON)"
+    except json.JSONDecodeError as exc:
+        why = f"it is not valid JSON ({exc})"
+    except RecursionError:
+        why = "it is nested too deeply to read"
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        why = str(exc)
+    raise ConfigError(f"{path} is not {what} this version wrote: {why}. It was edited or damaged; {remedy}")
 
 
 def _number(value: Any, *, none: bool = True) -> bool:
@@ -202,12 +209,7 @@ def recorded_rounds(run: Path, planned: int) -> tuple[RoundRecord, ...]:
     path = run / "metrics.json"
     if not path.is_file():
         return ()
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text; the coordinator writes it as UTF-8 JSON, so it was edited or damaged. Restore it; the run cannot be resumed from it.") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not a metrics file this version wrote ({exc}); the run cannot be resumed.") from None
+    raw = _written_json(path, "a metrics file", "restore it (the run cannot be resumed from it).")
     if not isinstance(raw, list):
         raise ConfigError(f"{path} holds {_kind(raw)}, expected a list of rounds; it was edited or damaged. Restore it; the run cannot be resumed from it.")
     for i, r in enumerate(raw, start=1):

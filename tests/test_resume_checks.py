@@ -221,6 +221,25 @@ def test_a_run_file_that_is_not_utf8_is_refused_cleanly(tmp_path: Path, name: st
     assert result.exit_code == ConfigError.exit_code and name in " ".join(result.output.split()), result.output
 
 
+@pytest.mark.parametrize(("text", "why"), [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # was RecursionError, a traceback
+    ('[{"round": ' + "9" * 5_000 + "}]", "digits"),  # was ValueError, a traceback
+    ("[{not json", "not valid JSON"),
+])
+def test_a_metrics_json_that_cannot_be_read_is_refused_cleanly_like_a_summary(tmp_path: Path, text: str, why: str) -> None:
+    """metrics.json and summary.json are read by one function: what summary.json was refused for
+    (507132d) crashed the resume when metrics.json held it."""
+    run, key = crashed_run(tmp_path)
+    (run / "metrics.json").write_text(text)
+
+    with pytest.raises(ConfigError, match=rf"metrics.json is not a metrics file this version wrote: .*{why}"):
+        load_resume_point(run, public_key=key.public_key())
+    result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def finished_summary_of(run: Path) -> dict:
     return {
         "run_id": "run-x", "experiment": "tiny", "status": "completed", "rounds_completed": 2, "rounds_planned": 3,
