@@ -59,11 +59,12 @@ def read_run(run: Path) -> tuple[str, ExperimentConfig]:
     info_path, config_path = run / RUN_INFO, run / "config.yaml"
     if not info_path.is_file() or not config_path.is_file():
         raise ConfigError(f"{run} is not a run folder that can be resumed (no {RUN_INFO} or config.yaml); give the folder a run was started in.")
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-        run_id, started_hash = str(info["run_id"]), str(info["plan_hash"])
-    except (ValueError, KeyError, TypeError) as exc:  # ValueError: not JSON, or not UTF-8
-        raise ConfigError(f"{info_path} is not a readable run description ({exc}); the run cannot be resumed.") from None
+    info = _written_json(info_path, "a run description", "the run cannot be resumed; restore the file from a backup.")
+    missing = [key for key in ("run_id", "plan_hash") if not isinstance(info, dict) or not isinstance(info.get(key), str)]
+    if missing:
+        raise ConfigError(f"{info_path} is not a run description this version wrote: it has no text field {', '.join(missing)}. "
+                          "It was edited or damaged; the run cannot be resumed; restore the file from a backup.")
+    run_id, started_hash = info["run_id"], info["plan_hash"]
     exp = load_experiment(config_path)
     if exp.plan_hash() != started_hash:
         raise ConfigError(

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from server.app import DEPLOY_INFO, resume_from_run_config
 from server.cli import app
 from server.resume import load_resume_point
-from server.run_folder import RunFolder, checkpoint_path
+from server.run_folder import RUN_INFO, RunFolder, checkpoint_path
 from server.simulate import SIM_INFO
 from server.strategy import RoundLog, SiteReport
 from shared import metrics as M  # noqa: N812
@@ -233,6 +233,25 @@ def test_a_metrics_json_that_cannot_be_read_is_refused_cleanly_like_a_summary(tm
     (run / "metrics.json").write_text(text)
 
     with pytest.raises(ConfigError, match=rf"metrics.json is not a metrics file this version wrote: .*{why}"):
+        load_resume_point(run, public_key=key.public_key())
+    result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+
+    assert result.exit_code == ConfigError.exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # was RecursionError, a traceback
+    ('{"run_id": ' + "9" * 5_000 + "}", "digits"),  # was ValueError, a traceback
+    ("[1, 2]", "no text field run_id, plan_hash"),
+    ('{"run_id": "r", "plan_hash": 7}', "no text field plan_hash"),
+])
+def test_a_run_description_that_cannot_be_read_is_refused_cleanly(tmp_path: Path, text: str, why: str) -> None:
+    """run.json is read like summary.json and metrics.json: a damaged one is a sentence naming it (exit 2)."""
+    run, key = crashed_run(tmp_path)
+    (run / RUN_INFO).write_text(text)
+
+    with pytest.raises(ConfigError, match=rf"{RUN_INFO} is not a run description this version wrote: .*{why}"):
         load_resume_point(run, public_key=key.public_key())
     result = CliRunner().invoke(app, ["run", "--resume", str(run)])
 
