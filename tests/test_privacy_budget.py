@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from client.budget import budget_status, change_caps
@@ -98,7 +99,11 @@ def _rewrite(site: Site, lines: list[str]) -> None:
 def _resigned(site: Site, lines: list[str], index: int, **changes: object) -> list[str]:
     """The ledger's lines with entry ``index`` changed and it and every later entry re-chained and re-signed
     with the site's own key: what buggy site software (not an outsider) could write."""
-    key = signing.load_private(site_key_paths(site.cfg.state_dir)[0])
+    return _resigned_with(signing.load_private(site_key_paths(site.cfg.state_dir)[0]), lines, index, **changes)
+
+
+def _resigned_with(key: Ed25519PrivateKey, lines: list[str], index: int, **changes: object) -> list[str]:
+    """:func:`_resigned` with the signing key given."""
     out, prev = list(lines[:index]), json.loads(lines[index - 1])["hash"] if index else ledger.GENESIS
     for i, line in enumerate(lines[index:]):
         body = {k: v for k, v in json.loads(line).items() if k not in ("hash", "signature")} | (changes if i == 0 else {}) | {"prev_hash": prev}
@@ -376,3 +381,104 @@ def test_a_ledger_of_under_counted_entries_is_flagged_throughout_with_a_few_pld_
     flagged = {i.line for i in report.issues if "an under-count" in i.message}
     assert flagged == set(range(1, 121))
     assert len(calls) <= 3 + 2  # the first entry (all rounds, its run), each later run's first entry, the newest entry
+
+
+# A prv site's ledger over three runs: run-c repeats run-a's (σ, q), so its per-run PLD figures
+# are ones verification has already computed, and the all-rounds figures mix two (σ, q).
+PRV_RUNS = (("run-a", 1.1, 0.2, 8), ("run-b", 2.0, 0.1, 8), ("run-c", 1.1, 0.2, 4))
+
+
+def _prv_ledger_lines(key: Ed25519PrivateKey, runs: tuple[tuple[str, float, float, int], ...], *, steps: int = 5, delta: float = 1e-5) -> list[str]:
+    """Signed lines as a prv site writes them (client/site.py): each entry's ε from Opacus' PRV
+    accountant over every round so far and over its run's rounds so far."""
+    import datetime as dt
+
+    lines, prev, history, start = [], ledger.GENESIS, [], dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for run_id, sigma, q, rounds in runs:
+        mine = []
+        for r in range(1, rounds + 1):
+            step = SubsampledGaussian(sigma, q, steps)
+            mine.append(step)
+            history.append(step)
+            entry = ledger.LedgerEntry(site="oslo", dataset="d", run_id=run_id, round=r, accountant="prv", delta=delta, noise_multiplier=sigma, sample_rate=q, steps=steps,
+                                       max_grad_norm=1.0, epsilon_run=epsilon(mine, delta=delta, accountant="prv"), epsilon_total=epsilon(history, delta=delta, accountant="prv"),
+                                       time=(start + dt.timedelta(minutes=len(history))).isoformat(), prev_hash=prev)
+            lines.append(entry.to_line(key))
+            prev = entry.hash
+    return lines
+
+
+@pytest.fixture(scope="module")
+def prv_ledger() -> tuple[Ed25519PrivateKey, list[str]]:
+    key = Ed25519PrivateKey.generate()
+    return key, _prv_ledger_lines(key, PRV_RUNS)
+
+
+def _pld_of_entries(entries: list[ledger.LedgerEntry]) -> float:
+    """A fresh PLDAccountant's ε (independent_epsilon) of these entries' mechanisms, merged per (σ, q) in order of appearance."""
+    steps: dict[tuple[float, float], int] = {}
+    for e in entries:
+        steps[(e.noise_multiplier, e.sample_rate)] = steps.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
+    return independent_epsilon([(s, q, n) for (s, q), n in steps.items()], entries[-1].delta)[1]
+
+
+def test_audit_pld_figures_equal_a_fresh_pld_accountants() -> None:
+    """verify_ledger builds each (σ, q) step's PLD once and memoises each figure instead of a new
+    PLDAccountant per query (~1 s each): the figures must be that accountant's, for one (σ, q)
+    and for two composed in either order, at several step counts and δ."""
+    from shared.privacy.audit import _pld
+
+    for mechanisms in ({(1.1, 0.2): 5}, {(2.0, 0.1): 400}, {(1.1, 0.2): 60, (2.0, 0.1): 30}, {(2.0, 0.1): 30, (1.1, 0.2): 60}):
+        for delta in (1e-5, 1e-7):
+            fresh = independent_epsilon([(s, q, n) for (s, q), n in mechanisms.items()], delta)[1]
+            assert _pld(mechanisms, delta) == pytest.approx(fresh, rel=1e-12), (mechanisms, delta)
+            assert _pld(dict(mechanisms), delta) == pytest.approx(fresh, rel=1e-12)  # the memoised figure
+
+
+def test_an_honest_prv_ledger_of_several_runs_verifies_building_each_step_pld_once(prv_ledger: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Most entries of a prv ledger are below RDP, so each is checked against PLD; a fresh
+    PLDAccountant per check built each step's PLD every time (most of its ~1 s). The PLD figures
+    verification reports must still be a fresh accountant's."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    key, lines = prv_ledger
+    path = tmp_path / "privacy-ledger.jsonl"
+    path.write_text("".join(lines), encoding="utf-8")
+    built: list[object] = []
+    build = privacy_loss_distribution.from_gaussian_mechanism
+
+    def counted(*args: object, **kwargs: object) -> object:
+        built.append(args)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(privacy_loss_distribution, "from_gaussian_mechanism", counted)
+    report = verify_ledger(path, key.public_key())
+    monkeypatch.undo()
+
+    assert report.ok, report.issues
+    assert len(built) <= 2  # one per (σ, q), at most (none where an earlier test built them)
+    with_pld = [(i, c) for i, c in enumerate(report.checks) if not np.isnan(c.pld)]
+    assert [c.round for _, c in with_pld] == [8, 8, 4]  # each run's last entry (prv), the newest among them
+    for i, c in with_pld:
+        assert c.pld == pytest.approx(_pld_of_entries(report.entries[: i + 1]), rel=1e-12)
+
+
+@pytest.mark.parametrize("field", ["epsilon_total", "epsilon_run"])
+def test_an_under_counted_prv_entry_in_the_middle_of_a_long_ledger_is_flagged(prv_ledger: tuple, tmp_path: Path, field: str) -> None:
+    """An entry of run-b that records ε just under its PLD figure (by more than the 0.1 % allowed),
+    yet above its own entry before (so neither order nor an earlier PLD floor gives it away), is
+    flagged: the memoised figures must be exact where it matters."""
+    key, lines = prv_ledger
+    entries = [ledger.LedgerEntry(**{k: v for k, v in json.loads(line).items() if k not in ("hash", "signature")}) for line in lines]
+    index = 10  # round 3 of run-b (0-based 10: run-a has 8 rounds)
+    assert (entries[index].run_id, entries[index].round) == ("run-b", 3)
+    counted = entries[: index + 1] if field == "epsilon_total" else [e for e in entries[: index + 1] if e.run_id == "run-b"]
+    lowest_honest = _pld_of_entries(counted) * (1 - 1e-3)
+    before = getattr(entries[index - 1], field)
+    assert before < lowest_honest
+    path = tmp_path / "privacy-ledger.jsonl"
+    path.write_text("".join(_resigned_with(key, lines, index, **{field: (before + lowest_honest) / 2})), encoding="utf-8")
+
+    report = verify_ledger(path, key.public_key())
+
+    assert [(i.line, "an under-count" in i.message) for i in report.issues] == [(index + 1, True)], report.issues
