@@ -253,9 +253,9 @@ def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Probl
             skipped += 1
         else:
             records.append((i, rec))
-    for line in sorted(set(unknown.values())):  # JSONL has no header: each unknown key at the first record that has it
-        keys = ", ".join(sorted(k for k, first in unknown.items() if first == line))
-        problems.append(Problem(line, "row", f"unknown key(s) {keys} are ignored (here and in every later record)", "warning"))
+    for first_line in sorted(set(unknown.values())):  # JSONL has no header: each unknown key at the first record that has it
+        keys = ", ".join(sorted(k for k, first in unknown.items() if first == first_line))
+        problems.append(Problem(first_line, "row", f"unknown key(s) {keys} are ignored (here and in every later record)", "warning"))
     problems += [p for p in _column_problems(sorted(columns & set(REQUIRED + OPTIONAL))) if p.severity == "warning"]
     return records, problems, skipped
 
