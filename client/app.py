@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -115,9 +115,9 @@ def _reply(
     if arrays is not None:
         content[P.ARRAYS] = arrays
     if metrics is not None:
-        content[P.METRICS] = MetricRecord(metrics)
+        content[P.METRICS] = MetricRecord(dict(metrics))  # a copy typed as Flower's value union (MetricRecord copies it anyway)
     if evaluation is not None:
-        content[P.EVALUATION] = MetricRecord(evaluation)
+        content[P.EVALUATION] = MetricRecord(dict(evaluation))
     return Message(content=content, reply_to=msg)
 
 
@@ -142,7 +142,7 @@ class Request:
     evaluate_first: bool = False  # evaluate the received model and send the evaluation with the train reply (with-next-round)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -180,7 +180,7 @@ def request_from(cfg: ConfigRecord, arrays: OrderedDict[str, np.ndarray], site_n
     if not _is_int(total) or total < 1:
         return _malformed(site_name, f"{P.CONFIG}[{P.TOTAL_ROUNDS!r}] must be a whole number >= 1, got {total!r}")
     rnd = cfg.get(P.SERVER_ROUND) if needs_round else 0
-    if needs_round and (not _is_int(rnd) or not 1 <= rnd <= total):
+    if not _is_int(rnd) or (needs_round and not 1 <= rnd <= total):  # the query's 0 is an int
         return _malformed(site_name, f"{P.CONFIG}[{P.SERVER_ROUND!r}] must be a whole number from 1 to {total}, got {rnd!r}")
     first = cfg.get(P.EVALUATE_FIRST, False)
     if not isinstance(first, bool):
@@ -365,13 +365,13 @@ def _check(
 
 def check_model_signature(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request, plan_hash: str) -> Refusal | None:
     """With a coordinator key configured, refuse an unsigned or altered global model."""
-    if site_cfg.coordinator_public_key is None:
-        log.warning("site=%s has no coordinator_public_key: global models are not verified", site_cfg.name)
-        return None
     try:
         key = coordinator_key(site_cfg)
     except FedrelapseError as exc:
         return Refusal("signature", withheld(exc, site=site_cfg.name, doing="reading its coordinator_public_key (site.yaml) to verify the global model"))
+    if key is None:  # site.yaml sets no coordinator_public_key
+        log.warning("site=%s has no coordinator_public_key: global models are not verified", site_cfg.name)
+        return None
     signature = cfg.get(P.MODEL_SIGNATURE, "")
     if not isinstance(signature, str) or not signature:
         return Refusal("signature", f"Site {site_cfg.name} refuses an unsigned global model.")

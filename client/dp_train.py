@@ -11,8 +11,9 @@ once), which clips each patient's gradient to C, adds Gaussian noise σC and ste
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -151,12 +152,12 @@ class CpuNoiseDPOptimizer(DPOptimizer):
         noise = self._noise(summed)  # (D,) float32
         # The previous step's flat noisy gradient, whose views still are every p.grad, takes this one's
         # in place: no new views to hand out (zero_grad(set_to_none=True) ends that).
-        reuse = _still_views(params, "grad", self._noisy) and self._noisy.flat.device == summed.device
-        noisy = torch.add(summed, noise, out=self._noisy.flat) if reuse else summed + noise  # (D,)
+        reuse = self._noisy if _still_views(self._noisy, params, "grad") and self._noisy.flat.device == summed.device else None
+        noisy = torch.add(summed, noise, out=reuse.flat) if reuse is not None else summed + noise  # (D,)
         if self.loss_reduction == "mean":
             noisy.div_(self.expected_batch_size)  # one physical batch per step: Opacus' accumulated_iterations is 1
         self._summed = None
-        if not reuse:
+        if reuse is None:
             self._noisy = _share(noisy, params, "grad")
         add_prox(params, self.prox_ref, self.prox_mu)
         self._is_last_step_skipped = False
@@ -211,7 +212,7 @@ class CpuNoiseDPOptimizer(DPOptimizer):
         params = self.params
         if self.loss_reduction == "mean":
             divisor = self.expected_batch_size * self.accumulated_iterations
-            if _still_views(params, "grad", self._noisy):
+            if _still_views(self._noisy, params, "grad"):
                 self._noisy.flat.div_(divisor)
             else:
                 torch._foreach_div_([p.grad for p in params], divisor)
@@ -227,7 +228,7 @@ class CpuNoiseDPOptimizer(DPOptimizer):
     @staticmethod
     def _flat(params: list[nn.Parameter], attr: str, stored: _Flat | None) -> torch.Tensor:
         """(D,): every parameter's ``attr`` in order (None as zeros), the stored flat vector itself while they still are its views."""
-        if _still_views(params, attr, stored):
+        if _still_views(stored, params, attr):
             return stored.flat
         return torch.cat([torch.zeros_like(p).reshape(-1) if getattr(p, attr) is None else getattr(p, attr).reshape(-1) for p in params])
 
@@ -245,12 +246,12 @@ def _share(flat: torch.Tensor, params: list[nn.Parameter], attr: str) -> _Flat |
     return _Flat(flat, views) if shared else None
 
 
-def _still_views(params: list[nn.Parameter], attr: str, stored: _Flat | None) -> bool:
-    """Whether every parameter's ``attr`` is still the view of ``stored`` that :func:`_share` set."""
+def _still_views(stored: _Flat | None, params: list[nn.Parameter], attr: str) -> TypeGuard[_Flat]:
+    """Whether every parameter's ``attr`` is still the view of ``stored`` that :func:`_share` set (never for None)."""
     return stored is not None and len(stored.views) == len(params) and all(getattr(p, attr) is v for p, v in zip(params, stored.views, strict=True))
 
 
-def add_prox(params: list[torch.Tensor], ref: list[torch.Tensor] | None, mu: float) -> None:
+def add_prox(params: Sequence[torch.Tensor], ref: list[torch.Tensor] | None, mu: float) -> None:
     """In place: grad += μ (w - w_ref) for every parameter (FedProx, Li et al. 2020)."""
     if ref is None or mu == 0.0:
         return

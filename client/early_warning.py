@@ -9,6 +9,7 @@ set the level that later risk is compared with, and are not themselves monitored
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -127,9 +128,9 @@ def choose_threshold(
     if positive.size > 400:  # quantiles keep the search fast on large cohorts
         positive = np.unique(np.quantile(positive, np.linspace(0, 1, 400)))
     candidates = positive.tolist() or [1.0]
-    kw = dict(baseline_n=baseline_n, slack=slack, lookback_days=lookback_days, grace_days=grace_days)
+    at = functools.partial(summarise, timelines, baseline_n=baseline_n, slack=slack, lookback_days=lookback_days, grace_days=grace_days)
     for h in candidates:  # ascending: the first that meets the target is the most sensitive
-        s = summarise(timelines, threshold=float(h), **kw)
+        s = at(threshold=float(h))
         if s.false_alarms_per_patient_month <= max_false_alarms_per_month:
             return s
-    return summarise(timelines, threshold=float(candidates[-1]) + 1e-9, **kw)
+    return at(threshold=float(candidates[-1]) + 1e-9)

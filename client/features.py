@@ -178,7 +178,7 @@ class FeatureCache:
         try:
             with np.load(p) as z:
                 notes = tuple(tuple(n.split("\t", 1)) for n in z["notes"].tolist())
-                feats = RecordingFeatures(z["mel"], z["markers"], float(z["seconds"]), int(z["rate"]), notes)  # type: ignore[arg-type]
+                feats = RecordingFeatures(z["mel"], z["markers"], float(z["seconds"]), int(z["rate"]), notes)
             return feats if self._usable(feats) else None
         except Exception:  # noqa: BLE001 - BadZipFile, EOFError, a missing array, text where numbers belong...: recomputed, never trusted
             return None

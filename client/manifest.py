@@ -256,9 +256,9 @@ def _read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, str]]], list[Probl
             skipped += 1
         else:
             records.append((i, rec))
-    for line in sorted(set(unknown.values())):  # JSONL has no header: each unknown key at the first record that has it
-        keys = ", ".join(sorted(k for k, first in unknown.items() if first == line))
-        problems.append(Problem(line, "row", f"unknown key(s) {keys} are ignored (here and in every later record)", "warning"))
+    for first_line in sorted(set(unknown.values())):  # JSONL has no header: each unknown key at the first record that has it
+        keys = ", ".join(sorted(k for k, first in unknown.items() if first == first_line))
+        problems.append(Problem(first_line, "row", f"unknown key(s) {keys} are ignored (here and in every later record)", "warning"))
     if first_record is not None and not columns & {"transcript", "transcript_path"}:  # no header to report it at: the first record
         problems.append(Problem(first_record, "row", "has no transcript_path or transcript key, and no later record has one; language markers will be unavailable", "warning"))
     return records, problems, skipped

@@ -102,7 +102,7 @@ def patient_losses(logits: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> to
     return (per * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def conv1d_grad_sample(layer: nn.Conv1d, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+def conv1d_grad_sample(layer: nn.Conv1d, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
     """Per-row Conv1d gradients without im2col: one batched matmul per kernel tap.
 
     dW[n, o, c, j] = sum_l g[n, o, l] · x_pad[n, c, l·s + j·d]; shapes: x (N, C, L_in), g (N, O, L_out).
@@ -382,7 +382,7 @@ class GroupedGrads:
         names, params = list(self.params), list(self.params.values())
         # The real parameters are asked for too: a gradient reaching one means it was used outside its layer's call, where no copy stood in for it.
         try:
-            grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in names] + params, allow_unused=True)
+            grads = torch.autograd.grad(losses.sum(), [*(leaves[n] for n in names), *params], allow_unused=True)
         except RuntimeError as e:
             changed = list(dict.fromkeys(layer for layer, x, version in run.inputs if x._version != version))
             if changed and "modified by an inplace operation" in str(e):
@@ -416,16 +416,16 @@ class HookGrads:
     def __call__(self, mel: torch.Tensor, markers: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         b, k = y.shape
         for _, p in self.named:
-            p.grad_sample = None
+            p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' per-sample attribute, not in torch's stubs
             p.grad = None  # the backward assigns a fresh summed gradient (unused) instead of adding into the last step's
         logits = patient_logits(self.gsm, mel, markers)  # (B, K)
         losses = patient_losses(logits, y, m)  # (B,)
         with warnings.catch_warnings():  # the first layer's input needs no grad; torch says so each step
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses.sum().backward()
-        grads = {n: p.grad_sample.view(k, b, *p.shape).sum(0) for n, p in self.named}  # (B, *shape): session-major rows
+        grads = {n: p.grad_sample.view(k, b, *p.shape).sum(0) for n, p in self.named}  # type: ignore[attr-defined]  # (B, *shape): session-major rows; grad_sample: Opacus'
         for _, p in self.named:
-            p.grad_sample = None
+            p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' per-sample attribute, not in torch's stubs
             p.grad = None  # the ordinary summed gradient is not used
         return grads, losses.detach()
 

@@ -164,10 +164,10 @@ def prompt_task_pulls(runtime: ModuleType) -> None:
 def main() -> None:
     """Entry point of the ``flwr-clientapp`` launcher: Flower's ClientApp process, pinned."""
     from flwr.supernode.cli import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp as runtime
 
-    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
-    runtime.install_from_fab = _checked_install  # type: ignore[assignment]
-    runtime.get_load_client_app_fn = _pinned_loader  # type: ignore[assignment]
+    runtime.install_from_fab = _checked_install
+    runtime.get_load_client_app_fn = _pinned_loader
     prompt_task_pulls(runtime)
     flwr_clientapp()
 

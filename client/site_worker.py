@@ -306,8 +306,13 @@ def serve(socket_dir: str, parent_pid: int) -> None:
         server.bind(socket_name(parent_pid))
         os.chmod(socket_name(parent_pid), 0o600)
     server.listen(16)
-    signal.signal(signal.SIGTERM, lambda *_: (_remove(sock_path), os._exit(0)))
-    signal.signal(signal.SIGINT, lambda *_: (_remove(sock_path), os._exit(0)))
+
+    def remove_and_exit(*_: object) -> None:
+        _remove(sock_path)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, remove_and_exit)
+    signal.signal(signal.SIGINT, remove_and_exit)
     threading.Thread(target=_watch_parent, args=(parent_pid, sock_path), daemon=True).start()
     print(f"fedrelapse site worker pid {os.getpid()} serving {sock_path} for superexec {parent_pid}", flush=True)
     # In the background: the first task starts its heartbeat while torch and the site's code load.

@@ -175,7 +175,9 @@ def run(argv: list[str], *, module: ModuleType | None = None, entry: Callable[[]
               f"(it asks for messages every 3 s, so rounds are slower). Pin the Flower version in deploy/requirements.lock or update client/supernode_main.py.",
               file=sys.stderr, flush=True)
     if entry is None:
-        from flwr.supernode.cli import flower_supernode as entry
+        from flwr.supernode.cli import flower_supernode
+
+        entry = flower_supernode
     sys.argv = ["flower-supernode", *rest]
     entry()
 

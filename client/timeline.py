@@ -114,18 +114,18 @@ def render_timeline(tl: Timeline, sessions: list[PreparedSession], *, threshold:
     ax = plt.subplot2grid((1 + len(PLOTTED) // 2, 2), (0, 0), colspan=2, fig=fig)
     axes[0, 0].remove()
     axes[0, 1].remove()
-    ax.plot(dates, tl.risk, "o-", color="#1f4e79", label="session risk")
-    ax.plot(dates, stat, "--", color="#999999", label="CUSUM")
+    ax.plot(dates, tl.risk, "o-", color="#1f4e79", label="session risk")  # type: ignore[arg-type]  # matplotlib plots datetimes (units); its stubs take numbers only
+    ax.plot(dates, stat, "--", color="#999999", label="CUSUM")  # type: ignore[arg-type]  # matplotlib plots datetimes (units); its stubs take numbers only
     ax.axhline(threshold, color="#c00000", lw=0.8, label=f"alert threshold {threshold:.2f}")
     for d, f in zip(dates, fired, strict=True):
         if f:
-            ax.axvline(d, color="#c00000", alpha=0.35, lw=6)
+            ax.axvline(d, color="#c00000", alpha=0.35, lw=6)  # type: ignore[arg-type]  # matplotlib plots datetimes (units); its stubs take numbers only
     for d, y in zip(dates, tl.labels, strict=True):
         if y == 1:
-            ax.axvspan(d - dt.timedelta(days=3), d + dt.timedelta(days=3), color="#f4b183", alpha=0.4, lw=0)
+            ax.axvspan(d - dt.timedelta(days=3), d + dt.timedelta(days=3), color="#f4b183", alpha=0.4, lw=0)  # type: ignore[arg-type]  # matplotlib plots datetimes (units); its stubs take numbers only
     if tl.onset_day is not None:
-        ax.axvline(dates[0] + dt.timedelta(days=tl.onset_day), color="black", ls=":", label="recorded relapse onset")
-    ax.axvspan(dates[0] - dt.timedelta(days=3), dates[min(baseline_n, len(dates)) - 1] + dt.timedelta(days=3), color="#e2efda", alpha=0.6, lw=0, label="personal baseline")
+        ax.axvline(dates[0] + dt.timedelta(days=tl.onset_day), color="black", ls=":", label="recorded relapse onset")  # type: ignore[arg-type]  # matplotlib plots datetimes (units); its stubs take numbers only
+    ax.axvspan(dates[0] - dt.timedelta(days=3), dates[min(baseline_n, len(dates)) - 1] + dt.timedelta(days=3), color="#e2efda", alpha=0.6, lw=0, label="personal baseline")  # type: ignore[arg-type]  # matplotlib plots datetimes (units); its stubs take numbers only
     ax.set_ylabel("risk")
     ax.set_title(f"{site_name} · patient {tl.patient_id}")
     ax.legend(fontsize=7, loc="upper left", ncol=3)

@@ -20,7 +20,7 @@ def weighted_average(updates: Sequence[dict[str, np.ndarray]], weights: Sequence
     total = float(sum(weights))
     if total <= 0:
         raise ValueError("The weights of a federated average must sum to a positive number.")
-    return OrderedDict((k, sum(w * u[k].astype(np.float64) for u, w in zip(updates, weights, strict=True)).astype(np.float32) / np.float32(total)) for k in updates[0])
+    return OrderedDict((k, sum((w * u[k].astype(np.float64) for u, w in zip(updates, weights, strict=True)), np.zeros((), np.float64)).astype(np.float32) / np.float32(total)) for k in updates[0])
 
 
 class ServerAdam:

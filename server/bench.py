@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import torch
 
@@ -25,6 +25,9 @@ from shared.config import ExperimentConfig
 from shared.markers import N_MODEL_MARKERS
 from shared.models import build_model
 from shared.privacy.accounting import calibrate_noise
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
 
 
 def machine() -> dict[str, Any]:
@@ -120,7 +123,13 @@ def dp_step_ratio(exp: ExperimentConfig, *, device: str = "cpu", repeats: int = 
 
 # A step so small that its arithmetic is negligible: what is left is host work (Python, operator
 # dispatch, allocation), which is what a GPU step at the experiment's batch sizes waits on.
-HOST_BOUND_STEP = {"batch_patients": 2, "max_sessions_per_patient": 2, "max_seconds": 1.2}
+class _HostBoundStep(TypedDict):
+    batch_patients: int
+    max_sessions_per_patient: int
+    max_seconds: float
+
+
+HOST_BOUND_STEP: _HostBoundStep = {"batch_patients": 2, "max_sessions_per_patient": 2, "max_seconds": 1.2}
 
 
 def dp_step_host_bound(exp: ExperimentConfig, *, repeats: int = 60, steps: int = 10) -> dict[str, Any]:
@@ -190,19 +199,19 @@ def dp_step_profile(exp: ExperimentConfig, *, device: str = "cpu", repeats: int 
     dp_opt = CpuNoiseDPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=t.batch_patients, generator=gen)
 
     def clip() -> None:
-        for n, p in named:
-            p.grad_sample = grads[n].clone()
+        for n, p in named:  # grad_sample, summed_grad: Opacus' per-parameter attributes, not in torch's stubs
+            p.grad_sample = grads[n].clone()  # type: ignore[attr-defined]
         dp_opt.clip_and_accumulate()
         for _, p in named:
-            p.grad_sample = None
-            p.summed_grad = None
+            p.grad_sample = None  # type: ignore[attr-defined]
+            p.summed_grad = None  # type: ignore[attr-defined]
 
     def noise() -> None:
         for _, p in named:
-            p.summed_grad = torch.zeros_like(p)
+            p.summed_grad = torch.zeros_like(p)  # type: ignore[attr-defined]
         dp_opt.add_noise()
         for _, p in named:
-            p.summed_grad = None
+            p.summed_grad = None  # type: ignore[attr-defined]
 
     out["clip and sum per patient"] = _median_ms(clip, repeats, dev)
     out["Gaussian noise (seeded CPU generator)"] = _median_ms(noise, repeats, dev)
@@ -456,7 +465,7 @@ def bench_client_app(exp: ExperimentConfig, *, weights: list[int], seed: int = 0
             if problem:
                 raise ValueError(problem)
             return _fitres(msg, values, weights[site], secure_records.encode(site_name=f"site{site}", metrics=metrics))
-        return _reply(msg, f"site{site}", arrays=pack(local_train(unpack(msg.content[P.ARRAYS], shapes, what="the global model"), site), shapes), metrics=metrics)
+        return _reply(msg, f"site{site}", arrays=pack(local_train(unpack(msg.content.array_records[P.ARRAYS], shapes, what="the global model"), site), shapes), metrics=metrics)
 
     return app
 
@@ -479,6 +488,7 @@ def secagg_overhead(exp: ExperimentConfig, *, sites: tuple[int, ...] = (3, 10, 3
         weights = [10 + (7 * i) % 40 for i in range(n)]
         clock: dict[str, float] = {"last": 0.0}
         grid = LoopbackGrid(bench_client_app(e, weights=weights, train_clock=clock), n, clock)
+        as_grid = cast("Grid", grid)  # duck-typed: the strategy and the SecAgg+ workflow call only get_node_ids and send_and_receive
         model = get_arrays_of(e)
         arrays = pack(model, layout(model))
         cfg = ConfigRecord({P.RUN_ID: "bench", P.TOTAL_ROUNDS: rounds})
@@ -495,9 +505,9 @@ def secagg_overhead(exp: ExperimentConfig, *, sites: tuple[int, ...] = (3, 10, 3
                 grid.reset()
                 start = time.perf_counter()
                 if mode == "plain":
-                    new, _ = strategy.aggregate_train(rnd + 1, grid.send_and_receive(strategy.configure_train(rnd + 1, arrays, cfg, grid)))
+                    new, _ = strategy.aggregate_train(rnd + 1, grid.send_and_receive(strategy.configure_train(rnd + 1, arrays, cfg, as_grid)))
                 else:
-                    new = secure_train_round(grid, strategy=strategy, sa=sa, server_round=rnd + 1, arrays=arrays, config=cfg).arrays  # type: ignore[arg-type]
+                    new = secure_train_round(as_grid, strategy=strategy, sa=sa, server_round=rnd + 1, arrays=arrays, config=cfg).arrays
                 wall = time.perf_counter() - start
                 if new is None:
                     raise RuntimeError(f"bench: the {mode} round with {n} sites produced no aggregate")

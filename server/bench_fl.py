@@ -103,7 +103,7 @@ def update_size(exp: ExperimentConfig, data: Path, *, rounds: int, bits: tuple[i
     prepare_sites(cfgs, nodp, Console(quiet=True))
     sites = [Site(c, nodp) for c in cfgs]
     model = build_model(nodp)
-    arrays = get_arrays(model)
+    arrays: dict[str, np.ndarray] = get_arrays(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     head = {n for n in trainable if n.startswith("head.")}
     adapter = {n for n in trainable if n.startswith("adapter.")}
@@ -356,7 +356,7 @@ def _round_figures(run_dir: Path, *, evaluation: str = "separate") -> dict[str, 
         critical = max(train.values(), default=0.0) + max(evaluate.values(), default=0.0)
         per_round.append({"round": rec["round"], "wall_s": rec["wall_s"], "sites_compute_s": round(compute, 3),
                           "ratio": round(rec["wall_s"] / compute, 3) if compute else None,
-                          "ratio_to_slowest_site": round(rec["wall_s"] / max(each), 3) if each and max(each) else None,
+                          "ratio_to_slowest_site": round(rec["wall_s"] / max(each), 3) if each and max(each) != 0 else None,
                           "wall_minus_critical_path_s": round(rec["wall_s"] - critical, 3),
                           "sites_replied": sum("train_compute_s" in s for s in sites)})
     later = per_round[1:] or per_round
@@ -396,7 +396,7 @@ def wire_objects(exp: ExperimentConfig) -> dict[str, int]:
     rng = np.random.default_rng(0)  # a trained model's values: no two parameters equal (Flower stores equal arrays once)
     model = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in get_arrays(build_model(exp)).items()}
     config = ConfigRecord({P.RUN_ID: "r", P.TOTAL_ROUNDS: 3, P.PLAN_YAML: exp.to_yaml(), P.MODEL_SIGNATURE: "s", P.SERVER_ROUND: 1})
-    reply = {P.METRICS: MetricRecord({M.NUM_PATIENTS: 10.0, M.TRAIN_LOSS: 0.5}), P.SITE: ConfigRecord({P.SITE_NAME: "a", P.LEDGER_HEAD: "h"})}
+    reply: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {P.METRICS: MetricRecord({M.NUM_PATIENTS: 10.0, M.TRAIN_LOSS: 0.5}), P.SITE: ConfigRecord({P.SITE_NAME: "a", P.LEDGER_HEAD: "h"})}
     forms = {"packed": pack(model, layout(model)), "one_array_per_parameter": ArrayRecord({k: Array(v) for k, v in model.items()})}
     out = {}
     for form, arrays in forms.items():

@@ -16,6 +16,7 @@ On a machine without CUDA it measures nothing and says so.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import traceback
@@ -74,12 +75,14 @@ def gpu_bench(exp: ExperimentConfig, *, data: Path | None, out: Path, quick: boo
         (out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
         say(f"{name}: {_headline(value)}")
 
-    for batch in sweep:
+    def dp_step(batch: int, dtype: torch.dtype | None) -> dict[str, Any]:
         bexp = replace(exp, training=replace(exp.training, batch_patients=batch))
+        # Opacus' per-session ghost clipping is a reference for scale: at the experiment's batch only.
+        return _with_throughput(dp_step_ratio(bexp, device=device, repeats=repeats, steps=steps, autocast=dtype, ghost_reference=batch == default_batch), batch)
+
+    for batch in sweep:
         for label, dtype in DTYPES.items():
-            # Opacus' per-session ghost clipping is a reference for scale: at the experiment's batch only.
-            part(f"dp_step_{label}_b{batch}", lambda bexp=bexp, dtype=dtype, batch=batch: _with_throughput(
-                dp_step_ratio(bexp, device=device, repeats=repeats, steps=steps, autocast=dtype, ghost_reference=batch == default_batch), batch))
+            part(f"dp_step_{label}_b{batch}", functools.partial(dp_step, batch, dtype))
     if device == "cuda":
         part(f"dp_step_cpu_b{default_batch}", lambda: _with_throughput(dp_step_ratio(exp, device="cpu", repeats=min(repeats, 3), steps=min(steps, 5), ghost_reference=False), default_batch))
         # The host-work proxy on this machine's CPU, beside the GPU's own ratio at the experiment's batch (the proxy's calibration).

@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import math
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -497,7 +496,8 @@ def bench_deployment(
     sizes = _site_counts(sites)
     exp = with_evaluation(load_experiment(config), evaluation)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "evaluation": exp.federation.evaluation, "runs": []}
+    runs: list[dict[str, Any]] = []
+    result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "evaluation": exp.federation.evaluation, "runs": runs}
     table = Table(title=f"round overhead, Deployment Engine (rounds 2+, median; evaluation: {exp.federation.evaluation})")
     for col in ("sites", "ClientApp", "threads / site", "s / round", "wall ÷ Σ site compute", "wall ÷ slowest site", "wall − slowest per phase (s)", "objects / train message", "load after"):
         table.add_column(col)
@@ -505,7 +505,7 @@ def bench_deployment(
         for worker in modes[clientapp]:
             err_console.print(f"{n} sites, {'site worker' if worker else 'a process per message'}: {rounds} rounds ...")
             run = {**deployment_rounds(exp, data, out, n_sites=n, rounds=rounds, site_worker=worker, site_threads=site_threads), "load_average_after": os.getloadavg()}
-            result["runs"].append(run)  # type: ignore[union-attr]
+            runs.append(run)
             (out / "deployment.json").write_text(json.dumps(result, indent=2))
             table.add_row(str(n), str(run["clientapp"]), str(run["site_threads"]), f"{run['wall_per_round_after_round_1_s']:.1f}", f"{run['round_overhead_ratio_after_round_1']:.3f}",
                           f"{run['wall_over_slowest_site_after_round_1']:.3f}", f"{run['wall_minus_critical_path_after_round_1_s']:.2f}",
@@ -534,16 +534,16 @@ def bench_idle_poll(
     except ValueError:
         raise ConfigError(f"--polls must be comma-separated seconds or 'flower', such as flower,0.25,0.1; got {polls!r}.") from None
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "runs": []}
+    runs: list[dict[str, Any]] = []
+    result: dict[str, object] = {"machine": machine(), "load_average_at_start": os.getloadavg(), "runs": runs}
     for wait in waits:
         run = {**idle_poll_load(out, n_sites=sites, seconds=seconds, idle_poll_s=wait), "load_average_after": os.getloadavg()}
-        result["runs"].append(run)  # type: ignore[union-attr]
+        runs.append(run)
         err_console.print(f"idle wait {run['idle_poll_s']}: {run['looks_per_s']} looks/s, SuperLink {run['superlink_cores']:.3f} cores, "
                           f"one SuperNode {run['one_supernode_cores']:.3f} cores")
-    runs = result["runs"]
-    base = next((r for r in runs if r["idle_poll_s"] == "flower"), None)  # type: ignore[union-attr]
+    base = next((r for r in runs if r["idle_poll_s"] == "flower"), None)
     if base is not None:
-        for r in runs:  # type: ignore[union-attr]
+        for r in runs:
             extra = r["looks_per_s"] - base["looks_per_s"]
             r["superlink_ms_per_extra_look"] = round(1000 * (r["superlink_cores"] - base["superlink_cores"]) / extra, 2) if extra > 0 else None
     (out / "idle-poll.json").write_text(json.dumps(result, indent=2))
@@ -833,7 +833,7 @@ def audit_verify(
 
     key = signing.load_public(public_key) if public_key else None
     failed = False
-    results = []
+    results: list[dict[str, Any]] = []
     for path in ledgers:
         if path.is_dir():  # a ledger folder or a state_dir: name the privacy ledger, never evaluation-releases.jsonl (another format)
             hint = next((p for p in (path / LEDGER_FILE, path / "ledger" / LEDGER_FILE) if p.is_file()), None)
@@ -1205,4 +1205,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

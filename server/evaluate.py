@@ -114,7 +114,7 @@ class Harness:
         if s.mode == "local":
             out = {}
             for site in self.sites:
-                arrays = get_arrays(build_model(exp))
+                arrays: dict[str, np.ndarray] = get_arrays(build_model(exp))
                 for r in range(1, rounds + 1):
                     arrays = _ok(site.train(arrays, run_id=f"eval-{tag}-{site.cfg.name}", server_round=r, total_rounds=rounds)).arrays
                 out[site.cfg.name] = _model(exp, arrays)
@@ -137,12 +137,13 @@ class Harness:
         q = min(1.0, t.batch_patients / pooled.n_patients)
         gen = torch.Generator().manual_seed(exp.seed)
         opt = make_optimizer(model, name=t.optimizer, lr=t.learning_rate)
-        common = dict(steps=steps, sample_rate=q, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=torch.device("cpu"))
+        cpu = torch.device("cpu")
         if p.enabled:
             sigma = calibrate_noise(target_epsilon=p.target_epsilon, target_delta=p.target_delta, sample_rate=q, steps=steps, accountant=p.accountant)
-            train_dp(model, pooled, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, **common)
+            train_dp(model, pooled, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
+                     steps=steps, sample_rate=q, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=cpu)
         else:
-            train_plain(model, pooled, **common)
+            train_plain(model, pooled, steps=steps, sample_rate=q, max_sessions=t.max_sessions_per_patient, optimizer=opt, generator=gen, device=cpu)
         return model
 
     def measure(self, models: dict[str, torch.nn.Module]) -> dict[str, Any]:
@@ -185,10 +186,9 @@ class Harness:
             "brier": round(M.brier(y, p), 4),
         }
         a, n0 = self.exp.alerts, self.exp.features.baseline_sessions
-        kw = dict(baseline_n=n0, slack=a.slack, lookback_days=a.lookback_days, grace_days=a.grace_days)
-        chosen = choose_threshold(val_tl, max_false_alarms_per_month=a.max_false_alarms_per_month, **kw)
+        chosen = choose_threshold(val_tl, baseline_n=n0, slack=a.slack, lookback_days=a.lookback_days, grace_days=a.grace_days, max_false_alarms_per_month=a.max_false_alarms_per_month)
         out["early_warning_validation"] = chosen.as_dict()
-        out["early_warning"] = summarise(eval_tl, threshold=chosen.threshold, **kw).as_dict()
+        out["early_warning"] = summarise(eval_tl, threshold=chosen.threshold, baseline_n=n0, slack=a.slack, lookback_days=a.lookback_days, grace_days=a.grace_days).as_dict()
         return out
 
 

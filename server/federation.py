@@ -32,7 +32,7 @@ from server.aggregation import make_server_optimizer, server_step
 from server.resume import ResumePoint
 from server.run_folder import RoundRecord, RunFolder, why_no_auroc
 from server.secure_round import secure_train_round
-from server.strategy import PatientFedAvg, SiteReport, evaluation_reports, site_reports, wait_for_nodes
+from server.strategy import PatientFedAvg, SiteReport, evaluation_reports, scalar_metrics, site_reports, wait_for_nodes
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared.config import ExperimentConfig
@@ -65,7 +65,7 @@ def run_federation(
     initial = get_arrays(build_model(exp))
     strategy.expected = shapes = layout(initial)  # the packed wire format's layout (never sent: sites build it from the plan)
     strategy.set_move_bound(optimizer=exp.training.optimizer, learning_rate=exp.training.learning_rate, local_steps=exp.training.local_steps)
-    model = resume.arrays if resume else initial  # the global model, name -> array
+    model: dict[str, np.ndarray] = resume.arrays if resume else initial  # the global model, name -> array
     arrays = pack(model, shapes)  # ... and as it travels: one float32 vector
     first_round = resume.next_round if resume else 1
     if resume:
@@ -98,7 +98,7 @@ def run_federation(
         """The sites' evaluation of the model after ``server_round``, asked by an evaluate message,
         averaged by patients (the reports are kept in the strategy's log of that round)."""
         replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, config(server_round, model), grid), timeout=f.round_timeout_s)
-        return dict(strategy.aggregate_evaluate(server_round, replies) or {})
+        return scalar_metrics(strategy.aggregate_evaluate(server_round, replies))
 
     pending = pending_evaluation(run.rounds)  # the round whose model the next train message has the sites evaluate
     for rnd in range(first_round, f.rounds + 1):
@@ -115,20 +115,20 @@ def run_federation(
             show_round(console, evaluated)
             pending = None
         updated = new_arrays is not None
-        if updated:
-            average = unpack(new_arrays, shapes, what="the aggregated model")  # type: ignore[arg-type]  # not None: updated
+        if new_arrays is not None:
+            average = unpack(new_arrays, shapes, what="the aggregated model")
             model = server_step(server_opt, model, average)
             arrays = pack(model, shapes) if server_opt else new_arrays
         if f.evaluates_with_next_round and rnd < f.rounds:
             rec = run.record_round(
-                rnd, strategy.log[rnd], dict(train_metrics or {}), {}, dict(model), updated, note=halted or "",
+                rnd, strategy.log[rnd], scalar_metrics(train_metrics), {}, dict(model), updated, note=halted or "",
                 wall_s=round(time.perf_counter() - started, 4), evaluation_pending=True,
             )
             pending = rnd
         else:
             eval_metrics = evaluated_by_message(rnd, arrays, model)
             rec = run.record_round(
-                rnd, strategy.log[rnd], dict(train_metrics or {}), eval_metrics, dict(model), updated, note=halted or "",
+                rnd, strategy.log[rnd], scalar_metrics(train_metrics), eval_metrics, dict(model), updated, note=halted or "",
                 wall_s=round(time.perf_counter() - started, 4),
             )
             show_round(console, rec)
@@ -189,7 +189,7 @@ def record_evaluation_from_train(run: RunFolder, strategy: PatientFedAvg, evalua
     log of round ``evaluated``, aggregated as an evaluate phase is, and added to its record."""
     reports = evaluation_reports(strategy.log[rnd].train)
     metrics = strategy.aggregate_evaluation(evaluated, reports)
-    return run.record_evaluation(evaluated, strategy.log[evaluated], dict(metrics or {}))
+    return run.record_evaluation(evaluated, strategy.log[evaluated], scalar_metrics(metrics))
 
 
 def preflight(grid: Grid, strategy: PatientFedAvg, exp: ExperimentConfig, run_id: str, plan: str, console: Console) -> list[SiteReport]:

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -126,7 +127,7 @@ class NodeRegistry:
         return ids
 
 
-def _json_reply(stdout: str) -> dict[str, object]:
+def _json_reply(stdout: str) -> dict[str, Any]:
     """The JSON object `flwr ... --format json` prints (pretty-printed, possibly after other lines)."""
     start = stdout.find("{")
     try:

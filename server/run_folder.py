@@ -200,10 +200,10 @@ class RunFolder:
         write_json(self.root / "metrics.json", _clean([asdict(r) for r in self.rounds]))
         return rec
 
-    def epsilon_by_site(self) -> dict[str, dict[str, float]]:
+    def epsilon_by_site(self) -> dict[str, dict[str, float | str | None]]:
         """Each site's latest reported (ε, δ) for this run, as the site's ledger stated it (δ or
         σ None where a round's entry lacks it: folders written before replies had to carry all four)."""
-        out: dict[str, dict[str, float]] = {}
+        out: dict[str, dict[str, float | str | None]] = {}
         for rec in self.rounds:
             for site, entry in rec.sites.items():
                 if M.EPSILON_RUN in entry:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -128,6 +128,19 @@ class _CollectSum(Strategy):
         return None
 
 
+_T = TypeVar("_T")
+
+
+def _items(value: object, kind: type[_T]) -> list[_T]:
+    """A reply's list value, each item a ``kind`` (never a bool), as :func:`stage_reply_problem`
+    checks; TypeError if it is not."""
+    if isinstance(value, list):
+        items = [v for v in value if isinstance(v, kind) and not isinstance(v, bool)]
+        if len(items) == len(value):
+            return items
+    raise TypeError(f"expected a list of {kind.__name__}, got {type(value).__name__}")
+
+
 def _stage(msg: Message) -> str | None:
     """The SecAgg+ stage an outgoing message asks for (the ``stage`` key the workflow sends)."""
     record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
@@ -153,7 +166,7 @@ def stage_reply_problem(stage: str | None, reply: Message, *, sampled: set[int])
         lengths.append(len(items))
     if len(set(lengths)) > 1:
         return f"its {stage} reply's lists differ in length {lengths}"
-    if stage == Stage.UNMASK and not set(record[Key.NODE_ID_LIST]) <= sampled:  # type: ignore[arg-type]
+    if stage == Stage.UNMASK and not set(_items(record[Key.NODE_ID_LIST], int)) <= sampled:
         return "its unmask reply holds shares of a node outside this round"
     return None
 
@@ -233,7 +246,7 @@ def masked_reply_problem(reply: Message, *, strategy: PatientFedAvg, sa: SecureA
     weight is a whole number from 0 to ``max_weight`` (0 exactly for a refusal, the clear-text
     ``num-patients`` otherwise); the report passes the checks of a plain train reply."""
     try:
-        vector = [bytes_to_ndarray(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]  # type: ignore[union-attr]
+        vector = [bytes_to_ndarray(b) for b in _items(reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS], bytes)]
     except Exception as exc:  # noqa: BLE001 - whatever the bytes are, the reply is unusable
         return f"its masked vector cannot be decoded ({type(exc).__name__})"
     shapes = [tuple(v.shape) for v in vector]

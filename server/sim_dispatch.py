@@ -126,7 +126,7 @@ def simulation_link(n_sites: int) -> tuple[Any, dict[int, int]]:
     from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState, RunRecord
     from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
     from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.supercore.run import Run
@@ -138,6 +138,7 @@ def simulation_link(n_sites: int) -> tuple[Any, dict[int, int]]:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID  # as run_simulation sets them
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     state = factory.state()
+    assert isinstance(state, InMemoryLinkState)  # FLWR_IN_MEMORY_DB_NAME: its run and task tables are set directly below
     run = Run.create_empty(run_id=run_id)
     run.primary_task_id, run.federation_id = task_id, NOOP_FEDERATION_ID
     state.run_ids[run_id] = RunRecord(run=run)

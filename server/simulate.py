@@ -7,6 +7,7 @@ then the same ServerApp and ClientApp that the Deployment Engine runs are simula
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from client.audio import TOO_SHORT
 from server.resume import ResumePoint, finished_summary, load_resume_point, read_run
@@ -86,10 +87,15 @@ def prepare_sites(sites: list[SiteConfig], exp: ExperimentConfig, console: Conso
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as bar:
         for site in sites:
             task = bar.add_task(f"site {site.name}: checking data, extracting features", total=None)
-            data = prepare_site(site.manifest, exp.features, site.state_dir / "features", language=exp.language, speech=exp.speech, progress=lambda d, t, task=task: bar.update(task, completed=d, total=t))
+            data = prepare_site(site.manifest, exp.features, site.state_dir / "features", language=exp.language, speech=exp.speech,
+                                progress=functools.partial(_advance, bar, task))
             require_usable_sessions(site, data, exp.features)
             reports.append({"site": site.name, **data.report()})
     return reports
+
+
+def _advance(bar: Progress, task: TaskID, done: int, total: int) -> None:
+    bar.update(task, completed=done, total=total)
 
 
 def require_usable_sessions(site: SiteConfig, data: SiteData, features: FeatureConfig) -> None:
@@ -177,7 +183,7 @@ def simulate(
             client_app=build_client_app(tuple(str(p.resolve()) for p in paths), faults, client_mods),
             num_supernodes=len(sites),
             backend_name="ray",
-            backend_config=backend_config,  # type: ignore[arg-type]
+            backend_config=backend_config,
         )
     summary_path = out / "summary.json"
     if not summary_path.exists():

@@ -147,6 +147,7 @@ def claim_name(names: dict[int, str], node: int, claimed: object, contested: Map
     problem = P.name_problem(claimed)
     if problem:
         return label, problem
+    assert isinstance(claimed, str)  # name_problem refuses anything else
     if pinned == claimed:
         return label, None
     owner = next((n for n, s in names.items() if s == claimed), None)
@@ -157,7 +158,7 @@ def claim_name(names: dict[int, str], node: int, claimed: object, contested: Map
         return label, f"node {node} claims the name {claimed!r}{whose}"
     if claimed in contested:
         return label, f"nodes {', '.join(map(str, contested[claimed]))} all claim the name {claimed!r} in the same phase; none of them is given it"
-    names[node] = str(claimed)  # checked above: a str
+    names[node] = claimed
     return names[node], None
 
 
@@ -327,6 +328,17 @@ def site_report(msg: Message, names: dict[int, str], needs: tuple[str, ...] = ()
     if P.EVALUATION in msg.content.metric_records:
         report.evaluation = {k: float(v) for k, v in msg.content[P.EVALUATION].items()}  # type: ignore[arg-type]
     return report
+
+
+def scalar_metrics(record: MetricRecord | None) -> dict[str, float]:
+    """An aggregate metric record (numbers only, as :class:`PatientFedAvg` builds them) as a
+    dict, values unchanged; empty for None. TypeError for a list value, which no aggregate holds."""
+    out: dict[str, float] = {}
+    for key, value in (record or {}).items():
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"Metric {key!r} is a {type(value).__name__}; an aggregate metric is a number.")
+        out[key] = value
+    return out
 
 
 def claims(replies: Iterable[Message]) -> list[tuple[int, object]]:
@@ -589,7 +601,7 @@ class PatientFedAvg(FedAvg):
                 reject_reply(report, problem)
             if report.error or report.refusal_code:
                 continue
-            values, problem = self.checked_update(m.content[P.ARRAYS], m.content[P.METRICS], site=report.site)
+            values, problem = self.checked_update(m.content.array_records[P.ARRAYS], m.content.metric_records[P.METRICS], site=report.site)  # both there, of these types: reply_problem checked
             if values is not None and problem is None:
                 problem = self.move_problem(values, server_round)
             if values is None or problem is not None:

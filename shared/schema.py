@@ -261,7 +261,7 @@ def _coerce(hint: Any, value: Any, *, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: `{key}` must be a list, got {_show(value)}.")
         item = args[0]
         return tuple(_coerce(item, v, source=source, key=f"{key}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build(hint, value, source=source, path=key)
     if hint is bool:
         if not isinstance(value, bool):

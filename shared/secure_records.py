@@ -69,4 +69,4 @@ def decode_evaluation(record: ConfigRecord) -> dict[str, float] | None:
 
 def _numbers(record: ConfigRecord, prefix: str) -> dict[str, float]:
     """The numbers under ``prefix`` (prefix removed); other values are dropped."""
-    return {k[len(prefix):]: float(v) for k, v in record.items() if k.startswith(prefix) and isinstance(v, (int, float))}  # type: ignore[arg-type]
+    return {k[len(prefix):]: float(v) for k, v in record.items() if k.startswith(prefix) and isinstance(v, (int, float))}

@@ -41,6 +41,8 @@ class MelBranch(nn.Module):
 class ProsodyMelNet(nn.Module):
     """Session risk logit from a log-mel image and the marker vector."""
 
+    cols: torch.Tensor  # the marker columns the model reads: a buffer (register_buffer), so it follows .to(device)
+
     def __init__(self, spec: ModelSpec, *, n_mels: int, n_markers: int, speech_dim: int = 0, adapter_dim: int = 0) -> None:
         super().__init__()
         cols = marker_columns(branches=spec.branches, personal_baseline=spec.personal_baseline)

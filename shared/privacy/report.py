@@ -19,7 +19,7 @@ import math
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, TypeGuard, Unpack
 
 import matplotlib
 
@@ -435,7 +435,7 @@ GLOSSARY = [
 # ----------------------------------------------------------------------------------------------
 # plots
 
-RUN_COLOURS = plt.get_cmap("tab10").colors
+RUN_COLOURS = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap; get_cmap is typed as the base Colormap
 CAP_TOTAL_COLOUR, CAP_RUN_COLOUR = "#b03a2e", "#d68910"
 
 
@@ -455,8 +455,13 @@ def _pad(lo: dt.datetime, hi: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
 PLOT_YEARS = (1970, 2999)  # times outside are left out of the plot (verify reports them); matplotlib cannot place 9999-12-31 plus a margin
 
 
-def _plottable(when: dt.datetime | None) -> bool:
+def _plottable(when: dt.datetime | None) -> TypeGuard[dt.datetime]:
     return when is not None and PLOT_YEARS[0] <= when.year <= PLOT_YEARS[1]
+
+
+def _cap(change: tuple[dt.datetime | None, float | None, float | None], which: int) -> float | None:
+    """A ``cap_timeline`` entry's all-time (``which`` 1) or per-run (2) cap."""
+    return change[1] if which == 1 else change[2]
 
 
 def timeline_figure(led: LedgerSummary) -> Figure:
@@ -469,34 +474,37 @@ def timeline_figure(led: LedgerSummary) -> Figure:
     if left_out:
         fig.text(0.01, 0.005, f"{left_out} entr{'y' if left_out == 1 else 'ies'} with a time outside {PLOT_YEARS[0]}–{PLOT_YEARS[1]} left out of this plot",
                  fontsize=8, color=CAP_TOTAL_COLOUR, ha="left", va="bottom")
-    times = [r.time for r in rows] + [c[0] for c in caps]
+    times = [r.time for r in led.rounds if _plottable(r.time)] + [c[0] for c in led.cap_timeline[1:] if _plottable(c[0])]  # rows' and caps' times
     if not times:
         ax.text(0.5, 0.5, "No training round recorded", ha="center", va="center", transform=ax.transAxes, fontsize=14)
         ax.set_axis_off()
         return fig
-    lo, hi = _pad(min(times), max(times))  # type: ignore[type-var]
+    lo, hi = _pad(min(times), max(times))
     top = 0.0
     for i, run in enumerate(led.runs):
         pts = [(r.time, r.epsilon_run) for r in run.rounds if _plottable(r.time)]
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.step(xs, ys, where="post", marker="o", ms=5, lw=1.6, color=RUN_COLOURS[i % 10], label=_label(f"run {run.run_id}"), zorder=4)
+        ax.step(xs, ys, where="post", marker="o",  # type: ignore[arg-type]  # matplotlib plots datetimes (units); its stubs take numbers only
+                 ms=5, lw=1.6, color=RUN_COLOURS[i % 10], label=_label(f"run {run.run_id}"), zorder=4)
         top = max(top, *ys)
     if rows:
-        xs, ys = [r.time for r in rows] + [hi], [r.epsilon_total for r in rows] + [rows[-1].epsilon_total]
-        ax.step(xs, ys, where="post", color="black", lw=2.4, alpha=0.8, label="all runs together", zorder=2)
+        ys = [r.epsilon_total for r in rows] + [rows[-1].epsilon_total]
+        ax.step([r.time for r in rows] + [hi], ys, where="post", color="black", lw=2.4, alpha=0.8, label="all runs together", zorder=2)  # type: ignore[arg-type]  # datetimes, as above
         top = max(top, *ys)
     for idx, (colour, style, name) in enumerate(((CAP_TOTAL_COLOUR, "--", "all-time cap"), (CAP_RUN_COLOUR, ":", "per-run cap")), start=1):
-        segs = [(lo, led.cap_timeline[0][idx])] + [(c[0], c[idx]) for c in caps] + [(hi, (caps[-1] if caps else led.cap_timeline[0])[idx])]
+        segs = [(lo, _cap(led.cap_timeline[0], idx))] + [(c[0], _cap(c, idx)) for c in caps] + [(hi, _cap(caps[-1] if caps else led.cap_timeline[0], idx))]
         known = [(x, y) for x, y in segs if y is not None]
         if known:
-            ax.step([x for x, _ in known], [y for _, y in known], where="post", color=colour, ls=style, lw=2, label=name)
+            ax.step([x for x, _ in known], [y for _, y in known], where="post",  # type: ignore[arg-type]  # datetimes, as above
+                    color=colour, ls=style, lw=2, label=name)
             top = max(top, *(y for _, y in known))
     for c in caps:
-        ax.axvline(c[0], color="grey", lw=0.8, alpha=0.6)
+        ax.axvline(c[0], color="grey",  # type: ignore[arg-type]  # a datetime, as above
+                   lw=0.8, alpha=0.6)
         ax.annotate("cap change", (c[0], 0), xytext=(3, 4), textcoords="offset points", rotation=90, fontsize=8, color="grey", va="bottom")
-    ax.set_xlim(lo, hi)
+    ax.set_xlim(lo, hi)  # type: ignore[arg-type]  # datetimes, as above
     ax.set_ylim(0, top * 1.12 if top > 0 else 1)
     locator = mdates.AutoDateLocator(tz=dt.UTC, maxticks=8)
     # intervals that keep every span within 8 ticks (matplotlib's own leave gaps, e.g. 2-4 minutes, and warn on stderr)
@@ -743,19 +751,30 @@ def render_html(data: ReportData) -> str:
 A4 = (8.27, 11.69)
 
 
+class _LineStyle(TypedDict, total=False):
+    """How :meth:`_TextPages.line` sets a line (its keyword arguments)."""
+
+    size: float
+    weight: str
+    family: str
+    colour: str
+    gap: float
+
+
 class _TextPages:
     """Flowing text on A4 pages: headings, wrapped paragraphs and monospace tables."""
 
     def __init__(self, pdf: PdfPages, footer: str) -> None:
-        self.pdf, self.footer, self.fig, self.y, self.page = pdf, footer, None, 0.0, 0
+        self.pdf, self.footer, self.y, self.page = pdf, footer, 0.0, 0
+        self.fig: Figure | None = None
 
     def _new(self) -> Figure:
         if self.fig is not None:
             self._close()
         self.page += 1
-        self.fig = plt.figure(figsize=A4)
+        self.fig = fig = plt.figure(figsize=A4)
         self.y = 0.94
-        return self.fig
+        return fig
 
     def _close(self) -> None:
         assert self.fig is not None
@@ -784,12 +803,12 @@ class _TextPages:
         self.line(text, size=size, weight="bold")
         self.space(0.3)
 
-    def para(self, text: str, *, width: int = 100, indent: str = "", **kw: object) -> None:
+    def para(self, text: str, *, width: int = 100, indent: str = "", **kw: Unpack[_LineStyle]) -> None:
         for i, chunk in enumerate(textwrap.wrap(text, width=width - len(indent)) or [""]):
-            self.line((indent if i == 0 else " " * len(indent)) + chunk, **kw)  # type: ignore[arg-type]
+            self.line((indent if i == 0 else " " * len(indent)) + chunk, **kw)
         self.space(0.35)
 
-    def bullet(self, text: str, **kw: object) -> None:
+    def bullet(self, text: str, **kw: Unpack[_LineStyle]) -> None:
         self.para(text, indent="•  ", **kw)
 
     def table(self, head: list[str], rows: list[list[str]], width: int = 116) -> None:

@@ -191,7 +191,7 @@ def _to_hospital(rng: np.random.Generator, speech: np.ndarray, sr_tts: int, h: H
     x = resample(speech, sr_tts, h.sample_rate)
     voiced = x[np.abs(x) > 1e-4]
     rms = float(np.sqrt(np.mean(voiced**2))) if voiced.size else 1e-3
-    noise = rng.standard_normal(x.shape[0]).astype(np.float32) * rms / (10 ** (h.noise_snr_db / 20))
+    noise = rng.standard_normal(len(x)).astype(np.float32) * rms / (10 ** (h.noise_snr_db / 20))
     y = x + noise
     peak = float(np.max(np.abs(y))) or 1.0
     return (y / peak * rng.uniform(0.4, 0.8)).astype(np.float32)

@@ -101,7 +101,7 @@ class VoiceSettings:
             )
         for field, (low, high) in _RANGES.items():
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, Integral) or not low <= value <= high:
+            if isinstance(value, bool) or not isinstance(value, Integral) or not low <= int(value) <= high:
                 raise ValueError(f"{field} must be an integer in [{low}, {high}], got {value!r}.")
 
 
