@@ -8,7 +8,9 @@ Layout::
                                ``federation.evaluation: with-next-round`` a round is written
                                when its training ends (``evaluation_pending``) and rewritten
                                with its evaluation when the next round's replies bring it
-    RUN/metrics.png            loss, federated AUROC and per-site ε over rounds
+    RUN/metrics.png            loss, federated AUROC and per-site ε over rounds (not written
+                               when no round completed: refused before start, or every round
+                               refused or failed)
     RUN/checkpoints/round-NNN.safetensors   the global model after each round, with its
                                digest, the digest of metrics.json's rounds so far
                                (records_digest) and the coordinator's signature over both in
@@ -24,7 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -35,6 +37,9 @@ from shared.atomic import write_atomically
 from shared.config import ExperimentConfig
 from shared.model_signing import model_digest, sign_checkpoint
 from shared.params import save_checkpoint
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RUN_INFO = "run.json"
 
@@ -222,7 +227,7 @@ class RunFolder:
             "rounds_planned": self.exp.federation.rounds,
             "final_federated_auroc": last.auroc if last else None,
             "final_federated_auprc": last.auprc if last else None,
-            "privacy": {"enabled": self.exp.privacy.enabled, "target_epsilon": self.exp.privacy.target_epsilon, "target_delta": self.exp.privacy.target_delta},
+            "privacy": privacy_block(self.exp),
             "sites": self.epsilon_by_site(),
             "refusals": [
                 {"round": r.round, "site": s, **e["refused"]} for r in self.rounds for s, e in r.sites.items() if "refused" in e
@@ -233,8 +238,16 @@ class RunFolder:
         }
         summary = _clean(summary)
         write_json(self.root / "summary.json", summary)
-        plot_metrics(self.root / "metrics.png", self.rounds)
+        if any(r.updated for r in self.rounds):  # no round completed (refused before start, or every round refused): no plot of empty panels
+            plot_metrics(self.root / "metrics.png", self.rounds, private=self.exp.privacy.enabled)
         return summary
+
+
+def privacy_block(exp: ExperimentConfig) -> dict[str, Any]:
+    """summary.json's ``privacy``: whether the run was private and, only then, the (ε, δ) it
+    targeted (null with DP off: no target applied)."""
+    p = exp.privacy
+    return {"enabled": p.enabled, "target_epsilon": p.target_epsilon if p.enabled else None, "target_delta": p.target_delta if p.enabled else None}
 
 
 def _add_evaluation(sites: dict[str, dict[str, Any]], log: RoundLog) -> None:
@@ -252,28 +265,42 @@ def _add_evaluation(sites: dict[str, dict[str, Any]], log: RoundLog) -> None:
             entry["eval_compute_s"] = r.metrics[M.COMPUTE_SECONDS]
 
 
-def plot_metrics(path: Path, rounds: list[RoundRecord]) -> None:
-    import matplotlib
+CHANCE_AUROC = 0.5
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+def metrics_figure(rounds: Sequence[RoundRecord], *, private: bool = True) -> Figure:
+    """The figure of metrics.png: train loss, federated AUROC (its axis reaches every plotted
+    value, with the chance level dashed) and ε per site ("DP off" with ``private`` False)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.4))
+    axes = fig.subplots(1, 3)
     xs = [r.round for r in rounds]
     axes[0].plot(xs, [np.nan if r.train_loss is None else r.train_loss for r in rounds], marker="o")
     axes[0].set_title("train loss (patient-weighted)")
-    axes[1].plot(xs, [np.nan if r.auroc is None else r.auroc for r in rounds], marker="o", color="tab:green")
+    aurocs = [r.auroc for r in rounds if r.auroc is not None and np.isfinite(r.auroc)]
+    axes[1].plot(xs, [np.nan if r.auroc is None else r.auroc for r in rounds], marker="o", color="tab:green", label="federated AUROC")
+    axes[1].axhline(CHANCE_AUROC, color="grey", linestyle="--", linewidth=1, label="chance (0.5)")
     axes[1].set_title("federated AUROC (held-out patients)")
-    axes[1].set_ylim(0.4, 1.0)
+    axes[1].set_ylim(min([0.4, *(a - 0.02 for a in aurocs)]), 1.0)  # low-ε runs can sit below 0.4: never hide a point
+    axes[1].legend(fontsize=8, loc="lower right")
     sites = sorted({s for r in rounds for s in r.sites})
-    for s in sites:
-        axes[2].plot(xs, [r.sites.get(s, {}).get(M.EPSILON_RUN, np.nan) for r in rounds], marker="o", label=s)
+    if private:
+        for s in sites:
+            axes[2].plot(xs, [r.sites.get(s, {}).get(M.EPSILON_RUN, np.nan) for r in rounds], marker="o", label=s)
+        if sites:
+            axes[2].legend(fontsize=8)
+    else:
+        axes[2].text(0.5, 0.5, "DP off: no ε spent", ha="center", va="center", transform=axes[2].transAxes, fontsize=12, color="grey")
+        axes[2].set_yticks([])
     axes[2].set_title("ε spent per site (this run)")
-    if sites:
-        axes[2].legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot_metrics(path: Path, rounds: Sequence[RoundRecord], *, private: bool = True) -> None:
+    """Write :func:`metrics_figure` to ``path`` (PNG)."""
+    metrics_figure(rounds, private=private).savefig(path, dpi=110)
