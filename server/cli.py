@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from shared.console import output_console
 from shared.errors import FedrelapseError
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def _typer(**kwargs: Any) -> typer.Typer:
 app = _typer(help="fedrelapse: federated, differentially private speech relapse models.", no_args_is_help=True, add_completion=False)
 site_app = _typer(help="Hospital IT and DPO: check data, keys, privacy budget.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
-console = Console()
+console = output_console()  # wide when stdout is not a terminal (files, CI logs): see shared.console
 err_console = Console(stderr=True)  # progress bars: stdout stays clean for --json
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -228,7 +229,7 @@ def plan(
     table = Table(title=f"plan: {exp.federation.rounds} rounds x {exp.training.local_steps} steps, target ε={exp.privacy.target_epsilon:g}")
     for col in ("site", "training patients", "q", "σ", "ε this run", "ε spent so far", "all-time ε after", "all-time left now", "verdict"):
         table.add_column(col, justify="left" if col in ("site", "verdict") else "right")
-    refused, notes = False, []
+    refused, notes, reasons = False, [], []
     for path in discover_sites(data):
         site_cfg = load_site(path)
         require_usable_sessions(site_cfg, load_site_data(site_cfg, exp.features, exp.language, exp.speech), exp.features)  # memoised: Site reuses it
@@ -243,9 +244,13 @@ def plan(
             notes.append(full_sampling_message(site.cfg.name))
         ok = p["code"] == "ok"
         refused |= not ok
+        if not ok:
+            reasons.append(f"refuse ({p['code']}): {p['reason']}")
         table.add_row(site.cfg.name, str(site.train_set.n_patients), f"{site.sample_rate:.3f}", _num(p, "noise_multiplier", ".3f"), _num(p, "epsilon_run", ".2f"),
-                      _num(p, "epsilon_spent", ".2f"), _num(p, "epsilon_after", ".2f"), _num(p, "epsilon_remaining", ".2f"), "ok" if ok else f"refuse ({p['code']}): {p['reason']}")
+                      _num(p, "epsilon_spent", ".2f"), _num(p, "epsilon_after", ".2f"), _num(p, "epsilon_remaining", ".2f"), "ok" if ok else f"refuse ({p['code']})")
     console.print(table)
+    for reason in reasons:  # under the table, one line each: in the verdict cell a reason wrapped one word per line
+        console.print(f"[red]{escape(reason)}[/red]", soft_wrap=True)
     for note in notes:
         console.print(f"[yellow]warning: {escape(note)}[/yellow]", soft_wrap=True)
     console.print(f"plan_hash: {exp.plan_hash()}")
@@ -298,22 +303,26 @@ def _final_auroc(summary: dict[str, Any], out: Path) -> str:
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
-    table = Table(title=f"run {escape(str(summary['run_id']))}", show_header=True)
-    table.add_column("site")
-    table.add_column("ε spent (this run)", justify="right")
-    table.add_column("δ", justify="right")
-    table.add_column("σ", justify="right")
-    for site, e in sorted(summary["sites"].items()):
-        eps = "∞ (no DP)" if e.get("epsilon") is None else f"{e['epsilon']:.2f}"
-        delta = "-" if not e.get("delta") else f"{e['delta']:.0e}"
-        table.add_row(escape(site), eps, delta, f"{e.get('noise_multiplier') or 0:.2f}")
-    console.print(table)
-    console.print(f"status: {escape(str(summary['status']))} · rounds {summary['rounds_completed']}/{summary['rounds_planned']} · final federated AUROC {_final_auroc(summary, out)} · wall time {summary['wall_time_s']:.1f} s")
+    if summary["sites"]:
+        table = Table(title=f"run {escape(str(summary['run_id']))}", show_header=True)
+        table.add_column("site", no_wrap=True)
+        table.add_column("ε spent (this run)", justify="right")
+        table.add_column("δ", justify="right")
+        table.add_column("σ", justify="right")
+        for site, e in sorted(summary["sites"].items()):
+            eps = "∞ (no DP)" if e.get("epsilon") is None else f"{e['epsilon']:.2f}"
+            delta = "-" if not e.get("delta") else f"{e['delta']:.0e}"
+            table.add_row(escape(site), eps, delta, f"{e.get('noise_multiplier') or 0:.2f}")
+        console.print(table)
+    else:  # refused before start, or every round refused: a table of headers only says nothing
+        console.print(f"run {escape(str(summary['run_id']))}: no site trained in this run", soft_wrap=True)
+    # one line each, whatever the width: grep-able in a log
+    console.print(f"status: {escape(str(summary['status']))} · rounds {summary['rounds_completed']}/{summary['rounds_planned']} · final federated AUROC {_final_auroc(summary, out)} · wall time {summary['wall_time_s']:.1f} s", soft_wrap=True)
     for key, value in summary.get("baselines", {}).items():
-        console.print(f"baseline {escape(str(key))}: {escape(str(value))}")
+        console.print(f"baseline {escape(str(key))}: {escape(str(value))}", soft_wrap=True)
     for r in summary.get("refusals", []):
-        console.print(f"[yellow]refusal: round {r['round']} site {escape(str(r['site']))}: {escape(str(r['reason']))}[/yellow]")
-    console.print(f"run folder: [bold]{escape(str(out.resolve()))}[/bold]")
+        console.print(f"[yellow]refusal: round {r['round']} site {escape(str(r['site']))}: {escape(str(r['reason']))}[/yellow]", soft_wrap=True)
+    console.print(f"run folder: [bold]{escape(str(out.resolve()))}[/bold]", soft_wrap=True)
 
 
 bench_app = _typer(help="Researcher: benchmarks (ratios in one run; results for BENCHMARKS.md).", no_args_is_help=True)

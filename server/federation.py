@@ -36,6 +36,7 @@ from server.strategy import PatientFedAvg, SiteReport, evaluation_reports, scala
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared.config import ExperimentConfig
+from shared.console import output_console
 from shared.model_signing import sign_model
 from shared.models import build_model
 from shared.params import get_arrays, layout, pack, unpack
@@ -54,7 +55,7 @@ def run_federation(
     ``resume`` (see :mod:`server.resume`), the run continues from its last recorded round.
     ``after_round`` is called once each round is recorded (fault-injection tests).
     """
-    console = console or Console()
+    console = console or output_console()
     run = RunFolder(out, exp, run_id, signing_key=signing_key, previous=resume.rounds if resume else ())
     f = exp.federation
     strategy = PatientFedAvg(
@@ -69,15 +70,15 @@ def run_federation(
     arrays = pack(model, shapes)  # ... and as it travels: one float32 vector
     first_round = resume.next_round if resume else 1
     if resume:
-        console.print(f"resuming run {run_id} at round {first_round} of {f.rounds} from its verified checkpoint; sites refuse to be charged again for any round they already accounted.")
+        console.print(f"resuming run {escape(run_id)} at round {first_round} of {f.rounds} from its verified checkpoint; sites refuse to be charged again for any round they already accounted.", soft_wrap=True)
     plan = exp.to_yaml()
     status = "completed"
     if exp.privacy.enabled:
-        refusals = preflight(grid, strategy, exp, run_id, plan, console)
+        refusals = preflight(grid, strategy, exp, run_id, plan, console, resumed_at=first_round if resume else None)
         if refusals:
-            console.print("[red]The run was not started: these sites would refuse it (their privacy policy decides, not the coordinator):[/red]")
+            console.print("[red]The run was not started: these sites would refuse it (their privacy policy decides, not the coordinator):[/red]", soft_wrap=True)
             for r in refusals:
-                console.print(f"  [red]{escape(r.site)}: {escape(r.refusal_reason or r.error or '')}[/red]")
+                console.print(f"  [red]{escape(r.site)}: {escape(r.refusal_reason or r.error or '')}[/red]", soft_wrap=True)
             return run.finish(status="refused before start", extra={"preflight_refusals": [{"site": r.site, "code": r.refusal_code, "reason": r.refusal_reason or r.error} for r in refusals]})
     phash = exp.plan_hash()
 
@@ -89,9 +90,9 @@ def run_federation(
 
     sa = f.secure_aggregation
     if sa.enabled:
-        console.print(f"Secure aggregation (SecAgg+) on: the coordinator sees only the weighted sum; {sa.num_shares} shares, threshold {sa.reconstruction_threshold}.")
+        console.print(f"Secure aggregation (SecAgg+) on: the coordinator sees only the weighted sum; {sa.num_shares} shares, threshold {sa.reconstruction_threshold}.", soft_wrap=True)
     if f.evaluates_with_next_round:
-        console.print("Evaluation with the next round: each round's row prints when the next round's replies bring its AUROC; the final model is evaluated by one last evaluate message.")
+        console.print("Evaluation with the next round: each round's row prints when the next round's replies bring its AUROC; the final model is evaluated by one last evaluate message.", soft_wrap=True)
     # FedAdam; None = FedAvg. A resumed run restarts the server moments from zero.
     server_opt = make_server_optimizer(f.server_optimizer, lr=f.server_learning_rate)
     def evaluated_by_message(server_round: int, arrays: ArrayRecord, model: dict[str, np.ndarray]) -> dict[str, float]:
@@ -101,6 +102,7 @@ def run_federation(
         return scalar_metrics(strategy.aggregate_evaluate(server_round, replies))
 
     pending = pending_evaluation(run.rounds)  # the round whose model the next train message has the sites evaluate
+    rows = RoundPrinter(console)  # the round table's header goes with the first row this process prints (a resumed run's too)
     for rnd in range(first_round, f.rounds + 1):
         started = time.perf_counter()
         cfg = config(rnd, model)
@@ -112,7 +114,7 @@ def run_federation(
                 evaluated = record_evaluation_from_train(run, strategy, pending, rnd)
             else:  # none did (no site reached, or all silent or failed): evaluate that model by its own message, as `separate` does
                 evaluated = run.record_evaluation(pending, strategy.log[pending], evaluated_by_message(pending, arrays, model))
-            show_round(console, evaluated)
+            rows.show(evaluated)
             pending = None
         updated = new_arrays is not None
         if new_arrays is not None:
@@ -131,14 +133,14 @@ def run_federation(
                 rnd, strategy.log[rnd], scalar_metrics(train_metrics), eval_metrics, dict(model), updated, note=halted or "",
                 wall_s=round(time.perf_counter() - started, 4),
             )
-            show_round(console, rec)
+            rows.show(rec)
         if halted:
             status = "incomplete: a round had no usable update"
             log.error("run=%s round=%d: %s", run_id, rnd, halted)
-            console.print(f"  [bold red]round {rnd} FAILED: {escape(halted)} The global model was NOT updated; the next round starts from round {rnd - 1}'s model.[/bold red]")
+            console.print(f"  [bold red]round {rnd} FAILED: {escape(halted)} The global model was NOT updated; the next round starts from round {rnd - 1}'s model.[/bold red]", soft_wrap=True)
         elif not updated:
             status = "incomplete: a round had no usable update"
-            console.print(f"  [red]round {rnd}: no site sent a usable update; the global model was not updated.[/red]")
+            console.print(f"  [red]round {rnd}: no site sent a usable update; the global model was not updated.[/red]", soft_wrap=True)
         if after_round is not None:
             after_round(rnd)
     if any(not r.updated for r in run.rounds):
@@ -159,10 +161,24 @@ def train_round(
     return new_arrays, train_metrics, None
 
 
-def show_round(console: Console, rec: RoundRecord) -> None:
-    """A round's row of the round table (with the header for round 1), then its site problems;
-    with-next-round: once its evaluation has arrived."""
-    console.print(round_table(rec, rec.round == 1))
+class RoundPrinter:
+    """Prints the round table one row at a time, as rounds end: the header with the first row
+    printed (round 1, or the first round of a resumed run), each row then its site problems."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.header_printed = False
+
+    def show(self, rec: RoundRecord) -> None:
+        """A round's row (with-next-round: once its evaluation has arrived), then its site problems."""
+        show_round(self.console, rec, header=not self.header_printed)
+        self.header_printed = True
+
+
+def show_round(console: Console, rec: RoundRecord, *, header: bool) -> None:
+    """A round's row of the round table (``header``: with the column names), then its site problems."""
+    table = round_table(rec, header)
+    console.print(table, crop=False)  # never cut a site's ε column: a narrow terminal wraps the line instead
     print_site_problems(console, rec)
 
 
@@ -171,11 +187,11 @@ def print_site_problems(console: Console, rec: RoundRecord) -> None:
     model, printed under the round's row."""
     for site, entry in sorted(rec.sites.items()):
         if "refused" in entry:
-            console.print(f"  [yellow]site {escape(site)} refused round {rec.round}: {escape(str(entry['refused']['reason']))}[/yellow]")
+            console.print(f"  [yellow]site {escape(site)} refused round {rec.round}: {escape(str(entry['refused']['reason']))}[/yellow]", soft_wrap=True)
         if "error" in entry:
-            console.print(f"  [red]site {escape(site)} failed in round {rec.round}: {escape(str(entry['error']))}[/red]")
+            console.print(f"  [red]site {escape(site)} failed in round {rec.round}: {escape(str(entry['error']))}[/red]", soft_wrap=True)
         elif "eval_error" in entry:
-            console.print(f"  [yellow]site {escape(site)} sent no evaluation of round {rec.round}'s model: {escape(str(entry['eval_error']))}[/yellow]")
+            console.print(f"  [yellow]site {escape(site)} sent no evaluation of round {rec.round}'s model: {escape(str(entry['eval_error']))}[/yellow]", soft_wrap=True)
 
 
 def pending_evaluation(rounds: list[RoundRecord]) -> int | None:
@@ -192,8 +208,10 @@ def record_evaluation_from_train(run: RunFolder, strategy: PatientFedAvg, evalua
     return run.record_evaluation(evaluated, strategy.log[evaluated], scalar_metrics(metrics))
 
 
-def preflight(grid: Grid, strategy: PatientFedAvg, exp: ExperimentConfig, run_id: str, plan: str, console: Console) -> list[SiteReport]:
-    """Ask every connected site what the run would cost it; return the sites that would refuse."""
+def preflight(grid: Grid, strategy: PatientFedAvg, exp: ExperimentConfig, run_id: str, plan: str, console: Console, *, resumed_at: int | None = None) -> list[SiteReport]:
+    """Ask every connected site what the run would cost it; return the sites that would refuse.
+    ``resumed_at``: the run is resumed at this round (the sites quote the whole run's ε, part of
+    it already charged; the printed line says so)."""
     nodes = wait_for_nodes(grid, exp.federation.min_nodes, exp.federation.node_wait_timeout_s)
     cfg = ConfigRecord({P.RUN_ID: run_id, P.TOTAL_ROUNDS: exp.federation.rounds, P.PLAN_YAML: plan})
     msgs = [Message(content=RecordDict({P.CONFIG: cfg}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
@@ -205,8 +223,19 @@ def preflight(grid: Grid, strategy: PatientFedAvg, exp: ExperimentConfig, run_id
     reports += [SiteReport(site=strategy.node_names.get(n, f"node-{n}"), node=n, error="no reply to the pre-flight plan query") for n in nodes if n not in answered]
     for r in reports:
         if r.metrics:
-            console.print(f"  plan: site {escape(r.site)} would spend ε={r.metrics.get(M.EPSILON_RUN, 0):.2f} (σ={r.metrics.get(M.NOISE_MULTIPLIER, 0):.2f}), all-time budget left {r.metrics.get(M.EPSILON_REMAINING, 0):.2f}")
+            console.print(preflight_line(r.site, r.metrics, resumed_at), soft_wrap=True)
     return [r for r in reports if r.refusal_code or r.error]
+
+
+def preflight_line(site: str, metrics: dict[str, Any], resumed_at: int | None = None) -> str:
+    """The pre-flight line of one site: the ε the whole run costs it (on a resume: rounds before
+    ``resumed_at`` are already charged, and a round the site accounted is never charged again)."""
+    eps, sigma, left = metrics.get(M.EPSILON_RUN, 0), metrics.get(M.NOISE_MULTIPLIER, 0), metrics.get(M.EPSILON_REMAINING, 0)
+    if resumed_at is None or resumed_at <= 1:
+        return f"  plan: site {escape(site)} would spend ε={eps:.2f} (σ={sigma:.2f}), all-time budget left {left:.2f}"
+    charged = "round 1 already charged" if resumed_at == 2 else f"rounds 1–{resumed_at - 1} already charged"
+    return (f"  plan: site {escape(site)}: this run's total ε={eps:.2f} (σ={sigma:.2f}; {charged}, none charged twice), "
+            f"all-time budget left {left:.2f}")
 
 
 def _fmt(v: float | None, spec: str = ".3f") -> str:
@@ -216,12 +245,15 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 def round_table(rec: RoundRecord, header: bool) -> Table:
     """One row of the per-round table (round, train loss, federated AUROC, ε per site)."""
     sites = sorted(rec.sites)
-    table = Table(show_header=header, box=None, pad_edge=False)
-    table.add_column("round", justify="right", width=5)
-    table.add_column("train loss", justify="right", width=10)
-    table.add_column("fed AUROC", justify="right", width=10)
-    for s in sites:
-        table.add_column(f"ε {escape(s)}", justify="right", width=max(8, len(s) + 2))
+    widths = [5, 10, 10, *(max(8, len(s) + 2) for s in sites)]
+    # as wide as its columns whatever the console's width: a site's name is never shortened
+    # (two sites `alpha-0…` could not be told apart); each row is its own table, so fixed widths align them
+    table = Table(show_header=header, box=None, pad_edge=False, width=sum(widths) + 2 * (len(widths) - 1))
+    table.add_column("round", justify="right", width=widths[0], no_wrap=True)
+    table.add_column("train loss", justify="right", width=widths[1], no_wrap=True)
+    table.add_column("fed AUROC", justify="right", width=widths[2], no_wrap=True)
+    for s, w in zip(sites, widths[3:], strict=True):
+        table.add_column(f"ε {escape(s)}", justify="right", width=w, no_wrap=True)
     eps = [_fmt(rec.sites[s].get(M.EPSILON_RUN), ".2f") if "refused" not in rec.sites[s] else "refused" for s in sites]
     suppressed = rec.auroc is None and why_no_auroc(rec.sites).startswith("suppressed")
     table.add_row(str(rec.round), _fmt(rec.train_loss), "suppressed" if suppressed else _fmt(rec.auroc), *eps)

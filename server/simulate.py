@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from client.audio import TOO_SHORT
 from server.resume import ResumePoint, finished_summary, load_resume_point, read_run
 from shared.config import ExperimentConfig, FeatureConfig, SiteConfig, load_experiment, load_site
+from shared.console import output_console
 from shared.errors import ConfigError, DataError, FederationError
 from shared.faults import FaultPlan
 from shared.flower_env import disable_flower_telemetry_here
@@ -159,7 +160,7 @@ def simulate(
     from server.app import build_server_app
     from server.sim_dispatch import linear_dispatch
 
-    console = console or Console()
+    console = console or output_console()
     if resume is None:
         refuse_existing_run(out)
     paths = discover_sites(data)
