@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from flwr.app import Context
@@ -31,6 +32,16 @@ from shared.faults import FaultPlan
 log = logging.getLogger("fedrelapse.server")
 
 DEPLOY_INFO = "deployment.json"  # in a deployed run's folder: what `fedrelapse run --resume` submits again
+FLOWER_LOG_ENV = "FEDRELAPSE_FLOWER_LOG"  # in the ServerApp's environment: Flower's log level there (e.g. INFO, DEBUG); default WARNING
+
+
+def flower_log_level(environ: Mapping[str, str] | None = None) -> int:
+    """The level of Flower's own logger in a deployed ServerApp: WARNING (its per-round INFO
+    lines, with raw colour codes, would interleave with the round table in `flwr run`'s
+    output), or the level named by ``FEDRELAPSE_FLOWER_LOG`` (INFO, DEBUG, ...) to see them."""
+    name = (os.environ if environ is None else environ).get(FLOWER_LOG_ENV, "").strip().upper()
+    level = logging.getLevelName(name) if name else logging.WARNING
+    return level if isinstance(level, int) else logging.WARNING
 
 
 def resume_from_run_config(folder: str, *, out: str, run_id: str, experiment: str, key_path: Path | None) -> ResumePoint:
@@ -85,6 +96,8 @@ def build_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if exp is None:  # deployed: only Flower's warnings and errors (simulate quiets it itself)
+            logging.getLogger("flwr").setLevel(flower_log_level())
         rc = context.run_config
         key_path = signing_key or (Path(str(rc[P.RC_SIGNING_KEY])) if rc.get(P.RC_SIGNING_KEY) else None)
         point, resume_dir = resume, str(rc.get(P.RC_RESUME, "")) if exp is None else ""
