@@ -188,17 +188,71 @@ def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, k
     if key is not None and not key.is_file():
         raise ConfigError(f"The coordinator's signing key {key} (named in {run / DEPLOY_INFO}) is gone; the run's checkpoints cannot be verified, so it is not resumed.")
     # every check before any site is contacted; the ServerApp repeats them where it runs
-    load_resume_point(run, exp=load_experiment(config) if config else None, public_key=signing.load_private(key).public_key() if key else None)
+    point = load_resume_point(run, exp=load_experiment(config) if config else None, public_key=signing.load_private(key).public_key() if key else None)
     values = {P.RC_EXPERIMENT: config, P.RC_OUT: None, P.RC_RUN_ID: "", P.RC_SIGNING_KEY: key, P.RC_RESUME: run}
+    console.print(
+        f"resuming run {escape(point.run_id)} at round {point.next_round} of {point.exp.federation.rounds} on SuperLink {escape(superlink)} (flwr run); "
+        f"each round's row prints when the coordinator records it in {escape(str(run / 'metrics.json'))}.", soft_wrap=True,
+    )
     with tempfile.TemporaryDirectory(prefix="fedrelapse-flwr-home-") as home:  # the researcher's ~/.flwr is left alone
         write_connection(Path(home), address=superlink, ca=ca, name="coordinator")
         env = without_flower_telemetry({**os.environ, "FLWR_HOME": home})
-        proc = subprocess.run(flwr_run_argv(APP_DIR, "coordinator", values), env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+        with (Path(home) / "flwr-run.log").open("w+", encoding="utf-8", errors="replace") as output:
+            proc = subprocess.Popen(flwr_run_argv(APP_DIR, "coordinator", values), env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+            code = _follow_rounds(proc, run, first=point.next_round if not point.rounds or not point.rounds[-1].evaluation_pending else point.rounds[-1].round,
+                                  timeout_s=timeout_s)
+            output.seek(0)
+            tail = output.read()[-2000:]
     summary = finished_summary(run)
-    if proc.returncode != 0 or summary is None:
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        raise FederationError(f"The resumed run in {run} did not finish (flwr run exited {proc.returncode}); its last output:\n{tail}")
+    if code is None:
+        raise FederationError(f"The resumed run in {run} did not finish within --timeout-s {timeout_s:g} s; `flwr run` was stopped (the run may go on at the SuperLink). Its last output:\n{tail}")
+    if code != 0 or summary is None:
+        raise FederationError(f"The resumed run in {run} did not finish (flwr run exited {code}); its last output:\n{tail}")
     return summary
+
+
+FOLLOW_POLL_S = 1.0  # how often a deployed `run --resume` looks at metrics.json for new rounds
+
+
+def _follow_rounds(proc: Any, run: Path, *, first: int, timeout_s: float) -> int | None:
+    """Wait for ``proc`` (`flwr run` of a resumed deployed run), printing each round's row (with
+    the header first) as the ServerApp records it in ``run``/metrics.json, from round ``first``.
+    Its exit code, or None (and ``proc`` killed) after ``timeout_s`` seconds."""
+    import time
+
+    from server.federation import RoundPrinter
+
+    rows, shown = RoundPrinter(console), first
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code = proc.poll()
+        shown = _show_recorded_rounds(rows, run / "metrics.json", shown)
+        if code is not None:
+            return int(code)
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            return None
+        time.sleep(FOLLOW_POLL_S)
+
+
+def _show_recorded_rounds(rows: Any, metrics: Path, first: int) -> int:
+    """Print the rounds from ``first`` on that metrics.json holds with their evaluation; the
+    first round not printed yet. An unreadable file (not written yet) prints nothing."""
+    from server.run_folder import RoundRecord
+
+    try:
+        records = [RoundRecord(**r) for r in json.loads(metrics.read_text(encoding="utf-8"))]
+    except (OSError, ValueError, TypeError):
+        return first
+    for rec in records:
+        if rec.round < first:
+            continue
+        if rec.evaluation_pending:  # with-next-round: its row comes with its evaluation
+            break
+        rows.show(rec)
+        first = rec.round + 1
+    return first
 
 
 @app.command()

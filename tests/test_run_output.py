@@ -231,3 +231,44 @@ def test_summary_json_of_a_refused_run_is_still_read_by_resume(tmp_path: Path) -
 
     RunFolder(tmp_path / "run", tiny_experiment().with_privacy(enabled=False), "r-1").finish(status="refused before start")
     assert summary_problem(json.loads((tmp_path / "run" / "summary.json").read_text())) is None
+
+
+# a deployed `run --resume` (finding 8)
+
+_FAKE_FLWR_RUN = """
+import json, sys, time
+from pathlib import Path
+run = Path(sys.argv[1])
+time.sleep(0.5)
+rounds = json.loads((run / "metrics.json").read_text())
+rounds.append(dict(rounds[-1], round=3))
+(run / "metrics.json").write_text(json.dumps(rounds))
+time.sleep(0.5)
+(run / "summary.json").write_text(sys.argv[2])
+"""
+
+
+def test_a_deployed_resume_says_where_it_resumes_and_prints_each_round_as_it_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import server.cli
+    import server.deployment
+    from tests.test_resume_checks import crashed_run, deployed
+
+    run, _ = crashed_run(tmp_path, with_site=True)  # rounds 1 and 2 of 3 recorded
+    deployed(run, tmp_path / "data" / "consortium" / "model-signing.key")
+    (tmp_path / "keys" / "ca").mkdir(parents=True)
+    (tmp_path / "keys" / "ca" / "ca.pem").write_text("not read: flwr run is replaced")
+    summary = {"run_id": "run-x", "experiment": "x", "status": "completed", "rounds_completed": 3, "rounds_planned": 3, "final_federated_auroc": None,
+               "final_federated_auprc": None, "privacy": {"enabled": True, "target_epsilon": 8.0, "target_delta": 1e-5}, "sites": {}, "refusals": [],
+               "rounds_not_updated": [], "wall_time_s": 1.0, "resumed_at_round": 3}
+    monkeypatch.setattr(server.deployment, "flwr_run_argv", lambda *a: [sys.executable, "-c", _FAKE_FLWR_RUN, str(run), json.dumps(summary)])
+    monkeypatch.setattr(server.cli, "FOLLOW_POLL_S", 0.1, raising=False)
+    result = runner.invoke(app, ["run", "--resume", str(run), "--superlink", "127.0.0.1:9092", "--keys", str(tmp_path / "keys")], env={"COLUMNS": None})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("resuming run run-x at round 3 of 3 on SuperLink 127.0.0.1:9092 (flwr run)")
+    header = next(i for i, line in enumerate(lines) if "train loss" in line)
+    assert "ε alpha" in lines[header] and lines[header + 1].split()[0] == "3"  # round 3's row, under its header, before the summary
+    assert [line.split()[0] for line in lines if line.split() and line.split()[0] in ("1", "2", "3")] == ["3"]  # rounds 1-2 are not repeated
+    assert any(line.startswith("status: completed") for line in lines[header + 2:])
