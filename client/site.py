@@ -241,7 +241,10 @@ class Site:
     def _check(self, *, sigma: float, eps_run: float, eps_total: float, cap_total: float, cap_run: float, what: str) -> Refusal | None:
         pol, name = self.cfg.policy, self.cfg.name
         if sigma < pol.min_noise_multiplier:
-            return Refusal("min-sigma", f"Site {name}: {what} needs σ={sigma:.3f}, below the site minimum {pol.min_noise_multiplier}; ask for fewer rounds or steps, or a smaller ε.")
+            return Refusal(
+                "min-sigma", f"Site {name}: {what} needs σ={sigma:.3f}, below the site minimum {pol.min_noise_multiplier}; "
+                "the σ a plan needs grows with more rounds or local steps, a larger `training.batch_patients`, or a smaller ε: ask for one of these.",
+            )
         if eps_run > min(self.exp.privacy.target_epsilon, cap_run) * 1.001:
             return Refusal("budget", f"Site {name}: {what} would bring this run to ε={eps_run:.2f} > {min(self.exp.privacy.target_epsilon, cap_run):g} (per-run cap) at δ={self.delta:g}; refused.")
         if eps_total > cap_total * 1.001:
