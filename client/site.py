@@ -251,6 +251,14 @@ class Site:
             return Refusal("budget", f"Site {name}: {what} would bring this dataset to ε={eps_total:.2f} over all runs, above the all-time cap {cap_total:g} at δ={self.delta:g}; refused.")
         return None
 
+    def data_refusal(self) -> Refusal | None:
+        """The ``no-data`` refusal every training round gets when this site has fewer than k
+        training patients (``fedrelapse plan`` shows it too; the pre-flight does not ask it)."""
+        if self.train_set.n_patients >= self.k:
+            return None
+        log.info("site=%s refuses to train: %d training patients, fewer than k=%d", self.cfg.name, self.train_set.n_patients, self.k)
+        return Refusal("no-data", f"Site {self.cfg.name} has fewer than k={self.k} training patients (the count stays at the site: its log has it).")
+
     def _weight_refusal(self) -> Refusal | None:
         """A refusal when this site's update weight (its training patients) exceeds the plan's
         ``federation.secure_aggregation.max_weight``: the coordinator rejects such an update in
@@ -282,9 +290,9 @@ class Site:
         from client.dp_train import make_optimizer, train_dp, train_plain  # Opacus: only a training process imports it
 
         exp, t = self.exp, self.exp.training
-        if self.train_set.n_patients < self.k:
-            log.info("site=%s refuses to train: %d training patients, fewer than k=%d", self.cfg.name, self.train_set.n_patients, self.k)
-            return Refusal("no-data", f"Site {self.cfg.name} has fewer than k={self.k} training patients (the count stays at the site: its log has it).")
+        too_few = self.data_refusal()
+        if too_few:
+            return too_few
         too_many = self._weight_refusal()
         if too_many:  # before anything is charged: the coordinator (and SecAgg+) would reject the update
             return too_many
