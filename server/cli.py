@@ -248,6 +248,8 @@ def plan(
             p.update(code=too_few.code, reason=too_few.reason)
         if site.sample_rate >= 1.0:
             notes.append(full_sampling_message(site.cfg.name))
+        if float(p.get("noise_multiplier", 0.0)) > NOISY_SIGMA:
+            notes.append(f"Site {site.cfg.name}: σ={float(p['noise_multiplier']):.0f} at ε={exp.privacy.target_epsilon:g}: the noise drowns the clipped gradients, so the model will learn almost nothing; raise `privacy.target_epsilon`.")
         ok = p["code"] == "ok"
         refused |= not ok
         table.add_row(site.cfg.name, str(site.train_set.n_patients), f"{site.sample_rate:.3f}", _num(p, "noise_multiplier", ".3f"), _num(p, "epsilon_run", ".2f"),
@@ -261,6 +263,10 @@ def plan(
         raise ConfigError(too_few_here)
     if refused:
         raise typer.Exit(4)
+
+
+NOISY_SIGMA = 100.0
+"""σ above which `plan` notes that the model will learn almost nothing (ε far too small)."""
 
 
 EXIT_REFUSED = 4  # PolicyError's code: a site's policy refused the run before round 1 (as `plan` exits)

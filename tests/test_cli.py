@@ -365,6 +365,20 @@ def test_simulate_with_fewer_sites_than_min_nodes_says_what_to_do(tmp_path: Path
     assert not (tmp_path / "run").exists()
 
 
+def test_plan_at_a_tiny_epsilon_prints_no_opacus_warning_and_says_the_model_will_learn_almost_nothing(tiny_cohort: Path, tmp_path: Path) -> None:
+    import warnings
+
+    from tests.conftest import tiny_experiment
+
+    (tmp_path / "exp.yaml").write_text(one_site(tiny_experiment()).with_privacy(target_epsilon=0.02).to_yaml())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(tiny_cohort / "alpha")], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert not [w for w in caught if "largest alpha" in str(w.message)], [str(w.message) for w in caught]
+    assert "will learn almost nothing" in " ".join(result.output.split())
+
+
 def test_site_check_json_gives_each_problem_with_its_severity(tmp_path: Path) -> None:
     (tmp_path / "audio").mkdir()
     write_tone(tmp_path / "audio" / "a.wav")
