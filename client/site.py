@@ -241,12 +241,23 @@ class Site:
     def _check(self, *, sigma: float, eps_run: float, eps_total: float, cap_total: float, cap_run: float, what: str) -> Refusal | None:
         pol, name = self.cfg.policy, self.cfg.name
         if sigma < pol.min_noise_multiplier:
-            return Refusal("min-sigma", f"Site {name}: {what} needs σ={sigma:.3f}, below the site minimum {pol.min_noise_multiplier}; ask for fewer rounds or steps, or a smaller ε.")
+            return Refusal(
+                "min-sigma", f"Site {name}: {what} needs σ={sigma:.3f}, below the site minimum {pol.min_noise_multiplier}; "
+                "the σ a plan needs grows with more rounds or local steps, a larger `training.batch_patients`, or a smaller ε: ask for one of these.",
+            )
         if eps_run > min(self.exp.privacy.target_epsilon, cap_run) * 1.001:
             return Refusal("budget", f"Site {name}: {what} would bring this run to ε={eps_run:.2f} > {min(self.exp.privacy.target_epsilon, cap_run):g} (per-run cap) at δ={self.delta:g}; refused.")
         if eps_total > cap_total * 1.001:
             return Refusal("budget", f"Site {name}: {what} would bring this dataset to ε={eps_total:.2f} over all runs, above the all-time cap {cap_total:g} at δ={self.delta:g}; refused.")
         return None
+
+    def data_refusal(self) -> Refusal | None:
+        """The ``no-data`` refusal every training round gets when this site has fewer than k
+        training patients (``fedrelapse plan`` shows it too; the pre-flight does not ask it)."""
+        if self.train_set.n_patients >= self.k:
+            return None
+        log.info("site=%s refuses to train: %d training patients, fewer than k=%d", self.cfg.name, self.train_set.n_patients, self.k)
+        return Refusal("no-data", f"Site {self.cfg.name} has fewer than k={self.k} training patients (the count stays at the site: its log has it).")
 
     def _weight_refusal(self) -> Refusal | None:
         """A refusal when this site's update weight (its training patients) exceeds the plan's
@@ -279,9 +290,9 @@ class Site:
         from client.dp_train import make_optimizer, train_dp, train_plain  # Opacus: only a training process imports it
 
         exp, t = self.exp, self.exp.training
-        if self.train_set.n_patients < self.k:
-            log.info("site=%s refuses to train: %d training patients, fewer than k=%d", self.cfg.name, self.train_set.n_patients, self.k)
-            return Refusal("no-data", f"Site {self.cfg.name} has fewer than k={self.k} training patients (the count stays at the site: its log has it).")
+        too_few = self.data_refusal()
+        if too_few:
+            return too_few
         too_many = self._weight_refusal()
         if too_many:  # before anything is charged: the coordinator (and SecAgg+) would reject the update
             return too_many

@@ -265,13 +265,16 @@ def plan(
     """Before a run: the ε each site would spend, its remaining budget, and any refusal.
 
     A deployed coordinator asks the same question of every connected site before round 1
-    (pre-flight) and does not start a run that a site would refuse. The plan hash is
-    printed under the table (or alone, with --hash-only).
+    (pre-flight) and does not start a run that a site would refuse. A site with fewer than k
+    training patients shows refuse (no-data): it would refuse every round, which the pre-flight
+    does not ask. Exit code 0 when every site would accept, 4 when any would refuse, 2 when
+    --data holds fewer sites than federation.min_nodes (simulate would not start). The plan
+    hash is printed under the table (or alone, with --hash-only).
     """
     from client.site import Site, load_site_data
-    from server.simulate import discover_sites, require_usable_sessions
+    from server.simulate import discover_sites, require_usable_sessions, too_few_sites
     from shared.config import load_experiment, load_site
-    from shared.errors import PolicyError
+    from shared.errors import ConfigError, PolicyError
     from shared.privacy.accounting import FullSamplingWarning, full_sampling_message
 
     exp = load_experiment(config)
@@ -284,7 +287,8 @@ def plan(
     for col in ("site", "training patients", "q", "σ", "ε this run", "ε spent so far", "all-time ε after", "all-time left now", "verdict"):
         table.add_column(col, justify="left" if col in ("site", "verdict") else "right")
     refused, notes, reasons = False, [], []
-    for path in discover_sites(data):
+    paths = discover_sites(data)
+    for path in paths:
         site_cfg = load_site(path)
         require_usable_sessions(site_cfg, load_site_data(site_cfg, exp.features, exp.language, exp.speech), exp.features)  # memoised: Site reuses it
         site = Site(site_cfg, exp)
@@ -294,8 +298,13 @@ def plan(
                 p = site.plan(run_id="plan-preview", total_rounds=exp.federation.rounds)
         except PolicyError as exc:  # e.g. an ε no noise can reach: the site's refusal, not a crash
             p = {"code": getattr(exc, "refusal_code", "ledger"), "reason": f"Site {site.cfg.name}: {exc}"}
+        too_few = site.data_refusal()  # fewer than k training patients: the site refuses every round (checked first there too)
+        if too_few:
+            p.update(code=too_few.code, reason=too_few.reason)
         if site.sample_rate >= 1.0:
             notes.append(full_sampling_message(site.cfg.name))
+        if float(p.get("noise_multiplier", 0.0)) > NOISY_SIGMA:
+            notes.append(f"Site {site.cfg.name}: σ={float(p['noise_multiplier']):.0f} at ε={exp.privacy.target_epsilon:g}: the noise drowns the clipped gradients, so the model will learn almost nothing; raise `privacy.target_epsilon`.")
         ok = p["code"] == "ok"
         refused |= not ok
         if not ok:
@@ -308,8 +317,15 @@ def plan(
     for note in notes:
         console.print(f"[yellow]warning: {escape(note)}[/yellow]", soft_wrap=True)
     console.print(f"plan_hash: {exp.plan_hash()}")
+    too_few_here = too_few_sites(data, len(paths), exp.federation.min_nodes)
+    if too_few_here:  # `simulate` refuses to start (exit 2) with the same sentence
+        raise ConfigError(too_few_here)
     if refused:
         raise typer.Exit(4)
+
+
+NOISY_SIGMA = 100.0
+"""σ above which `plan` notes that the model will learn almost nothing (ε far too small)."""
 
 
 EXIT_REFUSED = 4  # PolicyError's code: a site's policy refused the run before round 1 (as `plan` exits)

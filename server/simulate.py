@@ -55,6 +55,17 @@ def discover_sites(data: Path) -> list[Path]:
     return found
 
 
+def too_few_sites(data: Path, n_sites: int, min_nodes: int) -> str | None:
+    """Why a simulated run over the ``n_sites`` sites under ``data`` cannot start (rounds wait
+    for ``federation.min_nodes`` sites), or None; `simulate` refuses with it and `plan` says it."""
+    if n_sites >= min_nodes:
+        return None
+    return (
+        f"{data} has {n_sites} site(s) but `federation.min_nodes` is {min_nodes}, so a run could not start; "
+        f"give --data a folder with at least {min_nodes} hospital folders, or lower `federation.min_nodes` in the experiment YAML."
+    )
+
+
 RUN_MARKERS = ("run.json", "summary.json", "metrics.json", "config.yaml", SIM_INFO, "checkpoints")
 
 
@@ -165,8 +176,9 @@ def simulate(
         refuse_existing_run(out)
     paths = discover_sites(data)
     sites = [load_site(p) for p in paths]
-    if len(sites) < exp.federation.min_nodes:
-        raise ConfigError(f"{data} has {len(sites)} site(s) but `federation.min_nodes` is {exp.federation.min_nodes}.")
+    too_few = too_few_sites(data, len(sites), exp.federation.min_nodes)
+    if too_few:
+        raise ConfigError(too_few)
     prepare_sites(sites, exp, console)
     signing_key = consortium_signing_key(data)
     out.mkdir(parents=True, exist_ok=True)

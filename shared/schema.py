@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import reprlib
 import types
 import typing
@@ -141,6 +142,37 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+"""A float in exponent notation as YAML 1.2 and JSON write it (``1e-5``, ``2.5E3``, ``.5e-2``).
+PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent (``1.0e-5``), and reads
+``1e-5`` as the text '1e-5'; every config is read with this added, so ``target_delta: 1e-5``
+is the number it looks like. Plain integers and YAML 1.1 floats resolve as before (they are
+matched first), and a quoted value stays text."""
+
+_YAML12_FLOAT_TAG = "tag:fedrelapse,2026:yaml12-float"
+
+
+class ExponentFloat(float):
+    """A float read from a YAML 1.2 exponent literal, with its text: a text field (a name, a
+    path) given ``1e5`` keeps the text '1e5', as YAML 1.1 read it before."""
+
+    text: str
+
+    def __new__(cls, text: str) -> ExponentFloat:
+        obj = super().__new__(cls, text)
+        obj.text = text
+        return obj
+
+
+def _construct_exponent_float(loader: yaml.SafeLoader, node: yaml.Node) -> ExponentFloat:
+    return ExponentFloat(loader.construct_scalar(node))  # type: ignore[arg-type]
+
+
+UniqueKeyLoader.add_implicit_resolver(_YAML12_FLOAT_TAG, YAML12_FLOAT, list("-+0123456789."))
+UniqueKeyLoader.add_constructor(_YAML12_FLOAT_TAG, _construct_exponent_float)
+yaml.SafeDumper.add_representer(ExponentFloat, yaml.SafeDumper.represent_float)  # a raw config mapping written back (bench) stays dumpable
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """``text`` parsed as YAML (duplicate keys refused); ``source`` names it in every :class:`ConfigError`."""
     try:
@@ -243,7 +275,8 @@ def _short(value: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    return f"{_short(value)} ({type(value).__name__})"
+    kind = "float" if isinstance(value, ExponentFloat) else type(value).__name__
+    return f"{_short(value)} ({kind})"
 
 
 def _coerce(hint: Any, value: Any, *, source: str, key: str) -> Any:
@@ -272,6 +305,8 @@ def _coerce(hint: Any, value: Any, *, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: `{key}` must be an integer, got {_show(value)}.")
         return value
     if hint is float:
+        if isinstance(value, str) and _is_number_text(value):
+            raise ConfigError(f"{source}: `{key}` must be a number, got the quoted text {_short(value)}; remove the quotes so YAML reads it as a number.")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: `{key}` must be a number, got {_show(value)}.")
         try:
@@ -279,6 +314,8 @@ def _coerce(hint: Any, value: Any, *, source: str, key: str) -> Any:
         except OverflowError:  # an integer with hundreds of digits
             raise ConfigError(f"{source}: `{key}` is an integer of {len(str(abs(value)))} digits, too large for a number; it must be a finite number.") from None
         return number  # .inf / .nan are refused by build() after the class's own validate (which may say more)
+    if isinstance(value, ExponentFloat) and hint in (str, Path):
+        value = value.text  # YAML 1.1 read it as text: a text field is unchanged by the resolver above
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: `{key}` must be text, got {_show(value)}.")
@@ -288,6 +325,14 @@ def _coerce(hint: Any, value: Any, *, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: `{key}` must be a path (text), got {_show(value)}.")
         return Path(value)
     raise TypeError(f"Unsupported config type {hint} for {key}.")
+
+
+def _is_number_text(value: str) -> bool:
+    """Whether ``value`` would be read as a finite number if it were not quoted."""
+    try:
+        return math.isfinite(float(value.strip()))
+    except ValueError:
+        return False
 
 
 def _check_bounds(f: dataclasses.Field[Any], value: Any, *, source: str, key: str) -> None:

@@ -13,7 +13,8 @@ import typer
 from typer.testing import CliRunner
 
 from server.cli import app
-from tests.conftest import write_tone
+from shared.config import ExperimentConfig, load_experiment
+from tests.conftest import ROOT, write_tone
 
 runner = CliRunner()
 
@@ -156,7 +157,7 @@ def test_plan_with_an_unreachable_epsilon_shows_each_sites_refusal_not_a_traceba
     from tests.conftest import tiny_experiment
 
     exp = tmp_path / "exp.yaml"
-    exp.write_text(tiny_experiment().with_privacy(target_epsilon=0.001).to_yaml())
+    exp.write_text(one_site(tiny_experiment()).with_privacy(target_epsilon=0.001).to_yaml())
     result = runner.invoke(app, ["plan", "--config", str(exp), "--data", str(tiny_cohort / "alpha")], env={"COLUMNS": "400"})  # one site: quicker
     assert result.exit_code == 4, result.output
     assert "refuse (budget): Site alpha: `privacy.target_epsilon` ε=0.001 cannot be met" in result.output
@@ -219,10 +220,14 @@ def test_plan_shows_the_all_time_epsilon_after_the_run_that_the_site_checks_its_
         def plan(self, *, run_id: str, total_rounds: int) -> dict:
             return {"noise_multiplier": 0.8, "epsilon_run": 7.99, "epsilon_spent": 7.99, "epsilon_after": 11.25, "epsilon_remaining": 4.01, "delta": 1e-5, "code": "ok", "reason": ""}
 
+        def data_refusal(self) -> None:
+            return None
+
     monkeypatch.setattr(client.site, "Site", ComposingSite)
     monkeypatch.setattr(client.site, "load_site_data", lambda *a: SimpleNamespace(sessions=[object()]))
     (tmp_path / "site.yaml").write_text("name: bergen\nmanifest: manifest.csv\n")
-    result = runner.invoke(app, ["plan", "--config", "configs/experiment.yaml", "--data", str(tmp_path)], env={"COLUMNS": "400"})
+    (tmp_path / "exp.yaml").write_text(one_site(load_experiment(ROOT / "configs" / "experiment.yaml")).to_yaml())
+    result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(tmp_path)], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     assert "all-time ε after" in result.output
     row = next(line for line in result.output.splitlines() if "bergen" in line)
@@ -320,6 +325,58 @@ def test_plan_names_a_site_whose_sampling_rate_is_1(tiny_cohort: Path, tmp_path:
     (tmp_path / "exp.yaml").write_text(tiny_experiment().to_yaml())
     result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(tmp_path / "tromso")], env={"COLUMNS": "400"})
     assert "warning: Site tromso: sampling rate q = 1" in " ".join(result.output.split()), result.output
+
+
+def one_site(exp: ExperimentConfig) -> ExperimentConfig:
+    """``exp`` for a consortium of one site (`plan` and `simulate` refuse fewer sites than min_nodes)."""
+    from dataclasses import replace
+
+    return replace(exp, federation=replace(exp.federation, min_nodes=1))
+
+
+def test_plan_refuses_a_site_with_fewer_than_k_training_patients_as_its_rounds_would(tiny_cohort: Path, tmp_path: Path) -> None:
+    """The reviewer's 6-patient hospitals: `plan` said ok (exit 0), then every round was refused (exit 6)."""
+    from dataclasses import replace
+
+    from tests.conftest import small_site, tiny_experiment
+
+    (tmp_path / "tromso").mkdir()
+    small_site(tiny_cohort, tmp_path / "tromso")  # two patients, k = 5 (the site's default policy)
+    (tmp_path / "tromso" / "site.yaml").write_text("name: tromso\nmanifest: manifest.csv\n")
+    exp = tiny_experiment()
+    (tmp_path / "exp.yaml").write_text(one_site(replace(exp, federation=replace(exp.federation, min_patients_metric=5))).to_yaml())
+    result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(tmp_path / "tromso")], env={"COLUMNS": "400"})
+    assert result.exit_code == 4, result.output
+    assert "refuse (no-data): Site tromso has fewer than k=5 training patients" in " ".join(result.output.split())
+    (tmp_path / "exp3.yaml").write_text(replace(exp, federation=replace(exp.federation, min_nodes=3)).to_yaml())
+    too_few = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp3.yaml"), "--data", str(tmp_path / "tromso")], env={"COLUMNS": "400"})
+    assert too_few.exit_code == 2, too_few.output
+    text = " ".join(too_few.output.split())
+    assert "tromso" in text.split("plan_hash")[0]  # the site's row is still shown
+    assert f"error: {tmp_path / 'tromso'} has 1 site(s) but `federation.min_nodes` is 3, so a run could not start; give --data a folder with at least 3 hospital folders, or lower `federation.min_nodes`" in text
+
+
+def test_simulate_with_fewer_sites_than_min_nodes_says_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "oslo").mkdir()
+    (tmp_path / "oslo" / "site.yaml").write_text("name: oslo\nmanifest: manifest.csv\n")
+    result = runner.invoke(app, ["simulate", "--config", "configs/experiment.yaml", "--data", str(tmp_path / "oslo"), "--out", str(tmp_path / "run")], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert "has 1 site(s) but `federation.min_nodes` is 3, so a run could not start; give --data a folder with at least 3 hospital folders, or lower `federation.min_nodes` in the experiment YAML." in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_at_a_tiny_epsilon_prints_no_opacus_warning_and_says_the_model_will_learn_almost_nothing(tiny_cohort: Path, tmp_path: Path) -> None:
+    import warnings
+
+    from tests.conftest import tiny_experiment
+
+    (tmp_path / "exp.yaml").write_text(one_site(tiny_experiment()).with_privacy(target_epsilon=0.02).to_yaml())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(tiny_cohort / "alpha")], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert not [w for w in caught if "largest alpha" in str(w.message)], [str(w.message) for w in caught]
+    assert "will learn almost nothing" in " ".join(result.output.split())
 
 
 def test_site_check_json_gives_each_problem_with_its_severity(tmp_path: Path) -> None:

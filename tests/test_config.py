@@ -113,6 +113,44 @@ def test_a_site_name_the_coordinator_would_reject_is_refused_when_site_yaml_is_r
         load_site(path)
 
 
+def test_exponent_floats_without_a_dot_as_the_runbooks_write_them_are_numbers(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads `1e-5` as text; configs read it as YAML 1.2 and JSON do."""
+    shipped = (ROOT / "configs" / "experiment.yaml").read_text()
+    assert "target_delta: 1.0e-5" in shipped
+    exp = load_experiment(write(tmp_path, shipped.replace("target_delta: 1.0e-5", "target_delta: 1e-5")))
+    assert exp.privacy.target_delta == 1e-5 and type(exp.privacy.target_delta) is float
+    assert exp.plan_hash() == load_experiment(ROOT / "configs" / "experiment.yaml").plan_hash()  # same plan, same hash
+    assert type(exp.federation.rounds) is int  # plain integers are still integers
+    site = tmp_path / "site.yaml"
+    site.write_text("name: oslo\nmanifest: manifest.csv\npolicy: {delta: 1e-6, epsilon_cap_total: 3E1}\n")
+    policy = load_site(site).policy
+    assert (policy.delta, policy.epsilon_cap_total) == (1e-6, 30.0) and type(policy.delta) is float
+    named = load_experiment(write(tmp_path, "name: 1e5\n"))  # a text field that looks like a number keeps its text
+    assert named.name == "1e5"
+    from shared.schema import load_yaml
+
+    assert yaml.safe_load(yaml.safe_dump(load_yaml(site))) == {"name": "oslo", "manifest": "manifest.csv", "policy": {"delta": 1e-6, "epsilon_cap_total": 30.0}}  # a raw mapping written back (bench)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("'1e-5'", r"`privacy.target_delta` must be a number, got the quoted text '1e-5'; remove the quotes so YAML reads it as a number\.$"),
+        ("1e-5x", r"`privacy.target_delta` must be a number, got '1e-5x' \(str\)\.$"),
+        ("'.inf'", r"`privacy.target_delta` must be a number, got '.inf' \(str\)\.$"),
+        ("1e999", r"`privacy.target_delta` is inf; it must be < 0.01\.$"),
+    ],
+)
+def test_a_quoted_or_malformed_number_is_still_refused(tmp_path: Path, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(write(tmp_path, f"name: x\nprivacy: {{target_delta: {value}}}\n"))
+
+
+def test_an_integer_field_given_an_exponent_float_is_refused_as_a_float(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"`federation.rounds` must be an integer, got 5.0 \(float\)\.$"):
+        load_experiment(write(tmp_path, "name: x\nfederation: {rounds: 5e0}\n"))
+
+
 def test_the_largest_seed_a_plan_accepts_seeds_the_model(tmp_path: Path) -> None:
     from shared.models import build_model
 

@@ -65,6 +65,37 @@ def test_minimum_sigma_in_policy_refuses_weak_noise(tiny_cohort: Path, tmp_path:
     assert not site.ledger_path.exists() or not ledger.read_entries(site.ledger_path)
 
 
+@pytest.mark.usefixtures("alpha_state")
+def test_a_min_sigma_refusal_advises_what_raises_sigma_and_following_it_is_accepted(tiny_cohort: Path, tmp_path: Path) -> None:
+    """For a fixed ε the σ a plan needs grows with its steps and with q: the refusal must not
+    advise fewer rounds or steps (the reviewer's 1 round x 1 step x 1 patient plan, σ ≈ 0.5)."""
+    cfg = load_site(tiny_cohort / "alpha" / "site.yaml")
+    policy = replace(SitePolicy(), min_noise_multiplier=0.55)
+
+    def planned(rounds: int, steps: int, batch: int, epsilon: float = 8.0) -> dict:
+        exp = tiny_experiment()
+        exp = replace(exp, federation=replace(exp.federation, rounds=rounds), training=replace(exp.training, local_steps=steps, batch_patients=batch))
+        return Site(replace(cfg, state_dir=tmp_path / "state", policy=policy), exp.with_privacy(target_epsilon=epsilon)).plan(run_id="r", total_rounds=rounds)
+
+    refused = planned(1, 1, 1)
+    assert refused["code"] == "min-sigma" and refused["noise_multiplier"] < 0.55
+    assert "more rounds or local steps, a larger `training.batch_patients`, or a smaller ε" in str(refused["reason"])
+    assert "fewer" not in str(refused["reason"])
+    for advice in (planned(5, 10, 1), planned(1, 1, 3), planned(1, 1, 1, epsilon=2.0)):  # each direction the refusal names
+        assert advice["code"] == "ok" and advice["noise_multiplier"] > refused["noise_multiplier"], advice
+
+
+def test_sigma_grows_with_steps_and_sampling_rate_for_the_reviewers_min_sigma_plan() -> None:
+    """/tmp/rw/cfg/minsigma2.yaml on the demo cohort: bergen, 32 training patients, batch 1, 1 x 1 step, ε 8."""
+    from shared.privacy.accounting import calibrate_noise
+
+    def sigma(steps: int, batch: int, eps: float = 8.0) -> float:
+        return calibrate_noise(target_epsilon=eps, target_delta=1e-5, sample_rate=batch / 32, steps=steps)
+
+    assert sigma(1, 1) < 0.5  # refused by the default policy minimum
+    assert sigma(5 * 10, 1) > 0.5 and sigma(1, 8) > 0.5 and sigma(1, 1, eps=4.0) > 0.5
+
+
 def test_dpo_cap_change_is_a_signed_ledger_entry_that_takes_effect(trained: Site) -> None:
     change_caps(trained.cfg, cap_total=1.0, cap_run=None, note="DPO Kari N.: pause after audit")
     status = budget_status(trained.cfg)
