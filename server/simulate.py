@@ -38,14 +38,25 @@ if TYPE_CHECKING:
     from client.prepare import SiteData
 
 
+SYNTH_HINT = "fedrelapse synth --config configs/cohort.yaml --out {data}"
+
+
 def discover_sites(data: Path) -> list[Path]:
-    """site.yaml files of the hospitals under ``data`` (``data/<hospital>/site.yaml``); two
-    with the same site ``name`` are a :class:`ConfigError` naming both files."""
+    """site.yaml files of the hospitals under ``data`` (``data/<hospital>/site.yaml``, or
+    ``data/site.yaml`` for one hospital); two with the same site ``name`` are a
+    :class:`ConfigError` naming both files. A folder without them is a ConfigError that says
+    what ``data`` is instead (missing, empty, a run folder, something else)."""
+    if not data.exists():
+        raise ConfigError(
+            f"The cohort folder {data} does not exist; check the path, or make a synthetic cohort there with `{SYNTH_HINT.format(data=data)}`."
+        )
+    if not data.is_dir():
+        raise ConfigError(f"{data} is a file, not a cohort folder; --data wants the folder that holds one <hospital>/site.yaml per hospital.")
     if (data / "site.yaml").is_file():
         return [data / "site.yaml"]
     found = sorted(data.glob("*/site.yaml"))
     if not found:
-        raise ConfigError(f"No hospital folder with a site.yaml under {data}; run `fedrelapse synth --out {data}` first.")
+        raise ConfigError(_no_sites_message(data))
     named: dict[str, Path] = {}
     for path in found:
         name = load_site(path).name
@@ -56,6 +67,21 @@ def discover_sites(data: Path) -> list[Path]:
             )
         named[name] = path
     return found
+
+
+def _no_sites_message(data: Path) -> str:
+    """Why ``data`` (an existing folder) holds no ``<hospital>/site.yaml``, and what to give instead."""
+    layout = f"--data wants the cohort folder, with one <hospital>/site.yaml per hospital (e.g. {data / 'bergen' / 'site.yaml'})"
+    if (data / "run.json").is_file():
+        cohort = ""
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            cohort = str(json.loads((data / SIM_INFO).read_text(encoding="utf-8"))["data"])
+        return f"{data} is a run folder (it has run.json), not a cohort; {layout}" + (f": this run's cohort is {cohort}." if cohort else ".")
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in data.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return f"The cohort folder {data} is empty; make a synthetic cohort there with `{SYNTH_HINT.format(data=data)}`, or give the folder that holds your hospitals' folders."
+    shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+    return f"No <hospital>/site.yaml under {data} (it holds {shown}); {layout}, or one hospital's folder with its site.yaml."
 
 
 RUN_MARKERS = ("run.json", "summary.json", "metrics.json", "config.yaml", SIM_INFO, "checkpoints")
