@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -85,12 +86,14 @@ SIMULATION_POLL_S = 0.02
 def build_server_app(
     exp: ExperimentConfig | None = None, out: Path | None = None, run_id: str = "", signing_key: Path | None = None,
     *, resume: ResumePoint | None = None, faults: FaultPlan | None = None, wrap_grid: Callable[[Grid], Grid] | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
     """The ServerApp. Simulation passes the experiment directly; deployment reads run config.
 
     ``resume`` continues a run (checked by :func:`server.resume.load_resume_point`);
     ``faults`` is for fault-injection tests in the Simulation Engine only; ``wrap_grid``
-    (simulation only) wraps the Grid: benchmarks count bytes through it.
+    (simulation only) wraps the Grid: benchmarks count bytes through it. ``stop`` (simulation:
+    set by Ctrl-C or SIGTERM, see :mod:`server.interrupt`) ends the run at its next wait.
     """
     server_app = ServerApp()
 
@@ -118,7 +121,7 @@ def build_server_app(
         if exp is None and (why := prompt_reply_pulls()) is not None:
             log.warning("run=%s: %s; a reply may wait 1 s for its objects (Flower's own first retry)", rid, why)
         # simulation: a reply stored in the in-process LinkState ends the wait at once (deployment: None)
-        grid = PromptGrid(grid, poll_s=poll, wake=reply_signal(grid))  # type: ignore[assignment]  # replies seen within reply_poll_s, not Flower's 3 s
+        grid = PromptGrid(grid, poll_s=poll, wake=reply_signal(grid), stop=stop)  # type: ignore[assignment]  # replies seen within reply_poll_s, not Flower's 3 s
         run_federation(
             wrap_grid(grid) if wrap_grid else grid, cfg, folder, rid, signing_key=signing.load_private(key_path) if key_path else None,
             resume=point, after_round=faults.after_round if faults else None,

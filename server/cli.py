@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from server.interrupt import RunInterrupted
 from shared.console import output_console
 from shared.errors import FedrelapseError
 
@@ -51,6 +52,9 @@ def friendly(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except RunInterrupted as exc:  # Ctrl-C or SIGTERM: not an error, a report of where the run stands
+            err_console.print(f"[yellow]{escape(str(exc))}[/yellow]", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         except FedrelapseError as exc:
             err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
@@ -101,8 +105,11 @@ def simulate(
 ) -> None:
     """Run the federation in Flower's Simulation Engine and print a summary.
 
-    Exit code 0 when the run completed, 4 when a site refused it before start, 6 when it
-    ended incomplete (a round had no usable update).
+    Exit code 0 when the run completed, 2 for a wrong option, YAML or --data folder, 3 when a
+    site's data cannot be used, 4 when a site refused it before start, 5 when a key or
+    signature does not verify, 6 when it ended incomplete (a round had no usable update) or
+    could not start (e.g. --ray-address unreachable), 130 when stopped by Ctrl-C or SIGTERM
+    (the run folder is kept: continue with `fedrelapse run --resume RUN`).
     """
     from server.app import new_run_id
     from server.simulate import simulate as run_sim
@@ -136,7 +143,8 @@ def run_cmd(
     so no privacy budget is spent twice. A finished run is reported and left as it is.
     Works for runs made by `fedrelapse simulate` and for deployed runs (the run folder has
     deployment.json; give --superlink and --keys: the run is submitted again with `flwr run`).
-    Exit code as `simulate`'s: 0 completed, 4 refused before start, 6 incomplete.
+    Exit code as `simulate`'s: 0 completed, 4 refused before start, 6 incomplete, 130 stopped
+    by Ctrl-C or SIGTERM (resume again to continue).
     """
     from server.app import DEPLOY_INFO
     from server.resume import finished_summary, read_run

@@ -238,12 +238,13 @@ def _model(exp: ExperimentConfig, arrays: dict[str, np.ndarray]) -> torch.nn.Mod
 
 
 def run_evaluation(exp: ExperimentConfig, data: Path, out: Path, *, quick: bool = False, settings: list[Setting] | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train and measure every setting; write ``evaluation.json``, ``evaluation.md`` and a plot."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Train and measure every setting; write ``evaluation.json``, ``evaluation.md`` and a plot.
+    ``out`` is created once the sites' data has loaded (a wrong --data leaves no empty folder)."""
     if quick:
         exp = replace(exp, federation=replace(exp.federation, rounds=min(exp.federation.rounds, 3)))
     with tempfile.TemporaryDirectory(prefix="fedrelapse-eval-") as tmp:
         harness = Harness(exp, data, Path(tmp), bootstrap=200 if quick else 1000)
+        out.mkdir(parents=True, exist_ok=True)
         results = []
         for s in settings or grid(quick=quick):
             started = time.perf_counter()

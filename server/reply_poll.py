@@ -26,6 +26,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from server.interrupt import check_stop
 from shared.flower_pulls import shorten_first_retry
 
 
@@ -39,21 +40,31 @@ def prompt_reply_pulls() -> str | None:
 
 class PromptGrid:
     """A Grid whose ``send_and_receive`` looks for replies every ``poll_s`` seconds, and
-    whenever ``wake`` is set (by the in-memory LinkState when a reply is stored)."""
+    whenever ``wake`` is set (by the in-memory LinkState when a reply is stored). When ``stop``
+    is set (Ctrl-C or SIGTERM, :mod:`server.interrupt`), a wait for replies or for sites ends
+    within ``poll_s`` with :class:`server.interrupt.StopRequested`."""
 
-    def __init__(self, grid: Grid, *, poll_s: float, wake: threading.Event | None = None) -> None:
+    def __init__(self, grid: Grid, *, poll_s: float, wake: threading.Event | None = None, stop: threading.Event | None = None) -> None:
         if not poll_s > 0:
             raise ValueError(f"The reply poll interval must be positive seconds, got {poll_s!r}; set federation.reply_poll_s.")
         # Without a LinkState's signal, an Event nobody sets: waiting on it is a plain pause of poll_s.
         self._grid, self.poll_s, self._wake = grid, poll_s, wake if wake is not None else threading.Event()
+        self._stop = stop
         self.looks = 0  # pulls made (tests)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The wrapped Grid's connected nodes (the wait for sites asks every 0.5 s: a stop is seen there)."""
+        check_stop(self._stop)
+        return self._grid.get_node_ids()
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, then pull until each has a reply or ``timeout`` seconds passed (None: no limit)."""
+        check_stop(self._stop)
         waiting = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while waiting:
+            check_stop(self._stop)
             self._wake.clear()  # before the look: a reply stored during it ends the next wait at once
             self.looks += 1
             got = list(self._grid.pull_messages(waiting))

@@ -7,10 +7,13 @@ then the same ServerApp and ClientApp that the Deployment Engine runs are simula
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from client.audio import TOO_SHORT
+from server.interrupt import StopRequested, interrupted, stop_on_signals
 from server.resume import ResumePoint, finished_summary, load_resume_point, read_run
 from shared.config import ExperimentConfig, FeatureConfig, SiteConfig, load_experiment, load_site
 from shared.console import output_console
@@ -35,14 +39,25 @@ if TYPE_CHECKING:
     from client.prepare import SiteData
 
 
+SYNTH_HINT = "fedrelapse synth --config configs/cohort.yaml --out {data}"
+
+
 def discover_sites(data: Path) -> list[Path]:
-    """site.yaml files of the hospitals under ``data`` (``data/<hospital>/site.yaml``); two
-    with the same site ``name`` are a :class:`ConfigError` naming both files."""
+    """site.yaml files of the hospitals under ``data`` (``data/<hospital>/site.yaml``, or
+    ``data/site.yaml`` for one hospital); two with the same site ``name`` are a
+    :class:`ConfigError` naming both files. A folder without them is a ConfigError that says
+    what ``data`` is instead (missing, empty, a run folder, something else)."""
+    if not data.exists():
+        raise ConfigError(
+            f"The cohort folder {data} does not exist; check the path, or make a synthetic cohort there with `{SYNTH_HINT.format(data=data)}`."
+        )
+    if not data.is_dir():
+        raise ConfigError(f"{data} is a file, not a cohort folder; --data wants the folder that holds one <hospital>/site.yaml per hospital.")
     if (data / "site.yaml").is_file():
         return [data / "site.yaml"]
     found = sorted(data.glob("*/site.yaml"))
     if not found:
-        raise ConfigError(f"No hospital folder with a site.yaml under {data}; run `fedrelapse synth --out {data}` first.")
+        raise ConfigError(_no_sites_message(data))
     named: dict[str, Path] = {}
     for path in found:
         name = load_site(path).name
@@ -64,6 +79,21 @@ def too_few_sites(data: Path, n_sites: int, min_nodes: int) -> str | None:
         f"{data} has {n_sites} site(s) but `federation.min_nodes` is {min_nodes}, so a run could not start; "
         f"give --data a folder with at least {min_nodes} hospital folders, or lower `federation.min_nodes` in the experiment YAML."
     )
+
+
+def _no_sites_message(data: Path) -> str:
+    """Why ``data`` (an existing folder) holds no ``<hospital>/site.yaml``, and what to give instead."""
+    layout = f"--data wants the cohort folder, with one <hospital>/site.yaml per hospital (e.g. {data / 'bergen' / 'site.yaml'})"
+    if (data / "run.json").is_file():
+        cohort = ""
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            cohort = str(json.loads((data / SIM_INFO).read_text(encoding="utf-8"))["data"])
+        return f"{data} is a run folder (it has run.json), not a cohort; {layout}" + (f": this run's cohort is {cohort}." if cohort else ".")
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in data.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return f"The cohort folder {data} is empty; make a synthetic cohort there with `{SYNTH_HINT.format(data=data)}`, or give the folder that holds your hospitals' folders."
+    shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+    return f"No <hospital>/site.yaml under {data} (it holds {shown}); {layout}, or one hospital's folder with its site.yaml."
 
 
 RUN_MARKERS = ("run.json", "summary.json", "metrics.json", "config.yaml", SIM_INFO, "checkpoints")
@@ -179,29 +209,98 @@ def simulate(
     too_few = too_few_sites(data, len(sites), exp.federation.min_nodes)
     if too_few:
         raise ConfigError(too_few)
-    prepare_sites(sites, exp, console)
-    signing_key = consortium_signing_key(data)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume is None:
-        (out / SIM_INFO).write_text(json.dumps({"engine": "simulation", "data": str(data.resolve())}, indent=2) + "\n", encoding="utf-8")
     backend_config = ray_backend_config(n_sites=len(sites), cpus=cpus, ray_address=ray_address, gpus_per_site=gpus_per_site)
-    # every actor keeps all the sites it serves loaded (inherited by the local Ray's workers)
-    os.environ["FEDRELAPSE_SITE_CACHE"] = str(max(4, len(sites)))
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    disable_flower_telemetry_here()  # run_simulation and its Ray workers post no usage events
-    logging.getLogger("flwr").setLevel(logging.ERROR)  # run_simulation's deprecation banner is noise here
-    with linear_dispatch():  # Flower's own dispatch costs N² per 0.1 s (see server.sim_dispatch)
-        run_simulation(
-            server_app=build_server_app(exp, out, run_id, signing_key, resume=resume, faults=faults, wrap_grid=wrap_grid),
-            client_app=build_client_app(tuple(str(p.resolve()) for p in paths), faults, client_mods),
-            num_supernodes=len(sites),
-            backend_name="ray",
-            backend_config=backend_config,
-        )
+    if "address" in backend_config["init_args"]:  # before the run folder is written: a cluster that is not there leaves nothing behind
+        check_ray_address(str(backend_config["init_args"]["address"]))
+    with stop_on_signals() as stopper:
+        try:
+            prepare_sites(sites, exp, console)
+            signing_key = consortium_signing_key(data)
+            out.mkdir(parents=True, exist_ok=True)
+            if resume is None:
+                (out / SIM_INFO).write_text(json.dumps({"engine": "simulation", "data": str(data.resolve())}, indent=2) + "\n", encoding="utf-8")
+            # every actor keeps all the sites it serves loaded (inherited by the local Ray's workers)
+            os.environ["FEDRELAPSE_SITE_CACHE"] = str(max(4, len(sites)))
+            os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+            disable_flower_telemetry_here()  # run_simulation and its Ray workers post no usage events
+            logging.getLogger("flwr").setLevel(logging.ERROR)  # run_simulation's deprecation banner is noise here
+            stopper.deferred = True  # from here a signal asks the coordinator to stop at its next wait (server.interrupt)
+            # Flower's own dispatch costs N² per 0.1 s (see server.sim_dispatch)
+            with linear_dispatch(), stopper.reclaimed_after_ray_init():
+                run_simulation(
+                    server_app=build_server_app(exp, out, run_id, signing_key, resume=resume, faults=faults, wrap_grid=wrap_grid, stop=stopper.stop),
+                    client_app=build_client_app(tuple(str(p.resolve()) for p in paths), faults, client_mods),
+                    num_supernodes=len(sites),
+                    backend_name="ray",
+                    backend_config=backend_config,
+                )
+        except BaseException as exc:
+            # Ray's driver replaces the SIGTERM handler with sys.exit(15) once it has started
+            by_sigterm = isinstance(exc, SystemExit) and exc.code == signal.SIGTERM
+            interrupted_now = stopper.stop.is_set() or by_sigterm or isinstance(exc, (KeyboardInterrupt, StopRequested))
+            stopper.stop.set()  # the coordinator's thread, if it still waits for sites or replies, ends now (Python waits for it at exit)
+            if interrupted_now:
+                raise interrupted(out, folder_written=_keep_interrupted_folder(out, new_run=resume is None)) from None
+            raise
+        if stopper.stop.is_set() and not (out / "summary.json").exists():  # stopped while Flower was shutting down
+            raise interrupted(out, folder_written=_keep_interrupted_folder(out, new_run=resume is None))
     summary_path = out / "summary.json"
     if not summary_path.exists():
         raise FederationError(f"The simulation ended without writing {summary_path}; see the log above for the failing round.")
     return json.loads(summary_path.read_text())
+
+
+def _keep_interrupted_folder(out: Path, *, new_run: bool) -> bool:
+    """Whether a run stopped by a signal left a run folder to resume. A new run stopped before
+    its coordinator wrote run.json has nothing to resume: what this run wrote (simulation.json,
+    the folder itself when it is then empty) is removed, so the same --out can be used again."""
+    if not new_run or (out / "run.json").exists():
+        return True
+    (out / SIM_INFO).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        out.rmdir()  # only when empty
+    return False
+
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_address(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """A :class:`FederationError` (one sentence naming the address) when no Ray cluster answers
+    at ``address``: ``ray://host:port`` (Ray Client, port 10001 by default) or ``host:port`` (the
+    head's GCS) must accept a TCP connection within ``timeout_s``; ``auto`` must find a running
+    cluster by Ray's own lookup (``ray start``'s address file, then the local GCS processes)."""
+    what = "leave out --ray-address (and RAY_ADDRESS) to run on a private Ray on this machine"
+    if address in ("local",):
+        return
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            target = canonicalize_bootstrap_address_or_die("auto")
+        except (ConnectionError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FederationError(f"--ray-address auto found no running Ray cluster on this machine ({first}); start one with `ray start --head`, or {what}.") from None
+    else:
+        target = address.removeprefix("ray://")
+    host, sep, port_text = target.rpartition(":")
+    if not sep:
+        host, port_text = target, "10001" if address.startswith("ray://") else "6379"
+    host = host.strip("[]")  # [::1]:10001
+    try:
+        port = int(port_text)
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except ValueError:
+        raise ConfigError(f"--ray-address {address} is not an address; give `auto`, `ray://HOST:PORT` (Ray Client, usually port 10001) or HOST:PORT of the head's GCS.") from None
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            why = f"no answer within {timeout_s:g} s"
+        raise FederationError(
+            f"Cannot reach the Ray cluster at {address} ({why}); start it there with `ray start --head` (Ray Client listens on port 10001), "
+            f"check the address, or {what}. Nothing was written."
+        ) from None
 
 
 def resume_simulation(run: Path, *, config: Path | None = None, console: Console | None = None, cpus: int | None = None, faults: FaultPlan | None = None) -> dict[str, Any]:
