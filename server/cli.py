@@ -330,7 +330,7 @@ def bench_dp_step(
 ) -> None:
     """Time per patient-level DP-SGD step / non-private step, per gradient strategy, where a DP step's time goes, and the same ratio
     on a step of 2 tiny patients (host_bound: host work only, the regime of a GPU at small batches)."""
-    from server.bench import dp_step_host_bound, dp_step_profile, dp_step_ratio, machine, set_threads
+    from server.bench import dp_step_host_bound, dp_step_profile, dp_step_ratio, machine, quick_marked, set_threads
     from shared.config import load_experiment
 
     set_threads(threads)
@@ -338,7 +338,7 @@ def bench_dp_step(
     result = {"machine": machine(), **dp_step_ratio(exp, device=device, repeats=2 if quick else 20, steps=3 if quick else 10),
               "profile": dp_step_profile(exp, device=device, repeats=3 if quick else 20),
               "host_bound": dp_step_host_bound(exp, repeats=2 if quick else 60, steps=3 if quick else 10)}
-    print(json.dumps(result, indent=2))
+    print(json.dumps(quick_marked(result, quick), indent=2))
 
 
 @bench_app.command("all")
@@ -418,7 +418,7 @@ def bench_scale(
     from server.bench_fl import quick_experiment, with_evaluation
 
     exp = with_evaluation(quick_experiment(load_experiment(config)) if quick else load_experiment(config), evaluation)
-    print(json.dumps(scale(exp, data, out, sites=sizes, rounds=rounds, say=lambda m: err_console.print(m)), indent=2))
+    print(json.dumps(scale(exp, data, out, sites=sizes, rounds=rounds, quick=quick, say=lambda m: err_console.print(m)), indent=2))
 
 
 @bench_app.command("gpu")
@@ -455,7 +455,7 @@ def bench_secagg(
     import logging
     from dataclasses import replace
 
-    from server.bench import machine, secagg_overhead
+    from server.bench import SECAGG_QUICK_READ, machine, quick_marked, secagg_overhead
     from shared.config import load_experiment
     from shared.errors import ConfigError
 
@@ -468,7 +468,7 @@ def bench_secagg(
     import flwr.server.workflow  # noqa: F401  (sets Flower's logger to DEBUG on import; quiet it after)
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    print(json.dumps({"machine": machine(), **secagg_overhead(exp, sites=counts, rounds=rounds)}, indent=2))
+    print(json.dumps(quick_marked({"machine": machine(), **secagg_overhead(exp, sites=counts, rounds=rounds)}, quick, read=SECAGG_QUICK_READ), indent=2))
 
 
 @bench_app.command("deployment")
