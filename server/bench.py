@@ -30,6 +30,25 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
 
+QUICK_NOTE = (
+    "smoke test (--quick): few repeats, rounds or sites on small inputs, so these figures are noisy and can contradict the full "
+    "command's (which per-patient strategy is fastest, even which mode is faster); run the command without --quick for numbers"
+)
+SECAGG_QUICK_READ = (
+    "of these only ratio_same_training is meaningful (both modes given the same training time); ratio and the round times "
+    "carry each mode's own training-time noise"
+)
+
+
+def quick_marked(result: dict[str, Any], quick: bool, *, read: str = "") -> dict[str, Any]:
+    """``result`` with ``quick`` first and, for a quick run, ``quick_note`` saying its figures are
+    a smoke test only (``read``: what is still worth reading). Every bench command that has
+    ``--quick`` passes its JSON through here."""
+    if not quick:
+        return {"quick": False, **result}
+    return {"quick": True, "quick_note": QUICK_NOTE + (f"; {read}" if read else ""), **result}
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:

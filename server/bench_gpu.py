@@ -50,12 +50,12 @@ def gpu_bench(exp: ExperimentConfig, *, data: Path | None, out: Path, quick: boo
         result: dict[str, Any] = {"machine": machine(), "gpu": None, "message": NO_GPU}
         (out / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
-    from server.bench import dp_step_host_bound, dp_step_ratio
+    from server.bench import dp_step_host_bound, dp_step_ratio, quick_marked
 
     repeats, steps = (2, 3) if quick else (5, 20)
     default_batch = exp.training.batch_patients
     sweep = batches or ((default_batch,) if quick else tuple(dict.fromkeys((default_batch, 64, 256))))
-    result = {"machine": machine(), "gpu": _gpu_facts() if device == "cuda" else None, "device": device, "batches": list(sweep)}
+    result = quick_marked({"machine": machine(), "gpu": _gpu_facts() if device == "cuda" else None, "device": device, "batches": list(sweep)}, quick)
 
     def part(name: str, fn: Callable[[], Any]) -> None:
         say(f"{name} ...")

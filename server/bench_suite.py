@@ -25,11 +25,11 @@ def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool,
     """Run the suite (or the parts named in ``only``); each part's result (or its error) lands
     in ``out/results.json`` as it finishes. With ``exp.speech`` on, feature cache, update size
     and site memory also measure the frozen speech encoder."""
-    from server.bench import dp_step_host_bound, dp_step_profile, dp_step_ratio, machine
+    from server.bench import dp_step_host_bound, dp_step_profile, dp_step_ratio, machine, quick_marked
     from server.bench_fl import feature_cache, quick_cohort_config, quick_experiment, simulated_rounds, site_round_memory, update_size
 
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"machine": machine(), "quick": quick, "evaluation": exp.federation.evaluation, "parts": {}}
+    results: dict[str, Any] = quick_marked({"machine": machine(), "evaluation": exp.federation.evaluation, "parts": {}}, quick)
     started = time.perf_counter()
     if data is None:
         if not quick:
@@ -74,14 +74,15 @@ def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool,
     return results
 
 
-def scale(exp: ExperimentConfig, data: Path, out: Path, *, sites: tuple[int, ...], rounds: int, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Time per round and peak memory for growing simulated consortia, with the per-site cost.
+def scale(exp: ExperimentConfig, data: Path, out: Path, *, sites: tuple[int, ...], rounds: int, quick: bool = False, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time per round and peak memory for growing simulated consortia, with the per-site cost
+    (``quick``: ``exp`` is the quick experiment, and the JSON says its figures are a smoke test).
 
     Besides wall time (which other jobs on the machine inflate), the CPU seconds per site and
     round of the coordinator process and of the site actors (whole run), and the CPU cost of
     one sweep of the Simulation Engine's message dispatch, Flower's and ours, at that size.
     """
-    from server.bench import machine
+    from server.bench import machine, quick_marked
     from server.bench_fl import simulated_rounds
     from server.sim_dispatch import sweep_cost_ms
 
@@ -93,5 +94,5 @@ def scale(exp: ExperimentConfig, data: Path, out: Path, *, sites: tuple[int, ...
         keep = ("sites", "actors", "evaluation", "wall_per_round_after_round_1_s", "round_overhead_ratio_after_round_1", "peak_rss_all_processes_mib",
                 "peak_rss_one_actor_mib", "peak_rss_site_process_mib", "run_total_s", "cpu_s", "cpu_s_per_site_round")
         rows.append({k: r[k] for k in keep} | {"wall_per_round_per_site_s": round(r["wall_per_round_after_round_1_s"] / n, 4), "dispatch_sweep_cpu_ms": sweep_cost_ms(n)})
-        (out / "scale.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
-    return {"machine": machine(), "rows": rows}
+        (out / "scale.json").write_text(json.dumps(quick_marked({"machine": machine(), "rows": rows}, quick), indent=2) + "\n")
+    return quick_marked({"machine": machine(), "rows": rows}, quick)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import math
 import warnings
@@ -69,6 +70,21 @@ def friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+RUN_EXIT_CODES = (
+    "Exit codes (as in docs/runbook-researcher.md): 0 the run completed; 2 a YAML file or option is wrong, or --out already holds a run; "
+    "3 a site's data cannot be used (missing manifest, no usable session); 4 a site's privacy policy refused the run before start; "
+    "5 a key, signature or checkpoint digest does not verify; 6 the run could not start or finish (e.g. --ray-address unreachable), or ended incomplete (a round had no usable update); "
+    "130 stopped by Ctrl-C or SIGTERM (the run folder is kept: continue with `fedrelapse run --resume RUN`)."
+)
+
+
+def _run_exit_codes_in_help(fn: F) -> F:
+    """Append :data:`RUN_EXIT_CODES` to a command's help (its docstring) as its last paragraph:
+    `simulate` and `run` say the same, from one text."""
+    fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\n{RUN_EXIT_CODES}"
+    return fn
+
+
 @app.command()
 @friendly
 def synth(
@@ -94,6 +110,7 @@ def synth(
 
 
 @app.command()
+@_run_exit_codes_in_help
 @friendly
 def simulate(
     config: Annotated[Path, typer.Option(help="Experiment YAML (configs/experiment.yaml).")],
@@ -103,14 +120,7 @@ def simulate(
     ray_address: Annotated[str | None, typer.Option(help="Join an existing Ray cluster (auto, or ray://head:10001; RAY_ADDRESS works too) instead of starting one here.")] = None,
     gpus_per_site: Annotated[float, typer.Option(help="Share of a GPU each simulated site gets (0.25: four sites per GPU).", min=0.0, max=1.0)] = 0.0,
 ) -> None:
-    """Run the federation in Flower's Simulation Engine and print a summary.
-
-    Exit code 0 when the run completed, 2 for a wrong option, YAML or --data folder, 3 when a
-    site's data cannot be used, 4 when a site refused it before start, 5 when a key or
-    signature does not verify, 6 when it ended incomplete (a round had no usable update) or
-    could not start (e.g. --ray-address unreachable), 130 when stopped by Ctrl-C or SIGTERM
-    (the run folder is kept: continue with `fedrelapse run --resume RUN`).
-    """
+    """Run the federation in Flower's Simulation Engine and print a summary."""
     from server.app import new_run_id
     from server.simulate import simulate as run_sim
     from shared.config import load_experiment
@@ -128,6 +138,7 @@ def simulate(
 
 
 @app.command("run")
+@_run_exit_codes_in_help
 @friendly
 def run_cmd(
     resume: Annotated[Path, typer.Option("--resume", help="Run folder of a run that stopped (coordinator crash) to continue.")],
@@ -138,13 +149,9 @@ def run_cmd(
 ) -> None:
     """Continue a run after a coordinator crash, from its last verified checkpoint (same run id).
 
-    The checkpoint's digest and the coordinator's signature are checked and the plan must be
-    unchanged. Sites refuse to train or be charged again for a round they already accounted,
-    so no privacy budget is spent twice. A finished run is reported and left as it is.
-    Works for runs made by `fedrelapse simulate` and for deployed runs (the run folder has
-    deployment.json; give --superlink and --keys: the run is submitted again with `flwr run`).
-    Exit code as `simulate`'s: 0 completed, 4 refused before start, 6 incomplete, 130 stopped
-    by Ctrl-C or SIGTERM (resume again to continue).
+    The checkpoint's digest and the coordinator's signature are checked and the plan must be unchanged. Sites refuse to train or be charged again for a round they already accounted, so no privacy budget is spent twice. Works for runs made by `fedrelapse simulate` and for deployed runs (the run folder has deployment.json; give --superlink and --keys: the run is submitted again with `flwr run`).
+
+    A finished run is reported and left as it is; the command then ends with that run's code (0 completed, 4 refused before start, 6 incomplete).
     """
     from server.app import DEPLOY_INFO
     from server.resume import finished_summary, read_run
@@ -272,12 +279,9 @@ def plan(
 ) -> None:
     """Before a run: the ε each site would spend, its remaining budget, and any refusal.
 
-    A deployed coordinator asks the same question of every connected site before round 1
-    (pre-flight) and does not start a run that a site would refuse. A site with fewer than k
-    training patients shows refuse (no-data): it would refuse every round, which the pre-flight
-    does not ask. Exit code 0 when every site would accept, 4 when any would refuse, 2 when
-    --data holds fewer sites than federation.min_nodes (simulate would not start). The plan
-    hash is printed under the table (or alone, with --hash-only).
+    A deployed coordinator asks the same question of every connected site before round 1 (pre-flight) and does not start a run that a site would refuse. A site with fewer than k training patients shows refuse (no-data): it would refuse every round, which the pre-flight does not ask. The plan hash is printed under the table (or alone, with --hash-only).
+
+    Exit codes: 0 every site would accept; 4 a site would refuse (the reason is printed under the table); 2 a YAML file or option is wrong, or --data holds fewer sites than federation.min_nodes (simulate would not start); 3 a site's data cannot be used.
     """
     from client.site import Site, load_site_data
     from server.simulate import discover_sites, require_usable_sessions, too_few_sites
@@ -415,9 +419,11 @@ def bench_dp_step(
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).", min=0)] = 0,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats (CI smoke).")] = False,
 ) -> None:
-    """Time per patient-level DP-SGD step / non-private step, per gradient strategy, where a DP step's time goes, and the same ratio
-    on a step of 2 tiny patients (host_bound: host work only, the regime of a GPU at small batches)."""
-    from server.bench import dp_step_host_bound, dp_step_profile, dp_step_ratio, machine, set_threads
+    """Time per patient-level DP-SGD step / non-private step, per gradient strategy, where a DP step's time goes, and the same ratio on a step of 2 tiny patients (host_bound: host work only, the regime of a GPU at small batches).
+
+    --quick is a smoke test: its figures are noisy (its JSON says so); use the full command for numbers.
+    """
+    from server.bench import dp_step_host_bound, dp_step_profile, dp_step_ratio, machine, quick_marked, set_threads
     from shared.config import load_experiment
 
     set_threads(threads)
@@ -425,7 +431,7 @@ def bench_dp_step(
     result = {"machine": machine(), **dp_step_ratio(exp, device=device, repeats=2 if quick else 20, steps=3 if quick else 10),
               "profile": dp_step_profile(exp, device=device, repeats=3 if quick else 20),
               "host_bound": dp_step_host_bound(exp, repeats=2 if quick else 60, steps=3 if quick else 10)}
-    print(json.dumps(result, indent=2))
+    print(json.dumps(quick_marked(result, quick), indent=2))
 
 
 @bench_app.command("all")
@@ -505,7 +511,7 @@ def bench_scale(
     from server.bench_fl import quick_experiment, with_evaluation
 
     exp = with_evaluation(quick_experiment(load_experiment(config)) if quick else load_experiment(config), evaluation)
-    print(json.dumps(scale(exp, data, out, sites=sizes, rounds=rounds, say=lambda m: err_console.print(m)), indent=2))
+    print(json.dumps(scale(exp, data, out, sites=sizes, rounds=rounds, quick=quick, say=lambda m: err_console.print(m)), indent=2))
 
 
 @bench_app.command("gpu")
@@ -542,7 +548,7 @@ def bench_secagg(
     import logging
     from dataclasses import replace
 
-    from server.bench import machine, secagg_overhead
+    from server.bench import SECAGG_QUICK_READ, machine, quick_marked, secagg_overhead
     from shared.config import load_experiment
     from shared.errors import ConfigError
 
@@ -555,7 +561,7 @@ def bench_secagg(
     import flwr.server.workflow  # noqa: F401  (sets Flower's logger to DEBUG on import; quiet it after)
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    print(json.dumps({"machine": machine(), **secagg_overhead(exp, sites=counts, rounds=rounds)}, indent=2))
+    print(json.dumps(quick_marked({"machine": machine(), **secagg_overhead(exp, sites=counts, rounds=rounds)}, quick, read=SECAGG_QUICK_READ), indent=2))
 
 
 @bench_app.command("deployment")
@@ -681,9 +687,7 @@ def evaluate(
     config: Annotated[Path, typer.Option(help="Experiment YAML.")] = Path("configs/experiment.yaml"),
     quick: Annotated[bool, typer.Option("--quick", help="Smaller grid for smoke tests: local, FedAvg and centralised at ε 8 and ∞, plus three FedAvg ε=8 ablations (acoustic only, language only, no personal baseline); at most 3 rounds, 200 bootstrap resamples.")] = False,
 ) -> None:
-    """The evaluation protocol: local-only, FedAvg, FedProx, FedAdam and centralised at
-    ε ∈ {1, 3, 8, ∞}, plus ablations; AUROC/AUPRC with patient-bootstrap CIs, calibration,
-    early-warning lead time and false alarms. Synthetic cohorts only (it sees every site)."""
+    """The evaluation protocol: local-only, FedAvg, FedProx, FedAdam and centralised at ε ∈ {1, 3, 8, ∞}, plus ablations; AUROC/AUPRC with patient-bootstrap CIs, calibration, early-warning lead time and false alarms. Synthetic cohorts only (it sees every site)."""
     from server.evaluate import run_evaluation
     from shared.config import load_experiment
 
@@ -960,14 +964,9 @@ def audit_attack(
 ) -> None:
     """Empirical privacy audit: membership inference against models trained at one site.
 
-    Trains a non-private model and one DP model per target ε from scratch on the site's
-    training patients, attacks each with a loss-threshold membership-inference attack
-    (training vs held-out patients) and prints the accounted ε next to the attack AUC,
-    TPR at FPR ≤ 0.1 and an empirical ε lower bound (Clopper-Pearson, 95%).
+    Trains a non-private model and one DP model per target ε from scratch on the site's training patients, attacks each with a loss-threshold membership-inference attack (training vs held-out patients) and prints the accounted ε next to the attack AUC, TPR at FPR ≤ 0.1 and an empirical ε lower bound (Clopper-Pearson, 95%).
 
-    This is an audit on a simulated site or a copy: it trains at the site but never
-    writes to the site's privacy ledger, so it spends no recorded budget and its output
-    is not DP-protected. Do not run it on production patient data.
+    This is an audit on a simulated site or a copy: it trains at the site but never writes to the site's privacy ledger, so it spends no recorded budget and its output is not DP-protected. Do not run it on production patient data.
     """
     from client.attack import membership_audit
     from client.site import Site
@@ -1011,8 +1010,7 @@ def audit_report(
 ) -> None:
     """A report for the DPO: verification, ε over time, runs, mechanisms, cap changes, what remains.
 
-    Exit code 0: every ledger verified, signatures included; 1: a problem, or no public key.
-    The report is written in every case and says which.
+    Exit code 0: every ledger verified, signatures included; 1: a problem, or no public key. The report is written in every case and says which.
     """
     from shared.config import load_site
     from shared.privacy.report import VERIFIED, build_report, check_attack, fmt_eps, render_html, render_pdf
@@ -1061,8 +1059,7 @@ def server_start(
     no_node_auth: Annotated[bool, typer.Option("--no-node-auth", help="Admit any SuperNode, registered or not: only for a loopback test.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command instead of running it.")] = False,
 ) -> None:
-    """Run the coordinator's SuperLink: TLS and SuperNode authentication (only registered site
-    keys may join); runtime dependency installation off."""
+    """Run the coordinator's SuperLink: TLS and SuperNode authentication (only registered site keys may join); runtime dependency installation off."""
     import os
     import shlex
 
@@ -1161,11 +1158,7 @@ def site_start(
 ) -> None:
     """Run this site's SuperNode (TLS, node key) with the pinned, installed ClientApp.
 
-    The SuperNode's ClientApp process is client/pinned_app.py: it never installs or imports
-    code from a submitted app bundle, and refuses a bundle that carries any. In worker mode
-    (default) each message's process hands its task to the site worker (client/site_worker.py,
-    socket under state_dir/worker, 0700/0600), which keeps the site's data loaded. When idle, the
-    SuperNode asks the coordinator for work every site.yaml idle_poll_s (client/supernode_main.py).
+    The SuperNode's ClientApp process is client/pinned_app.py: it never installs or imports code from a submitted app bundle, and refuses a bundle that carries any. In worker mode (default) each message's process hands its task to the site worker (client/site_worker.py, socket under state_dir/worker, 0700/0600), which keeps the site's data loaded. When idle, the SuperNode asks the coordinator for work every site.yaml idle_poll_s (client/supernode_main.py).
     """
     import os
     import shlex

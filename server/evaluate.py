@@ -253,9 +253,27 @@ def run_evaluation(exp: ExperimentConfig, data: Path, out: Path, *, quick: bool 
             results.append({"setting": s.name, **asdict(s), "epsilon": "inf" if math.isinf(s.epsilon) else s.epsilon, **measured, "seconds": round(time.perf_counter() - started, 1)})
             write_report(out, exp, harness, results, quick=quick, final=False)
             if progress:
-                progress(f"{s.name}: AUROC {measured['auroc']:.3f} {measured['auroc_ci']}, lead {measured['early_warning']['median_lead_days']} d, false alarms {measured['early_warning']['false_alarms_per_patient_month']}/patient-month")
+                progress(progress_line(s.name, measured))
         report = write_report(out, exp, harness, results, quick=quick, final=True)
     return report
+
+
+def _ci(v: Any) -> str:
+    return f"[{v[0]:.3f}, {v[1]:.3f}]" if v else "-"
+
+
+def _lead(days: float | None) -> str:
+    return "-" if days is None else f"{days:.1f} d"
+
+
+def progress_line(name: str, measured: dict[str, Any]) -> str:
+    """One setting's headline figures as `evaluate` prints them when it is measured (rounded as
+    in evaluation.md: AUROC and its interval to 3 decimals, lead days to 1, false alarms to 2)."""
+    ew = measured["early_warning"]
+    return (
+        f"{name}: AUROC {measured['auroc']:.3f} {_ci(measured['auroc_ci'])}, lead {_lead(ew['median_lead_days'])} "
+        f"(median; {ew['warned']}/{ew['relapses']} relapses warned), false alarms {ew['false_alarms_per_patient_month']:.2f}/patient-month"
+    )
 
 
 def write_report(out: Path, exp: ExperimentConfig, harness: Harness, results: list[dict[str, Any]], *, quick: bool, final: bool) -> dict[str, Any]:
@@ -276,11 +294,10 @@ def markdown_table(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        ci = lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]" if v else "-"  # noqa: E731
         ew = r["early_warning"]
         sites = ", ".join(f"{k} {v:.3f}" for k, v in r["auroc_per_site"].items())
         lines.append(
-            f"| {r['setting']} | {r['auroc']:.3f} {ci(r['auroc_ci'])} | {r['auprc']:.3f} {ci(r['auprc_ci'])} | {sites} | {r['balanced_accuracy']:.3f} | {r['macro_f1']:.3f} | {r['ece']:.3f} "
+            f"| {r['setting']} | {r['auroc']:.3f} {_ci(r['auroc_ci'])} | {r['auprc']:.3f} {_ci(r['auprc_ci'])} | {sites} | {r['balanced_accuracy']:.3f} | {r['macro_f1']:.3f} | {r['ece']:.3f} "
             f"| {format(ew['median_lead_days'], '.1f') if ew['median_lead_days'] is not None else '-'} | {ew['warned']}/{ew['relapses']} | {ew['false_alarms_per_patient_month']:.2f} | {'yes' if r['collapsed'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"

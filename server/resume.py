@@ -123,6 +123,11 @@ def _kind(value: Any) -> str:
     return "null" if value is None else {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(type(value), f"a {type(value).__name__}")
 
 
+def _field(obj: dict[str, Any], key: str) -> str:
+    """``field `key` is <kind>``, or ``is missing`` when ``obj`` has no ``key``."""
+    return f"field `{key}` is " + (_kind(obj[key]) if key in obj else "missing")
+
+
 def summary_problem(summary: Any) -> str | None:
     """Why ``summary`` (summary.json, loaded) is not what :meth:`RunFolder.finish` writes, as far
     as `run --resume` reads it to report a finished run; None if it is."""
@@ -130,16 +135,16 @@ def summary_problem(summary: Any) -> str | None:
         return f"it holds {_kind(summary)}, expected an object"
     for key in ("run_id", "status"):
         if not isinstance(summary.get(key), str):
-            return f"field `{key}` is {_kind(summary.get(key))}, expected a string"
+            return f"{_field(summary, key)}, expected a string"
     for key in ("rounds_completed", "rounds_planned"):
         if not isinstance(summary.get(key), int) or isinstance(summary.get(key), bool):
-            return f"field `{key}` is {_kind(summary.get(key))}, expected a whole number"
+            return f"{_field(summary, key)}, expected a whole number"
     for key, none in (("final_federated_auroc", True), ("final_federated_auprc", True), ("wall_time_s", False)):
         if not _number(summary.get(key), none=none):
-            return f"field `{key}` is {_kind(summary.get(key))}, expected a number" + (" or null" if none else "")
+            return f"{_field(summary, key)}, expected a number" + (" or null" if none else "")
     sites = summary.get("sites")
     if not isinstance(sites, dict):
-        return f"field `sites` is {_kind(sites)}, expected an object of sites"
+        return f"{_field(summary, 'sites')}, expected an object of sites"
     for site, entry in sites.items():
         if not isinstance(entry, dict):
             return f"`sites.{site}` is {_kind(entry)}, expected an object"
@@ -272,11 +277,17 @@ def check_checkpoints_listed(run: Path, recorded: int) -> None:
     found = sorted(int(m.group(1)) for f in (run / "checkpoints").glob("round-*.safetensors") if (m := re.fullmatch(r"round-(\d+)\.safetensors", f.name)))
     listed = {0: "no round", 1: "round 1"}.get(recorded, f"rounds 1-{recorded}")
     beyond = [n for n in found if n > recorded]
-    if beyond:
+    if beyond == [recorded + 1]:  # one checkpoint ahead: also what a stop between a checkpoint and its record leaves
         raise CryptoError(
-            f"{run / 'checkpoints'} holds the checkpoint(s) of round(s) {beyond} but {run / 'metrics.json'} lists {listed}. Either metrics.json "
+            f"{run / 'checkpoints'} holds the checkpoint of round {recorded + 1} but {run / 'metrics.json'} lists {listed}. Either metrics.json "
             f"was edited (restore it), or the coordinator stopped between writing round {recorded + 1}'s checkpoint and its record: then move "
             f"{checkpoint_path(run, recorded + 1)} out of checkpoints/ and resume again (that round runs again; sites that trained in it refuse it as a replay)."
+        )
+    if beyond:  # a stop leaves at most one checkpoint without its record, and only the next round's
+        ahead = f"the checkpoint of round {beyond[0]}" if len(beyond) == 1 else f"the checkpoints of rounds {beyond}"
+        raise CryptoError(
+            f"{run / 'checkpoints'} holds {ahead} but {run / 'metrics.json'} lists {listed}; each round's record is "
+            "written right after its checkpoint, so metrics.json was edited or replaced (or checkpoints/ is another run's). Restore it; the run cannot be resumed."
         )
     missing = [n for n in range(1, recorded + 1) if n not in found]
     if missing:

@@ -74,6 +74,7 @@ def test_quick_bench_suite_runs_end_to_end(tiny_cohort: Path, tmp_path: Path) ->
     shutil.copytree(tiny_cohort, data, ignore=shutil.ignore_patterns("state"))
     out = tmp_path / "bench"
     results = run_all(tiny_experiment(), out, data=data, quick=True, sim_sites=(3,), say=lambda _: None)
+    assert results["quick"] is True and json.loads((out / "results.json").read_text())["quick_note"].startswith("smoke test (--quick)")
     parts = results["parts"]
     assert not [k for k, v in parts.items() if "error" in v], {k: v["error"] for k, v in parts.items() if "error" in v}
     assert json.loads((out / "results.json").read_text())["parts"].keys() == parts.keys()
@@ -185,6 +186,42 @@ def test_gpu_bench_parts_are_measured_one_by_one_and_a_failed_part_is_recorded(m
     assert fp32["modes"]["plain"]["step_s"] > 0 and set(fp32["patients_per_s"]) == set(fp32["modes"]) and "ghost-per-session" not in fp32["modes"]
     assert bf16["error"] == "RuntimeError: bf16 kernel missing" and "part_s" in bf16
     assert json.loads((tmp_path / "gpu.json").read_text())["dp_step_fp32_b4"]["ratio"] == fp32["ratio"]  # written as it went
+    assert result["quick"] is True and "figures are noisy" in json.loads((tmp_path / "gpu.json").read_text())["quick_note"]
+
+
+def _stub_bench_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench commands' measuring functions replaced by instant ones (this checks what the JSON says, not timings)."""
+    from server import bench, bench_fl, sim_dispatch
+
+    monkeypatch.setattr(bench, "dp_step_ratio", lambda *a, **k: {"modes": {}, "fastest_patient_level": "hooks"})
+    monkeypatch.setattr(bench, "dp_step_profile", lambda *a, **k: {})
+    monkeypatch.setattr(bench, "dp_step_host_bound", lambda *a, **k: {})
+    monkeypatch.setattr(bench, "secagg_overhead", lambda *a, **k: {"results": [{"ratio": 0.681, "ratio_same_training": 1.474}], "note": "how the round time is modelled"})
+    keys = ("sites", "actors", "evaluation", "wall_per_round_after_round_1_s", "round_overhead_ratio_after_round_1", "peak_rss_all_processes_mib",
+            "peak_rss_one_actor_mib", "peak_rss_site_process_mib", "run_total_s", "cpu_s", "cpu_s_per_site_round")
+    monkeypatch.setattr(bench_fl, "simulated_rounds", lambda *a, **k: dict.fromkeys(keys, 1.0))
+    monkeypatch.setattr(sim_dispatch, "sweep_cost_ms", lambda n: 0.1)
+
+
+@pytest.mark.parametrize("command", [["dp-step"], ["secagg"], ["scale", "--data", "{d}", "--out", "{d}/o", "--sites", "3"]])
+def test_quick_bench_output_says_its_figures_are_a_smoke_test_only(command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runbook's figures can be contradicted by a --quick run (dp-step once named hooks fastest, secagg a ratio below 1):
+    its JSON says so, and the full command's does not."""
+    from server.cli import app
+
+    _stub_bench_parts(monkeypatch)
+    args = ["bench", *(a.replace("{d}", str(tmp_path)) for a in command)]
+    quick = CliRunner().invoke(app, [*args, "--quick"])
+    assert quick.exit_code == 0, quick.output
+    shown = json.loads(quick.stdout)
+    assert shown["quick"] is True and shown["quick_note"].startswith("smoke test (--quick)") and "without --quick for numbers" in shown["quick_note"]
+    assert ("only ratio_same_training is meaningful" in shown["quick_note"]) == (command[0] == "secagg")
+    if command[0] == "secagg":
+        assert shown["note"] == "how the round time is modelled"  # the bench's own note stays
+    full = json.loads(CliRunner().invoke(app, args).stdout)
+    assert full["quick"] is False and "quick_note" not in full
+    if command[0] == "scale":  # the file it writes says the same
+        assert json.loads((tmp_path / "o" / "scale.json").read_text())["quick"] is False
 
 
 def test_round_figures_take_the_slowest_site_of_each_phase_as_the_critical_path(tmp_path: Path) -> None:

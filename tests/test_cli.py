@@ -448,3 +448,64 @@ def test_site_check_prune_without_an_experiment_is_refused_and_removes_nothing(t
 
     assert result.exit_code == 2 and "--experiment" in result.output and "Traceback" not in result.output
     assert sorted(state.rglob("*")) == before
+
+
+def _commands(cmd: object, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+    import click
+
+    out: list[tuple[tuple[str, ...], object]] = [(path, cmd)]
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            out += _commands(sub, (*path, name))
+    return out
+
+
+def test_no_help_text_has_a_hard_line_break_inside_a_paragraph() -> None:
+    """In rich markup mode typer joins the first paragraph's lines but keeps the others' line breaks,
+    then wraps at the terminal width: a docstring wrapped by hand printed raggedly (`plan --help`)."""
+    import inspect
+
+    ragged = [" ".join(path) for path, cmd in _commands(typer.main.get_command(app))
+              if any("\n" in para for para in inspect.cleandoc(cmd.help or "").split("\n\n"))]  # type: ignore[attr-defined]
+    assert ragged == []
+
+
+def _runbook_exit_codes() -> set[int]:
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "runbook-researcher.md").read_text(encoding="utf-8")
+    table = text[text.index("## Exit codes"):].split("\n## ")[0]
+    return {int(line.split("|")[1]) for line in table.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
+
+
+def _exit_code_paragraph(command: str) -> str:
+    out = CliRunner().invoke(app, [command, "--help"], terminal_width=1000).output
+    return " ".join(out[out.index("Exit code"):].split("╭")[0].split())
+
+
+@pytest.mark.parametrize("command", ["simulate", "run"])
+def test_simulate_and_run_help_list_every_exit_code_of_the_runbook_table(command: str) -> None:
+    import re
+
+    from shared.errors import ConfigError, CryptoError, DataError, FederationError, PolicyError
+
+    from server.interrupt import RunInterrupted
+
+    codes = _runbook_exit_codes()
+    assert codes == {0} | {e.exit_code for e in (ConfigError, DataError, PolicyError, CryptoError, FederationError, RunInterrupted)}
+    said = _exit_code_paragraph(command)
+    assert {int(c) for c in re.findall(r"\b(\d+) (?:the|a|stopped)\b", said)} == codes, said  # was 0, 4 and 6 only
+    assert said == _exit_code_paragraph("simulate")  # one text for both
+
+
+def test_the_runbook_lists_every_bench_command_and_which_have_quick() -> None:
+    import click
+
+    from tests.conftest import ROOT
+
+    bench = typer.main.get_command(app).commands["bench"]  # type: ignore[attr-defined]
+    text = (ROOT / "docs" / "runbook-researcher.md").read_text(encoding="utf-8")
+    block = text[text.index("## Benchmarks"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    listed = {line.split()[2]: "--quick" in line for line in block.splitlines() if line.startswith("fedrelapse bench ")}
+    has_quick = {name: any(isinstance(p, click.Option) and "--quick" in p.opts for p in cmd.params) for name, cmd in bench.commands.items()}
+    assert listed == has_quick  # was missing ledger and speech-encoder, and scale's --quick

@@ -199,3 +199,64 @@ def test_an_infinite_epsilon_cap_in_site_yaml_is_refused_as_no_cap_at_all(tmp_pa
     path.write_text(f"name: oslo\nmanifest: m.csv\npolicy:\n  {cap}: .inf\n")
     with pytest.raises(ConfigError, match=rf"site.yaml: `policy.{cap}` is inf; it must be a finite ε \(e.g. 10\)"):
         load_site(path)
+
+
+def _uncommented_leaf_keys(path: Path) -> list[str]:
+    """Leaf keys of a YAML file with no comment on their line or on the line above.
+
+    A key inside a one-line flow mapping that is an item of a list (``hospitals``) may instead be
+    explained in the comment lines right above the list. The file's leading comment block (its
+    header) does not count as a field's comment.
+    """
+    lines = path.read_text().splitlines()
+    header = 0
+    while header < len(lines) and lines[header].lstrip().startswith("#"):
+        header += 1
+
+    def comment_only(i: int) -> bool:
+        return header <= i < len(lines) and lines[i].lstrip().startswith("#")
+
+    def block_above(i: int) -> str:
+        out = []
+        while comment_only(i - 1):
+            i -= 1
+            out.append(lines[i])
+        return "\n".join(out)
+
+    missing: list[str] = []
+
+    def walk(node: yaml.Node, where: str, list_line: int | None) -> None:
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item, where + "[]", node.start_mark.line)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = f"{where}.{key.value}" if where else key.value
+                if not isinstance(value, yaml.ScalarNode):
+                    walk(value, name, None)
+                    continue
+                line = key.start_mark.line
+                rest = lines[value.end_mark.line][value.end_mark.column :].strip()
+                trailing = rest.startswith("#") if not node.flow_style else "#" in rest
+                above = not node.flow_style and comment_only(line - 1)
+                listed = node.flow_style and list_line is not None and f"{key.value}:" in block_above(list_line)
+                if not (trailing or above or listed):
+                    missing.append(f"{path.name}:{line + 1} {name}")
+
+    walk(yaml.compose(path.read_text()), "", None)
+    return missing
+
+
+@pytest.mark.parametrize("name", ["experiment.yaml", "cohort.yaml"])
+def test_shipped_configs_comment_every_field(name: str) -> None:
+    """The runbook says the shipped experiment and cohort files have a comment on every field."""
+    assert _uncommented_leaf_keys(ROOT / "configs" / name) == []
+
+
+def test_comment_check_finds_an_uncommented_field(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "# header\nname: x\nseed: 1  # a seed\nmodel:\n  # the width\n  hidden: 3\n  dropout: 0.0\n"
+        "hospitals:\n  # name: the site\n  - {name: a, n: 2}\n"
+    )
+    assert _uncommented_leaf_keys(p) == ["c.yaml:2 name", "c.yaml:7 model.dropout", "c.yaml:10 hospitals[].n"]

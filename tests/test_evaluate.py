@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from server.cli import app
-from server.evaluate import Harness, Setting, bootstrap_ci, run_evaluation
+from server.evaluate import Harness, Setting, bootstrap_ci, progress_line, run_evaluation
 from shared import metrics as M  # noqa: N812
 from shared.models import build_model
 from shared.params import get_arrays, save_checkpoint
@@ -24,8 +25,10 @@ runner = CliRunner()
 
 def test_protocol_reports_every_measure_on_the_same_splits(tiny_cohort: Path, tmp_path: Path) -> None:
     settings = [Setting("fedavg", 8.0), Setting("local", float("inf"), "acoustic", False)]
-    report = run_evaluation(tiny_experiment(), tiny_cohort, tmp_path, settings=settings)
+    lines: list[str] = []
+    report = run_evaluation(tiny_experiment(), tiny_cohort, tmp_path, settings=settings, progress=lines.append)
     assert [r["setting"] for r in report["results"]] == ["fedavg/eps=8", "local/eps=inf/acoustic-nobaseline"]
+    assert len(lines) == 2 and all(re.search(r", lead (\d+\.\d d|-) \(median; \d+/\d+ relapses warned\)", line) for line in lines), lines  # was "lead 13.908680555555556 d"
     for r in report["results"]:
         lo, hi = r["auroc_ci"]
         assert 0 <= lo <= hi <= 1 and set(r["auroc_per_site"]) == {"alpha", "beta", "gamma"}
@@ -34,6 +37,14 @@ def test_protocol_reports_every_measure_on_the_same_splits(tiny_cohort: Path, tm
         assert 0 <= r["ece"] <= 1 and 0 <= r["brier"] <= 1
     assert json.loads((tmp_path / "evaluation.json").read_text())["sites"]["alpha"] == {"train_patients": 6, "eval_patients": 4}  # 30% of 5 + 5, rounded per stratum
     assert "fedavg/eps=8" in (tmp_path / "evaluation.md").read_text() and (tmp_path / "auroc_by_epsilon.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("lead", "shown"), [(13.908680555555556, "lead 13.9 d (median; 11/20 relapses warned)"), (6.726388888888884, "lead 6.7 d"), (None, "lead - (median; 0/20")])
+def test_progress_lines_round_the_lead_days_to_one_decimal_as_the_table_does(lead: float | None, shown: str) -> None:
+    measured = {"auroc": 0.87312, "auroc_ci": [0.82231, 0.92019], "early_warning": {"median_lead_days": lead, "warned": 11 if lead else 0, "relapses": 20, "false_alarms_per_patient_month": 0.41666}}
+    line = progress_line("centralised/eps=inf", measured)
+    assert line.startswith("centralised/eps=inf: AUROC 0.873 [0.822, 0.920], lead ") and shown in line, line  # was "lead 13.908680555555556 d"
+    assert line.endswith("false alarms 0.42/patient-month"), line
 
 
 def test_a_model_that_predicts_one_class_is_reported_as_collapsed(tiny_cohort: Path, tmp_path: Path) -> None:

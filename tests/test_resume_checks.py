@@ -269,7 +269,10 @@ def finished_summary_of(run: Path) -> dict:
 
 @pytest.mark.parametrize(("change", "why"), [
     (lambda s: [1, 2], "it holds a list, expected an object"),
-    (lambda s: {k: v for k, v in s.items() if k != "sites"}, "field `sites` is null, expected an object of sites"),
+    (lambda s: {k: v for k, v in s.items() if k != "sites"}, "field `sites` is missing, expected an object of sites"),  # was "is null"
+    (lambda s: s | {"sites": None}, "field `sites` is null, expected an object of sites"),
+    (lambda s: {k: v for k, v in s.items() if k != "status"}, "field `status` is missing, expected a string"),
+    (lambda s: {k: v for k, v in s.items() if k != "wall_time_s"}, "field `wall_time_s` is missing, expected a number"),
     (lambda s: s | {"final_federated_auroc": "0.99"}, "field `final_federated_auroc` is a string, expected a number or null"),
     (lambda s: s | {"sites": {"alpha": {"epsilon": "2"}}}, "`sites.alpha.epsilon` is a string"),
     (lambda s: s | {"refusals": [{"site": "a"}]}, "field `refusals` is not a list of objects"),
@@ -344,22 +347,34 @@ def test_an_edited_round_record_is_refused_by_the_signed_checkpoint(tmp_path: Pa
         load_resume_point(run, public_key=key.public_key())
 
 
-@pytest.mark.parametrize(("tamper", "why"), [
-    ("emptied", r"holds the checkpoint\(s\) of round\(s\) \[1, 2\] but .*metrics.json lists no round"),
-    ("last-round-dropped", r"holds the checkpoint\(s\) of round\(s\) \[2\] but .*metrics.json lists round 1"),
-    ("checkpoint-deleted", r"lists rounds 1-2 but .*checkpoints has no checkpoint of round\(s\) \[1\]"),
+STOPPED_BETWEEN = "stopped between writing round"
+
+
+@pytest.mark.parametrize(("tamper", "why", "stop_hint"), [
+    # several checkpoints ahead of the records: no stop leaves that, so no "move round-00k out" hint (it offered round 1's)
+    ("emptied", r"holds the checkpoints of rounds \[1, 2, 3\] but .*metrics.json lists no round; .*edited or replaced", False),
+    ("first-two-rounds-dropped", r"holds the checkpoints of rounds \[2, 3\] but .*metrics.json lists round 1; .*edited or replaced", False),
+    # exactly the next round's checkpoint ahead: also what a stop between a checkpoint and its record leaves
+    ("last-round-dropped", r"holds the checkpoint of round 3 but .*metrics.json lists rounds 1-2\. Either metrics.json was edited .*round-003.safetensors out", True),
+    ("metrics-deleted-after-round-one", r"holds the checkpoint of round 1 but .*metrics.json lists no round\. Either .*round-001.safetensors out", True),
+    ("checkpoint-deleted", r"lists rounds 1-3 but .*checkpoints has no checkpoint of round\(s\) \[1\]", False),
 ])
-def test_checkpoints_and_metrics_listing_different_rounds_are_refused(tmp_path: Path, tamper: str, why: str) -> None:
-    run, key = crashed_run(tmp_path)
+def test_checkpoints_and_metrics_listing_different_rounds_are_refused(tmp_path: Path, tamper: str, why: str, stop_hint: bool) -> None:
+    run, key = crashed_run(tmp_path, rounds_done=1 if tamper == "metrics-deleted-after-round-one" else 3)
     rounds = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     if tamper == "emptied":
         (run / "metrics.json").write_text("[]")
-    elif tamper == "last-round-dropped":
+    elif tamper == "first-two-rounds-dropped":
         (run / "metrics.json").write_text(json.dumps(rounds[:1]))
+    elif tamper == "last-round-dropped":
+        (run / "metrics.json").write_text(json.dumps(rounds[:2]))
+    elif tamper == "metrics-deleted-after-round-one":
+        (run / "metrics.json").unlink()
     else:
         checkpoint_path(run, 1).unlink()
-    with pytest.raises(CryptoError, match=why):
+    with pytest.raises(CryptoError, match=why) as caught:
         load_resume_point(run, public_key=key.public_key())
+    assert (STOPPED_BETWEEN in str(caught.value)) == stop_hint, str(caught.value)
 
 
 def test_a_round_evaluated_after_its_checkpoint_verifies_and_its_evaluation_is_bound_by_the_next(tmp_path: Path) -> None:
