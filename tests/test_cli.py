@@ -487,9 +487,8 @@ def _exit_code_paragraph(command: str) -> str:
 def test_simulate_and_run_help_list_every_exit_code_of_the_runbook_table(command: str) -> None:
     import re
 
-    from shared.errors import ConfigError, CryptoError, DataError, FederationError, PolicyError
-
     from server.interrupt import RunInterrupted
+    from shared.errors import ConfigError, CryptoError, DataError, FederationError, PolicyError
 
     codes = _runbook_exit_codes()
     assert codes == {0} | {e.exit_code for e in (ConfigError, DataError, PolicyError, CryptoError, FederationError, RunInterrupted)}

@@ -144,7 +144,7 @@ def _assert_interrupted(rc: int, output: str, seconds: float, out: Path) -> None
     assert {"run.json", "config.yaml", "metrics.json", "simulation.json"} <= {p.name for p in out.iterdir()}
 
 
-@pytest.mark.slow  # two runs of the tiny cohort in fresh processes: about 75 s on a loaded 2-core machine
+# Not marked slow: the one end-to-end proof that Ctrl-C ends a run (two runs of the tiny cohort in fresh processes, about 75 s on a loaded 2-core machine)
 def test_ctrl_c_stops_the_run_promptly_and_run_resume_finishes_it_without_charging_twice(cohort: Path, tmp_path: Path) -> None:
     from server.cli import app, run_exit_code
 
