@@ -177,6 +177,9 @@ class _RefusingSite:
             return {"code": "min-sigma", "reason": f"Site {self.cfg.name}: this run needs σ=0.417, below the site minimum 0.5; ask for a smaller ε."}
         return {"noise_multiplier": 1.2, "epsilon_run": 8.0, "epsilon_spent": 0.0, "epsilon_after": 8.0, "epsilon_remaining": 30.0, "delta": 1e-5, "code": "ok", "reason": ""}
 
+    def data_refusal(self) -> None:  # enough training patients
+        return None
+
 
 def test_plan_printed_to_a_file_shows_whole_headers_and_each_refusal_on_one_line_under_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import client.site
