@@ -67,5 +67,5 @@ def test_a_sigma_search_at_a_tiny_epsilon_gives_no_largest_alpha_warning() -> No
         warnings.simplefilter("always")
         sigma = calibrate_noise(target_epsilon=0.0199, target_delta=1e-5, sample_rate=0.23, steps=7)
         epsilon([SubsampledGaussian(sigma, 0.23, 7)], delta=1e-5)
-    assert sigma > 100
+    assert sigma > 50  # a tiny ε: σ in the tens (91 to 1 % of ε; Opacus' absolute tolerance gave 160)
     assert not [w for w in caught if "largest alpha" in str(w.message)]

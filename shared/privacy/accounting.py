@@ -143,6 +143,17 @@ def rdp_epsilon_floor(*, delta: float) -> float:
     return float(np.min(-(np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)))
 
 
+def epsilon_tolerance(target_epsilon: float) -> float:
+    """How far below ``target_epsilon`` the σ search may stop: Opacus' 0.01, or 1 % of the
+    target when that is smaller. Opacus' bisection stops once the ε of its σ is within its
+    tolerance below the target, and an absolute 0.01 is no precision at a small target: at
+    ε = 0.01 it returned the first power-of-two σ under the target (1280, spending 0.0089,
+    where σ = 720 spends 0.0099), at ε = 0.1 a σ 7 % above the one needed (65 vs 60.6). Noise
+    beyond the one needed costs utility and buys no privacy the plan asked for. From ε = 1 up
+    the rule is Opacus' own, so the σ of such plans is unchanged."""
+    return min(0.01, 0.01 * target_epsilon)
+
+
 @functools.lru_cache(maxsize=1024)
 def _calibrate(target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     from opacus.accountants.utils import get_noise_multiplier
@@ -160,6 +171,7 @@ def _calibrate(target_epsilon: float, target_delta: float, sample_rate: float, s
                     sample_rate=sample_rate,
                     steps=steps,
                     accountant=accountant,
+                    epsilon_tolerance=epsilon_tolerance(target_epsilon),
                     **({"alphas": list(RDP_ALPHAS)} if accountant == "rdp" else {}),
                 )
             )
