@@ -4,7 +4,9 @@ On the Deployment Engine every message runs in a new ClientApp process, so the i
 memo of :func:`shared.privacy.accounting.calibrate_noise` never helps there, and the
 bisection (~20 RDP evaluations) was most of a site's round. A stored σ is never trusted
 blindly: before use it is re-checked with one ε evaluation, and a σ that would spend more
-than the target (a damaged or edited file) is discarded and recalibrated.
+than the target (a damaged or edited file), or so much less that it is not what the search
+gives (more noise than the plan needs: an edit, or a calibration by an older, coarser search),
+is discarded and recalibrated.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 from pathlib import Path
 
 from shared.atomic import AS_OPEN, write_atomically
-from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon, warn_full_sampling
+from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsilon, epsilon_tolerance, warn_full_sampling
 
 FILE = "sigma-cache.json"
 
@@ -29,7 +31,7 @@ def calibrated_sigma(state_dir: Path, *, target_epsilon: float, target_delta: fl
     sigma = stored.get(key)
     if isinstance(sigma, float) and sigma > 0:
         spent = epsilon([SubsampledGaussian(sigma, sample_rate, steps)], delta=target_delta, accountant=accountant)
-        if spent <= target_epsilon:
+        if target_epsilon - epsilon_tolerance(target_epsilon) <= spent <= target_epsilon:
             warn_full_sampling(sample_rate, site=site)  # calibrate_noise, which warns, is not called
             return sigma
     sigma = calibrate_noise(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps, accountant=accountant, site=site)

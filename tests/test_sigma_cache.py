@@ -31,6 +31,18 @@ def test_an_edited_sigma_that_would_overspend_is_discarded(tmp_path: Path) -> No
     assert json.loads(path.read_text()) != stored  # repaired on disk
 
 
+def test_a_stored_sigma_with_more_noise_than_the_search_gives_is_recalibrated(tmp_path: Path) -> None:
+    """A σ from an older, coarser search (Opacus' flat 0.01 at ε = 0.1: 65 where 60.6 suffices),
+    or an edit, would cost utility in every round it is reused; it is replaced by the search's."""
+    small = ASK | {"target_epsilon": 0.1, "sample_rate": 0.25, "steps": 50}
+    honest = sc.calibrated_sigma(tmp_path, **small)
+    path = tmp_path / sc.FILE
+    path.write_text(json.dumps({k: 65.0 for k in json.loads(path.read_text())}))
+
+    assert sc.calibrated_sigma(tmp_path, **small) == pytest.approx(honest)
+    assert list(json.loads(path.read_text()).values()) == [pytest.approx(honest)]
+
+
 def test_a_damaged_cache_file_is_ignored(tmp_path: Path) -> None:
     (tmp_path / sc.FILE).write_text("{not json")
     assert sc.calibrated_sigma(tmp_path, **ASK) > 0
