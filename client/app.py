@@ -37,7 +37,7 @@ from flwr.compat.common import recorddict_compat as compat
 from client import site as site_module
 from client.approval import is_approved
 from client.site import SITE_CACHE_ENV, DataIdentity, Refusal, Site, TrainResult, data_identity, site_cache_size  # noqa: F401 - SITE_CACHE_ENV: read by simulate and tests from here
-from client.site_errors import PATH_WITHHELD, loggable, withheld, without_paths
+from client.site_errors import PATH_WITHHELD, loggable, redacted, withheld, without_paths
 from client.startup_checks import coordinator_key
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
@@ -488,7 +488,7 @@ def policy_refusal(site_cfg: SiteConfig, exc: PolicyError) -> Refusal:
     another, e.g. ``budget`` for an ε no noise can reach) and its sentence, which the site's
     own code wrote about its ledger, keys or budget (never patient data); local paths in it
     are withheld when the reply is built. The site's log keeps the full text."""
-    log.warning("site=%s refuses: %s", site_cfg.name, exc)
+    log.warning("site=%s refuses: %s", site_cfg.name, redacted(str(exc), **_folders(site_cfg)))  # the ledger file by its place in <state_dir>
     text = str(exc)
     for folder in sorted({str(site_cfg.state_dir.absolute()), str(site_cfg.state_dir.resolve()), str(site_cfg.state_dir)}, key=len, reverse=True):
         text = text.replace(folder, PATH_WITHHELD)  # the site's own folder, whole, even where a space would end the pattern in without_paths

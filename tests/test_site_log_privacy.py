@@ -75,6 +75,27 @@ def _sent(reply: Message) -> str:
     return " ".join(parts)
 
 
+def test_a_round_on_data_with_a_corrupt_recording_and_a_missing_transcript_logs_no_patient_path_or_transcript(
+    tiny_cohort: Path, tmp_path: Path, alpha_state: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = tmp_path  # alpha_state put the warm feature cache in tmp_path/state: the state folder is inside the data folder
+    ctx = _hospital(tiny_cohort, data)
+    rows = list(csv.DictReader((data / "manifest.csv").open()))
+    (data / rows[0]["audio_path"]).write_bytes(b"RIFF\x00\x00not a wave file")
+    (data / rows[1]["transcript_path"]).unlink()
+    app = build_client_app()
+
+    with caplog.at_level(logging.DEBUG):
+        replies = [app(_message(kind), ctx) for kind in ("query", "train", "evaluate")]
+
+    assert "ledger signing key" in _logged(caplog)  # the first round created the site's key, and said so
+    assert not replies[1].has_error() and P.REFUSAL_CODE not in replies[1].content[P.SITE]  # it trained
+    secrets = _secrets(data)
+    assert _leaks(_logged(caplog), secrets) == []
+    for reply in replies:
+        assert _leaks(_sent(reply), secrets) == []
+
+
 def test_recordings_that_all_fail_to_decode_are_logged_and_refused_without_the_data_folder(
     tiny_cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -111,6 +132,27 @@ def test_an_unexpected_error_that_names_a_patients_recording_is_logged_without_i
     assert ref is not None
     record = next(r for r in caplog.records if ref.group(1) in r.getMessage())
     assert "RuntimeError" in _EVERYTHING.format(record) and "in _prepare_recording" in _EVERYTHING.format(record)  # the class and where it was raised stay for IT
+    assert _leaks(_logged(caplog), _secrets(tmp_path)) == []
+
+
+@pytest.mark.parametrize("kind", ["query", "train"])
+def test_a_damaged_ledger_in_a_state_folder_inside_the_data_folder_is_logged_without_its_path(
+    tiny_cohort: Path, tmp_path: Path, alpha_state: Path, caplog: pytest.LogCaptureFixture, kind: str,
+) -> None:
+    from client.site import site_key_paths
+    from shared import signing
+
+    ctx = _hospital(tiny_cohort, tmp_path)
+    signing.generate(*site_key_paths(alpha_state))
+    ledger = alpha_state / "ledger" / "privacy-ledger.jsonl"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text("42\n")
+
+    with caplog.at_level(logging.DEBUG):
+        reply = build_client_app()(_message(kind), ctx)
+
+    assert reply.content[P.SITE][P.REFUSAL_CODE] == "ledger"
+    assert "line 1" in _logged(caplog) and "privacy-ledger.jsonl" in _logged(caplog)  # IT still learns which file and line: relative to state_dir
     assert _leaks(_logged(caplog), _secrets(tmp_path)) == []
 
 
