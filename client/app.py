@@ -37,7 +37,7 @@ from flwr.compat.common import recorddict_compat as compat
 from client import site as site_module
 from client.approval import is_approved
 from client.site import SITE_CACHE_ENV, DataIdentity, Refusal, Site, TrainResult, data_identity, site_cache_size  # noqa: F401 - SITE_CACHE_ENV: read by simulate and tests from here
-from client.site_errors import PATH_WITHHELD, withheld, without_paths
+from client.site_errors import PATH_WITHHELD, loggable, redacted, withheld, without_paths
 from client.startup_checks import coordinator_key
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
@@ -255,6 +255,11 @@ def _plan(site_cfg: SiteConfig, req: Request) -> ExperimentConfig | Refusal:
         return Refusal("invalid", f"Site {site_cfg.name}: {exc}")
 
 
+def _folders(site_cfg: SiteConfig) -> dict[str, Path]:
+    """The site's state folder and data folder (the manifest's), which its log lines never show (:func:`client.site_errors.redacted`)."""
+    return {"state_dir": site_cfg.state_dir, "data_root": site_cfg.manifest.absolute().parent}
+
+
 def _site_data(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site | Refusal:
     """This site's data prepared for the plan (features extracted, language model loaded), or an
     ``invalid`` refusal. A problem with the site's data (its manifest, recordings, paths) is
@@ -263,7 +268,7 @@ def _site_data(site_cfg: SiteConfig, exp: ExperimentConfig) -> Site | Refusal:
     try:
         return site_for(site_cfg, exp)
     except FedrelapseError as exc:
-        return Refusal("invalid", withheld(exc, site=site_cfg.name, doing="loading its data for this plan") + " `fedrelapse site check` shows the problem too.")
+        return Refusal("invalid", withheld(exc, site=site_cfg.name, doing="loading its data for this plan", **_folders(site_cfg)) + " `fedrelapse site check` shows the problem too.")
 
 
 def _refused_by_policy(site_cfg: SiteConfig, exp: ExperimentConfig, *, kind: str, secure: bool) -> Refusal | None:
@@ -273,7 +278,7 @@ def _refused_by_policy(site_cfg: SiteConfig, exp: ExperimentConfig, *, kind: str
         try:
             approved = is_approved(site_cfg, exp)
         except ConfigError as exc:  # a damaged or unreadable approvals file: no plan counts as approved; its path stays here
-            return Refusal("unapproved-plan", withheld(exc, site=site_cfg.name, doing="reading its approved plans") + " Until its IT repairs that file, no plan counts as approved.")
+            return Refusal("unapproved-plan", withheld(exc, site=site_cfg.name, doing="reading its approved plans", **_folders(site_cfg)) + " Until its IT repairs that file, no plan counts as approved.")
         if not approved:
             return Refusal("unapproved-plan", f"Site {site_cfg.name} has not approved plan {exp.plan_hash()[:16]} ({exp.name}); its IT must run `fedrelapse site approve` first.")
     if site_cfg.policy.require_secure_aggregation:
@@ -368,7 +373,7 @@ def check_model_signature(site_cfg: SiteConfig, cfg: ConfigRecord, req: Request,
     try:
         key = coordinator_key(site_cfg)
     except FedrelapseError as exc:
-        return Refusal("signature", withheld(exc, site=site_cfg.name, doing="reading its coordinator_public_key (site.yaml) to verify the global model"))
+        return Refusal("signature", withheld(exc, site=site_cfg.name, doing="reading its coordinator_public_key (site.yaml) to verify the global model", **_folders(site_cfg)))
     if key is None:  # site.yaml sets no coordinator_public_key
         log.warning("site=%s has no coordinator_public_key: global models are not verified", site_cfg.name)
         return None
@@ -472,8 +477,9 @@ def _evaluation_with_train(site: Site, req: Request) -> dict[str, float] | None:
             log.warning("site=%s sends no evaluation of round %d's model: %s", site.cfg.name, model_round, refusal.reason)
             return None
         return _evaluation(site, req.arrays)
-    except Exception:  # noqa: BLE001 - any failure of the evaluation alone must not cost the update
-        log.exception("site=%s could not evaluate the global model of round %d; the update is sent without an evaluation", site.cfg.name, model_round)
+    except Exception as exc:  # noqa: BLE001 - any failure of the evaluation alone must not cost the update
+        log.error("site=%s run=%s round=%d could not evaluate the global model of round %d; the update is sent without an evaluation "
+                  "(patient data and local paths withheld):\n%s", site.cfg.name, req.run_id, req.server_round, model_round, loggable(exc, **_folders(site.cfg)))
         return None
 
 
@@ -482,7 +488,7 @@ def policy_refusal(site_cfg: SiteConfig, exc: PolicyError) -> Refusal:
     another, e.g. ``budget`` for an ε no noise can reach) and its sentence, which the site's
     own code wrote about its ledger, keys or budget (never patient data); local paths in it
     are withheld when the reply is built. The site's log keeps the full text."""
-    log.warning("site=%s refuses: %s", site_cfg.name, exc)
+    log.warning("site=%s refuses: %s", site_cfg.name, redacted(str(exc), **_folders(site_cfg)))  # the ledger file by its place in <state_dir>
     text = str(exc)
     for folder in sorted({str(site_cfg.state_dir.absolute()), str(site_cfg.state_dir.resolve()), str(site_cfg.state_dir)}, key=len, reverse=True):
         text = text.replace(folder, PATH_WITHHELD)  # the site's own folder, whole, even where a space would end the pattern in without_paths
@@ -542,12 +548,12 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     return _fitres(msg, update, int(weight), report)
 
 
-def _site_name_of(context: Context, sim_sites: tuple[str, ...]) -> str:
-    """This node's site name for an error reply, or "this site" if its site.yaml cannot be read."""
+def _site_of(context: Context, sim_sites: tuple[str, ...]) -> SiteConfig | None:
+    """This node's site config for an error reply and its log line, or None if its site.yaml cannot be read."""
     try:
-        return site_config(site_config_path(context, sim_sites)).name
+        return site_config(site_config_path(context, sim_sites))
     except Exception:  # noqa: BLE001 - the reply must go out whatever is wrong with site.yaml
-        return "this site"
+        return None
 
 
 class _PicklesAsItsBuild(ClientApp):
@@ -579,8 +585,9 @@ class _PicklesAsItsBuild(ClientApp):
         except InjectedCrash:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is answered, without its text
-            site = _site_name_of(context, self._build_args[0])
-            reason = withheld(exc, site=site, doing=f"its ClientApp, handling a {message.metadata.message_type} message,")
+            site_cfg = _site_of(context, self._build_args[0])
+            site, folders = ("this site", {}) if site_cfg is None else (site_cfg.name, _folders(site_cfg))
+            reason = withheld(exc, site=site, doing=f"its ClientApp, handling a {message.metadata.message_type} message,", **folders)
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 

@@ -212,7 +212,7 @@ class Site:
         with ledger.locked(priv):  # one creator: two processes of a site starting their first round together both saw no key
             if not priv.exists():
                 key = new_ledger_key(self.cfg.state_dir)
-                log.info("site=%s created ledger signing key %s", self.cfg.name, priv)
+                log.info("site=%s created ledger signing key <state_dir>/%s (id %s)", self.cfg.name, priv.relative_to(self.cfg.state_dir), signing.fingerprint(key.public_key()))
                 return key
             return signing.load_private(priv)
 

@@ -116,8 +116,9 @@ def run_task(argv: list[str], on_pulled: Callable[[str], None], exclusive: Calla
         try:
             message, context, _run, fab = pull_task_input(client)
         except Exception as ex:  # noqa: BLE001 - no message, so no reply: the task fails, as in Flower
-            log(40, "ClientApp could not pull its task", exc_info=ex)
-            push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=error_reason(ex))
+            reason = error_reason(ex)  # logs the error itself, without patient data or local paths (client.site_errors)
+            log(40, "ClientApp could not pull its task: %s", reason)
+            push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=reason)
             return ExitCode.TASK_PROC_EXCEPTION
         on_pulled(base64.b64encode(message_to_proto(remove_content_from_message(message)).SerializeToString()).decode("ascii"))
         with exclusive(context):
@@ -129,7 +130,7 @@ def run_task(argv: list[str], on_pulled: Callable[[str], None], exclusive: Calla
                 e_code, reason = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, error_reason(ex)
                 if isinstance(ex, LoadClientAppError):
                     e_code, reason = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "An exception was raised when attempting to load `ClientApp`"
-                log(40, "ClientApp raised an exception", exc_info=ex)
+                log(40, "ClientApp raised an exception: %s", reason)  # not exc_info: its text may name a patient or a file (error_reason logged it, withheld)
                 sub_status, details, code = SubStatus.FAILED, reason, ExitCode.TASK_PROC_EXCEPTION
                 reply = Message(Error(code=e_code, reason=reason), reply_to=message)
             try:
