@@ -130,7 +130,7 @@ def run_task(argv: list[str], on_pulled: Callable[[str], None], exclusive: Calla
                 e_code, reason = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, error_reason(ex)
                 if isinstance(ex, LoadClientAppError):
                     e_code, reason = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "An exception was raised when attempting to load `ClientApp`"
-                log(40, "ClientApp raised an exception: %s", reason)  # not exc_info: its text may name a patient or a file (error_reason logged it, withheld)
+                log(40, "ClientApp raised an exception (%s): %s", type(ex).__name__, reason)  # not exc_info: its text may name a patient or a file (error_reason logged it, withheld)
                 sub_status, details, code = SubStatus.FAILED, reason, ExitCode.TASK_PROC_EXCEPTION
                 reply = Message(Error(code=e_code, reason=reason), reply_to=message)
             try:
