@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import re
@@ -212,3 +213,41 @@ def write_tone(path: Path, *, sr: int = 16000, seconds: float = 3.0, amp: float 
 
 
 __all__ = ["ROOT", "dry_run_command", "small_site", "tiny_cohort_config", "tiny_experiment", "write_tone", "FederationConfig", "TrainingConfig"]
+
+
+def run_failing_worker_task(monkeypatch: pytest.MonkeyPatch, message: Any, error: BaseException) -> tuple[list[Any], list[str]]:
+    """Run one site-worker task (``client.site_worker.run_task``, Flower's runtime stubbed out)
+    whose ClientApp raises ``error`` on ``message``; the replies pushed and the task details
+    reported to the SuperNode."""
+    from flwr.app import Context, RecordDict
+    from flwr.supernode.runtime import run_clientapp
+
+    from client import site_worker
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    pushed: list[Any] = []
+    details: list[str] = []
+
+    class Client:
+        def close(self) -> None:
+            pass
+
+    class Heartbeat:
+        def __init__(self, *_: Any) -> None:
+            pass
+
+        start = stop = lambda self: None  # noqa: E731
+
+    def raising(*_: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(site_worker, "_task_args", lambda argv: (object(), "token"))
+    monkeypatch.setattr(site_worker, "_runtime_client", lambda args, token: Client())
+    monkeypatch.setattr(site_worker, "execute", raising)
+    monkeypatch.setattr("flwr.supercore.heartbeat.HeartbeatSender", Heartbeat)
+    monkeypatch.setattr("flwr.supercore.heartbeat.make_task_heartbeat_fn_http", lambda client: None)
+    monkeypatch.setattr(run_clientapp, "pull_task_input", lambda client: (message, context, None, type("Fab", (), {"content": b""})()))
+    monkeypatch.setattr(run_clientapp, "push_message", lambda client, reply, ctx: pushed.append(reply))
+    monkeypatch.setattr(run_clientapp, "push_task_output", lambda **kw: details.append(str(kw["details"])))
+    site_worker.run_task([], lambda header: None, lambda ctx: contextlib.nullcontext())
+    return pushed, details

@@ -7,7 +7,6 @@ Message the site actually sends.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from pathlib import Path
@@ -16,14 +15,13 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client import site_worker
 from client.app import build_client_app
 from client.site import Site
 from client.site_errors import PATH_WITHHELD, without_paths
 from shared import protocol as P  # noqa: N812
 from shared.models import build_model
 from shared.params import get_arrays, layout, pack
-from tests.conftest import tiny_experiment
+from tests.conftest import run_failing_worker_task, tiny_experiment
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -111,36 +109,7 @@ def test_absolute_paths_are_withheld_from_a_reason_and_the_rest_kept() -> None:
 
 
 def test_the_site_worker_sends_only_the_class_and_a_reference_when_a_task_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supernode.runtime import run_clientapp
-
-    asked = _message("train", "plan")
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    pushed: list[Message] = []
-    details: list[str] = []
-
-    class Client:
-        def close(self) -> None:
-            pass
-
-    class Heartbeat:
-        def __init__(self, *_: Any) -> None:
-            pass
-
-        start = stop = lambda self: None  # noqa: E731
-
-    def raising(*_: Any) -> Message:
-        raise IsADirectoryError(LEAKY)
-
-    monkeypatch.setattr(site_worker, "_task_args", lambda argv: (object(), "token"))
-    monkeypatch.setattr(site_worker, "_runtime_client", lambda args, token: Client())
-    monkeypatch.setattr(site_worker, "execute", raising)
-    monkeypatch.setattr("flwr.supercore.heartbeat.HeartbeatSender", Heartbeat)
-    monkeypatch.setattr("flwr.supercore.heartbeat.make_task_heartbeat_fn_http", lambda client: None)
-    monkeypatch.setattr(run_clientapp, "pull_task_input", lambda client: (asked, context, None, type("Fab", (), {"content": b""})()))
-    monkeypatch.setattr(run_clientapp, "push_message", lambda client, reply, ctx: pushed.append(reply))
-    monkeypatch.setattr(run_clientapp, "push_task_output", lambda **kw: details.append(str(kw["details"])))
-
-    site_worker.run_task([], lambda header: None, lambda ctx: contextlib.nullcontext())
+    pushed, details = run_failing_worker_task(monkeypatch, _message("train", "plan"), IsADirectoryError(LEAKY))
 
     assert len(pushed) == 1 and pushed[0].has_error()
     for text in (pushed[0].error.reason, *details):

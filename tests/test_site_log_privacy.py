@@ -11,7 +11,6 @@ folder and the transcripts' words in every record and in the reply. The site's o
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import re
@@ -26,7 +25,7 @@ from client.site import Refusal
 from shared import protocol as P  # noqa: N812
 from shared.models import build_model
 from shared.params import get_arrays, layout, pack
-from tests.conftest import small_site, tiny_experiment
+from tests.conftest import run_failing_worker_task, small_site, tiny_experiment
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -176,37 +175,10 @@ def test_a_failed_evaluation_with_the_update_is_logged_without_its_text(caplog: 
 
 def test_the_site_worker_logs_a_failed_task_without_its_text(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Flower's own ``log(ERROR, ..., exc_info=ex)`` in the worker's task loop printed the exception in full."""
-    from flwr.supernode.runtime import run_clientapp
-
-    from client import site_worker
-
     leaky = "[Errno 21] Is a directory: '/srv/hospital/data/transcripts/PATX0005-SESSX0005-1.txt'"
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-
-    class Client:
-        def close(self) -> None:
-            pass
-
-    class Heartbeat:
-        def __init__(self, *_: Any) -> None:
-            pass
-
-        start = stop = lambda self: None  # noqa: E731
-
-    def raising(*_: Any) -> Message:
-        raise IsADirectoryError(leaky)
-
-    monkeypatch.setattr(site_worker, "_task_args", lambda argv: (object(), "token"))
-    monkeypatch.setattr(site_worker, "_runtime_client", lambda args, token: Client())
-    monkeypatch.setattr(site_worker, "execute", raising)
-    monkeypatch.setattr("flwr.supercore.heartbeat.HeartbeatSender", Heartbeat)
-    monkeypatch.setattr("flwr.supercore.heartbeat.make_task_heartbeat_fn_http", lambda client: None)
-    monkeypatch.setattr(run_clientapp, "pull_task_input", lambda client: (_message("train"), context, None, type("Fab", (), {"content": b""})()))
-    monkeypatch.setattr(run_clientapp, "push_message", lambda client, reply, ctx: None)
-    monkeypatch.setattr(run_clientapp, "push_task_output", lambda **kw: None)
 
     with caplog.at_level(logging.DEBUG):
-        site_worker.run_task([], lambda header: None, lambda ctx: contextlib.nullcontext())
+        run_failing_worker_task(monkeypatch, _message("train"), IsADirectoryError(leaky))
 
     assert "IsADirectoryError" in _logged(caplog)
     assert "PATX0005" not in _logged(caplog) and "/srv/hospital" not in _logged(caplog)
