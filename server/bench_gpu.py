@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from server.interrupt import RunInterrupted
 from shared.config import ExperimentConfig
 
 NO_GPU = ("No CUDA GPU is visible (torch.cuda.is_available() is False), so no GPU figure was measured. "
@@ -65,6 +66,8 @@ def gpu_bench(exp: ExperimentConfig, *, data: Path | None, out: Path, quick: boo
         started = time.perf_counter()
         try:
             value = fn()
+        except RunInterrupted:  # Ctrl-C or SIGTERM during a part's simulation: stop the bench, not just the part
+            raise
         except Exception as exc:  # a failed part is a result too; the others still run
             value = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6)}
         if isinstance(value, dict):

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from server.interrupt import RunInterrupted
 from shared.config import ExperimentConfig
 from shared.errors import ConfigError
 
@@ -67,6 +68,8 @@ def run_all(exp: ExperimentConfig, out: Path, *, data: Path | None, quick: bool,
         t0 = time.perf_counter()
         try:
             results["parts"][name] = {**fn(), "bench_seconds": round(time.perf_counter() - t0, 1)}
+        except RunInterrupted:  # Ctrl-C or SIGTERM during a part's simulation: stop the suite, not just the part
+            raise
         except Exception as exc:  # noqa: BLE001 - one failing part must not hide the others' figures
             results["parts"][name] = {"error": f"{type(exc).__name__}: {exc}"}
         results["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -172,3 +172,25 @@ def test_sigterm_to_the_process_group_stops_the_run_the_same_way(cohort: Path, t
     out = tmp_path / "run"
     rc, output, seconds = _interrupt(cohort, out, signal.SIGTERM)
     _assert_interrupted(rc, output, seconds, out)
+
+
+def test_ctrl_c_during_a_bench_suite_part_stops_the_suite_not_just_the_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each part's error is recorded and the next part runs; a stopped simulation is not such an
+    error: one Ctrl-C used to leave `bench all` running its remaining simulations."""
+    import server.bench
+    from server.bench_suite import run_all
+    from server.interrupt import RunInterrupted
+    from shared.config import load_experiment
+
+    ran: list[str] = []
+
+    def stopped(*_: object, **__: object) -> dict:
+        ran.append("dp_step")
+        raise RunInterrupted("Interrupted after round 1; continue with `fedrelapse run --resume RUN`.")
+
+    monkeypatch.setattr(server.bench, "dp_step_ratio", stopped)
+    monkeypatch.setattr(server.bench, "dp_step_profile", lambda *a, **k: ran.append("dp_step_profile") or {})
+
+    with pytest.raises(RunInterrupted):
+        run_all(load_experiment(Path("configs/experiment.yaml")), tmp_path / "out", data=tmp_path, quick=True, only=("dp_step", "dp_step_profile"), say=lambda _: None)
+    assert ran == ["dp_step"]
