@@ -566,8 +566,8 @@ class _PicklesAsItsBuild(ClientApp):
 
     Flower answers a ClientApp that raises with an error reply holding ``str(exception)``,
     which can name a patient or a local path (an ``IsADirectoryError`` on a transcript did).
-    This app answers an unexpected exception itself: the full error is logged at the site
-    under a reference and the error reply names only the exception's class and that
+    This app answers an unexpected exception itself: the error is logged at the site under a
+    reference, without patient data or local paths (:func:`client.site_errors.loggable`), and the error reply names only the exception's class and that
     reference (:func:`client.site_errors.withheld`). A test fault (InjectedCrash) is raised
     as it is: its text is the test's.
     """

@@ -83,6 +83,10 @@ def _message(exc: BaseException, state_dir: Path | None, data_root: Path | None)
         return redacted(str(exc), state_dir=state_dir, data_root=data_root)
     if isinstance(exc, OSError) and exc.errno is not None:  # the error, without the file it names
         return f"[Errno {exc.errno}] {exc.strerror or os.strerror(exc.errno)}"
+    if isinstance(exc, ImportError) and exc.name:  # a missing module names code, not data: what IT must install
+        return f"no module named {exc.name!r}"
+    if isinstance(exc, BaseExceptionGroup):  # which errors it holds (each member's text is withheld alike)
+        return f"{len(exc.exceptions)} errors: {', '.join(_qualified(e) for e in exc.exceptions)}; {_TEXT_WITHHELD}"
     return _TEXT_WITHHELD
 
 

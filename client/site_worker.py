@@ -81,7 +81,7 @@ def execute(message: Any, context: Any, fab_content: bytes) -> Any:
 def error_reason(ex: Exception) -> str:
     """What the coordinator reads about a task that raised: a refused bundle's own sentence (written
     for the researcher, no site data), otherwise only the exception's class and a reference to
-    the full error in this site's log (:func:`client.site_errors.withheld`)."""
+    the error in this site's log (logged without patient data or local paths) (:func:`client.site_errors.withheld`)."""
     from client.pinned_app import BundleRefused
     from client.site_errors import withheld
 

@@ -182,3 +182,16 @@ def test_the_site_worker_logs_a_failed_task_without_its_text(monkeypatch: pytest
 
     assert "IsADirectoryError" in _logged(caplog)
     assert "PATX0005" not in _logged(caplog) and "/srv/hospital" not in _logged(caplog)
+
+
+def test_a_missing_module_and_an_exception_group_stay_diagnosable_in_the_site_log() -> None:
+    """The module IT must install, and which errors a group holds, name code, not data; their
+    other text is withheld like any library error's."""
+    from client.site_errors import loggable
+
+    missing = loggable(ModuleNotFoundError("No module named 'torchcodec'", name="torchcodec"))
+    group = loggable(ExceptionGroup("two failures", [KeyError("PATX0005"), ValueError("/srv/hospital/data/a.wav")]))
+
+    assert "no module named 'torchcodec'" in missing
+    assert "2 errors: KeyError, ValueError" in group
+    assert "PATX0005" not in group and "/srv/hospital" not in group
