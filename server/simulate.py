@@ -212,6 +212,7 @@ def simulate(
     backend_config = ray_backend_config(n_sites=len(sites), cpus=cpus, ray_address=ray_address, gpus_per_site=gpus_per_site)
     if "address" in backend_config["init_args"]:  # before the run folder is written: a cluster that is not there leaves nothing behind
         check_ray_address(str(backend_config["init_args"]["address"]))
+    created = not out.exists()  # an interrupted new run removes only a folder it made itself
     with stop_on_signals() as stopper:
         try:
             prepare_sites(sites, exp, console)
@@ -240,25 +241,27 @@ def simulate(
             interrupted_now = stopper.stop.is_set() or by_sigterm or isinstance(exc, (KeyboardInterrupt, StopRequested))
             stopper.stop.set()  # the coordinator's thread, if it still waits for sites or replies, ends now (Python waits for it at exit)
             if interrupted_now:
-                raise interrupted(out, folder_written=_keep_interrupted_folder(out, new_run=resume is None)) from None
+                raise interrupted(out, folder_written=_keep_interrupted_folder(out, new_run=resume is None, created=created)) from None
             raise
         if stopper.stop.is_set() and not (out / "summary.json").exists():  # stopped while Flower was shutting down
-            raise interrupted(out, folder_written=_keep_interrupted_folder(out, new_run=resume is None))
+            raise interrupted(out, folder_written=_keep_interrupted_folder(out, new_run=resume is None, created=created))
     summary_path = out / "summary.json"
     if not summary_path.exists():
         raise FederationError(f"The simulation ended without writing {summary_path}; see the log above for the failing round.")
     return json.loads(summary_path.read_text())
 
 
-def _keep_interrupted_folder(out: Path, *, new_run: bool) -> bool:
+def _keep_interrupted_folder(out: Path, *, new_run: bool, created: bool) -> bool:
     """Whether a run stopped by a signal left a run folder to resume. A new run stopped before
     its coordinator wrote run.json has nothing to resume: what this run wrote (simulation.json,
-    the folder itself when it is then empty) is removed, so the same --out can be used again."""
+    and the folder itself when this run ``created`` it and it is then empty) is removed, so the
+    same --out can be used again; a folder that was there before the run is left in place."""
     if not new_run or (out / "run.json").exists():
         return True
     (out / SIM_INFO).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        out.rmdir()  # only when empty
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only when empty
     return False
 
 

@@ -194,3 +194,17 @@ def test_ctrl_c_during_a_bench_suite_part_stops_the_suite_not_just_the_part(tmp_
     with pytest.raises(RunInterrupted):
         run_all(load_experiment(Path("configs/experiment.yaml")), tmp_path / "out", data=tmp_path, quick=True, only=("dp_step", "dp_step_profile"), say=lambda _: None)
     assert ran == ["dp_step"]
+
+
+@pytest.mark.parametrize("created", [True, False])
+def test_an_interrupted_new_run_removes_its_folder_only_if_it_made_it(tmp_path: Path, created: bool) -> None:
+    """A folder the researcher made beforehand (its ownership or ACLs on a shared disk chosen) stays."""
+    from server.simulate import SIM_INFO, _keep_interrupted_folder
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / SIM_INFO).write_text("{}")
+
+    assert _keep_interrupted_folder(out, new_run=True, created=created) is False
+    assert not (out / SIM_INFO).exists()
+    assert out.exists() is not created
