@@ -78,8 +78,17 @@ def redacted(text: str, *, state_dir: Path | None = None, data_root: Path | None
     return without_paths(text)
 
 
+OUR_SENTENCES = frozenset({"client.patient_layers.UnsupportedLayerError"})
+"""Error classes of ours outside :class:`FedrelapseError` whose text is our own sentence naming a
+setting, never data (AudioProblem is not one: it may quote a decoder's words)."""
+
+
 def _message(exc: BaseException, state_dir: Path | None, data_root: Path | None) -> str:
-    if isinstance(exc, FedrelapseError):  # our own sentence: it names files and lines, never a patient or a transcript
+    if isinstance(exc, FedrelapseError) or _qualified(exc) in OUR_SENTENCES:
+        # our own sentence (an error class of ours, e.g. UnsupportedLayerError saying which setting to change):
+        # it names files and lines, never a patient or a transcript
+        return redacted(str(exc), state_dir=state_dir, data_root=data_root)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # sizes, not data: what IT must know
         return redacted(str(exc), state_dir=state_dir, data_root=data_root)
     if isinstance(exc, OSError) and exc.errno is not None:  # the error, without the file it names
         return f"[Errno {exc.errno}] {exc.strerror or os.strerror(exc.errno)}"

@@ -195,3 +195,20 @@ def test_a_missing_module_and_an_exception_group_stay_diagnosable_in_the_site_lo
     assert "no module named 'torchcodec'" in missing
     assert "2 errors: KeyError, ValueError" in group
     assert "PATX0005" not in group and "/srv/hospital" not in group
+
+
+def test_our_own_error_classes_and_out_of_memory_keep_their_sentence_in_the_site_log() -> None:
+    """An UnsupportedLayerError says which setting to change; an out-of-memory error says how much:
+    neither names data, and without them IT could not act."""
+    from client.patient_layers import UnsupportedLayerError
+    from client.site_errors import loggable
+
+    layer = loggable(UnsupportedLayerError("Layer 'conv' must be called with its input as its one tensor argument. Set `training.per_patient_grads` to functorch."))
+    memory = loggable(MemoryError("Unable to allocate 3.2 GiB for an array with shape (52000, 16000)"))
+
+    assert "Set `training.per_patient_grads` to functorch." in layer
+    assert "Unable to allocate 3.2 GiB" in memory
+    assert "withheld" in loggable(ValueError("PATX0005 has no session"))
+    from client.audio import AudioProblem  # ours, but it may quote a decoder naming the file
+
+    assert "PATX0005" not in loggable(AudioProblem("cannot be resampled (ValueError: audio/PATX0005-S1.wav)"))
