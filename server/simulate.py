@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,12 +287,12 @@ def check_ray_address(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) ->
             raise FederationError(f"--ray-address auto found no running Ray cluster on this machine ({first}); start one with `ray start --head`, or {what}.") from None
     else:
         target = address.removeprefix("ray://")
-    host, sep, port_text = target.rpartition(":")
-    if not sep:
-        host, port_text = target, "10001" if address.startswith("ray://") else "6379"
-    host = host.strip("[]")  # [::1]:10001
+    default_port = 10001 if address.startswith("ray://") else 6379
     try:
-        port = int(port_text)
+        parsed = urllib.parse.urlsplit(f"//{target}")  # host:port, [::1]:10001, [::1], host
+        host, port = parsed.hostname, parsed.port or default_port
+        if not host or parsed.path or parsed.query or parsed.fragment:
+            raise ValueError(target)
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except ValueError:

@@ -3,6 +3,7 @@ found and what to do, the exit code, and nothing written (no run folder, no empt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from pathlib import Path
@@ -127,3 +128,17 @@ def test_a_host_that_does_not_answer_is_named_with_the_timeout(monkeypatch: pyte
     monkeypatch.setattr(socket, "create_connection", silent)
     with pytest.raises(FederationError, match=r"Cannot reach the Ray cluster at ray://head\.example \(no answer within 0\.5 s\)"):
         check_ray_address("ray://head.example", timeout_s=0.5)  # Ray Client's default port
+
+
+@pytest.mark.parametrize(("address", "expected"), [("ray://[::1]", ("::1", 10001)), ("[::1]:6380", ("::1", 6380)), ("ray://head:10002", ("head", 10002)), ("head", ("head", 6379))])
+def test_ipv6_and_default_ports_are_parsed(monkeypatch: pytest.MonkeyPatch, address: str, expected: tuple[str, int]) -> None:
+    """`ray://[::1]` was refused as "not an address" (the port split inside the brackets)."""
+    tried: list[tuple[str, int]] = []
+
+    def answering(target: tuple[str, int], timeout: float) -> contextlib.nullcontext[None]:
+        tried.append(target)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(socket, "create_connection", answering)
+    check_ray_address(address)
+    assert tried == [expected]
