@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from server.interrupt import RunInterrupted
+from server.interrupt import RunInterrupted, sigterm_as_keyboard_interrupt
 from shared.console import output_console
 from shared.errors import FedrelapseError
 
@@ -214,8 +214,16 @@ def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, k
         env = without_flower_telemetry({**os.environ, "FLWR_HOME": home})
         with (Path(home) / "flwr-run.log").open("w+", encoding="utf-8", errors="replace") as output:
             proc = subprocess.Popen(flwr_run_argv(APP_DIR, "coordinator", values), env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
-            code = _follow_rounds(proc, run, first=point.next_round if not point.rounds or not point.rounds[-1].evaluation_pending else point.rounds[-1].round,
-                                  timeout_s=timeout_s)
+            try:
+                with sigterm_as_keyboard_interrupt():
+                    code = _follow_rounds(proc, run, first=point.next_round if not point.rounds or not point.rounds[-1].evaluation_pending else point.rounds[-1].round,
+                                          timeout_s=timeout_s)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop `flwr run` (and leave no temporary FLWR_HOME), say so
+                _stop(proc)
+                raise RunInterrupted(
+                    f"Interrupted while following the resumed run in {run}; `flwr run` was stopped (the run may go on at the SuperLink). "
+                    f"Once it has stopped, continue with `fedrelapse run --resume {run} --superlink {superlink} --keys {keys}`."
+                ) from None
             output.seek(0)
             tail = output.read()[-2000:]
     summary = finished_summary(run)
@@ -245,10 +253,21 @@ def _follow_rounds(proc: Any, run: Path, *, first: int, timeout_s: float) -> int
         if code is not None:
             return int(code)
         if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
+            _stop(proc)
             return None
         time.sleep(FOLLOW_POLL_S)
+
+
+def _stop(proc: Any, grace_s: float = 10.0) -> None:
+    """End ``proc`` (`flwr run`): asked first (SIGTERM), killed after ``grace_s`` seconds."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _show_recorded_rounds(rows: Any, metrics: Path, first: int) -> int:

@@ -275,3 +275,43 @@ def test_a_deployed_resume_says_where_it_resumes_and_prints_each_round_as_it_is_
     assert "ε alpha" in lines[header] and lines[header + 1].split()[0] == "3"  # round 3's row, under its header, before the summary
     assert [line.split()[0] for line in lines if line.split() and line.split()[0] in ("1", "2", "3")] == ["3"]  # rounds 1-2 are not repeated
     assert any(line.startswith("status: completed") for line in lines[header + 2:])
+
+
+def test_sigterm_during_a_deployed_resume_stops_flwr_run_and_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM used to kill the command at once (exit 143), leaving `flwr run` running and its
+    temporary FLWR_HOME behind; Ctrl-C left the child running too."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    import server.cli
+    import server.deployment
+    from tests.test_resume_checks import crashed_run, deployed
+
+    run, _ = crashed_run(tmp_path, with_site=True)
+    deployed(run, tmp_path / "data" / "consortium" / "model-signing.key")
+    (tmp_path / "keys" / "ca").mkdir(parents=True)
+    (tmp_path / "keys" / "ca" / "ca.pem").write_text("not read: flwr run is replaced")
+    pid_file = tmp_path / "flwr-run.pid"
+    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    monkeypatch.setattr(server.deployment, "flwr_run_argv", lambda *a: [sys.executable, "-c", sleeper])
+    monkeypatch.setattr(server.cli, "FOLLOW_POLL_S", 0.05, raising=False)
+
+    def terminate_once_flwr_run_started() -> None:
+        for _ in range(400):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            threading.Event().wait(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_once_flwr_run_started, daemon=True).start()
+    result = runner.invoke(app, ["run", "--resume", str(run), "--superlink", "127.0.0.1:9092", "--keys", str(tmp_path / "keys")], env={"COLUMNS": None})
+
+    assert result.exit_code == 130, result.output
+    assert "Interrupted while following the resumed run" in " ".join(result.output.split())
+    child = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # stopped and reaped
+        os.kill(child, 0)
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler was put back
