@@ -28,7 +28,7 @@ from shared.errors import FedrelapseError
 log = logging.getLogger("fedrelapse.site")
 
 # An absolute POSIX path (at least two components), as it appears in an error message.
-_ABS_PATH = re.compile(r"~/[^\s'\"`,;)]+|(?<![\w.~>])/(?:[^\s'\"`/]+/)+[^\s'\"`,;)]*")  # ~/... too; not after a placeholder (<state_dir>/ledger/...)
+_ABS_PATH = re.compile(r"~/[^\s'\"`,;)]+|(?<![\w.~])(?<!<state_dir>)/(?:[^\s'\"`/]+/)+[^\s'\"`,;)]*")  # ~/... too; not after the <state_dir> placeholder
 PATH_WITHHELD = "<local path withheld>"
 STATE_DIR = "<state_dir>"  # the site's state folder in a log line: the file inside it is named, the folder is not
 _TEXT_WITHHELD = "(its text is withheld: it may name a patient, a transcript or a file under the data root)"
@@ -65,8 +65,10 @@ def without_paths(text: str) -> str:
 
 def redacted(text: str, *, state_dir: Path | None = None, data_root: Path | None = None) -> str:
     """``text`` as a site may log it: the state folder shown as ``<state_dir>`` (a ledger file is
-    still named by its place in it), every path in the data folder and every other absolute path
-    withheld whole. Only for sentences our own code wrote (they name files, never a patient)."""
+    still named by its place in it); the data folder, even with spaces in its name, and what
+    follows it up to the next space, quote or comma, and every other absolute path, withheld.
+    A file name with a space in it keeps its tail, and a relative path is not recognised: this
+    is only for sentences our own code wrote (they name files, never a patient)."""
     for folder, keep_rest in ((state_dir, True), (data_root, False)):
         if folder is None:
             continue

@@ -140,3 +140,9 @@ def test_a_ledger_that_fails_its_check_is_refused_with_code_ledger_naming_the_li
 
 def test_a_home_relative_path_is_withheld_too() -> None:
     assert without_paths("see ~/state/ledger/x.jsonl line 1") == f"see {PATH_WITHHELD} line 1"
+
+
+def test_a_path_right_after_an_arrow_is_withheld_and_the_state_placeholder_is_not_touched() -> None:
+    """Only the `<state_dir>` placeholder may stand before a kept path: `a->/srv/...` named the file."""
+    assert without_paths("copy failed: a->/srv/data/PAT0001.wav") == f"copy failed: a->{PATH_WITHHELD}"
+    assert without_paths("<state_dir>/ledger/privacy-ledger.jsonl line 3") == "<state_dir>/ledger/privacy-ledger.jsonl line 3"
