@@ -275,8 +275,9 @@ def _short(value: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    kind = "float" if isinstance(value, ExponentFloat) else type(value).__name__
-    return f"{_short(value)} ({kind})"
+    if isinstance(value, ExponentFloat):  # as written (1e1), not as the float it reads as (10.0)
+        return f"{value.text[:MAX_SHOWN]} (a number with an exponent, read as {_short(float(value))})"
+    return f"{_short(value)} ({type(value).__name__})"
 
 
 def _coerce(hint: Any, value: Any, *, source: str, key: str) -> Any:

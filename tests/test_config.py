@@ -146,8 +146,9 @@ def test_a_quoted_or_malformed_number_is_still_refused(tmp_path: Path, value: st
         load_experiment(write(tmp_path, f"name: x\nprivacy: {{target_delta: {value}}}\n"))
 
 
-def test_an_integer_field_given_an_exponent_float_is_refused_as_a_float(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"`federation.rounds` must be an integer, got 5.0 \(float\)\.$"):
+def test_an_integer_field_given_an_exponent_float_is_refused_naming_it_as_written(tmp_path: Path) -> None:
+    """The error shows `5e0` as the researcher wrote it (it said 5.0 (float), a value not in the file)."""
+    with pytest.raises(ConfigError, match=r"`federation.rounds` must be an integer, got 5e0 \(a number with an exponent, read as 5.0\)\.$"):
         load_experiment(write(tmp_path, "name: x\nfederation: {rounds: 5e0}\n"))
 
 
