@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from server.interrupt import RunInterrupted, sigterm_as_keyboard_interrupt
+from server.interrupt import RunInterrupted, stop_on_signals
 from shared.console import output_console
 from shared.errors import FedrelapseError
 
@@ -215,7 +215,7 @@ def _resume_deployed(run: Path, *, config: Path | None, superlink: str | None, k
         with (Path(home) / "flwr-run.log").open("w+", encoding="utf-8", errors="replace") as output:
             proc = subprocess.Popen(flwr_run_argv(APP_DIR, "coordinator", values), env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
             try:
-                with sigterm_as_keyboard_interrupt():
+                with stop_on_signals():  # not deferred: SIGINT and SIGTERM raise KeyboardInterrupt here
                     code = _follow_rounds(proc, run, first=point.next_round if not point.rounds or not point.rounds[-1].evaluation_pending else point.rounds[-1].round,
                                           timeout_s=timeout_s)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop `flwr run` (and leave no temporary FLWR_HOME), say so

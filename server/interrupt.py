@@ -131,20 +131,3 @@ def interrupted(out: Path, *, folder_written: bool) -> RunInterrupted:
     where = f"after round {done}" if done else "before round 1 finished"
     return RunInterrupted(f"Interrupted {where}; continue with `fedrelapse run --resume {out}`.")
 
-
-@contextmanager
-def sigterm_as_keyboard_interrupt() -> Iterator[None]:
-    """While inside (main thread only), SIGTERM raises :class:`KeyboardInterrupt` as Ctrl-C does,
-    so a command that waits on a child process stops it and cleans up instead of dying at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
