@@ -86,11 +86,9 @@ setting, never data (AudioProblem is not one: it may quote a decoder's words).""
 
 
 def _message(exc: BaseException, state_dir: Path | None, data_root: Path | None) -> str:
-    if isinstance(exc, FedrelapseError) or _qualified(exc) in OUR_SENTENCES:
-        # our own sentence (an error class of ours, e.g. UnsupportedLayerError saying which setting to change):
-        # it names files and lines, never a patient or a transcript
-        return redacted(str(exc), state_dir=state_dir, data_root=data_root)
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # sizes, not data: what IT must know
+    # our own sentence (FedrelapseError, or e.g. UnsupportedLayerError saying which setting to change: files and
+    # lines, never a patient or a transcript), or an out-of-memory error (sizes, not data): what IT must know
+    if isinstance(exc, (FedrelapseError, MemoryError)) or _qualified(exc) in OUR_SENTENCES or type(exc).__name__ == "OutOfMemoryError":
         return redacted(str(exc), state_dir=state_dir, data_root=data_root)
     if isinstance(exc, OSError) and exc.errno is not None:  # the error, without the file it names
         return f"[Errno {exc.errno}] {exc.strerror or os.strerror(exc.errno)}"
@@ -106,9 +104,11 @@ def loggable(exc: BaseException, *, state_dir: Path | None = None, data_root: Pa
 
     Each exception keeps its class and its frames (file, line and function of our and the
     libraries' code; not the source lines); its message is kept only for our own errors
-    (:class:`FedrelapseError`, paths withheld: :func:`redacted`) and an OSError's errno and
-    words. Any other exception's text (a decoder naming the recording it was given, a KeyError
-    holding a patient id) is withheld: it is for `fedrelapse site check` at the site."""
+    (:class:`FedrelapseError` and :data:`OUR_SENTENCES`) and out-of-memory errors, with paths
+    withheld (:func:`redacted`); an OSError keeps its errno and words, an ImportError the
+    module's name, an exception group its members' classes. Any other exception's text (a
+    decoder naming the recording it was given, a KeyError holding a patient id) is withheld:
+    it is for `fedrelapse site check` at the site."""
     chain: list[tuple[BaseException, str]] = []
     seen: set[int] = set()
     current: BaseException | None = exc
