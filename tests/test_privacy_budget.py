@@ -466,6 +466,16 @@ def test_audit_pld_figures_equal_a_fresh_pld_accountants() -> None:
             assert _pld(dict(mechanisms), delta) == pytest.approx(fresh, rel=1e-12)  # the memoised figure
 
 
+def test_memoised_rdp_and_pld_figures_equal_fresh_accountants_including_no_noise_and_no_sampling() -> None:
+    """The report's run figures come from memoised_epsilon: both must be a fresh RdpAccountant's
+    and PLDAccountant's, also where a step has no noise (ε = ∞) or samples no one (adds nothing)."""
+    from shared.privacy.audit import memoised_epsilon
+
+    for mechanisms in ({(1.1, 0.2): 5}, {(1.1, 0.2): 60, (2.0, 0.1): 30}, {(2.0, 0.1): 30, (1.1, 0.2): 0}, {(1.1, 0.0): 5, (2.0, 0.1): 30}, {(0.0, 0.2): 5, (2.0, 0.1): 30}, {}):
+        fresh = independent_epsilon([(s, q, n) for (s, q), n in mechanisms.items()], 1e-5)
+        assert memoised_epsilon(mechanisms, 1e-5) == pytest.approx(fresh, rel=1e-12), mechanisms
+
+
 def test_an_honest_prv_ledger_of_several_runs_verifies_building_each_step_pld_once(prv_ledger: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Most entries of a prv ledger are below RDP, so each is checked against PLD; a fresh
     PLDAccountant per check built each step's PLD every time (most of its ~1 s). The PLD figures
@@ -492,6 +502,45 @@ def test_an_honest_prv_ledger_of_several_runs_verifies_building_each_step_pld_on
     assert [c.round for _, c in with_pld] == [8, 8, 4]  # each run's last entry (prv), the newest among them
     for i, c in with_pld:
         assert c.pld == pytest.approx(_pld_of_entries(report.entries[: i + 1]), rel=1e-12)
+
+
+def test_the_report_over_a_prv_ledger_adds_no_pld_evaluation_to_verification_and_keeps_fresh_figures(prv_ledger: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DPO report recomputed each run's ε with a fresh PLDAccountant (0.3–1 s a run) after
+    verification had computed the same PLD figure at the run's last entry; it now reuses it. Its
+    run figures must still be fresh accountants' (RDP and PLD)."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    from shared.privacy import audit
+    from shared.privacy.report import build_report
+
+    key, lines = prv_ledger
+    path = tmp_path / "privacy-ledger.jsonl"
+    path.write_text("".join(lines), encoding="utf-8")
+    public_key = signing.write_public(key, tmp_path / "k.pub.pem")
+    composed: list[int] = []
+    self_compose = privacy_loss_distribution.PrivacyLossDistribution.self_compose
+
+    def counted(pld: object, count: int, *args: object, **kwargs: object) -> object:
+        composed.append(count)
+        return self_compose(pld, count, *args, **kwargs)
+
+    monkeypatch.setattr(privacy_loss_distribution.PrivacyLossDistribution, "self_compose", counted)
+    audit._pld_of.cache_clear()
+    verify_ledger(path, key.public_key())
+    by_verification = len(composed)
+    audit._pld_of.cache_clear()
+    composed.clear()
+    data = build_report([path], public_key=public_key, policy=None, title="t")
+    monkeypatch.undo()
+
+    (led,) = data.ledgers
+    assert led.ok, led.issues
+    assert len(composed) == by_verification
+    entries = ledger.read_entries(path)
+    for run in led.runs:
+        mine = [e for e in entries if e.run_id == run.run_id]
+        assert run.independent_pld == pytest.approx(_pld_of_entries(mine), rel=1e-12), run.run_id
+        assert run.independent_rdp == pytest.approx(independent_epsilon([(mine[0].noise_multiplier, mine[0].sample_rate, sum(e.steps for e in mine))], 1e-5)[0], rel=1e-12)
 
 
 @pytest.mark.parametrize("field", ["epsilon_total", "epsilon_run"])

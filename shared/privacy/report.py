@@ -34,7 +34,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from shared import signing  # noqa: E402
 from shared.config import SitePolicy  # noqa: E402
-from shared.privacy.audit import EntryCheck, VerifyReport, independent_epsilon, verify_ledger  # noqa: E402
+from shared.privacy.audit import EntryCheck, VerifyReport, memoised_epsilon, verify_ledger  # noqa: E402
 from shared.privacy.ledger import Issue, LedgerEntry, current_caps, head_hash, parse_numbered  # noqa: E402
 
 VERIFIED = "verified"
@@ -236,12 +236,13 @@ def _time(text: str) -> dt.datetime | None:
 
 
 def _independent(rounds: list[RoundRow]) -> tuple[float, float]:
+    """(RDP, PLD) ε of a run's rounds: the PLD figure is the one verify_ledger computed at the run's last entry, when it did."""
     steps: dict[tuple[float, float], int] = {}  # identical mechanisms compose as one with their steps added (much faster)
     for r in rounds:
         steps[(r.noise_multiplier, r.sample_rate)] = steps.get((r.noise_multiplier, r.sample_rate), 0) + r.steps
     try:
-        return independent_epsilon([(s, q, t) for (s, q), t in steps.items()], rounds[-1].delta)
-    except Exception:  # a nonsensical mechanism (σ = 0, q > 1): shown as unknown; verify_ledger reports the entry
+        return memoised_epsilon(steps, rounds[-1].delta)
+    except Exception:  # a nonsensical mechanism (σ < 0, q > 1): shown as unknown; verify_ledger reports the entry
         return math.nan, math.nan
 
 
