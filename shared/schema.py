@@ -179,7 +179,7 @@ def parse_yaml(text: str, source: str) -> Any:
         return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except DuplicateKeyError as exc:
         raise ConfigError(
-            f"{source}: key {exc.key!r} appears twice in the same section (lines {exc.first_line} and {exc.line}); "
+            f"{source}: key {_show_key(exc.key)} appears twice in the same section (lines {exc.first_line} and {exc.line}); "
             f"YAML would silently keep only the second. Merge the two into one."
         ) from None
     except AliasBombError:
@@ -215,11 +215,11 @@ def build(cls: type[T], data: Any, *, source: str, path: str = "") -> T:
         raise ConfigError(f"{source}: `{path or '<top>'}` must be a mapping, got {_show(data)}.")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(map(_show_key, set(data) - set(fields)))  # as shown: YAML keys may be text, numbers or both
     if unknown:
         where = f"`{path}`" if path else "the top level"
         raise ConfigError(
-            f"{source}: unknown key(s) {', '.join(map(_short, unknown))} in {where}; "
+            f"{source}: unknown key(s) {', '.join(unknown)} in {where}; "
             f"allowed keys are {', '.join(sorted(fields))}."
         )
     kwargs: dict[str, Any] = {}
@@ -278,6 +278,14 @@ def _show(value: Any) -> str:
     if isinstance(value, ExponentFloat):  # as written (1e1), not as the float it reads as (10.0)
         return f"{value.text[:MAX_SHOWN]} (a number with an exponent, read as {_short(float(value))})"
     return f"{_short(value)} ({type(value).__name__})"
+
+
+def _show_key(key: Any) -> str:
+    """A mapping key as an error names it: as :func:`_short`, except an exponent literal, shown as
+    written (``1e1``, read as 10.0) rather than as the float it reads as."""
+    if isinstance(key, ExponentFloat):
+        return f"{key.text[:MAX_SHOWN]} (read as {_short(float(key))})"
+    return _short(key)
 
 
 def _coerce(hint: Any, value: Any, *, source: str, key: str) -> Any:

@@ -152,6 +152,20 @@ def test_an_integer_field_given_an_exponent_float_is_refused_naming_it_as_writte
         load_experiment(write(tmp_path, "name: x\nfederation: {rounds: 5e0}\n"))
 
 
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: x\nfederation: {1e1: 3}\n", r"unknown key\(s\) 1e1 \(read as 10.0\) in `federation`; allowed keys are "),
+        ("name: x\n1e1: 3\nfoo: 1\n", r"unknown key\(s\) 'foo', 1e1 \(read as 10.0\) in the top level; "),  # text and number keys together: was a TypeError from sorting them
+        ("name: x\nprivacy:\n  10.0: 1\n  1e1: 2\n", r"key 1e1 \(read as 10.0\) appears twice in the same section \(lines 3 and 4\)"),
+    ],
+)
+def test_an_exponent_literal_used_as_a_key_is_named_as_written(tmp_path: Path, text: str, message: str) -> None:
+    """A key `1e1:` was named 10.0, a key not in the file (as values were before: see above)."""
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(write(tmp_path, text))
+
 def test_the_largest_seed_a_plan_accepts_seeds_the_model(tmp_path: Path) -> None:
     from shared.models import build_model
 
