@@ -452,10 +452,11 @@ def check_secure_update(update: list[np.ndarray], incoming: list[np.ndarray], we
     return None
 
 
-def _evaluation(site: Site, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-    """The site's k-suppressed aggregate metrics of a global model, with their compute seconds."""
+def _evaluation(site: Site, arrays: dict[str, np.ndarray], *, run_id: str, model_round: int) -> dict[str, float]:
+    """The site's aggregate metrics of run ``run_id``'s global model after ``model_round`` (k-suppressed,
+    or a noised release: :meth:`Site.evaluate`), with their compute seconds."""
     started = time.perf_counter()
-    return {**site.evaluate(arrays), **_cost(started)}
+    return {**site.evaluate(arrays, run_id=run_id, model_round=model_round), **_cost(started)}
 
 
 def _evaluation_with_train(site: Site, req: Request) -> dict[str, float] | None:
@@ -476,7 +477,7 @@ def _evaluation_with_train(site: Site, req: Request) -> dict[str, float] | None:
         if refusal is not None:
             log.warning("site=%s sends no evaluation of round %d's model: %s", site.cfg.name, model_round, refusal.reason)
             return None
-        return _evaluation(site, req.arrays)
+        return _evaluation(site, req.arrays, run_id=req.run_id, model_round=model_round)
     except Exception as exc:  # noqa: BLE001 - any failure of the evaluation alone must not cost the update
         log.error("site=%s run=%s round=%d could not evaluate the global model of round %d; the update is sent without an evaluation "
                   "(patient data and local paths withheld):\n%s", site.cfg.name, req.run_id, req.server_round, model_round, loggable(exc, **_folders(site.cfg)))
@@ -650,7 +651,7 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
             refusal = policy_refusal(site_cfg, exc)
         if refusal is not None:
             return _reply(msg, site_cfg.name, refusal=refusal)
-        return _reply(msg, site_cfg.name, metrics=_evaluation(site, req.arrays))
+        return _reply(msg, site_cfg.name, metrics=_evaluation(site, req.arrays, run_id=req.run_id, model_round=req.server_round))
 
     @client_app.query()
     def plan(msg: Message, context: Context) -> Message:

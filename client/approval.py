@@ -72,7 +72,7 @@ def summary(exp: ExperimentConfig, site: SiteConfig) -> list[tuple[str, str]]:
          if p.enabled else "none"),
         ("secure aggregation", f"on (SecAgg+): the coordinator sees only the sum; {sa.num_shares} shares, any {sa.reconstruction_threshold} unmask" if sa.enabled
          else "off: the coordinator sees each site's DP-noised update" + (" (your policy requires it: this site will refuse to train)" if site.policy.require_secure_aggregation else "")),
-        ("metrics", f"aggregates over at least {k} patients (k: your policy {policy_k}, the plan {f.min_patients_metric}; the larger applies)"),
+        ("metrics", _metrics_line(exp, site, k, policy_k)),
         ("evaluation", "none (fraction_evaluate 0)" if f.fraction_evaluate == 0
          else "each model evaluated before training on it, its metrics in the next train reply (with-next-round)" if f.evaluation == "with-next-round"
          else "each model evaluated by its own message after training (separate)"),
@@ -80,6 +80,18 @@ def summary(exp: ExperimentConfig, site: SiteConfig) -> list[tuple[str, str]]:
         ("language encoder", _language_encoder(exp.language)),
         ("speech encoder", f"{exp.speech.model_path} (transformer, {exp.speech.embedding_dim} dimensions; a local folder at your site, never downloaded)" if exp.speech.enabled else "none"),
     ]
+
+
+def _metrics_line(exp: ExperimentConfig, site: SiteConfig, k: int, policy_k: int) -> str:
+    """What leaves about your held-out patients: noised and charged, or exact aggregates over k."""
+    p = exp.privacy
+    if p.noised_metrics:
+        return (f"noised (privacy.metrics_noise_multiplier {p.metrics_noise_multiplier:g}): each model's evaluation leaves as score histograms "
+                "with Gaussian noise, charged to your ledger within the plan's ε; no train loss")
+    exact = f"exact aggregates over at least {k} patients (k: your policy {policy_k}, the plan {exp.federation.min_patients_metric}; the larger applies), not covered by ε"
+    if site.policy.require_noised_metrics:
+        return exact + " (your policy requires noised metrics: this site will send none)"
+    return exact
 
 
 def _privacy_line(exp: ExperimentConfig, site: SiteConfig) -> str:

@@ -23,13 +23,16 @@ def budget_status(cfg: SiteConfig) -> dict[str, Any]:
     except OSError as exc:
         raise PolicyError(_ledger_os_error(cfg, path, exc, "read")) from None
     delta = cfg.policy.delta
-    rounds = [e for e in entries if e.kind == "round"]
+    charged = [e for e in entries if e.charged]  # training rounds and noised metric releases
     cap_total, cap_run = ledger.current_caps(entries, cap_total=cfg.policy.epsilon_cap_total, cap_run=cfg.policy.epsilon_cap_run)
     runs = []
-    for run_id in dict.fromkeys(e.run_id for e in rounds):
-        mine = [e for e in rounds if e.run_id == run_id]
-        runs.append({"run_id": run_id, "rounds": len(mine), "epsilon": epsilon([e.mechanism for e in mine], delta=delta, accountant=mine[-1].accountant)})
-    spent = epsilon([e.mechanism for e in rounds], delta=delta) if rounds else 0.0
+    for run_id in dict.fromkeys(e.run_id for e in charged):
+        mine = [e for e in charged if e.run_id == run_id]
+        runs.append({
+            "run_id": run_id, "rounds": sum(e.kind == "round" for e in mine), "releases": sum(e.kind == "release" for e in mine),
+            "epsilon": epsilon([e.mechanism for e in mine], delta=delta, accountant=mine[-1].accountant),
+        })
+    spent = epsilon([e.mechanism for e in charged], delta=delta) if charged else 0.0
     return {
         "ledger": str(path), "entries": len(entries), "head": ledger.head_hash(entries), "delta": delta, "runs": runs,
         "epsilon_spent": spent, "cap_total": cap_total, "cap_run": cap_run, "epsilon_remaining": max(0.0, cap_total - spent),

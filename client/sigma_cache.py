@@ -20,21 +20,27 @@ from shared.privacy.accounting import SubsampledGaussian, calibrate_noise, epsil
 FILE = "sigma-cache.json"
 
 
-def calibrated_sigma(state_dir: Path, *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str, site: str = "") -> float:
-    """Smallest σ for ``steps`` steps at rate q to spend ``target_epsilon`` (cached on disk, verified).
+def calibrated_sigma(
+    state_dir: Path, *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str, site: str = "",
+    fixed: tuple[SubsampledGaussian, ...] = (),
+) -> float:
+    """Smallest σ for ``steps`` steps at rate q to spend ``target_epsilon`` (cached on disk, verified),
+    beside the ``fixed`` mechanisms (noised metric releases, as in :func:`calibrate_noise`).
 
     At q = 1 it warns (a :class:`FullSamplingWarning` naming ``site``) whether or not the σ
     came from the cache, so a stored calibration does not hide the warning."""
-    key = json.dumps([float(target_epsilon), float(target_delta), float(sample_rate), int(steps), accountant])
+    fixed = tuple(f for f in fixed if f.steps > 0)
+    plain = [float(target_epsilon), float(target_delta), float(sample_rate), int(steps), accountant]
+    key = json.dumps(plain if not fixed else [*plain, [[f.noise_multiplier, f.sample_rate, f.steps] for f in fixed]])  # keys of plans without releases as before
     path = state_dir / FILE
     stored = _read(path)
     sigma = stored.get(key)
     if isinstance(sigma, float) and sigma > 0:
-        spent = epsilon([SubsampledGaussian(sigma, sample_rate, steps)], delta=target_delta, accountant=accountant)
+        spent = epsilon([SubsampledGaussian(sigma, sample_rate, steps), *fixed], delta=target_delta, accountant=accountant)
         if target_epsilon - epsilon_tolerance(target_epsilon) <= spent <= target_epsilon:
             warn_full_sampling(sample_rate, site=site)  # calibrate_noise, which warns, is not called
             return sigma
-    sigma = calibrate_noise(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps, accountant=accountant, site=site)
+    sigma = calibrate_noise(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps, accountant=accountant, site=site, fixed=fixed)
     stored[key] = sigma
     _write(path, stored)
     return sigma

@@ -36,6 +36,7 @@ from shared.model_signing import model_digest
 from shared.models import build_model
 from shared.params import get_arrays, set_arrays
 from shared.privacy import ledger
+from shared.privacy import noised_metrics as NM  # noqa: N812
 from shared.privacy.accounting import SubsampledGaussian, epsilon
 
 if TYPE_CHECKING:
@@ -199,11 +200,24 @@ class Site:
         return metric_k(self.cfg, self.exp)
 
     def noise_multiplier(self, total_rounds: int, cap_run: float | None = None) -> float:
-        """σ that makes the whole run meet the plan's ε (within the per-run cap in force) at δ."""
+        """σ that makes the whole run (its rounds and its noised metric releases) meet the plan's ε
+        (within the per-run cap in force) at δ."""
         p = self.exp.privacy
         steps = total_rounds * self.exp.training.local_steps
         target = min(p.target_epsilon, self.cfg.policy.epsilon_cap_run if cap_run is None else cap_run)
-        return calibrated_sigma(self.cfg.state_dir, target_epsilon=target, target_delta=self.delta, sample_rate=self.sample_rate, steps=steps, accountant=p.accountant, site=self.cfg.name)
+        return calibrated_sigma(
+            self.cfg.state_dir, target_epsilon=target, target_delta=self.delta, sample_rate=self.sample_rate, steps=steps, accountant=p.accountant,
+            site=self.cfg.name, fixed=self.releases(total_rounds),
+        )
+
+    def releases(self, total_rounds: int) -> tuple[SubsampledGaussian, ...]:
+        """The noised metric releases a run of ``total_rounds`` rounds plans here, as one mechanism
+        (empty with exact metrics or no evaluation): one evaluation of each round's model."""
+        p, f = self.exp.privacy, self.exp.federation
+        if not p.noised_metrics or f.fraction_evaluate == 0:
+            return ()
+        one = NM.release_mechanism(p.metrics_noise_multiplier)
+        return (SubsampledGaussian(one.noise_multiplier, one.sample_rate, total_rounds),)
 
     def signing_key(self) -> Ed25519PrivateKey:
         """The site's ledger key (created on first use; its public half is for the DPO)."""
@@ -225,10 +239,10 @@ class Site:
             entries = ledger.read_entries(self.ledger_path, self._public_key())
         cap_total, cap_run = ledger.current_caps(entries, cap_total=self.cfg.policy.epsilon_cap_total, cap_run=self.cfg.policy.epsilon_cap_run)
         sigma = self.noise_multiplier(total_rounds, cap_run)
-        event = SubsampledGaussian(sigma, self.sample_rate, total_rounds * self.exp.training.local_steps)
-        spent = epsilon([e.mechanism for e in entries if e.kind == "round"], delta=self.delta, accountant=p.accountant)
-        eps_run = epsilon([event], delta=self.delta, accountant=p.accountant)
-        after = epsilon([*(e.mechanism for e in entries if e.kind == "round" and e.run_id != run_id), event], delta=self.delta, accountant=p.accountant)
+        events = [SubsampledGaussian(sigma, self.sample_rate, total_rounds * self.exp.training.local_steps), *self.releases(total_rounds)]
+        spent = epsilon([e.mechanism for e in entries if e.charged], delta=self.delta, accountant=p.accountant)
+        eps_run = epsilon(events, delta=self.delta, accountant=p.accountant)
+        after = epsilon([*(e.mechanism for e in entries if e.charged and e.run_id != run_id), *events], delta=self.delta, accountant=p.accountant)
         out: dict[str, float | str] = {
             "noise_multiplier": sigma, "epsilon_run": eps_run, "epsilon_spent": spent, "epsilon_after": after,
             "epsilon_remaining": max(0.0, cap_total - spent), "delta": self.delta, "code": "ok", "reason": "",
@@ -245,6 +259,11 @@ class Site:
                 "min-sigma", f"Site {name}: {what} needs σ={sigma:.3f}, below the site minimum {pol.min_noise_multiplier}; "
                 "the σ a plan needs grows with more rounds or local steps, a larger `training.batch_patients`, or a smaller ε: ask for one of these.",
             )
+        return self._budget_refusal(eps_run=eps_run, eps_total=eps_total, cap_total=cap_total, cap_run=cap_run, what=what)
+
+    def _budget_refusal(self, *, eps_run: float, eps_total: float, cap_total: float, cap_run: float, what: str) -> Refusal | None:
+        """The ``budget`` refusal when ``what`` would take this run past the plan's ε or the per-run cap, or the dataset past the all-time cap."""
+        name = self.cfg.name
         if eps_run > min(self.exp.privacy.target_epsilon, cap_run) * 1.001:
             return Refusal("budget", f"Site {name}: {what} would bring this run to ε={eps_run:.2f} > {min(self.exp.privacy.target_epsilon, cap_run):g} (per-run cap) at δ={self.delta:g}; refused.")
         if eps_total > cap_total * 1.001:
@@ -321,9 +340,9 @@ class Site:
             cap_total, cap_run = ledger.current_caps(entries, cap_total=self.cfg.policy.epsilon_cap_total, cap_run=self.cfg.policy.epsilon_cap_run)
             sigma = self.noise_multiplier(total_rounds, cap_run)
             event = SubsampledGaussian(sigma, q, t.local_steps)
-            rounds = [e for e in entries if e.kind == "round"]
-            eps_run = epsilon([*(e.mechanism for e in rounds if e.run_id == run_id), event], delta=self.delta, accountant=p.accountant)
-            eps_total = epsilon([*(e.mechanism for e in rounds), event], delta=self.delta, accountant=p.accountant)
+            paid = [e for e in entries if e.charged]
+            eps_run = epsilon([*(e.mechanism for e in paid if e.run_id == run_id), event], delta=self.delta, accountant=p.accountant)
+            eps_total = epsilon([*(e.mechanism for e in paid), event], delta=self.delta, accountant=p.accountant)
             refusal = self._check(sigma=sigma, eps_run=eps_run, eps_total=eps_total, cap_total=cap_total, cap_run=cap_run, what=f"round {server_round}")
             if refusal:
                 return refusal
@@ -360,16 +379,17 @@ class Site:
         return TrainResult(update, metrics, entry.hash)
 
     def _train_loss(self, stats: StepStats) -> dict[str, float]:
-        """The round's train loss as a metric, only when it covers at least k distinct patients
-        and the site's policy releases metrics (``policy.release_metrics``).
+        """The round's train loss as a metric, only when it covers at least k distinct patients,
+        the site's policy releases metrics (``policy.release_metrics``) and the metrics are exact
+        (neither the plan nor the policy asks for noised metrics).
 
         It is the mean of the sampled patients' losses, not DP-protected; with few patients
         sampled in the round (a plan with a small batch and few local steps) it would be one or
         two patients' own loss on the global model, so below k it stays at the site. It leaves
         at most once per (run, round): only with a charged round's update.
         """
-        if not self.cfg.policy.release_metrics:
-            return {}
+        if not self.cfg.policy.release_metrics or self.exp.privacy.noised_metrics or self.cfg.policy.require_noised_metrics:
+            return {}  # with noised metrics only the charged evaluation leaves; an exact loss would bypass its noise
         if stats.patients < self.k:
             log.info("site=%s train loss over %d patients (< k=%d) not sent", self.cfg.name, stats.patients, self.k)
             return {}
@@ -385,13 +405,20 @@ class Site:
         With DP on, an evaluation leaves only if the site's policy releases metrics, its ledger
         holds a charged round of this run, and no other model was evaluated under this run and
         round (the same model again is allowed: it gives the same answer); the claim is fsync'd
-        before the metrics are computed. A plan without DP (which the site's policy must allow:
-        synthetic benchmark data only) is not limited.
+        before the metrics are computed. With noised metrics (``privacy.metrics_noise_multiplier``)
+        the release is also charged: a signed ``release`` entry, once per (run, round), within the
+        plan's ε and the caps, written before the claim. A plan without DP (which the site's
+        policy must allow: synthetic benchmark data only) is not limited.
         """
-        name = self.cfg.name
+        name, p = self.cfg.name, self.exp.privacy
         if not self.cfg.policy.release_metrics:
             return Refusal("metrics-withheld", f"Site {name} sends no evaluation metrics (its policy has release_metrics: false); only its DP-trained update and its ε leave it.")
-        if not self.exp.privacy.enabled:
+        if self.cfg.policy.require_noised_metrics and not p.noised_metrics:
+            return Refusal(
+                "metrics-withheld", f"Site {name} sends evaluations only noised and charged to its ledger (its policy has require_noised_metrics: true); "
+                "the plan asks for exact metrics. Set `privacy.metrics_noise_multiplier` above 0 in the plan to get this site's evaluations.",
+            )
+        if not p.enabled:
             return None
         digest = model_digest(arrays)
         with ledger.locked(self.ledger_path):
@@ -400,31 +427,75 @@ class Site:
                 return Refusal(
                     "evaluation-limit",
                     f"Site {name} evaluates models only in a run it has trained in (its ledger holds no round of run {run_id}); "
-                    "an evaluation is an answer about its held-out patients that DP does not cover, so each costs a charged round.",
+                    "an evaluation is an answer about its held-out patients, so each costs a charged round.",
                 )
             path = releases.releases_path(self.ledger_path)
             before = releases.released(path).get((run_id, model_round))
             if before == digest:
-                return None  # the same model again: the same answer, nothing new leaves
+                return None  # the same model again: the same answer (noised: the same noise), nothing new leaves
             if before is not None:
                 return Refusal(
                     "evaluation-limit",
                     f"Site {name} already sent its evaluation of another model as round {model_round}'s model of run {run_id}; "
                     "it evaluates one model per run and round.",
                 )
-            releases.record(path, run_id=run_id, model_round=model_round, model=digest)
+            if p.noised_metrics:
+                refusal = self._charge_release(entries, run_id=run_id, model_round=model_round)
+                if refusal is not None:
+                    return refusal
+            releases.record(path, run_id=run_id, model=digest, model_round=model_round)
         return None
 
-    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    def _charge_release(self, entries: list[ledger.LedgerEntry], *, run_id: str, model_round: int) -> Refusal | None:
+        """Append the signed ``release`` entry of run ``run_id``'s model after ``model_round``
+        (call under the ledger's lock), or the ``budget`` refusal when it would take the run past
+        the plan's ε or a cap. A release already in the ledger (its record was not written: a
+        crash between the two) is not charged twice."""
+        p = self.exp.privacy
+        if any(e.kind == "release" and e.run_id == run_id and e.round == model_round for e in entries):
+            return None
+        event = NM.release_mechanism(p.metrics_noise_multiplier)
+        paid = [e for e in entries if e.charged]
+        eps_run = epsilon([*(e.mechanism for e in paid if e.run_id == run_id), event], delta=self.delta, accountant=p.accountant)
+        eps_total = epsilon([*(e.mechanism for e in paid), event], delta=self.delta, accountant=p.accountant)
+        cap_total, cap_run = ledger.current_caps(entries, cap_total=self.cfg.policy.epsilon_cap_total, cap_run=self.cfg.policy.epsilon_cap_run)
+        refusal = self._budget_refusal(eps_run=eps_run, eps_total=eps_total, cap_total=cap_total, cap_run=cap_run, what=f"the noised evaluation of round {model_round}'s model")
+        if refusal is not None:
+            return refusal
+        key = self.signing_key()
+        entry = ledger.LedgerEntry(
+            kind="release", site=self.cfg.name, dataset=self.data.fingerprint, run_id=run_id, round=model_round, plan_hash=plan_hash(self.exp),
+            accountant=p.accountant, delta=self.delta, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps,
+            epsilon_run=eps_run, epsilon_total=eps_total, time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            key_id=signing.fingerprint(key.public_key()), prev_hash=ledger.head_hash(entries),
+        )
+        ledger.append(self.ledger_path, entry, key)
+        log.info("site=%s run=%s noised evaluation of round %d's model charged: z=%.3f eps_run=%.3f", self.cfg.name, run_id, model_round, event.noise_multiplier, eps_run)
+        return None
+
+    def evaluate(self, arrays: dict[str, np.ndarray], *, run_id: str = "", model_round: int = 0) -> dict[str, float]:
         """Aggregate metrics on held-out patients; suppressed below k patients, or when either class (sessions with and without
-        relapse) comes from fewer than k patients (a one-patient class makes AUROC a statement about that patient's scores)."""
+        relapse) comes from fewer than k patients (a one-patient class makes AUROC a statement about that patient's scores).
+
+        With noised metrics (``privacy.metrics_noise_multiplier`` > 0, DP on) the answer is the
+        held-out patients' statistics with Gaussian noise instead (:mod:`shared.privacy.noised_metrics`),
+        never suppressed (the noise covers every patient, and a count-dependent suppression would
+        itself say something about the count), its noise drawn from the site's secret, ``run_id``,
+        ``model_round`` and the model, so the same model asked again gets the same answer.
+        Call :meth:`reserve_evaluation` first: it charges the release."""
+        model = build_model(self.exp).to(self.device)
+        set_arrays(model, arrays)
         labels, mask = self.eval_set.labels.cpu(), self.eval_set.mask  # (P, K)
+        if self.exp.privacy.noised_metrics:
+            probs = predict(model, self.eval_set, self.device) if self.eval_set.n_patients else torch.zeros_like(labels)  # (P, K)
+            stats = NM.patient_statistics(labels.numpy(), probs.numpy(), mask.numpy())
+            seed = hashlib.sha256(_site_secret(self.cfg.state_dir) + f"|metrics|{run_id}|{model_round}|{model_digest(arrays)}".encode()).digest()
+            noisy = NM.noised(stats, noise_multiplier=self.exp.privacy.metrics_noise_multiplier, generator=np.random.default_rng(int.from_bytes(seed, "little")))
+            return {M.SUPPRESSED: 0.0, **NM.to_metrics(noisy)}
         per_class = (int(((labels > 0.5) & mask).any(1).sum()), int(((labels <= 0.5) & mask).any(1).sum()))  # patients with a session of each class
         if self.eval_set.n_patients < self.k or min(per_class) < self.k:
             log.info("site=%s evaluation suppressed: %d held-out patients, %d/%d with relapse/other sessions (k=%d)", self.cfg.name, self.eval_set.n_patients, *per_class, self.k)
             return {M.SUPPRESSED: 1.0, M.NUM_PATIENTS: 0.0}
-        model = build_model(self.exp).to(self.device)
-        set_arrays(model, arrays)
         probs = predict(model, self.eval_set, self.device)  # (P, K)
         y, s = self.eval_set.labels[mask].numpy(), probs[mask].numpy()
         loss = float(torch.nn.functional.binary_cross_entropy(probs[mask].clamp(1e-6, 1 - 1e-6), self.eval_set.labels[mask]))

@@ -347,6 +347,9 @@ def plan(
         console.print(f"[red]{escape(reason)}[/red]", soft_wrap=True)
     for note in notes:
         console.print(f"[yellow]warning: {escape(note)}[/yellow]", soft_wrap=True)
+    if exp.privacy.noised_metrics:
+        console.print(f"metrics: noised (privacy.metrics_noise_multiplier {exp.privacy.metrics_noise_multiplier:g}): each site's ε this run includes one charged release a round "
+                      "(σ is calibrated with them); no train loss or exact per-site metric leaves a site. `fedrelapse bench metrics-noise` shows the trade-off.", soft_wrap=True)
     console.print(f"plan_hash: {exp.plan_hash()}")
     too_few_here = too_few_sites(data, len(paths), exp.federation.min_nodes)
     if too_few_here:  # `simulate` refuses to start (exit 2) with the same sentence
@@ -680,6 +683,40 @@ def bench_ledger(
     print(json.dumps({"machine": machine(), **ledger_throughput(workdir, entries, accountant)}, indent=2))
 
 
+@bench_app.command("metrics-noise")
+@friendly
+def bench_metrics_noise(
+    config: Annotated[Path, typer.Option(help="Experiment YAML whose training (rounds, local steps, batch, ε) the cost table uses.")] = Path("configs/experiment.yaml"),
+    noise: Annotated[str, typer.Option(help="Metrics noise multipliers z to compare, comma-separated.")] = "0.5,1,2,4,8",
+    patients: Annotated[str, typer.Option(help="Held-out patients a site, comma-separated (utility table).")] = "25,100,400",
+    sites: Annotated[int, typer.Option(help="Sites whose statistics are pooled.", min=1)] = 3,
+    draws: Annotated[int, typer.Option(help="Noise draws per setting.", min=10)] = 400,
+    training_patients: Annotated[int, typer.Option(help="Training patients a site (cost table: sets q).", min=1)] = 40,
+) -> None:
+    """Noised metric releases (privacy.metrics_noise_multiplier): AUROC error against z and cohort size, and the training σ and ε they cost."""
+    from server.bench import machine
+    from server.bench_metrics import release_cost, release_utility
+    from shared.config import load_experiment
+
+    def numbers(text: str, what: str, cast: type[float] | type[int]) -> tuple[Any, ...]:
+        try:
+            values = tuple(cast(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise typer.BadParameter(f"give {what} as numbers separated by commas, got {text!r}", param_hint=f"--{what}") from None
+        if not values or any(v <= 0 for v in values):
+            raise typer.BadParameter(f"give one or more {what} above 0, got {text!r}", param_hint=f"--{what}")
+        return values
+
+    zs, ns = numbers(noise, "noise", float), numbers(patients, "patients", int)
+    exp = load_experiment(config)
+    with _progress() as bar:
+        task = bar.add_task("noise draws", total=None)
+        utility_rows = release_utility(sites=sites, patients=ns, noise=zs, draws=draws)
+        bar.update(task, description="σ calibrations")
+        cost_rows = release_cost(exp, noise=zs, training_patients=training_patients)
+    print(json.dumps({"machine": machine(), "utility": utility_rows, "cost": cost_rows}, indent=2))
+
+
 @bench_app.command("utility")
 @friendly
 def bench_utility(
@@ -850,9 +887,10 @@ def site_budget(
     table = Table(title=f"privacy budget of site {cfg.name} (δ={status['delta']:g})")
     table.add_column("run")
     table.add_column("rounds", justify="right")
+    table.add_column("noised releases", justify="right")
     table.add_column("ε (run)", justify="right")
     for run in status["runs"]:
-        table.add_row(escape(run["run_id"]), str(run["rounds"]), f"{run['epsilon']:.3f}")
+        table.add_row(escape(run["run_id"]), str(run["rounds"]), str(run["releases"]), f"{run['epsilon']:.3f}")
     console.print(table)
     console.print(f"all runs: ε spent {status['epsilon_spent']:.3f} of cap {status['cap_total']:g} (remaining {status['epsilon_remaining']:.3f}); per-run cap {status['cap_run']:g}")
     console.print(f"ledger: {escape(status['ledger'])} · {status['entries']} entries · head {status['head'][:16]}")

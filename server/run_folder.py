@@ -82,6 +82,7 @@ def _clean(v: Any) -> Any:
 
 
 SUPPRESSED = "suppressed (fewer than k patients or one class)"  # a site's `eval` in metrics.json
+NOISED = "noised (charged to the site's ledger)"  # ... when it sent a noised release; its eval_auroc is read from that
 
 
 def why_no_auroc(sites: Mapping[str, Mapping[str, Any]]) -> str:
@@ -91,6 +92,8 @@ def why_no_auroc(sites: Mapping[str, Mapping[str, Any]]) -> str:
         return "no site evaluated the model"
     if all(e.get("eval") == SUPPRESSED for e in evaluated):
         return "suppressed at every site (fewer than k evaluation patients, or only one class)"
+    if all(e.get("eval") == NOISED for e in evaluated):
+        return "the sites' noised statistics, summed, held no weight in one class (too few held-out patients for privacy.metrics_noise_multiplier)"
     return "no site sent a usable evaluation"
 
 
@@ -257,6 +260,10 @@ def _add_evaluation(sites: dict[str, dict[str, Any]], log: RoundLog) -> None:
         entry = sites.setdefault(r.site, {})
         if r.metrics.get(M.SUPPRESSED) == 1.0:
             entry["eval"] = SUPPRESSED
+        elif r.metrics.get(M.NOISED) == 1.0:  # its AUROC, if any, read from the noised statistics it sent
+            entry["eval"] = NOISED
+            if M.AUROC in r.metrics:
+                entry["eval_auroc"] = r.metrics[M.AUROC]
         elif M.AUROC in r.metrics:
             entry["eval_auroc"] = r.metrics[M.AUROC]
         elif r.error and "error" not in entry:  # why this site's evaluation is missing (a training failure is already its `error`)

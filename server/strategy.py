@@ -26,6 +26,7 @@ from shared import protocol as P  # noqa: N812
 from shared.config import FederationConfig
 from shared.errors import FederationError
 from shared.params import PACKED, Layout, packed_vector, unflatten
+from shared.privacy import noised_metrics as NM  # noqa: N812
 
 
 @dataclass
@@ -292,6 +293,47 @@ def evaluation_problem(metrics: Mapping[str, float], *, k: int, max_patients: fl
     return None
 
 
+def noised_evaluation_problem(metrics: Mapping[str, float], *, max_patients: float, noise_multiplier: float) -> str | None:
+    """Why a site's evaluation is not a usable noised release for a plan with noised metrics
+    (:mod:`shared.privacy.noised_metrics`), or None: never suppressed, every statistic present,
+    finite and within :func:`~shared.privacy.noised_metrics.plausibility_bound`, and no exact
+    metric beside them (one would bypass the noise)."""
+    if metrics.get(M.SUPPRESSED) == 1.0 and not NM.is_noised(dict(metrics)):
+        return "a suppressed exact evaluation, but the plan asks for noised metrics (privacy.metrics_noise_multiplier); a noised evaluation is never suppressed"
+    if metrics.get(M.SUPPRESSED) != 0.0:
+        return f"metric {M.SUPPRESSED!r} is {metrics.get(M.SUPPRESSED)!r}; a noised evaluation has it 0"
+    exact = [k for k in (M.AUROC, M.AUPRC, M.EVAL_LOSS, M.NUM_PATIENTS) if k in metrics]
+    if exact:
+        return f"exact metric {exact[0]!r} in an evaluation, but the plan asks for noised metrics (privacy.metrics_noise_multiplier); it is not written"
+    try:
+        NM.from_metrics(dict(metrics), bound=NM.plausibility_bound(max_patients=max_patients, noise_multiplier=noise_multiplier))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def pooled_noised_evaluation(reports: list[SiteReport]) -> MetricRecord | None:
+    """The federated metrics of noised evaluations: the sum of the sites' statistics, read by
+    :func:`~shared.privacy.noised_metrics.estimates` (pooled over every site's held-out patients).
+    Each report's metrics become its own estimates (AUROC where its statistics give one), so the
+    run folder shows per-site figures read from what the site sent, never an exact one; None when
+    the pooled statistics give no AUROC."""
+    vectors = []
+    for r in reports:
+        vec = NM.from_metrics(dict(r.metrics), bound=math.inf)  # checked by noised_evaluation_problem
+        vectors.append(vec)
+        own = NM.estimates(vec)
+        r.metrics = {M.SUPPRESSED: 0.0, M.NOISED: 1.0, **({M.AUROC: own.auroc} if own.auroc is not None else {}),
+                     **{k: r.metrics[k] for k in (M.COMPUTE_SECONDS, M.PEAK_RSS_MB) if k in r.metrics}}
+    pooled = NM.estimates(np.sum(vectors, axis=0))
+    if pooled.auroc is None:
+        return None
+    out = MetricRecord({M.NUM_PATIENTS: pooled.patients, M.AUROC: pooled.auroc})
+    if pooled.auprc is not None:
+        out[M.AUPRC] = pooled.auprc
+    return out
+
+
 def reject_reply(report: SiteReport, problem: str) -> None:
     """Mark a report whose reply failed a plausibility check as malformed: its figures (and the
     evaluation riding with it) are dropped, the site is named with why."""
@@ -416,11 +458,14 @@ class PatientFedAvg(FedAvg):
     def __init__(
         self, *, fraction_train: float, fraction_evaluate: float, min_nodes: int, node_wait_timeout_s: float, round_timeout_s: float = 1800.0,
         private: bool = True, min_patients_metric: int = _FEDERATION.min_patients_metric, max_weight: float = _FEDERATION.secure_aggregation.max_weight,
+        metrics_noise_multiplier: float = 0.0,
     ) -> None:
         """``private``: the plan's privacy.enabled (train replies must then carry plausible ε, δ,
         σ); ``min_patients_metric``: k, the fewest evaluation patients an unsuppressed report may
         cover; ``max_weight``: the largest patient count a site may claim
-        (``federation.secure_aggregation.max_weight``, in plain rounds too)."""
+        (``federation.secure_aggregation.max_weight``, in plain rounds too);
+        ``metrics_noise_multiplier``: the plan's ``privacy.metrics_noise_multiplier`` (above 0:
+        every evaluation must be a noised release, and the federated metrics come from their sum)."""
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -435,6 +480,7 @@ class PatientFedAvg(FedAvg):
         self.private = private
         self.min_patients_metric = min_patients_metric
         self.max_weight = max_weight
+        self.metrics_noise_multiplier = metrics_noise_multiplier
         self.round_timeout_s = round_timeout_s
         self.log: dict[int, RoundLog] = {}
         self._sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> node ids asked
@@ -533,7 +579,12 @@ class PatientFedAvg(FedAvg):
         return train_metrics_problem(metrics, private=self.private)
 
     def evaluation_problem(self, metrics: Mapping[str, float]) -> str | None:
-        """Why an evaluation report is unusable for this plan (:func:`evaluation_problem`)."""
+        """Why an evaluation report is unusable for this plan (:func:`evaluation_problem`, or
+        :func:`noised_evaluation_problem` when the plan asks for noised metrics)."""
+        if self.metrics_noise_multiplier > 0:
+            return noised_evaluation_problem(metrics, max_patients=self.max_weight, noise_multiplier=self.metrics_noise_multiplier)
+        if NM.is_noised(dict(metrics)):
+            return "a noised evaluation, but the plan asks for exact metrics (privacy.metrics_noise_multiplier is 0)"
         return evaluation_problem(metrics, k=self.min_patients_metric, max_patients=self.max_weight)
 
     def summary(self) -> None:
@@ -639,6 +690,8 @@ class PatientFedAvg(FedAvg):
         usable = [r for r in reports if r.error is None and r.metrics.get(M.SUPPRESSED) == 0.0]
         if not usable:
             return None
+        if self.metrics_noise_multiplier > 0:
+            return pooled_noised_evaluation(usable)
         out = MetricRecord({M.NUM_PATIENTS: sum(r.metrics[M.NUM_PATIENTS] for r in usable)})
         for key in (M.AUROC, M.AUPRC, M.EVAL_LOSS):
             value = weighted_mean(usable, key)

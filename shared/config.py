@@ -124,6 +124,20 @@ class PrivacyConfig:
     max_grad_norm: float = spec(1.0, doc="C: each patient's gradient is clipped to this L2 norm.", gt=0)
     accountant: str = spec("rdp", doc="Opacus accountant.", choices=("rdp", "prv"))
     secure_mode: bool = spec(False, doc="Cryptographically secure noise (slower; use in production).")
+    metrics_noise_multiplier: float = spec(
+        0.0,
+        doc="0: held-out metrics leave each site exact (over at least k patients, once per charged round; not covered by ε). "
+        "Above 0: each site sends its evaluation as patient-level score histograms with Gaussian noise of this multiplier instead "
+        "(federated AUROC and AUPRC, no loss), charged to its ledger and within target_epsilon (training gets more noise to make room); "
+        "train loss is then not sent. "
+        "Larger values: noisier metrics, more ε left for training (`fedrelapse bench metrics-noise`).",
+        ge=0, le=1000,
+    )
+
+    @property
+    def noised_metrics(self) -> bool:
+        """Whether evaluations leave the sites noised and charged (DP on and a metrics noise multiplier above 0)."""
+        return self.enabled and self.metrics_noise_multiplier > 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,6 +286,11 @@ class ExperimentConfig:
                 f"{source}: `name` {what}; it must be at most {MAX_NAME_CHARS} printable characters, because it starts every run id, "
                 f"which sites write into their ledgers and accept only up to {MAX_RUN_ID_CHARS} printable characters. Shorten or retype it."
             )
+        if self.privacy.metrics_noise_multiplier > 0 and not self.privacy.enabled:
+            raise ConfigError(
+                f"{source}: `privacy.metrics_noise_multiplier` is {self.privacy.metrics_noise_multiplier:g} but `privacy.enabled` is false; "
+                "noised metrics are charged to the sites' DP ledgers, which a non-private run does not write. Set it to 0 or enable DP."
+            )
         if self.speech.enabled and not self.speech.model_path:
             raise ConfigError(f"{source}: `speech.encoder` is transformer but `speech.model_path` is empty; give the local folder of the encoder (it is never downloaded), or set `speech.encoder: none`.")
 
@@ -293,8 +312,10 @@ class ExperimentConfig:
 
 @functools.lru_cache(maxsize=64)
 def _plan_hash(exp: ExperimentConfig) -> str:
-    canonical = build(ExperimentConfig, to_plain(exp), source="plan")
-    return hashlib.sha256(json.dumps(to_plain(canonical), sort_keys=True).encode()).hexdigest()
+    canonical = to_plain(build(ExperimentConfig, to_plain(exp), source="plan"))
+    if canonical["privacy"]["metrics_noise_multiplier"] == 0.0:  # added later: plans without it keep the hash sites approved
+        del canonical["privacy"]["metrics_noise_multiplier"]
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -310,8 +331,13 @@ class SitePolicy:
     min_patients_metric: int = spec(5, doc="k: no metric over fewer patients leaves the site.", ge=1)
     release_metrics: bool = spec(
         True,
-        doc="Send aggregate metrics (held-out evaluation, train loss) over at least k patients. They are not DP-protected; "
+        doc="Send aggregate metrics (held-out evaluation, train loss) over at least k patients. Exact metrics are not DP-protected; "
         "the site sends each model's evaluation once, only in runs it has trained in. false: only the DP-trained update and ε leave the site.",
+    )
+    require_noised_metrics: bool = spec(
+        False,
+        doc="Send evaluations only noised and charged to the ledger (plans with privacy.metrics_noise_multiplier above 0); "
+        "a plan with exact metrics still trains here, but gets no evaluation and no train loss from this site.",
     )
     allow_non_private: bool = spec(False, doc="Accept plans without DP. Only for synthetic benchmark data, never for patients.")
     require_secure_aggregation: bool = spec(False, doc="Train only in SecAgg+ rounds, so no update leaves the site unmasked.")

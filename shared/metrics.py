@@ -15,6 +15,7 @@ EPSILON_TOTAL = "epsilon-total"
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
 SUPPRESSED = "suppressed"
+NOISED = "noised"  # 1.0 in a site's evaluation report read from a noised release (shared.privacy.noised_metrics)
 EPSILON_REMAINING = "epsilon-remaining"  # plan replies: the site's remaining all-time budget
 COMPUTE_SECONDS = "compute-seconds"  # wall time of the site's own train/evaluate work in this reply
 PEAK_RSS_MB = "peak-rss-mb"  # peak resident memory of the process serving the site so far

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -110,8 +111,15 @@ def full_sampling_message(site: str = "") -> str:
     )
 
 
-def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str = "rdp", site: str = "") -> float:
+def calibrate_noise(
+    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str = "rdp", site: str = "",
+    fixed: tuple[SubsampledGaussian, ...] = (),
+) -> float:
     """Smallest σ (to Opacus' tolerance) so ``steps`` steps at rate q spend ``target_epsilon``.
+
+    ``fixed``: mechanisms the run applies besides its DP-SGD steps, whose noise is set already
+    (a plan's noised metric releases, :mod:`shared.privacy.noised_metrics`); σ is then the
+    smallest that makes the steps and these together spend ``target_epsilon``.
 
     Memoised per process: a site asks the same question every round of a run, and each answer
     is a bisection of ~20 RDP evaluations (most of a small site's round time). ``site`` names
@@ -126,6 +134,9 @@ def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: 
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}.")
     warn_full_sampling(sample_rate, site=site, stacklevel=2)
+    fixed = tuple(f for f in fixed if f.steps > 0)
+    if fixed:
+        return _calibrate_beside(float(target_epsilon), float(target_delta), float(sample_rate), int(steps), accountant, fixed)
     return _calibrate(float(target_epsilon), float(target_delta), float(sample_rate), int(steps), accountant)
 
 
@@ -179,6 +190,39 @@ def _calibrate(target_epsilon: float, target_delta: float, sample_rate: float, s
         if "budget is too low" not in str(exc):  # Opacus' words when σ would exceed its MAX_SIGMA
             raise
         raise UnreachableEpsilonError(_unreachable(target_epsilon, target_delta, sample_rate, steps, accountant)) from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _calibrate_beside(target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str, fixed: tuple[SubsampledGaussian, ...]) -> float:
+    """:func:`_calibrate` with ``fixed`` mechanisms composed beside the steps: Opacus' search
+    (``get_noise_multiplier``: double σ until ε is at most the target, then bisect until it is
+    within :func:`epsilon_tolerance` below it) over :func:`epsilon` of the whole composition."""
+    from opacus.accountants.utils import MAX_SIGMA
+
+    alone = epsilon(fixed, delta=target_delta, accountant=accountant)
+    if alone >= target_epsilon:
+        releases = sum(f.steps for f in fixed)
+        raise UnreachableEpsilonError(
+            f"`privacy.target_epsilon` ε={target_epsilon:g} cannot be met: the plan's {releases} noised metric release(s) "
+            f"(`privacy.metrics_noise_multiplier` {fixed[0].noise_multiplier:g}) alone spend ε={alone:.3g} at δ={target_delta:g}, "
+            f"leaving nothing for training. Raise `privacy.metrics_noise_multiplier`, evaluate less often, or raise `privacy.target_epsilon`."
+        )
+    spent = lambda sigma: epsilon([SubsampledGaussian(sigma, sample_rate, steps), *fixed], delta=target_delta, accountant=accountant)  # noqa: E731
+    low, high, eps_high = 0.0, 10.0, math.inf
+    with _largest_order_quiet():
+        while eps_high > target_epsilon:
+            high *= 2
+            if high > MAX_SIGMA:
+                raise UnreachableEpsilonError(_unreachable(target_epsilon, target_delta, sample_rate, steps, accountant))
+            eps_high = spent(high)
+        while target_epsilon - eps_high > epsilon_tolerance(target_epsilon):
+            mid = (low + high) / 2
+            eps = spent(mid)
+            if eps < target_epsilon:
+                high, eps_high = mid, eps
+            else:
+                low = mid
+    return high
 
 
 def _unreachable(target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str) -> str:

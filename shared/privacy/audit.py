@@ -181,8 +181,9 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
     seen: set[tuple[str, int]] = set()
     last_round: dict[str, int] = {}
     steps_by_mechanism: dict[tuple[float, float], int] = {}  # (σ, q) -> steps: composition is exact when merged
-    rounds = [(line, e) for line, e in numbered if e.kind == "round"]
+    rounds = [(line, e) for line, e in numbered if e.charged]  # training rounds and noised metric releases: both count in ε
     run_ends = {line for i, (line, e) in enumerate(rounds) if i + 1 == len(rounds) or rounds[i + 1][1].run_id != e.run_id}
+    released: set[tuple[str, int]] = set()
     # RDP curves over the site's order grid (same bound, dp-accounting's code, none shared with the site): all rounds, and per run
     total_rdp = np.zeros(len(RDP_ALPHAS))
     run_rdp: dict[str, np.ndarray] = {}
@@ -204,16 +205,19 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
         if last_time and when < last_time:
             report.issues.append(Issue(line, f"time {e.time} is earlier than the entry before it"))
         last_time = when
-        if e.kind != "round":
+        if not e.charged:
             continue
-        if (e.run_id, e.round) in seen:
-            report.issues.append(Issue(line, f"round {e.round} of run {e.run_id} is accounted twice"))
-        if e.round < 1:
-            report.issues.append(Issue(line, f"round number {e.round} of run {e.run_id} is not positive"))
-        elif e.round <= last_round.get(e.run_id, 0):
-            report.issues.append(Issue(line, f"round {e.round} of run {e.run_id} comes after round {last_round[e.run_id]}"))
-        seen.add((e.run_id, e.round))
-        last_round[e.run_id] = max(e.round, last_round.get(e.run_id, 0))
+        if e.kind == "release":
+            _check_release(e, line, report, released, last_round)
+        else:
+            if (e.run_id, e.round) in seen:
+                report.issues.append(Issue(line, f"round {e.round} of run {e.run_id} is accounted twice"))
+            if e.round < 1:
+                report.issues.append(Issue(line, f"round number {e.round} of run {e.run_id} is not positive"))
+            elif e.round <= last_round.get(e.run_id, 0):
+                report.issues.append(Issue(line, f"round {e.round} of run {e.run_id} comes after round {last_round[e.run_id]}"))
+            seen.add((e.run_id, e.round))
+            last_round[e.run_id] = max(e.round, last_round.get(e.run_id, 0))
         if e.epsilon_total < last_total - 1e-9:
             report.issues.append(Issue(line, f"recorded ε={e.epsilon_total:.4f} is lower than the entry before it ({last_total:.4f}); ε can only grow"))
         if e.epsilon_run < last_run.get(e.run_id, 0.0) - 1e-9:
@@ -259,3 +263,19 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
         if not math.isnan(pld) and e.epsilon_total < pld * (1 - 1e-3):
             report.issues.append(Issue(line, f"recorded ε={e.epsilon_total:.4f} is below the PLD lower figure {pld:.4f}: an under-count"))
     return report
+
+
+def _check_release(e: LedgerEntry, line: int, report: VerifyReport, released: set[tuple[str, int]], last_round: dict[str, int]) -> None:
+    """The problems of one noised-metrics ``release`` entry: it is the Gaussian mechanism (q = 1,
+    one step), once per (run, model round), of a model the run has: the site charges a release
+    only in a run whose ledger already holds a round, for a round's model no later than its
+    newest charged round (round 0: the initial model)."""
+    if (e.run_id, e.round) in released:
+        report.issues.append(Issue(line, f"the evaluation of round {e.round}'s model of run {e.run_id} is released twice"))
+    released.add((e.run_id, e.round))
+    if e.run_id not in last_round:
+        report.issues.append(Issue(line, f"a noised release in run {e.run_id} before any round of it was charged; the site releases only in runs it has trained in"))
+    elif not 0 <= e.round <= last_round[e.run_id]:
+        report.issues.append(Issue(line, f"a noised release of round {e.round}'s model of run {e.run_id}, whose newest charged round is {last_round[e.run_id]}"))
+    if (e.sample_rate, e.steps) != (1.0, 1):
+        report.issues.append(Issue(line, f"a noised release must be one Gaussian mechanism (q = 1, 1 step), got q={e.sample_rate}, {e.steps} steps"))

@@ -1,7 +1,9 @@
 """The site privacy ledger: append-only JSONL per dataset, hash-chained and Ed25519-signed.
 
 One ``round`` entry per (run, round) records the mechanism applied to the dataset and ε after
-it; ``policy`` entries record a DPO raising or lowering a cap. Each entry carries the SHA-256
+it; a ``release`` entry records a noised evaluation of run R's model after round r (the Gaussian
+mechanism, :mod:`shared.privacy.noised_metrics`; its ``round`` is r), composed into ε like a
+round; ``policy`` entries record a DPO raising or lowering a cap. Each entry carries the SHA-256
 of the previous one and the site key's signature over its own hash, so editing, deleting,
 inserting or reordering entries is detected, and nobody without the site key can forge one.
 A round's entry is written and fsync'd once the round has passed the site's checks and
@@ -34,7 +36,8 @@ from shared.signing import sign, verify
 
 GENESIS = "0" * 64
 FORMAT_VERSION = 2
-KINDS = ("round", "policy")
+KINDS = ("round", "release", "policy")
+CHARGED = ("round", "release")  # the kinds whose mechanism counts in ε
 LEDGER_FILE = "privacy-ledger.jsonl"  # <state_dir>/ledger/<this>: the file `fedrelapse audit verify` checks
 
 
@@ -64,6 +67,11 @@ class LedgerEntry:
     wall_time_s: float = 0.0  # 0.0: the entry is written before the round trains (entries of earlier versions, written after training, hold its seconds)
     key_id: str = ""  # fingerprint of the signing key
     prev_hash: str
+
+    @property
+    def charged(self) -> bool:
+        """Whether this entry's mechanism counts in ε (a training round or a noised release)."""
+        return self.kind in CHARGED
 
     @property
     def mechanism(self) -> SubsampledGaussian:

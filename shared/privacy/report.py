@@ -63,6 +63,12 @@ class RoundRow:
     epsilon_total: float
     wall_time_s: float
     check: EntryCheck | None = None  # the independent recomputation of epsilon_total
+    kind: str = "round"  # or "release": a noised evaluation of the model after `round` (q = 1, one step)
+
+    @property
+    def label(self) -> str:
+        """The round as the report's tables show it: its number, or what a release released."""
+        return str(self.round) if self.kind == "round" else f"{self.round}: noised metrics"
 
 
 @dataclass(frozen=True)
@@ -263,10 +269,10 @@ def _summarise(path: Path, key: Ed25519PublicKey | None, policy: SitePolicy | No
             cap_run = e.cap_run if e.cap_run is not None else cap_run
             changes.append(CapChange(no, _time(e.time), e.time, e.cap_total, e.cap_run, e.note, e.key_id))
             timeline.append((_time(e.time), cap_total, cap_run))
-        elif e.kind == "round":
+        elif e.charged:  # a training round, or a noised metrics release (both count in ε)
             rows.append(RoundRow(
                 no, e.run_id, e.round, _time(e.time), e.time, e.plan_hash, e.accountant, e.delta, e.noise_multiplier, e.sample_rate,
-                e.steps, e.max_grad_norm, e.epsilon_run, e.epsilon_total, e.wall_time_s, checks.get((e.run_id, e.round, no)),
+                e.steps, e.max_grad_norm, e.epsilon_run, e.epsilon_total, e.wall_time_s, checks.get((e.run_id, e.round, no)), kind=e.kind,
             ))
             cap_run_at[e.run_id] = cap_run
     if policy is not None:  # the caps in force by the rule the site itself applies
@@ -365,9 +371,11 @@ def _status_sentence(led: LedgerSummary) -> str:
 def _site_paragraph(led: LedgerSummary) -> str:
     if not led.rounds:
         return f"Ledger {led.path.name} records no training round: no privacy budget has been spent on these patients."
-    n_runs, n_rounds = len(led.runs), len(led.rounds)
+    n_runs, n_rounds = len(led.runs), sum(r.kind == "round" for r in led.rounds)
+    n_releases = len(led.rounds) - n_rounds
+    releases = f" and {n_releases} noised metric release{'s' if n_releases != 1 else ''}" if n_releases else ""
     biggest = max(led.runs, key=lambda r: r.epsilon)
-    text = (f"At site {led.site}, {n_runs} training run{'s' if n_runs != 1 else ''} with {n_rounds} round{'s' if n_rounds != 1 else ''} in all "
+    text = (f"At site {led.site}, {n_runs} training run{'s' if n_runs != 1 else ''} with {n_rounds} round{'s' if n_rounds != 1 else ''}{releases} in all "
             f"{'has' if n_runs == 1 else 'have'} spent ε = {fmt_eps(led.epsilon_spent)} at δ = {_delta(led.delta)}. ")
     if led.cap_total is not None:
         text += f"The all-time cap is ε = {_fmt_cap(led.cap_total)}, so ε = {fmt_eps(led.epsilon_remaining)} remains for future runs on these patients. "
@@ -669,7 +677,7 @@ def _ledger_html(led: LedgerSummary, n: int) -> str:
     if led.rounds:
         out.append("<h3>Mechanisms, round by round</h3><p class='muted'>σ: noise multiplier · q: sampling rate per step · steps: DP-SGD steps in "
                    "the round · C: clipping norm. ε after the round: for its run, and for all runs together, with the independent recomputation.</p>")
-        rows = [[_e(r.line), _e(_when(r.time_text)), f"<code>{_e(r.run_id)}</code>", _e(r.round), f"{r.noise_multiplier:.4f}", f"{r.sample_rate:.4f}",
+        rows = [[_e(r.line), _e(_when(r.time_text)), f"<code>{_e(r.run_id)}</code>", _e(r.label), f"{r.noise_multiplier:.4f}", f"{r.sample_rate:.4f}",
                  _e(r.steps), f"{r.max_grad_norm:g}", _e(fmt_eps(r.epsilon_run)), _e(fmt_eps(r.epsilon_total)),
                  (f"{_e(fmt_eps(r.check.rdp))} / {_e(fmt_eps(r.check.pld))}" if r.check else "-")] for r in led.rounds]
         out.append(_table(["line", "time (UTC)", "run", "round", "σ", "q", "steps", "C", "ε run", "ε all runs", "independent RDP / PLD"],
@@ -893,7 +901,7 @@ def render_pdf(data: ReportData, path: Path) -> None:
                 t.keep(len(led.rounds) + 3)
                 t.line("Mechanisms, round by round", weight="bold")
                 t.table(["line", "time (UTC)", "run", "round", "σ", "q", "steps", "C", "ε run", "ε all", "RDP / PLD"],
-                        [[str(r.line), _when(r.time_text), r.run_id, str(r.round), f"{r.noise_multiplier:.4f}", f"{r.sample_rate:.4f}", str(r.steps),
+                        [[str(r.line), _when(r.time_text), r.run_id, r.label, f"{r.noise_multiplier:.4f}", f"{r.sample_rate:.4f}", str(r.steps),
                           f"{r.max_grad_norm:g}", fmt_eps(r.epsilon_run), fmt_eps(r.epsilon_total),
                           f"{fmt_eps(r.check.rdp)} / {fmt_eps(r.check.pld)}" if r.check else "-"] for r in led.rounds])
                 t.line("Training plans (plan hash: runs)", weight="bold")

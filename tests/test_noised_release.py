@@ -1,0 +1,231 @@
+"""Noised evaluation releases at a site and at the coordinator: charged once per model, within
+the plan's ε, audited, and nothing exact leaves (privacy.metrics_noise_multiplier > 0)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from client.site import Refusal, Site, TrainResult, ledger_public_key
+from server.strategy import PatientFedAvg, SiteReport
+from shared import metrics as M  # noqa: N812
+from shared.config import ExperimentConfig, SiteConfig, load_site
+from shared.models import build_model
+from shared.params import get_arrays
+from shared.privacy import ledger
+from shared.privacy import noised_metrics as NM  # noqa: N812
+from shared.privacy.accounting import epsilon
+from shared.privacy.audit import verify_ledger
+from tests.conftest import tiny_experiment
+
+EXACT_KEYS = (M.AUROC, M.AUPRC, M.EVAL_LOSS, M.NUM_PATIENTS, M.TRAIN_LOSS)
+
+
+def noised_experiment(z: float = 4.0) -> ExperimentConfig:
+    return tiny_experiment().with_privacy(metrics_noise_multiplier=z)
+
+
+@pytest.fixture
+def alpha_cfg(tiny_cohort: Path, alpha_state: Path) -> SiteConfig:
+    return replace(load_site(tiny_cohort / "alpha" / "site.yaml"), state_dir=alpha_state)
+
+
+def start_arrays(exp: ExperimentConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """The initial model with its parameters moved by ``seed``-dependent noise (models differ by seed)."""
+    rng = np.random.default_rng(seed)
+    return {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in get_arrays(build_model(exp)).items()}
+
+
+def run_two_rounds(site: Site, run_id: str = "r1") -> list[dict[str, float]]:
+    """Two rounds, each model evaluated after the round that made it, as a run does."""
+    out = []
+    for rnd in (1, 2):
+        result = site.train(start_arrays(site.exp, rnd), run_id=run_id, server_round=rnd, total_rounds=2)
+        assert isinstance(result, TrainResult)
+        assert M.TRAIN_LOSS not in result.metrics  # an exact train loss would bypass the metrics' noise
+        model = start_arrays(site.exp, 10 + rnd)
+        assert site.reserve_evaluation(model, run_id=run_id, model_round=rnd) is None
+        out.append(site.evaluate(model, run_id=run_id, model_round=rnd))
+    return out
+
+
+def test_each_release_is_charged_once_and_the_run_stays_within_its_epsilon(alpha_cfg: SiteConfig) -> None:
+    site = Site(alpha_cfg, noised_experiment())
+    replies = run_two_rounds(site)
+    entries = ledger.read_entries(site.ledger_path)
+    assert [(e.kind, e.round) for e in entries] == [("round", 1), ("release", 1), ("round", 2), ("release", 2)]
+    target = site.exp.privacy.target_epsilon
+    assert target - 0.1 <= entries[-1].epsilon_run <= target * 1.001  # σ was calibrated with the releases in the run
+    assert entries[-1].epsilon_run == pytest.approx(epsilon([e.mechanism for e in entries], delta=site.delta))
+    exact = Site(replace(alpha_cfg, state_dir=alpha_cfg.state_dir.parent / "other"), tiny_experiment())
+    assert entries[0].noise_multiplier > exact.noise_multiplier(2)  # training made room for the releases
+    for reply in replies:
+        assert set(reply) == {M.SUPPRESSED, *NM.STAT_KEYS} and reply[M.SUPPRESSED] == 0.0
+        assert not set(EXACT_KEYS) & set(reply)
+    assert verify_ledger(site.ledger_path, ledger_public_key(alpha_cfg.state_dir)).issues == []
+
+
+def test_the_same_model_asked_again_gets_the_same_answer_and_no_second_charge(alpha_cfg: SiteConfig) -> None:
+    site = Site(alpha_cfg, noised_experiment())
+    assert isinstance(site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2), TrainResult)
+    model = start_arrays(site.exp, 5)
+    assert site.reserve_evaluation(model, run_id="r1", model_round=1) is None
+    first = site.evaluate(model, run_id="r1", model_round=1)
+    assert site.reserve_evaluation(model, run_id="r1", model_round=1) is None
+    assert site.evaluate(model, run_id="r1", model_round=1) == first  # the same noise: nothing to average away
+    assert [e.kind for e in ledger.read_entries(site.ledger_path)] == ["round", "release"]
+    other = site.reserve_evaluation(start_arrays(site.exp, 6), run_id="r1", model_round=1)
+    assert isinstance(other, Refusal) and other.code == "evaluation-limit"
+    noise = np.array([first[k] for k in NM.STAT_KEYS]) - NM.patient_statistics(*_eval_arrays(site, model))
+    assert np.abs(noise).max() > 0.5  # noise of the plan's multiplier was added (z = 4)
+
+
+def _eval_arrays(site: Site, model: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from client.predict import predict
+    from shared.params import set_arrays
+
+    net = build_model(site.exp)
+    set_arrays(net, model)
+    probs = predict(net, site.eval_set, site.device)
+    return site.eval_set.labels.numpy(), probs.numpy(), site.eval_set.mask.numpy()
+
+
+def test_a_release_beyond_the_planned_ones_is_refused_for_budget(alpha_cfg: SiteConfig) -> None:
+    site = Site(alpha_cfg, noised_experiment(z=1.0))
+    run_two_rounds(site)
+    extra = site.reserve_evaluation(start_arrays(site.exp, 30), run_id="r1", model_round=0)
+    assert isinstance(extra, Refusal) and extra.code == "budget" and "noised evaluation" in extra.reason
+    assert sum(e.kind == "release" for e in ledger.read_entries(site.ledger_path)) == 2
+
+
+def test_a_policy_that_requires_noised_metrics_sends_nothing_exact(alpha_cfg: SiteConfig) -> None:
+    cfg = replace(alpha_cfg, policy=replace(alpha_cfg.policy, require_noised_metrics=True))
+    site = Site(cfg, tiny_experiment())  # a plan with exact metrics
+    result = site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2)
+    assert isinstance(result, TrainResult) and M.TRAIN_LOSS not in result.metrics
+    refusal = site.reserve_evaluation(start_arrays(site.exp, 3), run_id="r1", model_round=1)
+    assert isinstance(refusal, Refusal) and refusal.code == "metrics-withheld" and "metrics_noise_multiplier" in refusal.reason
+
+
+def test_plan_counts_the_releases_in_the_runs_epsilon(alpha_cfg: SiteConfig) -> None:
+    site = Site(alpha_cfg, noised_experiment())
+    out = site.plan(run_id="r1", total_rounds=2)
+    assert out["code"] == "ok"
+    assert out["epsilon_run"] == pytest.approx(site.exp.privacy.target_epsilon, abs=0.1)
+
+
+def test_releases_that_leave_no_room_for_training_are_a_budget_refusal_in_the_plan(alpha_cfg: SiteConfig) -> None:
+    from shared.errors import UnreachableEpsilonError
+
+    site = Site(alpha_cfg, noised_experiment(z=0.3))
+    with pytest.raises(UnreachableEpsilonError, match="noised metric release"):
+        site.plan(run_id="r1", total_rounds=2)
+
+
+def report(site: str, metrics: dict[str, float]) -> SiteReport:
+    return SiteReport(site=site, node=hash(site) % 1000, metrics=dict(metrics))
+
+
+def strategy(z: float) -> PatientFedAvg:
+    return PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, node_wait_timeout_s=1, min_patients_metric=2, metrics_noise_multiplier=z)
+
+
+def test_the_coordinator_pools_noised_statistics_and_keeps_no_exact_figure() -> None:
+    rng = np.random.default_rng(0)
+    vecs = [np.abs(rng.normal(2.0, 1.0, NM.LENGTH)) for _ in range(3)]
+    reports = [report(s, {M.SUPPRESSED: 0.0, **NM.to_metrics(v), M.COMPUTE_SECONDS: 0.1}) for s, v in zip("abc", vecs, strict=True)]
+    out = strategy(2.0).aggregate_evaluation(1, reports)
+    assert out is not None
+    pooled = NM.estimates(np.sum(vecs, axis=0))
+    assert out[M.AUROC] == pytest.approx(pooled.auroc) and out[M.AUPRC] == pytest.approx(pooled.auprc)
+    for r in reports:  # what the run folder writes: estimates read from what the site sent, flagged
+        assert r.metrics[M.NOISED] == 1.0 and not any(k.startswith(NM.STAT_PREFIX) for k in r.metrics)
+
+
+@pytest.mark.parametrize(
+    ("z", "metrics", "words"),
+    [
+        (2.0, {M.SUPPRESSED: 0.0, M.NUM_PATIENTS: 10.0, M.AUROC: 0.7}, "exact metric"),
+        (2.0, {M.SUPPRESSED: 1.0, M.NUM_PATIENTS: 0.0}, "suppressed exact evaluation"),
+        (2.0, {M.SUPPRESSED: 0.0, **NM.to_metrics(np.full(NM.LENGTH, 1e7))}, "within ±"),
+        (2.0, {M.SUPPRESSED: 0.0, **NM.to_metrics(np.ones(NM.LENGTH)), M.AUROC: 0.9}, "exact metric 'auroc'"),
+        (0.0, {M.SUPPRESSED: 0.0, **NM.to_metrics(np.ones(NM.LENGTH))}, "plan asks for exact metrics"),
+    ],
+)
+def test_evaluations_of_the_wrong_kind_are_rejected_not_written(z: float, metrics: dict[str, float], words: str) -> None:
+    reports = [report("a", metrics)]
+    assert strategy(z).aggregate_evaluation(1, reports) is None
+    assert reports[0].error is not None and words in reports[0].error and reports[0].metrics == {}
+
+
+@pytest.fixture(scope="module")
+def fresh_cohort(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny cohort with empty ledgers (a module of its own: its runs charge these)."""
+    import shutil
+
+    dst = tmp_path_factory.mktemp("noised") / "cohort"
+    shutil.copytree(tiny_cohort, dst, ignore=shutil.ignore_patterns("ledger", "approved-plans.json"))
+    return dst
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("evaluation", ["with-next-round", "separate", "secagg"])
+def test_a_federated_run_with_noised_metrics_reports_auroc_and_charges_every_release(fresh_cohort: Path, tmp_path: Path, evaluation: str) -> None:
+    """The real ClientApp of each site behind an in-process grid (plain, or SecAgg+ with the
+    evaluation riding in the masked round's reply): every model's evaluation arrives noised, the
+    round table gets a pooled AUROC, and each site's ledger holds one release per model, within
+    the plan's ε, and verifies."""
+    from shared.config import SecureAggregationConfig
+    from tests.test_evaluate_with_next_round import run_in_process
+
+    exp = noised_experiment(z=2.0)
+    if evaluation == "secagg":
+        sa = SecureAggregationConfig(enabled=True, num_shares=3, reconstruction_threshold=2, max_weight=20.0, clipping_range=8.0)
+        exp = replace(exp, federation=replace(exp.federation, evaluation="with-next-round", secure_aggregation=sa))
+    else:
+        exp = replace(exp, federation=replace(exp.federation, evaluation=evaluation))
+    run_id = f"noised-{evaluation}"
+    summary, grid = run_in_process(exp, fresh_cohort, tmp_path / "run", run_id=run_id, console=Console(quiet=True))
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # 2-3 held-out patients a site: the pooled histograms may hold no weight after noise (AUROC None, said so in the table)
+    assert all(r["auroc"] is None or 0.0 <= r["auroc"] <= 1.0 for r in rounds)
+    for r in rounds:
+        assert r["train_loss"] is None and r["eval_loss"] is None
+        for site, entry in r["sites"].items():
+            assert entry.get("eval", "").startswith("noised"), (site, entry)
+    for reply in grid.replies:  # nothing exact left any site
+        for name in ("metrics", "evaluation"):
+            record = reply.content.metric_records.get(name) if not reply.has_error() else None
+            assert not set(EXACT_KEYS) - {M.NUM_PATIENTS} & set(record or {}), (name, dict(record or {}))
+    for name in ("alpha", "beta", "gamma"):
+        cfg = load_site(fresh_cohort / name / "site.yaml")
+        path = cfg.state_dir / "ledger" / ledger.LEDGER_FILE
+        mine = [e for e in ledger.read_entries(path) if e.run_id == run_id]
+        assert sorted((e.kind, e.round) for e in mine) == [("release", 1), ("release", 2), ("round", 1), ("round", 2)]
+        assert mine[-1].epsilon_run <= exp.privacy.target_epsilon * 1.001
+        assert verify_ledger(path, ledger_public_key(cfg.state_dir)).issues == []
+
+
+def test_the_audit_report_and_site_budget_count_releases_in_epsilon(alpha_cfg: SiteConfig) -> None:
+    from client.budget import budget_status
+    from shared.privacy.report import _site_paragraph, build_report, render_html
+
+    site = Site(alpha_cfg, noised_experiment())
+    run_two_rounds(site)
+    entries = ledger.read_entries(site.ledger_path)
+    status = budget_status(alpha_cfg)
+    assert status["runs"] == [{"run_id": "r1", "rounds": 2, "releases": 2, "epsilon": pytest.approx(entries[-1].epsilon_run)}]
+    assert status["epsilon_spent"] == pytest.approx(entries[-1].epsilon_total)
+    pub = alpha_cfg.state_dir / "keys" / "ledger-ed25519.pub.pem"
+    data = build_report([site.ledger_path], public_key=pub if pub.exists() else None, policy=alpha_cfg.policy, title="t")
+    (led,) = data.ledgers
+    assert led.issues == [] and led.epsilon_spent == pytest.approx(entries[-1].epsilon_total)
+    assert [r.label for r in led.rounds] == ["1", "1: noised metrics", "2", "2: noised metrics"]
+    assert "2 rounds and 2 noised metric releases" in _site_paragraph(led)
+    assert "1: noised metrics" in render_html(data)
