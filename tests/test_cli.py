@@ -508,3 +508,16 @@ def test_the_runbook_lists_every_bench_command_and_which_have_quick() -> None:
     listed = {line.split()[2]: "--quick" in line for line in block.splitlines() if line.startswith("fedrelapse bench ")}
     has_quick = {name: any(isinstance(p, click.Option) and "--quick" in p.opts for p in cmd.params) for name, cmd in bench.commands.items()}
     assert listed == has_quick  # was missing ledger and speech-encoder, and scale's --quick
+
+
+def test_plan_with_noised_metrics_says_they_are_charged_and_refuses_a_noise_that_leaves_nothing_for_training(tiny_cohort: Path, tmp_path: Path) -> None:
+    from tests.conftest import tiny_experiment
+
+    (tmp_path / "exp.yaml").write_text(one_site(tiny_experiment()).with_privacy(metrics_noise_multiplier=4.0).to_yaml())
+    result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(tiny_cohort / "alpha")], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "metrics: noised (privacy.metrics_noise_multiplier 4)" in " ".join(result.output.split())
+    (tmp_path / "exp.yaml").write_text(one_site(tiny_experiment()).with_privacy(metrics_noise_multiplier=0.2).to_yaml())
+    result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(tiny_cohort / "alpha")], env={"COLUMNS": "400"})
+    assert result.exit_code == 4, result.output
+    assert "refuse (budget)" in result.output and "noised metric release(s)" in " ".join(result.output.split())
