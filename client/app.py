@@ -452,6 +452,18 @@ def check_secure_update(update: list[np.ndarray], incoming: list[np.ndarray], we
     return None
 
 
+def _head_after(site: Site, evaluation: dict[str, float] | None, head: str) -> str:
+    """The ledger head a reply carries: ``head`` (its round's entry), or after a noised release
+    (an evaluation that carries ε) the ledger's newest entry, so the head the coordinator
+    records covers the release too (a DPO compares it with the ledger)."""
+    if evaluation is None or M.EPSILON_RUN not in evaluation:
+        return head
+    try:
+        return site.newest_head()
+    except (OSError, PolicyError):  # the ledger went unreadable after the release: the round's own head still holds
+        return head
+
+
 def _evaluation(site: Site, arrays: dict[str, np.ndarray], *, run_id: str, model_round: int) -> dict[str, float]:
     """The site's aggregate metrics of run ``run_id``'s global model after ``model_round`` (k-suppressed,
     or a noised release: :meth:`Site.evaluate`), with their compute seconds."""
@@ -545,7 +557,7 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     problem = check_secure_update(update, incoming, weight, site.exp.federation.secure_aggregation)
     if problem:
         return refuse(Refusal("update-check", f"Site {site_cfg.name}: round {req.server_round}'s update was not sent: {problem}."), evaluation)
-    report = secure_records.encode(site_name=site_cfg.name, metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head, evaluation=evaluation)
+    report = secure_records.encode(site_name=site_cfg.name, metrics={**result.metrics, **_cost(started)}, ledger_head=_head_after(site, evaluation, result.ledger_head), evaluation=evaluation)
     return _fitres(msg, update, int(weight), report)
 
 
@@ -632,10 +644,11 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
                 restart_process_state()
                 raise
         evaluation = _evaluation_with_train(site, req)  # after training: the round is charged first
+        head = _head_after(site, evaluation, result.ledger_head)
         if isinstance(result, Refusal):
-            return _reply(msg, site_cfg.name, refusal=result, evaluation=evaluation, metrics=result.metrics or None, ledger_head=result.ledger_head)
+            return _reply(msg, site_cfg.name, refusal=result, evaluation=evaluation, metrics=result.metrics or None, ledger_head=head)
         return _reply(
-            msg, site_cfg.name, arrays=pack(result.arrays, model_shapes(site.exp)), metrics={**result.metrics, **_cost(started)}, ledger_head=result.ledger_head,
+            msg, site_cfg.name, arrays=pack(result.arrays, model_shapes(site.exp)), metrics={**result.metrics, **_cost(started)}, ledger_head=head,
             evaluation=evaluation,
         )
 
@@ -651,7 +664,8 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
             refusal = policy_refusal(site_cfg, exc)
         if refusal is not None:
             return _reply(msg, site_cfg.name, refusal=refusal)
-        return _reply(msg, site_cfg.name, metrics=_evaluation(site, req.arrays, run_id=req.run_id, model_round=req.server_round))
+        metrics = _evaluation(site, req.arrays, run_id=req.run_id, model_round=req.server_round)
+        return _reply(msg, site_cfg.name, metrics=metrics, ledger_head=_head_after(site, metrics, ""))
 
     @client_app.query()
     def plan(msg: Message, context: Context) -> Message:

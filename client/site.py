@@ -473,6 +473,18 @@ class Site:
         log.info("site=%s run=%s noised evaluation of round %d's model charged: z=%.3f eps_run=%.3f", self.cfg.name, run_id, model_round, event.noise_multiplier, eps_run)
         return None
 
+    def _release_entry(self, run_id: str, model_round: int) -> ledger.LedgerEntry | None:
+        """The ledger's ``release`` entry of run ``run_id``'s model after ``model_round``, if charged."""
+        with ledger.locked(self.ledger_path):
+            entries = ledger.read_entries(self.ledger_path, self._public_key())
+        return next((e for e in entries if e.kind == "release" and e.run_id == run_id and e.round == model_round), None)
+
+    def newest_head(self) -> str:
+        """The hash of the ledger's newest entry (sent as the reply's ledger head after a noised
+        release, so the coordinator records a head that covers it)."""
+        with ledger.locked(self.ledger_path):
+            return ledger.head_hash(ledger.read_entries(self.ledger_path, self._public_key()))
+
     def evaluate(self, arrays: dict[str, np.ndarray], *, run_id: str = "", model_round: int = 0) -> dict[str, float]:
         """Aggregate metrics on held-out patients; suppressed below k patients, or when either class (sessions with and without
         relapse) comes from fewer than k patients (a one-patient class makes AUROC a statement about that patient's scores).
@@ -481,7 +493,8 @@ class Site:
         held-out patients' statistics with Gaussian noise instead (:mod:`shared.privacy.noised_metrics`),
         never suppressed (the noise covers every patient, and a count-dependent suppression would
         itself say something about the count), its noise drawn from the site's secret, ``run_id``,
-        ``model_round`` and the model, so the same model asked again gets the same answer.
+        ``model_round`` and the model, so the same model asked again gets the same answer; with
+        the run's ε as the release entry recorded it (``epsilon-run``, ``epsilon-total``).
         Call :meth:`reserve_evaluation` first: it charges the release."""
         model = build_model(self.exp).to(self.device)
         set_arrays(model, arrays)
@@ -491,7 +504,9 @@ class Site:
             stats = NM.patient_statistics(labels.numpy(), probs.numpy(), mask.numpy())
             seed = hashlib.sha256(_site_secret(self.cfg.state_dir) + f"|metrics|{run_id}|{model_round}|{model_digest(arrays)}".encode()).digest()
             noisy = NM.noised(stats, noise_multiplier=self.exp.privacy.metrics_noise_multiplier, generator=np.random.default_rng(int.from_bytes(seed, "little")))
-            return {M.SUPPRESSED: 0.0, **NM.to_metrics(noisy)}
+            charged = self._release_entry(run_id, model_round)
+            spent = {M.EPSILON_RUN: charged.epsilon_run, M.EPSILON_TOTAL: charged.epsilon_total} if charged is not None else {}  # ε as the release left it
+            return {M.SUPPRESSED: 0.0, **NM.to_metrics(noisy), **spent}
         per_class = (int(((labels > 0.5) & mask).any(1).sum()), int(((labels <= 0.5) & mask).any(1).sum()))  # patients with a session of each class
         if self.eval_set.n_patients < self.k or min(per_class) < self.k:
             log.info("site=%s evaluation suppressed: %d held-out patients, %d/%d with relapse/other sessions (k=%d)", self.cfg.name, self.eval_set.n_patients, *per_class, self.k)

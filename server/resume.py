@@ -159,7 +159,7 @@ def summary_problem(summary: Any) -> str | None:
     return None
 
 
-TEXT_ENTRIES = ("error", "ledger_head", "eval", "eval_error")  # a site's entry in a round: these are strings, `refused` an object, the rest numbers (or null)
+TEXT_ENTRIES = ("error", "ledger_head", "eval", "eval_error", "eval_ledger_head")  # a site's entry in a round: these are strings, `refused` an object, the rest numbers (or null)
 
 
 def round_problem(raw: Any) -> str | None:

@@ -100,7 +100,7 @@ def why_no_auroc(sites: Mapping[str, Mapping[str, Any]]) -> str:
 RECORDS_DIGEST = "records_digest"  # checkpoint metadata: records_digest() of metrics.json's rounds when the checkpoint was written (signed with it)
 LAST_PENDING = "records_last_pending"  # ... and whether its own round's evaluation was still to come ("true"/"false")
 EVALUATION_FIELDS = ("auroc", "auprc", "eval_loss", "evaluation_pending")  # what record_evaluation changes in a round record ...
-EVALUATION_ENTRIES = ("eval", "eval_auroc", "eval_error", "eval_compute_s")  # ... and in its site entries (_add_evaluation)
+EVALUATION_ENTRIES = ("eval", "eval_auroc", "eval_error", "eval_compute_s", "eval_epsilon-run", "eval_epsilon-total", "eval_ledger_head")  # ... and in its site entries (_add_evaluation)
 
 
 def training_part(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -210,14 +210,24 @@ class RunFolder:
 
     def epsilon_by_site(self) -> dict[str, dict[str, float | str | None]]:
         """Each site's latest reported (ε, δ) for this run, as the site's ledger stated it (δ or
-        σ None where a round's entry lacks it: folders written before replies had to carry all four)."""
+        σ None where a round's entry lacks it: folders written before replies had to carry all four).
+
+        ε is the largest the site reported, in a train reply or after a noised metric release
+        (``eval_epsilon-run``: a run's last release comes after its last round); σ is the training
+        σ; the ledger head is the last one received (a round's, then its evaluate reply's)."""
         out: dict[str, dict[str, float | str | None]] = {}
         for rec in self.rounds:
             for site, entry in rec.sites.items():
                 if M.EPSILON_RUN in entry:
-                    out[site] = {"epsilon": entry[M.EPSILON_RUN], "delta": entry.get(M.DELTA), "noise_multiplier": entry.get(M.NOISE_MULTIPLIER)}
+                    before = out.get(site, {}).get("epsilon")
+                    out[site] = {"epsilon": max(entry[M.EPSILON_RUN], before) if isinstance(before, float) else entry[M.EPSILON_RUN],
+                                 "delta": entry.get(M.DELTA), "noise_multiplier": entry.get(M.NOISE_MULTIPLIER)}
                     if "ledger_head" in entry:
                         out[site]["ledger_head"] = entry["ledger_head"]
+                if site in out and isinstance(entry.get(f"eval_{M.EPSILON_RUN}"), float):
+                    out[site]["epsilon"] = max(float(out[site]["epsilon"] or 0.0), entry[f"eval_{M.EPSILON_RUN}"])
+                    if "eval_ledger_head" in entry:
+                        out[site]["ledger_head"] = entry["eval_ledger_head"]
         return out
 
     def finish(self, *, status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -264,6 +274,11 @@ def _add_evaluation(sites: dict[str, dict[str, Any]], log: RoundLog) -> None:
             entry["eval"] = NOISED
             if M.AUROC in r.metrics:
                 entry["eval_auroc"] = r.metrics[M.AUROC]
+            for key in (M.EPSILON_RUN, M.EPSILON_TOTAL):  # the run's ε after the release (charged at the site)
+                if key in r.metrics:
+                    entry[f"eval_{key}"] = r.metrics[key]
+            if r.ledger_head:  # an evaluate message's reply: the site's newest head, after the release
+                entry["eval_ledger_head"] = r.ledger_head
         elif M.AUROC in r.metrics:
             entry["eval_auroc"] = r.metrics[M.AUROC]
         elif r.error and "error" not in entry:  # why this site's evaluation is missing (a training failure is already its `error`)

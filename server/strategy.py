@@ -305,6 +305,11 @@ def noised_evaluation_problem(metrics: Mapping[str, float], *, max_patients: flo
     exact = [k for k in (M.AUROC, M.AUPRC, M.EVAL_LOSS, M.NUM_PATIENTS) if k in metrics]
     if exact:
         return f"exact metric {exact[0]!r} in an evaluation, but the plan asks for noised metrics (privacy.metrics_noise_multiplier); it is not written"
+    spent = [metrics[k] for k in (M.EPSILON_RUN, M.EPSILON_TOTAL) if k in metrics]  # the run's ε after the release, as the site's ledger recorded it
+    if spent and (len(spent) < 2 or not all(math.isfinite(x) and x >= 0 for x in spent)):
+        return f"metrics {M.EPSILON_RUN!r} and {M.EPSILON_TOTAL!r} of a noised evaluation must come together, finite and ≥ 0; got {spent}"
+    if spent and spent[1] < spent[0] * (1 - EPSILON_SLACK):
+        return f"metric {M.EPSILON_TOTAL!r} ({spent[1]!r}) is below {M.EPSILON_RUN!r} ({spent[0]!r}); a site's all-time ε includes this run's"
     try:
         NM.from_metrics(dict(metrics), bound=NM.plausibility_bound(max_patients=max_patients, noise_multiplier=noise_multiplier))
     except ValueError as exc:
@@ -324,7 +329,7 @@ def pooled_noised_evaluation(reports: list[SiteReport]) -> MetricRecord | None:
         vectors.append(vec)
         own = NM.estimates(vec)
         r.metrics = {M.SUPPRESSED: 0.0, M.NOISED: 1.0, **({M.AUROC: own.auroc} if own.auroc is not None else {}),
-                     **{k: r.metrics[k] for k in (M.COMPUTE_SECONDS, M.PEAK_RSS_MB) if k in r.metrics}}
+                     **{k: r.metrics[k] for k in (M.COMPUTE_SECONDS, M.PEAK_RSS_MB, M.EPSILON_RUN, M.EPSILON_TOTAL) if k in r.metrics}}
     pooled = NM.estimates(np.sum(vectors, axis=0))
     if pooled.auroc is None:
         return None

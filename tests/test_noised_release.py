@@ -64,8 +64,10 @@ def test_each_release_is_charged_once_and_the_run_stays_within_its_epsilon(alpha
     assert entries[-1].epsilon_run == pytest.approx(epsilon([e.mechanism for e in entries], delta=site.delta))
     exact = Site(replace(alpha_cfg, state_dir=alpha_cfg.state_dir.parent / "other"), tiny_experiment())
     assert entries[0].noise_multiplier > exact.noise_multiplier(2)  # training made room for the releases
-    for reply in replies:
-        assert set(reply) == {M.SUPPRESSED, *NM.STAT_KEYS} and reply[M.SUPPRESSED] == 0.0
+    releases = [e for e in entries if e.kind == "release"]
+    for reply, release in zip(replies, releases, strict=True):
+        assert set(reply) == {M.SUPPRESSED, *NM.STAT_KEYS, M.EPSILON_RUN, M.EPSILON_TOTAL} and reply[M.SUPPRESSED] == 0.0
+        assert (reply[M.EPSILON_RUN], reply[M.EPSILON_TOTAL]) == (release.epsilon_run, release.epsilon_total)  # ε after the release, as charged
         assert not set(EXACT_KEYS) & set(reply)
     assert verify_ledger(site.ledger_path, ledger_public_key(alpha_cfg.state_dir)).issues == []
 
@@ -155,6 +157,8 @@ def test_the_coordinator_pools_noised_statistics_and_keeps_no_exact_figure() -> 
         (2.0, {M.SUPPRESSED: 0.0, **NM.to_metrics(np.full(NM.LENGTH, 1e7))}, "within ±"),
         (2.0, {M.SUPPRESSED: 0.0, **NM.to_metrics(np.ones(NM.LENGTH)), M.AUROC: 0.9}, "exact metric 'auroc'"),
         (0.0, {M.SUPPRESSED: 0.0, **NM.to_metrics(np.ones(NM.LENGTH))}, "plan asks for exact metrics"),
+        (2.0, {M.SUPPRESSED: 0.0, **NM.to_metrics(np.ones(NM.LENGTH)), M.EPSILON_RUN: 3.0}, "must come together"),
+        (2.0, {M.SUPPRESSED: 0.0, **NM.to_metrics(np.ones(NM.LENGTH)), M.EPSILON_RUN: 3.0, M.EPSILON_TOTAL: 2.0}, "is below"),
     ],
 )
 def test_evaluations_of_the_wrong_kind_are_rejected_not_written(z: float, metrics: dict[str, float], words: str) -> None:
@@ -210,6 +214,9 @@ def test_a_federated_run_with_noised_metrics_reports_auroc_and_charges_every_rel
         assert sorted((e.kind, e.round) for e in mine) == [("release", 1), ("release", 2), ("round", 1), ("round", 2)]
         assert mine[-1].epsilon_run <= exp.privacy.target_epsilon * 1.001
         assert verify_ledger(path, ledger_public_key(cfg.state_dir)).issues == []
+        # the summary shows ε after the run's last release (it came after the last round) and a head that covers it
+        assert summary["sites"][name]["epsilon"] == pytest.approx(mine[-1].epsilon_run)
+        assert summary["sites"][name]["ledger_head"] == ledger.head_hash(ledger.read_entries(path))
 
 
 def test_the_audit_report_and_site_budget_count_releases_in_epsilon(alpha_cfg: SiteConfig) -> None:
