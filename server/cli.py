@@ -392,7 +392,9 @@ def _final_auroc(summary: dict[str, Any], out: Path) -> str:
 
     auc = summary.get("final_federated_auroc")
     if auc is not None:
-        return format(auc, ".3f")
+        privacy = summary.get("privacy")
+        z = privacy.get("metrics_noise_multiplier") if isinstance(privacy, dict) else None
+        return format(auc, ".3f") + (f" (noised, z = {z:g})" if isinstance(z, (int, float)) else "")
     try:
         rounds = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -92,6 +92,9 @@ def run_federation(
     sa = f.secure_aggregation
     if sa.enabled:
         console.print(f"Secure aggregation (SecAgg+) on: the coordinator sees only the weighted sum; {sa.num_shares} shares, threshold {sa.reconstruction_threshold}.", soft_wrap=True)
+    if exp.privacy.noised_metrics:
+        console.print(f"Noised metrics (privacy.metrics_noise_multiplier {exp.privacy.metrics_noise_multiplier:g}): each AUROC is read from the sites' noised score histograms, "
+                      "each release charged to the site's ledger; with few held-out patients a site it is mostly noise (`fedrelapse bench metrics-noise`).", soft_wrap=True)
     if f.evaluates_with_next_round:
         console.print("Evaluation with the next round: each round's row prints when the next round's replies bring its AUROC; the final model is evaluated by one last evaluate message.", soft_wrap=True)
     # FedAdam; None = FedAvg. A resumed run restarts the server moments from zero.

@@ -260,7 +260,10 @@ def privacy_block(exp: ExperimentConfig) -> dict[str, Any]:
     """summary.json's ``privacy``: whether the run was private and, only then, the (ε, δ) it
     targeted (null with DP off: no target applied)."""
     p = exp.privacy
-    return {"enabled": p.enabled, "target_epsilon": p.target_epsilon if p.enabled else None, "target_delta": p.target_delta if p.enabled else None}
+    out: dict[str, Any] = {"enabled": p.enabled, "target_epsilon": p.target_epsilon if p.enabled else None, "target_delta": p.target_delta if p.enabled else None}
+    if p.noised_metrics:  # the AUROC figures are read from noised, charged releases
+        out["metrics_noise_multiplier"] = p.metrics_noise_multiplier
+    return out
 
 
 def _add_evaluation(sites: dict[str, dict[str, Any]], log: RoundLog) -> None:

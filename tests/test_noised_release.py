@@ -3,6 +3,7 @@ the plan's ε, audited, and nothing exact leaves (privacy.metrics_noise_multipli
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -194,8 +195,11 @@ def test_a_federated_run_with_noised_metrics_reports_auroc_and_charges_every_rel
     else:
         exp = replace(exp, federation=replace(exp.federation, evaluation=evaluation))
     run_id = f"noised-{evaluation}"
-    summary, grid = run_in_process(exp, fresh_cohort, tmp_path / "run", run_id=run_id, console=Console(quiet=True))
+    console = Console(file=io.StringIO(), width=200)
+    summary, grid = run_in_process(exp, fresh_cohort, tmp_path / "run", run_id=run_id, console=console)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert summary["privacy"]["metrics_noise_multiplier"] == 2.0
+    assert "Noised metrics (privacy.metrics_noise_multiplier 2)" in console.file.getvalue()  # type: ignore[attr-defined]
     rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # 2-3 held-out patients a site: the pooled histograms may hold no weight after noise (AUROC None, said so in the table)
     assert all(r["auroc"] is None or 0.0 <= r["auroc"] <= 1.0 for r in rounds)
@@ -236,3 +240,10 @@ def test_the_audit_report_and_site_budget_count_releases_in_epsilon(alpha_cfg: S
     assert [r.label for r in led.rounds] == ["1", "1: noised metrics", "2", "2: noised metrics"]
     assert "2 rounds and 2 noised metric releases" in _site_paragraph(led)
     assert "1: noised metrics" in render_html(data)
+
+
+def test_the_summary_line_says_the_final_auroc_is_noised(tmp_path: Path) -> None:
+    from server.cli import _final_auroc
+
+    assert _final_auroc({"final_federated_auroc": 0.7, "privacy": {"enabled": True, "metrics_noise_multiplier": 4.0}}, tmp_path) == "0.700 (noised, z = 4)"
+    assert _final_auroc({"final_federated_auroc": 0.7, "privacy": {"enabled": True}}, tmp_path) == "0.700"
