@@ -88,7 +88,8 @@ def test_estimates_give_none_without_weight_and_stay_in_range() -> None:
     v[:NM.BINS], v[3], v[NM.BINS + 1] = 0.0, 5.0, 5.0
     assert NM.estimates(v).auroc == 1.0 and NM.estimates(v).auprc == 1.0
     v[NM.BINS + 8] = -4.0  # noise below 0 in a higher other-session bin: the ratio may leave [0, 1] and is held to it
-    assert 0.0 <= NM.estimates(v).auroc <= 1.0
+    held = NM.estimates(v).auroc
+    assert held is not None and 0.0 <= held <= 1.0
 
 
 def test_noise_does_not_pull_auroc_towards_chance() -> None:
@@ -97,6 +98,7 @@ def test_noise_does_not_pull_auroc_towards_chance() -> None:
     rng = np.random.default_rng(5)
     stats = np.sum([NM.patient_statistics(*cohort(rng, patients=100)) for _ in range(3)], axis=0)
     truth = NM.estimates(stats).auroc
+    assert truth is not None
     draws = [NM.estimates(NM.noised(stats, noise_multiplier=1.0, generator=rng)).auroc for _ in range(400)]
     assert abs(np.mean([d for d in draws if d is not None]) - truth) < 0.02
 
