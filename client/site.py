@@ -493,7 +493,8 @@ class Site:
         held-out patients' statistics with Gaussian noise instead (:mod:`shared.privacy.noised_metrics`),
         never suppressed (the noise covers every patient, and a count-dependent suppression would
         itself say something about the count), its noise drawn from the site's secret, ``run_id``,
-        ``model_round`` and the model, so the same model asked again gets the same answer; with
+        ``model_round`` and the model (a ChaCha20 keystream with ``privacy.secure_mode``), so the
+        same model asked again gets the same answer; with
         the run's ε as the release entry recorded it (``epsilon-run``, ``epsilon-total``).
         Call :meth:`reserve_evaluation` first: it charges the release."""
         model = build_model(self.exp).to(self.device)
@@ -503,7 +504,9 @@ class Site:
             probs = predict(model, self.eval_set, self.device) if self.eval_set.n_patients else torch.zeros_like(labels)  # (P, K)
             stats = NM.patient_statistics(labels.numpy(), probs.numpy(), mask.numpy())
             seed = hashlib.sha256(_site_secret(self.cfg.state_dir) + f"|metrics|{run_id}|{model_round}|{model_digest(arrays)}".encode()).digest()
-            noisy = NM.noised(stats, noise_multiplier=self.exp.privacy.metrics_noise_multiplier, generator=np.random.default_rng(int.from_bytes(seed, "little")))
+            z = self.exp.privacy.metrics_noise_multiplier
+            noisy = (NM.noised(stats, noise_multiplier=z, secure_key=seed) if self.exp.privacy.secure_mode  # a ChaCha20 keystream, as secure as DP-SGD's
+                     else NM.noised(stats, noise_multiplier=z, generator=np.random.default_rng(int.from_bytes(seed, "little"))))
             charged = self._release_entry(run_id, model_round)
             spent = {M.EPSILON_RUN: charged.epsilon_run, M.EPSILON_TOTAL: charged.epsilon_total} if charged is not None else {}  # ε as the release left it
             return {M.SUPPRESSED: 0.0, **NM.to_metrics(noisy), **spent}

@@ -155,3 +155,17 @@ def test_the_bench_shows_error_falling_with_cohort_size_and_cost_rising_as_noise
     sigma = {r["noise_multiplier"]: r["training_sigma"] for r in cost}
     assert sigma[0.2] is None  # the releases alone would spend more than the plan's ε
     assert sigma[4.0] > sigma[16.0] > sigma[0.0]
+
+
+def test_secure_noise_is_standard_normal_deterministic_in_its_key_and_needs_one_source() -> None:
+    a = NM.secure_standard_normal(b"k" * 32, 20000)
+    assert abs(a.mean()) < 0.03 and a.std() == pytest.approx(1.0, rel=0.03)
+    assert abs(float(np.mean(a**4)) - 3.0) < 0.2  # Gaussian tails, not uniform or clipped
+    assert np.array_equal(a[:100], NM.secure_standard_normal(b"k" * 32, 100))
+    assert not np.array_equal(a[:100], NM.secure_standard_normal(b"j" * 32, 100))
+    v = NM.noised(np.zeros(NM.LENGTH), noise_multiplier=2.0, secure_key=b"k" * 32)
+    assert np.allclose(v, 2.0 * NM.secure_standard_normal(b"k" * 32, NM.LENGTH))
+    with pytest.raises(ValueError, match="exactly one source"):
+        NM.noised(np.zeros(NM.LENGTH), noise_multiplier=2.0)
+    with pytest.raises(ValueError, match="32 bytes"):
+        NM.secure_standard_normal(b"short", 3)

@@ -247,3 +247,14 @@ def test_the_summary_line_says_the_final_auroc_is_noised(tmp_path: Path) -> None
 
     assert _final_auroc({"final_federated_auroc": 0.7, "privacy": {"enabled": True, "metrics_noise_multiplier": 4.0}}, tmp_path) == "0.700 (noised, z = 4)"
     assert _final_auroc({"final_federated_auroc": 0.7, "privacy": {"enabled": True}}, tmp_path) == "0.700"
+
+
+def test_secure_mode_draws_the_metrics_noise_from_the_keystream_and_repeats_it(alpha_cfg: SiteConfig) -> None:
+    site = Site(alpha_cfg, noised_experiment().with_privacy(metrics_noise_multiplier=4.0, secure_mode=True))
+    assert isinstance(site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2), TrainResult)
+    model = start_arrays(site.exp, 5)
+    assert site.reserve_evaluation(model, run_id="r1", model_round=1) is None
+    first = site.evaluate(model, run_id="r1", model_round=1)
+    assert site.evaluate(model, run_id="r1", model_round=1) == first
+    noise = np.array([first[k] for k in NM.STAT_KEYS]) - NM.patient_statistics(*_eval_arrays(site, model))
+    assert noise.std() > 1.0  # z = 4 noise, from the ChaCha20 stream (deterministic in the site's secret, run, round and model)

@@ -80,13 +80,39 @@ def patient_statistics(labels: np.ndarray, probs: np.ndarray, mask: np.ndarray) 
     return out
 
 
-def noised(statistics: np.ndarray, *, noise_multiplier: float, generator: np.random.Generator) -> np.ndarray:
-    """``statistics`` plus Gaussian noise of standard deviation z · :data:`SENSITIVITY` on every coordinate."""
+def noised(statistics: np.ndarray, *, noise_multiplier: float, generator: np.random.Generator | None = None, secure_key: bytes | None = None) -> np.ndarray:
+    """``statistics`` plus Gaussian noise of standard deviation z · :data:`SENSITIVITY` on every coordinate.
+
+    The standard normals come from ``generator`` or, for ``privacy.secure_mode``, from
+    :func:`secure_standard_normal` keyed by ``secure_key`` (exactly one of the two).
+    """
     stats = np.asarray(statistics, dtype=np.float64)
     if stats.shape != (LENGTH,):
         raise ValueError(f"Statistics must be a ({LENGTH},) vector, got {stats.shape}.")
     release_mechanism(noise_multiplier)  # the same check of z
-    return stats + generator.normal(0.0, noise_multiplier * SENSITIVITY, size=LENGTH)
+    if (generator is None) == (secure_key is None):
+        raise ValueError("Give the noise exactly one source: a generator, or a secure key (privacy.secure_mode).")
+    normal = generator.standard_normal(LENGTH) if generator is not None else secure_standard_normal(secure_key or b"", LENGTH)
+    return stats + noise_multiplier * SENSITIVITY * normal
+
+
+def secure_standard_normal(key: bytes, size: int) -> np.ndarray:
+    """``size`` standard normals from a ChaCha20 keystream keyed by ``key`` (32 bytes): a
+    cryptographically secure source that is still deterministic in the key, so the same release
+    asked again gets the same noise. Box-Muller over 53-bit uniforms; each value is the mean of
+    two such normals times √2, as Opacus' secure mode does, which blunts attacks on the
+    floating-point representation of a single Gaussian draw (Mironov 2012)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    if len(key) != 32:
+        raise ValueError(f"The secure noise key must be 32 bytes, got {len(key)}.")
+    pairs = 2 * size  # two normals per value, each from two uniforms (Box-Muller gives two per pair; the second is dropped)
+    stream = Cipher(algorithms.ChaCha20(key, b"\0" * 16), mode=None).encryptor().update(b"\0" * (16 * pairs))
+    words = np.frombuffer(stream, dtype="<u8").reshape(pairs, 2) >> np.uint64(11)  # (pairs, 2) 53-bit integers
+    u1 = (words[:, 0].astype(np.float64) + 1.0) / 2.0**53  # (0, 1]: log is finite
+    u2 = words[:, 1].astype(np.float64) / 2.0**53  # [0, 1)
+    normals = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)  # (pairs,)
+    return normals.reshape(size, 2).sum(axis=1) / math.sqrt(2.0)
 
 
 @dataclass(frozen=True)
