@@ -32,7 +32,7 @@ def budget_status(cfg: SiteConfig) -> dict[str, Any]:
             "run_id": run_id, "rounds": sum(e.kind == "round" for e in mine), "releases": sum(e.kind == "release" for e in mine),
             "epsilon": epsilon([e.mechanism for e in mine], delta=delta, accountant=mine[-1].accountant),
         })
-    spent = epsilon([e.mechanism for e in charged], delta=delta) if charged else 0.0
+    spent = epsilon([e.mechanism for e in charged], delta=delta, accountant=charged[-1].accountant) if charged else 0.0  # the ledger's accountant, as per run
     return {
         "ledger": str(path), "entries": len(entries), "head": ledger.head_hash(entries), "delta": delta, "runs": runs,
         "epsilon_spent": spent, "cap_total": cap_total, "cap_run": cap_run, "epsilon_remaining": max(0.0, cap_total - spent),

@@ -13,9 +13,12 @@ coordinator can get and ties them to spent budget:
 
 * one model per (run, round): once the site has sent its evaluation of a model as run R's
   model after round r, another model under that label is refused. The same model again
-  (its digest, :func:`shared.model_signing.model_digest`) is evaluated again: on the same
-  held-out data it gives the same answer, so a reply lost in transit can be asked for again
-  without telling the coordinator anything new;
+  (its digest, :func:`shared.model_signing.model_digest`) under the same plan and on the same
+  data (its fingerprint) is evaluated again: it gives the same answer (a noised release, the
+  same noise), so a reply lost in transit can be asked for again without telling the
+  coordinator anything new. Under another plan (another noise level) or after the data changed
+  (a patient removed) the answer would differ, and the difference is a new question about the
+  patients: refused;
 * only in a run the site has paid into: its privacy ledger holds a charged round of that
   run. A fresh run id costs at least one DP round before any evaluation leaves, so the
   number of models evaluated is at most the number of charged rounds (plus one final
@@ -48,23 +51,33 @@ def released(path: Path) -> dict[tuple[str, int], str]:
     """(run id, model round) -> the digest of the model whose evaluation left the site under
     that label; lines that do not parse (a write cut short by a crash) are skipped: their
     release never completed."""
+    return {key: claim["model"] for key, claim in claims(path).items()}
+
+
+def claims(path: Path) -> dict[tuple[str, int], dict[str, str]]:
+    """(run id, model round) -> the first claim under that label: its ``model`` digest and the
+    ``plan`` hash and ``dataset`` fingerprint it was answered under ("" in records written
+    before they were kept). Lines that do not parse are skipped."""
     if not path.exists():
         return {}
-    out: dict[tuple[str, int], str] = {}
+    out: dict[tuple[str, int], dict[str, str]] = {}
     for raw in path.read_bytes().split(b"\n"):
         try:
             rec = json.loads(raw)
         except ValueError:
             continue
         if isinstance(rec, dict) and isinstance(rec.get("run_id"), str) and isinstance(rec.get("round"), int) and isinstance(rec.get("model"), str):
-            out.setdefault((rec["run_id"], rec["round"]), rec["model"])
+            extra = {k: rec[k] for k in ("plan", "dataset") if isinstance(rec.get(k), str)}
+            out.setdefault((rec["run_id"], rec["round"]), {"model": rec["model"], "plan": "", "dataset": "", **extra})
     return out
 
 
-def record(path: Path, *, run_id: str, model_round: int, model: str) -> None:
-    """Append one release (``model``: the evaluated model's digest) and fsync file and folder. Call under the ledger's lock."""
+def record(path: Path, *, run_id: str, model_round: int, model: str, plan: str = "", dataset: str = "") -> None:
+    """Append one release (``model``: the evaluated model's digest, under the ``plan`` hash and the
+    data's ``dataset`` fingerprint) and fsync file and folder. Call under the ledger's lock."""
     line = json.dumps(
-        {"run_id": run_id, "round": model_round, "model": model, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}, sort_keys=True, separators=(",", ":"),
+        {"run_id": run_id, "round": model_round, "model": model, "plan": plan, "dataset": dataset, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
+        sort_keys=True, separators=(",", ":"),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     cut_short = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)  # a line cut short by a crash: start afresh on the next line

@@ -398,14 +398,15 @@ class Site:
             return {}
         return {M.TRAIN_LOSS: stats.mean_loss}
 
-    def reserve_evaluation(self, arrays: dict[str, np.ndarray], *, run_id: str, model_round: int) -> Refusal | None:
+    def reserve_evaluation(self, arrays: dict[str, np.ndarray], *, run_id: str, model_round: int, total_rounds: int | None = None) -> Refusal | None:
         """Claim the release of ``arrays``' evaluation as run ``run_id``'s model after round
         ``model_round`` (:mod:`client.releases`), or the refusal that says why it may not leave.
 
         With DP on, an evaluation leaves only if the site's policy releases metrics, its ledger
         holds a charged round of this run, and no other model was evaluated under this run and
-        round (the same model again is allowed: it gives the same answer); the claim is fsync'd
-        before the metrics are computed. With noised metrics (``privacy.metrics_noise_multiplier``)
+        round (the same model again, under the same plan and on the same data, is allowed: it gives
+        the same answer), and ``model_round`` is a round of the run (0 to ``total_rounds``, the
+        plan's rounds); the claim is fsync'd before the metrics are computed. With noised metrics (``privacy.metrics_noise_multiplier``)
         the release is also charged: a signed ``release`` entry, once per (run, round), within the
         plan's ε and the caps, written before the claim. A plan without DP (which the site's
         policy must allow: synthetic benchmark data only) is not limited.
@@ -420,7 +421,10 @@ class Site:
             )
         if not p.enabled:
             return None
-        digest = model_digest(arrays)
+        rounds = self.exp.federation.rounds if total_rounds is None else total_rounds
+        if not 0 <= model_round <= rounds:
+            return Refusal("evaluation-limit", f"Site {name} evaluates the models of rounds 0 to {rounds} of a run; round {model_round} is not one of them.")
+        digest, plan, data = model_digest(arrays), plan_hash(self.exp), self.data.fingerprint
         with ledger.locked(self.ledger_path):
             entries = ledger.read_entries(self.ledger_path, self._public_key())
             if not any(e.kind == "round" and e.run_id == run_id for e in entries):
@@ -430,20 +434,28 @@ class Site:
                     "an evaluation is an answer about its held-out patients, so each costs a charged round.",
                 )
             path = releases.releases_path(self.ledger_path)
-            before = releases.released(path).get((run_id, model_round))
-            if before == digest:
-                return None  # the same model again: the same answer (noised: the same noise), nothing new leaves
-            if before is not None:
+            before = releases.claims(path).get((run_id, model_round))
+            if before is not None and before["model"] != digest:
                 return Refusal(
                     "evaluation-limit",
                     f"Site {name} already sent its evaluation of another model as round {model_round}'s model of run {run_id}; "
                     "it evaluates one model per run and round.",
                 )
+            if before is not None:
+                if (before["plan"], before["dataset"]) == (plan, data):
+                    return None  # the same model, plan and data again: the same answer (noised: the same noise), nothing new leaves
+                changed = "plan" if before["plan"] != plan else "data"
+                return Refusal(
+                    "evaluation-limit",
+                    f"Site {name} already sent its evaluation of this model as round {model_round}'s model of run {run_id} under another {changed}; "
+                    f"answered again {'under this plan' if changed == 'plan' else 'on its data as it is now'}, the difference of the two answers would be "
+                    "a new question about its patients, so it is not answered.",
+                )
             if p.noised_metrics:
                 refusal = self._charge_release(entries, run_id=run_id, model_round=model_round)
                 if refusal is not None:
                     return refusal
-            releases.record(path, run_id=run_id, model=digest, model_round=model_round)
+            releases.record(path, run_id=run_id, model=digest, model_round=model_round, plan=plan, dataset=data)
         return None
 
     def _charge_release(self, entries: list[ledger.LedgerEntry], *, run_id: str, model_round: int) -> Refusal | None:
@@ -452,9 +464,16 @@ class Site:
         the plan's ε or a cap. A release already in the ledger (its record was not written: a
         crash between the two) is not charged twice."""
         p = self.exp.privacy
-        if any(e.kind == "release" and e.run_id == run_id and e.round == model_round for e in entries):
-            return None
         event = NM.release_mechanism(p.metrics_noise_multiplier)
+        done = next((e for e in entries if e.kind == "release" and e.run_id == run_id and e.round == model_round), None)
+        if done is not None:  # charged, but its claim was never written (a crash between the two)
+            if (done.noise_multiplier, done.plan_hash, done.dataset) == (event.noise_multiplier, plan_hash(self.exp), self.data.fingerprint):
+                return None
+            return Refusal(
+                "evaluation-limit",
+                f"Site {self.cfg.name} already charged a noised evaluation of round {model_round}'s model of run {run_id} under another plan or other data "
+                f"(noise multiplier {done.noise_multiplier:g}); it is not released again under this one.",
+            )
         paid = [e for e in entries if e.charged]
         eps_run = epsilon([*(e.mechanism for e in paid if e.run_id == run_id), event], delta=self.delta, accountant=p.accountant)
         eps_total = epsilon([*(e.mechanism for e in paid), event], delta=self.delta, accountant=p.accountant)
@@ -503,7 +522,8 @@ class Site:
         if self.exp.privacy.noised_metrics:
             probs = predict(model, self.eval_set, self.device) if self.eval_set.n_patients else torch.zeros_like(labels)  # (P, K)
             stats = NM.patient_statistics(labels.numpy(), probs.numpy(), mask.numpy())
-            seed = hashlib.sha256(_site_secret(self.cfg.state_dir) + f"|metrics|{run_id}|{model_round}|{model_digest(arrays)}".encode()).digest()
+            context = f"|metrics|{run_id}|{model_round}|{model_digest(arrays)}|{plan_hash(self.exp)}|{self.data.fingerprint}"
+            seed = hashlib.sha256(_site_secret(self.cfg.state_dir) + context.encode()).digest()
             z = self.exp.privacy.metrics_noise_multiplier
             noisy = (NM.noised(stats, noise_multiplier=z, secure_key=seed) if self.exp.privacy.secure_mode  # a ChaCha20 keystream, as secure as DP-SGD's
                      else NM.noised(stats, noise_multiplier=z, generator=np.random.default_rng(int.from_bytes(seed, "little"))))

@@ -311,10 +311,10 @@ def noised_evaluation_problem(metrics: Mapping[str, float], *, max_patients: flo
     if spent and spent[1] < spent[0] * (1 - EPSILON_SLACK):
         return f"metric {M.EPSILON_TOTAL!r} ({spent[1]!r}) is below {M.EPSILON_RUN!r} ({spent[0]!r}); a site's all-time ε includes this run's"
     try:
-        NM.from_metrics(dict(metrics), bound=NM.plausibility_bound(max_patients=max_patients, noise_multiplier=noise_multiplier))
+        vec = NM.from_metrics(dict(metrics), bound=NM.plausibility_bound(max_patients=max_patients, noise_multiplier=noise_multiplier))
     except ValueError as exc:
         return str(exc)
-    return None
+    return NM.implausibility(vec, max_patients=max_patients, noise_multiplier=noise_multiplier)
 
 
 def pooled_noised_evaluation(reports: list[SiteReport]) -> MetricRecord | None:

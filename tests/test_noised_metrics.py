@@ -45,9 +45,19 @@ def test_one_patient_moves_the_statistics_by_at_most_the_sensitivity(seed: int) 
         assert np.linalg.norm(full - without) <= NM.SENSITIVITY + 1e-12
 
 
-def test_the_worst_case_patient_reaches_the_sensitivity() -> None:
-    """One session: all of the patient's weight in one bin, so the bound of 1 is tight."""
-    assert np.linalg.norm(NM.patient_statistics(np.array([[1.0]]), np.array([[0.3]]), np.array([[True]]))) == pytest.approx(NM.SENSITIVITY)
+def test_one_patient_out_and_another_in_moves_the_statistics_by_at_most_the_sensitivity_and_it_is_tight() -> None:
+    """The held-out split holds out a count, so removing one patient at the site can also move
+    another into the held-out set: −a + b, at most √2 in L2, reached by one-session patients in
+    different bins."""
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        labels, probs, mask = cohort(rng, patients=10, sessions=int(rng.integers(1, 10)))
+        before = NM.patient_statistics(labels[:9], probs[:9], mask[:9])  # patient 9 held out next, patient 0 removed
+        after = NM.patient_statistics(labels[1:], probs[1:], mask[1:])
+        assert np.linalg.norm(before - after) <= NM.SENSITIVITY + 1e-12
+    one = NM.patient_statistics(np.array([[1.0]]), np.array([[0.3]]), np.array([[True]]))
+    other = NM.patient_statistics(np.array([[0.0]]), np.array([[0.9]]), np.array([[True]]))
+    assert np.linalg.norm(one - other) == pytest.approx(NM.SENSITIVITY) == pytest.approx(math.sqrt(2))
 
 
 def test_without_noise_the_estimates_follow_the_exact_metrics() -> None:
@@ -76,7 +86,7 @@ def test_sites_summed_give_the_pooled_estimate() -> None:
 def test_noise_has_the_scale_of_the_mechanism_and_is_reproducible_from_its_seed() -> None:
     stats = np.zeros(NM.LENGTH)
     draws = np.stack([NM.noised(stats, noise_multiplier=2.0, generator=np.random.default_rng(s)) for s in range(400)])
-    assert draws.std() == pytest.approx(2.0, rel=0.05)
+    assert draws.std() == pytest.approx(2.0 * math.sqrt(2), rel=0.05)
     a = NM.noised(stats, noise_multiplier=2.0, generator=np.random.default_rng(7))
     assert np.array_equal(a, NM.noised(stats, noise_multiplier=2.0, generator=np.random.default_rng(7)))
 
@@ -164,7 +174,7 @@ def test_secure_noise_is_standard_normal_deterministic_in_its_key_and_needs_one_
     assert np.array_equal(a[:100], NM.secure_standard_normal(b"k" * 32, 100))
     assert not np.array_equal(a[:100], NM.secure_standard_normal(b"j" * 32, 100))
     v = NM.noised(np.zeros(NM.LENGTH), noise_multiplier=2.0, secure_key=b"k" * 32)
-    assert np.allclose(v, 2.0 * NM.secure_standard_normal(b"k" * 32, NM.LENGTH))
+    assert np.allclose(v, 2.0 * NM.SENSITIVITY * NM.secure_standard_normal(b"k" * 32, NM.LENGTH))
     with pytest.raises(ValueError, match="exactly one source"):
         NM.noised(np.zeros(NM.LENGTH), noise_multiplier=2.0)
     with pytest.raises(ValueError, match="32 bytes"):

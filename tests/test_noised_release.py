@@ -258,3 +258,109 @@ def test_secure_mode_draws_the_metrics_noise_from_the_keystream_and_repeats_it(a
     assert site.evaluate(model, run_id="r1", model_round=1) == first
     noise = np.array([first[k] for k in NM.STAT_KEYS]) - NM.patient_statistics(*_eval_arrays(site, model))
     assert noise.std() > 1.0  # z = 4 noise, from the ChaCha20 stream (deterministic in the site's secret, run, round and model)
+
+
+# --- red-team findings (the review of this feature), each a test that failed on its first version ---
+
+
+def test_the_same_model_under_another_noise_level_is_refused_not_answered(alpha_cfg: SiteConfig) -> None:
+    """z = 4 then z = 8 on the same draws gave 2·v4 − v8 = the exact statistics."""
+    site = Site(alpha_cfg, noised_experiment(z=4.0))
+    assert isinstance(site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2), TrainResult)
+    model = start_arrays(site.exp, 5)
+    assert site.reserve_evaluation(model, run_id="r1", model_round=1) is None
+    site.evaluate(model, run_id="r1", model_round=1)
+    other = Site(alpha_cfg, noised_experiment(z=8.0))
+    refusal = other.reserve_evaluation(model, run_id="r1", model_round=1)
+    assert isinstance(refusal, Refusal) and refusal.code == "evaluation-limit" and "another plan" in refusal.reason
+    assert [e.kind for e in ledger.read_entries(site.ledger_path)] == ["round", "release"]
+
+
+def test_the_same_model_after_the_data_changed_is_refused_not_answered(alpha_cfg: SiteConfig, tmp_path: Path) -> None:
+    """A patient removed from the manifest, then the same evaluate again: the difference of the
+    two answers was that patient's exact contribution."""
+    import csv
+    import shutil
+
+    folder = tmp_path / "alpha"
+    shutil.copytree(alpha_cfg.manifest.parent, folder, ignore=shutil.ignore_patterns("state", "ledger"))
+    manifest = folder / "manifest.csv"
+    rows = list(csv.DictReader(manifest.open()))
+    cfg = replace(alpha_cfg, manifest=manifest)
+    site = Site(cfg, noised_experiment())
+    assert isinstance(site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2), TrainResult)
+    model = start_arrays(site.exp, 5)
+    assert site.reserve_evaluation(model, run_id="r1", model_round=1) is None
+    gone = rows[-1]["patient_id"]
+    with manifest.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(r for r in rows if r["patient_id"] != gone)
+    changed = Site(cfg, noised_experiment())
+    refusal = changed.reserve_evaluation(model, run_id="r1", model_round=1)
+    assert isinstance(refusal, Refusal) and refusal.code == "evaluation-limit" and "on its data as it is now" in refusal.reason
+
+
+@pytest.mark.parametrize("label", [-1, 3, 10**12])
+def test_a_model_round_outside_the_plans_rounds_is_refused_and_not_charged(alpha_cfg: SiteConfig, label: int) -> None:
+    site = Site(alpha_cfg, noised_experiment())
+    assert isinstance(site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2), TrainResult)
+    refusal = site.reserve_evaluation(start_arrays(site.exp, 5), run_id="r1", model_round=label, total_rounds=2)
+    assert isinstance(refusal, Refusal) and refusal.code == "evaluation-limit" and "rounds 0 to 2" in refusal.reason
+    assert [e.kind for e in ledger.read_entries(site.ledger_path)] == ["round"]
+
+
+def test_a_release_charged_before_a_crash_is_not_reused_by_a_plan_with_less_noise(alpha_cfg: SiteConfig) -> None:
+    """The ledger entry (z = 4) was written, the claim was not; a z = 0.25 plan then asked."""
+    site = Site(alpha_cfg, noised_experiment(z=4.0))
+    assert isinstance(site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2), TrainResult)
+    with ledger.locked(site.ledger_path):
+        assert site._charge_release(ledger.read_entries(site.ledger_path), run_id="r1", model_round=1) is None  # the entry, no claim
+    cheap = Site(alpha_cfg, noised_experiment(z=4.0).with_privacy(metrics_noise_multiplier=0.25, target_epsilon=60.0))
+    refusal = cheap.reserve_evaluation(start_arrays(site.exp, 5), run_id="r1", model_round=1)
+    assert isinstance(refusal, Refusal) and refusal.code == "evaluation-limit" and "noise multiplier 4" in refusal.reason
+    same = site.reserve_evaluation(start_arrays(site.exp, 5), run_id="r1", model_round=1)  # the plan it was charged under: answered, not charged again
+    assert same is None and [e.kind for e in ledger.read_entries(site.ledger_path)] == ["round", "release"]
+
+
+def test_a_noised_reply_carries_no_time_or_memory_figures(alpha_cfg: SiteConfig) -> None:
+    from client.app import _evaluation
+
+    site = Site(alpha_cfg, noised_experiment())
+    assert isinstance(site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2), TrainResult)
+    model = start_arrays(site.exp, 5)
+    assert site.reserve_evaluation(model, run_id="r1", model_round=1) is None
+    reply = _evaluation(site, model, run_id="r1", model_round=1)
+    assert M.COMPUTE_SECONDS not in reply and M.PEAK_RSS_MB not in reply
+
+
+@pytest.mark.parametrize(
+    ("vector", "words"),
+    [
+        (np.concatenate([np.full(NM.BINS, -100.0), np.ones(NM.BINS)]), "lies within"),  # cancelling the other sites' relapse histogram (σ = 2.8)
+        (np.full(NM.LENGTH, 576.0), "sum to"),  # 11,520 patients' worth from a site allowed 1,000
+    ],
+)
+def test_a_site_cannot_outweigh_its_patients_or_cancel_the_others(vector: np.ndarray, words: str) -> None:
+    reports = [report("a", {M.SUPPRESSED: 0.0, **NM.to_metrics(vector)})]
+    assert strategy(2.0).aggregate_evaluation(1, reports) is None
+    assert reports[0].error is not None and words in reports[0].error
+
+
+def test_audit_flags_a_release_whose_epsilon_was_not_counted(alpha_cfg: SiteConfig) -> None:
+    import dataclasses
+
+    site = Site(alpha_cfg, noised_experiment())
+    run_two_rounds(site)
+    entries = ledger.read_entries(site.ledger_path)
+    key = site.signing_key()
+    forged_path = alpha_cfg.state_dir / "forged.jsonl"
+    prev = ledger.GENESIS
+    for e in entries:
+        if e.kind == "release" and e.round == 2:  # records the ε of the round before it: the release not counted
+            e = dataclasses.replace(e, epsilon_run=entries[2].epsilon_run, epsilon_total=entries[2].epsilon_total)
+        e = dataclasses.replace(e, prev_hash=prev)
+        ledger.append(forged_path, e, key)
+        prev = e.hash
+    issues = verify_ledger(forged_path, key.public_key()).issues
+    assert any("no more than before it" in i.message for i in issues), issues

@@ -418,8 +418,10 @@ def test_the_approval_summary_shows_the_k_the_site_applies_secure_aggregation_no
 
     lines, other = dict(summary(plain, strict)), dict(summary(secure, strict))
 
-    assert lines["metrics"].startswith("aggregates over at least 10 patients") and "the plan 3" in lines["metrics"]
-    assert other["metrics"].startswith("aggregates over at least 12 patients")
+    assert lines["metrics"].startswith("exact aggregates over at least 10 patients") and "the plan 3" in lines["metrics"]
+    assert other["metrics"].startswith("exact aggregates over at least 12 patients")
+    noised = dict(summary(plain.with_privacy(metrics_noise_multiplier=4.0), strict))["metrics"]
+    assert noised.startswith("noised (privacy.metrics_noise_multiplier 4)") and "charged to your ledger" in noised
     assert lines["secure aggregation"].startswith("off") and "this site will refuse to train" in lines["secure aggregation"]
     assert other["secure aggregation"].startswith("on (SecAgg+)") and "5 shares, any 3 unmask" in other["secure aggregation"]
     assert "secure_mode: false" in lines["privacy noise"] and "secure_mode: true" in other["privacy noise"]

@@ -209,6 +209,8 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
             continue
         if e.kind == "release":
             _check_release(e, line, report, released, last_round)
+            if e.epsilon_total <= last_total or e.epsilon_run <= last_run.get(e.run_id, 0.0):  # a release always adds to ε
+                report.issues.append(Issue(line, f"a noised release records ε={e.epsilon_total:.6g} (run {e.epsilon_run:.6g}), no more than before it; a release that spends nothing was not counted"))
         else:
             if (e.run_id, e.round) in seen:
                 report.issues.append(Issue(line, f"round {e.round} of run {e.run_id} is accounted twice"))
@@ -267,15 +269,15 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None, *, tolerance:
 
 def _check_release(e: LedgerEntry, line: int, report: VerifyReport, released: set[tuple[str, int]], last_round: dict[str, int]) -> None:
     """The problems of one noised-metrics ``release`` entry: it is the Gaussian mechanism (q = 1,
-    one step), once per (run, model round), of a model the run has: the site charges a release
-    only in a run whose ledger already holds a round, for a round's model no later than its
-    newest charged round (round 0: the initial model)."""
+    one step), once per (run, model round), in a run whose ledger already holds a round (the
+    model round itself may be later than this site's newest round: a site not sampled for a
+    round still evaluates its model; the site bounds it by the plan's rounds)."""
     if (e.run_id, e.round) in released:
         report.issues.append(Issue(line, f"the evaluation of round {e.round}'s model of run {e.run_id} is released twice"))
     released.add((e.run_id, e.round))
     if e.run_id not in last_round:
         report.issues.append(Issue(line, f"a noised release in run {e.run_id} before any round of it was charged; the site releases only in runs it has trained in"))
-    elif not 0 <= e.round <= last_round[e.run_id]:
-        report.issues.append(Issue(line, f"a noised release of round {e.round}'s model of run {e.run_id}, whose newest charged round is {last_round[e.run_id]}"))
+    if e.round < 0:
+        report.issues.append(Issue(line, f"a noised release of round {e.round}'s model of run {e.run_id}; rounds count from 0 (the initial model)"))
     if (e.sample_rate, e.steps) != (1.0, 1):
         report.issues.append(Issue(line, f"a noised release must be one Gaussian mechanism (q = 1, 1 step), got q={e.sample_rate}, {e.steps} steps"))

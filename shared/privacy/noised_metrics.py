@@ -9,14 +9,19 @@ they are pooled over every site's held-out patients, not an average of per-site 
 The statistics (:func:`patient_statistics`) are two histograms over B score bins
 (:data:`BIN_EDGES`): relapse sessions, then other sessions. Each patient adds weight
 ``1 / (their sessions)`` per session to the bin of its predicted probability, in the histogram
-of its label, so a patient's entries sum to exactly 1 and adding or removing one patient moves
-the vector by at most 1 in L1, hence in L2 (:data:`SENSITIVITY`), whatever the data and the
-model. Gaussian noise of standard deviation z on every coordinate makes one release the
-Gaussian mechanism with noise multiplier z, which the ledger records as a Poisson-subsampled
-Gaussian with q = 1 and one step (:func:`release_mechanism`), so every accountant composes it
-with the training rounds. The loss and a separate patient count are not released: each would
-add a block of sensitivity 1, so √2 or √3 times the noise for the same ε; the histograms' total
-is the patient count.
+of its label, so a patient's entries are at least 0 and sum to exactly 1. Adding or removing
+one patient at the site changes the held-out set by that patient and, because the site holds
+out a count of each stratum (:func:`client.dataset.split_patients`), by at most one other
+patient moving between the training and the held-out set. The vector then moves by −a + b
+with a, b ≥ 0 of L1 norm 1 each, whose L2 norm is at most √2 (‖a‖² + ‖b‖² − 2a·b ≤ 2):
+:data:`SENSITIVITY`, whatever the data and the model. Gaussian noise of standard deviation
+z · √2 on every coordinate makes one release the Gaussian mechanism with noise multiplier z,
+which the ledger records as a Poisson-subsampled Gaussian with q = 1 and one step
+(:func:`release_mechanism`), so every accountant composes it with the training rounds. (The
+markers are standardised over all of the site's sessions before anything else; that step is
+outside this bound, as it is outside DP-SGD's: the DPO runbook says so.) The loss and a
+separate patient count are not released: each would add a block to the sensitivity, so more
+noise on every number for the same ε; the histograms' total is the patient count.
 
 A patient with a relapse session and another session is in both histograms: AUROC over the
 weighted sessions compares each relapse session with each other session, as the exact AUROC
@@ -25,8 +30,9 @@ does, with each patient's sessions counting 1 in all. Scores within one bin coun
 measures it beside the noise).
 
 Pure functions; the noise is drawn from a generator the caller seeds (the site seeds it with
-its secret, the run, the model round and the model's digest, so the same model asked again gets
-the same answer, not a fresh draw to average away).
+its secret, the run, the model round, the model's digest, the plan and the data's fingerprint,
+so the same model asked again gets the same answer, not a fresh draw to average away; and it
+refuses the same model under another plan or on changed data).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from shared.privacy.accounting import SubsampledGaussian
 # towards 0.5), more add noise (each coordinate carries noise of the same size).
 BIN_EDGES: tuple[float, ...] = tuple(float(x) for x in np.linspace(-3.0, 3.0, 9))
 BINS = len(BIN_EDGES) + 1
-SENSITIVITY = 1.0  # the L2 distance one patient can move the statistics (module docstring)
+SENSITIVITY = math.sqrt(2.0)  # the L2 distance adding or removing one patient at the site can move the statistics (module docstring)
 LENGTH = 2 * BINS
 
 
@@ -186,3 +192,22 @@ def plausibility_bound(*, max_patients: float, noise_multiplier: float) -> float
     adds at most 1 to a coordinate) plus 12 standard deviations of the noise (the chance that
     any coordinate exceeds that is below 1e-30)."""
     return max_patients + 12.0 * noise_multiplier * SENSITIVITY
+
+
+def implausibility(statistics: np.ndarray, *, max_patients: float, noise_multiplier: float) -> str | None:
+    """Why a site's noised statistics cannot be honest, or None. Honest ones are the site's
+    patients' weights (each coordinate at least 0, all of them summing to its patients, at most
+    ``max_patients``) plus noise of standard deviation σ = z · :data:`SENSITIVITY`: so each
+    coordinate lies in [−12σ, max_patients + 12σ] and their sum at most max_patients + 12σ√LENGTH
+    (12 standard deviations of the summed noise). A site that sends more is trying to weigh
+    more in the pooled AUROC than it has patients, or to cancel the others' histograms."""
+    v = np.asarray(statistics, dtype=np.float64)
+    sd = noise_multiplier * SENSITIVITY
+    low, high = -12.0 * sd, max_patients + 12.0 * sd
+    bad = np.flatnonzero((v < low) | (v > high))
+    if bad.size:
+        return f"metric {STAT_KEYS[bad[0]]!r} is {v[bad[0]]!r}; a noised statistic lies within [{low:.4g}, {high:.4g}] (the site's patients plus 12 standard deviations of noise)"
+    total = float(v.sum())
+    if total > max_patients + 12.0 * sd * math.sqrt(LENGTH):
+        return f"the noised statistics sum to {total:.4g}, more than {max_patients:g} patients plus 12 standard deviations of the summed noise"
+    return None
