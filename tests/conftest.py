@@ -11,15 +11,18 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pytest
 import soundfile as sf
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
 from shared.config import ExperimentConfig, FederationConfig, TrainingConfig, load_experiment
 from shared.synth.config import CohortConfig
+
+if TYPE_CHECKING:
+    from server.strategy import SiteReport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,10 +93,10 @@ class ScriptedGrid:
         return out
 
 
-def scripted_site(name: str, *, patients: int = 20, epsilon_per_round: float = 1.0) -> Callable[[Message], Any]:
+def scripted_site(name: str, *, patients: int = 20, epsilon_per_round: float = 1.0) -> Callable[[Message], RecordDict]:
     """An honest scripted site: answers the pre-flight query, trains (returns the model it got
     plus a little noise) and evaluates, with the aggregate figures a site reports."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord
 
     from shared import metrics as M  # noqa: N812
     from shared import protocol as P  # noqa: N812
@@ -109,8 +112,8 @@ def scripted_site(name: str, *, patients: int = 20, epsilon_per_round: float = 1
         evaluation = MetricRecord({M.NUM_PATIENTS: patients // 3, M.AUROC: 0.7, M.AUPRC: 0.5, M.EVAL_LOSS: 0.6, M.SUPPRESSED: 0.0})
         if kind == MessageType.EVALUATE:
             return RecordDict({P.SITE: site, P.METRICS: evaluation})
-        rnd = int(msg.content[P.CONFIG][P.SERVER_ROUND])
-        flat = packed_vector(msg.content[P.ARRAYS], what="the global model")
+        rnd = cast(int, msg.content.config_records[P.CONFIG][P.SERVER_ROUND])
+        flat = packed_vector(msg.content.array_records[P.ARRAYS], what="the global model")
         update = (flat + 0.01 * rng.standard_normal(flat.shape)).astype(np.float32)
         eps = epsilon_per_round * rnd
         metrics = MetricRecord({M.NUM_PATIENTS: patients, M.TRAIN_LOSS: 0.6, M.EPSILON_RUN: eps, M.EPSILON_TOTAL: eps, M.DELTA: 1e-5, M.NOISE_MULTIPLIER: 1.1})
@@ -120,6 +123,12 @@ def scripted_site(name: str, *, patients: int = 20, epsilon_per_round: float = 1
         return out
 
     return behave
+
+
+def error_of(report: SiteReport) -> str:
+    """The error of a site's report that a test expects to be there (a rejected or failed reply)."""
+    assert report.error is not None, f"site {report.site} has no error: {report}"
+    return report.error
 
 
 def scripted_experiment(*, rounds: int = 2, privacy: bool = True) -> ExperimentConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 from client.patient_grads import conv1d_grad_sample
 from server.bench_fl import quantise
 from server.simulate import ray_backend_config
+from shared.config import ExperimentConfig
 from shared.errors import ConfigError
 from tests.conftest import tiny_experiment
 
@@ -26,6 +28,7 @@ def test_fast_conv1d_grad_sample_equals_opacus(stride: int, padding: int, dilati
     x = torch.randn(7, 6, 40)  # (N, C, L)
     g = torch.randn_like(layer(x))  # (N, O, L_out)
     ours, ref = conv1d_grad_sample(layer, [x], g), compute_conv_grad_sample(layer, [x], g)
+    assert layer.bias is not None  # Conv1d's default bias=True
     for p in (layer.weight, layer.bias):
         torch.testing.assert_close(ours[p], ref[p], rtol=1e-4, atol=1e-5)
 
@@ -137,20 +140,20 @@ def test_the_host_bound_dp_step_runs_a_tiny_step_on_one_thread_and_restores_the_
     from server.bench import HOST_BOUND_STEP, dp_step_host_bound
 
     before = torch.get_num_threads()
-    seen = []
+    seen: list[tuple[ExperimentConfig, int]] = []
     import server.bench as bench
 
     real = bench.dp_step_ratio
 
-    def spy(exp: object, **kwargs: object) -> dict:
+    def spy(exp: ExperimentConfig, **kwargs: Any) -> dict:
         seen.append((exp, torch.get_num_threads()))
         return real(exp, **kwargs)
 
-    bench.dp_step_ratio = spy  # type: ignore[assignment]
+    bench.dp_step_ratio = spy
     try:
         r = dp_step_host_bound(tiny_experiment(), repeats=1, steps=1)
     finally:
-        bench.dp_step_ratio = real  # type: ignore[assignment]
+        bench.dp_step_ratio = real
     (exp, threads), = seen
     assert threads == 1 and torch.get_num_threads() == before
     assert exp.training.batch_patients == HOST_BOUND_STEP["batch_patients"] and exp.features.max_seconds == HOST_BOUND_STEP["max_seconds"]
@@ -175,7 +178,7 @@ def test_gpu_bench_parts_are_measured_one_by_one_and_a_failed_part_is_recorded(m
 
     real = bench.dp_step_ratio
 
-    def fails_under_bf16(*args: object, autocast: torch.dtype | None = None, **kwargs: object) -> dict:
+    def fails_under_bf16(*args: Any, autocast: torch.dtype | None = None, **kwargs: Any) -> dict:
         if autocast is torch.bfloat16:
             raise RuntimeError("bf16 kernel missing")
         return real(*args, autocast=autocast, **kwargs)

@@ -258,7 +258,9 @@ def _uncommented_leaf_keys(path: Path) -> list[str]:
                 if not (trailing or above or listed):
                     missing.append(f"{path.name}:{line + 1} {name}")
 
-    walk(yaml.compose(path.read_text()), "", None)
+    root = yaml.compose(path.read_text())
+    assert root is not None, f"{path.name} is empty"
+    walk(root, "", None)
     return missing
 
 

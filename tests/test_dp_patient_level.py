@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pytest
@@ -18,6 +20,31 @@ from shared.models.prosody_mel import ProsodyMelNet
 from shared.privacy.accounting import RDP_ALPHAS, SubsampledGaussian, _calibrate, calibrate_noise, epsilon
 
 P, K, N_MELS, F, M = 6, 4, 8, 16, N_MODEL_MARKERS
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
+
+    class DPParameter(torch.nn.Parameter):
+        """A parameter as Opacus' DPOptimizer uses it: per-patient rows in ``grad_sample``, their clipped
+        sum in ``summed_grad`` (attributes Opacus sets at run time; torch's types do not declare them)."""
+
+        grad_sample: torch.Tensor | None
+        summed_grad: torch.Tensor | None
+else:
+    DPParameter = torch.nn.Parameter  # at run time a plain Parameter: Opacus adds the attributes
+
+
+def summed_grad(p: torch.Tensor) -> torch.Tensor:
+    """``p.summed_grad``: the clipped per-patient sum that clip_and_accumulate left on ``p``."""
+    s = cast(DPParameter, p).summed_grad
+    assert s is not None, "no clipped sum on this parameter"
+    return s
+
+
+def grad_of(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``, which the step under test has set."""
+    assert p.grad is not None, "no gradient on this parameter"
+    return p.grad
 
 
 def make_data(seed: int = 0, patients: int = P) -> PatientTensors:
@@ -71,7 +98,8 @@ def test_each_patients_contribution_is_clipped_to_C(grads: str) -> None:
     base = make_data()
     extra = make_data(seed=9, patients=1)
     extra = PatientTensors(extra.mel * 50, extra.markers * 50, 1 - extra.labels, extra.mask, ("outlier",))
-    both = PatientTensors(*(torch.cat([a, b]) for a, b in zip((base.mel, base.markers, base.labels, base.mask), (extra.mel, extra.markers, extra.labels, extra.mask), strict=True)), base.patient_ids + ("outlier",))
+    mel, markers, labels, mask = (torch.cat([a, b]) for a, b in zip((base.mel, base.markers, base.labels, base.mask), (extra.mel, extra.markers, extra.labels, extra.mask), strict=True))
+    both = PatientTensors(mel, markers, labels, mask, base.patient_ids + ("outlier",))
     start = {n: p.detach().clone() for n, p in make_model().named_parameters()}
 
     # With q = 1 and sigma = 0, SGD(lr=1) moves params by -(sum of clipped grads) / expected batch.
@@ -100,10 +128,10 @@ def test_clipping_is_per_patient_not_per_session(grads: str) -> None:
         per_grads, _ = per_patient(d.mel.float(), d.markers, d.labels, d.mask.float())
         assert all(g.shape[0] == P for g in per_grads.values())
         for n, p in model.named_parameters():
-            p.grad_sample = per_grads[n]
+            cast(DPParameter, p).grad_sample = per_grads[n]
         opt.clip_and_accumulate()
         per_patient.close()
-        total = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+        total = torch.cat([summed_grad(p).flatten() for p in model.parameters()])
         assert float(total.norm()) <= P * 0.1 * (1 + 1e-4)
 
 
@@ -138,7 +166,7 @@ def test_a_separate_noise_generator_leaves_the_plain_batch_sequence() -> None:
     def sampled(mode: str, noise_generator: torch.Generator | None = None) -> tuple[float, torch.Tensor]:
         model, gen = make_model(), torch.Generator().manual_seed(3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        common = dict(steps=12, sample_rate=0.3, max_sessions=2, optimizer=opt, generator=gen, device=torch.device("cpu"))
+        common: dict[str, Any] = dict(steps=12, sample_rate=0.3, max_sessions=2, optimizer=opt, generator=gen, device=torch.device("cpu"))
         if mode == "plain":
             stats = train_plain(model, data, **common)
         else:
@@ -305,20 +333,20 @@ def test_unknown_accountant_names_the_choices() -> None:
         epsilon([SubsampledGaussian(1.0, 0.1, 1)], delta=1e-5, accountant="gdp")
 
 
-def _grad_samples(rows: int, dtype: torch.dtype = torch.float32) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+def _grad_samples(rows: int, dtype: torch.dtype = torch.float32) -> tuple[list[DPParameter], list[torch.Tensor]]:
     g = torch.Generator().manual_seed(3)
     shapes = [(4, 8, 5), (4,), (3, 12), ()]  # () : a scalar parameter
-    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    params = [DPParameter(torch.randn(s, generator=g)) for s in shapes]
     scales = torch.tensor([0.01, 0.3, 1.0, 5.0, 0.5, 2.0, 0.0, 0.1])[:rows]  # rows under and over C, one all-zero
     samples = [(torch.randn(rows, *s, generator=g) * scales.view(-1, *[1] * len(s))).to(dtype) for s in shapes]
     return params, samples
 
 
-def _clipped_sum(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], samples: list[torch.Tensor]) -> list[torch.Tensor]:
+def _clipped_sum(opt: DPOptimizer, params: list[DPParameter], samples: list[torch.Tensor]) -> list[torch.Tensor]:
     for p, s in zip(params, samples, strict=True):
         p.grad_sample = s.clone()
     opt.clip_and_accumulate()
-    out = [p.summed_grad.clone() for p in params]
+    out = [summed_grad(p).clone() for p in params]
     opt.zero_grad(set_to_none=True)
     return out
 
@@ -341,7 +369,7 @@ def test_fused_clipping_equals_opacus_per_parameter_clipping(rows: int) -> None:
 def test_step_rows_equals_the_grad_sample_step_over_several_steps(optimizer: str, reduction: str, prox_mu: float) -> None:
     """step_rows (rows straight in, the flat noisy gradient reused in place from the second step) == grad_sample + step + zero_grad, noise included, step after step."""
     params_a, samples = _grad_samples(8)
-    params_b = [torch.nn.Parameter(p.detach().clone()) for p in params_a]
+    params_b = [DPParameter(p.detach().clone()) for p in params_a]
     make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9), "adam": lambda ps: torch.optim.Adam(ps, lr=0.05)}[optimizer]
     by_rows = CpuNoiseDPOptimizer(make(params_a), noise_multiplier=1.5, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(7), loss_reduction=reduction)
     by_samples = CpuNoiseDPOptimizer(make(params_b), noise_multiplier=1.5, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(7), loss_reduction=reduction)
@@ -351,11 +379,11 @@ def test_step_rows_equals_the_grad_sample_step_over_several_steps(optimizer: str
     for step in range(4):
         rows = [s * (step + 1) for s in samples]
         by_rows.step_rows(rows)
-        flats.add(params_a[0].grad.untyped_storage().data_ptr())
+        flats.add(grad_of(params_a[0]).untyped_storage().data_ptr())
         for p, r in zip(params_b, rows, strict=True):
             p.grad_sample = r.clone()
         by_samples.step()
-        noisy_b = [p.grad.clone() for p in params_b]
+        noisy_b = [grad_of(p).clone() for p in params_b]
         by_samples.zero_grad(set_to_none=True)
         for a, b, g in zip(params_a, params_b, noisy_b, strict=True):
             torch.testing.assert_close(a.grad, g, rtol=1e-6, atol=1e-7)  # the same noisy, averaged gradient
@@ -388,8 +416,8 @@ def test_step_rows_with_a_step_hook_or_float64_parameters_is_opacus_own_step() -
     seen = []
     for dtype, hook in ((torch.float32, lambda opt: seen.append(opt.accumulated_iterations)), (torch.float64, None)):
         params_a, samples = _grad_samples(8, dtype)
-        params_a = [torch.nn.Parameter(p.detach().to(dtype)) for p in params_a]
-        params_b = [torch.nn.Parameter(p.detach().clone()) for p in params_a]
+        params_a = [DPParameter(p.detach().to(dtype)) for p in params_a]
+        params_b = [DPParameter(p.detach().clone()) for p in params_a]
         by_rows = CpuNoiseDPOptimizer(torch.optim.SGD(params_a, lr=0.5), noise_multiplier=1.0, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(3))
         by_samples = CpuNoiseDPOptimizer(torch.optim.SGD(params_b, lr=0.5), noise_multiplier=1.0, max_grad_norm=0.5, expected_batch_size=4, generator=torch.Generator().manual_seed(3))
         by_rows.step_hook = by_samples.step_hook = hook
@@ -409,7 +437,7 @@ def test_step_rows_keeps_a_skipped_steps_sum_and_adds_the_next_batch_to_it_as_op
     from opacus.optimizers import DPOptimizer
 
     params_a, samples = _grad_samples(8)
-    params_b = [torch.nn.Parameter(p.detach().clone()) for p in params_a]
+    params_b = [DPParameter(p.detach().clone()) for p in params_a]
     ours = CpuNoiseDPOptimizer(torch.optim.SGD(params_a, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=4)
     opacus = DPOptimizer(torch.optim.SGD(params_b, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=4)
     for opt in (ours, opacus):
@@ -476,7 +504,7 @@ def test_a_patient_row_holding_nan_or_inf_leaves_every_dp_step_path_finite(path:
     finite_rows = [torch.cat([s[:1], s[2:5], s[6:]]) for s in samples]
     reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
 
-    def optimizer(ps: list[torch.nn.Parameter]) -> CpuNoiseDPOptimizer:
+    def optimizer(ps: Sequence[torch.nn.Parameter]) -> CpuNoiseDPOptimizer:
         return CpuNoiseDPOptimizer(torch.optim.SGD(ps, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=4, secure_mode=path.endswith("secure mode"))
 
     # Act
@@ -539,13 +567,13 @@ def test_flat_clipped_sum_accumulates_like_opacus_and_respects_gradients_set_by_
             for p, s in zip(params, samples, strict=True):
                 p.grad_sample = s[half].clone()
             opt.clip_and_accumulate()
-        sums.append([p.summed_grad.clone() for p in params])
+        sums.append([summed_grad(p).clone() for p in params])
         if opt is ours:
-            assert len({p.summed_grad.untyped_storage().data_ptr() for p in params}) == 1  # one flat vector
+            assert len({summed_grad(p).untyped_storage().data_ptr() for p in params}) == 1  # one flat vector
             params[2].summed_grad = torch.full_like(params[2], 3.0)  # set by hand: must be used as it is
             opt.add_noise()
             opt.scale_grad()
-            assert len({p.grad.untyped_storage().data_ptr() for p in params if p is not params[2]}) == 1
+            assert len({grad_of(p).untyped_storage().data_ptr() for p in params if p is not params[2]}) == 1
             torch.testing.assert_close(params[2].grad, torch.full_like(params[2], 3.0 / 4))
             torch.testing.assert_close(params[0].grad, sums[0][0] / 4)
         opt.zero_grad(set_to_none=True)

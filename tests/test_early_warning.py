@@ -3,6 +3,8 @@ aggregation strategies the evaluation compares (FedProx term, FedAdam server ste
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,17 @@ from client.dp_train import add_prox
 from client.early_warning import Timeline, alerts, choose_threshold, cusum, outcome, summarise
 from server.aggregation import ServerAdam, server_step, weighted_average
 
-KW = dict(baseline_n=3, slack=0.05, lookback_days=42.0, grace_days=21.0)
+
+class Policy(TypedDict):
+    """The alert policy's keywords of summarise and choose_threshold."""
+
+    baseline_n: int
+    slack: float
+    lookback_days: float
+    grace_days: float
+
+
+KW = Policy(baseline_n=3, slack=0.05, lookback_days=42.0, grace_days=21.0)
 
 
 def weekly(risk: list[float], labels: list[int], onset_session: int | None, pid: str = "p") -> Timeline:

@@ -17,6 +17,7 @@ from server.cli import app
 from server.evaluate import Harness, Setting, bootstrap_ci, progress_line, run_evaluation
 from shared import metrics as M  # noqa: N812
 from shared.models import build_model
+from shared.models.prosody_mel import ProsodyMelNet
 from shared.params import get_arrays, save_checkpoint
 from tests.conftest import tiny_experiment
 
@@ -51,6 +52,7 @@ def test_a_model_that_predicts_one_class_is_reported_as_collapsed(tiny_cohort: P
     exp = tiny_experiment()
     harness = Harness(exp, tiny_cohort, tmp_path, bootstrap=20)
     model = build_model(exp)
+    assert isinstance(model, ProsodyMelNet)
     with torch.no_grad():
         for p in model.head[-1].parameters():
             p.zero_()  # every session gets risk 0.5: what heavy DP noise can do
@@ -64,7 +66,9 @@ def test_bootstrap_resamples_patients_not_sessions() -> None:
     y = np.array([0, 0, 1, 1, 0, 1])
     p = np.array([0.1, 0.2, 0.9, 0.8, 0.3, 0.7])
     groups = np.array([0, 0, 1, 1, 2, 2])
-    lo, hi = bootstrap_ci(M.auroc, y, p, groups, reps=200)
+    ci = bootstrap_ci(M.auroc, y, p, groups, reps=200)
+    assert ci is not None
+    lo, hi = ci
     assert lo <= M.auroc(y, p) <= hi
     assert bootstrap_ci(M.auroc, y, p, groups, reps=0) is None
 

@@ -17,18 +17,19 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import yaml
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from rich.console import Console
 
 from client.app import build_client_app
 from server.bench_fl import _round_figures, phase_compute, with_evaluation
 from server.run_folder import RunFolder, checkpoint_path
-from server.strategy import PatientFedAvg, RoundLog, SiteReport, evaluation_reports
+from server.strategy import PatientFedAvg, RoundLog, SiteReport, evaluation_reports, scalar_metrics
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared import secure_records
@@ -129,14 +130,14 @@ def test_a_train_reply_brings_the_sites_evaluation_of_the_received_model_in_its_
     assert set(c.keys()) == {P.ARRAYS, P.METRICS, P.SITE, P.EVALUATION} <= P.ALLOWED_REPLY_RECORDS
     assert set(c[P.SITE].keys()) <= P.ALLOWED_SITE_KEYS and P.REFUSAL_CODE not in c[P.SITE]
     assert list(c[P.ARRAYS].keys()) == [PACKED]
-    evaluation = dict(c[P.EVALUATION])
+    evaluation = scalar_metrics(c.metric_records[P.EVALUATION])
     assert set(evaluation) <= SITE_METRICS
     # exactly Site.evaluate's answer, k-suppressed: 3 evaluation patients < k = 5, so no AUROC leaves the site
     assert evaluation[M.SUPPRESSED] == 1.0 and evaluation[M.NUM_PATIENTS] == 0.0 and M.AUROC not in evaluation
     same = {k: v for k, v in evaluated.content[P.METRICS].items() if k not in (M.COMPUTE_SECONDS, M.PEAK_RSS_MB)}
     assert {k: v for k, v in evaluation.items() if k not in (M.COMPUTE_SECONDS, M.PEAK_RSS_MB)} == same
     # each record times its own work: the evaluation's seconds are not in the training's
-    assert evaluation[M.COMPUTE_SECONDS] >= 0 and c[P.METRICS][M.COMPUTE_SECONDS] > 0
+    assert evaluation[M.COMPUTE_SECONDS] >= 0 and scalar_metrics(c.metric_records[P.METRICS])[M.COMPUTE_SECONDS] > 0
     assert M.SUPPRESSED not in c[P.METRICS] and M.AUROC not in c[P.METRICS]
 
 
@@ -148,7 +149,7 @@ def test_the_evaluation_carries_the_aggregate_when_the_site_has_k_evaluation_pat
 
     reply = build_client_app()(site_message("train"), ctx)
 
-    evaluation = dict(reply.content[P.EVALUATION])
+    evaluation = scalar_metrics(reply.content.metric_records[P.EVALUATION])
     assert set(evaluation) <= SITE_METRICS
     # alpha's held-out patients hold both classes: with k = 2 the aggregate leaves the site
     assert evaluation[M.SUPPRESSED] == 0.0 and evaluation[M.NUM_PATIENTS] >= 2 and 0.0 <= evaluation[M.AUROC] <= 1.0
@@ -378,13 +379,15 @@ def printed_rows(console: Console) -> list[int]:
     return [int(m.group(1)) for m in re.finditer(r"^\s*(\d+)\s+(?:-|\d+\.\d{3})\s", text, flags=re.MULTILINE)]
 
 
-def flags(grid: RecordingGrid) -> list[object]:
+def flags(grid: RecordingGrid) -> list[tuple[int, bool]]:
     """The evaluate-first flag of each train message (plain or SecAgg+'s fitins.config), in order."""
     out = []
     for m in grid.sent:
         cfg = m.content.config_records.get(P.CONFIG) or m.content.config_records.get(P.LEGACY_FITINS_CONFIG)
         if m.metadata.message_type == "train" and cfg is not None and P.SERVER_ROUND in cfg:
-            out.append((cfg[P.SERVER_ROUND], cfg.get(P.EVALUATE_FIRST, False)))
+            rnd, first = cfg[P.SERVER_ROUND], cfg.get(P.EVALUATE_FIRST, False)
+            assert isinstance(rnd, int) and isinstance(first, bool), (rnd, first)
+            out.append((rnd, first))
     return out
 
 
@@ -392,7 +395,8 @@ def test_a_secure_aggregation_run_evaluates_each_model_with_the_next_round(cohor
     sa = SecureAggregationConfig(enabled=True, num_shares=3, reconstruction_threshold=2, max_weight=20.0, clipping_range=8.0)
     exp = with_next_round(tiny_experiment(), secure_aggregation=sa)
 
-    console, shown = text_console(), {}
+    console = text_console()
+    shown: dict[int, list[int]] = {}
 
     summary, grid = run_in_process(exp, cohort, tmp_path / "run", run_id="next-secure", console=console,
                                    after_round=lambda rnd: shown.__setitem__(rnd, printed_rows(console)))
@@ -474,7 +478,7 @@ def test_a_model_whose_train_exchange_brought_no_evaluation_is_evaluated_by_its_
 
     assert summary["status"] == "completed"
     assert grid.count("evaluate") == 6  # round 1's model by its own message (3 sites), then the final model's
-    evaluate_rounds = sorted({m.content[P.CONFIG][P.SERVER_ROUND] for m in grid.sent if m.metadata.message_type == "evaluate"})
+    evaluate_rounds = sorted({cast(int, m.content.config_records[P.CONFIG][P.SERVER_ROUND]) for m in grid.sent if m.metadata.message_type == "evaluate"})
     assert evaluate_rounds == [1, 2]
     rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert not any(r["evaluation_pending"] for r in rounds)
@@ -492,9 +496,9 @@ def simulate_recorded(exp: ExperimentConfig, cohort: Path, tmp_path_factory: pyt
     out = tmp_path_factory.mktemp("sim") / "run"
     holder: dict[str, RecordingGrid] = {}
 
-    def wrap(grid: Any) -> RecordingGrid:
+    def wrap(grid: Grid) -> Grid:
         holder["grid"] = RecordingGrid(grid)
-        return holder["grid"]
+        return cast(Grid, holder["grid"])  # duck-typed: the wrapped Grid's own methods
 
     summary = simulate(exp, cohort, out, run_id=run_id, console=Console(quiet=True), cpus=2, wrap_grid=wrap)
     return out, summary, holder["grid"]

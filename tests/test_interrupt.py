@@ -189,7 +189,12 @@ def test_ctrl_c_during_a_bench_suite_part_stops_the_suite_not_just_the_part(tmp_
         raise RunInterrupted("Interrupted after round 1; continue with `fedrelapse run --resume RUN`.")
 
     monkeypatch.setattr(server.bench, "dp_step_ratio", stopped)
-    monkeypatch.setattr(server.bench, "dp_step_profile", lambda *a, **k: ran.append("dp_step_profile") or {})
+
+    def profile(*_: object, **__: object) -> dict:
+        ran.append("dp_step_profile")
+        return {}
+
+    monkeypatch.setattr(server.bench, "dp_step_profile", profile)
 
     with pytest.raises(RunInterrupted):
         run_all(load_experiment(Path("configs/experiment.yaml")), tmp_path / "out", data=tmp_path, quick=True, only=("dp_step", "dp_step_profile"), say=lambda _: None)

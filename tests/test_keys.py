@@ -6,6 +6,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from cryptography import x509
@@ -121,8 +122,17 @@ def test_server_start_finds_flowers_scripts_without_an_activated_venv(tmp_path: 
     started: list[tuple[str, dict[str, str]]] = []
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as from cron or systemd: the venv is not activated
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")  # the caller's own setting does not turn it back on
-    monkeypatch.setattr(os, "execve", lambda exe, argv, env: started.append((exe, env)) or sys.exit(0))
-    monkeypatch.setattr(os, "execv", lambda exe, argv: started.append((exe, dict(os.environ))) or sys.exit(0))  # never really started
+
+    def execve(exe: str, argv: list[str], env: dict[str, str]) -> NoReturn:
+        started.append((exe, env))
+        sys.exit(0)
+
+    def execv(exe: str, argv: list[str]) -> NoReturn:  # never really started
+        started.append((exe, dict(os.environ)))
+        sys.exit(0)
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.setattr(os, "execv", execv)
 
     result = runner.invoke(app, ["server", "start", "--keys", str(tmp_path)], terminal_width=300)
 

@@ -23,12 +23,12 @@ DRIFTING = "I like to cook pasta with tomatoes.\nThe new computer system at work
 
 def tiny_bert(folder: Path) -> Path:
     """A 1-layer BERT with a 40-word vocabulary, built from config (no download)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizer  # a fast tokenizer: BertTokenizerFast is its alias in transformers 5
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(" ".join([COHERENT, DRIFTING]).lower().replace(".", " ").split()))[:35]]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
     return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,10 +63,10 @@ def message(case: str) -> Message:
     elif case == "no-model":
         del content[P.ARRAYS]
     elif case == "wrong-length":
-        flat = content[P.ARRAYS][PACKED].numpy()
+        flat = content.array_records[P.ARRAYS][PACKED].numpy()
         content[P.ARRAYS] = ArrayRecord({PACKED: Array(flat[:-5])})
     elif case == "float64-model":
-        content[P.ARRAYS] = ArrayRecord({PACKED: Array(content[P.ARRAYS][PACKED].numpy().astype(np.float64))})
+        content[P.ARRAYS] = ArrayRecord({PACKED: Array(content.array_records[P.ARRAYS][PACKED].numpy().astype(np.float64))})
     elif case == "one-array-per-parameter":
         content[P.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
     elif case == "nan-model":
@@ -116,12 +117,17 @@ def test_a_round_count_other_than_the_plans_is_refused_before_any_sigma_search(t
     from client import site as site_module
 
     searched: list[int] = []
-    monkeypatch.setattr(site_module, "calibrated_sigma", lambda *a, **k: searched.append(k.get("steps", 0)) or 1.0)
+
+    def sigma_search(*_: object, **k: Any) -> float:
+        searched.append(k.get("steps", 0))
+        return 1.0
+
+    monkeypatch.setattr(site_module, "calibrated_sigma", sigma_search)
     exp = tiny_experiment()
     plan = replace(exp, privacy=replace(exp.privacy, accountant="prv")).to_yaml()
     msg = message("ok")
-    msg.content[P.CONFIG][P.PLAN_YAML] = plan
-    msg.content[P.CONFIG][P.TOTAL_ROUNDS] = 100_000
+    msg.content.config_records[P.CONFIG][P.PLAN_YAML] = plan
+    msg.content.config_records[P.CONFIG][P.TOTAL_ROUNDS] = 100_000
     reply = build_client_app()(Message(content=msg.content, dst_node_id=1, message_type=kind), context(tiny_cohort, tmp_path))
     info = reply.content[P.SITE]
     assert info[P.REFUSAL_CODE] == "plan-mismatch", info[P.REFUSAL_REASON]

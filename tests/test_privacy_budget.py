@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from tests.conftest import tiny_experiment
 runner = CliRunner()
 
 
-def make_site(tiny_cohort: Path, tmp_path: Path, **policy: float) -> Site:
+def make_site(tiny_cohort: Path, tmp_path: Path, **policy: Any) -> Site:
     cfg = load_site(tiny_cohort / "alpha" / "site.yaml")
     return Site(replace(cfg, state_dir=tmp_path / "state", policy=replace(SitePolicy(), **policy)), tiny_experiment())
 
@@ -54,7 +55,7 @@ def test_all_time_cap_refuses_a_run_that_would_cross_it(tiny_cohort: Path, tmp_p
     second = site.train(arrays(), run_id="run-b", server_round=1, total_rounds=2)
     assert isinstance(second, Refusal) and second.code == "budget" and "all-time cap 9" in second.reason
     planned = site.plan(run_id="run-c", total_rounds=2)
-    assert planned["code"] == "budget" and planned["epsilon_remaining"] == pytest.approx(9.0 - planned["epsilon_spent"])
+    assert planned["code"] == "budget" and planned["epsilon_remaining"] == pytest.approx(9.0 - cast(float, planned["epsilon_spent"]))
 
 
 @pytest.mark.usefixtures("alpha_state")
@@ -364,10 +365,10 @@ def test_a_plan_without_dp_is_refused_unless_the_policy_allows_it(tiny_cohort: P
 
 
 def test_lowering_the_run_cap_in_the_ledger_raises_the_noise(trained: Site) -> None:
-    before = trained.plan(run_id="next", total_rounds=2)["noise_multiplier"]
+    before = cast(float, trained.plan(run_id="next", total_rounds=2)["noise_multiplier"])
     change_caps(trained.cfg, cap_total=None, cap_run=2.0, note="DPO: tighter per-run cap")
     after = trained.plan(run_id="next", total_rounds=2)
-    assert after["noise_multiplier"] > before and after["code"] == "ok"
+    assert cast(float, after["noise_multiplier"]) > before and after["code"] == "ok"
     assert after["epsilon_run"] == pytest.approx(2.0, rel=0.02)
 
 

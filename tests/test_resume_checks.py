@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,7 +161,7 @@ def test_the_resume_run_config_key_continues_the_run_in_its_folder_with_its_id(t
 @pytest.mark.parametrize(("override", "why"), [({"out": "elsewhere"}, "continues in its own folder"), ({"run_id": "new-id"}, "keeps its run id")])
 def test_the_resume_run_config_key_refuses_another_folder_or_run_id(tmp_path: Path, override: dict[str, str], why: str) -> None:
     run, _ = crashed_run(tmp_path)
-    args = {"out": "", "run_id": "", "experiment": "", "key_path": tmp_path / "data" / "consortium" / "model-signing.key"} | override
+    args: dict[str, Any] = {"out": "", "run_id": "", "experiment": "", "key_path": tmp_path / "data" / "consortium" / "model-signing.key"} | override
     with pytest.raises(ConfigError, match=why):
         resume_from_run_config(str(run), **args)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from rich.console import Console
 
 from client.app import build_client_app
@@ -56,7 +57,7 @@ class InProcessGrid(Grid):
         del run
 
     @property
-    def run(self) -> object:
+    def run(self) -> Run:
         raise AssertionError("run_federation does not read grid.run")
 
     def create_message(self, *args: object, **kwargs: object) -> Message:

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -38,9 +39,10 @@ def test_the_auroc_axis_reaches_an_auroc_below_0_4_and_marks_chance() -> None:
     auroc = fig.axes[1]
     low, high = auroc.get_ylim()
     assert low <= 0.35 - 0.01 and high == 1.0  # the ε = 1 run's round 1 is on the figure
-    chance = [line for line in auroc.get_lines() if list(line.get_ydata()) == [0.5, 0.5]]
+    chance = [line for line in auroc.get_lines() if np.asarray(line.get_ydata()).tolist() == [0.5, 0.5]]
     assert len(chance) == 1 and chance[0].get_linestyle() == "--"
-    assert "chance (0.5)" in [t.get_text() for t in auroc.get_legend().get_texts()]
+    legend = auroc.get_legend()
+    assert legend is not None and "chance (0.5)" in [t.get_text() for t in legend.get_texts()]
 
 
 def test_an_auroc_axis_of_good_rounds_keeps_its_usual_range() -> None:

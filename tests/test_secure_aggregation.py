@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -24,6 +24,7 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
+from flwr.serverapp import Grid
 from rich.console import Console
 from safetensors.numpy import load_file
 
@@ -34,7 +35,7 @@ from shared.config import ExperimentConfig, SecureAggregationConfig
 from shared.errors import ConfigError
 from shared.models import build_model
 from shared.schema import build
-from tests.conftest import tiny_experiment
+from tests.conftest import error_of, tiny_experiment
 
 SA = SecureAggregationConfig(enabled=True, num_shares=3, reconstruction_threshold=2, max_weight=20.0, clipping_range=8.0)
 
@@ -118,7 +119,7 @@ def load_updates(folder: Path, rnd: int) -> dict[str, tuple[float, list[np.ndarr
 
 def weighted_average(updates: dict[str, tuple[float, list[np.ndarray]]]) -> list[np.ndarray]:
     total = sum(w for w, _ in updates.values())
-    return [sum(w * arrs[i].astype(np.float64) for w, arrs in updates.values()) / total for i in range(len(next(iter(updates.values()))[1]))]
+    return [cast(np.ndarray, sum(w * arrs[i].astype(np.float64) for w, arrs in updates.values())) / total for i in range(len(next(iter(updates.values()))[1]))]
 
 
 def received_arrays(replies: list[Message]) -> list[np.ndarray]:
@@ -129,8 +130,8 @@ def received_arrays(replies: list[Message]) -> list[np.ndarray]:
             continue
         for record in msg.content.array_records.values():
             found += [a.numpy() for a in record.values()]
-        for record in msg.content.config_records.values():
-            for value in record.values():
+        for config in msg.content.config_records.values():
+            for value in config.values():
                 for item in value if isinstance(value, list) else [value]:
                     if isinstance(item, bytes):
                         try:
@@ -203,7 +204,7 @@ def secure_run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     replies: list[Message] = []
     summary = simulate(
         secure_experiment(SA, rounds=2, min_nodes=3), tiny_cohort, out, run_id="secagg-test", console=Console(quiet=True), cpus=2,
-        wrap_grid=lambda g: RecordingGrid(g, replies), client_mods=(RecordUpdate(updates, sim_sites),),
+        wrap_grid=lambda g: cast(Grid, RecordingGrid(g, replies)), client_mods=(RecordUpdate(updates, sim_sites),),  # RecordingGrid: duck-typed, the wrapped Grid's own methods
     )
     return {"out": out, "summary": summary, "replies": replies, "updates": updates}
 
@@ -337,6 +338,7 @@ def test_in_process_secure_round_equals_plain_round_with_unequal_weights() -> No
     exp = replace(exp, federation=replace(exp.federation, min_nodes=4, secure_aggregation=sa), training=replace(exp.training, local_steps=1))
     weights = [5, 12, 30, 49]
     grid = LoopbackGrid(bench_client_app(exp, weights=weights), len(weights))
+    as_grid = cast(Grid, grid)  # duck-typed: the strategy and the SecAgg+ workflow call only get_node_ids and send_and_receive
     shapes = layout(get_arrays_of(exp))
     arrays = pack(get_arrays_of(exp), shapes)
     cfg = ConfigRecord({P.RUN_ID: "loopback", P.TOTAL_ROUNDS: 1})
@@ -346,8 +348,8 @@ def test_in_process_secure_round_equals_plain_round_with_unequal_weights() -> No
         s.expected = shapes
         return s
 
-    plain, _ = new().aggregate_train(1, grid.send_and_receive(new().configure_train(1, arrays, cfg, grid)))
-    result = secure_train_round(grid, strategy=new(), sa=sa, server_round=1, arrays=arrays, config=cfg)
+    plain, _ = new().aggregate_train(1, grid.send_and_receive(new().configure_train(1, arrays, cfg, as_grid)))
+    result = secure_train_round(as_grid, strategy=new(), sa=sa, server_round=1, arrays=arrays, config=cfg)
     assert plain is not None and result.arrays is not None and result.halted is None
     assert list(result.arrays.keys()) == list(plain.keys()) == ["model"]  # one packed vector either way
     tol = quantisation_tolerance(sa, 4, sum(weights))
@@ -379,6 +381,7 @@ def test_site_requiring_secure_aggregation_refuses_a_plain_plan(tiny_cohort: Pat
 
     def _setup_from(cfg: ConfigRecord, kind: str, *, secure: bool) -> tuple[None, object]:
         req = request_from(cfg, OrderedDict(), site_cfg.name, needs_round=False)
+        assert not isinstance(req, Refusal), req  # a well-formed request: the refusals under test are _check's
         return None, _check(site_cfg, cfg, req, kind=kind, secagg_setup=honest_setup if secure else None, needs_round=False)
 
     plain_plan = ConfigRecord({P.PLAN_YAML: tiny_experiment().to_yaml(), P.RUN_ID: "r", P.TOTAL_ROUNDS: 1})
@@ -416,6 +419,7 @@ def test_refusing_site_takes_part_with_weight_zero_and_its_reason_arrives() -> N
     exp = replace(exp, federation=replace(exp.federation, min_nodes=4, secure_aggregation=sa), training=replace(exp.training, local_steps=1))
     weights = [40, 12, 30, 49]
     grid = LoopbackGrid(bench_client_app(exp, weights=weights, inner_mods=(refuse_site0,)), len(weights))
+    as_grid = cast(Grid, grid)  # duck-typed: the strategy and the SecAgg+ workflow call only get_node_ids and send_and_receive
     shapes = layout(get_arrays_of(exp))
     arrays = pack(get_arrays_of(exp), shapes)
     cfg = ConfigRecord({P.RUN_ID: "loopback", P.TOTAL_ROUNDS: 1})
@@ -425,9 +429,9 @@ def test_refusing_site_takes_part_with_weight_zero_and_its_reason_arrives() -> N
         s.expected = shapes
         return s
 
-    plain = {int(m.metadata.src_node_id) - 1001: unpack(m.content[P.ARRAYS], shapes, what="plain") for m in grid.send_and_receive(new().configure_train(1, arrays, cfg, grid))}
+    plain = {int(m.metadata.src_node_id) - 1001: unpack(m.content[P.ARRAYS], shapes, what="plain") for m in grid.send_and_receive(new().configure_train(1, arrays, cfg, as_grid))}
     strategy = new()
-    result = secure_train_round(grid, strategy=strategy, sa=sa, server_round=1, arrays=arrays, config=cfg)
+    result = secure_train_round(as_grid, strategy=strategy, sa=sa, server_round=1, arrays=arrays, config=cfg)
     assert result.arrays is not None and result.metrics is not None
     # SecAgg+ carried the model as one float32 vector of the model's length (fitins.parameters)
     assert [[(a.dtype, a.shape) for a in s] for s in sent] == [[(np.dtype(np.float32), (sum(int(np.prod(v)) for v in shapes.values()),))]]
@@ -495,10 +499,10 @@ def test_a_secure_round_report_under_another_nodes_name_or_with_a_bad_ledger_hea
     reports = {r.site: r for r in _reports(replies, [1001, 1002, 1003, 1004], names)}
 
     assert reports["site0"].metrics["epsilon-run"] == 1.0 and reports["site0"].error is None
-    assert "ledger head (4096 characters) is not a SHA-256 in hex" in reports["site1"].error and not reports["site1"].metrics
-    assert reports["site2"].error.endswith("node 1003 is site 'site2' in this run and now claims the name 'site0', which is node 1001's in this run")
+    assert "ledger head (4096 characters) is not a SHA-256 in hex" in error_of(reports["site1"]) and not reports["site1"].metrics
+    assert error_of(reports["site2"]).endswith("node 1003 is site 'site2' in this run and now claims the name 'site0', which is node 1001's in this run")
     assert not reports["site2"].metrics
-    assert "its site name has 5000 characters" in reports["node-1004"].error and len(reports["node-1004"].error) < 200
+    assert "its site name has 5000 characters" in error_of(reports["node-1004"]) and len(error_of(reports["node-1004"])) < 200
     assert names == {1001: "site0", 1002: "site1", 1003: "site2"}
 
 
@@ -554,7 +558,7 @@ def fake_round(specs: list[dict[str, Any]], *, wrap: Any = None, sa: SecureAggre
     from server.strategy import PatientFedAvg
     from shared.params import pack
 
-    grid = LoopbackGrid(fake_sites(specs), len(specs))
+    grid = cast(Grid, LoopbackGrid(fake_sites(specs), len(specs)))  # duck-typed: the SecAgg+ workflow calls only get_node_ids and send_and_receive
     strategy = PatientFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_nodes=len(specs), node_wait_timeout_s=5)
     strategy.expected = FAKE
     if move_bound is not None:
@@ -584,7 +588,7 @@ def errors(strategy: Any) -> dict[str, str | None]:
 ])
 def test_a_secure_report_failing_a_plain_reply_check_is_left_out_of_the_sum(metrics: dict[str, float], why: str) -> None:
     # Arrange: two honest sites (value 1) and one whose clear-text report is implausible (value 7)
-    specs = [{"value": 1.0}, {"value": 1.0}, {"value": 7.0, "metrics": metrics}]
+    specs: list[dict[str, Any]] = [{"value": 1.0}, {"value": 1.0}, {"value": 7.0, "metrics": metrics}]
 
     # Act
     result, strategy = fake_round(specs)
@@ -599,7 +603,7 @@ def test_a_secure_report_failing_a_plain_reply_check_is_left_out_of_the_sum(metr
 def test_a_secure_evaluation_out_of_range_is_dropped_as_an_eval_error() -> None:
     from server.strategy import evaluation_reports
 
-    specs = [{"evaluation": {"suppressed": 0.0, "num-patients": 10.0, "auroc": 0.7}}, {"evaluation": {"suppressed": 0.0, "num-patients": 10.0, "auroc": 0.7}},
+    specs: list[dict[str, Any]] = [{"evaluation": {"suppressed": 0.0, "num-patients": 10.0, "auroc": 0.7}}, {"evaluation": {"suppressed": 0.0, "num-patients": 10.0, "auroc": 0.7}},
              {"evaluation": {"suppressed": 0.0, "num-patients": 1e9, "auroc": 7.0}}]
     result, strategy = fake_round(specs)
 
@@ -614,7 +618,7 @@ def test_a_secure_evaluation_out_of_range_is_dropped_as_an_eval_error() -> None:
 @pytest.mark.parametrize("weight", [10**6, 1001])
 def test_a_weight_above_max_weight_never_enters_the_sum(weight: int) -> None:
     # Arrange: the site's weight would be clipped inside the sum (every parameter → ≈ 0.008 before)
-    specs = [{"value": 1.0}, {"value": 1.0}, {"value": 7.9, "weight": weight, "metrics": {"num-patients": float(weight), "train-loss": 0.5, **DP}}]
+    specs: list[dict[str, Any]] = [{"value": 1.0}, {"value": 1.0}, {"value": 7.9, "weight": weight, "metrics": {"num-patients": float(weight), "train-loss": 0.5, **DP}}]
 
     result, strategy = fake_round(specs)
 

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
 import client.sigma_cache as sc
 from shared.privacy.accounting import SubsampledGaussian, _calibrate, epsilon
 
-ASK = {"target_epsilon": 3.0, "target_delta": 1e-5, "sample_rate": 0.2, "steps": 20, "accountant": "rdp"}
+
+class Ask(TypedDict):
+    """What calibrated_sigma is asked for, besides the state folder."""
+
+    target_epsilon: float
+    target_delta: float
+    sample_rate: float
+    steps: int
+    accountant: str
+
+
+ASK = Ask(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.2, steps=20, accountant="rdp")
 
 
 def test_a_fresh_process_reuses_the_stored_sigma(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,7 +46,7 @@ def test_an_edited_sigma_that_would_overspend_is_discarded(tmp_path: Path) -> No
 def test_a_stored_sigma_with_more_noise_than_the_search_gives_is_recalibrated(tmp_path: Path) -> None:
     """A σ from an older, coarser search (Opacus' flat 0.01 at ε = 0.1: 65 where 60.6 suffices),
     or an edit, would cost utility in every round it is reused; it is replaced by the search's."""
-    small = ASK | {"target_epsilon": 0.1, "sample_rate": 0.25, "steps": 50}
+    small: Ask = ASK | {"target_epsilon": 0.1, "sample_rate": 0.25, "steps": 50}
     honest = sc.calibrated_sigma(tmp_path, **small)
     path = tmp_path / sc.FILE
     path.write_text(json.dumps({k: 65.0 for k in json.loads(path.read_text())}))
@@ -53,7 +65,7 @@ def test_the_q_1_warning_names_each_site_and_is_given_for_a_cached_sigma_too(tmp
 
     from shared.privacy.accounting import FullSamplingWarning
 
-    full = {**ASK, "sample_rate": 1.0}
+    full: Ask = {**ASK, "sample_rate": 1.0}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")  # Python's own: each distinct message once per place
         for site in ("bergen", "oslo", "london"):

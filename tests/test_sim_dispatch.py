@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from queue import Queue
+from typing import cast
 from uuid import uuid4
 
 import pytest
 from flwr.app import Message, RecordDict
 from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.linkstate import LinkState
 
 from server import sim_dispatch
 from server.reply_poll import PromptGrid
@@ -40,10 +42,10 @@ class CountingStore(dict):
 
 
 def delivered(msgs: list[Message]) -> set[tuple[int, int]]:
-    return {(m.metadata.dst_node_id, int(m.content["c"]["k"])) for m in msgs}
+    return {(m.metadata.dst_node_id, cast(int, m.content.config_records["c"]["k"])) for m in msgs}
 
 
-def flowers_sweep(state: object, mapping: dict[int, int]) -> list[Message]:
+def flowers_sweep(state: LinkState, mapping: dict[int, int]) -> list[Message]:
     return [m for node in mapping for m in state.get_message_ins(node_id=node, limit=1)]
 
 
@@ -94,7 +96,12 @@ def test_a_dispatch_pass_walks_the_store_once_whatever_the_number_of_sites(n_nod
     state.message_ins_store = CountingStore(state.message_ins_store)
     checked: list[int] = []
     original_check = state._check_stored_messages  # noqa: SLF001
-    state._check_stored_messages = lambda ids, run_id=None: (checked.append(len(ids)), original_check(ids, run_id))  # noqa: SLF001
+
+    def counting_check(ids: set[str], run_id: int | None = None) -> None:
+        checked.append(len(ids))
+        original_check(ids, run_id)
+
+    state._check_stored_messages = counting_check  # noqa: SLF001
 
     CountingStore.passes = 0
     pending_messages(state, frozenset(mapping))
@@ -154,7 +161,7 @@ def test_another_linkstate_keeps_flowers_own_loop() -> None:
     assert not supports_linear_dispatch(other)
 
     with linear_dispatch():
-        vce_api.add_messages_to_queue(other, Queue(), {11: 0, 12: 1}, stop)
+        vce_api.add_messages_to_queue(other, Queue(), {11: 0, 12: 1}, stop)  # type: ignore[arg-type]  # a stand-in with only the public API
 
     assert other.asked == [11, 12]  # Flower's per-node calls, through the public API
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import pytest
 from flwr.app import Message
+from flwr.serverapp import Grid
 from rich.console import Console
 from safetensors.numpy import load_file
 
@@ -21,7 +23,7 @@ WIRE: dict[str, list[Message]] = {"sent": [], "replies": []}
 def run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run")
     summary = simulate(tiny_experiment(), tiny_cohort, out, run_id="sim-test", console=Console(quiet=True), cpus=2,
-                       wrap_grid=lambda g: RecordingGrid(g, WIRE["sent"], WIRE["replies"]))
+                       wrap_grid=lambda g: cast(Grid, RecordingGrid(g, WIRE["sent"], WIRE["replies"])))  # duck-typed: the wrapped Grid's own methods
     return out, summary
 
 
@@ -69,6 +71,6 @@ def test_every_model_message_carries_one_packed_array_of_few_objects(run: tuple[
     for msg in by_kind["train"] + by_kind["evaluate"] + train_replies:
         content = msg.content
         assert list(content.array_records) == [P.ARRAYS] and list(content[P.ARRAYS]) == [PACKED]
-        assert content[P.ARRAYS][PACKED].shape == (n_values,) and content[P.ARRAYS][PACKED].dtype == "float32"
+        assert content.array_records[P.ARRAYS][PACKED].shape == (n_values,) and content.array_records[P.ARRAYS][PACKED].dtype == "float32"
         records = len(content.keys())  # config (sent); metrics and site (replies)
         assert len(get_all_nested_objects(msg)) == records + 4  # + the Array, its one chunk, the RecordDict, the Message

@@ -602,7 +602,12 @@ def test_decode_with_max_seconds_resamples_only_that_much_and_gives_the_same_sam
     full = decode(path, target_rate=16000, min_seconds=1.0)
     lengths: list[int] = []
     real = client.audio.resample
-    monkeypatch.setattr("client.audio.resample", lambda x, orig, new: lengths.append(x.shape[0]) or real(x, orig, new))
+
+    def counting_resample(x: np.ndarray, orig: int, new: int) -> np.ndarray:
+        lengths.append(x.shape[0])
+        return real(x, orig, new)
+
+    monkeypatch.setattr("client.audio.resample", counting_resample)
 
     cropped = decode(path, target_rate=16000, min_seconds=1.0, max_seconds=2.0)
 

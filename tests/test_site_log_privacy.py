@@ -126,7 +126,7 @@ def test_an_unexpected_error_that_names_a_patients_recording_is_logged_without_i
     with caplog.at_level(logging.DEBUG):
         reply = build_client_app()(_message("train"), ctx)
 
-    assert reply.has_error() and "RuntimeError" in reply.error.reason
+    assert reply.has_error() and reply.error.reason is not None and "RuntimeError" in reply.error.reason
     ref = re.search(r"reference ([0-9a-f]{8})", reply.error.reason)
     assert ref is not None
     record = next(r for r in caplog.records if ref.group(1) in r.getMessage())

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 from client.app import build_client_app
 from client.site import Refusal, Site, TrainResult
@@ -119,7 +122,7 @@ def test_step_stats_count_the_distinct_patients_the_loss_covers(site: Site, priv
     data, t = site.train_set, site.exp.training
     for rate, expected in ((1.0, data.n_patients), (1e-12, 0)):  # everyone every step; no one
         model = build_model(site.exp)
-        kw = {"steps": 2, "sample_rate": rate, "max_sessions": t.max_sessions_per_patient, "optimizer": make_optimizer(model, name=t.optimizer, lr=t.learning_rate),
+        kw: dict[str, Any] = {"steps": 2, "sample_rate": rate, "max_sessions": t.max_sessions_per_patient, "optimizer": make_optimizer(model, name=t.optimizer, lr=t.learning_rate),
               "generator": torch.Generator().manual_seed(0), "device": torch.device("cpu")}
         stats = train_dp(model, data, noise_multiplier=1.0, max_grad_norm=1.0, **kw) if private else train_plain(model, data, **kw)
         assert stats.patients == expected
@@ -244,7 +247,7 @@ def test_clientapp_replies_carry_only_update_aggregates_and_site_name(tiny_cohor
     for kind, rnd, evaluate_first in (("train", 1, False), ("evaluate", 1, False), ("train", 2, True)):  # the last: federation.evaluation with-next-round
         msg = _message(kind, plan, rnd)
         if evaluate_first:
-            msg.content[P.CONFIG][P.EVALUATE_FIRST] = True
+            msg.content.config_records[P.CONFIG][P.EVALUATE_FIRST] = True
         reply = app(msg, ctx)
         c = reply.content
         assert set(c.keys()) <= P.ALLOWED_REPLY_RECORDS
@@ -256,7 +259,7 @@ def test_clientapp_replies_carry_only_update_aggregates_and_site_name(tiny_cohor
         if kind == "train":
             assert list(c[P.ARRAYS].keys()) == [PACKED]  # one packed vector: the model's parameters only, nothing more
             sent = start_arrays()
-            assert set(unpack(c[P.ARRAYS], layout(sent), what="the update")) == model_keys  # exactly the model's length
+            assert set(unpack(c.array_records[P.ARRAYS], layout(sent), what="the update")) == model_keys  # exactly the model's length
         else:
             assert P.ARRAYS not in c
         blob = repr({k: dict(v) for k, v in c.config_records.items()})
@@ -277,7 +280,7 @@ def test_clientapp_refuses_an_invalid_plan_with_a_structured_reason(tiny_cohort:
     assert P.ARRAYS not in reply.content
 
 
-def _signed_setup(tiny_cohort: Path, tmp_path: Path) -> tuple[object, Context, str, object]:
+def _signed_setup(tiny_cohort: Path, tmp_path: Path) -> tuple[ClientApp, Context, str, Ed25519PrivateKey]:
     from shared import signing
 
     key = signing.generate(tmp_path / "coord.key", tmp_path / "coord.pub.pem")
@@ -298,7 +301,7 @@ def test_site_verifies_the_coordinators_signature_before_training(tiny_cohort: P
     signer = signing.generate(tmp_path / "mallory.key", tmp_path / "mallory.pub") if case == "other-key" else key
     rnd = 2 if case == "other-round" else 1
     if case != "unsigned":
-        msg.content[P.CONFIG][P.MODEL_SIGNATURE] = sign_model(signer, start_arrays(), run_id="r-msg", server_round=rnd, plan_hash=phash)
+        msg.content.config_records[P.CONFIG][P.MODEL_SIGNATURE] = sign_model(signer, start_arrays(), run_id="r-msg", server_round=rnd, plan_hash=phash)
     if case == "altered":
         arrays = start_arrays()
         first = next(iter(arrays))
@@ -357,11 +360,11 @@ def test_a_damaged_approvals_file_refuses_every_plan_without_sending_its_path(ti
 
 def _secure_train_message(plan: str) -> Message:
     """A SecAgg+ round's train message as the secaggplus mod hands it to the handler (legacy fitins)."""
-    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.common import FitIns, Scalar, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
     vector = pack(start_arrays(), layout(start_arrays()))[PACKED].numpy()
-    config = {P.RUN_ID: "r-msg", P.SERVER_ROUND: 1, P.TOTAL_ROUNDS: 2, P.PLAN_YAML: plan}
+    config: dict[str, Scalar] = {P.RUN_ID: "r-msg", P.SERVER_ROUND: 1, P.TOTAL_ROUNDS: 2, P.PLAN_YAML: plan}
     return Message(content=compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([vector]), config), keep_input=True), dst_node_id=1, message_type="train")
 
 
@@ -458,7 +461,7 @@ def diverging(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
     original = dp_train.train_dp
 
-    def train_then_diverge(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+    def train_then_diverge(model: torch.nn.Module, *args: Any, **kwargs: Any) -> object:
         stats = original(model, *args, **kwargs)
         with torch.no_grad():
             next(model.parameters()).view(-1)[0] = float("nan")
@@ -525,7 +528,7 @@ def test_the_round_is_in_the_ledger_before_training_touches_patient_data(site: S
     seen: list[list[tuple[str, int]]] = []
     original = dp_train.train_dp
 
-    def spy(*args: object, **kwargs: object) -> object:
+    def spy(*args: Any, **kwargs: Any) -> object:
         seen.append([(e.run_id, e.round) for e in ledger.read_entries(site.ledger_path)])
         return original(*args, **kwargs)
 

@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from typer.testing import CliRunner
@@ -51,7 +52,12 @@ def test_a_garbage_ca_is_refused_before_the_supernode_starts(consortium: tuple[P
     bad = keys / "bad.pem"
     bad.write_text("not a certificate\n")
     started: list[list[str]] = []
-    monkeypatch.setattr(os, "execve", lambda exe, argv, env: started.append(argv) or sys.exit(0))  # the SuperNode is never really started
+
+    def execve(exe: str, argv: list[str], env: dict[str, str]) -> NoReturn:  # the SuperNode is never really started
+        started.append(argv)
+        sys.exit(0)
+
+    monkeypatch.setattr(os, "execve", execve)
     result = runner.invoke(app, start(site, ca=bad, node_key=priv, dry_run=dry_run), terminal_width=300)
     assert started == [] and result.exit_code == CryptoError.exit_code
     assert "--ca" in result.output and str(bad) in result.output and "BEGIN CERTIFICATE" in result.output

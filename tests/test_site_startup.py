@@ -5,8 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from shared.config import ExperimentConfig, SiteConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +35,12 @@ def test_a_site_process_parses_each_plan_text_once_across_messages(monkeypatch: 
 
     parsed: list[str] = []
     real = app.experiment_from_yaml_text
-    monkeypatch.setattr(app, "experiment_from_yaml_text", lambda text, *, source: (parsed.append(text), real(text, source=source))[1])
+
+    def counting_parse(text: str, *, source: str) -> ExperimentConfig:
+        parsed.append(text)
+        return real(text, source=source)
+
+    monkeypatch.setattr(app, "experiment_from_yaml_text", counting_parse)
     app.parse_plan.cache_clear()
     plan = tiny_experiment().to_yaml()
 
@@ -60,7 +71,12 @@ def test_the_plan_hash_is_computed_once_per_plan_and_still_canonical(monkeypatch
     expected = exp.plan_hash()
     builds: list[object] = []
     real_build = config.build
-    monkeypatch.setattr(config, "build", lambda *a, **k: (builds.append(a[0]), real_build(*a, **k))[1])
+
+    def counting_build(*a: Any, **k: Any) -> Any:
+        builds.append(a[0])
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(config, "build", counting_build)
     config._plan_hash.cache_clear()
 
     hashes = [exp.plan_hash() for _ in range(4)]
@@ -82,7 +98,12 @@ def test_site_yaml_is_validated_once_while_unchanged_and_an_edit_applies_at_the_
     path.write_text("name: oslo\nmanifest: manifest.csv\n", encoding="utf-8")
     parsed: list[str] = []
     real = app.site_from_yaml_text
-    monkeypatch.setattr(app, "site_from_yaml_text", lambda text, p: (parsed.append(text), real(text, p))[1])
+
+    def counting_parse(text: str, p: str | Path) -> SiteConfig:
+        parsed.append(text)
+        return real(text, p)
+
+    monkeypatch.setattr(app, "site_from_yaml_text", counting_parse)
     app._site_config.cache_clear()
 
     first = [app.site_config(path) for _ in range(4)]  # four messages, file unchanged
@@ -153,7 +174,12 @@ def test_the_global_model_check_builds_the_plan_model_once_and_refuses_what_load
     good = dict(get_arrays(build_model(exp)))
     name = next(iter(good))
     builds: list[object] = []
-    monkeypatch.setattr(app, "build_model", lambda e: (builds.append(e), build_model(e))[1])
+
+    def counting_build(e: ExperimentConfig) -> nn.Module:
+        builds.append(e)
+        return build_model(e)
+
+    monkeypatch.setattr(app, "build_model", counting_build)
     app.model_shapes.cache_clear()
 
     ok = [app.model_problem("oslo", exp, good) for _ in range(3)]

@@ -24,6 +24,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from flwr.app import Context, Message, RecordDict
@@ -130,7 +131,12 @@ def test_a_worker_that_cannot_start_makes_the_task_run_in_a_fresh_process(worker
     code, header = delegate(argv, str(worker_dir), command=broken)
     execs: list[list[str]] = []
     monkeypatch.setattr(site_launcher, "delegate", lambda *a, **k: (None, ""))
-    monkeypatch.setattr(os, "execv", lambda exe, args: execs.append(args) or sys.exit(0))  # exec never returns
+
+    def execv(exe: str, args: list[str]) -> NoReturn:  # exec never returns
+        execs.append(args)
+        sys.exit(0)
+
+    monkeypatch.setattr(os, "execv", execv)
     monkeypatch.setattr(sys, "argv", ["flwr-clientapp", *argv])
     with pytest.raises(SystemExit):
         site_launcher.main(str(worker_dir))
@@ -173,7 +179,12 @@ def test_a_worker_that_dies_after_pulling_the_task_gets_an_error_reply_not_a_han
     assert (code, got) == (None, header), capsys.readouterr().err
     execs: list[list[str]] = []
     monkeypatch.setattr(site_launcher, "delegate", lambda *a, **k: (None, got))
-    monkeypatch.setattr(os, "execv", lambda exe, args: execs.append(args) or sys.exit(0))  # exec never returns
+
+    def execv(exe: str, args: list[str]) -> NoReturn:  # exec never returns
+        execs.append(args)
+        sys.exit(0)
+
+    monkeypatch.setattr(os, "execv", execv)
     monkeypatch.setattr(sys, "argv", ["flwr-clientapp", *argv])
     with pytest.raises(SystemExit):
         site_launcher.main(str(worker_dir))

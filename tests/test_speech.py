@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,20 +42,20 @@ def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_wav2vec2(tmp_path_factory.mktemp("w2v2"))
 
 
-def speech_cfg(path: Path, **changes: object) -> SpeechConfig:
+def speech_cfg(path: Path, **changes: Any) -> SpeechConfig:
     return replace(SpeechConfig(encoder="transformer", model_path=str(path), embedding_dim=HIDDEN, adapter_dim=4), **changes)
 
 
 def test_embeddings_are_computed_once_then_cached(tiny_cohort: Path, tmp_path: Path, encoder_dir: Path) -> None:
     manifest, cfg = small_site(tiny_cohort, tmp_path), speech_cfg(encoder_dir)
-    kwargs = {"language": LanguageConfig(encoder="none"), "speech": cfg}
+    kwargs: dict[str, Any] = {"language": LanguageConfig(encoder="none"), "speech": cfg}
     first = prepare_site(manifest, FeatureConfig(max_seconds=4.0), tmp_path / "state", **kwargs)
     assert first.speech_cache_hits == 0 and first.report()["sessions_with_speech_embeddings"] == len(first.sessions) == 14
     again = prepare_site(manifest, FeatureConfig(max_seconds=4.0), tmp_path / "state", **kwargs)
     assert again.speech_cache_hits == 14
     for a, b in zip(first.sessions, again.sessions, strict=True):
         assert a.speech_embedding is not None and a.speech_embedding.shape == (HIDDEN,) and np.isfinite(a.speech_embedding).all()
-        assert np.array_equal(a.speech_embedding, b.speech_embedding)
+        assert b.speech_embedding is not None and np.array_equal(a.speech_embedding, b.speech_embedding)
     assert len({s.speech_embedding.tobytes() for s in first.sessions}) == 14  # type: ignore[union-attr]  # one per recording, not a constant
     t = build_tensors(first.sessions, baseline_sessions=2)
     assert t.markers.shape[-1] == N_MODEL_MARKERS + HIDDEN and torch.isfinite(t.markers).all()
@@ -102,7 +103,7 @@ def test_dp_round_with_encoder_sends_adapter_and_head_only(tiny_cohort: Path, tm
     start = get_arrays(build_model(exp))
     result = site.train(start, run_id="speech-test", server_round=1, total_rounds=2)
     assert not hasattr(result, "code"), result
-    update = result.arrays  # type: ignore[union-attr]
+    update = result.arrays
     assert list(update) == list(build_model(exp).state_dict())  # never more than the model's own state_dict
     assert update["adapter.weight"].shape == (4, HIDDEN) and all(np.isfinite(v).all() for v in update.values())
     assert not np.array_equal(update["adapter.weight"], start["adapter.weight"])  # the adapter is trained

@@ -4,29 +4,34 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
-from server.strategy import PatientFedAvg
+from server.strategy import PatientFedAvg, scalar_metrics
 from shared import metrics as M  # noqa: N812
 from shared import protocol as P  # noqa: N812
 from shared.params import PACKED, pack, unpack
+from tests.conftest import error_of
 
 W = {"w": (2,)}  # the test model's layout: one parameter of 2 values
 
 
-def packed(w: np.ndarray) -> object:
+def packed(w: np.ndarray) -> ArrayRecord:
     """A 2-value update as a site sends it (one float32 vector; the dtype is kept as given)."""
     from flwr.app import Array, ArrayRecord
 
     return ArrayRecord({PACKED: Array(np.ascontiguousarray(w).reshape(-1))})
 
 
-def values(record: object) -> dict[str, np.ndarray]:
-    return unpack(record, W, what="the average")  # type: ignore[arg-type]
+def values(record: ArrayRecord | None) -> dict[str, np.ndarray]:
+    assert record is not None, "no average"
+    return unpack(record, W, what="the average")
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # conftest: Flower stamps new messages with a task identity
@@ -61,7 +66,7 @@ def strategy() -> PatientFedAvg:
 def test_average_is_weighted_by_patients() -> None:
     arrays, metrics = strategy().aggregate_train(1, [reply("a", np.array([1.0, 1.0]), 10), reply("b", np.array([4.0, 4.0]), 30)])
     np.testing.assert_allclose(values(arrays)["w"], [3.25, 3.25])
-    assert metrics[M.NUM_PATIENTS] == 40
+    assert metrics is not None and metrics[M.NUM_PATIENTS] == 40
 
 
 @pytest.mark.parametrize(("bad", "why"), [
@@ -87,9 +92,9 @@ def test_a_weight_that_is_not_a_whole_patient_count_up_to_max_weight_is_rejected
 
     # Assert: the claim does not outweigh the honest update; the site is named with the field
     np.testing.assert_allclose(values(arrays)["w"], [2.0, 2.0])
-    assert metrics[M.NUM_PATIENTS] == 10
+    assert metrics is not None and metrics[M.NUM_PATIENTS] == 10
     big = next(r for r in s.log[1].train if r.site == "big")
-    assert "whole number of training patients from 1 to 1000 (`federation.secure_aggregation.max_weight`)" in big.error
+    assert "whole number of training patients from 1 to 1000 (`federation.secure_aggregation.max_weight`)" in error_of(big)
 
 
 def test_two_sites_at_the_weight_cap_average_normally_and_an_overflowing_total_is_refused() -> None:
@@ -108,7 +113,7 @@ def dp_reply(site: str, **changes: float | None) -> Message:
     figures = {M.EPSILON_RUN: 1.0, M.EPSILON_TOTAL: 3.0, M.DELTA: 1e-5, M.NOISE_MULTIPLIER: 1.1}
     for key, value in {**figures, **changes}.items():
         if value is not None:
-            msg.content[P.METRICS][key] = value
+            msg.content.metric_records[P.METRICS][key] = value
     return msg
 
 
@@ -133,7 +138,7 @@ def test_implausible_privacy_figures_make_a_dp_reply_malformed(changes: dict[str
 
     np.testing.assert_allclose(values(arrays)["w"], [2.0, 2.0])
     liar = next(r for r in s.log[1].train if r.site == "liar")
-    assert liar.error == f"malformed reply rejected by the coordinator: {liar.error.split(': ', 1)[1]}" and why in liar.error
+    assert liar.error == f"malformed reply rejected by the coordinator: {error_of(liar).split(': ', 1)[1]}" and why in error_of(liar)
     assert liar.metrics == {}
     good = next(r for r in s.log[1].train if r.site == "good")
     assert good.error is None and good.metrics[M.EPSILON_RUN] == 1.0
@@ -144,9 +149,9 @@ def test_privacy_figures_are_checked_on_a_refusal_and_only_in_dp_runs() -> None:
     s = strategy()
     refusal = dp_reply("replayer", **{M.DELTA: None})
     del refusal.content[P.ARRAYS]
-    refusal.content[P.SITE][P.REFUSAL_CODE] = "replay"
+    refusal.content.config_records[P.SITE][P.REFUSAL_CODE] = "replay"
     s.aggregate_train(1, [dp_reply("good"), refusal])
-    assert "privacy figure(s) ['delta'] missing" in next(r for r in s.log[1].train if r.site == "replayer").error
+    assert "privacy figure(s) ['delta'] missing" in error_of(next(r for r in s.log[1].train if r.site == "replayer"))
     # A non-private plan: the site's figures of a non-private run (ε ∞, δ 0, σ 0) are what it should send.
     plain = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, node_wait_timeout_s=1.0, private=False)
     plain.expected = W
@@ -160,8 +165,8 @@ def test_epsilon_total_may_fall_short_of_epsilon_run_by_float_rounding_only() ->
     assert arrays is not None and s.log[1].train[0].error is None
 
 
-def eval_reply(site: str, metrics: dict[str, float]) -> Message:
-    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: ConfigRecord({P.SITE_NAME: site})})
+def eval_reply(site: str, metrics: Mapping[str, float]) -> Message:
+    content = RecordDict({P.METRICS: MetricRecord(dict(metrics)), P.SITE: ConfigRecord({P.SITE_NAME: site})})
     return from_node(Message(content=content, dst_node_id=1, message_type="evaluate"), node_of(site))
 
 
@@ -191,7 +196,7 @@ def test_an_implausible_evaluation_is_dropped_as_that_sites_eval_error(changes: 
     # Assert: the federated figures are the honest site's; the liar's evaluation is only named
     assert out is not None and out[M.AUROC] == pytest.approx(0.7) and out[M.NUM_PATIENTS] == 10
     liar = next(r for r in s.log[1].evaluate if r.site == "liar")
-    assert liar.metrics == {} and liar.error.startswith("evaluation rejected by the coordinator: ") and why in liar.error
+    assert liar.metrics == {} and error_of(liar).startswith("evaluation rejected by the coordinator: ") and why in error_of(liar)
 
 
 def test_a_rejected_evaluation_is_written_only_as_its_eval_error(tmp_path: object) -> None:
@@ -206,7 +211,7 @@ def test_a_rejected_evaluation_is_written_only_as_its_eval_error(tmp_path: objec
     s = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, node_wait_timeout_s=1.0)  # k: the default 5
     em = s.aggregate_evaluate(1, [eval_reply("good", GOOD_EVAL), eval_reply("liar", {**GOOD_EVAL, M.NUM_PATIENTS: 1.0, M.AUROC: 1.0})])
     folder = RunFolder(Path(str(tmp_path)) / "run", tiny_experiment(), "run-x")
-    folder.record_round(1, s.log[1], {}, dict(em or {}), get_arrays(build_model(tiny_experiment())), True)
+    folder.record_round(1, s.log[1], {}, scalar_metrics(em), get_arrays(build_model(tiny_experiment())), True)
 
     stored = json.loads((Path(str(tmp_path)) / "run" / "metrics.json").read_text())[0]
     assert stored["auroc"] == pytest.approx(0.7)
@@ -259,7 +264,7 @@ def test_a_reply_without_a_site_record_is_rejected_and_named_by_node() -> None:
     s = strategy()
     arrays, _ = s.aggregate_train(1, [bare(None, **{P.ARRAYS: packed(np.ones(2, np.float32)), P.METRICS: MetricRecord({M.NUM_PATIENTS: 1.0})})])
     assert arrays is None
-    assert s.log[1].train[0].site.startswith("node-") and "no 'site' record" in s.log[1].train[0].error
+    assert s.log[1].train[0].site.startswith("node-") and "no 'site' record" in error_of(s.log[1].train[0])
 
 
 def test_a_crashed_or_silent_site_is_named_from_its_earlier_replies() -> None:
@@ -273,10 +278,10 @@ def test_a_crashed_or_silent_site_is_named_from_its_earlier_replies() -> None:
     crashed.metadata.__dict__["_src_node_id"] = 7
     s.aggregate_train(2, [crashed])
     report = s.log[2].train[0]
-    assert report.site == "alpha" and report.error.endswith("Message: boom") and "File x.py" not in report.error
+    assert report.site == "alpha" and error_of(report).endswith("Message: boom") and "File x.py" not in error_of(report)
     s._sent[(3, "train")] = [7]
     s.aggregate_train(3, [])
-    assert s.log[3].train[0].site == "alpha" and "no reply within `federation.round_timeout_s`" in s.log[3].train[0].error
+    assert s.log[3].train[0].site == "alpha" and "no reply within `federation.round_timeout_s`" in error_of(s.log[3].train[0])
 
 
 def test_the_average_is_bit_for_bit_what_flowers_aggregation_gives() -> None:
@@ -316,7 +321,7 @@ def test_an_update_that_cannot_be_decoded_is_rejected_with_the_site_named() -> N
     arrays, _ = s.aggregate_train(1, [reply("good", np.array([2.0, 2.0]), 10), broken])
 
     np.testing.assert_allclose(values(arrays)["w"], [2.0, 2.0])
-    assert "cannot be decoded" in next(r for r in s.log[1].train if r.site == "broken").error
+    assert "cannot be decoded" in error_of(next(r for r in s.log[1].train if r.site == "broken"))
 
 
 class ShrinkingGrid:
@@ -414,7 +419,7 @@ def test_a_long_refusal_reason_or_transport_error_is_cut_saying_how_long_it_was(
 
     by_site = {r.site: r for r in s.log[1].train}
     assert by_site["beta"].refusal_reason == "R" * 500 + "… (cut from 100000 characters)"
-    assert len(by_site["node-3"].error) < 300 and "(cut from 50000 characters)" in by_site["node-3"].error
+    assert len(error_of(by_site["node-3"])) < 300 and "(cut from 50000 characters)" in error_of(by_site["node-3"])
 
 
 def test_names_a_site_chose_are_quoted_cleaned_and_short_in_a_rejection() -> None:
@@ -425,7 +430,7 @@ def test_names_a_site_chose_are_quoted_cleaned_and_short_in_a_rejection() -> Non
 
     s.aggregate_train(1, [evil])
 
-    error = s.log[1].train[0].error
+    error = error_of(s.log[1].train[0])
     assert error.startswith("malformed reply rejected by the coordinator: unexpected record(s) ['[/x]0yyy")
     assert "\x1b" not in error and "and 3 more" in error and len(error) < 600
 
@@ -455,32 +460,32 @@ def test_a_site_name_with_control_characters_too_long_or_reserved_is_rejected_an
     s.aggregate_train(1, [from_node(reply(name, np.ones(2), 10), 5)])
 
     report = s.log[1].train[0]
-    assert report.site == "node-5" and report.error.startswith("malformed reply rejected by the coordinator: ") and why in report.error
-    assert "\x1b" not in report.error and "\x9b" not in report.error and 5 not in s.node_names
+    assert report.site == "node-5" and error_of(report).startswith("malformed reply rejected by the coordinator: ") and why in error_of(report)
+    assert "\x1b" not in error_of(report) and "\x9b" not in error_of(report) and 5 not in s.node_names
 
 
 @pytest.mark.parametrize(("head", "ok"), [("0" * 64, True), ("ab12" * 16, True), ("h" * 4096, False), ("A" * 64, False), ("a" * 63, False)])
 def test_a_ledger_head_must_be_a_sha256_in_hex(head: str, ok: bool) -> None:
     s = strategy()
     msg = reply("beta", np.ones(2), 10)
-    msg.content[P.SITE][P.LEDGER_HEAD] = head
+    msg.content.config_records[P.SITE][P.LEDGER_HEAD] = head
 
     s.aggregate_train(1, [msg])
 
     report = s.log[1].train[0]
-    assert (report.ledger_head == head and report.error is None) if ok else ("is not a SHA-256 in hex" in report.error and head not in report.error)
+    assert (report.ledger_head == head and report.error is None) if ok else ("is not a SHA-256 in hex" in error_of(report) and head not in error_of(report))
 
 
 def test_a_node_cannot_report_under_a_name_pinned_to_another_node() -> None:
     s = strategy()
     s.aggregate_train(1, [from_node(reply("alpha", np.ones(2), 10), 1), from_node(reply("beta", np.ones(2), 10), 2)])
     impostor = from_node(reply("alpha", np.full(2, 9.0), 10), 3)
-    impostor.content[P.METRICS][M.EPSILON_RUN] = 0.01
+    impostor.content.metric_records[P.METRICS][M.EPSILON_RUN] = 0.01
 
     arrays, metrics = s.aggregate_train(2, [from_node(reply("alpha", np.ones(2), 10), 1), from_node(reply("beta", np.ones(2), 10), 2), impostor])
 
     np.testing.assert_allclose(values(arrays)["w"], [1.0, 1.0])  # the impostor's update is not averaged
-    assert metrics[M.NUM_PATIENTS] == 20
+    assert metrics is not None and metrics[M.NUM_PATIENTS] == 20
     by_site = {r.site: r for r in s.log[2].train}
     assert set(by_site) == {"alpha", "beta", "node-3"} and by_site["alpha"].error is None
     assert by_site["node-3"].error == "malformed reply rejected by the coordinator: node 3 claims the name 'alpha', which is node 1's in this run"
@@ -495,7 +500,7 @@ def test_a_node_cannot_change_the_name_it_was_pinned_to() -> None:
 
     by_site = {r.site: r for r in s.log[2].train}
     assert set(by_site) == {"alpha", "mallory"} and by_site["mallory"].refusal_code is None
-    assert by_site["mallory"].error.endswith("node 3 is site 'mallory' in this run and now claims the name 'beta'")
+    assert error_of(by_site["mallory"]).endswith("node 3 is site 'mallory' in this run and now claims the name 'beta'")
 
 
 def test_two_nodes_claiming_one_new_name_in_the_same_phase_are_given_neither() -> None:
@@ -506,13 +511,13 @@ def test_two_nodes_claiming_one_new_name_in_the_same_phase_are_given_neither() -
     np.testing.assert_allclose(values(arrays)["w"], [1.0, 1.0])
     by_site = {r.site: r for r in s.log[1].train}
     assert set(by_site) == {"beta", "node-1", "node-3"} and s.node_names == {2: "beta"}
-    assert all(by_site[n].error.endswith("nodes 1, 3 all claim the name 'alpha' in the same phase; none of them is given it") for n in ("node-1", "node-3"))
+    assert all(error_of(by_site[n]).endswith("nodes 1, 3 all claim the name 'alpha' in the same phase; none of them is given it") for n in ("node-1", "node-3"))
 
 
 # --- the coordinator's run against scripted sites (conftest.ScriptedGrid) ---------------------
 
 
-def run_scripted(sites: dict[int, object], tmp_path: Path, **kw: object) -> tuple[dict, str, Path]:
+def run_scripted(sites: dict[int, Callable[[Message], object]], tmp_path: Path, **kw: Any) -> tuple[dict, str, Path]:
     """run_federation against scripted sites; the summary, what the console printed (plain
     text: any escape sequence in it came from a site) and the run folder."""
     import io
@@ -524,7 +529,8 @@ def run_scripted(sites: dict[int, object], tmp_path: Path, **kw: object) -> tupl
 
     buf = io.StringIO()
     out = tmp_path / "run"
-    summary = run_federation(ScriptedGrid(sites), scripted_experiment(**kw), out, "scripted", console=Console(file=buf, width=200, color_system=None))  # type: ignore[arg-type]
+    grid = cast(Grid, ScriptedGrid(sites))  # duck-typed: run_federation calls only get_node_ids and send_and_receive
+    summary = run_federation(grid, scripted_experiment(**kw), out, "scripted", console=Console(file=buf, width=200, color_system=None))
     return summary, buf.getvalue(), out
 
 
@@ -540,9 +546,9 @@ def test_site_text_with_rich_markup_or_escape_sequences_is_printed_as_text_and_t
 
     def odd(msg: Message) -> object:
         content = scripted_site("gamma")(msg)
-        if msg.metadata.message_type == MessageType.TRAIN and int(msg.content[P.CONFIG][P.SERVER_ROUND]) == 1:
-            content["[/x]"] = ConfigRecord({"a": 1})  # type: ignore[index]
-        if msg.metadata.message_type == MessageType.TRAIN and int(msg.content[P.CONFIG][P.SERVER_ROUND]) == 2:
+        if msg.metadata.message_type == MessageType.TRAIN and msg.content.config_records[P.CONFIG][P.SERVER_ROUND] == 1:
+            content["[/x]"] = ConfigRecord({"a": 1})
+        if msg.metadata.message_type == MessageType.TRAIN and msg.content.config_records[P.CONFIG][P.SERVER_ROUND] == 2:
             return Error(code=0, reason="Traceback...\nClientAppException occurred. Message: bad shape [/b]'>")
         return content
 
@@ -579,8 +585,8 @@ def test_an_impostor_site_is_named_by_its_node_and_the_real_sites_figures_are_ke
     def impostor(msg: Message) -> object:  # answers the pre-flight as mallory, then trains as alpha
         content = scripted_site("mallory" if msg.metadata.message_type == MessageType.QUERY else "alpha")(msg)
         if msg.metadata.message_type == MessageType.TRAIN:
-            content[P.METRICS][M.EPSILON_RUN] = 0.01  # type: ignore[index]
-            content[P.SITE][P.LEDGER_HEAD] = "f" * 64  # type: ignore[index]
+            content.metric_records[P.METRICS][M.EPSILON_RUN] = 0.01
+            content.config_records[P.SITE][P.LEDGER_HEAD] = "f" * 64
         return content
 
     summary, _, out = run_scripted({1: scripted_site("alpha"), 2: scripted_site("beta"), 3: impostor}, tmp_path)
@@ -609,10 +615,10 @@ def test_a_model_moved_further_than_the_plans_training_can_is_rejected_and_an_ho
     s = strategy()
     s.set_move_bound(optimizer="adam", learning_rate=0.01, local_steps=10)
     start = np.array([2.0, -1.0])
-    grid = ScriptedGrid({node_of(n): (lambda m: None) for n in ("near", "edge", "far")})
+    grid = cast(Grid, ScriptedGrid({node_of(n): (lambda m: None) for n in ("near", "edge", "far")}))  # duck-typed: configure_train asks only get_node_ids
     list(s.configure_train(1, packed(start.astype(np.float32)), ConfigRecord(), grid))  # the round's global model, as sent
     bound = s.max_move
-    assert bound == pytest.approx(0.10165, abs=1e-5)
+    assert bound is not None and bound == pytest.approx(0.10165, abs=1e-5)
 
     arrays, metrics = s.aggregate_train(1, [
         reply("near", start + [0.05, -0.03], 10),
@@ -621,7 +627,7 @@ def test_a_model_moved_further_than_the_plans_training_can_is_rejected_and_an_ho
     ])
 
     np.testing.assert_allclose(values(arrays)["w"], start + [(0.05 + bound) / 2, (-0.03 - bound) / 2], rtol=1e-6)
-    assert metrics[M.NUM_PATIENTS] == 20
+    assert metrics is not None and metrics[M.NUM_PATIENTS] == 20
     far = next(r for r in s.log[1].train if r.site == "far")
     assert far.error == ("update rejected by the coordinator: parameter 'w' moved 5 from the round's global model; the plan's "
                          "training (10 Adam step(s) at learning rate 0.01) moves a parameter by at most 0.1017")
@@ -632,7 +638,7 @@ def test_sgd_plans_have_no_move_bound_and_only_the_range_check_applies() -> None
 
     s = strategy()
     s.set_move_bound(optimizer="sgd", learning_rate=0.01, local_steps=10)
-    grid = ScriptedGrid({node_of("far"): lambda m: None})
+    grid = cast(Grid, ScriptedGrid({node_of("far"): lambda m: None}))  # duck-typed: configure_train asks only get_node_ids
     list(s.configure_train(1, packed(np.zeros(2, dtype=np.float32)), ConfigRecord(), grid))
     arrays, _ = s.aggregate_train(1, [reply("far", np.array([0.0, 5.0]), 10)])
     np.testing.assert_allclose(values(arrays)["w"], [0.0, 5.0])

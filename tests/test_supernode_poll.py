@@ -241,9 +241,9 @@ def recorded_pull(monkeypatch: pytest.MonkeyPatch, *, misses: int, **settings: f
 
     module = ModuleType("puller")
     module.pull_objects = inflatable_utils.pull_objects  # type: ignore[attr-defined]
-    assert flower_pulls.shorten_first_retry(module, "pull_objects", **settings) is None  # type: ignore[arg-type]
-    assert flower_pulls.shorten_first_retry(module, "pull_objects", **settings) is None  # type: ignore[arg-type]  # twice does not stack
-    assert module.pull_objects.fedrelapse_original is inflatable_utils.pull_objects  # type: ignore[attr-defined]
+    assert flower_pulls.shorten_first_retry(module, "pull_objects", **settings) is None
+    assert flower_pulls.shorten_first_retry(module, "pull_objects", **settings) is None  # twice does not stack
+    assert module.pull_objects.fedrelapse_original is inflatable_utils.pull_objects
     return module.pull_objects(["x"], pull_one), waits
 
 

@@ -14,6 +14,7 @@ from client.manifest import read_manifest
 from client.prepare import prepare_site
 from shared.config import FeatureConfig
 from shared.markers import ACOUSTIC_MARKERS
+from shared.synth.config import CohortConfig
 from tests.conftest import tiny_cohort_config
 
 pytest.importorskip("espeakng_loader")
@@ -24,7 +25,7 @@ def digest_tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def small() -> object:
+def small() -> CohortConfig:
     cfg = tiny_cohort_config()
     return replace(cfg, hospitals=tuple(replace(h, n_patients=2) for h in cfg.hospitals), trajectory=replace(cfg.trajectory, sessions_per_patient=7))
 

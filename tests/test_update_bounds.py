@@ -73,4 +73,5 @@ def test_a_sites_real_dp_round_stays_within_the_bound_the_coordinator_checks(tin
     assert isinstance(result, TrainResult)
     moved = max(float(np.abs(result.arrays[k].astype(np.float64) - start[k]).max()) for k in start)
     bound = max_parameter_move(optimizer="adam", learning_rate=0.5, local_steps=4)
+    assert bound is not None  # Adam's move is bounded
     assert 0.5 <= moved <= bound  # moved: at least one full first step (Adam's first step is exactly lr)
