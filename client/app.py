@@ -552,6 +552,7 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
         return refuse(checked)
     req, site = checked
     result, started = _train(site_cfg.name, site, req, faults)
+    cost = _cost(started)  # training's own, before the evaluation (its time and memory grow with the held-out patients)
     evaluation = _evaluation_with_train(site, req)
     if isinstance(result, Refusal):
         return refuse(result, evaluation)
@@ -560,7 +561,7 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     problem = check_secure_update(update, incoming, weight, site.exp.federation.secure_aggregation)
     if problem:
         return refuse(Refusal("update-check", f"Site {site_cfg.name}: round {req.server_round}'s update was not sent: {problem}."), evaluation)
-    report = secure_records.encode(site_name=site_cfg.name, metrics={**result.metrics, **_cost(started)}, ledger_head=_head_after(site, evaluation, result.ledger_head), evaluation=evaluation)
+    report = secure_records.encode(site_name=site_cfg.name, metrics={**result.metrics, **cost}, ledger_head=_head_after(site, evaluation, result.ledger_head), evaluation=evaluation)
     return _fitres(msg, update, int(weight), report)
 
 
@@ -646,12 +647,13 @@ def build_client_app(sim_sites: tuple[str, ...] = (), faults: FaultPlan | None =
             except InjectedCrash:
                 restart_process_state()
                 raise
+        cost = _cost(started)  # training's own: taken before the evaluation, whose time and memory grow with the held-out patients
         evaluation = _evaluation_with_train(site, req)  # after training: the round is charged first
         head = _head_after(site, evaluation, result.ledger_head)
         if isinstance(result, Refusal):
             return _reply(msg, site_cfg.name, refusal=result, evaluation=evaluation, metrics=result.metrics or None, ledger_head=head)
         return _reply(
-            msg, site_cfg.name, arrays=pack(result.arrays, model_shapes(site.exp)), metrics={**result.metrics, **_cost(started)}, ledger_head=head,
+            msg, site_cfg.name, arrays=pack(result.arrays, model_shapes(site.exp)), metrics={**result.metrics, **cost}, ledger_head=head,
             evaluation=evaluation,
         )
 

@@ -66,7 +66,7 @@ def claims(path: Path) -> dict[tuple[str, int], dict[str, str]]:
             rec = json.loads(raw)
         except ValueError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("run_id"), str) and isinstance(rec.get("round"), int) and isinstance(rec.get("model"), str):
+        if isinstance(rec, dict) and "answer" not in rec and isinstance(rec.get("run_id"), str) and isinstance(rec.get("round"), int) and isinstance(rec.get("model"), str):
             extra = {k: rec[k] for k in ("plan", "dataset") if isinstance(rec.get(k), str)}
             out.setdefault((rec["run_id"], rec["round"]), {"model": rec["model"], "plan": "", "dataset": "", **extra})
     return out
@@ -81,6 +81,35 @@ def record(path: Path, *, run_id: str, model_round: int, model: str, plan: str =
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     cut_short = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)  # a line cut short by a crash: start afresh on the next line
+    append_durably(path, (b"\n" if cut_short else b"") + line.encode() + b"\n", mode=0o600)
+
+
+def answers(path: Path) -> dict[tuple[str, int, str], dict[str, float]]:
+    """(run id, model round, model digest) -> the metrics the site sent for it (``answer``
+    lines, written once the evaluation was computed), so a repeat is answered with exactly what
+    left before, never recomputed (a lost noise secret or another software version would
+    otherwise give a second, different answer about the same patients)."""
+    if not path.exists():
+        return {}
+    out: dict[tuple[str, int, str], dict[str, float]] = {}
+    for raw in path.read_bytes().split(b"\n"):
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if not (isinstance(rec, dict) and isinstance(rec.get("answer"), dict) and isinstance(rec.get("run_id"), str)
+                and isinstance(rec.get("round"), int) and isinstance(rec.get("model"), str)):
+            continue
+        values = rec["answer"]
+        if all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in values.items()):
+            out.setdefault((rec["run_id"], rec["round"], rec["model"]), {k: float(v) for k, v in values.items()})
+    return out
+
+
+def record_answer(path: Path, *, run_id: str, model_round: int, model: str, answer: dict[str, float]) -> None:
+    """Append the metrics sent for a claimed release and fsync. Call under the ledger's lock."""
+    line = json.dumps({"run_id": run_id, "round": model_round, "model": model, "answer": answer}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    cut_short = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)
     append_durably(path, (b"\n" if cut_short else b"") + line.encode() + b"\n", mode=0o600)
 
 

@@ -422,8 +422,9 @@ class Site:
         if not p.enabled:
             return None
         rounds = self.exp.federation.rounds if total_rounds is None else total_rounds
-        if not 0 <= model_round <= rounds:
-            return Refusal("evaluation-limit", f"Site {name} evaluates the models of rounds 0 to {rounds} of a run; round {model_round} is not one of them.")
+        first = 1 if p.noised_metrics else 0  # noised: the releases σ was calibrated for are the trained models' (a run never asks for model 0)
+        if not first <= model_round <= rounds:
+            return Refusal("evaluation-limit", f"Site {name} evaluates the models of rounds {first} to {rounds} of a run; round {model_round} is not one of them.")
         digest, plan, data = model_digest(arrays), plan_hash(self.exp), self.data.fingerprint
         with ledger.locked(self.ledger_path):
             entries = ledger.read_entries(self.ledger_path, self._public_key())
@@ -444,6 +445,12 @@ class Site:
             if before is not None:
                 if (before["plan"], before["dataset"]) == (plan, data):
                     return None  # the same model, plan and data again: the same answer (noised: the same noise), nothing new leaves
+                if not before["plan"]:
+                    return Refusal(
+                        "evaluation-limit",
+                        f"Site {name} answered round {model_round}'s model of run {run_id} before it kept the plan and data of each answer, "
+                        "so it cannot tell whether this ask is the same question; it is not answered again.",
+                    )
                 changed = "plan" if before["plan"] != plan else "data"
                 return Refusal(
                     "evaluation-limit",
@@ -452,13 +459,13 @@ class Site:
                     "a new question about its patients, so it is not answered.",
                 )
             if p.noised_metrics:
-                refusal = self._charge_release(entries, run_id=run_id, model_round=model_round)
+                refusal = self._charge_release(entries, run_id=run_id, model_round=model_round, model=digest)
                 if refusal is not None:
                     return refusal
             releases.record(path, run_id=run_id, model=digest, model_round=model_round, plan=plan, dataset=data)
         return None
 
-    def _charge_release(self, entries: list[ledger.LedgerEntry], *, run_id: str, model_round: int) -> Refusal | None:
+    def _charge_release(self, entries: list[ledger.LedgerEntry], *, run_id: str, model_round: int, model: str = "") -> Refusal | None:
         """Append the signed ``release`` entry of run ``run_id``'s model after ``model_round``
         (call under the ledger's lock), or the ``budget`` refusal when it would take the run past
         the plan's ε or a cap. A release already in the ledger (its record was not written: a
@@ -467,12 +474,12 @@ class Site:
         event = NM.release_mechanism(p.metrics_noise_multiplier)
         done = next((e for e in entries if e.kind == "release" and e.run_id == run_id and e.round == model_round), None)
         if done is not None:  # charged, but its claim was never written (a crash between the two)
-            if (done.noise_multiplier, done.plan_hash, done.dataset) == (event.noise_multiplier, plan_hash(self.exp), self.data.fingerprint):
+            if (done.noise_multiplier, done.plan_hash, done.dataset, done.note) == (event.noise_multiplier, plan_hash(self.exp), self.data.fingerprint, _release_note(model)):
                 return None
             return Refusal(
                 "evaluation-limit",
                 f"Site {self.cfg.name} already charged a noised evaluation of round {model_round}'s model of run {run_id} under another plan or other data "
-                f"(noise multiplier {done.noise_multiplier:g}); it is not released again under this one.",
+                f"(noise multiplier {done.noise_multiplier:g}) or of another model; it is not released again under this one.",
             )
         paid = [e for e in entries if e.charged]
         eps_run = epsilon([*(e.mechanism for e in paid if e.run_id == run_id), event], delta=self.delta, accountant=p.accountant)
@@ -485,7 +492,7 @@ class Site:
         entry = ledger.LedgerEntry(
             kind="release", site=self.cfg.name, dataset=self.data.fingerprint, run_id=run_id, round=model_round, plan_hash=plan_hash(self.exp),
             accountant=p.accountant, delta=self.delta, noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps,
-            epsilon_run=eps_run, epsilon_total=eps_total, time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            epsilon_run=eps_run, epsilon_total=eps_total, time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), note=_release_note(model),
             key_id=signing.fingerprint(key.public_key()), prev_hash=ledger.head_hash(entries),
         )
         ledger.append(self.ledger_path, entry, key)
@@ -515,7 +522,28 @@ class Site:
         ``model_round`` and the model (a ChaCha20 keystream with ``privacy.secure_mode``), so the
         same model asked again gets the same answer; with
         the run's ε as the release entry recorded it (``epsilon-run``, ``epsilon-total``).
-        Call :meth:`reserve_evaluation` first: it charges the release."""
+        Call :meth:`reserve_evaluation` first: it charges the release.
+
+        With DP on and a ``run_id``, the answer is recorded beside the claim
+        (:func:`client.releases.record_answer`), and a repeat gets the recorded answer verbatim.
+        """
+        if self.exp.privacy.enabled and run_id:
+            path, digest = releases.releases_path(self.ledger_path), model_digest(arrays)
+            with ledger.locked(self.ledger_path):
+                sent = releases.answers(path).get((run_id, model_round, digest))
+            if sent is not None:
+                return sent
+            answer = self._evaluate(arrays, run_id=run_id, model_round=model_round)
+            with ledger.locked(self.ledger_path):
+                sent = releases.answers(path).get((run_id, model_round, digest))  # another process answered meanwhile: its answer stands
+                if sent is not None:
+                    return sent
+                releases.record_answer(path, run_id=run_id, model_round=model_round, model=digest, answer=answer)
+            return answer
+        return self._evaluate(arrays, run_id=run_id, model_round=model_round)
+
+    def _evaluate(self, arrays: dict[str, np.ndarray], *, run_id: str, model_round: int) -> dict[str, float]:
+        """:meth:`evaluate`'s computation, without the record of answers."""
         model = build_model(self.exp).to(self.device)
         set_arrays(model, arrays)
         labels, mask = self.eval_set.labels.cpu(), self.eval_set.mask  # (P, K)
@@ -589,6 +617,11 @@ def new_ledger_key(state_dir: Path) -> Ed25519PrivateKey:
 
 
 NOISE_SEED_FILE = "noise-seed.key"  # the site secret, in its state folder
+
+
+def _release_note(model: str) -> str:
+    """A ``release`` ledger entry's note: the digest of the model whose evaluation it charged."""
+    return f"model {model}"
 
 
 def _charged(entry: ledger.LedgerEntry) -> dict[str, float]:

@@ -61,7 +61,7 @@ def run_federation(
     strategy = PatientFedAvg(
         fraction_train=f.fraction_train, fraction_evaluate=f.fraction_evaluate, min_nodes=f.min_nodes, node_wait_timeout_s=f.node_wait_timeout_s,
         round_timeout_s=f.round_timeout_s, private=exp.privacy.enabled, min_patients_metric=f.min_patients_metric, max_weight=f.secure_aggregation.max_weight,
-        metrics_noise_multiplier=exp.privacy.metrics_noise_multiplier if exp.privacy.noised_metrics else 0.0,
+        metrics_noise_multiplier=exp.privacy.metrics_noise_multiplier if exp.privacy.noised_metrics else 0.0, eval_fraction=exp.training.eval_fraction,
     )
     strategy.summary()
     initial = get_arrays(build_model(exp))

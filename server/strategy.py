@@ -463,14 +463,16 @@ class PatientFedAvg(FedAvg):
     def __init__(
         self, *, fraction_train: float, fraction_evaluate: float, min_nodes: int, node_wait_timeout_s: float, round_timeout_s: float = 1800.0,
         private: bool = True, min_patients_metric: int = _FEDERATION.min_patients_metric, max_weight: float = _FEDERATION.secure_aggregation.max_weight,
-        metrics_noise_multiplier: float = 0.0,
+        metrics_noise_multiplier: float = 0.0, eval_fraction: float = 0.3,
     ) -> None:
         """``private``: the plan's privacy.enabled (train replies must then carry plausible ε, δ,
         σ); ``min_patients_metric``: k, the fewest evaluation patients an unsuppressed report may
         cover; ``max_weight``: the largest patient count a site may claim
         (``federation.secure_aggregation.max_weight``, in plain rounds too);
         ``metrics_noise_multiplier``: the plan's ``privacy.metrics_noise_multiplier`` (above 0:
-        every evaluation must be a noised release, and the federated metrics come from their sum)."""
+        every evaluation must be a noised release, and the federated metrics come from their sum);
+        ``eval_fraction``: the plan's ``training.eval_fraction``, which with ``max_weight`` bounds a
+        site's held-out patients (:meth:`max_eval_patients`)."""
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -486,6 +488,7 @@ class PatientFedAvg(FedAvg):
         self.min_patients_metric = min_patients_metric
         self.max_weight = max_weight
         self.metrics_noise_multiplier = metrics_noise_multiplier
+        self.eval_fraction = eval_fraction
         self.round_timeout_s = round_timeout_s
         self.log: dict[int, RoundLog] = {}
         self._sent: dict[tuple[int, str], list[int]] = {}  # (round, phase) -> node ids asked
@@ -587,10 +590,16 @@ class PatientFedAvg(FedAvg):
         """Why an evaluation report is unusable for this plan (:func:`evaluation_problem`, or
         :func:`noised_evaluation_problem` when the plan asks for noised metrics)."""
         if self.metrics_noise_multiplier > 0:
-            return noised_evaluation_problem(metrics, max_patients=self.max_weight, noise_multiplier=self.metrics_noise_multiplier)
+            return noised_evaluation_problem(metrics, max_patients=self.max_eval_patients(), noise_multiplier=self.metrics_noise_multiplier)
         if NM.is_noised(dict(metrics)):
             return "a noised evaluation, but the plan asks for exact metrics (privacy.metrics_noise_multiplier is 0)"
         return evaluation_problem(metrics, k=self.min_patients_metric, max_patients=self.max_weight)
+
+    def max_eval_patients(self) -> float:
+        """The most held-out patients an honest site can have: it trains on at most ``max_weight``
+        patients, and holds out about ``eval_fraction / (1 − eval_fraction)`` as many (the split
+        rounds each of its two strata, so up to 2 more)."""
+        return self.max_weight * self.eval_fraction / (1.0 - self.eval_fraction) + 2.0
 
     def summary(self) -> None:
         super().summary()

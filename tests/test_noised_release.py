@@ -98,12 +98,19 @@ def _eval_arrays(site: Site, model: dict[str, np.ndarray]) -> tuple[np.ndarray, 
     return site.eval_set.labels.numpy(), probs.numpy(), site.eval_set.mask.numpy()
 
 
-def test_a_release_beyond_the_planned_ones_is_refused_for_budget(alpha_cfg: SiteConfig) -> None:
-    site = Site(alpha_cfg, noised_experiment(z=1.0))
-    run_two_rounds(site)
-    extra = site.reserve_evaluation(start_arrays(site.exp, 30), run_id="r1", model_round=0)
-    assert isinstance(extra, Refusal) and extra.code == "budget" and "noised evaluation" in extra.reason
-    assert sum(e.kind == "release" for e in ledger.read_entries(site.ledger_path)) == 2
+def test_a_release_beyond_the_planned_ones_is_refused_and_cannot_crowd_out_a_planned_one(alpha_cfg: SiteConfig) -> None:
+    """σ is calibrated for one release per trained model (rounds 1..R); the initial model (round
+    0) would be an unplanned one, which took the budget of the final model's release."""
+    site = Site(alpha_cfg, noised_experiment(z=4.0))
+    assert isinstance(site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2), TrainResult)
+    extra = site.reserve_evaluation(start_arrays(site.exp, 30), run_id="r1", model_round=0, total_rounds=2)
+    assert isinstance(extra, Refusal) and extra.code == "evaluation-limit" and "rounds 1 to 2" in extra.reason
+    assert sum(e.kind == "release" for e in ledger.read_entries(site.ledger_path)) == 0
+    for rnd in (1, 2):
+        if rnd == 2:
+            assert isinstance(site.train(start_arrays(site.exp, 2), run_id="r1", server_round=2, total_rounds=2), TrainResult)
+        assert site.reserve_evaluation(start_arrays(site.exp, 10 + rnd), run_id="r1", model_round=rnd, total_rounds=2) is None
+    assert ledger.read_entries(site.ledger_path)[-1].epsilon_run <= site.exp.privacy.target_epsilon * 1.001
 
 
 def test_a_policy_that_requires_noised_metrics_sends_nothing_exact(alpha_cfg: SiteConfig) -> None:
@@ -301,12 +308,12 @@ def test_the_same_model_after_the_data_changed_is_refused_not_answered(alpha_cfg
     assert isinstance(refusal, Refusal) and refusal.code == "evaluation-limit" and "on its data as it is now" in refusal.reason
 
 
-@pytest.mark.parametrize("label", [-1, 3, 10**12])
+@pytest.mark.parametrize("label", [-1, 0, 3, 10**12])
 def test_a_model_round_outside_the_plans_rounds_is_refused_and_not_charged(alpha_cfg: SiteConfig, label: int) -> None:
     site = Site(alpha_cfg, noised_experiment())
     assert isinstance(site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2), TrainResult)
     refusal = site.reserve_evaluation(start_arrays(site.exp, 5), run_id="r1", model_round=label, total_rounds=2)
-    assert isinstance(refusal, Refusal) and refusal.code == "evaluation-limit" and "rounds 0 to 2" in refusal.reason
+    assert isinstance(refusal, Refusal) and refusal.code == "evaluation-limit" and "rounds 1 to 2" in refusal.reason
     assert [e.kind for e in ledger.read_entries(site.ledger_path)] == ["round"]
 
 
@@ -314,12 +321,17 @@ def test_a_release_charged_before_a_crash_is_not_reused_by_a_plan_with_less_nois
     """The ledger entry (z = 4) was written, the claim was not; a z = 0.25 plan then asked."""
     site = Site(alpha_cfg, noised_experiment(z=4.0))
     assert isinstance(site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2), TrainResult)
-    with ledger.locked(site.ledger_path):
-        assert site._charge_release(ledger.read_entries(site.ledger_path), run_id="r1", model_round=1) is None  # the entry, no claim
+    model = start_arrays(site.exp, 5)
+    from shared.model_signing import model_digest
+
+    with ledger.locked(site.ledger_path):  # the entry, no claim
+        assert site._charge_release(ledger.read_entries(site.ledger_path), run_id="r1", model_round=1, model=model_digest(model)) is None
     cheap = Site(alpha_cfg, noised_experiment(z=4.0).with_privacy(metrics_noise_multiplier=0.25, target_epsilon=60.0))
     refusal = cheap.reserve_evaluation(start_arrays(site.exp, 5), run_id="r1", model_round=1)
     assert isinstance(refusal, Refusal) and refusal.code == "evaluation-limit" and "noise multiplier 4" in refusal.reason
-    same = site.reserve_evaluation(start_arrays(site.exp, 5), run_id="r1", model_round=1)  # the plan it was charged under: answered, not charged again
+    other_model = site.reserve_evaluation(start_arrays(site.exp, 6), run_id="r1", model_round=1)  # the entry names the model it charged
+    assert isinstance(other_model, Refusal) and other_model.code == "evaluation-limit"
+    same = site.reserve_evaluation(model, run_id="r1", model_round=1)  # the plan and model it was charged for: answered, not charged again
     assert same is None and [e.kind for e in ledger.read_entries(site.ledger_path)] == ["round", "release"]
 
 
@@ -338,7 +350,7 @@ def test_a_noised_reply_carries_no_time_or_memory_figures(alpha_cfg: SiteConfig)
     ("vector", "words"),
     [
         (np.concatenate([np.full(NM.BINS, -100.0), np.ones(NM.BINS)]), "lies within"),  # cancelling the other sites' relapse histogram (σ = 2.8)
-        (np.full(NM.LENGTH, 576.0), "sum to"),  # 11,520 patients' worth from a site allowed 1,000
+        (np.full(NM.LENGTH, 100.0), "sum to"),  # 2,000 patients' worth from a site that can hold out at most 431
     ],
 )
 def test_a_site_cannot_outweigh_its_patients_or_cancel_the_others(vector: np.ndarray, words: str) -> None:
@@ -364,3 +376,30 @@ def test_audit_flags_a_release_whose_epsilon_was_not_counted(alpha_cfg: SiteConf
         prev = e.hash
     issues = verify_ledger(forged_path, key.public_key()).issues
     assert any("no more than before it" in i.message for i in issues), issues
+
+
+def test_a_repeat_gets_the_answer_that_was_sent_even_after_the_noise_secret_was_lost(alpha_cfg: SiteConfig) -> None:
+    """Recomputed, the repeat came from another held-out split and other noise: a second,
+    uncharged answer about the same patients (L2 36 apart in the review's script)."""
+    site = Site(alpha_cfg, noised_experiment())
+    assert isinstance(site.train(start_arrays(site.exp), run_id="r1", server_round=1, total_rounds=2), TrainResult)
+    model = start_arrays(site.exp, 5)
+    assert site.reserve_evaluation(model, run_id="r1", model_round=1) is None
+    first = site.evaluate(model, run_id="r1", model_round=1)
+    (alpha_cfg.state_dir / "noise-seed.key").unlink()
+    again = Site(alpha_cfg, noised_experiment())
+    assert again.reserve_evaluation(model, run_id="r1", model_round=1) is None
+    assert again.evaluate(model, run_id="r1", model_round=1) == first
+    assert [e.kind for e in ledger.read_entries(site.ledger_path)] == ["round", "release"]
+
+
+def test_an_honest_site_with_a_large_held_out_share_is_not_rejected() -> None:
+    """max_weight caps training patients; with eval_fraction 0.7 a site trains on 1,000 and holds out 1,400 (rejected 2000 of 2000 at z = 4 before)."""
+    strat = PatientFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_nodes=1, node_wait_timeout_s=1, max_weight=1000.0, metrics_noise_multiplier=4.0, eval_fraction=0.7)
+    rng = np.random.default_rng(0)
+    counts = np.zeros(NM.LENGTH)
+    counts[:NM.BINS] = 700.0 / NM.BINS
+    counts[NM.BINS:] = 700.0 / NM.BINS
+    for _ in range(200):
+        vec = NM.noised(counts, noise_multiplier=4.0, generator=rng)
+        assert strat.evaluation_problem({M.SUPPRESSED: 0.0, **NM.to_metrics(vec)}) is None

@@ -17,9 +17,10 @@ with a, b ≥ 0 of L1 norm 1 each, whose L2 norm is at most √2 (‖a‖² + �
 :data:`SENSITIVITY`, whatever the data and the model. Gaussian noise of standard deviation
 z · √2 on every coordinate makes one release the Gaussian mechanism with noise multiplier z,
 which the ledger records as a Poisson-subsampled Gaussian with q = 1 and one step
-(:func:`release_mechanism`), so every accountant composes it with the training rounds. (The
-markers are standardised over all of the site's sessions before anything else; that step is
-outside this bound, as it is outside DP-SGD's: the DPO runbook says so.) The loss and a
+(:func:`release_mechanism`), so every accountant composes it with the training rounds. (Two
+data checks are outside this bound, as they are outside DP-SGD's, and the DPO runbook says
+so: the markers are standardised over all of the site's sessions, and a recording listed under
+two patient ids removes every session of both, so one added patient can remove others.) The loss and a
 separate patient count are not released: each would add a block to the sensitivity, so more
 noise on every number for the same ε; the histograms' total is the patient count.
 
