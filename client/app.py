@@ -98,14 +98,19 @@ def _site(site_cfg: SiteConfig, exp: ExperimentConfig, data: DataIdentity) -> Si
 
 def _reply(
     msg: Message, site_name: str, *, metrics: dict[str, float] | None = None, arrays: ArrayRecord | None = None, refusal: Refusal | None = None, ledger_head: str = "",
-    evaluation: dict[str, float] | None = None,
+    evaluation: dict[str, float] | Refusal | None = None,
 ) -> Message:
     """The reply; ``arrays`` is the packed update (:func:`shared.params.pack`), ``evaluation``
-    the site's evaluation of the received model when the message asked for it first."""
+    the site's evaluation of the received model when the message asked for it first, or its
+    refusal to release it (sent as the site record's evaluation refusal code and reason)."""
     content = RecordDict()
     info = ConfigRecord({P.SITE_NAME: site_name})
     if ledger_head:
         info[P.LEDGER_HEAD] = ledger_head
+    if isinstance(evaluation, Refusal):
+        info[P.EVAL_REFUSAL_CODE] = evaluation.code
+        info[P.EVAL_REFUSAL_REASON] = without_paths(evaluation.reason)
+        evaluation = None
     if refusal is not None:
         kind, cfg = msg.metadata.message_type, msg.content.config_records.get(P.CONFIG)
         log_refusal(site_name, 0 if kind == MessageType.QUERY else cfg.get(P.SERVER_ROUND) if cfg is not None else None, refusal.code, kind)
@@ -428,6 +433,13 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return call_next(msg, context)
 
 
+def _secure_evaluation(evaluation: dict[str, float] | Refusal | None) -> dict[str, Any]:
+    """:func:`shared.secure_records.encode`'s evaluation arguments: the evaluation, or the refusal to release it."""
+    if isinstance(evaluation, Refusal):
+        return {"eval_refusal_code": evaluation.code, "eval_refusal_reason": without_paths(evaluation.reason)}
+    return {"evaluation": evaluation}
+
+
 def _fitres(msg: Message, arrays: list[np.ndarray], weight: int, report: ConfigRecord) -> Message:
     """Legacy fitres reply: the mod weights ``arrays`` by ``weight`` and masks them."""
     content = compat.fitres_to_recorddict(FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(arrays), num_examples=weight, metrics={}), keep_input=True)
@@ -452,11 +464,11 @@ def check_secure_update(update: list[np.ndarray], incoming: list[np.ndarray], we
     return None
 
 
-def _head_after(site: Site, evaluation: dict[str, float] | None, head: str) -> str:
+def _head_after(site: Site, evaluation: dict[str, float] | Refusal | None, head: str) -> str:
     """The ledger head a reply carries: ``head`` (its round's entry), or after a noised release
     (an evaluation that carries ε) the ledger's newest entry, so the head the coordinator
     records covers the release too (a DPO compares it with the ledger)."""
-    if evaluation is None or M.EPSILON_RUN not in evaluation:
+    if not isinstance(evaluation, dict) or M.EPSILON_RUN not in evaluation:
         return head
     try:
         return site.newest_head()
@@ -474,24 +486,24 @@ def _evaluation(site: Site, arrays: dict[str, np.ndarray], *, run_id: str, model
     return {**metrics, **_cost(started)}
 
 
-def _evaluation_with_train(site: Site, req: Request) -> dict[str, float] | None:
+def _evaluation_with_train(site: Site, req: Request) -> dict[str, float] | Refusal | None:
     """With-next-round: the received model's evaluation (the model after round ``server_round - 1``),
-    sent with this train reply; None when the message did not ask for one.
+    sent with this train reply; the site's refusal to release it (sent as the reply's evaluation
+    refusal, so the researcher sees why); None when the message did not ask for one.
 
     Made after training, so that this message's round is charged first: an evaluation leaves
     only in a run the site has paid into, once per model (:meth:`Site.reserve_evaluation`).
-    Training never changes the received arrays, so it is the model as received. A refused
-    release or a failed evaluation is logged here and gives None, and the update still goes
-    out; the coordinator records that the reply carried no evaluation (with none from any
-    site, it asks by an evaluate message, which then gets the refusal's reason)."""
+    Training never changes the received arrays, so it is the model as received. A failed
+    evaluation is logged here and gives None, and the update still goes out; the coordinator
+    records that the reply carried no evaluation."""
     if not req.evaluate_first:
         return None
     model_round = req.server_round - 1
     try:
         refusal = site.reserve_evaluation(req.arrays, run_id=req.run_id, model_round=model_round, total_rounds=req.total_rounds)
         if refusal is not None:
-            log.warning("site=%s sends no evaluation of round %d's model: %s", site.cfg.name, model_round, refusal.reason)
-            return None
+            log.warning("site=%s sends no evaluation of round %d's model: %s", site.cfg.name, model_round, refusal.code)
+            return refusal
         return _evaluation(site, req.arrays, run_id=req.run_id, model_round=model_round)
     except Exception as exc:  # noqa: BLE001 - any failure of the evaluation alone must not cost the update
         log.error("site=%s run=%s round=%d could not evaluate the global model of round %d; the update is sent without an evaluation "
@@ -538,9 +550,9 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     zeros = [np.zeros_like(a) for a in incoming]
     site_cfg = site_config(site_config_path(context, sim_sites))
 
-    def refuse(refusal: Refusal, evaluation: dict[str, float] | None = None) -> Message:
+    def refuse(refusal: Refusal, evaluation: dict[str, float] | Refusal | None = None) -> Message:
         log_refusal(site_cfg.name, cfg.get(P.SERVER_ROUND), refusal.code, "secure train")
-        report = secure_records.encode(site_name=site_cfg.name, metrics=None, refusal_code=refusal.code, refusal_reason=without_paths(refusal.reason), evaluation=evaluation)
+        report = secure_records.encode(site_name=site_cfg.name, metrics=None, refusal_code=refusal.code, refusal_reason=without_paths(refusal.reason), **_secure_evaluation(evaluation))
         return _fitres(msg, zeros, 0, report)
 
     req = request_from(cfg, OrderedDict(), site_cfg.name, needs_round=True)
@@ -561,7 +573,7 @@ def _secure_train(msg: Message, context: Context, sim_sites: tuple[str, ...], fa
     problem = check_secure_update(update, incoming, weight, site.exp.federation.secure_aggregation)
     if problem:
         return refuse(Refusal("update-check", f"Site {site_cfg.name}: round {req.server_round}'s update was not sent: {problem}."), evaluation)
-    report = secure_records.encode(site_name=site_cfg.name, metrics={**result.metrics, **cost}, ledger_head=_head_after(site, evaluation, result.ledger_head), evaluation=evaluation)
+    report = secure_records.encode(site_name=site_cfg.name, metrics={**result.metrics, **cost}, ledger_head=_head_after(site, evaluation, result.ledger_head), **_secure_evaluation(evaluation))
     return _fitres(msg, update, int(weight), report)
 
 

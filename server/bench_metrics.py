@@ -84,5 +84,7 @@ def release_cost(exp: ExperimentConfig, *, noise: tuple[float, ...], training_pa
             sigma: float | None = calibrate_noise(target_epsilon=p.target_epsilon, target_delta=p.target_delta, sample_rate=q, steps=steps, accountant=p.accountant, fixed=fixed)
         except UnreachableEpsilonError:
             sigma = None
-        rows.append({"noise_multiplier": z, "releases": rounds if z > 0 else 0, "epsilon_of_releases_alone": round(alone, 4), "training_sigma": round(sigma, 4) if sigma else None})
+        note = "" if sigma else f"refused: the releases alone spend ε {alone:.3g}, more than the plan's {p.target_epsilon:g}"
+        rows.append({"noise_multiplier": z, "releases": rounds if z > 0 else 0, "epsilon_of_releases_alone": round(alone, 4), "training_sigma": round(sigma, 4) if sigma else None,
+                     **({"note": note} if note else {})})
     return [{**r, "sample_rate": round(q, 4), "steps": steps, "target_epsilon": p.target_epsilon, "accountant": p.accountant} for r in rows]

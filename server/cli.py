@@ -334,6 +334,9 @@ def plan(
             p.update(code=too_few.code, reason=too_few.reason)
         if site.sample_rate >= 1.0:
             notes.append(full_sampling_message(site.cfg.name))
+        if site_cfg.policy.release_metrics is False or (site_cfg.policy.require_noised_metrics and not exp.privacy.noised_metrics):
+            why = "release_metrics: false" if not site_cfg.policy.release_metrics else "require_noised_metrics: true, and this plan's metrics are exact (set privacy.metrics_noise_multiplier above 0)"
+            notes.append(f"Site {site.cfg.name} will train but send no evaluation and no train loss (its policy has {why}); the federated metrics will cover the other sites only.")
         if float(p.get("noise_multiplier", 0.0)) > NOISY_SIGMA:
             notes.append(f"Site {site.cfg.name}: σ={float(p['noise_multiplier']):.0f} at ε={exp.privacy.target_epsilon:g}: the noise drowns the clipped gradients, so the model will learn almost nothing; raise `privacy.target_epsilon`.")
         ok = p["code"] == "ok"
@@ -347,9 +350,11 @@ def plan(
         console.print(f"[red]{escape(reason)}[/red]", soft_wrap=True)
     for note in notes:
         console.print(f"[yellow]warning: {escape(note)}[/yellow]", soft_wrap=True)
-    if exp.privacy.noised_metrics:
+    if exp.privacy.noised_metrics and exp.federation.fraction_evaluate > 0:
         console.print(f"metrics: noised (privacy.metrics_noise_multiplier {exp.privacy.metrics_noise_multiplier:g}): each site's ε this run includes one charged release a round "
                       "(σ is calibrated with them); no train loss or exact per-site metric leaves a site. `fedrelapse bench metrics-noise` shows the trade-off.", soft_wrap=True)
+    elif exp.privacy.noised_metrics:
+        console.print("metrics: none (federation.fraction_evaluate is 0): no evaluation is released or charged, and no train loss leaves a site (privacy.metrics_noise_multiplier is set).", soft_wrap=True)
     console.print(f"plan_hash: {exp.plan_hash()}")
     too_few_here = too_few_sites(data, len(paths), exp.federation.min_nodes)
     if too_few_here:  # `simulate` refuses to start (exit 2) with the same sentence

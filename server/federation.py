@@ -188,7 +188,10 @@ def show_round(console: Console, rec: RoundRecord, *, header: bool) -> None:
 
 def print_site_problems(console: Console, rec: RoundRecord) -> None:
     """One line per site that refused or failed a round's training or sent no evaluation of its
-    model, printed under the round's row."""
+    model, printed under the round's row; and, when every evaluation was a noised release and
+    their sum gave no AUROC, why."""
+    if rec.auroc is None and not rec.evaluation_pending and why_no_auroc(rec.sites).startswith("the sites' noised statistics"):
+        console.print(f"  [yellow]round {rec.round}: no federated AUROC: {escape(why_no_auroc(rec.sites))}[/yellow]", soft_wrap=True)
     for site, entry in sorted(rec.sites.items()):
         if "refused" in entry:
             console.print(f"  [yellow]site {escape(site)} refused round {rec.round}: {escape(str(entry['refused']['reason']))}[/yellow]", soft_wrap=True)

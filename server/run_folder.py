@@ -92,7 +92,7 @@ def why_no_auroc(sites: Mapping[str, Mapping[str, Any]]) -> str:
         return "no site evaluated the model"
     if all(e.get("eval") == SUPPRESSED for e in evaluated):
         return "suppressed at every site (fewer than k evaluation patients, or only one class)"
-    if all(e.get("eval") == NOISED for e in evaluated):
+    if any(e.get("eval") == NOISED for e in evaluated):
         return "the sites' noised statistics, summed, held no weight in one class (too few held-out patients for privacy.metrics_noise_multiplier)"
     return "no site sent a usable evaluation"
 
@@ -284,6 +284,8 @@ def _add_evaluation(sites: dict[str, dict[str, Any]], log: RoundLog) -> None:
                 entry["eval_ledger_head"] = r.ledger_head
         elif M.AUROC in r.metrics:
             entry["eval_auroc"] = r.metrics[M.AUROC]
+        elif r.refusal_code and not r.metrics:  # the site refused to release its evaluation (its policy, the release limits)
+            entry["eval_error"] = f"refused ({r.refusal_code}): {r.refusal_reason or ''}"
         elif r.error and "error" not in entry:  # why this site's evaluation is missing (a training failure is already its `error`)
             entry["eval_error"] = r.error
         if M.COMPUTE_SECONDS in r.metrics:

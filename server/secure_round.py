@@ -233,6 +233,8 @@ def _reports(replies: list[Message], asked: list[int], names: dict[int, str]) ->
         if P.REFUSAL_CODE in site:
             report.refusal_code, report.refusal_reason = site[P.REFUSAL_CODE], one_line(site.get(P.REFUSAL_REASON, ""))
             report.metrics = {}
+        if P.EVAL_REFUSAL_CODE in site:
+            report.evaluation_refusal = (site[P.EVAL_REFUSAL_CODE], one_line(site.get(P.EVAL_REFUSAL_REASON, "")))
         out.append(report)
     for node in asked:
         if node not in answered:

@@ -41,6 +41,7 @@ class SiteReport:
     ledger_head: str | None = None  # hash of the site's newest ledger entry (for the DPO to compare)
     node: int = 0  # Flower node id the reply came from (0: not known)
     evaluation: dict[str, float] | None = None  # a train reply's evaluation of the model it received (with-next-round), None if it carried none
+    evaluation_refusal: tuple[str, str] | None = None  # ... or (code, reason) of the site's refusal to release it
 
 
 @dataclass
@@ -209,9 +210,10 @@ def site_record_problem(info: Mapping[str, str]) -> str | None:
     head = info.get(P.LEDGER_HEAD)
     if head is not None and not _LEDGER_HEAD.fullmatch(head):
         return f"its ledger head ({len(head)} characters) is not a SHA-256 in hex (64 characters 0-9a-f)"
-    code = info.get(P.REFUSAL_CODE)
-    if code is not None and not _REFUSAL_CODE.fullmatch(code):
-        return f"its refusal code {one_line(code, QUOTE_LIMIT)!r} is not a short lower-case word (a-z, 0-9, _ and -, at most 32)"
+    for key in (P.REFUSAL_CODE, P.EVAL_REFUSAL_CODE):
+        code = info.get(key)
+        if code is not None and not _REFUSAL_CODE.fullmatch(code):
+            return f"its {'evaluation ' if key == P.EVAL_REFUSAL_CODE else ''}refusal code {one_line(code, QUOTE_LIMIT)!r} is not a short lower-case word (a-z, 0-9, _ and -, at most 32)"
     return None
 
 
@@ -370,6 +372,8 @@ def site_report(msg: Message, names: dict[int, str], needs: tuple[str, ...] = ()
     if P.REFUSAL_CODE in info:
         report.refusal_code = str(info[P.REFUSAL_CODE])
         report.refusal_reason = one_line(str(info.get(P.REFUSAL_REASON, "")))
+    if P.EVAL_REFUSAL_CODE in info:
+        report.evaluation_refusal = (str(info[P.EVAL_REFUSAL_CODE]), one_line(str(info.get(P.EVAL_REFUSAL_REASON, ""))))
     if P.METRICS in msg.content.metric_records:
         report.metrics = {k: float(v) for k, v in msg.content[P.METRICS].items()}  # type: ignore[arg-type]
     if P.EVALUATION in msg.content.metric_records:
@@ -401,6 +405,8 @@ def evaluation_reports(train: Iterable[SiteReport]) -> list[SiteReport]:
     for r in train:
         if r.evaluation is not None:
             out.append(SiteReport(site=r.site, node=r.node, metrics=dict(r.evaluation)))
+        elif r.evaluation_refusal is not None and not r.error:  # the site refused to release its evaluation, and says why
+            out.append(SiteReport(site=r.site, node=r.node, refusal_code=r.evaluation_refusal[0], refusal_reason=r.evaluation_refusal[1]))
         elif r.error or r.refusal_code:
             out.append(SiteReport(site=r.site, node=r.node, error=r.error, refusal_code=r.refusal_code, refusal_reason=r.refusal_reason))
         else:

@@ -48,7 +48,9 @@ SITE_NAME = "name"
 REFUSAL_CODE = "refusal-code"
 REFUSAL_REASON = "refusal-reason"
 LEDGER_HEAD = "ledger-head"  # hash of the newest ledger entry: lets a DPO detect a truncated ledger
-ALLOWED_SITE_KEYS = frozenset({SITE_NAME, REFUSAL_CODE, REFUSAL_REASON, LEDGER_HEAD})
+EVAL_REFUSAL_CODE = "eval-refusal-code"  # a with-next-round train reply: why it carries no evaluation (the site's refusal to release it)
+EVAL_REFUSAL_REASON = "eval-refusal-reason"
+ALLOWED_SITE_KEYS = frozenset({SITE_NAME, REFUSAL_CODE, REFUSAL_REASON, LEDGER_HEAD, EVAL_REFUSAL_CODE, EVAL_REFUSAL_REASON})
 
 # Run-config keys (pyproject [tool.flwr.app.config], overridable with --run-config).
 RC_EXPERIMENT = "experiment"

@@ -15,12 +15,12 @@ from flwr.app import ConfigRecord
 
 from shared import protocol as P  # noqa: N812
 
-_SITE_KEYS = (P.SITE_NAME, P.REFUSAL_CODE, P.REFUSAL_REASON, P.LEDGER_HEAD)
+_SITE_KEYS = (P.SITE_NAME, P.REFUSAL_CODE, P.REFUSAL_REASON, P.LEDGER_HEAD, P.EVAL_REFUSAL_CODE, P.EVAL_REFUSAL_REASON)
 
 
 def encode(
     *, site_name: str, metrics: dict[str, float] | None, refusal_code: str = "", refusal_reason: str = "", ledger_head: str = "",
-    evaluation: dict[str, float] | None = None,
+    evaluation: dict[str, float] | None = None, eval_refusal_code: str = "", eval_refusal_reason: str = "",
 ) -> ConfigRecord:
     """``fitres.metrics`` content: site keys as text, aggregate metrics as ``metric.<key>`` floats,
     the evaluation of the received model (when asked) as ``eval.<key>`` floats."""
@@ -30,6 +30,9 @@ def encode(
         out[P.REFUSAL_REASON] = refusal_reason
     if ledger_head:
         out[P.LEDGER_HEAD] = ledger_head
+    if eval_refusal_code:
+        out[P.EVAL_REFUSAL_CODE] = eval_refusal_code
+        out[P.EVAL_REFUSAL_REASON] = eval_refusal_reason
     for key, value in (metrics or {}).items():
         out[P.METRIC_PREFIX + key] = float(value)
     for key, value in (evaluation or {}).items():

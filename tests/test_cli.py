@@ -521,3 +521,25 @@ def test_plan_with_noised_metrics_says_they_are_charged_and_refuses_a_noise_that
     result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(tiny_cohort / "alpha")], env={"COLUMNS": "400"})
     assert result.exit_code == 4, result.output
     assert "refuse (budget)" in result.output and "noised metric release(s)" in " ".join(result.output.split())
+
+
+def test_plan_names_a_site_whose_policy_withholds_its_evaluation_from_this_plan(tiny_cohort: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    from tests.conftest import tiny_experiment
+
+    site = tmp_path / "alpha"
+    shutil.copytree(tiny_cohort / "alpha", site, ignore=shutil.ignore_patterns("state"))
+    cfg = yaml.safe_load((site / "site.yaml").read_text())
+    cfg["policy"] = {**cfg.get("policy", {}), "require_noised_metrics": True}
+    cfg["state_dir"] = str(tmp_path / "state")
+    for key in ("ca_cert", "model_public_key"):
+        if isinstance(cfg.get(key), str) and not Path(cfg[key]).is_absolute():
+            cfg[key] = str((tiny_cohort / "alpha" / cfg[key]).resolve())
+    (site / "site.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "exp.yaml").write_text(one_site(tiny_experiment()).to_yaml())
+    result = runner.invoke(app, ["plan", "--config", str(tmp_path / "exp.yaml"), "--data", str(site)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "Site alpha will train but send no evaluation and no train loss (its policy has require_noised_metrics: true" in " ".join(result.output.split())

@@ -164,6 +164,7 @@ def test_the_bench_shows_error_falling_with_cohort_size_and_cost_rising_as_noise
     cost = release_cost(tiny_experiment(), noise=(0.2, 4.0, 16.0), training_patients=40)
     sigma = {r["noise_multiplier"]: r["training_sigma"] for r in cost}
     assert sigma[0.2] is None  # the releases alone would spend more than the plan's ε
+    assert "more than the plan's" in next(r for r in cost if r["noise_multiplier"] == 0.2)["note"]
     assert sigma[4.0] > sigma[16.0] > sigma[0.0]
 
 

@@ -403,3 +403,41 @@ def test_an_honest_site_with_a_large_held_out_share_is_not_rejected() -> None:
     for _ in range(200):
         vec = NM.noised(counts, noise_multiplier=4.0, generator=rng)
         assert strat.evaluation_problem({M.SUPPRESSED: 0.0, **NM.to_metrics(vec)}) is None
+
+
+def test_the_report_counts_rounds_and_releases_apart(alpha_cfg: SiteConfig) -> None:
+    from shared.privacy.report import build_report, render_html, rounds_count
+
+    site = Site(alpha_cfg, noised_experiment())
+    run_two_rounds(site)
+    data = build_report([site.ledger_path], public_key=None, policy=alpha_cfg.policy, title="t")
+    assert rounds_count(data.ledgers[0].rounds) == "2 + 2 releases"
+    html = render_html(data)
+    assert "2 + 2 releases" in html and "noised metrics" in html and "unless a run noised them" in html
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("evaluation", ["with-next-round", "separate"])
+def test_a_site_that_withholds_its_evaluation_says_why_to_the_researcher(tiny_cohort: Path, tmp_path: Path, evaluation: str) -> None:
+    """A policy with require_noised_metrics under an exact plan: before, the researcher saw 'the
+    train reply carried no evaluation' (with-next-round) or nothing at all (separate)."""
+    import shutil
+
+    import yaml
+
+    from tests.test_evaluate_with_next_round import run_in_process
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, cohort, ignore=shutil.ignore_patterns("ledger", "approved-plans.json"))
+    path = cohort / "alpha" / "site.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["policy"] = {**cfg.get("policy", {}), "require_noised_metrics": True}
+    path.write_text(yaml.safe_dump(cfg))
+    exp = replace(tiny_experiment(), federation=replace(tiny_experiment().federation, evaluation=evaluation))
+    console = Console(file=io.StringIO(), width=200)
+    summary, _ = run_in_process(exp, cohort, tmp_path / "run", run_id=f"withheld-{evaluation}", console=console)
+    assert summary["status"] == "completed"
+    rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for r in rounds:
+        assert r["sites"]["alpha"]["eval_error"].startswith("refused (metrics-withheld): Site alpha sends evaluations only noised"), r["sites"]["alpha"]
+    assert "site alpha sent no evaluation of round 1's model: refused (metrics-withheld)" in console.file.getvalue()  # type: ignore[attr-defined]

@@ -205,7 +205,8 @@ def _calibrate_beside(target_epsilon: float, target_delta: float, sample_rate: f
         raise UnreachableEpsilonError(
             f"`privacy.target_epsilon` ε={target_epsilon:g} cannot be met: the plan's {releases} noised metric release(s) "
             f"(`privacy.metrics_noise_multiplier` {fixed[0].noise_multiplier:g}) alone spend ε={alone:.3g} at δ={target_delta:g}, "
-            f"leaving nothing for training. Raise `privacy.metrics_noise_multiplier`, evaluate less often, or raise `privacy.target_epsilon`."
+            f"leaving nothing for training. Raise `privacy.metrics_noise_multiplier`, raise `privacy.target_epsilon`, or evaluate nothing "
+            f"(`federation.fraction_evaluate: 0`)."
         )
     spent = lambda sigma: epsilon([SubsampledGaussian(sigma, sample_rate, steps), *fixed], delta=target_delta, accountant=accountant)  # noqa: E731
     low, high, eps_high = 0.0, 10.0, math.inf

@@ -358,6 +358,12 @@ def _delta(d: float | None) -> str:
     return "unknown" if d is None else f"{d:g}"
 
 
+def rounds_count(rows: list[RoundRow]) -> str:
+    """How many rounds ``rows`` hold, with their noised metric releases after a plus ("5 + 5 releases")."""
+    n = sum(r.kind == "round" for r in rows)
+    return f"{n} + {len(rows) - n} releases" if len(rows) > n else str(n)
+
+
 def _status_sentence(led: LedgerSummary) -> str:
     if led.status == VERIFIED:
         return "Verified: the hash chain, every signature, the order of entries and every ε figure check out."
@@ -396,7 +402,8 @@ def _site_paragraph(led: LedgerSummary) -> str:
 
 MEANING = [
     ("Privacy is protected per patient.", "Models are trained at this hospital with differential privacy, and the protected unit is the patient: "
-     "all of one patient's recordings together, not a single recording. Only model updates leave the hospital, and random noise is added to them."),
+     "all of one patient's recordings together, not a single recording. Only model updates and aggregate metrics leave the hospital; random noise "
+     "is added to the updates, and to the metrics in runs with noised metrics (their releases are entries of this ledger)."),
     ("What (ε, δ) means.", "Whether or not any one patient's recordings were used changes the probability of any outcome by at most a factor e^ε, "
      "except with probability δ. An outcome is anything that can be seen from the site's updates: the trained model, and whatever anyone "
      "computes from it. So nobody can tell with confidence from the results whether a given patient took part, or learn much that is specific to them."),
@@ -423,8 +430,9 @@ DOES_NOT_PROVE = [
     "hash and number of entries shown in this report, and check that the next report still contains them.",
     "Anything against the holder of the site key: whoever has the private key can write a consistent new ledger. Keep the key on the site host only.",
     "That the public key really is the site's: compare its fingerprint with the one the site's IT team gives you by another channel.",
-    "Protection of what ε does not cover: evaluation metrics and the training loss are sent without noise (protected by aggregation and minimum "
-    "patient counts only), and the standardisation of speech markers over all sessions before training.",
+    "Protection of what ε does not cover: unless a run noised them (its 'noised metrics' rows, counted in ε), evaluation metrics and the training "
+    "loss are sent without noise (protected by aggregation and minimum patient counts only); and the standardisation of speech markers over all "
+    "sessions before training.",
     "Protection across hospitals: a person treated at two hospitals is protected by each site separately, and in the worst case the two ε add up. "
     "A person recorded under two patient ids gets less protection than ε says.",
 ]
@@ -438,6 +446,8 @@ GLOSSARY = [
     ("plan hash", "a fingerprint (SHA-256) of the researcher's training plan; equal hashes mean the same plan."),
     ("RDP, PLD", "two independent methods to compute ε from the mechanisms; the site's recorded ε must match RDP and may never be below PLD."),
     ("head hash", "the fingerprint of the ledger's last entry; it changes whenever anything before it changes."),
+    ("noised metrics", "a release of one model's evaluation with random noise (σ = the plan's metrics noise multiplier, q = 1, one step), "
+     "counted in ε like a training round; C does not apply to it (shown as 0). Rows 'r: noised metrics' are the model after round r."),
 ]
 
 
@@ -667,7 +677,7 @@ def _ledger_html(led: LedgerSummary, n: int) -> str:
                "A red bar would be a run above its cap.</figcaption></figure>")
     out.append("<h3>Runs</h3>")
     if led.runs:
-        rows = [[f"<code>{_e(r.run_id)}</code>", _e(_when(r.started)), _e(_when(r.ended)), _e(len(r.rounds)), _e(fmt_eps(r.epsilon)),
+        rows = [[f"<code>{_e(r.run_id)}</code>", _e(_when(r.started)), _e(_when(r.ended)), _e(rounds_count(r.rounds)), _e(fmt_eps(r.epsilon)),
                  f"{_e(fmt_eps(r.independent_rdp))} / {_e(fmt_eps(r.independent_pld))}", _e(_delta(r.delta)), _e(r.accountant),
                  _e(_fmt_cap(r.cap_run)), {True: "yes", False: "<strong>NO</strong>", None: "unknown"}[r.within_cap]] for r in led.runs]
         out.append(_table(["run id", "first round (UTC)", "last round (UTC)", "rounds", "ε of the run", "independent RDP / PLD", "δ", "accountant",
@@ -689,7 +699,7 @@ def _ledger_html(led: LedgerSummary, n: int) -> str:
         for r in led.rounds:
             plans.setdefault(r.plan_hash, []).append(r)
         out.append(_table(["plan hash", "runs", "rounds"], [[f"<code>{_e(h or '(none)')}</code>", ", ".join(f"<code>{_e(x)}</code>" for x in dict.fromkeys(r.run_id for r in rs)),
-                                                          _e(len(rs))] for h, rs in plans.items()], {2}))
+                                                          _e(rounds_count(rs))] for h, rs in plans.items()], {2}))
     out.append("<h3>Cap changes</h3>")
     if led.cap_changes:
         rows = [[_e(c.line), _e(_when(c.time_text)), _e(_fmt_cap(c.cap_total) if c.cap_total is not None else "unchanged"),
@@ -719,7 +729,7 @@ def render_html(data: ReportData) -> str:
         parts.append(f"<li><strong>{_e(led.site)}</strong> (<span class='mono'>{_e(led.path.name)}</span>): {_e(_status_sentence(led))}{notes}</li>")
     parts.append("</ul></section>")
     rows = [[_e(led.site), f"<span class='mono'>{_e(led.path.name)}</span>", f'<span class="badge {_cls(led.status)}">{_e(led.status)}</span>', _e(len(led.runs)),
-             _e(len(led.rounds)), _e(fmt_eps(led.epsilon_spent)), _e(_delta(led.delta)), _e(_fmt_cap(led.cap_total)), _e(fmt_eps(led.epsilon_remaining)),
+             _e(rounds_count(led.rounds)), _e(fmt_eps(led.epsilon_spent)), _e(_delta(led.delta)), _e(_fmt_cap(led.cap_total)), _e(fmt_eps(led.epsilon_remaining)),
              _e(_fmt_cap(led.cap_run))] for led in data.ledgers]
     parts.append("<section id='summary'><h2>Summary</h2>" + _table(
         ["site", "ledger", "status", "runs", "rounds", "ε spent", "δ", "all-time cap", "remaining", "per-run cap"], rows, {3, 4, 5, 6, 7, 8, 9}) + "</section>")
@@ -871,7 +881,7 @@ def render_pdf(data: ReportData, path: Path) -> None:
                 t.para(f"Please look at: {note}", indent="      ", colour="#9a640b")
         t.heading("Summary")
         t.table(["site", "status", "runs", "rounds", "ε spent", "δ", "all-time cap", "remaining", "per-run cap"],
-                [[led.site, led.status, str(len(led.runs)), str(len(led.rounds)), fmt_eps(led.epsilon_spent), _delta(led.delta), _fmt_cap(led.cap_total),
+                [[led.site, led.status, str(len(led.runs)), rounds_count(led.rounds), fmt_eps(led.epsilon_spent), _delta(led.delta), _fmt_cap(led.cap_total),
                   fmt_eps(led.epsilon_remaining), _fmt_cap(led.cap_run)] for led in data.ledgers])
         for att in data.attacks:
             t.heading(f"Empirical privacy audit: site {att.get('site', '?')} ({att.get('steps', '?')} steps)")
@@ -896,7 +906,7 @@ def render_pdf(data: ReportData, path: Path) -> None:
                 t.keep(len(led.runs) + 3)
                 t.line("Runs", weight="bold")
                 t.table(["run id", "first round (UTC)", "last round (UTC)", "rounds", "ε run", "RDP / PLD", "δ", "cap then", "within"],
-                        [[r.run_id, _when(r.started), _when(r.ended), str(len(r.rounds)), fmt_eps(r.epsilon), f"{fmt_eps(r.independent_rdp)} / {fmt_eps(r.independent_pld)}",
+                        [[r.run_id, _when(r.started), _when(r.ended), rounds_count(r.rounds), fmt_eps(r.epsilon), f"{fmt_eps(r.independent_rdp)} / {fmt_eps(r.independent_pld)}",
                           _delta(r.delta), _fmt_cap(r.cap_run), {True: "yes", False: "NO", None: "?"}[r.within_cap]] for r in led.runs])
                 t.keep(len(led.rounds) + 3)
                 t.line("Mechanisms, round by round", weight="bold")
