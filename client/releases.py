@@ -35,7 +35,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from shared.privacy.ledger import append_durably
 
@@ -47,26 +49,13 @@ def releases_path(ledger_file: Path) -> Path:
     return ledger_file.parent / RELEASES_FILE
 
 
-def released(path: Path) -> dict[tuple[str, int], str]:
-    """(run id, model round) -> the digest of the model whose evaluation left the site under
-    that label; lines that do not parse (a write cut short by a crash) are skipped: their
-    release never completed."""
-    return {key: claim["model"] for key, claim in claims(path).items()}
-
-
 def claims(path: Path) -> dict[tuple[str, int], dict[str, str]]:
     """(run id, model round) -> the first claim under that label: its ``model`` digest and the
     ``plan`` hash and ``dataset`` fingerprint it was answered under ("" in records written
-    before they were kept). Lines that do not parse are skipped."""
-    if not path.exists():
-        return {}
+    before they were kept)."""
     out: dict[tuple[str, int], dict[str, str]] = {}
-    for raw in path.read_bytes().split(b"\n"):
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "answer" not in rec and isinstance(rec.get("run_id"), str) and isinstance(rec.get("round"), int) and isinstance(rec.get("model"), str):
+    for rec in _records(path):
+        if "answer" not in rec:
             extra = {k: rec[k] for k in ("plan", "dataset") if isinstance(rec.get(k), str)}
             out.setdefault((rec["run_id"], rec["round"]), {"model": rec["model"], "plan": "", "dataset": "", **extra})
     return out
@@ -75,13 +64,8 @@ def claims(path: Path) -> dict[tuple[str, int], dict[str, str]]:
 def record(path: Path, *, run_id: str, model_round: int, model: str, plan: str = "", dataset: str = "") -> None:
     """Append one release (``model``: the evaluated model's digest, under the ``plan`` hash and the
     data's ``dataset`` fingerprint) and fsync file and folder. Call under the ledger's lock."""
-    line = json.dumps(
-        {"run_id": run_id, "round": model_round, "model": model, "plan": plan, "dataset": dataset, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
-        sort_keys=True, separators=(",", ":"),
-    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    cut_short = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)  # a line cut short by a crash: start afresh on the next line
-    append_durably(path, (b"\n" if cut_short else b"") + line.encode() + b"\n", mode=0o600)
+    _append(path, {"run_id": run_id, "round": model_round, "model": model, "plan": plan, "dataset": dataset, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
 
 
 def answers(path: Path) -> dict[tuple[str, int, str], dict[str, float]]:
@@ -89,26 +73,37 @@ def answers(path: Path) -> dict[tuple[str, int, str], dict[str, float]]:
     lines, written once the evaluation was computed), so a repeat is answered with exactly what
     left before, never recomputed (a lost noise secret or another software version would
     otherwise give a second, different answer about the same patients)."""
-    if not path.exists():
-        return {}
     out: dict[tuple[str, int, str], dict[str, float]] = {}
-    for raw in path.read_bytes().split(b"\n"):
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            continue
-        if not (isinstance(rec, dict) and isinstance(rec.get("answer"), dict) and isinstance(rec.get("run_id"), str)
-                and isinstance(rec.get("round"), int) and isinstance(rec.get("model"), str)):
-            continue
-        values = rec["answer"]
-        if all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in values.items()):
+    for rec in _records(path):
+        values = rec.get("answer")
+        if isinstance(values, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in values.items()):
             out.setdefault((rec["run_id"], rec["round"], rec["model"]), {k: float(v) for k, v in values.items()})
     return out
 
 
 def record_answer(path: Path, *, run_id: str, model_round: int, model: str, answer: dict[str, float]) -> None:
     """Append the metrics sent for a claimed release and fsync. Call under the ledger's lock."""
-    line = json.dumps({"run_id": run_id, "round": model_round, "model": model, "answer": answer}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    _append(path, {"run_id": run_id, "round": model_round, "model": model, "answer": answer})
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    """Each line of the record that names a run, a model round and a model (claims and answers);
+    lines that do not parse (a write cut short by a crash) are skipped: that write never completed."""
+    if not path.exists():
+        return
+    for raw in path.read_bytes().split(b"\n"):
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("run_id"), str) and isinstance(rec.get("round"), int) and isinstance(rec.get("model"), str):
+            yield rec
+
+
+def _append(path: Path, body: dict[str, Any]) -> None:
+    """Append ``body`` as one canonical JSON line (mode 0600) and fsync file and folder; a line cut
+    short by a crash before it is ended first, so the new line starts afresh."""
+    line = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
     cut_short = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)
     append_durably(path, (b"\n" if cut_short else b"") + line.encode() + b"\n", mode=0o600)
 

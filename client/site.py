@@ -465,11 +465,12 @@ class Site:
             releases.record(path, run_id=run_id, model=digest, model_round=model_round, plan=plan, dataset=data)
         return None
 
-    def _charge_release(self, entries: list[ledger.LedgerEntry], *, run_id: str, model_round: int, model: str = "") -> Refusal | None:
-        """Append the signed ``release`` entry of run ``run_id``'s model after ``model_round``
-        (call under the ledger's lock), or the ``budget`` refusal when it would take the run past
-        the plan's ε or a cap. A release already in the ledger (its record was not written: a
-        crash between the two) is not charged twice."""
+    def _charge_release(self, entries: list[ledger.LedgerEntry], *, run_id: str, model_round: int, model: str) -> Refusal | None:
+        """Append the signed ``release`` entry of run ``run_id``'s model after ``model_round`` (its
+        digest ``model`` in the entry's note; call under the ledger's lock), or the ``budget``
+        refusal when it would take the run past the plan's ε or a cap. A release already in the
+        ledger (its record was not written: a crash between the two) is not charged twice, and
+        is reused only for the same model, plan, data and noise."""
         p = self.exp.privacy
         event = NM.release_mechanism(p.metrics_noise_multiplier)
         done = next((e for e in entries if e.kind == "release" and e.run_id == run_id and e.round == model_round), None)

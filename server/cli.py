@@ -334,7 +334,7 @@ def plan(
             p.update(code=too_few.code, reason=too_few.reason)
         if site.sample_rate >= 1.0:
             notes.append(full_sampling_message(site.cfg.name))
-        if site_cfg.policy.release_metrics is False or (site_cfg.policy.require_noised_metrics and not exp.privacy.noised_metrics):
+        if not site_cfg.policy.release_metrics or (site_cfg.policy.require_noised_metrics and not exp.privacy.noised_metrics):
             why = "release_metrics: false" if not site_cfg.policy.release_metrics else "require_noised_metrics: true, and this plan's metrics are exact (set privacy.metrics_noise_multiplier above 0)"
             notes.append(f"Site {site.cfg.name} will train but send no evaluation and no train loss (its policy has {why}); the federated metrics will cover the other sites only.")
         if float(p.get("noise_multiplier", 0.0)) > NOISY_SIGMA:
